@@ -1,0 +1,241 @@
+"""`Calibrator`: msModelSlim's calibration facade over the pure-JAX core.
+
+    cal = Calibrator(model, cfg, calib_data)   # fuses Conv+BN, wraps layers (in place)
+    cal.run()                                  # capture → observers → QParams → buffers
+    cal.get_quant_params(); cal.export_param(path)
+
+`model` is quantized in place (its quantizable layers become `QuantWrapper`s holding
+the originals); `fp_model` is a float copy taken before anything was changed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Callable, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import jaxq
+from bridge.capture import ActivationCapture, check_finite, observer_for
+from bridge.data import CalibrationDataError, as_batch, iter_batches, reiterable, run_model, to_device, virtual_batch
+from bridge.devices import resolve_device
+from bridge.export import integer_dtype, write_params
+from bridge.fakequant import QuantWrapper, set_module, wrappers
+from bridge.fuse import fuse_conv_bn
+from bridge.modules import layer_spec, quantizable_layers, resolve_disabled
+from bridge.tensors import to_jax
+
+
+class EmptyModelError(ValueError):
+    """The model has no quantizable layer."""
+
+
+def _check_supported(cfg: jaxq.QuantConfig) -> None:
+    """Fail before touching the model for options whose implementation has not landed."""
+    pending = []
+    if cfg.amp_num:
+        pending.append(f"amp_num={cfg.amp_num} (sensitivity fallback, issue #5)")
+    if cfg.keep_acc.any_enabled:
+        pending.append(f"keep_acc={cfg.keep_acc.as_dict()} (accuracy keeping, issue #4)")
+    if cfg.act_quant and cfg.act_method == 2:
+        pending.append("act_method=2 (histogram observer, issue #3)")
+    if pending:
+        raise NotImplementedError("not available yet in this jaxq version: " + "; ".join(pending))
+
+
+class Calibrator:
+    """Post-training quantization of a torch model driven by a `jaxq.QuantConfig`.
+
+    Args:
+      model: the float `nn.Module`; it is fused and quantized in place.
+      cfg: a `jaxq.QuantConfig`.
+      calib_data: a list (or re-iterable, e.g. DataLoader) of batches; a batch is a
+        tensor, a tuple/list of positional inputs or a dict of keyword inputs. Required
+        for `quant_mode=1`; optional in data-free mode (`quant_mode=0`), where
+        `cfg.input_shape` otherwise gives one `torch.rand` virtual sample.
+      fuse_module_call_back: `f(model) -> model | None` that fuses modules itself;
+        when given, it replaces the automatic Conv+BN fusion.
+      progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: jaxq.QuantConfig,
+        calib_data: Iterable | None = None,
+        fuse_module_call_back: Callable | None = None,
+        *,
+        progress: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(cfg, jaxq.QuantConfig):
+            raise TypeError(f"cfg must be a jaxq.QuantConfig, got {type(cfg).__name__}")
+        if fuse_module_call_back is not None and not callable(fuse_module_call_back):
+            raise TypeError("fuse_module_call_back must be callable: f(model) -> model or None")
+        _check_supported(cfg)
+        self.cfg = cfg
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.calib_data = self._calibration_data(cfg, calib_data)
+        layers = quantizable_layers(model)
+        if not layers:
+            raise EmptyModelError(
+                f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d); nothing to calibrate"
+            )
+        if "" in layers:
+            raise EmptyModelError("the model is itself a single layer; wrap it, e.g. nn.Sequential(model)")
+        self.disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last)
+
+        self.fp_model = copy.deepcopy(model).eval()
+        self.model = model.eval().to(self.device)
+        first = as_batch(next(iter(self.calib_data)), 0)
+        first = first._replace(args=to_device(first.args, self.device), kwargs=to_device(first.kwargs, self.device))
+        if fuse_module_call_back is not None:
+            self.model = fuse_module_call_back(self.model) or self.model
+            self.fused = []
+        else:
+            self.fused = fuse_conv_bn(self.model, first)
+        self._wrap()
+        self._params: dict[str, dict[str, np.ndarray]] | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- setup --------------------------------------------------------------------------
+    @staticmethod
+    def _calibration_data(cfg: jaxq.QuantConfig, calib_data):
+        if calib_data is not None:
+            data = reiterable(calib_data)
+            if isinstance(data, list) and not data:
+                raise CalibrationDataError("calib_data is empty; give at least one batch")
+            return data
+        if cfg.quant_mode == 1:
+            raise CalibrationDataError(
+                "QuantConfig.quant_mode=1 (label-free) needs real calib_data: a list of batches"
+            )
+        if cfg.input_shape is None:
+            raise CalibrationDataError(
+                "data-free mode (quant_mode=0) without calib_data needs QuantConfig.input_shape, "
+                "e.g. input_shape=[1, 3, 224, 224]"
+            )
+        return virtual_batch(cfg.input_shape, cfg.seed)
+
+    def _wrap(self) -> None:
+        act_scheme = self.cfg.act_scheme if self.cfg.act_quant else None
+        self.specs: dict[str, jaxq.LayerSpec] = {}
+        for name, module in quantizable_layers(self.model).items():
+            self.specs[name] = layer_spec(name, module)
+            if name in self.disabled or isinstance(self.model.get_submodule(name), QuantWrapper):
+                continue
+            set_module(self.model, name, QuantWrapper(module, self.cfg.weight_scheme, act_scheme))
+
+    @property
+    def quantized_names(self) -> list[str]:
+        return list(wrappers(self.model))
+
+    # -- calibration --------------------------------------------------------------------
+    def run(self) -> "Calibrator":
+        """Capture activations, compute every layer's QParams and switch quantization on."""
+        layers = wrappers(self.model)
+        self.disable_quant()
+        t0 = time.perf_counter()
+        act = self._calibrate_activations(layers) if self.cfg.act_quant else {}
+        t1 = time.perf_counter()
+        weights = jaxq.quantize_weights({n: to_jax(w.module.weight.float()) for n, w in layers.items()}, self.cfg.weight_scheme)
+        self.timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
+        self._params = self._collect(layers, weights, act)
+        self.enable_quant()
+        return self
+
+    def _num_batches(self) -> int | None:
+        try:
+            return len(self.calib_data)
+        except TypeError:
+            return None
+
+    def _calibrate_activations(self, layers: dict[str, QuantWrapper]) -> dict[str, jaxq.ActivationResult]:
+        observer = observer_for(self.cfg, self._num_batches())
+        capture = ActivationCapture({n: w.module for n, w in layers.items()}, observer)
+        batches = tqdm(
+            iter_batches(self.calib_data, self.device),
+            total=self._num_batches(),
+            desc="jaxq calibrate",
+            unit="batch",
+            disable=not self.progress,
+        )
+        with capture, torch.no_grad():
+            for i, batch in batches:
+                run_model(self.model, batch, i)
+        results = jaxq.finalize_activations(capture.states, observer, self.cfg.act_scheme)
+        check_finite(results)
+        return results
+
+    def _collect(self, layers, weights, act) -> dict[str, dict[str, np.ndarray]]:
+        params = {k: {} for k in ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")}
+        qdtype = integer_dtype(self.cfg.w_bit)
+        for name, wrapper in layers.items():
+            w = weights[name]
+            params["weight_scale"][name] = np.asarray(w.qparams.scale, np.float32)
+            params["weight_offset"][name] = np.asarray(w.qparams.offset, np.int32)
+            params["quant_weight"][name] = np.asarray(w.q).astype(qdtype)
+            if name in act:
+                params["input_scale"][name] = np.asarray(act[name].qparams.scale, np.float32)
+                params["input_offset"][name] = np.asarray(act[name].qparams.offset, np.int32)
+            wrapper.set_qparams(
+                torch.from_numpy(params["weight_scale"][name].copy()),
+                torch.from_numpy(params["weight_offset"][name].copy()),
+                torch.from_numpy(params["input_scale"][name].copy()) if name in act else None,
+                torch.from_numpy(params["input_offset"][name].copy()) if name in act else None,
+            )
+        return params
+
+    # -- results ------------------------------------------------------------------------
+    def _require_run(self) -> dict:
+        if self._params is None:
+            raise RuntimeError("Calibrator.run() has not been called yet")
+        return self._params
+
+    def get_quant_params(self) -> tuple[dict, dict, dict, dict, dict]:
+        """msModelSlim's five dicts `{layer name: array}`:
+        `(input_scale, input_offset, weight_scale, weight_offset, quant_weight)`."""
+        p = self._require_run()
+        return tuple({n: a.copy() for n, a in p[k].items()} for k in
+                     ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight"))
+
+    def layer_descriptions(self) -> dict[str, dict]:
+        """Per quantized layer: kind, geometry, weight shape and schemes (JSON-ready)."""
+        act = self.cfg.act_scheme.describe() if self.cfg.act_quant else None
+        out = {}
+        for name, wrapper in wrappers(self.model).items():
+            spec = dataclasses.asdict(self.specs[name])
+            spec.pop("name")
+            out[name] = {
+                **spec,
+                "module_type": type(wrapper.module).__name__,
+                "weight_shape": list(wrapper.module.weight.shape),
+                "weight_scheme": self.cfg.weight_scheme.describe(),
+                "act_scheme": act,
+            }
+        return out
+
+    def export_param(self, path, legacy: bool = False) -> list:
+        """Write the parameters (safetensors + JSON; msModelSlim `.npy` dicts if `legacy`)."""
+        p = self._require_run()
+        cfg = dataclasses.asdict(self.cfg)
+        cfg["keep_acc"] = self.cfg.keep_acc.as_dict()
+        return write_params(path, p, self.layer_descriptions(), cfg, legacy=legacy)
+
+    def enable_quant(self) -> None:
+        """Switch fake quantization on (after `run()`)."""
+        self._require_run()
+        for w in wrappers(self.model).values():
+            w.quant_enabled = True
+
+    def disable_quant(self) -> None:
+        """Switch fake quantization off: the model computes in float again."""
+        for w in wrappers(self.model).values():
+            w.quant_enabled = False

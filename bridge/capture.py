@@ -1,0 +1,95 @@
+"""Streaming capture of layer-input statistics with forward pre-hooks.
+
+For every batch, each hooked layer's input is flattened into a power-of-two buffer (so
+batches of varying shape reuse one compiled update) and handed to the jitted observer
+update; only the fixed-shape observer state is kept, never the activation itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+
+import jaxq
+from bridge.tensors import to_jax
+
+MIN_BUCKET = 1024
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """A captured activation contains NaN or Inf."""
+
+
+def bucket_size(n: int) -> int:
+    """Smallest power of two ≥ n (at least `MIN_BUCKET`)."""
+    return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
+
+
+def padded_flat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`x` flattened into a float32 buffer of `bucket_size(x.numel())`; tail unused."""
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    buf = torch.empty(bucket_size(n), dtype=torch.float32, device="cpu")
+    buf[:n].copy_(flat)
+    return buf, n
+
+
+def observer_for(cfg: jaxq.QuantConfig, num_batches: int | None) -> jaxq.Observer:
+    """The activation observer that `cfg.act_method` asks for."""
+    if cfg.act_method == 0:
+        return jaxq.sigma_statistic(float(cfg.sigma))
+    if cfg.act_method == 1:
+        if cfg.minmax_combine == "running":
+            return jaxq.running_minmax()
+        return jaxq.batch_percentile_minmax(capacity=_capacity(num_batches))
+    raise NotImplementedError(
+        "QuantConfig.act_method=2 (histogram observer) is not available yet (issue #3); use act_method=0 or 1"
+    )
+
+
+def _capacity(num_batches: int | None) -> int:
+    """Slots for per-batch extremes: the batch count rounded up to a power of two."""
+    return max(16, 1 << math.ceil(math.log2(num_batches or 4096)))
+
+
+class ActivationCapture:
+    """Forward pre-hooks that stream layer inputs into observer states."""
+
+    def __init__(self, layers: dict[str, nn.Module], observer: jaxq.Observer):
+        self.observer = observer
+        self.states = {name: observer.init() for name in layers}
+        self._layers = layers
+        self._handles: list = []
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_module, args, kwargs=None):
+            x = args[0] if args else next(iter(kwargs.values()))
+            buf, n = padded_flat(x)
+            self.states[name] = jaxq.update_observer(self.states[name], to_jax(buf), jnp.int32(n), self.observer)
+        return hook
+
+    def __enter__(self):
+        for name, module in self._layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+
+def check_finite(results: dict[str, jaxq.ActivationResult]) -> None:
+    """Raise naming the first layer (and batch) whose captured input was not finite."""
+    for name, r in results.items():
+        bad = int(np.asarray(r.first_bad))
+        if bad >= 0:
+            raise NonFiniteActivationError(
+                f"layer {name!r}: its input in calib_data batch {bad} contains NaN or Inf; "
+                "check the data or the preceding layers"
+            )

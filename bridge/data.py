@@ -1,0 +1,92 @@
+"""Calibration data: normalising user batches and making data-free virtual inputs.
+
+A batch is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs;
+`calib_data` is a list or any re-iterable of batches (a DataLoader). One-shot iterators
+(generators) are materialised once so that calibration can read them again.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import torch
+
+
+class CalibrationDataError(ValueError):
+    """A calibration batch has the wrong type or makes the model fail."""
+
+
+class Batch(NamedTuple):
+    args: tuple
+    kwargs: dict
+
+
+def as_batch(batch: Any, index: int) -> Batch:
+    """Normalise one user batch to positional and keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return Batch((batch,), {})
+    if isinstance(batch, (tuple, list)):
+        return Batch(tuple(batch), {})
+    if isinstance(batch, dict):
+        if not all(isinstance(k, str) for k in batch):
+            raise CalibrationDataError(f"calib_data batch {index}: dict keys must be argument names (str)")
+        return Batch((), dict(batch))
+    raise CalibrationDataError(
+        f"calib_data batch {index} has type {type(batch).__name__}; expected a torch.Tensor, "
+        "a tuple/list of positional inputs, or a dict of keyword inputs"
+    )
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def reiterable(calib_data: Iterable | None) -> Iterable | None:
+    """`calib_data` as something that can be iterated more than once."""
+    if calib_data is None:
+        return None
+    if isinstance(calib_data, (torch.Tensor, dict)):
+        raise CalibrationDataError(
+            f"calib_data must be a list (or iterable) of batches, got a single {type(calib_data).__name__}; "
+            "wrap it in a list: calib_data=[batch]"
+        )
+    try:
+        it = iter(calib_data)
+    except TypeError:
+        raise CalibrationDataError(
+            f"calib_data of type {type(calib_data).__name__} is not iterable; give a list of batches"
+        ) from None
+    return list(it) if it is calib_data else calib_data
+
+
+def iter_batches(calib_data: Iterable, device: torch.device) -> Iterator[tuple[int, Batch]]:
+    for i, raw in enumerate(calib_data):
+        b = as_batch(raw, i)
+        yield i, Batch(to_device(b.args, device), to_device(b.kwargs, device))
+
+
+def virtual_batch(input_shape: tuple[tuple[int, ...], ...], seed: int) -> list:
+    """msModelSlim's data-free input: one `torch.rand(shape)` sample per model input."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = tuple(torch.rand(shape, generator=g) for shape in input_shape)
+    return [inputs[0] if len(inputs) == 1 else inputs]
+
+
+def run_model(model: torch.nn.Module, batch: Batch, index: int):
+    """Forward one batch; a failure names the batch."""
+    try:
+        return model(*batch.args, **batch.kwargs)
+    except (CalibrationDataError, FloatingPointError):
+        raise
+    except Exception as e:  # the user's model raised: say which batch
+        shapes = [tuple(a.shape) for a in batch.args if isinstance(a, torch.Tensor)]
+        shapes += [f"{k}={tuple(v.shape)}" for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)]
+        raise CalibrationDataError(
+            f"the model raised on calib_data batch {index} (input shapes {shapes}): {type(e).__name__}: {e}"
+        ) from e

@@ -1,0 +1,82 @@
+"""`QuantWrapper`: a fake-quant layer that keeps the original module inside.
+
+    x̂ = (clamp(round(x · (1/s_x)) + o_x, qmin, qmax) − o_x) · s_x        (per tensor)
+    Ŵ = (clamp(round(W · (1/s_c)) + o_c, qmin, qmax) − o_c) · s_c        (per out-channel c)
+    y = module.forward(x̂)  with  module.weight := Ŵ
+
+The original module's own `forward` runs (via `torch.func.functional_call`), so
+subclasses that pad or reshape first (`Conv2dStaticSamePadding`) keep working. Buffers
+use msModelSlim's names: `input_scale`, `input_offset`, `weight_scale`, `weight_offset`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from jaxq import QScheme
+
+
+class QuantWrapper(nn.Module):
+    """Fake-quantizes the input activation and the weight of `module`."""
+
+    def __init__(self, module: nn.Module, weight_scheme: QScheme, act_scheme: QScheme | None):
+        super().__init__()
+        self.module = module
+        self.weight_scheme = weight_scheme
+        self.act_scheme = act_scheme
+        self.quant_enabled = False
+        out_channels = module.weight.shape[0]
+        device = module.weight.device
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("weight_offset", torch.zeros(out_channels, dtype=torch.int32, device=device))
+        if act_scheme is not None:
+            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+            self.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
+
+    @property
+    def act_quant(self) -> bool:
+        return self.act_scheme is not None
+
+    def set_qparams(self, weight_scale, weight_offset, input_scale=None, input_offset=None) -> None:
+        """Copy quantization parameters into the buffers (no aliasing of the sources)."""
+        with torch.no_grad():
+            self.weight_scale.copy_(torch.as_tensor(weight_scale).reshape(self.weight_scale.shape))
+            self.weight_offset.copy_(torch.as_tensor(weight_offset).reshape(self.weight_offset.shape))
+            if self.act_quant:
+                self.input_scale.copy_(torch.as_tensor(input_scale).reshape(()))
+                self.input_offset.copy_(torch.as_tensor(input_offset).reshape(()))
+
+    def fake_quant_weight(self) -> torch.Tensor:
+        w = self.module.weight
+        wq = torch.fake_quantize_per_channel_affine(
+            w.float(), self.weight_scale, self.weight_offset, 0, self.weight_scheme.qmin, self.weight_scheme.qmax
+        )
+        return wq.to(w.dtype)
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.act_scheme
+        xq = torch.fake_quantize_per_tensor_affine(x.float(), self.input_scale, self.input_offset, s.qmin, s.qmax)
+        return xq.to(x.dtype)
+
+    def forward(self, x, *args, **kwargs):
+        if not self.quant_enabled:
+            return self.module(x, *args, **kwargs)
+        if self.act_quant:
+            x = self.fake_quant_input(x)
+        return functional_call(self.module, {"weight": self.fake_quant_weight()}, (x, *args), kwargs)
+
+    def extra_repr(self) -> str:
+        a = "float" if self.act_scheme is None else f"int{self.act_scheme.bits}"
+        return f"w=int{self.weight_scheme.bits} per-channel, a={a}, enabled={self.quant_enabled}"
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path `name` (setattr on its parent)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def wrappers(model: nn.Module) -> dict[str, QuantWrapper]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantWrapper)}

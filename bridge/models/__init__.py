@@ -1,0 +1,1 @@
+"""Models shipped with jaxq (small, trained offline, weights inside the package)."""

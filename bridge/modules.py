@@ -1,0 +1,77 @@
+"""Finding quantizable layers and describing them as `jaxq.LayerSpec`."""
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from jaxq import LayerSpec
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class LayerNameError(ValueError):
+    """A `disable_names` entry matches no quantizable layer."""
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every `nn.Linear` / `nn.Conv1d` / `nn.Conv2d` (subclasses included), in module order.
+
+    Modules already wrapped by a fake-quant wrapper are reported under their own name.
+    """
+    from bridge.fakequant import QuantWrapper
+
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantWrapper):
+            out[name] = module.module
+        elif isinstance(module, QUANTIZABLE) and not _inside_wrapper(name, out):
+            out[name] = module
+    return out
+
+
+def _inside_wrapper(name: str, found: dict) -> bool:
+    return any(name.startswith(f"{n}.") for n in found)
+
+
+def layer_spec(name: str, module: nn.Module) -> LayerSpec:
+    """The `LayerSpec` of a torch layer (its own `forward` may still do more, e.g. pad)."""
+    has_bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Linear):
+        return LayerSpec(name, "linear", has_bias=has_bias)
+    kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+    if isinstance(module.padding, str):
+        raise ValueError(f"layer {name!r}: string padding {module.padding!r} is not supported by LayerSpec")
+    return LayerSpec(
+        name,
+        kind,
+        stride=tuple(module.stride),
+        padding=tuple((p, p) for p in module.padding),
+        dilation=tuple(module.dilation),
+        groups=module.groups,
+        has_bias=has_bias,
+    )
+
+
+def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool) -> set[str]:
+    """Names kept in float (DESIGN.md §4).
+
+    Empty `disable_names` keeps the first and last quantizable layer in float, as
+    msModelSlim does, unless `quantize_first_last`. An unknown name is an error that
+    lists the nearest layer names.
+    """
+    for name in disable_names:
+        if name not in layer_names:
+            near = difflib.get_close_matches(name, layer_names, n=5, cutoff=0.4)
+            hint = f"nearest layer names: {near}" if near else f"quantizable layers start with {layer_names[:5]}"
+            raise LayerNameError(f"QuantConfig.disable_names entry {name!r} is not a quantizable layer; {hint}")
+    if disable_names or quantize_first_last or not layer_names:
+        return set(disable_names)
+    return {layer_names[0], layer_names[-1]}
+
+
+def module_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

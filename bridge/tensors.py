@@ -1,0 +1,34 @@
+"""Torch ↔ JAX at the bridge boundary.
+
+torch → JAX: `detach`, to CPU if needed, `contiguous`, then DLPack (zero copy on CPU).
+JAX → torch: a fresh torch tensor copied from the JAX buffer, never an alias of it.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import torch
+
+
+def to_jax(t: torch.Tensor) -> jax.Array:
+    """A JAX view (CPU) or copy (other devices) of `t`."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return jax.dlpack.from_dlpack(t.contiguous())
+
+
+def to_numpy(x) -> np.ndarray:
+    """A NumPy array of a torch tensor or JAX array (bfloat16 widened to float32)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu")
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def to_torch(x, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new torch tensor holding the values of `x` (JAX or NumPy), never aliasing it."""
+    out = torch.from_numpy(np.array(x, copy=True))
+    return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device)

@@ -1,0 +1,34 @@
+"""jaxq: pure-JAX post-training quantization core (never imports torch).
+
+    q = clamp(round(x · (1/s)) + o, qmin, qmax),   x̂ = (q − o) · s
+"""
+from jaxq.calibrate import (
+    ActivationResult,
+    QuantizedWeight,
+    compile_count,
+    finalize_activations,
+    quantize_weight,
+    quantize_weights,
+    update_observer,
+)
+from jaxq.config import KeepAcc, QuantConfig
+from jaxq.layers import LayerSpec, apply
+from jaxq.numerics import dequantize, fake_quant, quantize
+from jaxq.observers import (
+    Observer,
+    batch_percentile_minmax,
+    channel_minmax,
+    running_minmax,
+    sigma_statistic,
+)
+from jaxq.qparams import QParams, qparams_from_range
+from jaxq.scheme import QScheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationResult", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
+    "QuantizedWeight", "apply", "batch_percentile_minmax", "channel_minmax", "compile_count",
+    "dequantize", "fake_quant", "finalize_activations", "qparams_from_range", "quantize",
+    "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "update_observer",
+]

@@ -1,0 +1,140 @@
+"""Vectorised calibration: one `jit(vmap(...))` per bucket of equal-shaped layers.
+
+A bucket is every layer whose array (weight, or observer state) has the same shape and
+dtype under the same scheme. `quantize_weights` and `finalize_activations` stack a
+bucket, run one compiled function over the layer axis, and split the result, so a model
+compiles about once per bucket and a second run with the same shapes compiles nothing.
+
+    weights:      (lo_c, hi_c) = per-channel min/max of W;  QParams ← range;  q = quantize(W)
+    activations:  (lo, hi) = observer.finalize(state);      QParams ← range
+"""
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Hashable, Iterable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.numerics import quantize
+from jaxq.observers import Observer, channel_minmax
+from jaxq.qparams import QParams, qparams_from_range
+from jaxq.scheme import QScheme
+
+
+class QuantizedWeight(NamedTuple):
+    """Per-channel `QParams` and the integer weight `q` with `W ≈ (q − o)·s`."""
+
+    qparams: QParams
+    q: jax.Array
+
+
+def bucket_keys(arrays: Mapping[str, object], key=lambda a: (tuple(np.shape(a)), str(a.dtype))) -> dict[Hashable, list[str]]:
+    """Group names by the shape and dtype of their array (insertion order kept)."""
+    buckets: dict[Hashable, list[str]] = defaultdict(list)
+    for name, a in arrays.items():
+        buckets[key(a)].append(name)
+    return dict(buckets)
+
+
+def quantize_weight(w: jax.Array, scheme: QScheme) -> QuantizedWeight:
+    """Round-to-nearest per-channel quantization of one weight tensor (axis 0)."""
+    lo, hi = channel_minmax(w, axis=scheme.axis or 0)
+    qp = qparams_from_range(lo, hi, scheme)
+    return QuantizedWeight(qp, quantize(w, qp))
+
+
+@functools.partial(jax.jit, static_argnames=("scheme",))
+def quantize_weight_bucket(ws: jax.Array, scheme: QScheme) -> QuantizedWeight:
+    """`quantize_weight` over a stacked bucket `ws: [layers, *shape]`."""
+    return jax.vmap(lambda w: quantize_weight(w, scheme))(ws)
+
+
+def _unstack(tree, names: list[str]) -> dict[str, object]:
+    """Split the layer axis on the host (eager device slicing would compile per index)."""
+    host = jax.tree_util.tree_map(np.asarray, tree)
+    return {n: jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i, n in enumerate(names)}
+
+
+def _stack(trees: list) -> object:
+    """Stack pytrees along a new leading layer axis on the host."""
+    return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
+
+
+def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[str, QuantizedWeight]:
+    """Quantize many weights, one compiled call per (shape, dtype) bucket."""
+    out: dict[str, QuantizedWeight] = {}
+    for names in bucket_keys(weights).values():
+        stacked = _stack([weights[n] for n in names])
+        out.update(_unstack(quantize_weight_bucket(stacked, scheme), names))
+    return {n: out[n] for n in weights}
+
+
+@functools.partial(jax.jit, static_argnames=("observer",))
+def update_observer(state, x: jax.Array, n_valid: jax.Array, observer: Observer):
+    """One streaming observer step, compiled once per (observer, buffer size)."""
+    return observer.update(state, x, n_valid)
+
+
+class ActivationResult(NamedTuple):
+    qparams: QParams
+    lo: jax.Array
+    hi: jax.Array
+    first_bad: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("observer", "scheme"))
+def finalize_activation_bucket(states, observer: Observer, scheme: QScheme) -> ActivationResult:
+    """Observer ranges → per-tensor `QParams` over a stacked bucket of states."""
+
+    def one(state):
+        (lo, hi), first_bad = observer.finalize(state)
+        return ActivationResult(qparams_from_range(lo, hi, scheme), lo, hi, first_bad)
+
+    return jax.vmap(one)(states)
+
+
+def finalize_activations(states: Mapping[str, object], observer: Observer, scheme: QScheme) -> dict[str, ActivationResult]:
+    """Finalize many observer states, one compiled call per state-shape bucket."""
+    key = lambda s: tuple((tuple(np.shape(leaf)), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(s))  # noqa: E731
+    out: dict[str, ActivationResult] = {}
+    for names in bucket_keys(states, key).values():
+        stacked = _stack([states[n] for n in names])
+        out.update(_unstack(finalize_activation_bucket(stacked, observer, scheme), names))
+    return {n: out[n] for n in states}
+
+
+def compile_count() -> "CompileCounter":
+    """Context manager counting XLA backend compilations inside its block."""
+    return CompileCounter()
+
+
+class CompileCounter:
+    """Counts `/jax/core/compile/backend_compile_duration` events while active."""
+
+    _EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self._active = False
+
+    def _listener(self, event: str, duration: float, **_):
+        if self._active and event == self._EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        self._active = True
+        return self
+
+    def __exit__(self, *exc):
+        self._active = False
+        try:
+            jax.monitoring.unregister_event_duration_listener(self._listener)
+        except (AttributeError, ValueError):  # older jax: listener stays, but inactive
+            pass
+        return False
+
+

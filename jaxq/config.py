@@ -1,0 +1,200 @@
+"""`QuantConfig`: the immutable configuration that drives a calibration.
+
+Every field of msModelSlim's `QuantConfig` with the same name and default
+(see `shared/reference/QuantConfig.zh.md` and DESIGN.md §4), plus keyword-only
+extensions. Construction validates and normalises (lists → tuples, `keep_acc` dict →
+`KeepAcc`), so a config is hashable, a pytree with no array leaves, and usable as a
+static argument of `jax.jit`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import re
+from typing import Any
+
+import jax
+
+from jaxq.scheme import ALLOWED_BITS, QScheme
+
+ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observer"}
+QUANT_MODES = {0: "data-free", 1: "label-free"}
+MINMAX_COMBINES = ("batch_percentile", "running")
+_DEVICE_RE = re.compile(r"^(cpu|npu|cuda)(:\d+)?$")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_bool(field: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"QuantConfig.{field}={value!r} must be a bool (True or False)")
+    return value
+
+
+def _check_choice(field: str, value, allowed) -> Any:
+    if not _is_int(value) or value not in allowed:
+        raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepAcc:
+    """Accuracy-keeping switches: `(enabled, iterations)` pairs and `round_opt`."""
+
+    admm: tuple[bool, int] = (False, 1000)
+    easy_quant: tuple[bool, int] = (False, 1000)
+    round_opt: bool = False
+
+    @classmethod
+    def from_user(cls, value) -> "KeepAcc":
+        """Accept `None`, a `KeepAcc`, or msModelSlim's dict; missing keys take defaults."""
+        if value is None:
+            return cls()
+        if isinstance(value, KeepAcc):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(
+                f"QuantConfig.keep_acc={value!r} must be a dict like "
+                "{'admm': [False, 1000], 'easy_quant': [False, 1000], 'round_opt': False}"
+            )
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            raise ValueError(f"QuantConfig.keep_acc has unknown key(s) {unknown}; allowed keys: {allowed}")
+        kwargs = {}
+        for key in ("admm", "easy_quant"):
+            if key in value:
+                kwargs[key] = _enabled_iters(key, value[key])
+        if "round_opt" in value:
+            v = value["round_opt"]
+            if isinstance(v, (list, tuple)) and len(v) == 1:
+                v = v[0]
+            kwargs["round_opt"] = _check_bool("keep_acc['round_opt']", v)
+        return cls(**kwargs)
+
+    def as_dict(self) -> dict:
+        return {"admm": list(self.admm), "easy_quant": list(self.easy_quant), "round_opt": self.round_opt}
+
+    @property
+    def any_enabled(self) -> bool:
+        return self.admm[0] or self.easy_quant[0] or self.round_opt
+
+
+def _enabled_iters(key: str, value) -> tuple[bool, int]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    if ok:
+        enabled, iters = value
+        ok = isinstance(enabled, bool) and _is_int(iters) and iters >= 1
+    if not ok:
+        raise ValueError(f"QuantConfig.keep_acc[{key!r}]={value!r} must be [bool, iterations ≥ 1], e.g. [True, 1000]")
+    return (bool(value[0]), int(value[1]))
+
+
+def _normalise_input_shape(value) -> tuple[tuple[int, ...], ...] | None:
+    """`None`/`[]` → None; one shape → ((…),); a list of shapes → tuple of tuples."""
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"QuantConfig.input_shape={value!r} must be a shape like [1, 3, 224, 224] or a list of shapes")
+    shapes = [value] if all(_is_int(d) for d in value) else list(value)
+    out = []
+    for shape in shapes:
+        if not isinstance(shape, (list, tuple)) or not shape or not all(_is_int(d) for d in shape):
+            raise ValueError(
+                f"QuantConfig.input_shape={value!r}: each shape must be a non-empty list of ints, got {shape!r}"
+            )
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"QuantConfig.input_shape={value!r}: every dimension must be positive, got {list(shape)}")
+        out.append(tuple(int(d) for d in shape))
+    return tuple(out)
+
+
+def _normalise_names(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise TypeError(f"QuantConfig.disable_names={value!r} must be a list of layer names (or None)")
+    bad = [n for n in value if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"QuantConfig.disable_names contains non-string entries {bad!r}")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Post-training quantization settings (msModelSlim `QuantConfig`, DESIGN.md §4).
+
+    Keyword-only extensions:
+      quantize_first_last: with empty `disable_names`, msModelSlim keeps the first and the
+          last quantizable layer in float; `True` quantizes them too (every layer).
+      minmax_combine: how `act_method=1` combines batch extremes: `"batch_percentile"`
+          (msModelSlim: 40th percentile of the batch minima, 60th of the maxima) or
+          `"running"` (absolute min and max over all batches).
+      seed: seed of the virtual data of data-free mode.
+    """
+
+    w_bit: int = 8
+    a_bit: int = 8
+    w_signed: bool = True
+    a_signed: bool = False
+    w_sym: bool = True
+    a_sym: bool = False
+    input_shape: Any = None
+    act_quant: bool = True
+    act_method: int = 0
+    quant_mode: int = 0
+    disable_names: Any = None
+    amp_num: int = 0
+    keep_acc: Any = None
+    sigma: float = 25
+    device: str = "cpu"
+    _: dataclasses.KW_ONLY
+    quantize_first_last: bool = False
+    minmax_combine: str = "batch_percentile"
+    seed: int = 0
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for field in ("w_bit", "a_bit"):
+            v = getattr(self, field)
+            if not _is_int(v) or v not in ALLOWED_BITS:
+                raise ValueError(f"QuantConfig.{field}={v!r} is not supported; allowed bit widths: {ALLOWED_BITS}")
+        for field in ("w_signed", "a_signed", "w_sym", "a_sym", "act_quant", "quantize_first_last"):
+            _check_bool(field, getattr(self, field))
+        set_("act_method", _check_choice("act_method", self.act_method, tuple(ACT_METHODS)))
+        set_("quant_mode", _check_choice("quant_mode", self.quant_mode, tuple(QUANT_MODES)))
+        set_("input_shape", _normalise_input_shape(self.input_shape))
+        set_("disable_names", _normalise_names(self.disable_names))
+        if not _is_int(self.amp_num) or self.amp_num < 0:
+            raise ValueError(f"QuantConfig.amp_num={self.amp_num!r} must be an int ≥ 0")
+        set_("keep_acc", KeepAcc.from_user(self.keep_acc))
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, numbers.Real) or not self.sigma >= 0:
+            raise ValueError(f"QuantConfig.sigma={self.sigma!r} must be a number ≥ 0 (0 = plain min-max)")
+        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
+            raise ValueError(f"QuantConfig.device={self.device!r} is not allowed; use 'cpu', 'npu', 'cuda' (optionally ':N')")
+        if self.minmax_combine not in MINMAX_COMBINES:
+            raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
+        if not _is_int(self.seed):
+            raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
+
+    # Derived schemes -------------------------------------------------------------
+    @property
+    def weight_scheme(self) -> QScheme:
+        """Per-output-channel weight quantizer (axis 0 of Conv/Linear weights)."""
+        return QScheme(bits=self.w_bit, signed=self.w_signed, symmetric=self.w_sym, axis=0)
+
+    @property
+    def act_scheme(self) -> QScheme:
+        """Per-tensor activation quantizer."""
+        return QScheme(bits=self.a_bit, signed=self.a_signed, symmetric=self.a_sym, axis=None)
+
+    def replace(self, **changes) -> "QuantConfig":
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(
+    QuantConfig, data_fields=[], meta_fields=[f.name for f in dataclasses.fields(QuantConfig)]
+)

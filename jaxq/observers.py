@@ -1,0 +1,222 @@
+"""Observers: pure `init / update / finalize` over a fixed-shape pytree state.
+
+An `Observer` is a NamedTuple of pure functions (optax style):
+
+    state          = init()
+    state          = update(state, x, n_valid)   # x: 1-D buffer, first n_valid entries real
+    (lo, hi), bad  = finalize(state)              # range, first non-finite batch (−1: none)
+
+`x` is a flat buffer whose length is a bucket size chosen by the caller (the bridge pads
+each activation to a power of two), so batches of different shapes reuse one compilation;
+entries past `n_valid` are ignored. Every update also records the first batch whose
+values were not finite, so the caller can name the layer and batch without a host sync
+per batch.
+
+Factories are cached: equal settings return the identical `Observer`, which is hashable
+and therefore a valid static argument of `jax.jit`.
+
+Weight ranges are not streamed: `channel_minmax` reduces one weight tensor per channel.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Observer(NamedTuple):
+    init: Callable[[], object]
+    update: Callable[[object, jax.Array, jax.Array], object]
+    finalize: Callable[[object], tuple[tuple[jax.Array, jax.Array], jax.Array]]
+
+
+def channel_minmax(w: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Per-channel `(min, max)` of `w` over every axis but `axis`."""
+    w = jnp.moveaxis(jnp.asarray(w, jnp.float32), axis, 0)
+    flat = jnp.reshape(w, (w.shape[0], -1))
+    return jnp.min(flat, axis=1), jnp.max(flat, axis=1)
+
+
+def masked_minmax(x: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(min, max)` of the first `n_valid` entries of the flat buffer `x`."""
+    x = x.astype(jnp.float32)
+    valid = jnp.arange(x.shape[0]) < n_valid
+    return jnp.min(jnp.where(valid, x, jnp.inf)), jnp.max(jnp.where(valid, x, -jnp.inf))
+
+
+def _note_bad(first_bad: jax.Array, index: jax.Array, *values: jax.Array) -> jax.Array:
+    """Keep the first batch index at which any of `values` was NaN or ±Inf."""
+    bad = jnp.logical_not(jnp.all(jnp.stack([jnp.isfinite(v) for v in values])))
+    return jnp.where((first_bad < 0) & bad, index, first_bad)
+
+
+# --- running min/max -----------------------------------------------------------------
+
+
+class RunningMinMaxState(NamedTuple):
+    lo: jax.Array
+    hi: jax.Array
+    count: jax.Array
+    first_bad: jax.Array
+
+
+@functools.lru_cache(maxsize=None)  # same settings → same Observer → no recompiles
+def running_minmax() -> Observer:
+    """Absolute range over all batches: `lo = min_b min(x_b)`, `hi = max_b max(x_b)`."""
+
+    def init():
+        return RunningMinMaxState(
+            jnp.float32(jnp.inf), jnp.float32(-jnp.inf), jnp.int32(0), jnp.int32(-1)
+        )
+
+    def update(state, x, n_valid):
+        lo, hi = masked_minmax(x, n_valid)
+        return RunningMinMaxState(
+            jnp.minimum(state.lo, lo),
+            jnp.maximum(state.hi, hi),
+            state.count + 1,
+            _note_bad(state.first_bad, state.count, lo, hi),
+        )
+
+    def finalize(state):
+        return (state.lo, state.hi), state.first_bad
+
+    return Observer(init, update, finalize)
+
+
+# --- msModelSlim's percentile of batch extremes ---------------------------------------
+
+
+class BatchExtremesState(NamedTuple):
+    mins: jax.Array  # [capacity], +inf where unused
+    maxs: jax.Array  # [capacity], +inf where unused
+    count: jax.Array
+    first_bad: jax.Array
+
+
+def sorted_percentile(values: jax.Array, count: jax.Array, q: float) -> jax.Array:
+    """Linear-interpolated q-th percentile of the first `count` entries of sorted `values`.
+
+    Matches `numpy.percentile(..., method="linear")`: with `p = q/100·(n − 1)`,
+    `v[⌊p⌋] + (p − ⌊p⌋)·(v[⌊p⌋+1] − v[⌊p⌋])`.
+    """
+    pos = jnp.float32(q / 100.0) * (jnp.maximum(count, 1) - 1).astype(jnp.float32)
+    i = jnp.floor(pos).astype(jnp.int32)
+    j = jnp.minimum(i + 1, jnp.maximum(count, 1) - 1)
+    frac = pos - i.astype(jnp.float32)
+    lo, hi = values[i], values[j]
+    return lo + frac * (hi - lo)
+
+
+@functools.lru_cache(maxsize=None)  # same settings → same Observer → no recompiles
+def batch_percentile_minmax(capacity: int, lo_q: float = 40.0, hi_q: float = 60.0) -> Observer:
+    """msModelSlim's `act_method=1`: percentiles of the per-batch minima and maxima.
+
+    `lo = P_{lo_q}({min(x_b)})`, `hi = P_{hi_q}({max(x_b)})` over batches b (linear
+    interpolation). With one batch this is plain min-max. `capacity` bounds the number
+    of batches the fixed-shape state can hold; `update` past it raises nothing but
+    overwrites nothing either, so callers size it (the bridge grows it by re-init).
+    """
+
+    def init():
+        full = jnp.full((capacity,), jnp.inf, jnp.float32)
+        return BatchExtremesState(full, full, jnp.int32(0), jnp.int32(-1))
+
+    def update(state, x, n_valid):
+        lo, hi = masked_minmax(x, n_valid)
+        slot = jnp.minimum(state.count, capacity - 1)
+        keep = state.count < capacity
+        return BatchExtremesState(
+            jnp.where(keep, state.mins.at[slot].set(lo), state.mins),
+            jnp.where(keep, state.maxs.at[slot].set(hi), state.maxs),
+            state.count + keep.astype(jnp.int32),
+            _note_bad(state.first_bad, state.count, lo, hi),
+        )
+
+    def finalize(state):
+        lo = sorted_percentile(jnp.sort(state.mins), state.count, lo_q)
+        hi = sorted_percentile(jnp.sort(state.maxs), state.count, hi_q)
+        return (lo, hi), state.first_bad
+
+    return Observer(init, update, finalize)
+
+
+# --- sigma statistic (act_method=0) ---------------------------------------------------
+
+
+class SigmaState(NamedTuple):
+    lo: jax.Array
+    hi: jax.Array
+    moments: jax.Array  # (n, mean, M2) of all values
+    pos_moments: jax.Array  # (n, mean, M2) of the positive values
+    count: jax.Array
+    first_bad: jax.Array
+
+
+def _combine_moments(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Chan et al.'s parallel update of `(n, mean, M2)`; stable where Σx² is not."""
+    na, ma, m2a = a[0], a[1], a[2]
+    nb, mb, m2b = b[0], b[1], b[2]
+    n = na + nb
+    safe_n = jnp.maximum(n, 1.0)
+    delta = mb - ma
+    mean = ma + delta * nb / safe_n
+    m2 = m2a + m2b + delta * delta * na * nb / safe_n
+    return jnp.stack([n, mean, m2])
+
+
+def _masked_moments(x: jax.Array, mask: jax.Array) -> jax.Array:
+    n = jnp.sum(mask, dtype=jnp.float32)
+    mean = jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1.0)
+    m2 = jnp.sum(jnp.where(mask, (x - mean) ** 2, 0.0))
+    return jnp.stack([n, mean, m2])
+
+
+def _std(moments: jax.Array) -> jax.Array:
+    return jnp.sqrt(moments[2] / jnp.maximum(moments[0], 1.0))
+
+
+def sigma_range(lo, hi, std_all, std_pos, sigma: float) -> tuple[jax.Array, jax.Array]:
+    """msModelSlim's sigma rule, never wider than the observed `[lo, hi]`.
+
+    sigma = 0:                      [lo, hi]                       (plain min-max)
+    tensor has negatives (lo < 0):  [−r, r] ∩ [lo, hi],  r = 0.8·σ·std(x)
+    tensor non-negative:            [lo, min(hi, σ·std(x[x>0]))]
+    """
+    if sigma == 0:
+        return lo, hi
+    r = 0.8 * sigma * std_all
+    signed_lo, signed_hi = jnp.maximum(-r, lo), jnp.minimum(r, hi)
+    pos_hi = jnp.minimum(sigma * std_pos, hi)
+    negative = lo < 0
+    return jnp.where(negative, signed_lo, lo), jnp.where(negative, signed_hi, pos_hi)
+
+
+@functools.lru_cache(maxsize=None)  # same settings → same Observer → no recompiles
+def sigma_statistic(sigma: float) -> Observer:
+    """`act_method=0`: streaming min, max and standard deviations, then `sigma_range`."""
+
+    def init():
+        zeros = jnp.zeros((3,), jnp.float32)
+        return SigmaState(jnp.float32(jnp.inf), jnp.float32(-jnp.inf), zeros, zeros, jnp.int32(0), jnp.int32(-1))
+
+    def update(state, x, n_valid):
+        x = x.astype(jnp.float32)
+        valid = jnp.arange(x.shape[0]) < n_valid
+        lo, hi = masked_minmax(x, n_valid)
+        return SigmaState(
+            jnp.minimum(state.lo, lo),
+            jnp.maximum(state.hi, hi),
+            _combine_moments(state.moments, _masked_moments(x, valid)),
+            _combine_moments(state.pos_moments, _masked_moments(x, valid & (x > 0))),
+            state.count + 1,
+            _note_bad(state.first_bad, state.count, lo, hi),
+        )
+
+    def finalize(state):
+        rng = sigma_range(state.lo, state.hi, _std(state.moments), _std(state.pos_moments), sigma)
+        return rng, state.first_bad
+
+    return Observer(init, update, finalize)
