@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -29,12 +30,23 @@ def bucket_size(n: int) -> int:
     return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def padded_flat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`x` flattened into a float32 buffer of `bucket_size(x.numel())`; tail unused."""
+def padded_flat(x: torch.Tensor, buffers: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
+    """`x` flattened into a float32 buffer of `bucket_size(x.numel())`.
+
+    The tail repeats `x`'s first entry (the observers' padding contract). `buffers`
+    caches one buffer per size: reusing them avoids page faults of fresh allocations,
+    so the caller must finish reading a buffer before the next call overwrites it.
+    """
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    buf = torch.empty(bucket_size(n), dtype=torch.float32, device="cpu")
+    size = bucket_size(n)
+    buf = buffers.get(size) if buffers is not None else None
+    if buf is None:
+        buf = torch.empty(size, dtype=torch.float32, device="cpu")
+        if buffers is not None:
+            buffers[size] = buf
     buf[:n].copy_(flat)
+    buf[n:].fill_(float(flat[0]) if n else 0.0)
     return buf, n
 
 
@@ -64,12 +76,14 @@ class ActivationCapture:
         self.states = {name: observer.init() for name in layers}
         self._layers = layers
         self._handles: list = []
+        self._buffers: dict[int, torch.Tensor] = {}
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
-            buf, n = padded_flat(x)
-            self.states[name] = jaxq.update_observer(self.states[name], to_jax(buf), jnp.int32(n), self.observer)
+            buf, n = padded_flat(x, self._buffers)
+            state = jaxq.update_observer(self.states[name], to_jax(buf), jnp.int32(n), self.observer)
+            self.states[name] = jax.block_until_ready(state)  # `buf` is reused by the next call
         return hook
 
     def __enter__(self):

@@ -7,8 +7,11 @@ An `Observer` is a NamedTuple of pure functions (optax style):
     (lo, hi), bad  = finalize(state)              # range, first non-finite batch (−1: none)
 
 `x` is a flat buffer whose length is a bucket size chosen by the caller (the bridge pads
-each activation to a power of two), so batches of different shapes reuse one compilation;
-entries past `n_valid` are ignored. Every update also records the first batch whose
+each activation to a power of two, at least `ROW`), so batches of different shapes reuse
+one compilation. Padding contract: entries past `n_valid` repeat a valid entry (the
+bridge writes `x[0]` there), so extremes need no mask; sums mask them out. Reductions
+run over a `[rows, ROW]` view because XLA on CPU reduces that far faster than a 1-D
+masked buffer. Every update also records the first batch whose
 values were not finite, so the caller can name the layer and batch without a host sync
 per batch.
 
@@ -39,11 +42,25 @@ def channel_minmax(w: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
     return jnp.min(flat, axis=1), jnp.max(flat, axis=1)
 
 
-def masked_minmax(x: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(min, max)` of the first `n_valid` entries of the flat buffer `x`."""
-    x = x.astype(jnp.float32)
-    valid = jnp.arange(x.shape[0]) < n_valid
-    return jnp.min(jnp.where(valid, x, jnp.inf)), jnp.max(jnp.where(valid, x, -jnp.inf))
+ROW = 1024
+
+
+def as_rows(x: jax.Array) -> jax.Array:
+    """View a flat buffer as `[rows, ROW]` (its length must be a multiple of `ROW`)."""
+    return jnp.reshape(x.astype(jnp.float32), (-1, ROW))
+
+
+def valid_mask(x: jax.Array, n_valid: jax.Array) -> jax.Array:
+    """`[rows, ROW]` mask of the first `n_valid` entries."""
+    rows = x.shape[0] // ROW
+    index = jnp.arange(rows, dtype=jnp.int32)[:, None] * ROW + jnp.arange(ROW, dtype=jnp.int32)[None, :]
+    return index < n_valid
+
+
+def buffer_minmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(min, max)` of a padded buffer (padding repeats a valid entry, so no mask)."""
+    r = as_rows(x)
+    return jnp.min(jnp.min(r, axis=1)), jnp.max(jnp.max(r, axis=1))
 
 
 def _note_bad(first_bad: jax.Array, index: jax.Array, *values: jax.Array) -> jax.Array:
@@ -72,7 +89,7 @@ def running_minmax() -> Observer:
         )
 
     def update(state, x, n_valid):
-        lo, hi = masked_minmax(x, n_valid)
+        lo, hi = buffer_minmax(x)
         return RunningMinMaxState(
             jnp.minimum(state.lo, lo),
             jnp.maximum(state.hi, hi),
@@ -125,7 +142,7 @@ def batch_percentile_minmax(capacity: int, lo_q: float = 40.0, hi_q: float = 60.
         return BatchExtremesState(full, full, jnp.int32(0), jnp.int32(-1))
 
     def update(state, x, n_valid):
-        lo, hi = masked_minmax(x, n_valid)
+        lo, hi = buffer_minmax(x)
         slot = jnp.minimum(state.count, capacity - 1)
         keep = state.count < capacity
         return BatchExtremesState(
@@ -203,9 +220,8 @@ def sigma_statistic(sigma: float) -> Observer:
         return SigmaState(jnp.float32(jnp.inf), jnp.float32(-jnp.inf), zeros, zeros, jnp.int32(0), jnp.int32(-1))
 
     def update(state, x, n_valid):
-        x = x.astype(jnp.float32)
-        valid = jnp.arange(x.shape[0]) < n_valid
-        lo, hi = masked_minmax(x, n_valid)
+        lo, hi = buffer_minmax(x)
+        x, valid = as_rows(x), valid_mask(x, n_valid)
         return SigmaState(
             jnp.minimum(state.lo, lo),
             jnp.maximum(state.hi, hi),
