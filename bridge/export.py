@@ -62,6 +62,13 @@ def atomic_directory(path: str | os.PathLike):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _save_tensors(tensors: dict, path: str, metadata: dict) -> None:
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # the writer creates 0600 files; honour the umask like open() does
+
+
 def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[str, dict], config: dict, legacy: bool = False) -> list[Path]:
     """Write `params` (the five dicts of `get_quant_params`) atomically; return the files."""
     tensors = {}
@@ -71,7 +78,7 @@ def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[st
     description = {"format_version": FORMAT_VERSION, "config": config, "layers": layers}
     names = [SAFETENSORS_NAME, JSON_NAME] + ([f"{k}.npy" for k in LEGACY_KEYS] if legacy else [])
     with atomic_directory(path) as staging:
-        save_file(dict(sorted(tensors.items())), str(staging / SAFETENSORS_NAME), metadata={"format": "jaxq"})
+        _save_tensors(dict(sorted(tensors.items())), str(staging / SAFETENSORS_NAME), metadata={"format": "jaxq"})
         (staging / JSON_NAME).write_text(json.dumps(description, indent=2, sort_keys=True))
         if legacy:
             for key in LEGACY_KEYS:

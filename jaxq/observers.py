@@ -58,9 +58,14 @@ def valid_mask(x: jax.Array, n_valid: jax.Array) -> jax.Array:
 
 
 def buffer_minmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(min, max)` of a padded buffer (padding repeats a valid entry, so no mask)."""
+    """`(min, max)` of a padded buffer (padding repeats a valid entry, so no mask).
+
+    XLA's min/max do not reliably propagate NaN on CPU, so a NaN or ±Inf anywhere turns
+    both results into NaN: `Σ x·0` is NaN exactly when some x is not finite.
+    """
     r = as_rows(x)
-    return jnp.min(jnp.min(r, axis=1)), jnp.max(jnp.max(r, axis=1))
+    poison = jnp.sum(r * 0.0)
+    return jnp.min(jnp.min(r, axis=1)) + poison, jnp.max(jnp.max(r, axis=1)) + poison
 
 
 def _note_bad(first_bad: jax.Array, index: jax.Array, *values: jax.Array) -> jax.Array:

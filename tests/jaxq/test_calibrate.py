@@ -1,0 +1,58 @@
+import jax.numpy as jnp
+import numpy as np
+
+import jaxq
+from jaxq import QScheme
+from jaxq.calibrate import bucket_keys, quantize_weight
+
+SCHEME = QScheme(8, True, True, axis=0)
+
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(16, 3, 3, 3), (16, 3, 3, 3), (32, 16, 1, 1), (16, 3, 3, 3), (10, 64)]
+    return {f"l{i}": jnp.asarray(rng.standard_normal(s).astype(np.float32)) for i, s in enumerate(shapes)}
+
+
+def test_buckets_group_equal_shapes_in_order():
+    assert bucket_keys(_weights()) == {
+        ((16, 3, 3, 3), "float32"): ["l0", "l1", "l3"],
+        ((32, 16, 1, 1), "float32"): ["l2"],
+        ((10, 64), "float32"): ["l4"],
+    }
+
+
+def test_bucketed_equals_one_at_a_time():
+    ws = _weights()
+    out = jaxq.quantize_weights(ws, SCHEME)
+    assert list(out) == list(ws)
+    for name, w in ws.items():
+        ref = quantize_weight(w, SCHEME)
+        np.testing.assert_array_equal(out[name].q, np.asarray(ref.q))
+        np.testing.assert_array_equal(out[name].qparams.scale, np.asarray(ref.qparams.scale))
+
+
+def test_one_compile_per_bucket_and_none_on_second_run():
+    ws = _weights(1)
+    scheme = QScheme(6, True, False, axis=0)  # a scheme no other test uses: cold cache
+    with jaxq.compile_count() as first:
+        jaxq.quantize_weights(ws, scheme)
+    assert 1 <= first.count <= 3
+    with jaxq.compile_count() as second:
+        jaxq.quantize_weights(_weights(2), scheme)
+    assert second.count == 0
+
+
+def test_finalize_activations_buckets_states():
+    obs = jaxq.batch_percentile_minmax(16)
+    states = {}
+    for i in range(3):
+        s = obs.init()
+        buf = jnp.full((1024,), float(i), jnp.float32).at[:3].set(jnp.array([-1.0 * i, 2.0 * i, 0.5]))
+        states[f"a{i}"] = jaxq.update_observer(s, buf, jnp.int32(3), obs)
+    scheme = QScheme(8, False, False)
+    out = jaxq.finalize_activations(states, obs, scheme)
+    assert float(out["a2"].lo) == -2.0 and float(out["a2"].hi) == 4.0
+    with jaxq.compile_count() as c:
+        jaxq.finalize_activations(states, obs, scheme)
+    assert c.count == 0
