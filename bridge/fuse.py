@@ -23,8 +23,9 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _CONV = (nn.Conv1d, nn.Conv2d)
 
 
-def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> list[tuple[str, str]]:
-    """`(conv_name, bn_name)` pairs where the BN consumes exactly the conv's output."""
+def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, str]], object]:
+    """`(conv_name, bn_name)` pairs where the BN consumes exactly the conv's output,
+    and the model's output on `batch` (the float reference for the parity check)."""
     producer: dict[int, str] = {}
     pairs: list[tuple[str, str]] = []
     handles = []
@@ -52,9 +53,8 @@ def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> list[tuple[str, str]]:
     finally:
         for h in handles:
             h.remove()
-    del outputs
     convs = [c for c, _ in pairs]
-    return [(c, b) for c, b in pairs if convs.count(c) == 1]
+    return [(c, b) for c, b in pairs if convs.count(c) == 1], outputs
 
 
 def fold_bn_into_conv(conv: nn.Module, bn: nn.Module) -> None:
@@ -97,13 +97,12 @@ def fuse_conv_bn(model: nn.Module, batch: Batch, tolerance: float = 1e-3) -> lis
     """Fold every eval-mode BN into its producing conv, in place; returns the pairs fused."""
     if model.training:
         return []
-    pairs = find_conv_bn_pairs(model, batch)
+    pairs, reference = find_conv_bn_pairs(model, batch)
     if not pairs:
         return []
     backup = copy.deepcopy(model.state_dict())
     modules = dict(model.named_modules())
     with torch.no_grad():
-        reference = run_model(model, batch, 0)
         for conv_name, bn_name in pairs:
             fold_bn_into_conv(modules[conv_name], modules[bn_name])
             set_module(model, bn_name, nn.Identity())

@@ -43,7 +43,7 @@ def photos() -> list[np.ndarray]:
 def image_crops(n: int, seed: int, size: int = 224) -> torch.Tensor:
     """`n` random crops [n, 3, size, size] (EVAL.md §1), deterministic in `seed`."""
     rng = np.random.default_rng(seed)
-    imgs = [torch.from_numpy(p).permute(2, 0, 1).float() for p in photos()]
+    imgs = [torch.from_numpy(p.copy()).permute(2, 0, 1).float() for p in photos()]
     out = torch.empty(n, 3, size, size)
     for k in range(n):
         img = imgs[rng.integers(len(imgs))]

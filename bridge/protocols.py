@@ -1,0 +1,91 @@
+"""Evaluation protocols of shared/EVAL.md: model, calibration data, held-out data, metric.
+
+A protocol gives a fresh float model, the calibration batches, the float reference on the
+evaluation set and `evaluate(model) -> {metric: value}`. Tests and `benchmarks/` use the
+same protocols, so their numbers agree.
+
+- digits:  DigitsCNN, 256 training digits (8 batches of 32) → test top-1 over 450 digits.
+- efficientnet_lite0:  32 crops (seed 1, batches of 8) → agreement with FP32 and
+  mean KL(FP32 ‖ quant) over 128 crops (seed 2).
+- minilm:  64 passages (one per batch: no padding tokens enter the statistics) → mean
+  and minimum cosine between FP32 and quantized sentence embeddings over 256 others.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from bridge import metrics, zoo
+
+
+@dataclass
+class Protocol:
+    name: str
+    make_model: Callable[[], torch.nn.Module]
+    calib_data: list
+    evaluate: Callable[[torch.nn.Module], dict]
+    reference: dict = field(default_factory=dict)
+
+    def fp_forward_seconds(self) -> float:
+        """Float forward time over the calibration data: the floor for calibration."""
+        model = self.make_model()
+        with torch.no_grad():
+            _run_all(model, self.calib_data[:1])  # warm-up
+            t0 = time.perf_counter()
+            _run_all(model, self.calib_data)
+        return time.perf_counter() - t0
+
+
+def _run_all(model, batches):
+    for b in batches:
+        model(**b) if isinstance(b, dict) else model(*b) if isinstance(b, (tuple, list)) else model(b)
+
+
+@functools.lru_cache(maxsize=None)
+def digits() -> Protocol:
+    from bridge.models.digits import accuracy, digits_split, load_digits_cnn
+
+    x_train, _, x_test, y_test = digits_split()
+    calib = [x_train[i:i + 32] for i in range(0, 256, 32)]
+    p = Protocol("digits", load_digits_cnn, calib, lambda m: {"top1": accuracy(m, x_test, y_test)})
+    p.reference = p.evaluate(load_digits_cnn())
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def efficientnet_lite0() -> Protocol:
+    calib = zoo.image_crops(32, seed=1)
+    evaluation = zoo.image_crops(128, seed=2)
+    fp_logits = metrics.logits(zoo.efficientnet_lite0(), evaluation)
+
+    def evaluate(model):
+        agree, kl = metrics.agreement_and_kl(fp_logits, metrics.logits(model, evaluation))
+        return {"agreement": agree, "kl": kl}
+
+    p = Protocol("efficientnet_lite0", zoo.efficientnet_lite0, [calib[i:i + 8] for i in range(0, 32, 8)], evaluate)
+    p.reference = {"agreement": 1.0, "kl": 0.0}
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def minilm() -> Protocol:
+    tokenizer, model = zoo.minilm()
+    passages = zoo.text_passages()
+    calib = zoo.text_batches(tokenizer, passages[:64], batch_size=1)
+    evaluation = zoo.text_batches(tokenizer, passages[64:64 + 256], batch_size=16)
+    fp = metrics.sentence_embeddings(model, evaluation)
+
+    def evaluate(m):
+        mean, low = metrics.cosine_stats(fp, metrics.sentence_embeddings(m, evaluation))
+        return {"mean_cos": mean, "min_cos": low}
+
+    p = Protocol("minilm", lambda: zoo.minilm()[1], calib, evaluate)
+    p.reference = {"mean_cos": 1.0, "min_cos": 1.0}
+    return p
+
+
+PROTOCOLS = {"digits": digits, "efficientnet_lite0": efficientnet_lite0, "minilm": minilm}
