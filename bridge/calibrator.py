@@ -42,8 +42,6 @@ def _check_supported(cfg: jaxq.QuantConfig) -> None:
         pending.append(f"amp_num={cfg.amp_num} (sensitivity fallback, issue #5)")
     if cfg.keep_acc.any_enabled:
         pending.append(f"keep_acc={cfg.keep_acc.as_dict()} (accuracy keeping, issue #4)")
-    if cfg.act_quant and cfg.act_method == 2:
-        pending.append("act_method=2 (histogram observer, issue #3)")
     if pending:
         raise NotImplementedError("not available yet in this jaxq version: " + "; ".join(pending))
 

@@ -58,9 +58,7 @@ def observer_for(cfg: jaxq.QuantConfig, num_batches: int | None) -> jaxq.Observe
         if cfg.minmax_combine == "running":
             return jaxq.running_minmax()
         return jaxq.batch_percentile_minmax(capacity=_capacity(num_batches))
-    raise NotImplementedError(
-        "QuantConfig.act_method=2 (histogram observer) is not available yet (issue #3); use act_method=0 or 1"
-    )
+    return jaxq.histogram_observer(bins=cfg.hist_bins, levels=2**cfg.a_bit)
 
 
 def _capacity(num_batches: int | None) -> int:

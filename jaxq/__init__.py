@@ -12,6 +12,7 @@ from jaxq.calibrate import (
     update_observer,
 )
 from jaxq.config import KeepAcc, QuantConfig
+from jaxq.histogram import HistogramState, histogram_observer, l2_optimal_bins
 from jaxq.layers import LayerSpec, apply
 from jaxq.numerics import dequantize, fake_quant, quantize
 from jaxq.observers import (
@@ -27,7 +28,7 @@ from jaxq.scheme import QScheme
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationResult", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
+    "ActivationResult", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
     "QuantizedWeight", "apply", "batch_percentile_minmax", "channel_minmax", "compile_count",
     "dequantize", "fake_quant", "finalize_activations", "qparams_from_range", "quantize",
     "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "update_observer",

@@ -24,6 +24,9 @@ from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
 
 
+FINALIZE_CHUNK = 4
+
+
 class QuantizedWeight(NamedTuple):
     """Per-channel `QParams` and the integer weight `q` with `W ≈ (q − o)·s`."""
 
@@ -93,7 +96,8 @@ def finalize_activation_bucket(states, observer: Observer, scheme: QScheme) -> A
         (lo, hi), first_bad = observer.finalize(state)
         return ActivationResult(qparams_from_range(lo, hi, scheme), lo, hi, first_bad)
 
-    return jax.vmap(one)(states)
+    # lax.map in chunks: vmap over chunks bounds the memory of large finalizes (histograms)
+    return jax.lax.map(one, states, batch_size=FINALIZE_CHUNK)
 
 
 def finalize_activations(states: Mapping[str, object], observer: Observer, scheme: QScheme) -> dict[str, ActivationResult]:

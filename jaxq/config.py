@@ -133,6 +133,7 @@ class QuantConfig:
           (msModelSlim: 40th percentile of the batch minima, 60th of the maxima) or
           `"running"` (absolute min and max over all batches).
       seed: seed of the virtual data of data-free mode.
+      hist_bins: bins of the histogram observer (`act_method=2`), 2048 as torch.ao.
     """
 
     w_bit: int = 8
@@ -154,6 +155,7 @@ class QuantConfig:
     quantize_first_last: bool = False
     minmax_combine: str = "batch_percentile"
     seed: int = 0
+    hist_bins: int = 2048
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -176,6 +178,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.device={self.device!r} is not allowed; use 'cpu', 'npu', 'cuda' (optionally ':N')")
         if self.minmax_combine not in MINMAX_COMBINES:
             raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
+        if not _is_int(self.hist_bins) or not 16 <= self.hist_bins <= 65536:
+            raise ValueError(f"QuantConfig.hist_bins={self.hist_bins!r} must be an int in [16, 65536]")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
 

@@ -255,7 +255,7 @@ def test_cuda_unavailable_is_a_clear_error(digits_model, digits_calib):
 
 def test_pending_features_fail_before_touching_the_model(digits_model, digits_calib):
     before = copy.deepcopy(digits_model.state_dict())
-    for cfg in (LABEL_FREE.replace(amp_num=2), LABEL_FREE.replace(act_method=2),
+    for cfg in (LABEL_FREE.replace(amp_num=2),
                 LABEL_FREE.replace(keep_acc={"admm": [True, 10]})):
         with pytest.raises(NotImplementedError):
             Calibrator(digits_model, cfg, digits_calib)

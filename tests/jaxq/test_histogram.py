@@ -1,0 +1,110 @@
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxq
+from jaxq.histogram import batch_histogram, grid_error, l2_optimal_bins, model_errors, rebin
+
+
+def _padded(x: np.ndarray, size: int = 1 << 14):
+    buf = np.full(size, x.reshape(-1)[0], np.float32)
+    buf[: x.size] = x.reshape(-1)
+    return jnp.asarray(buf), jnp.int32(x.size)
+
+
+def _grid_error_brute(hist, s, e, levels, samples=4000):
+    step = (e - s + 1) / (levels - 1)
+    t = np.arange(len(hist))[:, None] + (np.arange(samples)[None, :] + 0.5) / samples - s
+    q = np.clip(np.round(t / step), 0, levels - 1) * step
+    return float((hist[:, None] * (t - q) ** 2).mean(1).sum())
+
+
+def test_batch_histogram_matches_numpy_and_ignores_padding():
+    x = np.random.default_rng(0).standard_normal(5000).astype(np.float32)
+    buf, n = _padded(x)
+    ours = np.asarray(batch_histogram(buf, n, jnp.float32(x.min()), jnp.float32(x.max()), 64))
+    ref, _ = np.histogram(x, bins=64, range=(x.min(), x.max()))
+    assert ours.sum() == 5000
+    assert np.abs(ours - ref).sum() <= 4  # edge rounding of a few values only
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=8, max_size=8),
+       st.floats(-5, 5), st.floats(0.1, 5), st.floats(0, 5), st.floats(0, 5))
+def test_rebin_conserves_mass(counts, lo, width, grow_lo, grow_hi):
+    hist = jnp.asarray(np.array(counts, np.float32))
+    new = rebin(hist, jnp.float32(lo), jnp.float32(lo + width), jnp.float32(lo - grow_lo), jnp.float32(lo + width + grow_hi))
+    np.testing.assert_allclose(float(new.sum()), float(hist.sum()), rtol=1e-4, atol=1e-3)
+    assert float(new.min()) >= -1e-3
+
+
+def test_rebin_degenerate_range_keeps_mass_in_one_bin():
+    hist = jnp.zeros(8).at[0].set(10.0)
+    new = rebin(hist, jnp.float32(2.0), jnp.float32(2.0), jnp.float32(0.0), jnp.float32(8.0))
+    assert float(new[2]) == 10.0 and float(new.sum()) == 10.0
+
+
+def test_growing_ranges_lose_no_mass():
+    obs = jaxq.histogram_observer(256, 256)
+    rng = np.random.default_rng(1)
+    state = obs.init()
+    total = 0
+    for scale in (0.1, 1.0, 10.0, 3.0):
+        x = (rng.standard_normal(3000) * scale).astype(np.float32)
+        total += x.size
+        state = jaxq.update_observer(state, *_padded(x), obs)
+    np.testing.assert_allclose(float(state.hist.sum()), total, rtol=1e-5)
+
+
+@pytest.mark.parametrize("s, e, levels", [(0, 63, 8), (5, 40, 4), (10, 12, 16), (0, 30, 256), (20, 63, 3)])
+def test_grid_error_closed_form(s, e, levels):
+    hist = np.random.default_rng(s).random(64).astype(np.float32)
+    hist[0] = 20.0  # a spike, as ReLU zeros make
+    ours = float(grid_error(jnp.asarray(hist), jnp.int32(s), jnp.int32(e), levels))
+    np.testing.assert_allclose(ours, _grid_error_brute(hist, s, e, levels), rtol=1e-4)
+
+
+def test_model_is_exact_for_clipping_and_close_inside():
+    hist = np.random.default_rng(3).random(128).astype(np.float32)
+    model = np.asarray(model_errors(jnp.asarray(hist), 16))
+    for s, e in [(0, 127), (10, 100), (40, 90)]:
+        exact = float(grid_error(jnp.asarray(hist), jnp.int32(s), jnp.int32(e), 16))
+        np.testing.assert_allclose(model[s, e], exact, rtol=0.05)
+    assert np.isinf(model[5, 4])
+
+
+@pytest.mark.parametrize("kind", ["normal", "relu", "heavy", "bimodal", "spiky"])
+def test_search_finds_the_exhaustive_optimum_on_small_histograms(kind):
+    rng = np.random.default_rng(7)
+    bins, levels = 96, 8
+    x = {"normal": rng.standard_normal(20000), "relu": np.maximum(rng.standard_normal(20000), 0),
+         "heavy": rng.standard_t(2, 20000),
+         "bimodal": np.concatenate([rng.standard_normal(10000) * 0.2 - 3, rng.standard_normal(10000) * 0.2 + 5]),
+         "spiky": np.concatenate([np.zeros(15000), rng.exponential(1, 5000)])}[kind]
+    hist, _ = np.histogram(x, bins=bins)
+    hist = jnp.asarray(hist.astype(np.float32))
+    s, e, err = jax.jit(lambda h: l2_optimal_bins(h, levels))(hist)
+    pairs = np.array(list(itertools.combinations_with_replacement(range(bins), 2)), np.int32)
+    every = jax.jit(jax.vmap(lambda a, b: grid_error(hist, a, b, levels)))(pairs[:, 0], pairs[:, 1])
+    best = float(every.min())
+    assert float(err) <= best * (1 + 1e-4), (int(s), int(e), float(err), best)
+
+
+def test_histogram_observer_finalize_in_bucket():
+    obs = jaxq.histogram_observer(512, 256)
+    rng = np.random.default_rng(0)
+    states = {}
+    for i in range(3):
+        s = obs.init()
+        for _ in range(2):
+            s = jaxq.update_observer(s, *_padded(np.maximum(rng.standard_normal(4000), 0).astype(np.float32)), obs)
+        states[f"l{i}"] = s
+    out = jaxq.finalize_activations(states, obs, jaxq.QScheme(8, False, False))
+    for r in out.values():
+        assert 0.0 <= float(r.lo) < float(r.hi)
+        assert int(r.first_bad) == -1
