@@ -136,11 +136,27 @@ def model_errors(hist: jax.Array, levels: int) -> jax.Array:
     return jnp.where(e >= s, inside + low + high, jnp.inf)
 
 
-def _exact(hist, starts, ends, levels):
-    return jax.vmap(lambda s, e: grid_error(hist, s, e, levels))(starts, ends)
+def _exact(hist, starts, ends, levels, zero):
+    errs = jax.vmap(lambda s, e: grid_error(hist, s, e, levels))(starts, ends)
+    return jnp.where(_contains_zero(starts, ends, zero), errs, jnp.inf)
 
 
-def _seed_candidates(model: jax.Array, bins: int, levels: int, top_k: int) -> tuple[jax.Array, jax.Array]:
+def _contains_zero(s, e, zero):
+    """Whether the candidate `[s, e + 1)` contains the point `zero` (bin units; `zero`
+    outside `[0, B]` forces the flush edge, since the quantizer widens to 0 anyway)."""
+    smax, emin = zero
+    return (s <= smax) & (e >= emin)
+
+
+def zero_limits(lo, hi, bins: int):
+    """`(s_max, e_min)`: candidates must start at or before, end at or after, the bin of 0."""
+    p0 = -lo / jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny) * bins
+    smax = jnp.clip(jnp.floor(p0), 0, bins - 1).astype(jnp.int32)
+    emin = jnp.clip(jnp.ceil(p0) - 1, 0, bins - 1).astype(jnp.int32)
+    return smax, emin
+
+
+def _seed_candidates(model: jax.Array, bins: int, levels: int, top_k: int, zero) -> tuple[jax.Array, jax.Array]:
     """Starting points: the model's global top-k, and for widths spaced geometrically
     from `levels` to `B` the model's best start plus both flush positions."""
     _, flat = jax.lax.top_k(-model.reshape(-1), top_k)
@@ -154,7 +170,8 @@ def _seed_candidates(model: jax.Array, bins: int, levels: int, top_k: int) -> tu
             if flush == -1:
                 return bins - width
             e = jnp.clip(s + width - 1, 0, bins - 1)
-            row = jnp.where(s + width - 1 < bins, model[s, e], jnp.inf)
+            ok = (s + width - 1 < bins) & _contains_zero(s, e, zero)
+            row = jnp.where(ok, model[s, e], jnp.inf)
             return jnp.argmin(row).astype(jnp.int32)
         st = jax.vmap(best_start)(widths)
         starts.append(st)
@@ -164,7 +181,7 @@ def _seed_candidates(model: jax.Array, bins: int, levels: int, top_k: int) -> tu
     return jnp.concatenate(starts).astype(jnp.int32), jnp.concatenate(ends).astype(jnp.int32)
 
 
-def _refine(hist, start, end, err, levels: int):
+def _refine(hist, start, end, err, levels: int, zero):
     """Exact-error coordinate descent: move either edge by ±1, ±2, … ±64 bins while it helps."""
     bins = hist.shape[0]
     steps = jnp.array([1, 2, 4, 8, 16, 32, 64, -1, -2, -4, -8, -16, -32, -64], jnp.int32)
@@ -177,7 +194,7 @@ def _refine(hist, start, end, err, levels: int):
     def body(carry):
         s, e, err, _, it = carry
         ns, ne = neighbours(s, e)
-        errs = _exact(hist, ns, ne, levels)
+        errs = _exact(hist, ns, ne, levels, zero)
         i = jnp.argmin(errs)
         better = errs[i] < err
         return (jnp.where(better, ns[i], s), jnp.where(better, ne[i], e), jnp.minimum(errs[i], err), better, it + 1)
@@ -187,18 +204,24 @@ def _refine(hist, start, end, err, levels: int):
     return s, e, err
 
 
-def l2_optimal_bins(hist: jax.Array, levels: int, top_k: int = TOP_K) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(start, end, error)` minimising torch.ao's exact L2 error (bin units).
+def l2_optimal_bins(hist: jax.Array, levels: int, zero=None, top_k: int = TOP_K) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(start, end, error)` minimising the exact `grid_error` (bin units).
 
     Global: every pair `s ≤ e` is scored by the O(1) model; the model's best candidates
     (globally and per width) are scored exactly, and the best of them is refined by
-    exact-error coordinate descent on both edges.
+    exact-error coordinate descent on both edges. `zero = zero_limits(lo, hi, B)`
+    restricts the search to ranges that contain 0, as every quantizer's range does
+    (DESIGN.md §3); `None` searches every range.
     """
     bins = hist.shape[0]
-    starts, ends = _seed_candidates(model_errors(hist, levels), bins, levels, top_k)
-    exact = _exact(hist, starts, ends, levels)
+    if zero is None:
+        zero = (jnp.int32(bins - 1), jnp.int32(0))
+    model = jnp.where(_contains_zero(jnp.arange(bins)[:, None], jnp.arange(bins)[None, :], zero),
+                      model_errors(hist, levels), jnp.inf)
+    starts, ends = _seed_candidates(model, bins, levels, top_k, zero)
+    exact = _exact(hist, starts, ends, levels, zero)
     best = jnp.argmin(exact)
-    return _refine(hist, starts[best], ends[best], exact[best], levels)
+    return _refine(hist, starts[best], ends[best], exact[best], levels, zero)
 
 
 def bins_to_range(lo, hi, start, end, bins: int) -> tuple[jax.Array, jax.Array]:
@@ -226,7 +249,7 @@ def histogram_observer(bins: int = DEFAULT_BINS, levels: int = 256) -> Observer:
         return HistogramState(hist, new_lo, new_hi, state.count + 1, _note_bad(state.first_bad, state.count, blo, bhi))
 
     def finalize(state):
-        start, end, _ = l2_optimal_bins(state.hist, levels)
+        start, end, _ = l2_optimal_bins(state.hist, levels, zero_limits(state.lo, state.hi, bins))
         return bins_to_range(state.lo, state.hi, start, end, bins), state.first_bad
 
     return Observer(init, update, finalize)

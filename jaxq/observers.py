@@ -207,7 +207,7 @@ def sigma_range(lo, hi, std_all, std_pos, sigma: float) -> tuple[jax.Array, jax.
     tensor has negatives (lo < 0):  [−r, r] ∩ [lo, hi],  r = 0.8·σ·std(x)
     tensor non-negative:            [lo, min(hi, σ·std(x[x>0]))]
     """
-    if sigma == 0:
+    if isinstance(sigma, (int, float)) and sigma == 0:
         return lo, hi
     r = 0.8 * sigma * std_all
     signed_lo, signed_hi = jnp.maximum(-r, lo), jnp.minimum(r, hi)
