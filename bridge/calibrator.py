@@ -22,12 +22,22 @@ from tqdm.auto import tqdm
 
 import jaxq
 from bridge.capture import ActivationCapture, check_finite, observer_for
-from bridge.data import CalibrationDataError, as_batch, iter_batches, reiterable, run_model, to_device, virtual_batch
+from bridge.data import (
+    CalibrationDataError,
+    as_batch,
+    check_input_shape,
+    iter_batches,
+    reiterable,
+    run_model,
+    to_device,
+    virtual_batch,
+)
 from bridge.devices import resolve_device
 from bridge.export import integer_dtype, write_params
 from bridge.fakequant import QuantWrapper, set_module, wrappers
 from bridge.fuse import fuse_conv_bn
 from bridge.modules import layer_spec, quantizable_layers, resolve_disabled
+from bridge.synthetic import distill_bn_batches
 from bridge.tensors import to_jax
 
 
@@ -80,7 +90,6 @@ class Calibrator:
         self.cfg = cfg
         self.progress = progress
         self.device = resolve_device(cfg.device)
-        self.calib_data = self._calibration_data(cfg, calib_data)
         layers = quantizable_layers(model)
         if not layers:
             raise EmptyModelError(
@@ -91,6 +100,7 @@ class Calibrator:
         self.disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last)
 
         self.fp_model = copy.deepcopy(model).eval()
+        self.calib_data = self._calibration_data(cfg, calib_data, self.fp_model)
         self.model = model.eval().to(self.device)
         first = as_batch(next(iter(self.calib_data)), 0)
         first = first._replace(args=to_device(first.args, self.device), kwargs=to_device(first.kwargs, self.device))
@@ -104,8 +114,7 @@ class Calibrator:
         self.timings: dict[str, float] = {}
 
     # -- setup --------------------------------------------------------------------------
-    @staticmethod
-    def _calibration_data(cfg: jaxq.QuantConfig, calib_data):
+    def _calibration_data(self, cfg: jaxq.QuantConfig, calib_data, fp_model: nn.Module):
         if calib_data is not None:
             data = reiterable(calib_data)
             if isinstance(data, list) and not data:
@@ -120,6 +129,10 @@ class Calibrator:
                 "data-free mode (quant_mode=0) without calib_data needs QuantConfig.input_shape, "
                 "e.g. input_shape=[1, 3, 224, 224]"
             )
+        probe_model = fp_model.to(self.device)
+        check_input_shape(probe_model, cfg.input_shape, self.device)
+        if cfg.virtual_data == "bn_stats":
+            return distill_bn_batches(probe_model, cfg.input_shape, cfg.virtual_steps, cfg.virtual_lr, cfg.seed, self.progress)
         return virtual_batch(cfg.input_shape, cfg.seed)
 
     def _wrap(self) -> None:

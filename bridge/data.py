@@ -78,6 +78,20 @@ def virtual_batch(input_shape: tuple[tuple[int, ...], ...], seed: int) -> list:
     return [inputs[0] if len(inputs) == 1 else inputs]
 
 
+def check_input_shape(model: torch.nn.Module, input_shape, device) -> None:
+    """Run the model once on zeros of `input_shape`; a rejection names the field."""
+    inputs = tuple(torch.zeros(shape, device=device) for shape in input_shape)
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # the model rejected the virtual input
+        shapes = [list(s) for s in input_shape]
+        raise CalibrationDataError(
+            f"QuantConfig.input_shape={shapes[0] if len(shapes) == 1 else shapes} was rejected by the model "
+            f"({type(e).__name__}: {e}); give the shape of one real input batch (one shape per model input)"
+        ) from e
+
+
 def run_model(model: torch.nn.Module, batch: Batch, index: int):
     """Forward one batch; a failure names the batch."""
     try:

@@ -20,6 +20,7 @@ from jaxq.scheme import ALLOWED_BITS, QScheme
 ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observer"}
 QUANT_MODES = {0: "data-free", 1: "label-free"}
 MINMAX_COMBINES = ("batch_percentile", "running")
+VIRTUAL_DATA = ("uniform", "bn_stats")
 _DEVICE_RE = re.compile(r"^(cpu|npu|cuda)(:\d+)?$")
 
 
@@ -134,6 +135,11 @@ class QuantConfig:
           `"running"` (absolute min and max over all batches).
       seed: seed of the virtual data of data-free mode.
       hist_bins: bins of the histogram observer (`act_method=2`), 2048 as torch.ao.
+      virtual_data: data-free inputs without `calib_data`: `"uniform"` (msModelSlim's one
+          `torch.rand(input_shape)` sample) or `"bn_stats"` (inputs optimised so every
+          BatchNorm sees its running statistics, ZeroQ-style). The batch dimension of
+          `input_shape` is the number of samples.
+      virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
     """
 
     w_bit: int = 8
@@ -156,6 +162,9 @@ class QuantConfig:
     minmax_combine: str = "batch_percentile"
     seed: int = 0
     hist_bins: int = 2048
+    virtual_data: str = "uniform"
+    virtual_steps: int = 200
+    virtual_lr: float = 0.2
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -180,6 +189,12 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
         if not _is_int(self.hist_bins) or not 16 <= self.hist_bins <= 65536:
             raise ValueError(f"QuantConfig.hist_bins={self.hist_bins!r} must be an int in [16, 65536]")
+        if self.virtual_data not in VIRTUAL_DATA:
+            raise ValueError(f"QuantConfig.virtual_data={self.virtual_data!r} is not allowed; choose one of {VIRTUAL_DATA}")
+        if not _is_int(self.virtual_steps) or self.virtual_steps < 1:
+            raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps!r} must be an int ≥ 1")
+        if isinstance(self.virtual_lr, bool) or not isinstance(self.virtual_lr, numbers.Real) or not self.virtual_lr > 0:
+            raise ValueError(f"QuantConfig.virtual_lr={self.virtual_lr!r} must be a number > 0")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
 

@@ -269,3 +269,55 @@ def test_wrong_argument_types(digits_model):
         Calibrator("model", LABEL_FREE)
     with pytest.raises(CalibrationDataError, match="wrap it in a list"):
         Calibrator(digits_model, LABEL_FREE, torch.ones(1, 1, 8, 8))
+
+
+# --- data-free -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [[1, 8, 8], [1, 3, 8, 8], [1, 1, 2, 2]])
+def test_input_shape_the_model_rejects_is_named(digits_model, shape):
+    with pytest.raises(CalibrationDataError, match=r"QuantConfig.input_shape=\[.*\] was rejected by the model"):
+        Calibrator(digits_model, QuantConfig(input_shape=shape))
+
+
+def _bn_mismatch(model, x):
+    from bridge.synthetic import _bn_loss_hooks
+
+    losses = []
+    handles = _bn_loss_hooks(model, losses)
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return float(sum(losses))
+
+
+def test_bn_stats_virtual_data_matches_bn_statistics(digits_model):
+    cfg = QuantConfig(input_shape=[16, 1, 8, 8], act_method=1, virtual_data="bn_stats", virtual_steps=60)
+    cal = Calibrator(copy.deepcopy(digits_model), cfg, progress=False)
+    distilled = cal.calib_data[0]
+    uniform = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert _bn_mismatch(digits_model, distilled) < 0.3 * _bn_mismatch(digits_model, uniform)
+    cal.run()  # and it calibrates
+
+
+def test_bn_stats_needs_batchnorm():
+    from bridge.synthetic import SyntheticDataError
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(SyntheticDataError, match="BatchNorm"):
+        Calibrator(model, QuantConfig(input_shape=[2, 4], virtual_data="bn_stats"))
+
+
+def test_several_inputs_from_a_list_of_shapes():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(5, 4)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    cal = Calibrator(TwoInputs(), QuantConfig(input_shape=[[2, 3], [2, 5]], quantize_first_last=True), progress=False).run()
+    assert set(cal.quantized_names) == {"a", "b"}
+    assert [t.shape for t in cal.calib_data[0]] == [(2, 3), (2, 5)]
