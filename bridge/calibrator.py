@@ -170,6 +170,28 @@ class Calibrator:
 
     def _calibrate_activations(self, layers: dict[str, QuantWrapper]) -> dict[str, jaxq.ActivationResult]:
         observer = observer_for(self.cfg, self._num_batches())
+        states = self._capture(layers, observer)
+        results = jaxq.finalize_activations(states, observer, self.cfg.act_scheme)
+        check_finite(results)
+        return results
+
+    def activation_histograms(self, bins: int | None = None) -> dict[str, jaxq.HistogramState]:
+        """Histogram of every quantized layer's input over the calibration data.
+
+        The states feed `jaxq.sweep` (ranges and errors of min-max, sigma and L2 ranges)
+        and plots; the model computes in float while they are captured.
+        """
+        layers = wrappers(self.model)
+        enabled = {n: w.quant_enabled for n, w in layers.items()}
+        self.disable_quant()
+        try:
+            observer = jaxq.histogram_observer(bins=bins or self.cfg.hist_bins, levels=2**self.cfg.a_bit)
+            return self._capture(layers, observer)
+        finally:
+            for n, w in layers.items():
+                w.quant_enabled = enabled[n]
+
+    def _capture(self, layers: dict[str, QuantWrapper], observer: jaxq.Observer) -> dict:
         capture = ActivationCapture({n: w.module for n, w in layers.items()}, observer)
         batches = tqdm(
             iter_batches(self.calib_data, self.device),
@@ -181,9 +203,7 @@ class Calibrator:
         with capture, torch.no_grad():
             for i, batch in batches:
                 run_model(self.model, batch, i)
-        results = jaxq.finalize_activations(capture.states, observer, self.cfg.act_scheme)
-        check_finite(results)
-        return results
+        return capture.states
 
     def _collect(self, layers, weights, act) -> dict[str, dict[str, np.ndarray]]:
         params = {k: {} for k in ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")}

@@ -24,6 +24,7 @@ from jaxq.observers import (
 )
 from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
+from jaxq import sweep
 
 __version__ = "0.1.0"
 
