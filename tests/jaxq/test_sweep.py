@@ -7,7 +7,7 @@ from jaxq import sweep
 
 def _state(x, bins=256):
     obs = jaxq.histogram_observer(bins, 256)
-    buf = np.full(1 << 14, x[0], np.float32)
+    buf = np.full(1 << 15, x[0], np.float32)
     buf[: x.size] = x
     return jaxq.update_observer(obs.init(), jnp.asarray(buf), jnp.int32(x.size), obs)
 
