@@ -10,7 +10,6 @@ import math
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn
@@ -30,24 +29,39 @@ def bucket_size(n: int) -> int:
     return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def padded_flat(x: torch.Tensor, buffers: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
-    """`x` flattened into a float32 buffer of `bucket_size(x.numel())`.
+def padded_flat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`x` flattened into a new float32 buffer of `bucket_size(x.numel())`; the tail
+    repeats `x`'s first entry (the observers' padding contract)."""
+    return _fill(torch.empty(bucket_size(x.numel()), dtype=torch.float32), x)
 
-    The tail repeats `x`'s first entry (the observers' padding contract). `buffers`
-    caches one buffer per size: reusing them avoids page faults of fresh allocations,
-    so the caller must finish reading a buffer before the next call overwrites it.
-    """
+
+def _fill(buf: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    size = bucket_size(n)
-    buf = buffers.get(size) if buffers is not None else None
-    if buf is None:
-        buf = torch.empty(size, dtype=torch.float32, device="cpu")
-        if buffers is not None:
-            buffers[size] = buf
     buf[:n].copy_(flat)
     buf[n:].fill_(float(flat[0]) if n else 0.0)
     return buf, n
+
+
+class BufferPool:
+    """One reusable padded buffer per size, with its zero-copy JAX view.
+
+    Reuse avoids page faults of fresh allocations and a DLPack import per call. The
+    JAX view aliases memory that the next `fill` overwrites, so a caller must finish
+    (block on) the computation that reads it first — `ActivationCapture` does.
+    """
+
+    def __init__(self):
+        self._pool: dict[int, tuple[torch.Tensor, jax.Array]] = {}
+
+    def fill(self, x: torch.Tensor) -> tuple[jax.Array, int]:
+        size = bucket_size(x.numel())
+        if size not in self._pool:
+            buf = torch.empty(size, dtype=torch.float32)
+            self._pool[size] = (buf, to_jax(buf))
+        buf, view = self._pool[size]
+        _, n = _fill(buf, x)
+        return view, n
 
 
 def observer_for(cfg: jaxq.QuantConfig, num_batches: int | None) -> jaxq.Observer:
@@ -74,14 +88,14 @@ class ActivationCapture:
         self.states = {name: observer.init() for name in layers}
         self._layers = layers
         self._handles: list = []
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._pool = BufferPool()
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
-            buf, n = padded_flat(x, self._buffers)
-            state = jaxq.update_observer(self.states[name], to_jax(buf), jnp.int32(n), self.observer)
-            self.states[name] = jax.block_until_ready(state)  # `buf` is reused by the next call
+            view, n = self._pool.fill(x)
+            state = jaxq.update_observer(self.states[name], view, np.int32(n), self.observer)
+            self.states[name] = jax.block_until_ready(state)  # the pool reuses `view`
         return hook
 
     def __enter__(self):

@@ -122,3 +122,17 @@ def test_channel_minmax():
     lo, hi = jaxq.channel_minmax(jnp.asarray(w), axis=0)
     np.testing.assert_array_equal(np.asarray(lo), [-10, 2])
     np.testing.assert_array_equal(np.asarray(hi), [1, 13])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=3000), st.floats(-5, 5))
+def test_buffer_moments_ignore_padding(values, offset):
+    from jaxq.observers import buffer_moments
+
+    x = np.array(values, np.float32) + np.float32(offset)
+    everything, positives = buffer_moments(*_padded(x))
+    np.testing.assert_allclose(np.asarray(everything), [x.size, x.mean(dtype=np.float64), x.var(dtype=np.float64) * x.size],
+                               rtol=2e-3, atol=1e-2 * (1 + np.abs(x).max()))
+    pos = x[x > 0]
+    ref = [pos.size, pos.mean(dtype=np.float64) if pos.size else 0.0, pos.var(dtype=np.float64) * pos.size if pos.size else 0.0]
+    np.testing.assert_allclose(np.asarray(positives), ref, rtol=2e-3, atol=1e-2 * (1 + np.abs(x).max()))
