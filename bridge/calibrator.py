@@ -156,7 +156,7 @@ class Calibrator:
         t0 = time.perf_counter()
         act = self._calibrate_activations(layers) if self.cfg.act_quant else {}
         t1 = time.perf_counter()
-        weights = jaxq.quantize_weights({n: to_jax(w.module.weight.float()) for n, w in layers.items()}, self.cfg.weight_scheme)
+        weights = jaxq.quantize_weights({n: to_jax(w.float_weight.float()) for n, w in layers.items()}, self.cfg.weight_scheme)
         self.timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
         self._params = self._collect(layers, weights, act)
         self.enable_quant()

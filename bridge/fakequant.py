@@ -4,17 +4,43 @@
     Ŵ = (clamp(round(W · (1/s_c)) + o_c, qmin, qmax) − o_c) · s_c        (per out-channel c)
     y = module.forward(x̂)  with  module.weight := Ŵ
 
-The original module's own `forward` runs (via `torch.func.functional_call`), so
-subclasses that pad or reshape first (`Conv2dStaticSamePadding`) keep working. Buffers
-use msModelSlim's names: `input_scale`, `input_offset`, `weight_scale`, `weight_offset`.
+The original module's own `forward` runs, so subclasses that pad or reshape first
+(`Conv2dStaticSamePadding`) keep working: `Ŵ` is a `torch.nn.utils.parametrize`
+parametrization of the module's `weight` (which stays the float original under
+`module.parametrizations.weight.original`). Parametrizations trace, so the model works
+with `torch.export`, `torch.compile` and the ONNX exporter, where `Ŵ` and `x̂` become
+QuantizeLinear/DequantizeLinear pairs. Buffers use msModelSlim's names:
+`input_scale`, `input_offset`, `weight_scale`, `weight_offset`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from jaxq import QScheme
+
+
+class _FakeQuantWeight(nn.Module):
+    """Parametrization `W ↦ Ŵ` reading the owning wrapper's buffers and switch.
+
+    The owner is kept out of the module tree (a plain attribute), so the wrapper does not
+    contain itself.
+    """
+
+    def __init__(self, owner: "QuantWrapper"):
+        super().__init__()
+        self.__dict__["owner"] = owner
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        owner = self.__dict__["owner"]
+        if not owner.quant_enabled:
+            return w
+        scheme = owner.weight_scheme
+        wq = torch.fake_quantize_per_channel_affine(
+            w.float(), owner.weight_scale, owner.weight_offset, 0, scheme.qmin, scheme.qmax
+        )
+        return wq.to(w.dtype)
 
 
 class QuantWrapper(nn.Module):
@@ -33,6 +59,7 @@ class QuantWrapper(nn.Module):
         if act_scheme is not None:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
             self.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
+        parametrize.register_parametrization(module, "weight", _FakeQuantWeight(self), unsafe=True)
 
     @property
     def act_quant(self) -> bool:
@@ -47,12 +74,19 @@ class QuantWrapper(nn.Module):
                 self.input_scale.copy_(torch.as_tensor(input_scale).reshape(()))
                 self.input_offset.copy_(torch.as_tensor(input_offset).reshape(()))
 
+    @property
+    def float_weight(self) -> torch.Tensor:
+        """The original float weight (the parametrization's input)."""
+        return self.module.parametrizations.weight.original
+
     def fake_quant_weight(self) -> torch.Tensor:
-        w = self.module.weight
-        wq = torch.fake_quantize_per_channel_affine(
-            w.float(), self.weight_scale, self.weight_offset, 0, self.weight_scheme.qmin, self.weight_scheme.qmax
-        )
-        return wq.to(w.dtype)
+        """`Ŵ` (the float weight when quantization is off)."""
+        return self.module.weight
+
+    def unwrap(self) -> nn.Module:
+        """The original module with its float weight restored (parametrization removed)."""
+        parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=False)
+        return self.module
 
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.act_scheme
@@ -60,11 +94,9 @@ class QuantWrapper(nn.Module):
         return xq.to(x.dtype)
 
     def forward(self, x, *args, **kwargs):
-        if not self.quant_enabled:
-            return self.module(x, *args, **kwargs)
-        if self.act_quant:
+        if self.quant_enabled and self.act_quant:
             x = self.fake_quant_input(x)
-        return functional_call(self.module, {"weight": self.fake_quant_weight()}, (x, *args), kwargs)
+        return self.module(x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         a = "float" if self.act_scheme is None else f"int{self.act_scheme.bits}"
