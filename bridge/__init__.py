@@ -6,8 +6,10 @@ from bridge.export import ExportError
 from bridge.fakequant import QuantWrapper
 from bridge.capture import NonFiniteActivationError
 from bridge.modules import LayerNameError
+from bridge.reload import load_quantized
+from bridge.w8a8 import W8A8Error
 
 __all__ = [
     "CalibrationDataError", "Calibrator", "DeviceUnavailableError", "EmptyModelError", "ExportError",
-    "LayerNameError", "NonFiniteActivationError", "QuantWrapper", "resolve_device",
+    "LayerNameError", "NonFiniteActivationError", "QuantWrapper", "W8A8Error", "load_quantized", "resolve_device",
 ]

@@ -216,13 +216,19 @@ class Calibrator:
             if name in act:
                 params["input_scale"][name] = np.asarray(act[name].qparams.scale, np.float32)
                 params["input_offset"][name] = np.asarray(act[name].qparams.offset, np.int32)
-            wrapper.set_qparams(
-                torch.from_numpy(params["weight_scale"][name].copy()),
-                torch.from_numpy(params["weight_offset"][name].copy()),
-                torch.from_numpy(params["input_scale"][name].copy()) if name in act else None,
-                torch.from_numpy(params["input_offset"][name].copy()) if name in act else None,
-            )
+        self._set_buffers(layers, params)
         return params
+
+    @staticmethod
+    def _set_buffers(layers: dict[str, QuantWrapper], params: dict) -> None:
+        for name, wrapper in layers.items():
+            act = name in params["input_scale"]
+            wrapper.set_qparams(
+                torch.from_numpy(np.array(params["weight_scale"][name])),
+                torch.from_numpy(np.array(params["weight_offset"][name])),
+                torch.from_numpy(np.array(params["input_scale"][name])) if act else None,
+                torch.from_numpy(np.array(params["input_offset"][name])) if act else None,
+            )
 
     # -- results ------------------------------------------------------------------------
     def _require_run(self) -> dict:
@@ -254,11 +260,72 @@ class Calibrator:
         return out
 
     def export_param(self, path, legacy: bool = False) -> list:
-        """Write the parameters (safetensors + JSON; msModelSlim `.npy` dicts if `legacy`)."""
+        """Write the parameters (safetensors + JSON; msModelSlim `.npy` dicts if `legacy`).
+
+        The directory is enough to rebuild the fake-quant model without calibration data:
+        `bridge.load_quantized(model, path)` or `Calibrator.load_param(path)`.
+        """
         p = self._require_run()
         cfg = dataclasses.asdict(self.cfg)
         cfg["keep_acc"] = self.cfg.keep_acc.as_dict()
-        return write_params(path, p, self.layer_descriptions(), cfg, legacy=legacy)
+        return write_params(path, p, self.layer_descriptions(), cfg, legacy=legacy, fused=self.fused)
+
+    def load_param(self, path) -> "Calibrator":
+        """Load parameters written by `export_param` into this calibrator's layers (no data needed)."""
+        from bridge.reload import read_params
+
+        description, tensors = read_params(path)
+        names = set(description["layers"])
+        mine = set(self.quantized_names)
+        if names != mine:
+            raise ValueError(
+                f"parameters in {str(path)!r} are for layers {sorted(names ^ mine)[:5]}… that differ from this "
+                "calibrator's quantized layers; build it with the same model and config"
+            )
+        layers = wrappers(self.model)
+        params = {k: {} for k in ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")}
+        for name in layers:
+            for key in params:
+                if f"{name}.{key}" in tensors:
+                    params[key][name] = tensors[f"{name}.{key}"]
+        self._set_buffers(layers, params)
+        self._params = params
+        self.enable_quant()
+        return self
+
+    def export_quant_safetensor(self, output_path, safetensors_name: str | None = None, json_name: str | None = None) -> list:
+        """msModelSlim's W8A8 deployment files (`bridge.w8a8`): int8 weights, `input_scale`,
+        `input_offset` (int8 code of 0), `deq_scale`, `quant_bias` per quantized layer, every
+        other tensor in float; a JSON marks each key `W8A8` or `FLOAT`."""
+        from bridge.export import write_w8a8
+        from bridge.w8a8 import check_exportable, layer_tensors
+
+        p = self._require_run()
+        check_exportable(self.cfg.w_sym, self.cfg.w_bit, self.cfg.a_bit, self.cfg.act_quant)
+        layers = wrappers(self.model)
+        tensors, kinds = {}, {}
+        for name, w in layers.items():
+            bias = w.module.bias
+            t = layer_tensors(name, p["quant_weight"][name], p["weight_scale"][name],
+                              None if bias is None else bias.detach().float().cpu().numpy(),
+                              float(p["input_scale"][name]), int(p["input_offset"][name]), self.cfg.a_signed)
+            tensors.update(t)
+            kinds.update({k: "W8A8" for k in t})
+        for key, value in self._float_tensors(layers).items():
+            tensors[key] = value
+            kinds[key] = "FLOAT"
+        description = {"model_quant_type": "W8A8", **dict(sorted(kinds.items()))}
+        return write_w8a8(output_path, tensors, description,
+                          safetensors_name or "quant_model_weight_w8a8.safetensors",
+                          json_name or "quant_model_description_w8a8.json")
+
+    def _float_tensors(self, layers) -> dict:
+        out = {}
+        for key, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            if any(key.startswith(f"{n}.") for n in layers):
+                continue
+            out[key] = t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+        return out
 
     def enable_quant(self) -> None:
         """Switch fake quantization on (after `run()`)."""

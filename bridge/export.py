@@ -69,13 +69,19 @@ def _save_tensors(tensors: dict, path: str, metadata: dict) -> None:
     os.chmod(path, 0o666 & ~umask)  # the writer creates 0600 files; honour the umask like open() does
 
 
-def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[str, dict], config: dict, legacy: bool = False) -> list[Path]:
-    """Write `params` (the five dicts of `get_quant_params`) atomically; return the files."""
+def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[str, dict], config: dict,
+                 legacy: bool = False, fused=()) -> list[Path]:
+    """Write `params` (the five dicts of `get_quant_params`) atomically; return the files.
+
+    `fused` lists the `(conv, bn)` pairs folded before calibration, so a reload can
+    rebuild the same model without data.
+    """
     tensors = {}
     for key, per_layer in params.items():
         for name, arr in per_layer.items():
-            tensors[f"{name}.{key}"] = np.ascontiguousarray(arr)
-    description = {"format_version": FORMAT_VERSION, "config": config, "layers": layers}
+            tensors[f"{name}.{key}"] = np.array(arr, order="C")  # ascontiguousarray would make 0-d arrays 1-d
+    description = {"format_version": FORMAT_VERSION, "config": config, "layers": layers,
+                   "fused": [list(p) for p in fused]}
     names = [SAFETENSORS_NAME, JSON_NAME] + ([f"{k}.npy" for k in LEGACY_KEYS] if legacy else [])
     with atomic_directory(path) as staging:
         _save_tensors(dict(sorted(tensors.items())), str(staging / SAFETENSORS_NAME), metadata={"format": "jaxq"})
@@ -84,3 +90,15 @@ def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[st
             for key in LEGACY_KEYS:
                 np.save(staging / f"{key}.npy", dict(params.get(key, {})), allow_pickle=True)
     return [Path(path) / n for n in names]
+
+
+def write_w8a8(path, tensors: dict[str, np.ndarray], description: dict, safetensors_name: str, json_name: str) -> list[Path]:
+    """Write msModelSlim's W8A8 safetensors + description JSON atomically."""
+    for name in (safetensors_name, json_name):
+        if not name or "/" in name or name in (".", ".."):
+            raise ExportError(f"file name {name!r} must be a plain file name")
+    with atomic_directory(path) as staging:
+        _save_tensors({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, str(staging / safetensors_name),
+                      metadata={"format": "pt"})
+        (staging / json_name).write_text(json.dumps(description, indent=2))
+    return [Path(path) / safetensors_name, Path(path) / json_name]

@@ -1,0 +1,83 @@
+"""msModelSlim's W8A8 deployment layout and the integer arithmetic it encodes.
+
+Per quantized layer (symmetric int8 weights, per-tensor activations shifted to int8):
+
+    x_q8       = clamp(round(x · (1/s_x)) + o_x, qmin, qmax) − shift    (shift 128 if unsigned, else 0)
+    o8         = o_x − shift                                            (`.input_offset`)
+    deq_scale  = s_x · s_w                                              (per output channel)
+    quant_bias = round(b / deq_scale − o8 · Σ_{in} W_q)                 (sum over every input dim)
+    y          = deq_scale · (Σ_{in} W_q · x_q8 + quant_bias)
+
+which equals the fake-quant layer `Σ Ŵ x̂ + b` up to the rounding of `b / deq_scale`
+(at most `deq_scale / 2`). Integer kernels must pad with `o8` (the code of 0.0), not 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from jaxq import LayerSpec
+
+
+class W8A8Error(ValueError):
+    """The calibration cannot be expressed in the W8A8 integer layout."""
+
+
+def activation_shift(signed: bool) -> int:
+    """Offset that moves an unsigned 8-bit code into int8 (`q8 = q − 128`)."""
+    return 0 if signed else 128
+
+
+def layer_tensors(name: str, q_weight: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray | None,
+                  input_scale: float, input_offset: int, act_signed: bool) -> dict[str, np.ndarray]:
+    """The W8A8 tensors of one layer (see module docstring)."""
+    o8 = int(input_offset) - activation_shift(act_signed)
+    deq = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    w_sum = q_weight.reshape(q_weight.shape[0], -1).astype(np.int64).sum(axis=1)
+    b = np.zeros(q_weight.shape[0], np.float64) if bias is None else bias.astype(np.float64)
+    quant_bias = np.round(b / deq.astype(np.float64) - o8 * w_sum).astype(np.int32)
+    out = {
+        f"{name}.weight": q_weight.astype(np.int8),
+        f"{name}.input_scale": np.array([input_scale], np.float32),
+        f"{name}.input_offset": np.array([o8], np.float32),
+        f"{name}.deq_scale": deq,
+        f"{name}.quant_bias": quant_bias,
+    }
+    if bias is not None:
+        out[f"{name}.bias"] = bias.astype(np.float32)
+    return out
+
+
+def check_exportable(w_sym: bool, w_bit: int, a_bit: int, act_quant: bool) -> None:
+    problems = []
+    if not act_quant:
+        problems.append("act_quant=False (W8A8 needs quantized activations)")
+    if not w_sym:
+        problems.append("w_sym=False (the integer path needs symmetric weights)")
+    if w_bit > 8 or a_bit > 8:
+        problems.append(f"w_bit={w_bit}, a_bit={a_bit} (int8 containers hold at most 8 bits)")
+    if problems:
+        raise W8A8Error("export_quant_safetensor cannot express this calibration: " + "; ".join(problems))
+
+
+def integer_forward(spec: LayerSpec, t: dict[str, np.ndarray], name: str, x: torch.Tensor,
+                    act_qmin: int, act_qmax: int, act_signed: bool) -> torch.Tensor:
+    """Reference integer evaluation of one exported layer on float input `x` (float64 exact ints)."""
+    s = float(t[f"{name}.input_scale"][0])
+    o8 = int(t[f"{name}.input_offset"][0])
+    shift = activation_shift(act_signed)
+    q = torch.clamp(torch.round(x.float() * (1.0 / torch.tensor(s, dtype=torch.float32))) + (o8 + shift), act_qmin, act_qmax)
+    xq8 = (q - shift).double()
+    w = torch.from_numpy(t[f"{name}.weight"].astype(np.float64))
+    if spec.kind == "linear":
+        acc = xq8 @ w.T
+        view = (1,) * (acc.dim() - 1) + (-1,)
+    else:
+        pads = [p for pair in reversed(spec.padding) for p in pair]
+        xq8 = nn.functional.pad(xq8, pads, value=float(o8))
+        conv = nn.functional.conv1d if spec.kind == "conv1d" else nn.functional.conv2d
+        acc = conv(xq8, w, None, spec.stride, 0, spec.dilation, spec.groups)
+        view = (1, -1) + (1,) * (acc.dim() - 2)
+    acc = acc + torch.from_numpy(t[f"{name}.quant_bias"].astype(np.float64)).reshape(view)
+    return (acc * torch.from_numpy(t[f"{name}.deq_scale"].astype(np.float64)).reshape(view)).float()
