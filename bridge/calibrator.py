@@ -319,6 +319,21 @@ class Calibrator:
                           safetensors_name or "quant_model_weight_w8a8.safetensors",
                           json_name or "quant_model_description_w8a8.json")
 
+    def export_quant_onnx(self, model_arch: str, save_path, input_names: list[str] | None = None,
+                          output_names: list[str] | None = None, opset_version: int = 17) -> list:
+        """Standard ONNX QDQ model `<save_path>/<model_arch>.onnx`: QuantizeLinear /
+        DequantizeLinear around every quantized layer's input and weight, traced on the
+        first calibration batch with a dynamic batch axis.
+
+        Uses torch's TorchScript-based exporter; models it cannot trace faithfully (see
+        the closing notes of issue #6) should be checked with onnxruntime.
+        """
+        from bridge.onnx_export import export_qdq
+
+        self._require_run()
+        batch = as_batch(next(iter(self.calib_data)), 0)
+        return export_qdq(self.model, batch, model_arch, save_path, input_names, output_names, opset_version)
+
     def _float_tensors(self, layers) -> dict:
         out = {}
         for key, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):

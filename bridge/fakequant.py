@@ -59,6 +59,7 @@ class QuantWrapper(nn.Module):
         if act_scheme is not None:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
             self.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
+        self._input_qparams = (1.0, 0)  # Python copy of (input_scale, input_offset), see fake_quant_input
         parametrize.register_parametrization(module, "weight", _FakeQuantWeight(self), unsafe=True)
 
     @property
@@ -73,6 +74,12 @@ class QuantWrapper(nn.Module):
             if self.act_quant:
                 self.input_scale.copy_(torch.as_tensor(input_scale).reshape(()))
                 self.input_offset.copy_(torch.as_tensor(input_offset).reshape(()))
+                self._input_qparams = (float(self.input_scale), int(self.input_offset))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.act_quant:  # keep the Python copy in step with loaded buffers
+            self._input_qparams = (float(self.input_scale), int(self.input_offset))
 
     @property
     def float_weight(self) -> torch.Tensor:
@@ -90,7 +97,10 @@ class QuantWrapper(nn.Module):
 
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.act_scheme
-        xq = torch.fake_quantize_per_tensor_affine(x.float(), self.input_scale, self.input_offset, s.qmin, s.qmax)
+        scale, offset = self._input_qparams
+        # Python numbers, not the buffers: the float-qparams op has the meta kernels that
+        # torch.export needs for dynamic shapes (the tensor-qparams one has none).
+        xq = torch.fake_quantize_per_tensor_affine(x.float(), scale, offset, s.qmin, s.qmax)
         return xq.to(x.dtype)
 
     def forward(self, x, *args, **kwargs):

@@ -321,3 +321,17 @@ def test_several_inputs_from_a_list_of_shapes():
     cal = Calibrator(TwoInputs(), QuantConfig(input_shape=[[2, 3], [2, 5]], quantize_first_last=True), progress=False).run()
     assert set(cal.quantized_names) == {"a", "b"}
     assert [t.shape for t in cal.calib_data[0]] == [(2, 3), (2, 5)]
+
+
+def test_state_dict_round_trip_restores_the_quantizer(digits_calib):
+    from bridge.fakequant import wrappers
+    from bridge.models.digits import load_digits_cnn
+
+    cal = Calibrator(load_digits_cnn(), LABEL_FREE, digits_calib, progress=False).run()
+    other = Calibrator(load_digits_cnn(), LABEL_FREE, digits_calib, progress=False)
+    other.model.load_state_dict(cal.model.state_dict())
+    for w in wrappers(other.model).values():
+        w.quant_enabled = True
+    x = digits_calib[0]
+    with torch.no_grad():
+        assert torch.equal(other.model(x), cal.model(x))
