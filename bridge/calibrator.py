@@ -33,7 +33,7 @@ from bridge.data import (
     virtual_batch,
 )
 from bridge.devices import resolve_device
-from bridge.export import integer_dtype, write_params
+from bridge.export import ExportError, integer_dtype, write_params
 from bridge.fakequant import QuantWrapper, set_module, wrappers
 from bridge.fuse import fuse_conv_bn
 from bridge.modules import layer_spec, quantizable_layers, resolve_disabled
@@ -320,18 +320,21 @@ class Calibrator:
                           json_name or "quant_model_description_w8a8.json")
 
     def export_quant_onnx(self, model_arch: str, save_path, input_names: list[str] | None = None,
-                          output_names: list[str] | None = None, opset_version: int = 17) -> list:
+                          output_names: list[str] | None = None, opset_version: int = 18,
+                          example_batch=None) -> list:
         """Standard ONNX QDQ model `<save_path>/<model_arch>.onnx`: QuantizeLinear /
         DequantizeLinear around every quantized layer's input and weight, traced on the
-        first calibration batch with a dynamic batch axis.
-
-        Uses torch's TorchScript-based exporter; models it cannot trace faithfully (see
-        the closing notes of issue #6) should be checked with onnxruntime.
-        """
+        first calibration batch with a dynamic batch axis (and sequence axis for token
+        inputs), via torch's dynamo exporter (`bridge.onnx_export`). `example_batch`
+        replaces the traced batch: tracing specialises data-dependent paths, so trace a
+        batch that exercises them (e.g. padded token batches with attention masks)."""
         from bridge.onnx_export import export_qdq
 
         self._require_run()
-        batch = as_batch(next(iter(self.calib_data)), 0)
+        if self.cfg.w_bit != 8 or (self.cfg.act_quant and self.cfg.a_bit != 8):
+            raise ExportError(f"ONNX QuantizeLinear holds 8-bit codes; this calibration has w_bit={self.cfg.w_bit}, "
+                              f"a_bit={self.cfg.a_bit} (use export_param for other widths)")
+        batch = as_batch(example_batch if example_batch is not None else next(iter(self.calib_data)), 0)
         return export_qdq(self.model, batch, model_arch, save_path, input_names, output_names, opset_version)
 
     def _float_tensors(self, layers) -> dict:
