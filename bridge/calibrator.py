@@ -14,7 +14,6 @@ import dataclasses
 import time
 from typing import Callable, Iterable
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ from bridge.fakequant import QuantWrapper, set_module, wrappers
 from bridge.fuse import fuse_conv_bn
 from bridge.modules import layer_spec, quantizable_layers, resolve_disabled
 from bridge.synthetic import distill_bn_batches
-from bridge.tensors import to_jax
+from bridge.tensors import to_jax, to_torch
 
 
 class EmptyModelError(ValueError):
@@ -224,10 +223,10 @@ class Calibrator:
         for name, wrapper in layers.items():
             act = name in params["input_scale"]
             wrapper.set_qparams(
-                torch.from_numpy(np.array(params["weight_scale"][name])),
-                torch.from_numpy(np.array(params["weight_offset"][name])),
-                torch.from_numpy(np.array(params["input_scale"][name])) if act else None,
-                torch.from_numpy(np.array(params["input_offset"][name])) if act else None,
+                to_torch(params["weight_scale"][name]),
+                to_torch(params["weight_offset"][name]),
+                to_torch(params["input_scale"][name]) if act else None,
+                to_torch(params["input_offset"][name]) if act else None,
             )
 
     # -- results ------------------------------------------------------------------------

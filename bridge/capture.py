@@ -29,13 +29,9 @@ def bucket_size(n: int) -> int:
     return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def padded_flat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`x` flattened into a new float32 buffer of `bucket_size(x.numel())`; the tail
-    repeats `x`'s first entry (the observers' padding contract)."""
-    return _fill(torch.empty(bucket_size(x.numel()), dtype=torch.float32), x)
-
-
 def _fill(buf: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Copy `x` flattened into `buf`; the tail repeats `x`'s first entry (the observers'
+    padding contract)."""
     flat = x.detach().reshape(-1)
     n = flat.numel()
     buf[:n].copy_(flat)

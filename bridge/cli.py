@@ -11,7 +11,6 @@ import argparse
 import sys
 import time
 
-import torch
 
 
 def _demo(args: argparse.Namespace) -> int:

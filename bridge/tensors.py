@@ -18,16 +18,6 @@ def to_jax(t: torch.Tensor) -> jax.Array:
     return jax.dlpack.from_dlpack(t.contiguous())
 
 
-def to_numpy(x) -> np.ndarray:
-    """A NumPy array of a torch tensor or JAX array (bfloat16 widened to float32)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu")
-        if x.dtype == torch.bfloat16:
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
 def to_torch(x, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new torch tensor holding the values of `x` (JAX or NumPy), never aliasing it."""
     out = torch.from_numpy(np.array(x, copy=True))

@@ -32,5 +32,5 @@ __all__ = [
     "ActivationResult", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
     "QuantizedWeight", "apply", "batch_percentile_minmax", "channel_minmax", "compile_count",
     "dequantize", "fake_quant", "finalize_activations", "qparams_from_range", "quantize",
-    "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "update_observer",
+    "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "sweep", "update_observer",
 ]

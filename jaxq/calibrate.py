@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from typing import Hashable, Iterable, Mapping, NamedTuple
+from typing import Hashable, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxq.numerics import quantize
