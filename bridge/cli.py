@@ -1,8 +1,9 @@
 """The `jaxq` console command.
 
     jaxq demo [--out DIR] [--w-bit 8] [--a-bit 8] [--act-method 1] [--legacy]
+    jaxq quantize --model module:function [--calib-data FILE] [--config cfg.json] [--export …]
 
-`demo` quantizes the embedded digits CNN (trained on sklearn's real handwritten digits)
+`quantize` is documented in `bridge.cli_quantize`. `demo` quantizes the embedded digits CNN (trained on sklearn's real handwritten digits)
 label-free, prints FP32 and quantized test accuracy, and writes the parameters.
 """
 from __future__ import annotations
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--legacy", action="store_true", help="also write msModelSlim's .npy dicts")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
+    from bridge.cli_quantize import add_parser
+
+    add_parser(sub)
     return p
 
 

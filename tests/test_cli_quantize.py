@@ -1,0 +1,63 @@
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from bridge.cli import main
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user's directory with a model factory and calibration files."""
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent('''
+        import torch
+        def build():
+            from bridge.models.digits import load_digits_cnn
+            return load_digits_cnn()
+        def data():
+            from bridge.models.digits import digits_split
+            x = digits_split()[0]
+            return [x[i:i + 16] for i in range(0, 64, 16)]
+        def not_a_model():
+            return 3
+    '''))
+    from bridge.models.digits import digits_split
+
+    x = digits_split()[0][:64]
+    torch.save(x, tmp_path / "calib.pt")
+    np.save(tmp_path / "calib.npy", x.numpy())
+    (tmp_path / "cfg.json").write_text(json.dumps({"quant_mode": 1, "act_method": 2}))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("data", ["calib.pt", "calib.npy", "mymodels:data"])
+def test_quantize_writes_chosen_exports(project, data, capsys):
+    rc = main(["quantize", "--model", "mymodels:build", "--calib-data", data, "--config", "cfg.json",
+               "--quantize-all", "--export", "params", "w8a8", "--out", "out", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "quantized layers  5 of 5" in out and "act_method=2" in out
+    for name in ("quant_params.safetensors", "quant_model_weight_w8a8.safetensors", "quant_model_description_w8a8.json"):
+        assert (project / "out" / name).is_file()
+
+
+def test_quantize_flags_override_config(project, capsys):
+    rc = main(["quantize", "--model", "mymodels:build", "--calib-data", "calib.pt", "--config", "cfg.json",
+               "--w-bit", "4", "--out", "o", "--no-progress"])
+    assert rc == 0 and "W4A8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "mymodels"], "module:function"),
+    (["--model", "nosuch:build"], "cannot import"),
+    (["--model", "mymodels:not_a_model", "--calib-data", "calib.pt", "--config", "cfg.json"], "not a torch.nn.Module"),
+    (["--model", "mymodels:build", "--calib-data", "missing.pt"], "does not exist"),
+    (["--model", "mymodels:build", "--config", "cfg.json", "--export", "pdf"], "not known"),
+    (["--model", "mymodels:build", "--config", "cfg.json", "--w-bit", "1"], "w_bit=1"),
+])
+def test_quantize_errors(project, argv, message, capsys):
+    assert main(["quantize", *argv, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
