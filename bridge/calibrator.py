@@ -320,7 +320,7 @@ class Calibrator:
 
     def export_quant_onnx(self, model_arch: str, save_path, input_names: list[str] | None = None,
                           output_names: list[str] | None = None, opset_version: int = 18,
-                          example_batch=None) -> list:
+                          example_batch=None, ascend: bool = False) -> list:
         """Standard ONNX QDQ model `<save_path>/<model_arch>.onnx`: QuantizeLinear /
         DequantizeLinear around every quantized layer's input and weight, traced on the
         first calibration batch with a dynamic batch axis (and sequence axis for token
@@ -334,7 +334,10 @@ class Calibrator:
             raise ExportError(f"ONNX QuantizeLinear holds 8-bit codes; this calibration has w_bit={self.cfg.w_bit}, "
                               f"a_bit={self.cfg.a_bit} (use export_param for other widths)")
         batch = as_batch(example_batch if example_batch is not None else next(iter(self.calib_data)), 0)
-        return export_qdq(self.model, batch, model_arch, save_path, input_names, output_names, opset_version)
+        if ascend and not self.cfg.w_sym:
+            raise ExportError("the Ascend ONNX form needs symmetric weights (w_sym=True)")
+        return export_qdq(self.model, batch, model_arch, save_path, input_names, output_names, opset_version,
+                          ascend=ascend)
 
     def _float_tensors(self, layers) -> dict:
         out = {}

@@ -54,7 +54,7 @@ class _KeywordAdapter(nn.Module):
 
 
 def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input_names=None, output_names=None,
-               opset_version: int = 18, dynamic_axes: dict[int, str] | None = None) -> list[Path]:
+               opset_version: int = 18, dynamic_axes: dict[int, str] | None = None, ascend: bool = False) -> list[Path]:
     """Trace `model` on `batch` and write `<save_path>/<model_arch>.onnx` atomically.
 
     `dynamic_axes` maps axis → name for every input (default: axis 0 "batch"; keyword
@@ -84,6 +84,10 @@ def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input
             optimize=False, verbose=False,
         )
     proto = fold_weight_quantizers(program.model_proto)
+    if ascend:
+        from bridge.onnx_ascend import to_ascend
+
+        proto = to_ascend(proto)
     with atomic_directory(save_path) as staging:
         onnx.save(proto, str(staging / f"{model_arch}.onnx"))
     return [Path(save_path) / f"{model_arch}.onnx"]

@@ -42,3 +42,30 @@ def test_onnx_needs_8_bit(digits_model, digits_calib, tmp_path):
     cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, w_bit=4), digits_calib, progress=False).run()
     with pytest.raises(ExportError, match="w_bit=4"):
         cal.export_quant_onnx("m", tmp_path)
+
+
+def test_ascend_form_structure_matches_the_w8a8_integer_path(digits_model, digits_calib, tmp_path):
+    from safetensors.numpy import load_file
+
+    cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+                     digits_calib, progress=False).run()
+    (path,) = cal.export_quant_onnx("digits_ascend", tmp_path / "onnx", ascend=True)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("AscendQuant") == ops.count("AscendDequant") == 5
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    cal.export_quant_safetensor(tmp_path / "w8a8")
+    ref = load_file(str(tmp_path / "w8a8" / "quant_model_weight_w8a8.safetensors"))
+    layers = ["features.0", "features.3", "features.7", "classifier.1", "classifier.3"]  # graph order
+    quant_nodes = [n for n in model.graph.node if n.op_type == "AscendQuant"]
+    for i, layer in enumerate(layers):
+        w, qb, deq = inits[f"ascend_{i}.weight"], inits[f"ascend_{i}.quant_bias"], inits[f"ascend_{i}.deq_scale"]
+        assert w.dtype == np.int8 and qb.dtype == np.int32 and deq.dtype == np.uint64
+        np.testing.assert_array_equal(w, ref[f"{layer}.weight"])
+        np.testing.assert_array_equal(qb, ref[f"{layer}.quant_bias"])
+        np.testing.assert_array_equal(deq.astype(np.uint32).view(np.float32), ref[f"{layer}.deq_scale"])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in quant_nodes[i].attribute}
+        assert attrs["offset"] == float(ref[f"{layer}.input_offset"][0])
+        np.testing.assert_allclose(attrs["scale"], 1.0 / float(ref[f"{layer}.input_scale"][0]), rtol=1e-6)
