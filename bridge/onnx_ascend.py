@@ -66,10 +66,22 @@ def _constants(graph, inits):
 
 
 def _match(node, producer, inits, consts):
-    """The pieces of a quantized compute node, or None if it is not one."""
+    """The pieces of a quantized compute node, or None if it is not one.
+
+    Between the activation's DequantizeLinear and the node a constant-mode `Pad` may sit
+    (EfficientNet's static same padding); between the weight's DequantizeLinear and a
+    `MatMul` a `Transpose` (torch's Linear as exported). Both are carried over: the
+    integer Pad fills with `o8`, the code of 0.0; the Transpose is applied to `W_q`.
+    """
     if len(node.input) < 2:
         return None
-    dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+    dq_x, pad = producer.get(node.input[0]), None
+    if dq_x is not None and dq_x.op_type == "Pad" and _constant_pad(dq_x, consts):
+        pad, dq_x = dq_x, producer.get(dq_x.input[0])
+    dq_w, perm = producer.get(node.input[1]), None
+    if dq_w is not None and dq_w.op_type == "Transpose":
+        perm = next((list(a.ints) for a in dq_w.attribute if a.name == "perm"), None)
+        dq_w = producer.get(dq_w.input[0])
     if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
         return None
     q_x = producer.get(dq_x.input[0])
@@ -79,11 +91,19 @@ def _match(node, producer, inits, consts):
     w_q, s_w = consts.get(dq_w.input[0]), consts.get(dq_w.input[1])
     if s_x is None or z_x is None or w_q is None or s_w is None or w_q.dtype != np.int8:
         return None
+    if perm is not None:
+        w_q = np.transpose(w_q, perm if perm else None)
     bias = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
     out_axis = 1 if node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b) else 0
     return dict(x=q_x.input[0], s_x=float(s_x), z_x=int(z_x), signed=z_x.dtype == np.int8,
-                w_q=w_q, s_w=s_w.astype(np.float32), bias=bias, out_axis=out_axis)
+                w_q=np.ascontiguousarray(w_q), s_w=s_w.astype(np.float32), bias=bias, out_axis=out_axis, pad=pad)
+
+
+def _constant_pad(node, consts) -> bool:
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
+    return mode == b"constant" and value is not None and float(np.asarray(value).reshape(-1)[0] if np.size(value) else 0.0) == 0.0
 
 
 def _rewrite(node, m, graph, index):
@@ -102,7 +122,13 @@ def _rewrite(node, m, graph, index):
     quant = helper.make_node("AscendQuant", [m["x"]], [f"{name}.x_int8"], name=f"{name}.quant", domain=ASCEND_DOMAIN,
                              scale=float(np.float32(1.0) / np.float32(m["s_x"])), offset=float(o8),
                              sqrt_mode=0, round_mode="Round", dst_type=2)
-    inputs = [f"{name}.x_int8", f"{name}.weight"]
+    x_int8, pad_nodes = f"{name}.x_int8", []
+    if m["pad"] is not None:  # pad the int8 tensor with the code of 0.0
+        graph.initializer.append(numpy_helper.from_array(np.array(o8, np.int8), f"{name}.pad_value"))
+        pads = list(m["pad"].input[1:2]) + [f"{name}.pad_value"] + list(m["pad"].input[3:4])
+        pad_nodes = [helper.make_node("Pad", [x_int8, *pads], [f"{name}.x_int8_padded"], name=f"{name}.pad", mode="constant")]
+        x_int8 = f"{name}.x_int8_padded"
+    inputs = [x_int8, f"{name}.weight"]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "MatMul":
         compute = helper.make_node("MatMul", inputs, [f"{name}.acc"], name=f"{name}.matmul")
@@ -113,7 +139,7 @@ def _rewrite(node, m, graph, index):
         extra, acc = [], f"{name}.acc"
     dequant = helper.make_node("AscendDequant", [acc, f"{name}.deq_scale"], list(node.output), name=f"{name}.dequant",
                                domain=ASCEND_DOMAIN, sqrt_mode=0, relu_flag=0, dtype=0)
-    return [quant, compute, *extra, dequant]
+    return [quant, *pad_nodes, compute, *extra, dequant]
 
 
 def _prune(graph):

@@ -29,6 +29,19 @@ def test_efficientnet_qdq_onnx(tmp_path):
         ref = cal.model(x).numpy()
     assert (y.argmax(1) == ref.argmax(1)).mean() == 1.0
     assert np.abs(y - ref).max() <= 0.05 * np.abs(ref).max()
+    _assert_ascend_form(cal, tmp_path, "efficientnet_lite0")
+
+
+def _assert_ascend_form(cal, tmp_path, name):
+    """Every quantized layer becomes AscendQuant → int op → AscendDequant; no QDQ remains."""
+    import onnx
+
+    (path,) = cal.export_quant_onnx(name, tmp_path / "ascend", ascend=True)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("AscendQuant") == ops.count("AscendDequant") == len(cal.quantized_names)
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
 
 
 def test_minilm_qdq_onnx(tmp_path):
@@ -68,3 +81,4 @@ def test_minilm_qdq_onnx(tmp_path):
         cal.model(**b)
     handle.remove()
     assert np.abs(onnx_in - seen["x"].numpy()).max() < 1e-5
+    _assert_ascend_form(cal, tmp_path, "minilm")
