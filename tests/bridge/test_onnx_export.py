@@ -69,3 +69,44 @@ def test_ascend_form_structure_matches_the_w8a8_integer_path(digits_model, digit
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in quant_nodes[i].attribute}
         assert attrs["offset"] == float(ref[f"{layer}.input_offset"][0])
         np.testing.assert_allclose(attrs["scale"], 1.0 / float(ref[f"{layer}.input_scale"][0]), rtol=1e-6)
+
+
+EXPORTS = {
+    "params": lambda cal, path: cal.export_param(path, legacy=True),
+    "w8a8": lambda cal, path: cal.export_quant_safetensor(path),
+    "onnx": lambda cal, path: cal.export_quant_onnx("m", path),
+    "ascend": lambda cal, path: cal.export_quant_onnx("m", path, ascend=True),
+}
+
+
+@pytest.fixture(scope="module")
+def calibrated_digits():
+    from bridge.models.digits import digits_split, load_digits_cnn
+
+    x = digits_split()[0]
+    return Calibrator(load_digits_cnn(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+                      [x[i:i + 32] for i in range(0, 128, 32)], progress=False).run()
+
+
+@pytest.mark.parametrize("kind", list(EXPORTS))
+def test_every_export_is_deterministic(calibrated_digits, kind, tmp_path):
+    a = EXPORTS[kind](calibrated_digits, tmp_path / "a")
+    b = EXPORTS[kind](calibrated_digits, tmp_path / "b")
+    for fa, fb in zip(a, b):
+        assert fa.read_bytes() == fb.read_bytes(), fa.name
+
+
+@pytest.mark.parametrize("kind", list(EXPORTS))
+def test_every_export_fails_cleanly_on_a_bad_target(calibrated_digits, kind, tmp_path, monkeypatch):
+    from bridge import export as export_mod
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="cannot create export directory"):
+        EXPORTS[kind](calibrated_digits, blocker / "sub")  # missing, and cannot be created
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(export_mod.os, "access", lambda *a, **k: False)  # read-only (root ignores chmod)
+    with pytest.raises(ExportError, match="not writable"):
+        EXPORTS[kind](calibrated_digits, ro)
+    assert list(ro.iterdir()) == [] and blocker.read_text() == "x"
