@@ -36,7 +36,18 @@ from bridge.export import ExportError, integer_dtype, write_params
 from bridge.fakequant import QuantWrapper, set_module, wrappers
 from bridge.fuse import fuse_conv_bn
 from bridge.modules import layer_spec, quantizable_layers, resolve_disabled
+from bridge.sensitivity import (
+    FallbackCurve,
+    SensitivityTable,
+    amp_batches,
+    float_outputs,
+    isolated_sensitivity,
+    layer_output_errors,
+    model_distance,
+)
 from bridge.synthetic import distill_bn_batches
+
+SENSITIVITY_METRICS = ("mse", "relative_mse", "cosine", "isolated")
 from bridge.tensors import to_jax, to_torch
 
 
@@ -47,8 +58,6 @@ class EmptyModelError(ValueError):
 def _check_supported(cfg: jaxq.QuantConfig) -> None:
     """Fail before touching the model for options whose implementation has not landed."""
     pending = []
-    if cfg.amp_num:
-        pending.append(f"amp_num={cfg.amp_num} (sensitivity fallback, issue #5)")
     if cfg.keep_acc.any_enabled:
         pending.append(f"keep_acc={cfg.keep_acc.as_dict()} (accuracy keeping, issue #4)")
     if pending:
@@ -159,7 +168,80 @@ class Calibrator:
         self.timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
         self._params = self._collect(layers, weights, act)
         self.enable_quant()
+        self.fallen_back: list[str] = []
+        if self.cfg.amp_num:
+            table = self.sensitivity(metrics=(self.cfg.amp_metric,))
+            self.fall_back(table.ranked(self.cfg.amp_metric)[: self.cfg.amp_num])
         return self
+
+    # -- sensitivity and fallback -------------------------------------------------------
+    def _amp_batches(self, samples: int | None = None):
+        batches = [b for _, b in iter_batches(self.calib_data, self.device)]
+        return amp_batches(batches, samples or self.cfg.amp_samples)
+
+    def sensitivity(self, metrics=("mse", "relative_mse", "isolated"), samples: int | None = None) -> SensitivityTable:
+        """Per-layer sensitivity table of the quantized layers (after `run()`).
+
+        `mse` / `relative_mse` / `cosine`: each layer's output in the fully quantized model
+        against the float model; `isolated`: the model-output distance (KL for logits,
+        1 − cosine otherwise) with only that layer quantized. Uses the first
+        `samples` (default `cfg.amp_samples`) calibration samples.
+        """
+        self._require_run()
+        unknown = set(metrics) - set(SENSITIVITY_METRICS)
+        if unknown:
+            raise ValueError(f"sensitivity metrics {sorted(unknown)} not known; choose from {SENSITIVITY_METRICS}")
+        layers = wrappers(self.model)
+        batches = self._amp_batches(samples)
+        errors = layer_output_errors(self.model, layers, batches) if set(metrics) - {"isolated"} else {}
+        isolated = isolated_sensitivity(self.model, layers, batches) if "isolated" in metrics else {}
+        rows = []
+        for name, w in layers.items():
+            row = {"name": name, "kind": self.specs[name].kind, "weight_shape": tuple(w.float_weight.shape)}
+            for m in metrics:
+                if m == "isolated":
+                    row[m] = isolated[name]
+                else:
+                    row[m] = errors[name][m]
+            row["quantized"] = True
+            rows.append(row)
+        for name in self.specs:  # float layers (disabled or fallen back) for completeness
+            if name not in layers:
+                module = self.model.get_submodule(name)
+                rows.append({"name": name, "kind": self.specs[name].kind, "weight_shape": tuple(module.weight.shape),
+                             **{m: float("nan") for m in metrics}, "quantized": False})
+        return SensitivityTable(rows)
+
+    def fall_back(self, names) -> None:
+        """Return the named quantized layers to float (their original modules and weights)."""
+        layers = wrappers(self.model)
+        for name in names:
+            if name not in layers:
+                raise ValueError(f"{name!r} is not a quantized layer; quantized layers: {list(layers)[:5]}…")
+            set_module(self.model, name, layers[name].unwrap())
+            for per_layer in (self._params or {}).values():
+                per_layer.pop(name, None)
+            self.fallen_back.append(name)
+
+    def fallback_search(self, target: float, by: str = "isolated", samples: int | None = None,
+                        max_layers: int | None = None) -> FallbackCurve:
+        """Fall back the fewest layers, most sensitive first (ranking `by`), until the
+        model-output distance from float (KL for logits, 1 − cosine otherwise) on the
+        first `samples` calibration samples is ≤ `target`. Returns the whole curve."""
+        self._require_run()
+        layers = wrappers(self.model)
+        batches = self._amp_batches(samples)
+        order = self.sensitivity(metrics=(by,), samples=samples).ranked(by)[: max_layers or len(layers)]
+        fp = float_outputs(self.model, layers, batches)
+        points, chosen = [], -1
+        for k in range(len(order) + 1):
+            off = set(order[:k])
+            points.append(model_distance(self.model, layers, batches, fp, lambda n, off=off: n not in off))
+            if chosen < 0 and points[-1] <= target:
+                chosen = k
+        if chosen > 0:
+            self.fall_back(order[:chosen])
+        return FallbackCurve("kl" if fp[0].dim() == 2 else "1 - cosine", order, points, chosen)
 
     def _num_batches(self) -> int | None:
         try:

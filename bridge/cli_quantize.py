@@ -138,6 +138,9 @@ def run_quantize(args) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     print(f"{'written':<{width}}  " + f"\n{'':<{width}}  ".join(str(f) for f in files))
+    if args.sensitivity:
+        print()
+        print(cal.sensitivity())
     return 0
 
 
@@ -157,5 +160,6 @@ def add_parser(sub) -> None:
     q.add_argument("--export", nargs="*", help=f"any of {EXPORTS} (default: params)")
     q.add_argument("--onnx-name", default="model", help="file stem of the ONNX export")
     q.add_argument("--out", default="jaxq_out", help="output directory")
+    q.add_argument("--sensitivity", action="store_true", help="print the per-layer sensitivity table")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=run_quantize)

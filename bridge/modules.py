@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 
 import torch
 from torch import nn
@@ -54,20 +55,29 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
     )
 
 
+def _is_pattern(name: str) -> bool:
+    return any(c in name for c in "*?[")
+
+
 def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool) -> set[str]:
     """Names kept in float (DESIGN.md §4).
 
+    Entries are exact layer names or glob patterns (`"blocks.0.*"`, `fnmatch` rules).
     Empty `disable_names` keeps the first and last quantizable layer in float, as
-    msModelSlim does, unless `quantize_first_last`. An unknown name is an error that
-    lists the nearest layer names.
+    msModelSlim does, unless `quantize_first_last`. A name or pattern that matches no
+    layer is an error that lists the nearest layer names.
     """
-    for name in disable_names:
-        if name not in layer_names:
-            near = difflib.get_close_matches(name, layer_names, n=5, cutoff=0.4)
+    disabled: set[str] = set()
+    for entry in disable_names:
+        matches = fnmatch.filter(layer_names, entry) if _is_pattern(entry) else [n for n in layer_names if n == entry]
+        if not matches:
+            near = difflib.get_close_matches(entry, layer_names, n=5, cutoff=0.4)
             hint = f"nearest layer names: {near}" if near else f"quantizable layers start with {layer_names[:5]}"
-            raise LayerNameError(f"QuantConfig.disable_names entry {name!r} is not a quantizable layer; {hint}")
+            kind = "pattern" if _is_pattern(entry) else "entry"
+            raise LayerNameError(f"QuantConfig.disable_names {kind} {entry!r} matches no quantizable layer; {hint}")
+        disabled.update(matches)
     if disable_names or quantize_first_last or not layer_names:
-        return set(disable_names)
+        return disabled
     return {layer_names[0], layer_names[-1]}
 
 

@@ -21,6 +21,7 @@ ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observ
 QUANT_MODES = {0: "data-free", 1: "label-free"}
 MINMAX_COMBINES = ("batch_percentile", "running")
 VIRTUAL_DATA = ("uniform", "bn_stats")
+AMP_METRICS = ("mse", "relative_mse", "isolated")
 _DEVICE_RE = re.compile(r"^(cpu|npu|cuda)(:\d+)?$")
 
 
@@ -140,6 +141,10 @@ class QuantConfig:
           BatchNorm sees its running statistics, ZeroQ-style). The batch dimension of
           `input_shape` is the number of samples.
       virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
+      amp_metric: how `amp_num` ranks layers: `"mse"` (msModelSlim: raw output MSE in the
+          fully quantized model), `"relative_mse"` (MSE / output variance) or
+          `"isolated"` (model-output distance with only that layer quantized).
+      amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
     """
 
     w_bit: int = 8
@@ -165,6 +170,8 @@ class QuantConfig:
     virtual_data: str = "uniform"
     virtual_steps: int = 200
     virtual_lr: float = 0.2
+    amp_metric: str = "mse"
+    amp_samples: int = 10
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -195,6 +202,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps!r} must be an int ≥ 1")
         if isinstance(self.virtual_lr, bool) or not isinstance(self.virtual_lr, numbers.Real) or not self.virtual_lr > 0:
             raise ValueError(f"QuantConfig.virtual_lr={self.virtual_lr!r} must be a number > 0")
+        if self.amp_metric not in AMP_METRICS:
+            raise ValueError(f"QuantConfig.amp_metric={self.amp_metric!r} is not allowed; choose one of {AMP_METRICS}")
+        if not _is_int(self.amp_samples) or self.amp_samples < 1:
+            raise ValueError(f"QuantConfig.amp_samples={self.amp_samples!r} must be an int ≥ 1")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
 

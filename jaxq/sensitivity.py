@@ -1,0 +1,82 @@
+"""Per-layer sensitivity metrics, streamed over batches from captured layer outputs.
+
+For the float output `f` and quantized output `q` of a layer, one pass accumulates
+
+    ErrorStats = (Σ(q − f)², Σf, Σf², Σf·q, Σq², n)
+
+from zero-padded flat buffers (zeros add nothing to any sum), and `finalize_metrics`
+turns a stacked bucket of them into
+
+    mse          = Σ(q − f)² / n                     (msModelSlim's AMP ranking)
+    relative_mse = mse / Var(f)                      (scale-free: large layers don't dominate)
+    cosine       = Σf·q / √(Σf² · Σq²)
+
+Model-output distances for isolated sensitivity: `logits_kl` (mean KL(p_f ‖ p_q) over
+rows) and `cosine_distance`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ErrorStats(NamedTuple):
+    sq_err: jax.Array
+    sum_f: jax.Array
+    sum_f2: jax.Array
+    dot: jax.Array
+    sum_q2: jax.Array
+    n: jax.Array
+
+
+def init_stats() -> ErrorStats:
+    z = jnp.float32(0.0)
+    return ErrorStats(z, z, z, z, z, z)
+
+
+@jax.jit
+def update_stats(stats: ErrorStats, f: jax.Array, q: jax.Array, n_valid) -> ErrorStats:
+    """Add one batch: `f`, `q` are zero-padded flat buffers of equal length."""
+    rows_f, rows_q = f.reshape(-1, 1024), q.reshape(-1, 1024)
+    d = rows_q - rows_f
+    sums = jax.lax.reduce(
+        (d * d, rows_f, rows_f * rows_f, rows_f * rows_q, rows_q * rows_q),
+        (jnp.float32(0.0),) * 5,
+        lambda a, b: tuple(u + v for u, v in zip(a, b)),
+        (0, 1),
+    )
+    return ErrorStats(*(s + t for s, t in zip(stats[:5], sums)), stats.n + n_valid)
+
+
+@jax.jit
+def finalize_metrics(stats: ErrorStats) -> dict[str, jax.Array]:
+    """`mse`, `relative_mse`, `cosine` of (stacked) stats."""
+    n = jnp.maximum(stats.n, 1.0)
+    mse = stats.sq_err / n
+    var = jnp.maximum(stats.sum_f2 / n - (stats.sum_f / n) ** 2, jnp.finfo(jnp.float32).tiny)
+    cosine = stats.dot / jnp.sqrt(jnp.maximum(stats.sum_f2 * stats.sum_q2, jnp.finfo(jnp.float32).tiny))
+    return {"mse": mse, "relative_mse": mse / var, "cosine": cosine}
+
+
+@jax.jit
+def logits_kl(fp_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+    """Mean over rows of `KL(softmax(fp) ‖ softmax(q))` (last axis = classes)."""
+    lp = jax.nn.log_softmax(fp_logits, axis=-1)
+    lq = jax.nn.log_softmax(q_logits, axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1))
+
+
+@jax.jit
+def cosine_distance(fp: jax.Array, q: jax.Array) -> jax.Array:
+    """`1 − cos(fp, q)` of the flattened outputs."""
+    fp, q = fp.reshape(-1), q.reshape(-1)
+    return 1.0 - jnp.dot(fp, q) / jnp.sqrt(jnp.maximum(jnp.dot(fp, fp) * jnp.dot(q, q), jnp.finfo(jnp.float32).tiny))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def top_k_layers(scores: jax.Array, k: int) -> jax.Array:
+    """Indices of the `k` largest scores (most sensitive first)."""
+    return jax.lax.top_k(scores, k)[1]
