@@ -120,6 +120,7 @@ class Calibrator:
         self._wrap()
         self._params: dict[str, dict[str, np.ndarray]] | None = None
         self.timings: dict[str, float] = {}
+        self.fallen_back: list[str] = []
 
     # -- setup --------------------------------------------------------------------------
     def _calibration_data(self, cfg: jaxq.QuantConfig, calib_data, fp_model: nn.Module):
@@ -168,8 +169,7 @@ class Calibrator:
         self.timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
         self._params = self._collect(layers, weights, act)
         self.enable_quant()
-        self.fallen_back: list[str] = []
-        if self.cfg.amp_num:
+        if self.cfg.amp_num and not self.fallen_back:  # a second run() keeps the earlier fallback
             table = self.sensitivity(metrics=(self.cfg.amp_metric,))
             self.fall_back(table.ranked(self.cfg.amp_metric)[: self.cfg.amp_num])
         return self

@@ -81,3 +81,10 @@ def test_transformer_outputs_use_cosine_distance():
                      progress=False).run()
     curve = cal.fallback_search(target=1e-6)  # float32 cosine of equal outputs is ~5e-8 from 1
     assert curve.metric == "1 - cosine" and curve.chosen == 2
+
+
+def test_second_run_keeps_the_fallback(digits_calib):
+    cal = Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT, amp_num=1), digits_calib, progress=False).run()
+    first = list(cal.fallen_back)
+    cal.run()
+    assert cal.fallen_back == first and len(cal.quantized_names) == 4
