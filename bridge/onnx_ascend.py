@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bridge.onnx_export import constant_values
 from bridge.w8a8 import activation_shift
 
 ASCEND_DOMAIN = "ascend"
@@ -38,7 +39,7 @@ def to_ascend(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    consts = _constants(graph, inits)
+    consts = constant_values(graph)
     new_nodes, replaced = [], 0
     for node in graph.node:
         rewrite = _match(node, producer, inits, consts) if node.op_type in _COMPUTE else None
@@ -52,17 +53,6 @@ def to_ascend(model: onnx.ModelProto) -> onnx.ModelProto:
     _prune(graph)
     model.opset_import.append(helper.make_opsetid(ASCEND_DOMAIN, 1))
     return model
-
-
-def _constants(graph, inits):
-    values = {k: numpy_helper.to_array(v) for k, v in inits.items()}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        elif node.op_type == "Cast" and node.input[0] in values:
-            to = next(a.i for a in node.attribute if a.name == "to")
-            values[node.output[0]] = values[node.input[0]].astype(helper.tensor_dtype_to_np_dtype(to))
-    return values
 
 
 def _match(node, producer, inits, consts):

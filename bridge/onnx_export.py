@@ -93,6 +93,21 @@ def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input
     return [Path(save_path) / f"{model_arch}.onnx"]
 
 
+def constant_values(graph: "onnx.GraphProto") -> dict[str, np.ndarray]:
+    """Values of every initializer, `Constant` node and `Cast` of a constant, by name
+    (the exporter emits scales and zero points through such nodes)."""
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Cast" and node.input[0] in values:
+            to = next(a.i for a in node.attribute if a.name == "to")
+            values[node.output[0]] = values[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    return values
+
+
 def fold_weight_quantizers(model: "onnx.ModelProto") -> "onnx.ModelProto":
     """Replace every `QuantizeLinear(constant W)` by the integer codes jaxq computed.
 
@@ -105,27 +120,13 @@ def fold_weight_quantizers(model: "onnx.ModelProto") -> "onnx.ModelProto":
     from onnx import numpy_helper
 
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    consts = {}
-
-    def value(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        return consts.get(name)
-
-    for node in graph.node:  # fold the Constant and Cast-of-constant nodes scales and zero points come from
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        elif node.op_type == "Cast" and value(node.input[0]) is not None:
-            to = next(a.i for a in node.attribute if a.name == "to")
-            consts[node.output[0]] = value(node.input[0]).astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-
+    values = constant_values(graph)
     keep = []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3:
             keep.append(node)
             continue
-        w, scale, zero = (value(n) for n in node.input[:3])
+        w, scale, zero = (values.get(n) for n in node.input[:3])
         if w is None or scale is None or zero is None:
             keep.append(node)
             continue

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxq.histogram import HistogramState, grid_error, l2_optimal_bins, zero_limits
+from jaxq.histogram import HistogramState, bins_to_range, grid_error, l2_optimal_bins, zero_limits
 from jaxq.observers import sigma_range
 
 
@@ -87,9 +87,10 @@ def sweep_bins(state: HistogramState, factors: jax.Array, levels: int = 256) -> 
     bins = state.hist.shape[0]
 
     def one(factor):
-        s, e, _ = l2_optimal_bins(coarsen(state.hist, factor), levels, zero_limits(state.lo, state.lo + (state.hi - state.lo) * factor, bins))
-        w = (state.hi - state.lo) / bins * factor
-        lo, hi = state.lo + w * s, jnp.minimum(state.lo + w * (e + 1), state.hi)
+        coarse_hi = state.lo + (state.hi - state.lo) * factor  # the coarse bins span this range
+        s, e, _ = l2_optimal_bins(coarsen(state.hist, factor), levels, zero_limits(state.lo, coarse_hi, bins))
+        lo, hi = bins_to_range(state.lo, coarse_hi, s, e, bins)
+        hi = jnp.minimum(hi, state.hi)
         return SweepResult(lo, hi, range_error(state, lo, hi, levels))
 
     return jax.lax.map(one, jnp.asarray(factors, jnp.int32))
@@ -100,8 +101,7 @@ def compare_methods(state: HistogramState, sigma, levels: int = 256) -> dict[str
     """Min-max, sigma (`sigma`) and L2-optimal ranges of one histogram, with their errors."""
     bins = state.hist.shape[0]
     s, e, _ = l2_optimal_bins(state.hist, levels, zero_limits(state.lo, state.hi, bins))
-    w = (state.hi - state.lo) / bins
-    l2_lo, l2_hi = state.lo + w * s, state.lo + w * (e + 1)
+    l2_lo, l2_hi = bins_to_range(state.lo, state.hi, s, e, bins)
     std_all, std_pos = _moments(state)
     sg_lo, sg_hi = _sigma_range_traced(state.lo, state.hi, std_all, std_pos, jnp.float32(sigma))
     out = {}
