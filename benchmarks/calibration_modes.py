@@ -8,7 +8,6 @@ BN-statistics virtual data.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -17,15 +16,7 @@ import jaxq
 from bridge import Calibrator, protocols
 from bridge.data import iter_batches, run_model
 from bridge.fakequant import wrappers
-
-
-def calibrate(p, cfg):
-    cal = Calibrator(p.make_model(), cfg, p.calib_data, progress=False)
-    with jaxq.compile_count() as c:
-        t0 = time.perf_counter()
-        cal.run()
-        seconds = time.perf_counter() - t0
-    return cal, seconds, c.count
+from common import parse_args, timed_calibration
 
 
 def torchao_seconds(p, observer_cls) -> float:
@@ -50,11 +41,7 @@ def torchao_seconds(p, observer_cls) -> float:
 def main(argv=None):
     from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", nargs="*", default=["efficientnet_lite0", "minilm"])
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, ["efficientnet_lite0", "minilm"], argv)
     head = f"{'model':<19} {'method':<22} {'metric':<36} {'fp fwd s':>8} {'cold s':>7} {'warm s':>7} {'warm/fp':>7} {'compiles':>9}"
     print(head)
     print("-" * len(head))
@@ -63,8 +50,8 @@ def main(argv=None):
         floor = p.fp_forward_seconds()
         for am, label in ((0, "jaxq sigma=25"), (1, "jaxq min-max"), (2, "jaxq histogram")):
             cfg = jaxq.QuantConfig(quant_mode=1, act_method=am, quantize_first_last=True)
-            _, cold, cold_c = calibrate(p, cfg)
-            cal, warm, warm_c = calibrate(p, cfg)
+            _, cold, cold_c = timed_calibration(p, cfg, include_setup=False)
+            cal, warm, warm_c = timed_calibration(p, cfg, include_setup=False)
             metric = ", ".join(f"{k}={v:.4f}" for k, v in p.evaluate(cal.model).items())
             print(f"{name:<19} {label:<22} {metric:<36} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} {warm / floor:>7.2f} {cold_c:>4}/{warm_c:<4}", flush=True)
         for cls, label in ((MinMaxObserver, "torch.ao MinMax"), (HistogramObserver, "torch.ao Histogram")):

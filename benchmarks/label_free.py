@@ -1,13 +1,9 @@
 """Label-free calibration: accuracy, calibration time vs. the FP32 forward floor, compiles."""
 from __future__ import annotations
 
-import argparse
-import time
-
-import torch
-
 import jaxq
-from bridge import Calibrator, protocols
+from bridge import protocols
+from common import parse_args, timed_calibration
 
 CONFIGS = {
     "W8A8 min-max": jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
@@ -15,20 +11,8 @@ CONFIGS = {
 }
 
 
-def timed_run(protocol, cfg):
-    with jaxq.compile_count() as compiles:
-        t0 = time.perf_counter()
-        cal = Calibrator(protocol.make_model(), cfg, protocol.calib_data, progress=False).run()
-        seconds = time.perf_counter() - t0
-    return cal, seconds, compiles.count
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", nargs="*", default=list(protocols.PROTOCOLS))
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, list(protocols.PROTOCOLS), argv)
     header = f"{'model':<20} {'config':<15} {'metric':<34} {'FP32':<22} {'fp fwd s':>8} {'cold s':>7} {'warm s':>7} {'warm/fp':>7} {'compiles':>9}"
     print(header)
     print("-" * len(header))
@@ -36,8 +20,8 @@ def main(argv=None):
         p = protocols.PROTOCOLS[name]()
         floor = p.fp_forward_seconds()
         for label, cfg in CONFIGS.items():
-            _, cold, cold_compiles = timed_run(p, cfg)
-            cal, warm, warm_compiles = timed_run(p, cfg)
+            _, cold, cold_compiles = timed_calibration(p, cfg)
+            cal, warm, warm_compiles = timed_calibration(p, cfg)
             metric = ", ".join(f"{k}={v:.4f}" for k, v in p.evaluate(cal.model).items())
             ref = ", ".join(f"{k}={v:.4f}" for k, v in p.reference.items())
             print(f"{name:<20} {label:<15} {metric:<34} {ref:<22} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} "

@@ -9,14 +9,12 @@ W8A8 histogram KL on EfficientNet-Lite0.
 """
 from __future__ import annotations
 
-import argparse
 import random
 
-import torch
-
 import jaxq
-from bridge import Calibrator, protocols
+from bridge import protocols
 from bridge.fakequant import wrappers
+from common import parse_args, timed_calibration
 
 AMP = (0, 3, 5, 7)
 
@@ -33,16 +31,12 @@ def evaluate_with_float(p, cal, names):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", nargs="*", default=["efficientnet_lite0", "minilm"])
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, ["efficientnet_lite0", "minilm"], argv)
     for name in args.models:
         p = protocols.PROTOCOLS[name]()
         key = "kl" if name == "efficientnet_lite0" else "mean_cos"
         cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True, w_bit=4)
-        cal = Calibrator(p.make_model(), cfg, p.calib_data, progress=False).run()
+        cal, _, _ = timed_calibration(p, cfg)
         table = cal.sensitivity()
         print(f"\n{name} W4A8 histogram — {key} after falling back k layers")
         print(f"{'ranking':<14}" + "".join(f"{'k=' + str(k):>10}" for k in AMP))
@@ -55,7 +49,7 @@ def main(argv=None):
         rand = [sum(evaluate_with_float(p, cal, set(rng.sample(names, k)))[key] for _ in range(5)) / 5 for k in AMP]
         print(f"{'random (x5)':<14}" + "".join(f"{v:>10.4f}" for v in rand), flush=True)
         if name == "efficientnet_lite0":
-            w8 = Calibrator(p.make_model(), cfg.replace(w_bit=8), p.calib_data, progress=False).run()
+            w8, _, _ = timed_calibration(p, cfg.replace(w_bit=8))
             target = 2 * p.evaluate(w8.model)["kl"]
             curve = cal.fallback_search(target=1e9)  # full curve on the first 10 samples, applies nothing
             order = curve.order

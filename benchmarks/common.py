@@ -1,0 +1,34 @@
+"""Shared pieces of the benchmark scripts: arguments and timed calibration."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import jaxq
+from bridge import Calibrator
+
+
+def parse_args(description: str, models: list[str], argv=None) -> argparse.Namespace:
+    """`--models` and `--threads` (applied to torch here)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--models", nargs="*", default=models)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def timed_calibration(protocol, cfg, include_setup: bool = True) -> tuple[Calibrator, float, int]:
+    """`(calibrator, seconds, compilations)` on the protocol's data: the time of
+    `Calibrator(...)` + `run()`, or of `run()` alone (no fusion, no FP copy) if not `include_setup`."""
+    if not include_setup:
+        cal = Calibrator(protocol.make_model(), cfg, protocol.calib_data, progress=False)
+    with jaxq.compile_count() as compiles:
+        t0 = time.perf_counter()
+        if include_setup:
+            cal = Calibrator(protocol.make_model(), cfg, protocol.calib_data, progress=False)
+        cal.run()
+        seconds = time.perf_counter() - t0
+    return cal, seconds, compiles.count
