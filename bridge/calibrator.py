@@ -33,7 +33,7 @@ from bridge.data import (
 )
 from bridge.devices import resolve_device
 from bridge.export import ExportError, integer_dtype, write_params
-from bridge.fakequant import QuantWrapper, set_module, wrappers
+from bridge.fakequant import QuantWrapper, custom_codes, set_module, wrappers
 from bridge.fuse import fuse_conv_bn
 from bridge.modules import layer_spec, quantizable_layers, resolve_disabled
 from bridge.sensitivity import (
@@ -53,15 +53,6 @@ from bridge.tensors import to_jax, to_torch
 
 class EmptyModelError(ValueError):
     """The model has no quantizable layer."""
-
-
-def _check_supported(cfg: jaxq.QuantConfig) -> None:
-    """Fail before touching the model for options whose implementation has not landed."""
-    pending = []
-    if cfg.keep_acc.any_enabled:
-        pending.append(f"keep_acc={cfg.keep_acc.as_dict()} (accuracy keeping, issue #4)")
-    if pending:
-        raise NotImplementedError("not available yet in this jaxq version: " + "; ".join(pending))
 
 
 class Calibrator:
@@ -94,7 +85,6 @@ class Calibrator:
             raise TypeError(f"cfg must be a jaxq.QuantConfig, got {type(cfg).__name__}")
         if fuse_module_call_back is not None and not callable(fuse_module_call_back):
             raise TypeError("fuse_module_call_back must be callable: f(model) -> model or None")
-        _check_supported(cfg)
         self.cfg = cfg
         self.progress = progress
         self.device = resolve_device(cfg.device)
@@ -165,14 +155,84 @@ class Calibrator:
         t0 = time.perf_counter()
         act = self._calibrate_activations(layers) if self.cfg.act_quant else {}
         t1 = time.perf_counter()
-        weights = jaxq.quantize_weights({n: to_jax(w.float_weight.float()) for n, w in layers.items()}, self.cfg.weight_scheme)
+        float_weights = {n: to_jax(w.float_weight.float()) for n, w in layers.items()}
+        if self.cfg.keep_acc.admm[0]:
+            with self._progress("jaxq admm", len(layers)) as bar:
+                weights = jaxq.accuracy.admm_weights(float_weights, self.cfg.weight_scheme, self.cfg.keep_acc.admm[1],
+                                                     bar.update)
+        else:
+            weights = jaxq.quantize_weights(float_weights, self.cfg.weight_scheme)
         self.timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
+        if self.cfg.keep_acc.easy_quant[0] or self.cfg.keep_acc.round_opt or self.cfg.keep_acc.adaround[0]:
+            weights, act = self._keep_accuracy(layers, float_weights, weights, act)
         self._params = self._collect(layers, weights, act)
         self.enable_quant()
         if self.cfg.amp_num and not self.fallen_back:  # a second run() keeps the earlier fallback
             table = self.sensitivity(metrics=(self.cfg.amp_metric,))
             self.fall_back(table.ranked(self.cfg.amp_metric)[: self.cfg.amp_num])
         return self
+
+    # -- accuracy keeping ---------------------------------------------------------------
+    def _progress(self, desc: str, total: int):
+        return tqdm(total=total, desc=desc, unit="layer", disable=not self.progress)
+
+    def _keep_accuracy(self, layers, float_weights, weights, act):
+        """EasyQuant (scales), then SQuant or AdaRound (rounding); `self.reports` keeps
+        each algorithm's per-layer error before and after."""
+        ka = self.cfg.keep_acc
+        self.reports: dict[str, dict[str, tuple[float, float]]] = {}
+        layer_rows = self._layer_rows(layers, float_weights, weights, act) if ka.needs_rows else {}
+        if ka.easy_quant[0]:
+            t = time.perf_counter()
+            with self._progress("jaxq easy_quant", len(layers)) as bar:
+                found = jaxq.accuracy.easy_quant_layers(layer_rows, ka.easy_quant[1], progress=bar.update)
+            for name, r in found.items():
+                qp = jaxq.QParams(r.weight.scale, r.weight.offset, self.cfg.weight_scheme)
+                weights[name] = jaxq.QuantizedWeight(qp, jaxq.quantize(float_weights[name], qp))
+                if name in act:
+                    act[name] = act[name]._replace(qparams=r.act)
+                layer_rows[name] = layer_rows[name]._replace(weight=qp, act=r.act)
+            self.reports["easy_quant"] = {n: (float(r.cosine_before), float(r.cosine_after)) for n, r in found.items()}
+            self.timings["easy_quant_s"] = time.perf_counter() - t
+        if ka.round_opt:
+            t = time.perf_counter()
+            weights = jaxq.accuracy.squant_weights(float_weights, weights)
+            self.timings["round_opt_s"] = time.perf_counter() - t
+        if ka.adaround[0]:
+            t = time.perf_counter()
+            params = jaxq.AdaRoundParams(steps=ka.adaround[1])
+            with self._progress("jaxq adaround", len(layers)) as bar:
+                found = jaxq.accuracy.adaround_layers(float_weights, layer_rows, params, progress=bar.update)
+            for name, r in found.items():
+                weights[name] = jaxq.QuantizedWeight(weights[name].qparams, r.q)
+            self.reports["adaround"] = {n: (float(r.error_before), float(r.error_after)) for n, r in found.items()}
+            self.timings["adaround_s"] = time.perf_counter() - t
+        return weights, act
+
+    def _layer_rows(self, layers, float_weights, weights, act) -> dict[str, "jaxq.accuracy.LayerRows"]:
+        """Sample `cfg.recon_rows` input rows per layer from the calibration data (float model)."""
+        from bridge.reconstruction import RowCapture
+
+        t = time.perf_counter()
+        capture = RowCapture({n: w.module for n, w in layers.items()}, self.specs, self.cfg.recon_rows, self.cfg.seed)
+        batches = tqdm(iter_batches(self.calib_data, self.device), total=self._num_batches(),
+                       desc="jaxq sample rows", unit="batch", disable=not self.progress)
+        with capture, torch.no_grad():
+            for i, batch in batches:
+                run_model(self.model, batch, i)
+        rows = capture.result()
+        out = {}
+        for name, wrapper in layers.items():
+            bias = wrapper.module.bias
+            out[name] = jaxq.accuracy.LayerRows(
+                rows=rows[name],
+                wg=np.asarray(jaxq.rows.grouped_weight(self.specs[name], float_weights[name])),
+                bias=None if bias is None else bias.detach().float().cpu().numpy(),
+                act=act[name].qparams if name in act else None,
+                weight=weights[name].qparams,
+            )
+        self.timings["sample_rows_s"] = time.perf_counter() - t
+        return out
 
     # -- sensitivity and fallback -------------------------------------------------------
     def _amp_batches(self, samples: int | None = None):
@@ -310,6 +370,7 @@ class Calibrator:
                 to_torch(params["input_scale"][name]) if act else None,
                 to_torch(params["input_offset"][name]) if act else None,
             )
+            wrapper.set_weight_codes(custom_codes(wrapper, params["quant_weight"][name]))
 
     # -- results ------------------------------------------------------------------------
     def _require_run(self) -> dict:

@@ -18,7 +18,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from jaxq import QScheme
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq import QParams, QScheme, quantize
 
 
 class _FakeQuantWeight(nn.Module):
@@ -37,8 +40,9 @@ class _FakeQuantWeight(nn.Module):
         if not owner.quant_enabled:
             return w
         scheme = owner.weight_scheme
+        source = w.float() if owner.weight_codes is None else owner.dequantized_codes()
         wq = torch.fake_quantize_per_channel_affine(
-            w.float(), owner.weight_scale, owner.weight_offset, 0, scheme.qmin, scheme.qmax
+            source, owner.weight_scale, owner.weight_offset, 0, scheme.qmin, scheme.qmax
         )
         return wq.to(w.dtype)
 
@@ -59,6 +63,8 @@ class QuantWrapper(nn.Module):
         if act_scheme is not None:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
             self.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
+        # Integer codes chosen by a rounding algorithm (SQuant, AdaRound); None = round to nearest.
+        self.register_buffer("weight_codes", None, persistent=False)
         self._input_qparams = (1.0, 0)  # Python copy of (input_scale, input_offset), see fake_quant_input
         parametrize.register_parametrization(module, "weight", _FakeQuantWeight(self), unsafe=True)
 
@@ -75,6 +81,23 @@ class QuantWrapper(nn.Module):
                 self.input_scale.copy_(torch.as_tensor(input_scale).reshape(()))
                 self.input_offset.copy_(torch.as_tensor(input_offset).reshape(()))
                 self._input_qparams = (float(self.input_scale), int(self.input_offset))
+
+    def set_weight_codes(self, codes: torch.Tensor | None) -> None:
+        """Simulate these integer weight codes `q` (`Ŵ = (q − o)·s`) instead of rounding
+        the float weight to nearest; None returns to round-to-nearest."""
+        if codes is None:
+            self.weight_codes = None
+            return
+        codes = torch.as_tensor(codes).to(device=self.weight_scale.device, dtype=torch.int32)
+        if codes.shape != self.float_weight.shape:
+            raise ValueError(f"weight codes of shape {tuple(codes.shape)} do not match the weight {tuple(self.float_weight.shape)}")
+        self.weight_codes = codes.clone()
+
+    def dequantized_codes(self) -> torch.Tensor:
+        """`(q − o)·s` of the stored codes; fake-quantizing it returns it unchanged, so the
+        graph keeps its weight QuantizeLinear/DequantizeLinear pair."""
+        shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
+        return (self.weight_codes - self.weight_offset.reshape(shape)).float() * self.weight_scale.reshape(shape)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -122,3 +145,12 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def wrappers(model: nn.Module) -> dict[str, QuantWrapper]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantWrapper)}
+
+
+def custom_codes(wrapper: QuantWrapper, codes: np.ndarray) -> torch.Tensor | None:
+    """`codes` as a tensor if they differ from rounding the float weight to nearest
+    (SQuant, AdaRound), else None."""
+    qp = QParams(jnp.asarray(wrapper.weight_scale.cpu().numpy()),
+                 jnp.asarray(wrapper.weight_offset.cpu().numpy()), wrapper.weight_scheme)
+    nearest = np.asarray(quantize(wrapper.float_weight.detach().float().cpu().numpy(), qp))
+    return None if np.array_equal(nearest, codes.astype(np.int32)) else torch.from_numpy(codes.astype(np.int32))

@@ -44,11 +44,18 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
     kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
     if isinstance(module.padding, str):
         raise ValueError(f"layer {name!r}: string padding {module.padding!r} is not supported by LayerSpec")
+    padding = [(p, p) for p in module.padding]
+    static = getattr(module, "static_padding", None)  # TF-"same" convs that pad in forward
+    if isinstance(static, (nn.ZeroPad1d, nn.ZeroPad2d)):
+        pads = static.padding  # (left, right[, top, bottom]): last spatial dim first
+        extra = [tuple(pads[i:i + 2]) for i in range(0, len(pads), 2)][::-1]
+        padding = [(lo + a, hi + b) for (lo, hi), (a, b) in zip(padding, extra)]
     return LayerSpec(
         name,
         kind,
         stride=tuple(module.stride),
-        padding=tuple((p, p) for p in module.padding),
+        padding=tuple(padding),
+        kernel=tuple(module.kernel_size),
         dilation=tuple(module.dilation),
         groups=module.groups,
         has_bias=has_bias,

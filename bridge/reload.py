@@ -11,7 +11,7 @@ from torch import nn
 
 import jaxq
 from bridge.export import FORMAT_VERSION, JSON_NAME, SAFETENSORS_NAME
-from bridge.fakequant import QuantWrapper, set_module
+from bridge.fakequant import QuantWrapper, custom_codes, set_module
 from bridge.fuse import fold_bn_into_conv
 
 
@@ -53,6 +53,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             torch.from_numpy(tensors[f"{name}.input_scale"]) if act else None,
             torch.from_numpy(tensors[f"{name}.input_offset"]) if act else None,
         )
+        if f"{name}.quant_weight" in tensors:  # SQuant / AdaRound codes
+            wrapper.set_weight_codes(custom_codes(wrapper, tensors[f"{name}.quant_weight"]))
         wrapper.quant_enabled = True
         set_module(model, name, wrapper)
     return model

@@ -24,12 +24,13 @@ from jaxq.observers import (
 )
 from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
-from jaxq import sweep
+from jaxq import accuracy, rows, sweep
+from jaxq.adaround import AdaRoundParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationResult", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
+    "AdaRoundParams", "ActivationResult", "accuracy", "rows", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
     "QuantizedWeight", "apply", "batch_percentile_minmax", "channel_minmax", "compile_count",
     "dequantize", "fake_quant", "finalize_activations", "qparams_from_range", "quantize",
     "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "sweep", "update_observer",

@@ -109,6 +109,25 @@ def finalize_activations(states: Mapping[str, object], observer: Observer, schem
     return {n: out[n] for n in states}
 
 
+def tree_key(tree) -> Hashable:
+    """Bucket key of a pytree: its structure and every leaf's shape and dtype."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(np.shape(a)), str(np.asarray(a).dtype)) for a in leaves)
+
+
+def map_buckets(fn, inputs: Mapping[str, object], progress=None) -> dict[str, object]:
+    """Apply a compiled, layer-vectorised `fn(stacked) -> stacked` to every bucket of
+    equal-structured `inputs` and return the per-name results (input order).
+
+    `progress(n_layers)` is called after each bucket (e.g. a tqdm `update`)."""
+    out: dict[str, object] = {}
+    for names in bucket_keys(inputs, tree_key).values():
+        out.update(_unstack(fn(_stack([inputs[n] for n in names])), names))
+        if progress is not None:
+            progress(len(names))
+    return {n: out[n] for n in inputs}
+
+
 def compile_count() -> "CompileCounter":
     """Context manager counting XLA backend compilations inside its block."""
     return CompileCounter()

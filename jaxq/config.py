@@ -43,11 +43,18 @@ def _check_choice(field: str, value, allowed) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class KeepAcc:
-    """Accuracy-keeping switches: `(enabled, iterations)` pairs and `round_opt`."""
+    """Accuracy-keeping switches (DESIGN.md §4): `(enabled, iterations)` pairs and `round_opt`.
+
+    admm:       per-channel weight-scale refinement, up to `iterations` alternations.
+    easy_quant: EasyQuant scale search, `iterations` grid candidates in [0.5·S, 2·S].
+    round_opt:  SQuant data-free rounding.
+    adaround:   (jaxq extension) AdaRound learned rounding, `iterations` Adam steps per layer.
+    """
 
     admm: tuple[bool, int] = (False, 1000)
     easy_quant: tuple[bool, int] = (False, 1000)
     round_opt: bool = False
+    adaround: tuple[bool, int] = (False, 1000)
 
     @classmethod
     def from_user(cls, value) -> "KeepAcc":
@@ -66,7 +73,7 @@ class KeepAcc:
         if unknown:
             raise ValueError(f"QuantConfig.keep_acc has unknown key(s) {unknown}; allowed keys: {allowed}")
         kwargs = {}
-        for key in ("admm", "easy_quant"):
+        for key in ("admm", "easy_quant", "adaround"):
             if key in value:
                 kwargs[key] = _enabled_iters(key, value[key])
         if "round_opt" in value:
@@ -77,11 +84,17 @@ class KeepAcc:
         return cls(**kwargs)
 
     def as_dict(self) -> dict:
-        return {"admm": list(self.admm), "easy_quant": list(self.easy_quant), "round_opt": self.round_opt}
+        return {"admm": list(self.admm), "easy_quant": list(self.easy_quant), "round_opt": self.round_opt,
+                "adaround": list(self.adaround)}
 
     @property
     def any_enabled(self) -> bool:
-        return self.admm[0] or self.easy_quant[0] or self.round_opt
+        return self.admm[0] or self.easy_quant[0] or self.round_opt or self.adaround[0]
+
+    @property
+    def needs_rows(self) -> bool:
+        """Whether an enabled algorithm reconstructs layer outputs on calibration rows."""
+        return self.easy_quant[0] or self.adaround[0]
 
 
 def _enabled_iters(key: str, value) -> tuple[bool, int]:
@@ -145,6 +158,8 @@ class QuantConfig:
           fully quantized model), `"relative_mse"` (MSE / output variance) or
           `"isolated"` (model-output distance with only that layer quantized).
       amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
+      recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
+          the calibration data for EasyQuant and AdaRound.
     """
 
     w_bit: int = 8
@@ -172,6 +187,7 @@ class QuantConfig:
     virtual_lr: float = 0.2
     amp_metric: str = "mse"
     amp_samples: int = 10
+    recon_rows: int = 2048
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -206,6 +222,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.amp_metric={self.amp_metric!r} is not allowed; choose one of {AMP_METRICS}")
         if not _is_int(self.amp_samples) or self.amp_samples < 1:
             raise ValueError(f"QuantConfig.amp_samples={self.amp_samples!r} must be an int ≥ 1")
+        if not _is_int(self.recon_rows) or self.recon_rows < 16:
+            raise ValueError(f"QuantConfig.recon_rows={self.recon_rows!r} must be an int ≥ 16")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
 

@@ -22,7 +22,8 @@ _SPATIAL = {"conv1d": 1, "conv2d": 2}
 class LayerSpec:
     """Static description of one quantizable layer (hashable).
 
-    `padding` holds one `(low, high)` pair per spatial dimension.
+    `padding` holds one `(low, high)` pair per spatial dimension; `kernel` is the kernel
+    size (needed by `jaxq.rows`, not by `apply`, which reads it from the weight).
     """
 
     name: str
@@ -32,6 +33,7 @@ class LayerSpec:
     dilation: tuple[int, ...] = ()
     groups: int = 1
     has_bias: bool = False
+    kernel: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -40,6 +42,8 @@ class LayerSpec:
         for field in ("stride", "padding", "dilation"):
             if len(getattr(self, field)) != n:
                 raise ValueError(f"LayerSpec.{field}={getattr(self, field)!r} needs {n} entries for kind {self.kind!r}")
+        if self.kernel and len(self.kernel) != n:
+            raise ValueError(f"LayerSpec.kernel={self.kernel!r} needs {n} entries for kind {self.kind!r}")
         if self.groups < 1:
             raise ValueError(f"LayerSpec.groups={self.groups!r} must be ≥ 1")
 

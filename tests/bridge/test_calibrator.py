@@ -253,14 +253,6 @@ def test_cuda_unavailable_is_a_clear_error(digits_model, digits_calib):
         Calibrator(digits_model, LABEL_FREE.replace(device="cuda"), digits_calib)
 
 
-def test_pending_features_fail_before_touching_the_model(digits_model, digits_calib):
-    before = copy.deepcopy(digits_model.state_dict())
-    for cfg in (LABEL_FREE.replace(keep_acc={"admm": [True, 10]}),):
-        with pytest.raises(NotImplementedError):
-            Calibrator(digits_model, cfg, digits_calib)
-    assert all(torch.equal(v, before[k]) for k, v in digits_model.state_dict().items())
-
-
 def test_wrong_argument_types(digits_model):
     with pytest.raises(TypeError, match="QuantConfig"):
         Calibrator(digits_model, {"w_bit": 8})

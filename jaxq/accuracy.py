@@ -1,0 +1,75 @@
+"""Accuracy keeping over many layers: each algorithm once per bucket of equal shapes.
+
+    admm_weights       per-channel scale refinement           (`jaxq.admm`)
+    squant_weights     data-free rounding                     (`jaxq.squant`)
+    easy_quant_layers  activation + weight scale search       (`jaxq.easyquant`)
+    adaround_layers    learned rounding                       (`jaxq.adaround`)
+
+The data-driven ones take a `LayerRows` per layer: calibration rows (`jaxq.rows`), the
+grouped float weight, bias, and the current quantizers.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.adaround import AdaRoundParams, AdaRoundResult, adaround_bucket, row_moments
+from jaxq.admm import admm_quantize_bucket
+from jaxq.calibrate import QuantizedWeight, map_buckets
+from jaxq.easyquant import EasyQuantResult, easy_quant_bucket
+from jaxq.qparams import QParams
+from jaxq.scheme import QScheme
+from jaxq.squant import squant_round_bucket
+
+
+class LayerRows(NamedTuple):
+    """One layer's reconstruction problem: rows `[m, g, d]`, weight `[g, out/g, d]`,
+    bias `[out]` or None, activation quantizer (None = float input), weight quantizer."""
+
+    rows: jax.Array
+    wg: jax.Array
+    bias: jax.Array | None
+    act: QParams | None
+    weight: QParams
+
+
+def admm_weights(weights: Mapping[str, jax.Array], scheme: QScheme, iters: int, progress=None) -> dict[str, QuantizedWeight]:
+    """ADMM-refined per-channel quantizers of many weights."""
+    return map_buckets(lambda ws: admm_quantize_bucket(ws, scheme, iters), weights, progress)
+
+
+def squant_weights(weights: Mapping[str, jax.Array], quantized: Mapping[str, QuantizedWeight],
+                   progress=None) -> dict[str, QuantizedWeight]:
+    """SQuant codes for many weights under their current quantizers."""
+    inputs = {n: (weights[n], quantized[n].qparams) for n in weights}
+    codes = map_buckets(lambda t: squant_round_bucket(*t), inputs, progress)
+    return {n: QuantizedWeight(quantized[n].qparams, codes[n]) for n in weights}
+
+
+def _flat_weight_qparams(qp: QParams) -> QParams:
+    return QParams(qp.scale, qp.offset, QScheme(qp.scheme.bits, qp.scheme.signed, qp.scheme.symmetric, 0))
+
+
+def easy_quant_layers(layers: Mapping[str, LayerRows], candidates: int, rounds: int = 2,
+                      progress=None) -> dict[str, EasyQuantResult]:
+    """EasyQuant on many layers (weight quantizers per output channel)."""
+    inputs = {n: l._replace(weight=_flat_weight_qparams(l.weight)) for n, l in layers.items()}
+    return map_buckets(lambda l: easy_quant_bucket(*l, candidates=candidates, rounds=rounds), inputs, progress)
+
+
+def adaround_layers(weights: Mapping[str, jax.Array], layers: Mapping[str, LayerRows], params: AdaRoundParams,
+                    progress=None) -> dict[str, AdaRoundResult]:
+    """AdaRound codes for many layers under their (fixed) weight and activation quantizers."""
+
+    @jax.jit
+    def moments(rows, act):
+        return jax.vmap(row_moments)(rows, act)
+
+    def bucket(t):
+        w, layer = t
+        mom = moments(layer.rows, layer.act)
+        return adaround_bucket(w, tuple(layer.wg.shape[1:]), layer.weight, mom, params)
+
+    return map_buckets(bucket, {n: (jnp.asarray(weights[n]), layers[n]) for n in layers}, progress)

@@ -1,0 +1,112 @@
+"""EasyQuant (Wu et al. 2020, arXiv 2006.16669): scales that maximise output cosine.
+
+For one layer with float output `Y = W·X + b` on calibration rows (`jaxq.rows`) and
+quantized output `Ŷ = Ŵ·X̂ + b`, alternate `rounds` times:
+
+    activation:  S_a ← argmax_{α ∈ grid} cos(Y, Ŷ(α·S_a))                 (whole layer)
+    weights:     S_c ← argmax_{β ∈ grid} cos(Y_c, Ŷ_c(β·S_c))   per output channel c
+
+with `grid = linspace(0.5, 2, candidates)` and the zero points kept. The current scale is
+always a candidate and a new one is taken only when it is strictly better, so the cosine on
+the calibration rows never decreases. The candidate axis is a `vmap`, evaluated in chunks
+(`lax.map`) to bound memory.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.numerics import fake_quant
+from jaxq.qparams import QParams
+from jaxq.rows import rows_forward
+
+ALPHA, BETA = 0.5, 2.0
+CHUNK = 8
+
+
+class EasyQuantResult(NamedTuple):
+    act: QParams | None
+    weight: QParams
+    cosine_before: jax.Array
+    cosine_after: jax.Array
+
+
+def _cosine(a: jax.Array, b: jax.Array, axis=None) -> jax.Array:
+    num = jnp.sum(a * b, axis=axis)
+    den = jnp.sqrt(jnp.sum(a * a, axis=axis) * jnp.sum(b * b, axis=axis))
+    return num / jnp.maximum(den, 1e-30)
+
+
+def _scaled(qp: QParams, factor) -> QParams:
+    return QParams(qp.scale * factor, qp.offset, qp.scheme)
+
+
+def _candidates(n: int) -> jax.Array:
+    return jnp.linspace(ALPHA, BETA, n, dtype=jnp.float32)
+
+
+def search_act_scale(rows, y, w_hat_g, b, act: QParams, candidates: int) -> QParams:
+    """Best per-tensor activation scale factor for the whole-layer cosine."""
+
+    def score(factor):
+        return _cosine(y, rows_forward(w_hat_g, b, fake_quant(rows, _scaled(act, factor))))
+
+    grid = _candidates(candidates)
+    scores = jax.lax.map(score, grid, batch_size=CHUNK)
+    current = score(jnp.float32(1.0))
+    best = jnp.argmax(scores)
+    factor = jnp.where(scores[best] > current, grid[best], 1.0)
+    return _scaled(act, factor)
+
+
+def search_weight_scales(rows_hat, y, wg, b, weight: QParams, candidates: int) -> QParams:
+    """Best scale factor per output channel for the per-channel output cosine."""
+    g, o, d = wg.shape
+    flat = jnp.reshape(wg, (g * o, d))
+
+    def score(factor):
+        w_hat = fake_quant(flat, _scaled(weight, factor)).reshape(g, o, d)
+        return _cosine(y, rows_forward(w_hat, b, rows_hat), axis=0)  # [out]
+
+    grid = _candidates(candidates)
+    scores = jax.lax.map(score, grid, batch_size=CHUNK)  # [candidates, out]
+    current = score(jnp.float32(1.0))
+    best = jnp.argmax(scores, axis=0)
+    best_score = jnp.take_along_axis(scores, best[None], axis=0)[0]
+    factor = jnp.where(best_score > current, grid[best], 1.0)
+    return _scaled(weight, factor)
+
+
+def layer_cosine(rows, y, wg, b, act: QParams | None, weight: QParams) -> jax.Array:
+    """Whole-layer `cos(Y, Ŷ)` on the rows."""
+    g, o, d = wg.shape
+    w_hat = fake_quant(jnp.reshape(wg, (g * o, d)), weight).reshape(g, o, d)
+    x_hat = rows if act is None else fake_quant(rows, act)
+    return _cosine(y, rows_forward(w_hat, b, x_hat))
+
+
+def easy_quant(rows, wg, b, act: QParams | None, weight: QParams, candidates: int, rounds: int = 2) -> EasyQuantResult:
+    """EasyQuant on one layer: rows `[m, g, d]`, weight `[g, out/g, d]`, bias `[out]` or None.
+
+    `weight` is per output channel (axis 0 of `[out, d]`); `act` is per tensor, or None
+    for weight-only quantization (then only the weight scales are searched).
+    """
+    y = rows_forward(wg, b, rows)
+    g, o, d = wg.shape
+    before = layer_cosine(rows, y, wg, b, act, weight)
+    for _ in range(rounds):
+        if act is not None:
+            w_hat = fake_quant(jnp.reshape(wg, (g * o, d)), weight).reshape(g, o, d)
+            act = search_act_scale(rows, y, w_hat, b, act, candidates)
+        rows_hat = rows if act is None else fake_quant(rows, act)
+        weight = search_weight_scales(rows_hat, y, wg, b, weight, candidates)
+    return EasyQuantResult(act, weight, before, layer_cosine(rows, y, wg, b, act, weight))
+
+
+@functools.partial(jax.jit, static_argnames=("candidates", "rounds"))
+def easy_quant_bucket(rows, wg, b, act, weight, candidates: int, rounds: int = 2) -> EasyQuantResult:
+    """`easy_quant` over a stacked bucket of equal-shaped layers."""
+    return jax.vmap(lambda r, w, bb, a, q: easy_quant(r, w, bb, a, q, candidates, rounds))(rows, wg, b, act, weight)
