@@ -209,23 +209,37 @@ class Calibrator:
             self.timings["adaround_s"] = time.perf_counter() - t
         return weights, act
 
-    def _layer_rows(self, layers, float_weights, weights, act) -> dict[str, "jaxq.accuracy.LayerRows"]:
-        """Sample `cfg.recon_rows` input rows per layer from the calibration data (float model)."""
+    def _sample_rows(self, modules: dict[str, nn.Module], check: bool, desc: str) -> dict[str, np.ndarray]:
         from bridge.reconstruction import RowCapture
 
-        t = time.perf_counter()
-        capture = RowCapture({n: w.module for n, w in layers.items()}, self.specs, self.cfg.recon_rows, self.cfg.seed)
+        capture = RowCapture(modules, self.specs, self.cfg.recon_rows, self.cfg.seed, check=check)
         batches = tqdm(iter_batches(self.calib_data, self.device), total=self._num_batches(),
-                       desc="jaxq sample rows", unit="batch", disable=not self.progress)
+                       desc=desc, unit="batch", disable=not self.progress)
         with capture, torch.no_grad():
             for i, batch in batches:
                 run_model(self.model, batch, i)
-        rows = capture.result()
+        return capture.result()
+
+    def _layer_rows(self, layers, float_weights, weights, act) -> dict[str, "jaxq.accuracy.LayerRows"]:
+        """`cfg.recon_rows` input rows per layer from the float model and, with
+        `recon_inputs="quantized"`, from the current quantized model at the same positions."""
+        t = time.perf_counter()
+        target = self._sample_rows({n: w.module for n, w in layers.items()}, True, "jaxq sample rows (float)")
+        rows = target
+        if self.cfg.recon_inputs == "quantized":
+            self._collect(layers, weights, act)
+            for w in layers.values():
+                w.quant_enabled = True
+            try:
+                rows = self._sample_rows(dict(layers), False, "jaxq sample rows (quantized)")
+            finally:
+                self.disable_quant()
         out = {}
         for name, wrapper in layers.items():
             bias = wrapper.module.bias
             out[name] = jaxq.accuracy.LayerRows(
                 rows=rows[name],
+                target=target[name],
                 wg=np.asarray(jaxq.rows.grouped_weight(self.specs[name], float_weights[name])),
                 bias=None if bias is None else bias.detach().float().cpu().numpy(),
                 act=act[name].qparams if name in act else None,

@@ -15,6 +15,10 @@ class CalibrationDataError(ValueError):
     """A calibration batch has the wrong type or makes the model fail."""
 
 
+class HookError(Exception):
+    """Raised by a jaxq hook inside the model's forward: passed on unwrapped."""
+
+
 class Batch(NamedTuple):
     args: tuple
     kwargs: dict
@@ -96,7 +100,7 @@ def run_model(model: torch.nn.Module, batch: Batch, index: int):
     """Forward one batch; a failure names the batch."""
     try:
         return model(*batch.args, **batch.kwargs)
-    except (CalibrationDataError, FloatingPointError):
+    except (CalibrationDataError, FloatingPointError, HookError):
         raise
     except Exception as e:  # the user's model raised: say which batch
         shapes = [tuple(a.shape) for a in batch.args if isinstance(a, torch.Tensor)]

@@ -17,12 +17,13 @@ from torch import nn
 
 import jaxq
 from jaxq.rows import output_positions, take_rows
+from bridge.data import HookError
 from bridge.tensors import to_jax
 
 PARITY_TOLERANCE = 1e-3
 
 
-class LayerGeometryError(ValueError):
+class LayerGeometryError(HookError, ValueError):
     """A layer computes something its `LayerSpec` does not describe."""
 
 
@@ -47,17 +48,23 @@ def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndar
     scale = max(float(np.max(np.abs(y_rows))) if rows.shape[0] else 0.0, 1e-6)
     if not err <= PARITY_TOLERANCE * scale:
         raise LayerGeometryError(
-            f"layer {name!r} ({type(module).__name__}) does not compute the convolution its LayerSpec describes "
+            f"layer {name!r} ({type(module).__name__.removeprefix('Parametrized')}) does not compute the convolution its LayerSpec describes "
             f"({spec}); max |Δ| {err:.3g} relative to output scale {scale:.3g}. Its forward probably pads or "
             "reshapes at run time; keep it in float (disable_names) to use easy_quant/adaround"
         )
 
 
 class RowCapture:
-    """Context manager: `rows[name]` `[m, g, d]` float32 input rows per layer."""
+    """Context manager: `rows[name]` `[m, g, d]` float32 input rows per layer.
 
-    def __init__(self, modules: dict[str, nn.Module], specs: dict[str, jaxq.LayerSpec], rows: int, seed: int):
-        self.modules, self.specs, self.rows = modules, specs, rows
+    Two captures with the same `seed` over the same batches sample the same positions, so
+    rows of the float and of the quantized model pair up. `check` compares the rows with
+    the module's output on the first batch (hook the bare layer, quantization off).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], specs: dict[str, jaxq.LayerSpec], rows: int, seed: int,
+                 check: bool = True):
+        self.modules, self.specs, self.rows, self.check = modules, specs, rows, check
         self._rng = {n: np.random.default_rng([seed, i]) for i, n in enumerate(modules)}
         self._parts: dict[str, list[np.ndarray]] = {n: [] for n in modules}
         self._handles = []
@@ -72,7 +79,7 @@ class RowCapture:
             rows = x.reshape(-1, x.shape[-1])[torch.from_numpy(index)].cpu().numpy()[:, None, :]
         else:
             rows = np.asarray(_take_rows(spec, to_jax(x), index))
-        if not self._parts[name]:
+        if self.check and not self._parts[name]:
             check_rows(name, spec, module, rows, _output_rows(spec, output, index))
         self._parts[name].append(rows)
 

@@ -15,7 +15,7 @@ from typing import Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxq.adaround import AdaRoundParams, AdaRoundResult, adaround_bucket, row_moments
+from jaxq.adaround import AdaRoundParams, AdaRoundResult, adaround_bucket, row_moments_bucket
 from jaxq.admm import admm_quantize_bucket
 from jaxq.calibrate import QuantizedWeight, map_buckets
 from jaxq.easyquant import EasyQuantResult, easy_quant_bucket
@@ -25,10 +25,13 @@ from jaxq.squant import squant_round_bucket
 
 
 class LayerRows(NamedTuple):
-    """One layer's reconstruction problem: rows `[m, g, d]`, weight `[g, out/g, d]`,
-    bias `[out]` or None, activation quantizer (None = float input), weight quantizer."""
+    """One layer's reconstruction problem: the quantized model's input rows `[m, g, d]`
+    (before the activation quantizer), the float model's rows at the same positions,
+    weight `[g, out/g, d]`, bias `[out]` or None, activation quantizer (None = float
+    input), weight quantizer."""
 
     rows: jax.Array
+    target: jax.Array
     wg: jax.Array
     bias: jax.Array | None
     act: QParams | None
@@ -63,13 +66,9 @@ def adaround_layers(weights: Mapping[str, jax.Array], layers: Mapping[str, Layer
                     progress=None) -> dict[str, AdaRoundResult]:
     """AdaRound codes for many layers under their (fixed) weight and activation quantizers."""
 
-    @jax.jit
-    def moments(rows, act):
-        return jax.vmap(row_moments)(rows, act)
-
     def bucket(t):
         w, layer = t
-        mom = moments(layer.rows, layer.act)
+        mom = row_moments_bucket(layer.rows, layer.target, layer.act)
         return adaround_bucket(w, tuple(layer.wg.shape[1:]), layer.weight, mom, params)
 
     return map_buckets(bucket, {n: (jnp.asarray(weights[n]), layers[n]) for n in layers}, progress)

@@ -11,8 +11,9 @@ drives every `h` to 0 or 1:
 
     L(V) = E‖W̃·x̂ − W·x‖² + λ Σ (1 − |2h(V) − 1|^β),   β: 20 → 2 after a warm-up
 
-`x̂` is the fake-quantized input, so the rounding also compensates the activation
-quantizer. The expectation only needs the second moments of the rows, so one step costs
+`x` is the float model's input row and `x̂` the fake-quantized input row of the quantized
+model at the same position, so the rounding also compensates the activation quantizer and
+the error arriving from earlier layers. The expectation only needs the second moments of the rows, so one step costs
 `O(out · d²)` whatever the number of rows:
 
     E‖W̃x̂ − Wx‖² = Σ_c w̃_c Ĥ w̃_cᵀ − 2 w̃_c C w_cᵀ + w_c H w_cᵀ,
@@ -62,12 +63,16 @@ class AdaRoundResult(NamedTuple):
     error_after: jax.Array   # E‖W̃·x̂ − W·x‖²
 
 
-def row_moments(rows: jax.Array, act: QParams | None) -> Moments:
-    """`Ĥ = E[x̂x̂ᵀ]`, `C = E[x̂xᵀ]`, `H = E[xxᵀ]` of rows `[m, g, d]`."""
+def row_moments(rows: jax.Array, target: jax.Array, act: QParams | None) -> Moments:
+    """`Ĥ = E[x̂x̂ᵀ]`, `C = E[x̂xᵀ]`, `H = E[xxᵀ]` from quantized-model rows (`x̂ = fq(rows)`)
+    and float rows `target` `[m, g, d]` at the same positions."""
     x_hat = rows if act is None else fake_quant(rows, act)
     m = rows.shape[0]
     mom = lambda a, b: jnp.einsum("mgd,mge->gde", a, b, precision=lax.Precision.HIGHEST) / m  # noqa: E731
-    return Moments(mom(x_hat, x_hat), mom(x_hat, rows), mom(rows, rows))
+    return Moments(mom(x_hat, x_hat), mom(x_hat, target), mom(target, target))
+
+
+row_moments_bucket = jax.jit(jax.vmap(row_moments))
 
 
 def rectified_sigmoid(v: jax.Array) -> jax.Array:

@@ -25,6 +25,9 @@ AMP_METRICS = ("mse", "relative_mse", "isolated")
 _DEVICE_RE = re.compile(r"^(cpu|npu|cuda)(:\d+)?$")
 
 
+RECON_INPUTS = ("quantized", "float")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -160,6 +163,10 @@ class QuantConfig:
       amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for EasyQuant and AdaRound.
+      recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
+          float layer's output: `"quantized"` (the inputs of the round-to-nearest quantized
+          model, so errors of earlier layers are compensated; one more pass over the data)
+          or `"float"` (the float model's inputs).
     """
 
     w_bit: int = 8
@@ -188,6 +195,7 @@ class QuantConfig:
     amp_metric: str = "mse"
     amp_samples: int = 10
     recon_rows: int = 2048
+    recon_inputs: str = "quantized"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -224,6 +232,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.amp_samples={self.amp_samples!r} must be an int ≥ 1")
         if not _is_int(self.recon_rows) or self.recon_rows < 16:
             raise ValueError(f"QuantConfig.recon_rows={self.recon_rows!r} must be an int ≥ 16")
+        if self.recon_inputs not in RECON_INPUTS:
+            raise ValueError(f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
 

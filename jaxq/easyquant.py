@@ -1,7 +1,9 @@
 """EasyQuant (Wu et al. 2020, arXiv 2006.16669): scales that maximise output cosine.
 
-For one layer with float output `Y = W·X + b` on calibration rows (`jaxq.rows`) and
-quantized output `Ŷ = Ŵ·X̂ + b`, alternate `rounds` times:
+For one layer with float output `Y = W·X + b` on the float model's input rows `X`
+(`jaxq.rows`) and quantized output `Ŷ = Ŵ·fq(X_q) + b` on the quantized model's input
+rows `X_q` at the same positions (`X_q = X` to optimise against float inputs), alternate
+`rounds` times:
 
     activation:  S_a ← argmax_{α ∈ grid} cos(Y, Ŷ(α·S_a))                 (whole layer)
     weights:     S_c ← argmax_{β ∈ grid} cos(Y_c, Ŷ_c(β·S_c))   per output channel c
@@ -88,13 +90,15 @@ def layer_cosine(rows, y, wg, b, act: QParams | None, weight: QParams) -> jax.Ar
     return _cosine(y, rows_forward(w_hat, b, x_hat))
 
 
-def easy_quant(rows, wg, b, act: QParams | None, weight: QParams, candidates: int, rounds: int = 2) -> EasyQuantResult:
-    """EasyQuant on one layer: rows `[m, g, d]`, weight `[g, out/g, d]`, bias `[out]` or None.
+def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candidates: int,
+               rounds: int = 2) -> EasyQuantResult:
+    """EasyQuant on one layer: quantized-model rows and float rows `[m, g, d]`, weight
+    `[g, out/g, d]`, bias `[out]` or None.
 
     `weight` is per output channel (axis 0 of `[out, d]`); `act` is per tensor, or None
     for weight-only quantization (then only the weight scales are searched).
     """
-    y = rows_forward(wg, b, rows)
+    y = rows_forward(wg, b, target)
     g, o, d = wg.shape
     before = layer_cosine(rows, y, wg, b, act, weight)
     for _ in range(rounds):
@@ -107,6 +111,7 @@ def easy_quant(rows, wg, b, act: QParams | None, weight: QParams, candidates: in
 
 
 @functools.partial(jax.jit, static_argnames=("candidates", "rounds"))
-def easy_quant_bucket(rows, wg, b, act, weight, candidates: int, rounds: int = 2) -> EasyQuantResult:
+def easy_quant_bucket(rows, target, wg, b, act, weight, candidates: int, rounds: int = 2) -> EasyQuantResult:
     """`easy_quant` over a stacked bucket of equal-shaped layers."""
-    return jax.vmap(lambda r, w, bb, a, q: easy_quant(r, w, bb, a, q, candidates, rounds))(rows, wg, b, act, weight)
+    return jax.vmap(lambda r, t, w, bb, a, q: easy_quant(r, t, w, bb, a, q, candidates, rounds))(
+        rows, target, wg, b, act, weight)

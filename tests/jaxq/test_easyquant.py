@@ -1,0 +1,79 @@
+import numpy as np
+import jax.numpy as jnp
+
+import jaxq
+from jaxq import LayerSpec, QScheme
+from jaxq.easyquant import easy_quant
+from jaxq.rows import grouped_weight
+
+ACT = QScheme(8, False, False, None)
+W4 = QScheme(4, True, True, 0)
+
+
+def _layer(seed=0, out=12, d=24, m=256):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((m, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
+    x[: m // 64] *= 8  # a few outlier rows: min-max ranges are too wide
+    w = (rng.standard_t(3, (out, d)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(out).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)
+
+
+def _fq(a, scale, offset, scheme, axis=None):
+    """NumPy fake-quant with torch's `x · (1/s)` rounding."""
+    a = np.asarray(a, np.float32)
+    inv = (np.float32(1) / np.asarray(scale, np.float32))
+    off = np.asarray(offset, np.float32)
+    if axis is not None:
+        inv, off, scale = inv[:, None], off[:, None], np.asarray(scale)[:, None]
+    q = np.clip(np.round(a * inv) + off, scheme.qmin, scheme.qmax)
+    return ((q - off) * scale).astype(np.float32)
+
+
+def _cos(a, b, axis=None):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.sum(a * b, axis) / np.sqrt(np.sum(a * a, axis) * np.sum(b * b, axis))
+
+
+def numpy_easy_quant(x_q, x, w, b, act, weight, n, rounds=2):
+    """Loop reference: alternate a grid search of the activation scale (layer cosine) and of
+    every channel's weight scale (channel cosine); `x_q` feeds the quantized layer."""
+    y = x @ w.T + b
+    a_s, a_o = float(act.scale), int(act.offset)
+    w_s, w_o = np.asarray(weight.scale).copy(), np.asarray(weight.offset)
+    grid = np.linspace(0.5, 2.0, n, dtype=np.float32)
+    for _ in range(rounds):
+        w_hat = _fq(w, w_s, w_o, W4, 0)
+        score = lambda f: _cos(y, _fq(x_q, np.float32(a_s * f), a_o, ACT) @ w_hat.T + b)  # noqa: E731
+        scores = [score(f) for f in grid]
+        if max(scores) > score(np.float32(1)):
+            a_s = np.float32(a_s * grid[int(np.argmax(scores))])
+        x_hat = _fq(x_q, a_s, a_o, ACT)
+        for c in range(w.shape[0]):
+            sc = lambda f: _cos(y[:, c], x_hat @ _fq(w[c:c + 1], np.float32([w_s[c] * f]), w_o[c:c + 1], W4, 0)[0] + b[c])  # noqa: E731
+            scores = [sc(f) for f in grid]
+            if max(scores) > sc(np.float32(1)):
+                w_s[c] = np.float32(w_s[c] * grid[int(np.argmax(scores))])
+    return a_s, w_s
+
+
+def test_matches_numpy_reference_and_improves_layer_cosine():
+    x, w, b = _layer()
+    act = jaxq.qparams_from_range(x.min(), x.max(), ACT)
+    weight = jaxq.quantize_weight(w, W4).qparams
+    x_q = x * 1.02 + 0.01  # the quantized model's input drifts from the float one
+    spec = LayerSpec("l", "linear", has_bias=True)
+    res = easy_quant(x_q[:, None, :], x[:, None, :], grouped_weight(spec, w), b, act, weight, 21)
+    a_ref, w_ref = numpy_easy_quant(np.asarray(x_q), np.asarray(x), np.asarray(w), np.asarray(b), act, weight, 21)
+    np.testing.assert_allclose(float(res.act.scale), a_ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.weight.scale), w_ref, rtol=1e-5)
+    assert float(res.cosine_after) > float(res.cosine_before)
+
+
+def test_weight_only_searches_weights_only():
+    x, w, b = _layer(1)
+    spec = LayerSpec("l", "linear", has_bias=True)
+    weight = jaxq.quantize_weight(w, W4).qparams
+    res = easy_quant(x[:, None, :], x[:, None, :], grouped_weight(spec, w), b, None, weight, 11)
+    assert res.act is None
+    assert float(res.cosine_after) >= float(res.cosine_before)
