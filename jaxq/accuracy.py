@@ -68,7 +68,7 @@ def adaround_layers(weights: Mapping[str, jax.Array], layers: Mapping[str, Layer
 
     def bucket(t):
         w, layer = t
-        mom = row_moments_bucket(layer.rows, layer.target, layer.act)
+        mom = row_moments_bucket(layer.rows, layer.act)
         return adaround_bucket(w, tuple(layer.wg.shape[1:]), layer.weight, mom, params)
 
     return map_buckets(bucket, {n: (jnp.asarray(weights[n]), layers[n]) for n in layers}, progress)

@@ -27,6 +27,9 @@ from jaxq.rows import rows_forward
 
 ALPHA, BETA = 0.5, 2.0
 CHUNK = 8
+# Rows the search uses (the first of the sampled ones): the cost is candidates × rows ×
+# weights, and a cosine over a few hundred rows of `out` channels is already a stable score.
+ROWS = 512
 
 
 class EasyQuantResult(NamedTuple):
@@ -98,6 +101,7 @@ def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candid
     `weight` is per output channel (axis 0 of `[out, d]`); `act` is per tensor, or None
     for weight-only quantization (then only the weight scales are searched).
     """
+    rows, target = rows[:ROWS], target[:ROWS]
     y = rows_forward(wg, b, target)
     g, o, d = wg.shape
     before = layer_cosine(rows, y, wg, b, act, weight)
