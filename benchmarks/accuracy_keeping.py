@@ -24,7 +24,7 @@ ALGOS = {
     "easy_quant": {"easy_quant": [True, 100]},
     "adaround": {"adaround": [True, 1000]},
     "admm+squant": {"admm": [True, 1000], "round_opt": True},
-    "easy_quant+adaround": {"easy_quant": [True, 100], "adaround": [True, 1000]},
+    "admm+easy_quant+adaround": {"admm": [True, 1000], "easy_quant": [True, 100], "adaround": [True, 1000]},
 }
 KEY = {"efficientnet_lite0": ("kl", "agreement"), "minilm": ("mean_cos", "min_cos"), "digits": ("top1",)}
 
