@@ -1,4 +1,7 @@
-"""Every notebook in notebooks/ runs top to bottom (quick settings) and is stored without outputs."""
+"""Every notebook in notebooks/ runs top to bottom (quick settings) and is stored without outputs.
+
+Executing them takes about 10 minutes on 2 cores, more than CI's budget leaves, so it is
+opt-in: `python -m pytest -m notebooks`. The output check runs always."""
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ def test_stored_without_outputs(path):
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs before committing"
 
 
-@pytest.mark.e2e
+@pytest.mark.notebooks
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_runs_top_to_bottom(path, monkeypatch, tmp_path):
     nbformat = pytest.importorskip("nbformat")
