@@ -110,3 +110,26 @@ def test_every_export_fails_cleanly_on_a_bad_target(calibrated_digits, kind, tmp
     with pytest.raises(ExportError, match="not writable"):
         EXPORTS[kind](calibrated_digits, ro)
     assert list(ro.iterdir()) == [] and blocker.read_text() == "x"
+
+
+def test_qdq_onnx_carries_the_squant_codes(digits, digits_model, digits_calib, tmp_path):
+    """With rounding codes (SQuant/AdaRound) the graph holds the integer codes and computes
+    the weight QDQ from them; it is not folded into int8 initializers yet."""
+    from onnx import numpy_helper
+
+    cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True,
+                                               keep_acc={"round_opt": True}), digits_calib, progress=False).run()
+    (path,) = cal.export_quant_onnx("digits", tmp_path, input_names=["image"])
+    graph = onnx.load(str(path)).graph
+    stored = {i.name.removesuffix(".weight_codes"): numpy_helper.to_array(i) for i in graph.initializer
+              if i.name.endswith(".weight_codes")}
+    codes = cal.get_quant_params()[4]
+    assert set(stored) == set(codes)
+    for name, q in codes.items():
+        np.testing.assert_array_equal(stored[name], q.astype(np.int32))
+    x = digits[2][:64]
+    y = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        ref = cal.model(x).numpy()
+    assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+    assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.99
