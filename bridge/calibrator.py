@@ -213,11 +213,7 @@ class Calibrator:
         from bridge.reconstruction import RowCapture
 
         capture = RowCapture(modules, self.specs, self.cfg.recon_rows, self.cfg.seed, check=check)
-        batches = tqdm(iter_batches(self.calib_data, self.device), total=self._num_batches(),
-                       desc=desc, unit="batch", disable=not self.progress)
-        with capture, torch.no_grad():
-            for i, batch in batches:
-                run_model(self.model, batch, i)
+        self._forward_calibration_data(capture, desc)
         return capture.result()
 
     def _layer_rows(self, layers, float_weights, weights, act) -> dict[str, "jaxq.accuracy.LayerRows"]:
@@ -348,17 +344,16 @@ class Calibrator:
 
     def _capture(self, layers: dict[str, QuantWrapper], observer: jaxq.Observer) -> dict:
         capture = ActivationCapture({n: w.module for n, w in layers.items()}, observer)
-        batches = tqdm(
-            iter_batches(self.calib_data, self.device),
-            total=self._num_batches(),
-            desc="jaxq calibrate",
-            unit="batch",
-            disable=not self.progress,
-        )
-        with capture, torch.no_grad():
+        self._forward_calibration_data(capture, "jaxq calibrate")
+        return capture.states
+
+    def _forward_calibration_data(self, hooks, desc: str) -> None:
+        """Run the model over every calibration batch with `hooks` (a context manager) active."""
+        batches = tqdm(iter_batches(self.calib_data, self.device), total=self._num_batches(),
+                       desc=desc, unit="batch", disable=not self.progress)
+        with hooks, torch.no_grad():
             for i, batch in batches:
                 run_model(self.model, batch, i)
-        return capture.states
 
     def _collect(self, layers, weights, act) -> dict[str, dict[str, np.ndarray]]:
         params = {k: {} for k in ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")}

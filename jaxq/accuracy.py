@@ -51,14 +51,11 @@ def squant_weights(weights: Mapping[str, jax.Array], quantized: Mapping[str, Qua
     return {n: QuantizedWeight(quantized[n].qparams, codes[n]) for n in weights}
 
 
-def _flat_weight_qparams(qp: QParams) -> QParams:
-    return QParams(qp.scale, qp.offset, QScheme(qp.scheme.bits, qp.scheme.signed, qp.scheme.symmetric, 0))
-
-
 def easy_quant_layers(layers: Mapping[str, LayerRows], candidates: int, rounds: int = 2,
                       progress=None) -> dict[str, EasyQuantResult]:
     """EasyQuant on many layers (weight quantizers per output channel)."""
-    inputs = {n: l._replace(weight=_flat_weight_qparams(l.weight)) for n, l in layers.items()}
+    inputs = {n: l._replace(weight=QParams(l.weight.scale, l.weight.offset, l.weight.scheme.with_axis(0)))
+              for n, l in layers.items()}
     return map_buckets(lambda l: easy_quant_bucket(*l, candidates=candidates, rounds=rounds), inputs, progress)
 
 

@@ -56,7 +56,7 @@ def admm_quantize(w: jax.Array, scheme: QScheme, iters: int) -> QuantizedWeight:
     w = jnp.asarray(w, jnp.float32)
     w2 = jnp.reshape(w, (w.shape[0], -1))
     start = quantize_weight(w, scheme).qparams
-    flat_scheme = QScheme(scheme.bits, scheme.signed, scheme.symmetric, 0)
+    flat_scheme = scheme.with_axis(0)  # channels are rows of w2
     start = QParams(start.scale, start.offset, flat_scheme)
 
     def cond(carry):

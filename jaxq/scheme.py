@@ -38,6 +38,10 @@ class QScheme:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
+    def with_axis(self, axis: int | None) -> "QScheme":
+        """The same grid quantizing along `axis` (None: per tensor)."""
+        return dataclasses.replace(self, axis=axis)
+
     @property
     def per_channel(self) -> bool:
         return self.axis is not None
