@@ -2,7 +2,9 @@
 
 A protocol gives a fresh float model, the calibration batches, the float reference on the
 evaluation set and `evaluate(model) -> {metric: value}`. Tests and `benchmarks/` use the
-same protocols, so their numbers agree.
+same protocols, so their numbers agree. `held_out` shrinks the evaluation set (the first
+`held_out` samples of it) for quick studies; the default is the protocol's full set, the one
+every number in the docs and tests uses.
 
 - digits:  DigitsCNN, 256 training digits (8 batches of 32) → test top-1 over 450 digits.
 - efficientnet_lite0:  32 crops (seed 1, batches of 8) → agreement with FP32 and
@@ -45,11 +47,18 @@ def _run_all(model, batches):
         model(**b) if isinstance(b, dict) else model(*b) if isinstance(b, (tuple, list)) else model(b)
 
 
+def _held_out(n, full: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= full:
+        raise ValueError(f"held_out={n!r}: expected an int in [1, {full}] (the protocol's evaluation set has {full} samples)")
+    return n
+
+
 @functools.lru_cache(maxsize=None)
-def digits() -> Protocol:
+def digits(held_out: int = 450) -> Protocol:
     from bridge.models.digits import accuracy, digits_split, load_digits_cnn
 
     x_train, _, x_test, y_test = digits_split()
+    x_test, y_test = x_test[:_held_out(held_out, 450)], y_test[:held_out]
     calib = [x_train[i:i + 32] for i in range(0, 256, 32)]
     p = Protocol("digits", load_digits_cnn, calib, lambda m: {"top1": accuracy(m, x_test, y_test)})
     p.reference = p.evaluate(load_digits_cnn())
@@ -57,9 +66,9 @@ def digits() -> Protocol:
 
 
 @functools.lru_cache(maxsize=None)
-def efficientnet_lite0() -> Protocol:
+def efficientnet_lite0(held_out: int = 128) -> Protocol:
     calib = zoo.image_crops(32, seed=1)
-    evaluation = zoo.image_crops(128, seed=2)
+    evaluation = zoo.image_crops(128, seed=2)[:_held_out(held_out, 128)]
     fp_logits = metrics.logits(zoo.efficientnet_lite0(), evaluation)
 
     def evaluate(model):
@@ -72,11 +81,11 @@ def efficientnet_lite0() -> Protocol:
 
 
 @functools.lru_cache(maxsize=None)
-def minilm() -> Protocol:
+def minilm(held_out: int = 256) -> Protocol:
     tokenizer, model = zoo.minilm()
     passages = zoo.text_passages()
     calib = zoo.text_batches(tokenizer, passages[:64], batch_size=1)
-    evaluation = zoo.text_batches(tokenizer, passages[64:64 + 256], batch_size=16)
+    evaluation = zoo.text_batches(tokenizer, passages[64:64 + _held_out(held_out, 256)], batch_size=16)
     fp = metrics.sentence_embeddings(model, evaluation)
 
     def evaluate(m):

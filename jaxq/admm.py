@@ -8,7 +8,9 @@ Alternating least squares on each channel's quantizer, starting from the min-max
 
 Every step's quantizer is scored by the channel's weight error ‖W − (q − o)·s‖², and the
 best one seen is kept (the min-max start included), so the result is never worse than
-round-to-nearest on any channel. The loop stops after `iters` steps or as soon as the
+round-to-nearest on any channel. A step replaces the best only when it lowers the error by
+more than `MIN_GAIN` (relative): smaller gains are float32 summation noise, and "never
+worse" must hold however the error is summed. The loop stops after `iters` steps or as soon as the
 scales stop changing (a fixed point of the alternation).
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ from jaxq.calibrate import QuantizedWeight, quantize_weight
 from jaxq.numerics import dequantize, quantize
 from jaxq.qparams import EPS, QParams
 from jaxq.scheme import QScheme
+
+MIN_GAIN = 1e-4
 
 
 def channel_errors(w2: jax.Array, qp: QParams) -> jax.Array:
@@ -67,10 +71,10 @@ def admm_quantize(w: jax.Array, scheme: QScheme, iters: int) -> QuantizedWeight:
         i, qp, best, best_err, _ = carry
         new = least_squares_step(w2, qp)
         err = channel_errors(w2, new)
-        better = err < best_err
+        better = err < best_err * (1 - MIN_GAIN)
         best = QParams(jnp.where(better, new.scale, best.scale), jnp.where(better, new.offset, best.offset), flat_scheme)
         moved = jnp.any(new.scale != qp.scale) | jnp.any(new.offset != qp.offset)
-        return i + 1, new, best, jnp.minimum(err, best_err), moved
+        return i + 1, new, best, jnp.where(better, err, best_err), moved
 
     init = (jnp.int32(0), start, start, channel_errors(w2, start), jnp.bool_(True))
     _, _, best, _, _ = jax.lax.while_loop(cond, body, init)

@@ -1,9 +1,31 @@
 import os
+import shutil
+import tempfile
 
+import jax
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # deterministic numerics for metric thresholds
+
+_CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache for the session and the notebook kernels it
+    starts (tests/test_notebooks.py): a kernel loads what the suite already compiled.
+    A load still counts in `jaxq.compile_count`, so compile-count tests are unaffected."""
+    cache = tempfile.mkdtemp(prefix="jaxq-tests-jit-cache-")
+    config._jaxq_jit_cache = cache
+    jax.config.update("jax_compilation_cache_dir", cache)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    for name, value in _CACHE_SETTINGS.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_jaxq_jit_cache", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,11 @@
 """Every notebook in notebooks/ runs top to bottom (quick settings) and is stored without outputs.
 
-Executing them takes about 10 minutes on 2 cores, more than CI's budget leaves, so it is
-opt-in: `python -m pytest -m notebooks`. The output check runs always."""
+The kernels run with `JAXQ_NOTEBOOK_QUICK=1` (smaller grids, iteration counts and held-out
+sets; about 5 minutes for all four on 2 cores) and inherit the session's persistent JAX
+compilation cache (tests/conftest.py), so what the suite or an earlier notebook compiled
+is loaded, not compiled again.
+`python -m pytest -m notebooks` runs only these."""
+import os
 from pathlib import Path
 
 import pytest
@@ -34,7 +38,7 @@ def test_runs_top_to_bottom(path, monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(tmp_path)
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors

@@ -1,10 +1,10 @@
 import numpy as np
 import jax.numpy as jnp
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import jaxq
 from jaxq import QScheme
-from jaxq.admm import admm_quantize
+from jaxq.admm import MIN_GAIN, admm_quantize
 
 
 def numpy_admm(w, bits, signed, iters):
@@ -25,7 +25,7 @@ def numpy_admm(w, bits, signed, iters):
             if qq <= 0 or wq <= 0:
                 break
             new = np.float32(wq / qq)
-            if err(new) < best_err:
+            if err(new) < best_err * (1 - MIN_GAIN):
                 best, best_err = new, err(new)
             if new == s:
                 break
@@ -54,6 +54,7 @@ def test_matches_numpy_reference_symmetric():
     symmetric=st.booleans(),
     heavy=st.booleans(),
 )
+@example(seed=0, bits=6, signed=False, symmetric=True, heavy=False)  # a float32 near-tie once broke "never worse"
 def test_never_worse_than_round_to_nearest_on_any_channel(seed, bits, signed, symmetric, heavy):
     rng = np.random.default_rng(seed)
     w = rng.standard_t(2, (8, 40)) if heavy else rng.standard_normal((8, 40))
