@@ -5,7 +5,6 @@ sets; about 5 minutes for all four on 2 cores) and inherit the session's persist
 compilation cache (tests/conftest.py), so what the suite or an earlier notebook compiled
 is loaded, not compiled again.
 `python -m pytest -m notebooks` runs only these."""
-import os
 from pathlib import Path
 
 import pytest
