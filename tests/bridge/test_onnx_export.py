@@ -112,21 +112,25 @@ def test_every_export_fails_cleanly_on_a_bad_target(calibrated_digits, kind, tmp
     assert list(ro.iterdir()) == [] and blocker.read_text() == "x"
 
 
-def test_qdq_onnx_carries_the_squant_codes(digits, digits_model, digits_calib, tmp_path):
-    """With rounding codes (SQuant/AdaRound) the graph holds the integer codes and computes
-    the weight QDQ from them; it is not folded into int8 initializers yet."""
+def test_qdq_onnx_stores_the_squant_codes_as_int8_weights(digits, digits_model, digits_calib, tmp_path):
+    """With rounding codes (SQuant/AdaRound) the weight `(q − o)·s` folds back to the codes:
+    every quantized layer's DequantizeLinear reads them as an int8 initializer, and neither
+    the int32 codes nor the arithmetic that dequantized them stays in the graph."""
     from onnx import numpy_helper
 
     cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True,
                                                keep_acc={"round_opt": True}), digits_calib, progress=False).run()
     (path,) = cal.export_quant_onnx("digits", tmp_path, input_names=["image"])
     graph = onnx.load(str(path)).graph
-    stored = {i.name.removesuffix(".weight_codes"): numpy_helper.to_array(i) for i in graph.initializer
-              if i.name.endswith(".weight_codes")}
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    assert not [n for n in inits if n.endswith(".weight_codes")]
+    assert not [n for n in graph.node if n.op_type in ("Sub", "Mul")]
+    dq_weights = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert all(w.dtype == np.int8 for w in dq_weights)
     codes = cal.get_quant_params()[4]
-    assert set(stored) == set(codes)
+    assert len(dq_weights) == len(codes) == 5
     for name, q in codes.items():
-        np.testing.assert_array_equal(stored[name], q.astype(np.int32))
+        assert sum(w.shape == q.shape and np.array_equal(w, q.astype(np.int8)) for w in dq_weights) == 1, name
     x = digits[2][:64]
     y = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
     with torch.no_grad():
