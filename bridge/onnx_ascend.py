@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bridge.onnx_export import constant_values
-from bridge.w8a8 import activation_shift
+from bridge.w8a8 import activation_shift, integer_bias
 
 ASCEND_DOMAIN = "ascend"
 _COMPUTE = ("Conv", "Gemm", "MatMul")
@@ -101,9 +101,9 @@ def _rewrite(node, m, graph, index):
     o8 = m["z_x"] - activation_shift(m["signed"])
     w_q, out_axis = m["w_q"], m["out_axis"]
     deq = (np.float32(m["s_x"]) * m["s_w"]).astype(np.float32)
-    w_sum = np.moveaxis(w_q.astype(np.int64), out_axis, 0).reshape(w_q.shape[out_axis], -1).sum(axis=1)
-    b = np.zeros_like(deq, dtype=np.float64) if m["bias"] is None else m["bias"].astype(np.float64)
-    quant_bias = np.round(b / deq.astype(np.float64) - o8 * w_sum).astype(np.int32)
+    deq = np.broadcast_to(deq, (w_q.shape[out_axis],)).astype(np.float32)
+    w2 = np.moveaxis(w_q.astype(np.int64), out_axis, 0).reshape(w_q.shape[out_axis], -1)
+    quant_bias, deq = integer_bias(node.name or name, m["bias"], deq, w2, o8)
     graph.initializer.extend([
         numpy_helper.from_array(w_q, f"{name}.weight"),
         numpy_helper.from_array(quant_bias, f"{name}.quant_bias"),

@@ -10,6 +10,11 @@ Per quantized layer (symmetric int8 weights, per-tensor activations shifted to i
 
 which equals the fake-quant layer `Σ Ŵ x̂ + b` up to the rounding of `b / deq_scale`
 (at most `deq_scale / 2`). Integer kernels must pad with `o8` (the code of 0.0), not 0.
+
+`quant_bias` is int32. A channel whose weight codes are all zero (a dead channel; its scale
+is the floor EPS, so `b / deq_scale` overflows int32) has a free `deq_scale`, since its
+codes are 0 at any scale: it becomes `|b| / 2^30`, so that `deq_scale · quant_bias` is `b`.
+Any other channel whose `quant_bias` does not fit int32 is a `W8A8Error` naming it.
 """
 from __future__ import annotations
 
@@ -34,9 +39,8 @@ def layer_tensors(name: str, q_weight: np.ndarray, weight_scale: np.ndarray, bia
     """The W8A8 tensors of one layer (see module docstring)."""
     o8 = int(input_offset) - activation_shift(act_signed)
     deq = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
-    w_sum = q_weight.reshape(q_weight.shape[0], -1).astype(np.int64).sum(axis=1)
-    b = np.zeros(q_weight.shape[0], np.float64) if bias is None else bias.astype(np.float64)
-    quant_bias = np.round(b / deq.astype(np.float64) - o8 * w_sum).astype(np.int32)
+    w2 = q_weight.reshape(q_weight.shape[0], -1).astype(np.int64)
+    quant_bias, deq = integer_bias(name, bias, deq, w2, o8)
     out = {
         f"{name}.weight": q_weight.astype(np.int8),
         f"{name}.input_scale": np.array([input_scale], np.float32),
@@ -47,6 +51,22 @@ def layer_tensors(name: str, q_weight: np.ndarray, weight_scale: np.ndarray, bia
     if bias is not None:
         out[f"{name}.bias"] = bias.astype(np.float32)
     return out
+
+
+def integer_bias(name: str, bias: np.ndarray | None, deq: np.ndarray, w_q: np.ndarray,
+                 o8: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(quant_bias, deq_scale)` per output channel; `w_q: [out, in]` integer codes (see
+    the module docstring for dead channels)."""
+    b = np.zeros(w_q.shape[0], np.float64) if bias is None else np.asarray(bias, np.float64)
+    dead = ~np.any(w_q != 0, axis=1)
+    deq = np.where(dead, np.maximum(deq, (np.abs(b) / 2.0**30).astype(np.float32)), deq).astype(np.float32)
+    exact = b / deq.astype(np.float64) - o8 * w_q.sum(axis=1)
+    limit = np.iinfo(np.int32)
+    bad = np.flatnonzero(~np.isfinite(exact) | (np.round(exact) < limit.min) | (np.round(exact) > limit.max))
+    if bad.size:
+        raise W8A8Error(f"{name}: quant_bias of output channel(s) {bad[:8].tolist()} does not fit int32 "
+                        f"(bias / deq_scale = {exact[bad[0]]:.3g}); the weight scale is too small for the bias")
+    return np.round(exact).astype(np.int32), deq
 
 
 def check_exportable(w_sym: bool, w_bit: int, a_bit: int, act_quant: bool) -> None:

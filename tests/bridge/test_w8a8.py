@@ -9,7 +9,7 @@ from torch import nn
 from bridge import Calibrator, ExportError, W8A8Error, load_quantized
 from bridge.fakequant import wrappers
 from bridge.modules import layer_spec
-from bridge.w8a8 import integer_forward
+from bridge.w8a8 import integer_bias, integer_forward
 from jaxq import QuantConfig
 
 
@@ -28,10 +28,14 @@ class Mixed(nn.Module):
         return self.fc_nobias(torch.tanh(self.fc(h.flatten(1))))
 
 
-@pytest.mark.parametrize("a_signed", [False, True])
-def test_integer_path_reproduces_fake_quant_layers(a_signed, tmp_path):
+@pytest.mark.parametrize("a_signed,dead_channels", [(False, False), (True, False), (False, True)])
+def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, tmp_path):
     torch.manual_seed(0)
     model = Mixed().eval()
+    if dead_channels:  # all-zero weights with a bias: b / deq would overflow int32 at the EPS scale
+        with torch.no_grad():
+            model.conv.weight[2], model.conv.bias[2] = 0.0, 50.0
+            model.fc.weight[1], model.fc.bias[1] = 0.0, -30.0
     data = [torch.randn(4, 3, 6, 6) for _ in range(3)]
     cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, a_signed=a_signed)
     cal = Calibrator(model, cfg, data, progress=False).run()
@@ -60,6 +64,18 @@ def test_integer_path_reproduces_fake_quant_layers(a_signed, tmp_path):
         assert torch.all((out - ref).abs() <= tol), (name, float((out - ref).abs().max()))
         if not a_signed:
             assert float(t[f"{name}.input_offset"][0]) == float(w.input_offset) - 128
+    if dead_channels:
+        assert t["conv.deq_scale"][2] == np.float32(50 / 2**30) and t["conv.quant_bias"][2] == 2**30
+        assert t["fc.quant_bias"][1] == -(2**30)
+
+
+def test_a_quant_bias_that_does_not_fit_int32_names_the_layer_and_channel():
+    w_q = np.array([[1, -2], [3, 4]])
+    deq = np.array([1e-3, 1e-12], np.float32)
+    q, d = integer_bias("blocks.1.fc", np.array([0.5, 0.0]), deq[:1].repeat(2), w_q, o8=0)
+    assert q.tolist() == [500, 0] and d.tolist() == deq[:1].repeat(2).tolist()
+    with pytest.raises(W8A8Error, match=r"blocks\.1\.fc: quant_bias of output channel\(s\) \[1\]"):
+        integer_bias("blocks.1.fc", np.array([0.5, 0.5]), deq, w_q, o8=0)
 
 
 def test_float_tensors_are_marked_float(digits_model, digits_calib, tmp_path):
