@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ runs top to bottom (quick settings) and is stored without outputs.
 
 The kernels run with `JAXQ_NOTEBOOK_QUICK=1` (smaller grids, iteration counts and held-out
-sets; about 5 minutes for all four on 2 cores) and inherit the session's persistent JAX
+sets; 3–4 minutes for all four on 2 cores) and inherit the session's persistent JAX
 compilation cache (tests/conftest.py), so what the suite or an earlier notebook compiled
 is loaded, not compiled again.
 `python -m pytest -m notebooks` runs only these."""
