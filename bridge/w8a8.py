@@ -14,9 +14,13 @@ which equals the fake-quant layer `Σ Ŵ x̂ + b` up to the rounding of `b / deq
 `quant_bias` is int32. A channel whose weight codes are all zero (a dead channel; its scale
 is the floor EPS, so `b / deq_scale` overflows int32) has a free `deq_scale`, since its
 codes are 0 at any scale: it becomes `|b| / 2^30`, so that `deq_scale · quant_bias` is `b`.
-Any other channel whose `quant_bias` does not fit int32 is a `W8A8Error` naming it.
+Any other channel whose `quant_bias` does not fit int32 (tiny but non-zero weights next to
+a normal bias) cannot be expressed: it is saturated to the int32 range with a
+`W8A8OverflowWarning` naming the layer and channels (msModelSlim casts it, wrapping around).
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -27,6 +31,10 @@ from jaxq import LayerSpec
 
 class W8A8Error(ValueError):
     """The calibration cannot be expressed in the W8A8 integer layout."""
+
+
+class W8A8OverflowWarning(UserWarning):
+    """A `quant_bias` does not fit int32 and was saturated."""
 
 
 def activation_shift(signed: bool) -> int:
@@ -62,10 +70,12 @@ def integer_bias(name: str, bias: np.ndarray | None, deq: np.ndarray, w_q: np.nd
     deq = np.where(dead, np.maximum(deq, (np.abs(b) / 2.0**30).astype(np.float32)), deq).astype(np.float32)
     exact = b / deq.astype(np.float64) - o8 * w_q.sum(axis=1)
     limit = np.iinfo(np.int32)
-    bad = np.flatnonzero(~np.isfinite(exact) | (np.round(exact) < limit.min) | (np.round(exact) > limit.max))
+    bad = np.flatnonzero(~np.isfinite(exact) | (np.abs(exact) > limit.max))
     if bad.size:
-        raise W8A8Error(f"{name}: quant_bias of output channel(s) {bad[:8].tolist()} does not fit int32 "
-                        f"(bias / deq_scale = {exact[bad[0]]:.3g}); the weight scale is too small for the bias")
+        warnings.warn(f"{name}: quant_bias of output channel(s) {bad[:8].tolist()} does not fit int32 "
+                      f"(bias / deq_scale = {exact[bad[0]]:.3g}: weights tiny next to the bias); saturated",
+                      W8A8OverflowWarning, stacklevel=3)
+    exact = np.clip(np.nan_to_num(exact), limit.min, limit.max)
     return np.round(exact).astype(np.int32), deq
 
 

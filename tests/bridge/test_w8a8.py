@@ -9,7 +9,7 @@ from torch import nn
 from bridge import Calibrator, ExportError, W8A8Error, load_quantized
 from bridge.fakequant import wrappers
 from bridge.modules import layer_spec
-from bridge.w8a8 import integer_bias, integer_forward
+from bridge.w8a8 import W8A8OverflowWarning, integer_bias, integer_forward
 from jaxq import QuantConfig
 
 
@@ -69,13 +69,14 @@ def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, tmp_
         assert t["fc.quant_bias"][1] == -(2**30)
 
 
-def test_a_quant_bias_that_does_not_fit_int32_names_the_layer_and_channel():
+def test_a_quant_bias_that_does_not_fit_int32_is_saturated_with_a_warning_naming_it():
     w_q = np.array([[1, -2], [3, 4]])
     deq = np.array([1e-3, 1e-12], np.float32)
     q, d = integer_bias("blocks.1.fc", np.array([0.5, 0.0]), deq[:1].repeat(2), w_q, o8=0)
     assert q.tolist() == [500, 0] and d.tolist() == deq[:1].repeat(2).tolist()
-    with pytest.raises(W8A8Error, match=r"blocks\.1\.fc: quant_bias of output channel\(s\) \[1\]"):
-        integer_bias("blocks.1.fc", np.array([0.5, 0.5]), deq, w_q, o8=0)
+    with pytest.warns(W8A8OverflowWarning, match=r"blocks\.1\.fc: quant_bias of output channel\(s\) \[1\]"):
+        q, _ = integer_bias("blocks.1.fc", np.array([0.5, -0.5]), deq, w_q, o8=0)
+    assert q.tolist() == [500, np.iinfo(np.int32).min]
 
 
 def test_float_tensors_are_marked_float(digits_model, digits_calib, tmp_path):
