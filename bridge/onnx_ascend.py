@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bridge.onnx_export import constant_values
+from bridge.onnx_export import constant_values, prune_dead_nodes
 from bridge.w8a8 import activation_shift, integer_bias
 
 ASCEND_DOMAIN = "ascend"
@@ -50,7 +50,7 @@ def to_ascend(model: onnx.ModelProto) -> onnx.ModelProto:
         replaced += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
-    _prune(graph)
+    prune_dead_nodes(graph)  # the replaced QDQ pairs
     model.opset_import.append(helper.make_opsetid(ASCEND_DOMAIN, 1))
     return model
 
@@ -130,17 +130,3 @@ def _rewrite(node, m, graph, index):
     dequant = helper.make_node("AscendDequant", [acc, f"{name}.deq_scale"], list(node.output), name=f"{name}.dequant",
                                domain=ASCEND_DOMAIN, sqrt_mode=0, relu_flag=0, dtype=0)
     return [quant, *pad_nodes, compute, *extra, dequant]
-
-
-def _prune(graph):
-    """Drop nodes and initializers nothing reads any more (the replaced QDQ pairs)."""
-    while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
