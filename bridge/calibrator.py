@@ -47,8 +47,11 @@ from bridge.sensitivity import (
 )
 from bridge.synthetic import distill_bn_batches
 
-SENSITIVITY_METRICS = ("mse", "relative_mse", "cosine", "isolated")
 from bridge.tensors import to_jax, to_torch
+
+SENSITIVITY_METRICS = ("mse", "relative_mse", "cosine", "isolated")
+# msModelSlim's five dicts (`get_quant_params`), then jaxq's bias corrections
+PARAM_KEYS = ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight", "bias_correction")
 
 
 class EmptyModelError(ValueError):
@@ -163,9 +166,12 @@ class Calibrator:
         else:
             weights = jaxq.quantize_weights(float_weights, self.cfg.weight_scheme)
         self.timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
-        if self.cfg.keep_acc.easy_quant[0] or self.cfg.keep_acc.round_opt or self.cfg.keep_acc.adaround[0]:
-            weights, act = self._keep_accuracy(layers, float_weights, weights, act)
-        self._params = self._collect(layers, weights, act)
+        self.reports: dict[str, dict[str, tuple[float, float]]] = {}
+        ka = self.cfg.keep_acc
+        corrections = None
+        if ka.easy_quant[0] or ka.round_opt or ka.adaround[0] or self.cfg.bias_correction:
+            weights, act, corrections = self._keep_accuracy(layers, float_weights, weights, act)
+        self._params = self._collect(layers, weights, act, corrections)
         self.enable_quant()
         if self.cfg.amp_num and not self.fallen_back:  # a second run() keeps the earlier fallback
             table = self.sensitivity(metrics=(self.cfg.amp_metric,))
@@ -177,11 +183,12 @@ class Calibrator:
         return tqdm(total=total, desc=desc, unit="layer", disable=not self.progress)
 
     def _keep_accuracy(self, layers, float_weights, weights, act):
-        """EasyQuant (scales), then SQuant or AdaRound (rounding); `self.reports` keeps
-        each algorithm's per-layer error before and after."""
+        """EasyQuant (scales), then SQuant or AdaRound (rounding), then bias correction
+        of the final weights; `self.reports` keeps each algorithm's per-layer error before
+        and after. Returns `(weights, act, bias corrections or None)`."""
         ka = self.cfg.keep_acc
-        self.reports: dict[str, dict[str, tuple[float, float]]] = {}
-        layer_rows = self._layer_rows(layers, float_weights, weights, act) if ka.needs_rows else {}
+        needs_rows = ka.needs_rows or self.cfg.bias_correction
+        layer_rows, mean_rows = self._layer_rows(layers, float_weights, weights, act) if needs_rows else ({}, {})
         if ka.easy_quant[0]:
             t = time.perf_counter()
             with self._progress("jaxq easy_quant", len(layers)) as bar:
@@ -207,32 +214,45 @@ class Calibrator:
                 weights[name] = jaxq.QuantizedWeight(weights[name].qparams, r.q)
             self.reports["adaround"] = {n: (float(r.error_before), float(r.error_after)) for n, r in found.items()}
             self.timings["adaround_s"] = time.perf_counter() - t
-        return weights, act
+        corrections = self._bias_corrections(layer_rows, mean_rows, weights) if self.cfg.bias_correction else None
+        return weights, act, corrections
 
-    def _sample_rows(self, modules: dict[str, nn.Module], check: bool, desc: str) -> dict[str, np.ndarray]:
+    def _bias_corrections(self, layer_rows, mean_rows, weights) -> dict[str, np.ndarray]:
+        """`δ = (W − Ŵ)·E[x]` per layer; the report holds the RMS output shift removed."""
+        t = time.perf_counter()
+        found = jaxq.accuracy.bias_corrections(mean_rows, {n: r.wg for n, r in layer_rows.items()}, weights)
+        out = {n: np.asarray(d, np.float32) for n, d in found.items()}
+        self.reports["bias_correction"] = {n: (float(np.sqrt(np.mean(d.astype(np.float64) ** 2))), 0.0)
+                                           for n, d in out.items()}
+        self.timings["bias_correction_s"] = time.perf_counter() - t
+        return out
+
+    def _sample_rows(self, modules: dict[str, nn.Module], check: bool, desc: str):
         from bridge.reconstruction import RowCapture
 
         capture = RowCapture(modules, self.specs, self.cfg.recon_rows, self.cfg.seed, check=check)
         self._forward_calibration_data(capture, desc)
-        return capture.result()
+        return capture
 
-    def _layer_rows(self, layers, float_weights, weights, act) -> dict[str, "jaxq.accuracy.LayerRows"]:
-        """`cfg.recon_rows` input rows per layer from the float model and, with
-        `recon_inputs="quantized"`, from the current quantized model at the same positions."""
+    def _layer_rows(self, layers, float_weights, weights, act):
+        """`({name: LayerRows}, {name: E[row]})`: `cfg.recon_rows` input rows per layer from
+        the float model and, with `recon_inputs="quantized"`, from the current quantized
+        model at the same positions; the mean float input row over every sampled row."""
         t = time.perf_counter()
-        target = self._sample_rows({n: w.module for n, w in layers.items()}, True, "jaxq sample rows (float)")
+        float_capture = self._sample_rows({n: w.module for n, w in layers.items()}, True, "jaxq sample rows (float)")
+        target, mean_rows = float_capture.result(), float_capture.mean_rows()
         rows = target
-        if self.cfg.recon_inputs == "quantized":
+        if self.cfg.recon_inputs == "quantized" and self.cfg.keep_acc.needs_rows:
             self._collect(layers, weights, act)
             for w in layers.values():
                 w.quant_enabled = True
             try:
-                rows = self._sample_rows(dict(layers), False, "jaxq sample rows (quantized)")
+                rows = self._sample_rows(dict(layers), False, "jaxq sample rows (quantized)").result()
             finally:
                 self.disable_quant()
         out = {}
         for name, wrapper in layers.items():
-            bias = wrapper.module.bias
+            bias = wrapper.float_bias
             out[name] = jaxq.accuracy.LayerRows(
                 rows=rows[name],
                 target=target[name],
@@ -242,7 +262,7 @@ class Calibrator:
                 weight=weights[name].qparams,
             )
         self.timings["sample_rows_s"] = time.perf_counter() - t
-        return out
+        return out, mean_rows
 
     # -- sensitivity and fallback -------------------------------------------------------
     def _amp_batches(self, samples: int | None = None):
@@ -355,8 +375,8 @@ class Calibrator:
             for i, batch in batches:
                 run_model(self.model, batch, i)
 
-    def _collect(self, layers, weights, act) -> dict[str, dict[str, np.ndarray]]:
-        params = {k: {} for k in ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")}
+    def _collect(self, layers, weights, act, corrections=None) -> dict[str, dict[str, np.ndarray]]:
+        params = {k: {} for k in PARAM_KEYS}
         qdtype = integer_dtype(self.cfg.w_bit)
         for name, wrapper in layers.items():
             w = weights[name]
@@ -366,6 +386,8 @@ class Calibrator:
             if name in act:
                 params["input_scale"][name] = np.asarray(act[name].qparams.scale, np.float32)
                 params["input_offset"][name] = np.asarray(act[name].qparams.offset, np.int32)
+            if corrections is not None:
+                params["bias_correction"][name] = corrections[name]
         self._set_buffers(layers, params)
         return params
 
@@ -380,6 +402,8 @@ class Calibrator:
                 to_torch(params["input_offset"][name]) if act else None,
             )
             wrapper.set_weight_codes(custom_codes(wrapper, params["quant_weight"][name]))
+            correction = params.get("bias_correction", {}).get(name)
+            wrapper.set_bias_correction(None if correction is None else to_torch(correction))
 
     # -- results ------------------------------------------------------------------------
     def _require_run(self) -> dict:
@@ -434,7 +458,7 @@ class Calibrator:
                 "calibrator's quantized layers; build it with the same model and config"
             )
         layers = wrappers(self.model)
-        params = {k: {} for k in ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")}
+        params = {k: {} for k in PARAM_KEYS}
         for name in layers:
             for key in params:
                 if f"{name}.{key}" in tensors:
@@ -456,7 +480,7 @@ class Calibrator:
         layers = wrappers(self.model)
         tensors, kinds = {}, {}
         for name, w in layers.items():
-            bias = w.module.bias
+            bias = w.corrected_bias()
             t = layer_tensors(name, p["quant_weight"][name], p["weight_scale"][name],
                               None if bias is None else bias.detach().float().cpu().numpy(),
                               float(p["input_scale"][name]), int(p["input_offset"][name]), self.cfg.a_signed)

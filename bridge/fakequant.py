@@ -47,6 +47,20 @@ class _FakeQuantWeight(nn.Module):
         return wq.to(w.dtype)
 
 
+class _CorrectedBias(nn.Module):
+    """Parametrization `b ↦ b + δ` (bias correction) while the owner's quantization is on."""
+
+    def __init__(self, owner: "QuantWrapper"):
+        super().__init__()
+        self.__dict__["owner"] = owner
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        owner = self.__dict__["owner"]
+        if not owner.quant_enabled or owner.bias_correction is None:
+            return b
+        return (b.float() + owner.bias_correction).to(b.dtype)
+
+
 class QuantWrapper(nn.Module):
     """Fake-quantizes the input activation and the weight of `module`."""
 
@@ -65,6 +79,9 @@ class QuantWrapper(nn.Module):
             self.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
         # Integer codes chosen by a rounding algorithm (SQuant, AdaRound); None = round to nearest.
         self.register_buffer("weight_codes", None, persistent=False)
+        # Bias correction δ (`jaxq.bias_correction`), added to the bias while quantized.
+        self.register_buffer("bias_correction", None, persistent=False)
+        self._added_bias = False  # the module had no bias; one of zeros carries δ
         self._input_qparams = (1.0, 0)  # Python copy of (input_scale, input_offset), see fake_quant_input
         parametrize.register_parametrization(module, "weight", _FakeQuantWeight(self), unsafe=True)
 
@@ -93,6 +110,39 @@ class QuantWrapper(nn.Module):
             raise ValueError(f"weight codes of shape {tuple(codes.shape)} do not match the weight {tuple(self.float_weight.shape)}")
         self.weight_codes = codes.clone()
 
+    def set_bias_correction(self, delta: torch.Tensor | None) -> None:
+        """Add `δ` (`[out]`) to the module's bias while quantization is on (`b̂ = b + δ`);
+        None removes it. A module without a bias gets a zero bias to carry `δ` (removed
+        again by `unwrap`)."""
+        if delta is None:
+            self.bias_correction = None
+            return
+        module = self.module
+        delta = torch.as_tensor(delta).to(device=self.weight_scale.device, dtype=torch.float32).reshape(-1)
+        if delta.numel() != self.weight_scale.numel():
+            raise ValueError(f"bias correction of {delta.numel()} values does not match {self.weight_scale.numel()} output channels")
+        if not parametrize.is_parametrized(module, "bias"):
+            if module.bias is None:
+                w = self.float_weight
+                module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+                self._added_bias = True
+            parametrize.register_parametrization(module, "bias", _CorrectedBias(self), unsafe=True)
+        self.bias_correction = delta.clone()
+
+    @property
+    def float_bias(self) -> torch.Tensor | None:
+        """The original bias (None if the module has none)."""
+        if parametrize.is_parametrized(self.module, "bias"):
+            return None if self._added_bias else self.module.parametrizations.bias.original
+        return self.module.bias
+
+    def corrected_bias(self) -> torch.Tensor | None:
+        """The bias of the quantized layer, `b + δ` (whether quantization is on or off)."""
+        b = self.float_bias
+        if self.bias_correction is None:
+            return b
+        return self.bias_correction.clone() if b is None else b.detach().float() + self.bias_correction
+
     def dequantized_codes(self) -> torch.Tensor:
         """`(q − o)·s` of the stored codes; fake-quantizing it returns it unchanged, so the
         graph keeps its weight QuantizeLinear/DequantizeLinear pair."""
@@ -116,6 +166,11 @@ class QuantWrapper(nn.Module):
     def unwrap(self) -> nn.Module:
         """The original module with its float weight restored (parametrization removed)."""
         parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=False)
+        if parametrize.is_parametrized(self.module, "bias"):
+            parametrize.remove_parametrizations(self.module, "bias", leave_parametrized=False)
+            if self._added_bias:
+                self.module.bias = None
+                self._added_bias = False
         return self.module
 
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:

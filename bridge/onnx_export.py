@@ -132,6 +132,7 @@ _CONSTANT_OPS = {
     "Cast": lambda xs, a: xs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"])),
     "Reshape": lambda xs, a: _reshape(xs[0], xs[1]),
     "Concat": lambda xs, a: np.concatenate(xs, axis=a.get("axis", 0)),
+    "Add": lambda xs, a: np.add(xs[0], xs[1], dtype=np.result_type(xs[0], xs[1])),
     "Sub": lambda xs, a: np.subtract(xs[0], xs[1], dtype=np.result_type(xs[0], xs[1])),
     "Mul": lambda xs, a: np.multiply(xs[0], xs[1], dtype=np.result_type(xs[0], xs[1])),
 }
@@ -186,3 +187,25 @@ def fold_weight_quantizers(model: "onnx.ModelProto") -> "onnx.ModelProto":
     graph.node.extend(keep)
     prune_dead_nodes(graph)  # the float weights (or codes and their `(q − o)·s`) now folded
     return model
+
+
+
+def onnx_session(path, **options):
+    """An onnxruntime session that runs the exported QDQ graph as written
+    (DequantizeLinear → float op → QuantizeLinear), for checking it against the torch model.
+
+    onnxruntime's default optimizer fuses QDQ into its integer kernels (QLinearConv,
+    QGemm). On x86 CPUs without VNNI their u8×s8 products are summed pairwise in int16 and
+    saturate when activation codes near 255 meet weight codes near ±127 (onnxruntime's
+    documented "reduce_range" caveat): the digits CNN's logits moved by 3.4 (of 17) under
+    onnxruntime 1.32 on an AVX2 machine, in its first convolution (inputs in [0, 1] use
+    the whole uint8 range). `options` set further `SessionOptions` attributes.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    for key, value in options.items():
+        setattr(so, key, value)
+    source = path if isinstance(path, bytes) else str(path)  # a file, or a serialized model
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])

@@ -67,6 +67,8 @@ class RowCapture:
         self.modules, self.specs, self.rows, self.check = modules, specs, rows, check
         self._rng = {n: np.random.default_rng([seed, i]) for i, n in enumerate(modules)}
         self._parts: dict[str, list[np.ndarray]] = {n: [] for n in modules}
+        self._sums: dict[str, np.ndarray] = {}
+        self._counts: dict[str, int] = {n: 0 for n in modules}
         self._handles = []
 
     def _hook(self, name: str, module: nn.Module, inputs, output) -> None:
@@ -82,6 +84,9 @@ class RowCapture:
         if self.check and not self._parts[name]:
             check_rows(name, spec, module, rows, _output_rows(spec, output, index))
         self._parts[name].append(rows)
+        part_sum = rows.sum(axis=0, dtype=np.float64)
+        self._sums[name] = self._sums[name] + part_sum if name in self._sums else part_sum
+        self._counts[name] += rows.shape[0]
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -93,6 +98,13 @@ class RowCapture:
             h.remove()
         self._handles = []
         return False
+
+    def mean_rows(self) -> dict[str, np.ndarray]:
+        """`E[row]` `[g, d]` per layer over every row sampled from every batch (float32)."""
+        missing = [n for n, c in self._counts.items() if c == 0]
+        if missing:
+            raise RuntimeError(f"layer {missing[0]!r} was never called on the calibration data; keep it in float")
+        return {n: (self._sums[n] / self._counts[n]).astype(np.float32) for n in self._parts}
 
     def result(self) -> dict[str, np.ndarray]:
         """At most `rows` rows per layer, sampled uniformly from what every batch gave."""

@@ -55,6 +55,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         )
         if f"{name}.quant_weight" in tensors:  # SQuant / AdaRound codes
             wrapper.set_weight_codes(custom_codes(wrapper, tensors[f"{name}.quant_weight"]))
+        if f"{name}.bias_correction" in tensors:
+            wrapper.set_bias_correction(torch.from_numpy(tensors[f"{name}.bias_correction"]))
         wrapper.quant_enabled = True
         set_module(model, name, wrapper)
     return model

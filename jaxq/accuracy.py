@@ -4,6 +4,7 @@
     squant_weights     data-free rounding                     (`jaxq.squant`)
     easy_quant_layers  activation + weight scale search       (`jaxq.easyquant`)
     adaround_layers    learned rounding                       (`jaxq.adaround`)
+    bias_corrections   mean output shift of the final weights (`jaxq.bias_correction`)
 
 The data-driven ones take a `LayerRows` per layer: calibration rows (`jaxq.rows`), the
 grouped float weight, bias, and the current quantizers.
@@ -17,8 +18,10 @@ import jax.numpy as jnp
 
 from jaxq.adaround import AdaRoundParams, AdaRoundResult, adaround_bucket, row_moments_bucket
 from jaxq.admm import admm_quantize_bucket
+from jaxq.bias_correction import bias_shift_bucket
 from jaxq.calibrate import QuantizedWeight, map_buckets
 from jaxq.easyquant import EasyQuantResult, easy_quant_bucket
+from jaxq.numerics import dequantize
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
 from jaxq.squant import squant_round_bucket
@@ -69,3 +72,17 @@ def adaround_layers(weights: Mapping[str, jax.Array], layers: Mapping[str, Layer
         return adaround_bucket(w, tuple(layer.wg.shape[1:]), layer.weight, mom, params)
 
     return map_buckets(bucket, {n: (jnp.asarray(weights[n]), layers[n]) for n in layers}, progress)
+
+
+@jax.jit
+def _bias_correction_bucket(t) -> jax.Array:
+    mean, wg, qw = t
+    w_hat = jax.vmap(dequantize)(qw.q, qw.qparams).reshape(wg.shape)
+    return bias_shift_bucket(mean, wg, w_hat)
+
+
+def bias_corrections(mean_rows: Mapping[str, jax.Array], grouped_weights: Mapping[str, jax.Array],
+                     quantized: Mapping[str, QuantizedWeight]) -> dict[str, jax.Array]:
+    """Per layer `δ = (W − Ŵ)·E[row]` (`[out]`), `Ŵ = (q − o)·s` the simulated weight."""
+    inputs = {n: (mean_rows[n], grouped_weights[n], quantized[n]) for n in mean_rows}
+    return map_buckets(_bias_correction_bucket, inputs)

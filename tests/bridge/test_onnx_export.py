@@ -7,6 +7,7 @@ from jaxq import QuantConfig
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+from bridge.onnx_export import onnx_session  # noqa: E402
 
 
 def test_qdq_onnx_runs_and_matches_fake_quant(digits, digits_model, digits_calib, tmp_path):
@@ -21,7 +22,7 @@ def test_qdq_onnx_runs_and_matches_fake_quant(digits, digits_model, digits_calib
     assert len(int8) == 5
     assert {"Conv", "Gemm"} <= set(ops)
     x = digits[2][:64]  # held-out digits, another batch size than the traced one
-    y = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
+    y = onnx_session(path).run(None, {"image": x.numpy()})[0]
     with torch.no_grad():
         ref = cal.model(x).numpy()
     # ONNX rounds x/s where torch rounds x·(1/s): rare one-step flips, nothing more
@@ -132,7 +133,7 @@ def test_qdq_onnx_stores_the_squant_codes_as_int8_weights(digits, digits_model, 
     for name, q in codes.items():
         assert sum(w.shape == q.shape and np.array_equal(w, q.astype(np.int8)) for w in dq_weights) == 1, name
     x = digits[2][:64]
-    y = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
+    y = onnx_session(path).run(None, {"image": x.numpy()})[0]
     with torch.no_grad():
         ref = cal.model(x).numpy()
     assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()

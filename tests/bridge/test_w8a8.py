@@ -28,8 +28,9 @@ class Mixed(nn.Module):
         return self.fc_nobias(torch.tanh(self.fc(h.flatten(1))))
 
 
-@pytest.mark.parametrize("a_signed,dead_channels", [(False, False), (True, False), (False, True)])
-def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, tmp_path):
+@pytest.mark.parametrize("a_signed,dead_channels,bias_correction",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, False, True)])
+def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, bias_correction, tmp_path):
     torch.manual_seed(0)
     model = Mixed().eval()
     if dead_channels:  # all-zero weights with a bias: b / deq would overflow int32 at the EPS scale
@@ -37,8 +38,11 @@ def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, tmp_
             model.conv.weight[2], model.conv.bias[2] = 0.0, 50.0
             model.fc.weight[1], model.fc.bias[1] = 0.0, -30.0
     data = [torch.randn(4, 3, 6, 6) for _ in range(3)]
-    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, a_signed=a_signed)
+    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, a_signed=a_signed,
+                      bias_correction=bias_correction, recon_rows=64)
     cal = Calibrator(model, cfg, data, progress=False).run()
+    if bias_correction:  # bias-less layers carry δ in a bias of their own
+        assert all(w.bias_correction is not None and w.module.bias is not None for w in wrappers(cal.model).values())
     cal.export_quant_safetensor(tmp_path)
     t = load_file(str(tmp_path / "quant_model_weight_w8a8.safetensors"))
     desc = json.loads((tmp_path / "quant_model_description_w8a8.json").read_text())

@@ -15,6 +15,7 @@ from bridge import Calibrator, protocols, zoo
 
 pytestmark = pytest.mark.e2e
 ort = pytest.importorskip("onnxruntime")
+from bridge.onnx_export import onnx_session  # noqa: E402
 CFG = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True)
 
 
@@ -24,7 +25,7 @@ def test_efficientnet_qdq_onnx(tmp_path):
     cal = Calibrator(p.make_model(), CFG, p.calib_data, progress=False).run()
     (path,) = cal.export_quant_onnx("efficientnet_lite0", tmp_path)
     x = zoo.image_crops(16, seed=5)  # other crops, another batch size
-    y = ort.InferenceSession(str(path)).run(None, {"input_0": x.numpy()})[0]
+    y = onnx_session(path).run(None, {"input_0": x.numpy()})[0]
     with torch.no_grad():
         ref = cal.model(x).numpy()
     assert (y.argmax(1) == ref.argmax(1)).mean() == 1.0
@@ -55,7 +56,7 @@ def test_minilm_qdq_onnx(tmp_path):
     # the calibration batches hold one unpadded passage: trace a padded one so the
     # attention-mask path is part of the graph
     (path,) = cal.export_quant_onnx("minilm", tmp_path, example_batch=batches[0])
-    sess = ort.InferenceSession(str(path))
+    sess = onnx_session(path)
     ours, theirs = [], []
     for b in batches:
         h = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in b.items()})[0])
@@ -73,7 +74,7 @@ def test_minilm_qdq_onnx(tmp_path):
     first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear").input[0]
     model.graph.output.append(helper.make_tensor_value_info(first_q, TensorProto.FLOAT, None))
     b = batches[0]
-    onnx_in = ort.InferenceSession(model.SerializeToString()).run([first_q], {k: v.numpy() for k, v in b.items()})[0]
+    onnx_in = onnx_session(model.SerializeToString()).run([first_q], {k: v.numpy() for k, v in b.items()})[0]
     seen = {}
     layer = cal.model.encoder.layer[0].attention.self.query
     handle = layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
