@@ -7,6 +7,7 @@ of a cold run. Default iteration counts: ADMM 1000, EasyQuant 100 candidates, Ad
 1000 steps per layer.
 
     python benchmarks/accuracy_keeping.py --models efficientnet_lite0 --bits 4 --algos rtn adaround
+    python benchmarks/accuracy_keeping.py --bias-correction      # every algorithm + bias correction
 """
 from __future__ import annotations
 
@@ -55,11 +56,12 @@ def main(argv=None):
     for name in args.models:
         p = protocols.PROTOCOLS[name]()
         keys = KEY[name]
-        print(f"\n{name} (A8 histogram, every layer)")
+        print(f"\n{name} (A8 histogram, every layer{', bias correction' if args.bias_correction else ''})")
         print(f"{'W':>3} {'algorithm':<22}" + "".join(f"{k:>11}" for k in keys) + f"{'w-MSE':>11}{'algo s':>9}{'compiles':>9}")
         for bits in known.bits:
             for algo in known.algos:
-                cfg = jaxq.QuantConfig(w_bit=bits, quant_mode=1, act_method=2, quantize_first_last=True, keep_acc=ALGOS[algo])
+                cfg = jaxq.QuantConfig(w_bit=bits, quant_mode=1, act_method=2, quantize_first_last=True, keep_acc=ALGOS[algo],
+                                       bias_correction=args.bias_correction)
                 cal, _, compiles = timed_calibration(p, cfg)
                 m = p.evaluate(cal.model)
                 print(f"{bits:>3} {algo:<22}" + "".join(f"{m[k]:>11.4f}" for k in keys)

@@ -11,10 +11,12 @@ from bridge import Calibrator
 
 
 def parse_args(description: str, models: list[str], argv=None) -> argparse.Namespace:
-    """`--models` and `--threads` (applied to torch here)."""
+    """`--models`, `--threads` (applied to torch here) and `--bias-correction`."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", nargs="*", default=models)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bias-correction", action="store_true",
+                    help="calibrate with QuantConfig(bias_correction=True) (scripts that sweep configs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args

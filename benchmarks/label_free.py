@@ -8,6 +8,7 @@ from common import parse_args, timed_calibration
 CONFIGS = {
     "W8A8 min-max": jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
     "W8A8 sigma=25": jaxq.QuantConfig(quant_mode=1, act_method=0, quantize_first_last=True),
+    "W8A8 hist+BC": jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True, bias_correction=True),
 }
 
 

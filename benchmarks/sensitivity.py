@@ -35,10 +35,12 @@ def main(argv=None):
     for name in args.models:
         p = protocols.PROTOCOLS[name]()
         key = "kl" if name == "efficientnet_lite0" else "mean_cos"
-        cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True, w_bit=4)
+        cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True, w_bit=4,
+                               bias_correction=args.bias_correction)
         cal, _, _ = timed_calibration(p, cfg)
         table = cal.sensitivity()
-        print(f"\n{name} W4A8 histogram — {key} after falling back k layers")
+        bc = ", bias correction" if args.bias_correction else ""
+        print(f"\n{name} W4A8 histogram{bc} — {key} after falling back k layers")
         print(f"{'ranking':<14}" + "".join(f"{'k=' + str(k):>10}" for k in AMP))
         for metric in ("mse", "relative_mse", "isolated"):
             order = table.ranked(metric)
