@@ -97,6 +97,8 @@ def load_config(args) -> "jaxq.QuantConfig":  # noqa: F821
         fields["input_shape"] = [int(d) for d in args.input_shape.split(",")]
     if args.quantize_all:
         fields["quantize_first_last"] = True
+    if args.bias_correction:
+        fields["bias_correction"] = True
     unknown = set(fields) - {f for f in jaxq.QuantConfig.__dataclass_fields__}
     if unknown:
         raise CLIError(f"--config has unknown QuantConfig fields {sorted(unknown)}")
@@ -129,7 +131,8 @@ def run_quantize(args) -> int:
         files += cal.export_quant_onnx(args.onnx_name, out)
     rows = [
         ("model", args.model),
-        ("config", f"W{cfg.w_bit}A{cfg.a_bit if cfg.act_quant else '-'} quant_mode={cfg.quant_mode} act_method={cfg.act_method}"),
+        ("config", f"W{cfg.w_bit}A{cfg.a_bit if cfg.act_quant else '-'} quant_mode={cfg.quant_mode} act_method={cfg.act_method}"
+                   + (" bias_correction" if cfg.bias_correction else "")),
         ("quantized layers", f"{len(cal.quantized_names)} of {len(cal.specs)} (float: {sorted(cal.disabled) or 'none'})"),
         ("Conv+BN folded", str(len(cal.fused))),
         ("calibration time", f"{seconds:.2f} s"),
@@ -157,6 +160,7 @@ def add_parser(sub) -> None:
     q.add_argument("--quant-mode", type=int)
     q.add_argument("--input-shape", help="data-free virtual input shape, e.g. 1,3,224,224")
     q.add_argument("--quantize-all", action="store_true", help="quantize the first and last layer too")
+    q.add_argument("--bias-correction", action="store_true", help="correct each layer's bias for its weight rounding")
     q.add_argument("--export", nargs="*", help=f"any of {EXPORTS} (default: params)")
     q.add_argument("--onnx-name", default="model", help="file stem of the ONNX export")
     q.add_argument("--out", default="jaxq_out", help="output directory")

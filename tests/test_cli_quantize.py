@@ -61,3 +61,13 @@ def test_quantize_flags_override_config(project, capsys):
 def test_quantize_errors(project, argv, message, capsys):
     assert main(["quantize", *argv, "--no-progress"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_quantize_bias_correction_flag_reaches_the_params(project, capsys):
+    from safetensors.numpy import load_file
+
+    rc = main(["quantize", "--model", "mymodels:build", "--calib-data", "calib.pt", "--config", "cfg.json",
+               "--bias-correction", "--out", "bc", "--no-progress"])
+    assert rc == 0, capsys.readouterr().out
+    tensors = load_file(str(project / "bc" / "quant_params.safetensors"))
+    assert any(k.endswith(".bias_correction") for k in tensors)
