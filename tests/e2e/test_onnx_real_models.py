@@ -23,6 +23,8 @@ def test_efficientnet_qdq_onnx(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     p = protocols.efficientnet_lite0()
     cal = Calibrator(p.make_model(), CFG, p.calib_data, progress=False).run()
+    m = p.evaluate(cal.model)  # plain histogram W8A8 (bias correction: test_calibration_modes)
+    assert m["agreement"] >= 0.875 and m["kl"] <= 0.038, m
     (path,) = cal.export_quant_onnx("efficientnet_lite0", tmp_path)
     x = zoo.image_crops(16, seed=5)  # other crops, another batch size
     y = onnx_session(path).run(None, {"input_0": x.numpy()})[0]
@@ -51,6 +53,8 @@ def test_minilm_qdq_onnx(tmp_path):
 
     p = protocols.minilm()
     cal = Calibrator(p.make_model(), CFG, p.calib_data, progress=False).run()
+    m = p.evaluate(cal.model)  # plain histogram W8A8
+    assert m["mean_cos"] >= 0.9944 and m["min_cos"] >= 0.985, m
     tok = zoo.minilm()[0]
     batches = zoo.text_batches(tok, zoo.text_passages()[400:464], batch_size=16)  # dynamic batch and length
     # the calibration batches hold one unpadded passage: trace a padded one so the
