@@ -127,9 +127,9 @@ def test_reload_errors(tmp_path, digits_model):
         load_quantized(digits_model, tmp_path)
 
 
-@pytest.mark.parametrize("bias_correction", [False, True])
-def test_torch_export_and_compile(digits_model, digits_calib, bias_correction):
-    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=bias_correction)
+def test_torch_export_and_compile(digits_model, digits_calib):
+    # with bias correction: the bias parametrization traces (the ONNX export tests run torch.export on it)
+    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=True)
     cal = Calibrator(digits_model, cfg, digits_calib, progress=False).run()
     x = digits_calib[0][:8]
     with torch.no_grad():

@@ -34,8 +34,9 @@ def test_batch_histogram_matches_numpy_and_ignores_padding():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=8, max_size=8),
-       st.floats(-5, 5), st.floats(0.1, 5), st.floats(0, 5), st.floats(0, 5))
+@given(st.lists(st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=8, max_size=8),
+       st.floats(-5, 5, allow_subnormal=False, width=32), st.floats(0.1, 5), st.floats(0, 5, allow_subnormal=False, width=32),
+       st.floats(0, 5, allow_subnormal=False, width=32))
 def test_rebin_conserves_mass(counts, lo, width, grow_lo, grow_hi):
     hist = jnp.asarray(np.array(counts, np.float32))
     new = rebin(hist, jnp.float32(lo), jnp.float32(lo + width), jnp.float32(lo - grow_lo), jnp.float32(lo + width + grow_hi))

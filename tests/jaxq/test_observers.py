@@ -86,11 +86,12 @@ def test_sigma_statistic_matches_reference_over_batches(sigma, kind):
 
 @settings(max_examples=100, deadline=None)
 @given(
-    lo=st.floats(-50, 50, allow_nan=False),
-    span=st.floats(0, 100, allow_nan=False),
-    std_all=st.floats(0, 50, allow_nan=False),
-    std_pos=st.floats(0, 50, allow_nan=False),
-    sigma=st.floats(0, 30, allow_nan=False),
+    # XLA on CPU flushes subnormals to zero (lo = -1e-45 came back as -0.0): keep them out
+    lo=st.floats(-50, 50, allow_nan=False, allow_subnormal=False, width=32),
+    span=st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32),
+    std_all=st.floats(0, 50, allow_nan=False, allow_subnormal=False, width=32),
+    std_pos=st.floats(0, 50, allow_nan=False, allow_subnormal=False, width=32),
+    sigma=st.floats(0, 30, allow_nan=False, allow_subnormal=False, width=32),
 )
 def test_sigma_range_never_wider_than_observed(lo, span, std_all, std_pos, sigma):
     hi = lo + span
@@ -125,7 +126,7 @@ def test_channel_minmax():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=3000), st.floats(-5, 5))
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=3000), st.floats(-5, 5, allow_subnormal=False, width=32))
 def test_buffer_moments_ignore_padding(values, offset):
     from jaxq.observers import buffer_moments
 
