@@ -24,8 +24,8 @@ import numpy as np
 from jaxq import QParams, QScheme, quantize
 
 
-class _FakeQuantWeight(nn.Module):
-    """Parametrization `W ↦ Ŵ` reading the owning wrapper's buffers and switch.
+class _OwnedParametrization(nn.Module):
+    """A parametrization that reads its owning wrapper's buffers and switch.
 
     The owner is kept out of the module tree (a plain attribute), so the wrapper does not
     contain itself.
@@ -34,6 +34,10 @@ class _FakeQuantWeight(nn.Module):
     def __init__(self, owner: "QuantWrapper"):
         super().__init__()
         self.__dict__["owner"] = owner
+
+
+class _FakeQuantWeight(_OwnedParametrization):
+    """Parametrization `W ↦ Ŵ`."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["owner"]
@@ -47,12 +51,8 @@ class _FakeQuantWeight(nn.Module):
         return wq.to(w.dtype)
 
 
-class _CorrectedBias(nn.Module):
+class _CorrectedBias(_OwnedParametrization):
     """Parametrization `b ↦ b + δ` (bias correction) while the owner's quantization is on."""
-
-    def __init__(self, owner: "QuantWrapper"):
-        super().__init__()
-        self.__dict__["owner"] = owner
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["owner"]

@@ -189,7 +189,6 @@ def fold_weight_quantizers(model: "onnx.ModelProto") -> "onnx.ModelProto":
     return model
 
 
-
 def onnx_session(path, **options):
     """An onnxruntime session that runs the exported QDQ graph as written
     (DequantizeLinear → float op → QuantizeLinear), for checking it against the torch model.

@@ -67,8 +67,6 @@ class RowCapture:
         self.modules, self.specs, self.rows, self.check = modules, specs, rows, check
         self._rng = {n: np.random.default_rng([seed, i]) for i, n in enumerate(modules)}
         self._parts: dict[str, list[np.ndarray]] = {n: [] for n in modules}
-        self._sums: dict[str, np.ndarray] = {}
-        self._counts: dict[str, int] = {n: 0 for n in modules}
         self._handles = []
 
     def _hook(self, name: str, module: nn.Module, inputs, output) -> None:
@@ -84,9 +82,6 @@ class RowCapture:
         if self.check and not self._parts[name]:
             check_rows(name, spec, module, rows, _output_rows(spec, output, index))
         self._parts[name].append(rows)
-        part_sum = rows.sum(axis=0, dtype=np.float64)
-        self._sums[name] = self._sums[name] + part_sum if name in self._sums else part_sum
-        self._counts[name] += rows.shape[0]
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -101,18 +96,20 @@ class RowCapture:
 
     def mean_rows(self) -> dict[str, np.ndarray]:
         """`E[row]` `[g, d]` per layer over every row sampled from every batch (float32)."""
-        missing = [n for n, c in self._counts.items() if c == 0]
-        if missing:
-            raise RuntimeError(f"layer {missing[0]!r} was never called on the calibration data; keep it in float")
-        return {n: (self._sums[n] / self._counts[n]).astype(np.float32) for n in self._parts}
+        return {n: np.concatenate(self._called(n, parts)).mean(axis=0, dtype=np.float64).astype(np.float32)
+                for n, parts in self._parts.items()}
+
+    @staticmethod
+    def _called(name: str, parts: list) -> list:
+        if not parts:
+            raise RuntimeError(f"layer {name!r} was never called on the calibration data; keep it in float")
+        return parts
 
     def result(self) -> dict[str, np.ndarray]:
         """At most `rows` rows per layer, sampled uniformly from what every batch gave."""
         out = {}
         for name, parts in self._parts.items():
-            if not parts:
-                raise RuntimeError(f"layer {name!r} was never called on the calibration data; keep it in float")
-            rows = np.concatenate(parts)
+            rows = np.concatenate(self._called(name, parts))
             if rows.shape[0] > self.rows:
                 keep = np.sort(self._rng[name].choice(rows.shape[0], size=self.rows, replace=False))
                 rows = rows[keep]
