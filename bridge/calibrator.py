@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import jaxq
-from bridge.capture import ActivationCapture, check_finite, observer_for
+from bridge.capture import ActivationCapture, check_finite, histogram_observer_for, observer_for
 from bridge.data import (
     CalibrationDataError,
     as_batch,
@@ -171,7 +171,7 @@ class Calibrator:
         corrections = None
         if ka.easy_quant[0] or ka.round_opt or ka.adaround[0] or self.cfg.bias_correction:
             weights, act, corrections = self._keep_accuracy(layers, float_weights, weights, act)
-        self._params = self._collect(layers, weights, act, corrections)
+        self._params = self._collect(layers, weights, act, corrections, nearest=not (ka.round_opt or ka.adaround[0]))
         self.enable_quant()
         if self.cfg.amp_num and not self.fallen_back:  # a second run() keeps the earlier fallback
             table = self.sensitivity(metrics=(self.cfg.amp_metric,))
@@ -356,7 +356,7 @@ class Calibrator:
         enabled = {n: w.quant_enabled for n, w in layers.items()}
         self.disable_quant()
         try:
-            observer = jaxq.histogram_observer(bins=bins or self.cfg.hist_bins, levels=2**self.cfg.a_bit)
+            observer = histogram_observer_for(self.cfg, bins)
             return self._capture(layers, observer)
         finally:
             for n, w in layers.items():
@@ -364,18 +364,23 @@ class Calibrator:
 
     def _capture(self, layers: dict[str, QuantWrapper], observer: jaxq.Observer) -> dict:
         capture = ActivationCapture({n: w.module for n, w in layers.items()}, observer)
-        self._forward_calibration_data(capture, "jaxq calibrate")
+        self._forward_calibration_data(capture, "jaxq calibrate", after_batch=capture.flush)
         return capture.states
 
-    def _forward_calibration_data(self, hooks, desc: str) -> None:
-        """Run the model over every calibration batch with `hooks` (a context manager) active."""
+    def _forward_calibration_data(self, hooks, desc: str, after_batch=None) -> None:
+        """Run the model over every calibration batch with `hooks` (a context manager)
+        active, calling `after_batch()` after each."""
         batches = tqdm(iter_batches(self.calib_data, self.device), total=self._num_batches(),
                        desc=desc, unit="batch", disable=not self.progress)
         with hooks, torch.no_grad():
             for i, batch in batches:
                 run_model(self.model, batch, i)
+                if after_batch is not None:
+                    after_batch()
 
-    def _collect(self, layers, weights, act, corrections=None) -> dict[str, dict[str, np.ndarray]]:
+    def _collect(self, layers, weights, act, corrections=None, nearest=False) -> dict[str, dict[str, np.ndarray]]:
+        """The parameter dicts of `get_quant_params`, also set on the wrappers; `nearest`:
+        the codes are known to round the float weights to nearest (no custom codes)."""
         params = {k: {} for k in PARAM_KEYS}
         qdtype = integer_dtype(self.cfg.w_bit)
         for name, wrapper in layers.items():
@@ -388,11 +393,11 @@ class Calibrator:
                 params["input_offset"][name] = np.asarray(act[name].qparams.offset, np.int32)
             if corrections is not None:
                 params["bias_correction"][name] = corrections[name]
-        self._set_buffers(layers, params)
+        self._set_buffers(layers, params, nearest)
         return params
 
     @staticmethod
-    def _set_buffers(layers: dict[str, QuantWrapper], params: dict) -> None:
+    def _set_buffers(layers: dict[str, QuantWrapper], params: dict, nearest: bool = False) -> None:
         for name, wrapper in layers.items():
             act = name in params["input_scale"]
             wrapper.set_qparams(
@@ -401,7 +406,7 @@ class Calibrator:
                 to_torch(params["input_scale"][name]) if act else None,
                 to_torch(params["input_offset"][name]) if act else None,
             )
-            wrapper.set_weight_codes(custom_codes(wrapper, params["quant_weight"][name]))
+            wrapper.set_weight_codes(None if nearest else custom_codes(wrapper, params["quant_weight"][name]))
             correction = params.get("bias_correction", {}).get(name)
             wrapper.set_bias_correction(None if correction is None else to_torch(correction))
 

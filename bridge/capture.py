@@ -1,8 +1,12 @@
 """Streaming capture of layer-input statistics with forward pre-hooks.
 
-For every batch, each hooked layer's input is flattened into a power-of-two buffer (so
-batches of varying shape reuse one compiled update) and handed to the jitted observer
-update; only the fixed-shape observer state is kept, never the activation itself.
+A hook only copies its layer's input, flattened, into a power-of-two buffer (so batches
+of varying shape reuse one compilation). The observer updates of every layer that ran
+are then applied in one jitted call (`jaxq.update_observers`) at the end of each batch:
+on CPU a separate XLA call per layer costs more in thread-pool overhead than the
+reduction itself. Only the fixed-shape observer states persist; at most one batch of
+activations per layer is held at a time, and less once `max_pending` is reached (the
+pending updates then run early and their buffers are reused).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import jaxq
 from bridge.tensors import to_jax
 
 MIN_BUCKET = 1024
+MAX_PENDING = 1 << 26  # floats (256 MiB) of captured inputs waiting for their update
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -40,24 +45,35 @@ def _fill(buf: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class BufferPool:
-    """One reusable padded buffer per size, with its zero-copy JAX view.
+    """Reusable padded buffers, each with its zero-copy JAX view.
 
-    Reuse avoids page faults of fresh allocations and a DLPack import per call. The
-    JAX view aliases memory that the next `fill` overwrites, so a caller must finish
-    (block on) the computation that reads it first — `ActivationCapture` does.
+    `fill` hands out a free buffer of the right size (allocating one only when all are
+    taken); `release` returns every buffer at once. Reuse avoids page faults of fresh
+    allocations and a DLPack import per call. A view aliases memory that the next
+    `fill` after `release` overwrites, so a caller must finish (block on) every
+    computation that reads the views before releasing — `ActivationCapture` does.
     """
 
     def __init__(self):
-        self._pool: dict[int, tuple[torch.Tensor, jax.Array]] = {}
+        self._free: dict[int, list[tuple[torch.Tensor, jax.Array]]] = {}
+        self._taken: list[tuple[int, tuple[torch.Tensor, jax.Array]]] = []
 
     def fill(self, x: torch.Tensor) -> tuple[jax.Array, int]:
         size = bucket_size(x.numel())
-        if size not in self._pool:
+        free = self._free.setdefault(size, [])
+        if free:
+            entry = free.pop()
+        else:
             buf = torch.empty(size, dtype=torch.float32)
-            self._pool[size] = (buf, to_jax(buf))
-        buf, view = self._pool[size]
-        _, n = _fill(buf, x)
-        return view, n
+            entry = (buf, to_jax(buf))
+        self._taken.append((size, entry))
+        _, n = _fill(entry[0], x)
+        return entry[1], n
+
+    def release(self) -> None:
+        for size, entry in reversed(self._taken):  # reversed: the next batch takes them in the same order
+            self._free[size].append(entry)
+        self._taken.clear()
 
 
 def observer_for(cfg: jaxq.QuantConfig, num_batches: int | None) -> jaxq.Observer:
@@ -68,7 +84,13 @@ def observer_for(cfg: jaxq.QuantConfig, num_batches: int | None) -> jaxq.Observe
         if cfg.minmax_combine == "running":
             return jaxq.running_minmax()
         return jaxq.batch_percentile_minmax(capacity=_capacity(num_batches))
-    return jaxq.histogram_observer(bins=cfg.hist_bins, levels=2**cfg.a_bit)
+    return histogram_observer_for(cfg)
+
+
+def histogram_observer_for(cfg: jaxq.QuantConfig, bins: int | None = None) -> jaxq.Observer:
+    """`cfg`'s histogram observer (`bins` overrides `cfg.hist_bins`)."""
+    rows = -(-cfg.hist_samples // jaxq.observers.ROW)
+    return jaxq.histogram_observer(bins=bins or cfg.hist_bins, levels=2**cfg.a_bit, max_rows=rows)
 
 
 def _capacity(num_batches: int | None) -> int:
@@ -77,22 +99,47 @@ def _capacity(num_batches: int | None) -> int:
 
 
 class ActivationCapture:
-    """Forward pre-hooks that stream layer inputs into observer states."""
+    """Forward pre-hooks that stream layer inputs into observer states.
 
-    def __init__(self, layers: dict[str, nn.Module], observer: jaxq.Observer):
+    Inputs wait in the buffer pool until `flush()` (called after every batch, and on
+    exit) applies all their updates in one compiled call. A layer that runs twice in one
+    forward pass, or pending inputs beyond `max_pending` floats, flush early.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], observer: jaxq.Observer, max_pending: int = MAX_PENDING):
         self.observer = observer
-        self.states = {name: observer.init() for name in layers}
+        initial = observer.init()  # immutable arrays: every layer may share them
+        self.states = {name: initial for name in layers}
+        self.max_pending = max_pending
         self._layers = layers
         self._handles: list = []
         self._pool = BufferPool()
+        self._pending: dict[str, tuple[jax.Array, int]] = {}
+        self._pending_size = 0
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
+            if name in self._pending or self._pending_size + x.numel() > self.max_pending:
+                self.flush()
             view, n = self._pool.fill(x)
-            state = jaxq.update_observer(self.states[name], view, np.int32(n), self.observer)
-            self.states[name] = jax.block_until_ready(state)  # the pool reuses `view`
+            self._pending[name] = (view, n)
+            self._pending_size += view.shape[0]
         return hook
+
+    def flush(self) -> None:
+        """Apply every pending input to its layer's state (one jitted call)."""
+        if not self._pending:
+            return
+        names = list(self._pending)
+        views = tuple(self._pending[n][0] for n in names)
+        n_valid = np.array([self._pending[n][1] for n in names], np.int32)
+        states = jaxq.update_observers(tuple(self.states[n] for n in names), views, n_valid, self.observer)
+        jax.block_until_ready(states)  # the pool reuses the views' memory
+        self.states.update(zip(names, states))
+        self._pending.clear()
+        self._pending_size = 0
+        self._pool.release()
 
     def __enter__(self):
         for name, module in self._layers.items():
@@ -103,6 +150,12 @@ class ActivationCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if exc[0] is None:
+            self.flush()
+        else:  # the forward failed: drop what it captured
+            self._pending.clear()
+            self._pending_size = 0
+            self._pool.release()
         return False
 
 

@@ -10,6 +10,7 @@ from jaxq.calibrate import (
     quantize_weight,
     quantize_weights,
     update_observer,
+    update_observers,
 )
 from jaxq.config import KeepAcc, QuantConfig
 from jaxq.histogram import HistogramState, histogram_observer, l2_optimal_bins
@@ -33,5 +34,5 @@ __all__ = [
     "AdaRoundParams", "ActivationResult", "accuracy", "rows", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
     "QuantizedWeight", "apply", "batch_percentile_minmax", "channel_minmax", "compile_count",
     "dequantize", "fake_quant", "finalize_activations", "qparams_from_range", "quantize",
-    "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "sweep", "update_observer",
+    "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "sweep", "update_observer", "update_observers",
 ]

@@ -152,6 +152,10 @@ class QuantConfig:
           `"running"` (absolute min and max over all batches).
       seed: seed of the virtual data of data-free mode.
       hist_bins: bins of the histogram observer (`act_method=2`), 2048 as torch.ao.
+      hist_samples: values of each batch that the histogram observer bins per layer, as
+          contiguous blocks of 1024 evenly spaced through the batch (counts weighted back
+          to the full batch); min and max still come from every value. 0 bins every
+          value. The default 2^18 keeps histogram calibration near the float forward time.
       virtual_data: data-free inputs without `calib_data`: `"uniform"` (msModelSlim's one
           `torch.rand(input_shape)` sample) or `"bn_stats"` (inputs optimised so every
           BatchNorm sees its running statistics, ZeroQ-style). The batch dimension of
@@ -196,6 +200,7 @@ class QuantConfig:
     minmax_combine: str = "batch_percentile"
     seed: int = 0
     hist_bins: int = 2048
+    hist_samples: int = 1 << 18
     virtual_data: str = "uniform"
     virtual_steps: int = 200
     virtual_lr: float = 0.2
@@ -228,6 +233,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
         if not _is_int(self.hist_bins) or not 16 <= self.hist_bins <= 65536:
             raise ValueError(f"QuantConfig.hist_bins={self.hist_bins!r} must be an int in [16, 65536]")
+        if not _is_int(self.hist_samples) or self.hist_samples < 0:
+            raise ValueError(f"QuantConfig.hist_samples={self.hist_samples!r} must be an int ≥ 0 (0 = every value)")
         if self.virtual_data not in VIRTUAL_DATA:
             raise ValueError(f"QuantConfig.virtual_data={self.virtual_data!r} is not allowed; choose one of {VIRTUAL_DATA}")
         if not _is_int(self.virtual_steps) or self.virtual_steps < 1:

@@ -21,9 +21,9 @@ walks a greedy path that stops at the first increase. jaxq searches every pair `
    non-negative terms (`A[s+1] = A[s] + N[s] + c_s/2`,
    `Q[s+1] = Q[s] + 2A[s] + N[s] + c_s/4`, `N` the count prefix), so float32 suffers no
    cancellation.
-2. The model's `top_k` best candidates, its best start for each of `WIDTHS` widths, the
-   flush-left/right candidates of those widths and the full range are scored exactly;
-   the best is refined by exact-error coordinate descent on both edges. The model is
+2. The `top_k` starts with the best modelled candidates (each with its best end), the
+   model's best start for each of `WIDTHS` widths, the flush-left/right candidates of
+   those widths and the full range are scored exactly; the best is refined by exact-error coordinate descent on both edges. The model is
    exact for smooth histograms but not for spikes; step 2 is what makes the search
    exact where it matters.
 """
@@ -35,10 +35,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxq.observers import Observer, _note_bad, as_rows, buffer_minmax, valid_mask
+from jaxq.observers import ROW, Observer, _note_bad, as_rows, buffer_minmax
 
 DEFAULT_BINS = 2048
+DEFAULT_SAMPLE_ROWS = 256  # 2^18 values binned per layer and batch
 TOP_K = 64
+SEED_BINS = 2048  # resolution of the modelled search: B² candidates, memory and time
 WIDTHS = 48
 REFINE_STEPS = 64
 
@@ -72,13 +74,27 @@ def _bin_index(x, lo, hi, bins: int):
     return jnp.clip(jnp.floor((x - lo) * (bins / width)), 0, bins - 1).astype(jnp.int32)
 
 
-def batch_histogram(x: jax.Array, n_valid, lo, hi, bins: int) -> jax.Array:
-    """Counts of the first `n_valid` entries of the buffer `x` in `bins` bins over `[lo, hi]`."""
+def batch_histogram(x: jax.Array, n_valid, lo, hi, bins: int, max_rows: int = 0, phase=0) -> jax.Array:
+    """Counts of the first `n_valid` entries of the buffer `x` in `bins` bins over `[lo, hi]`.
+
+    `max_rows > 0` bins a sample: with the buffer as `R` rows of `ROW` values and stride
+    `k = ⌈R / max_rows⌉`, the rows `r ≡ phase (mod k)`, each count weighted `k` (an
+    unbiased estimate of the full counts). Contiguous rows keep the sample cheap; varying
+    `phase` between batches keeps it from aliasing with the layout.
+    """
+    rows = as_rows(x)
+    index = jnp.arange(rows.shape[0], dtype=jnp.int32)[:, None] * ROW + jnp.arange(ROW, dtype=jnp.int32)[None, :]
+    stride = max(1, -(-rows.shape[0] // max_rows)) if max_rows > 0 else 1
+    if stride > 1:
+        pad = (-rows.shape[0]) % stride
+        rows, index = (jnp.pad(a, ((0, pad), (0, 0)), constant_values=c) for a, c in ((rows, 0.0), (index, n_valid)))
+        pick = lambda a: jnp.take(a.reshape(-1, stride, ROW), phase % stride, axis=1)  # noqa: E731
+        rows, index = pick(rows), pick(index)
     # Padding goes to an extra bin that is dropped; an int32 scatter of ones is ~1.5×
     # faster on CPU than a float scatter of mask weights.
-    idx = jnp.where(valid_mask(x, n_valid), _bin_index(as_rows(x), lo, hi, bins), bins)
+    idx = jnp.where(index < n_valid, _bin_index(rows, lo, hi, bins), bins)
     counts = jnp.zeros((bins + 1,), jnp.int32).at[idx.reshape(-1)].add(1)
-    return counts[:bins].astype(jnp.float32)
+    return counts[:bins].astype(jnp.float32) * stride
 
 
 # --- error of a candidate range -----------------------------------------------------------
@@ -157,10 +173,15 @@ def zero_limits(lo, hi, bins: int):
 
 
 def _seed_candidates(model: jax.Array, bins: int, levels: int, top_k: int, zero) -> tuple[jax.Array, jax.Array]:
-    """Starting points: the model's global top-k, and for widths spaced geometrically
-    from `levels` to `B` the model's best start plus both flush positions."""
-    _, flat = jax.lax.top_k(-model.reshape(-1), top_k)
-    starts, ends = [flat // bins], [flat % bins]
+    """Starting points: the `top_k` starts whose best end the model rates best (each with
+    that end), and for widths spaced geometrically from `levels` to `B` the model's best
+    start plus both flush positions."""
+    # Best end per start, then top-k over B starts: a top-k over all B² pairs costs 3×
+    # the model itself on CPU, and its winners crowd around one optimum anyway.
+    row_best = jnp.argmin(model, axis=1).astype(jnp.int32)
+    row_min = jnp.take_along_axis(model, row_best[:, None], axis=1)[:, 0]
+    _, top_starts = jax.lax.top_k(-row_min, top_k)
+    starts, ends = [top_starts.astype(jnp.int32)], [row_best[top_starts]]
     widths = jnp.unique(jnp.geomspace(min(levels, bins), bins, WIDTHS).astype(jnp.int32), size=WIDTHS, fill_value=bins)
     s = jnp.arange(bins)
     for flush in (None, 0, -1):
@@ -207,18 +228,24 @@ def _refine(hist, start, end, err, levels: int, zero):
 def l2_optimal_bins(hist: jax.Array, levels: int, zero=None, top_k: int = TOP_K) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`(start, end, error)` minimising the exact `grid_error` (bin units).
 
-    Global: every pair `s ≤ e` is scored by the O(1) model; the model's best candidates
-    (globally and per width) are scored exactly, and the best of them is refined by
-    exact-error coordinate descent on both edges. `zero = zero_limits(lo, hi, B)`
-    restricts the search to ranges that contain 0, as every quantizer's range does
-    (DESIGN.md §3); `None` searches every range.
+    Global: every pair `s ≤ e` of the histogram merged to at most `SEED_BINS` bins is
+    scored by the O(1) model; the model's best candidates (globally and per width) are
+    scored exactly at full resolution, and the best of them is refined by exact-error
+    coordinate descent on both edges. `zero = zero_limits(lo, hi, B)` restricts the
+    search to ranges that contain 0, as every quantizer's range does (DESIGN.md §3);
+    `None` searches every range.
     """
     bins = hist.shape[0]
     if zero is None:
         zero = (jnp.int32(bins - 1), jnp.int32(0))
-    model = jnp.where(_contains_zero(jnp.arange(bins)[:, None], jnp.arange(bins)[None, :], zero),
-                      model_errors(hist, levels), jnp.inf)
-    starts, ends = _seed_candidates(model, bins, levels, top_k, zero)
+    merge = -(-bins // SEED_BINS)
+    coarse = jnp.pad(hist, (0, (-bins) % merge)).reshape(-1, merge).sum(axis=1)
+    cbins = coarse.shape[0]
+    czero = (zero[0] // merge, zero[1] // merge)  # coarse candidates with 0 inside keep it at full resolution
+    idx = jnp.arange(cbins)
+    model = jnp.where(_contains_zero(idx[:, None], idx[None, :], czero), model_errors(coarse, levels), jnp.inf)
+    starts, ends = _seed_candidates(model, cbins, levels, top_k, czero)
+    starts, ends = starts * merge, jnp.minimum(ends * merge + merge - 1, bins - 1)
     exact = _exact(hist, starts, ends, levels, zero)
     best = jnp.argmin(exact)
     return _refine(hist, starts[best], ends[best], exact[best], levels, zero)
@@ -233,8 +260,12 @@ def bins_to_range(lo, hi, start, end, bins: int) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.lru_cache(maxsize=None)
-def histogram_observer(bins: int = DEFAULT_BINS, levels: int = 256) -> Observer:
-    """`act_method=2`: streaming histogram, then the L2-optimal range for `levels` levels."""
+def histogram_observer(bins: int = DEFAULT_BINS, levels: int = 256, max_rows: int = DEFAULT_SAMPLE_ROWS) -> Observer:
+    """`act_method=2`: streaming histogram, then the L2-optimal range for `levels` levels.
+
+    Each update takes the exact min/max of the whole batch (the range never misses a
+    value) but bins at most `max_rows·ROW` of its values (`batch_histogram`; 0: all).
+    """
 
     def init():
         return HistogramState(
@@ -245,7 +276,7 @@ def histogram_observer(bins: int = DEFAULT_BINS, levels: int = 256) -> Observer:
         blo, bhi = buffer_minmax(x)
         new_lo, new_hi = jnp.minimum(state.lo, blo), jnp.maximum(state.hi, bhi)
         old = jnp.where(state.count > 0, rebin(state.hist, state.lo, state.hi, new_lo, new_hi), 0.0)
-        hist = old + batch_histogram(x, n_valid, new_lo, new_hi, bins)
+        hist = old + batch_histogram(x, n_valid, new_lo, new_hi, bins, max_rows, state.count)
         return HistogramState(hist, new_lo, new_hi, state.count + 1, _note_bad(state.first_bad, state.count, blo, bhi))
 
     def finalize(state):

@@ -60,6 +60,7 @@ def test_bit_widths_accepted(bits):
         (dict(sigma=-1), ["sigma"]),
         (dict(device="tpu"), ["device", "tpu", "npu"]),
         (dict(minmax_combine="median"), ["minmax_combine", "running"]),
+        (dict(hist_samples=-1), ["hist_samples", "-1", "every value"]),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(kwargs, words):

@@ -33,6 +33,32 @@ def test_batch_histogram_matches_numpy_and_ignores_padding():
     assert np.abs(ours - ref).sum() <= 4  # edge rounding of a few values only
 
 
+@pytest.mark.parametrize("phase", [0, 1, 3])
+def test_sampled_histogram_weights_rows_back_to_the_full_count(phase):
+    rng = np.random.default_rng(2)
+    x = np.abs(rng.standard_normal(60_000)).astype(np.float32)
+    buf, n = _padded(x, 1 << 16)  # 64 rows of 1024, 59 of them (partly) valid
+    lo, hi = jnp.float32(0.0), jnp.float32(x.max())
+    full = np.asarray(batch_histogram(buf, n, lo, hi, 32))
+    sampled = np.asarray(batch_histogram(buf, n, lo, hi, 32, max_rows=16, phase=phase))  # stride 4
+    rows = np.arange(64)[phase % 4::4]
+    kept = np.concatenate([x[r * 1024:(r + 1) * 1024] for r in rows])
+    ref, _ = np.histogram(kept, bins=32, range=(0.0, float(x.max())))
+    assert np.abs(sampled - 4 * ref).sum() <= 4 * 4  # exactly the rows r ≡ phase (mod 4), weighted 4
+    np.testing.assert_allclose(sampled.sum(), full.sum(), rtol=0.05)  # 15 of 59 valid rows, ×4
+    assert np.abs(sampled - full).sum() / full.sum() < 0.05
+
+
+def test_sampled_observer_keeps_the_exact_extremes():
+    x = np.zeros(1 << 16, np.float32)
+    x[5] = -3.0  # row 0
+    x[40_000] = 7.0  # row 39: not a row a stride-4 sample at phase 0 bins
+    obs = jaxq.histogram_observer(64, 256, max_rows=16)
+    state = jaxq.update_observer(obs.init(), jnp.asarray(x), jnp.int32(x.size), obs)
+    assert float(state.lo) == -3.0 and float(state.hi) == 7.0
+    assert float(state.hist.sum()) == x.size
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=8, max_size=8),
        st.floats(-5, 5, allow_subnormal=False, width=32), st.floats(0.1, 5), st.floats(0, 5, allow_subnormal=False, width=32),
