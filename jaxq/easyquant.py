@@ -10,7 +10,9 @@ rows `X_q` at the same positions (`X_q = X` to optimise against float inputs), a
 
 with `grid = linspace(0.5, 2, candidates)` and the zero points kept. The current scale is
 always a candidate and a new one is taken only when it is strictly better, so the cosine on
-the calibration rows never decreases. The candidate axis is a `vmap`, evaluated in chunks
+the calibration rows never decreases. The search fits `ROWS` rows and a layer keeps the
+found scales only if they also raise its cosine on the next `ROWS` (held out): without
+this check EfficientNet-Lite0 W8A8 reached KL 0.0056 / agreement 0.969, with it 0.0053 / 0.984. The candidate axis is a `vmap`, evaluated in chunks
 (`lax.map`) to bound memory.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ CHUNK = 8
 # Rows the search uses (the first of the sampled ones): the cost is candidates × rows ×
 # weights, and a cosine over a few hundred rows of `out` channels is already a stable score.
 ROWS = 512
+HOLDOUT = True
 
 
 class EasyQuantResult(NamedTuple):
@@ -132,19 +135,27 @@ def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candid
     `[g, out/g, d]`, bias `[out]` or None.
 
     `weight` is per output channel (axis 0 of `[out, d]`); `act` is per tensor, or None
-    for weight-only quantization (then only the weight scales are searched).
+    for weight-only quantization (then only the weight scales are searched). The search
+    fits the first `ROWS` rows; when there are more, the next `ROWS` are held out and the
+    found scales are kept only if they raise the layer cosine there too (else the layer
+    keeps its scales: a better fit that does not generalise is noise).
     """
-    rows, target = rows[:ROWS], target[:ROWS]
-    y = rows_forward(wg, b, target)
+    fit, fit_target = rows[:ROWS], target[:ROWS]
+    y = rows_forward(wg, b, fit_target)
     g, o, d = wg.shape
-    before = layer_cosine(rows, y, wg, b, act, weight)
+    act0, weight0 = act, weight
+    before = layer_cosine(fit, y, wg, b, act, weight)
     for _ in range(rounds):
         if act is not None:
             w_hat = fake_quant(jnp.reshape(wg, (g * o, d)), weight).reshape(g, o, d)
-            act = search_act_scale(rows, y, w_hat, b, act, candidates)
-        rows_hat = rows if act is None else fake_quant(rows, act)
+            act = search_act_scale(fit, y, w_hat, b, act, candidates)
+        rows_hat = fit if act is None else fake_quant(fit, act)
         weight = search_weight_scales(rows_hat, y, wg, b, weight, candidates)
-    return EasyQuantResult(act, weight, before, layer_cosine(rows, y, wg, b, act, weight))
+    if HOLDOUT and rows.shape[0] > ROWS:
+        held, y_held = rows[ROWS:2 * ROWS], rows_forward(wg, b, target[ROWS:2 * ROWS])
+        keep = layer_cosine(held, y_held, wg, b, act, weight) > layer_cosine(held, y_held, wg, b, act0, weight0)
+        act, weight = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), (act, weight), (act0, weight0))
+    return EasyQuantResult(act, weight, before, layer_cosine(fit, y, wg, b, act, weight))
 
 
 @functools.partial(jax.jit, static_argnames=("candidates", "rounds"))

@@ -79,3 +79,26 @@ def test_weight_only_searches_weights_only():
     res = easy_quant(x[:, None, :], x[:, None, :], grouped_weight(spec, w), b, None, weight, 11)
     assert res.act is None
     assert float(res.cosine_after) >= float(res.cosine_before)
+
+
+def _two_halves(held_scale):
+    """1024 rows: the search fits the first 512; the next 512 are held out, `held_scale`× larger."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1024, 24)).astype(np.float32)
+    x[[0, 1, 512, 513]] *= 6  # a few outlier rows in each half
+    x[512:] *= held_scale
+    w = (rng.standard_t(3, (12, 24)) * 0.2).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w), jnp.asarray(rng.standard_normal(12).astype(np.float32))
+
+
+@pytest.mark.parametrize("held_scale, kept", [(1.0, False), (4.0, True)])
+def test_scales_that_do_not_help_held_out_rows_are_not_taken(held_scale, kept):
+    x, w, b = _two_halves(held_scale)
+    act = jaxq.qparams_from_range(x.min(), x.max(), ACT)
+    weight = jaxq.quantize_weight(w, W4).qparams
+    spec = LayerSpec("l", "linear", has_bias=True)
+    res = easy_quant(x[:, None, :], x[:, None, :], grouped_weight(spec, w), b, act, weight, 21)
+    # equal halves: the fitted scales generalise and are taken; a 4× larger held-out half
+    # is clipped by the activation scale fitted to the first: the layer keeps its scales
+    assert (float(res.act.scale) == float(act.scale)) == kept
+    assert np.array_equal(np.asarray(res.weight.scale), np.asarray(weight.scale)) == kept
