@@ -115,17 +115,22 @@ class ActivationCapture:
         self._handles: list = []
         self._pool = BufferPool()
         self._pending: dict[str, tuple[jax.Array, int]] = {}
-        self._pending_size = 0
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
-            if name in self._pending or self._pending_size + x.numel() > self.max_pending:
+            if name in self._pending or self._pending_floats() + x.numel() > self.max_pending:
                 self.flush()
-            view, n = self._pool.fill(x)
-            self._pending[name] = (view, n)
-            self._pending_size += view.shape[0]
+            self._pending[name] = self._pool.fill(x)
         return hook
+
+    def _pending_floats(self) -> int:
+        return sum(view.shape[0] for view, _ in self._pending.values())
+
+    def _discard(self) -> None:
+        """Forget the pending inputs and return their buffers to the pool."""
+        self._pending.clear()
+        self._pool.release()
 
     def flush(self) -> None:
         """Apply every pending input to its layer's state (one jitted call)."""
@@ -137,9 +142,7 @@ class ActivationCapture:
         states = jaxq.update_observers(tuple(self.states[n] for n in names), views, n_valid, self.observer)
         jax.block_until_ready(states)  # the pool reuses the views' memory
         self.states.update(zip(names, states))
-        self._pending.clear()
-        self._pending_size = 0
-        self._pool.release()
+        self._discard()
 
     def __enter__(self):
         for name, module in self._layers.items():
@@ -153,9 +156,7 @@ class ActivationCapture:
         if exc[0] is None:
             self.flush()
         else:  # the forward failed: drop what it captured
-            self._pending.clear()
-            self._pending_size = 0
-            self._pool.release()
+            self._discard()
         return False
 
 

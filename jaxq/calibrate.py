@@ -23,8 +23,6 @@ from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
 
 
-FINALIZE_CHUNK = 1
-
 
 class QuantizedWeight(NamedTuple):
     """Per-channel `QParams` and the integer weight `q` with `W ≈ (q − o)·s`."""
@@ -109,7 +107,7 @@ def finalize_activation_bucket(states, observer: Observer, scheme: QScheme) -> A
 
     # lax.map one layer at a time: vmap batches the searches' while loops and [B, B] model
     # matrices, measured 2–3× slower on CPU than a sequential map
-    return jax.lax.map(one, states, batch_size=FINALIZE_CHUNK)
+    return jax.lax.map(one, states)
 
 
 def finalize_activations(states: Mapping[str, object], observer: Observer, scheme: QScheme) -> dict[str, ActivationResult]:
