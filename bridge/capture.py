@@ -23,6 +23,7 @@ from bridge.tensors import to_jax
 
 MIN_BUCKET = 1024
 MAX_PENDING = 1 << 26  # floats (256 MiB) of captured inputs waiting for their update
+NUMPY_COPY_MAX = 1 << 18  # floats; above this torch's two-thread copy is faster
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -34,14 +35,22 @@ def bucket_size(n: int) -> int:
     return max(MIN_BUCKET, 1 << math.ceil(math.log2(max(n, 1))))
 
 
-def _fill(buf: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Copy `x` flattened into `buf`; the tail repeats `x`'s first entry (the observers'
-    padding contract)."""
+def _fill(buf: torch.Tensor, array: np.ndarray, x: torch.Tensor) -> int:
+    """Copy `x` flattened into `buf` (`array` is its NumPy view); the tail repeats `x`'s
+    first entry (the observers' padding contract). Returns the number of valid entries.
+
+    float32 CPU inputs go through NumPy: a single-threaded memcpy, where torch's `copy_`
+    of a mid-sized tensor pays an OpenMP fork/join that costs more than the copy."""
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    buf[:n].copy_(flat)
-    buf[n:].fill_(float(flat[0]) if n else 0.0)
-    return buf, n
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and n <= NUMPY_COPY_MAX:
+        src = flat.numpy()
+        array[:n] = src
+        array[n:] = src[0] if n else 0.0
+    else:
+        buf[:n].copy_(flat)
+        buf[n:].fill_(float(flat[0]) if n else 0.0)
+    return n
 
 
 class BufferPool:
@@ -55,8 +64,8 @@ class BufferPool:
     """
 
     def __init__(self):
-        self._free: dict[int, list[tuple[torch.Tensor, jax.Array]]] = {}
-        self._taken: list[tuple[int, tuple[torch.Tensor, jax.Array]]] = []
+        self._free: dict[int, list[tuple[torch.Tensor, np.ndarray, jax.Array]]] = {}
+        self._taken: list[tuple[int, tuple[torch.Tensor, np.ndarray, jax.Array]]] = []
 
     def fill(self, x: torch.Tensor) -> tuple[jax.Array, int]:
         size = bucket_size(x.numel())
@@ -65,10 +74,10 @@ class BufferPool:
             entry = free.pop()
         else:
             buf = torch.empty(size, dtype=torch.float32)
-            entry = (buf, to_jax(buf))
+            entry = (buf, buf.numpy(), to_jax(buf))
         self._taken.append((size, entry))
-        _, n = _fill(entry[0], x)
-        return entry[1], n
+        n = _fill(*entry[:2], x)
+        return entry[2], n
 
     def release(self) -> None:
         for size, entry in reversed(self._taken):  # reversed: the next batch takes them in the same order

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq.observers import ROW, Observer, _note_bad, as_rows, buffer_minmax, valid_mask
 
@@ -124,7 +125,9 @@ def grid_error(hist: jax.Array, start, end, levels: int) -> jax.Array:
     above = (jnp.maximum(b - length, 0.0) ** 3 - jnp.maximum(a - length, 0.0) ** 3) / 3.0
     lo_in, hi_in = jnp.clip(a, 0.0, length), jnp.clip(b, 0.0, length)
     inside = H(hi_in) - H(lo_in)
-    return jnp.sum(hist * (below + above + inside))
+    # A dot, not `sum(hist · terms)`: vmapped over candidates it is a matrix-vector
+    # product, ~10× faster on CPU than XLA's fused multiply-reduce.
+    return jnp.dot(below + above + inside, hist, precision=jax.lax.Precision.HIGHEST)
 
 
 def _side_moments(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -170,29 +173,35 @@ def zero_limits(lo, hi, bins: int):
     return smax, emin
 
 
+def first_index_of_min(a: jax.Array, row_min: jax.Array) -> jax.Array:
+    """`argmin(a, axis=1)` given the row minima: `min {j : a[i, j] = row_min[i]}`.
+
+    Two plain reductions instead of XLA's (value, index) reduce, which does not vectorise
+    on CPU and costs more than the whole `[B, B]` model."""
+    j = jnp.arange(a.shape[1], dtype=jnp.int32)
+    return jnp.min(jnp.where(a == row_min[:, None], j[None, :], a.shape[1]), axis=1)
+
+
 def _seed_candidates(model: jax.Array, bins: int, levels: int, top_k: int, zero) -> tuple[jax.Array, jax.Array]:
     """Starting points: the `top_k` starts whose best end the model rates best (each with
     that end), and for widths spaced geometrically from `levels` to `B` the model's best
     start plus both flush positions."""
     # Best end per start, then top-k over B starts: a top-k over all B² pairs costs 3×
     # the model itself on CPU, and its winners crowd around one optimum anyway.
-    row_best = jnp.argmin(model, axis=1).astype(jnp.int32)
-    row_min = jnp.take_along_axis(model, row_best[:, None], axis=1)[:, 0]
+    row_min = jnp.min(model, axis=1)
+    row_best = first_index_of_min(model, row_min)
     _, top_starts = jax.lax.top_k(-row_min, top_k)
     starts, ends = [top_starts.astype(jnp.int32)], [row_best[top_starts]]
-    widths = jnp.unique(jnp.geomspace(min(levels, bins), bins, WIDTHS).astype(jnp.int32), size=WIDTHS, fill_value=bins)
+    distinct = np.unique(np.geomspace(min(levels, bins), bins, WIDTHS).astype(np.int32))
+    widths = jnp.asarray(np.pad(distinct, (0, WIDTHS - distinct.size), constant_values=bins))
     s = jnp.arange(bins)
-    for flush in (None, 0, -1):
-        def best_start(width, flush=flush):
-            if flush == 0:
-                return jnp.int32(0)
-            if flush == -1:
-                return bins - width
-            e = jnp.clip(s + width - 1, 0, bins - 1)
-            ok = (s + width - 1 < bins) & _contains_zero(s, e, zero)
-            row = jnp.where(ok, model[s, e], jnp.inf)
-            return jnp.argmin(row).astype(jnp.int32)
-        st = jax.vmap(best_start)(widths)
+
+    def errors_by_start(width):  # modelled error of every start at this width (inf: invalid)
+        e = jnp.clip(s + width - 1, 0, bins - 1)
+        return jnp.where((s + width - 1 < bins) & _contains_zero(s, e, zero), model[s, e], jnp.inf)
+
+    by_start = jax.vmap(errors_by_start)(widths)  # [WIDTHS, B]
+    for st in (first_index_of_min(by_start, jnp.min(by_start, axis=1)), jnp.zeros_like(widths), bins - widths):
         starts.append(st)
         ends.append(st + widths - 1)
     starts.append(jnp.array([0]))

@@ -71,3 +71,34 @@ def test_jax_division_would_not_be_exact():
         by_division = np.clip(np.round(x / s), -128, 127) * s
         mismatches += int((by_division != ref).sum())
     assert mismatches > 0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_wrapper_cpu_fast_path_is_bit_exact(scheme):
+    """QuantWrapper's eager CPU activation path equals torch's op bit for bit (sign of
+    zero included) on finite input; it keeps NaN where torch writes qmin."""
+    from bridge.fakequant import fake_quant_per_tensor_cpu
+
+    rng = np.random.default_rng(scheme.bits * 3 + scheme.signed)
+    for lo, hi in [(-1.3, 2.7), (0.0, 6.0), (-0.013, 0.004), (-350.0, 20.0)]:
+        qp = qparams_from_range(lo, hi, scheme)
+        s, o = float(qp.scale), int(qp.offset)
+        x = torch.from_numpy(np.concatenate([_values(rng, s, o, scheme.qmin, scheme.qmax), np.float32([np.inf, -np.inf])]))
+        ref = torch.fake_quantize_per_tensor_affine(x, s, o, scheme.qmin, scheme.qmax)
+        ours = fake_quant_per_tensor_cpu(x, s, o, scheme.qmin, scheme.qmax)
+        assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))
+    assert fake_quant_per_tensor_cpu(torch.tensor([float("nan")]), 0.1, 0, -128, 127).isnan().all()
+
+
+def test_wrapper_uses_torch_op_when_traced_or_training():
+    """Export, compile and gradients see torch's fake-quant op (QDQ pairs, straight-through)."""
+    from bridge.fakequant import _eager_cpu_inference
+
+    x = torch.randn(4)
+    assert _eager_cpu_inference(x)
+    assert not _eager_cpu_inference(x.requires_grad_())
+    with torch.no_grad():
+        assert _eager_cpu_inference(x)
+    seen = []
+    torch.compile(lambda t: seen.append(_eager_cpu_inference(t)) or t, backend="eager")(torch.randn(4))
+    assert seen == [False]
