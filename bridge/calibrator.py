@@ -14,6 +14,7 @@ import dataclasses
 import time
 from typing import Callable, Iterable
 
+import jax
 import numpy as np
 import torch
 from torch import nn
@@ -48,6 +49,9 @@ from bridge.sensitivity import (
 from bridge.synthetic import distill_bn_batches
 
 from bridge.tensors import to_jax, to_torch
+
+# one fused program per weight shape; eager `jaxq.quantize` compiles each of its five ops per shape
+_quantize = jax.jit(jaxq.quantize)
 
 SENSITIVITY_METRICS = ("mse", "relative_mse", "cosine", "isolated")
 # msModelSlim's five dicts (`get_quant_params`), then jaxq's bias corrections
@@ -195,7 +199,7 @@ class Calibrator:
                 found = jaxq.accuracy.easy_quant_layers(layer_rows, ka.easy_quant[1], progress=bar.update)
             for name, r in found.items():
                 qp = jaxq.QParams(r.weight.scale, r.weight.offset, self.cfg.weight_scheme)
-                weights[name] = jaxq.QuantizedWeight(qp, jaxq.quantize(float_weights[name], qp))
+                weights[name] = jaxq.QuantizedWeight(qp, _quantize(float_weights[name], qp))
                 if name in act:
                     act[name] = act[name]._replace(qparams=r.act)
                 layer_rows[name] = layer_rows[name]._replace(weight=qp, act=r.act)
@@ -240,7 +244,9 @@ class Calibrator:
         model at the same positions; the mean float input row over every sampled row."""
         t = time.perf_counter()
         float_capture = self._sample_rows({n: w.module for n, w in layers.items()}, True, "jaxq sample rows (float)")
-        target, mean_rows = float_capture.result(), float_capture.mean_rows()
+        mean_rows = float_capture.mean_rows()
+        # bias correction alone needs only the mean rows
+        target = float_capture.result() if self.cfg.keep_acc.needs_rows else dict.fromkeys(layers)
         rows = target
         if self.cfg.recon_inputs == "quantized" and self.cfg.keep_acc.needs_rows:
             self._collect(layers, weights, act)

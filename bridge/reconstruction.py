@@ -41,7 +41,8 @@ def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndar
     w = module.weight.detach().float().cpu().numpy()
     g = rows.shape[1]
     wg = w.reshape(g, w.shape[0] // g, -1)
-    pred = np.einsum("mgd,god->mgo", rows.astype(np.float64), wg).reshape(rows.shape[0], -1)
+    # BLAS for dense layers (10–15× faster); depthwise ones are faster in einsum's own loop
+    pred = np.einsum("mgd,god->mgo", rows.astype(np.float64), wg, optimize=wg.shape[1] > 1).reshape(rows.shape[0], -1)
     if module.bias is not None:
         pred = pred + module.bias.detach().float().cpu().numpy()
     err = np.max(np.abs(pred - y_rows)) if rows.shape[0] else 0.0
@@ -96,8 +97,12 @@ class RowCapture:
 
     def mean_rows(self) -> dict[str, np.ndarray]:
         """`E[row]` `[g, d]` per layer over every row sampled from every batch (float32)."""
-        return {n: np.concatenate(self._called(n, parts)).mean(axis=0, dtype=np.float64).astype(np.float32)
-                for n, parts in self._parts.items()}
+        out = {}
+        for name, parts in self._parts.items():
+            parts = self._called(name, parts)
+            total = sum(p.sum(axis=0, dtype=np.float64) for p in parts)
+            out[name] = (total / sum(p.shape[0] for p in parts)).astype(np.float32)
+        return out
 
     @staticmethod
     def _called(name: str, parts: list) -> list:
@@ -109,9 +114,13 @@ class RowCapture:
         """At most `rows` rows per layer, sampled uniformly from what every batch gave."""
         out = {}
         for name, parts in self._parts.items():
-            rows = np.concatenate(self._called(name, parts))
-            if rows.shape[0] > self.rows:
-                keep = np.sort(self._rng[name].choice(rows.shape[0], size=self.rows, replace=False))
-                rows = rows[keep]
-            out[name] = rows
+            parts = self._called(name, parts)
+            sizes = np.array([p.shape[0] for p in parts])
+            if sizes.sum() > self.rows:  # pick from the parts, without concatenating them all first
+                keep = np.sort(self._rng[name].choice(sizes.sum(), size=self.rows, replace=False))
+                part = np.searchsorted(np.cumsum(sizes), keep, side="right")
+                local = keep - np.concatenate([[0], np.cumsum(sizes)[:-1]])[part]
+                out[name] = np.concatenate([parts[i][local[part == i]] for i in range(len(parts))])
+            else:
+                out[name] = np.concatenate(parts)
         return out

@@ -145,12 +145,17 @@ def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candid
     g, o, d = wg.shape
     act0, weight0 = act, weight
     before = layer_cosine(fit, y, wg, b, act, weight)
-    for _ in range(rounds):
+
+    def one_round(_, quantizers):
+        act, weight = quantizers
         if act is not None:
             w_hat = fake_quant(jnp.reshape(wg, (g * o, d)), weight).reshape(g, o, d)
             act = search_act_scale(fit, y, w_hat, b, act, candidates)
         rows_hat = fit if act is None else fake_quant(fit, act)
-        weight = search_weight_scales(rows_hat, y, wg, b, weight, candidates)
+        return act, search_weight_scales(rows_hat, y, wg, b, weight, candidates)
+
+    # a loop, not unrolled rounds: one copy of the search to compile per layer shape
+    act, weight = jax.lax.fori_loop(0, rounds, one_round, (act, weight))
     if rows.shape[0] > ROWS:
         held, y_held = rows[ROWS:2 * ROWS], rows_forward(wg, b, target[ROWS:2 * ROWS])
         keep = layer_cosine(held, y_held, wg, b, act, weight) > layer_cosine(held, y_held, wg, b, act0, weight0)
