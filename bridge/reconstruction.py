@@ -118,8 +118,9 @@ class RowCapture:
             sizes = np.array([p.shape[0] for p in parts])
             if sizes.sum() > self.rows:  # pick from the parts, without concatenating them all first
                 keep = np.sort(self._rng[name].choice(sizes.sum(), size=self.rows, replace=False))
-                part = np.searchsorted(np.cumsum(sizes), keep, side="right")
-                local = keep - np.concatenate([[0], np.cumsum(sizes)[:-1]])[part]
+                ends = np.cumsum(sizes)
+                part = np.searchsorted(ends, keep, side="right")
+                local = keep - (ends - sizes)[part]
                 out[name] = np.concatenate([parts[i][local[part == i]] for i in range(len(parts))])
             else:
                 out[name] = np.concatenate(parts)
