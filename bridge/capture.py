@@ -1,12 +1,21 @@
 """Streaming capture of layer-input statistics with forward pre-hooks.
 
-A hook only copies its layer's input, flattened, into a power-of-two buffer (so batches
-of varying shape reuse one compilation). The observer updates of every layer that ran
-are then applied in one jitted call (`jaxq.update_observers`) at the end of each batch:
-on CPU a separate XLA call per layer costs more in thread-pool overhead than the
-reduction itself. Only the fixed-shape observer states persist; at most one batch of
-activations per layer is held at a time, and less once `max_pending` is reached (the
-pending updates then run early and their buffers are reused).
+Small inputs: a hook only copies its layer's input, flattened, into a power-of-two
+buffer (so batches of varying shape reuse one compilation). The observer updates of
+every layer that ran are then applied in one jitted call (`jaxq.update_observers`) at
+the end of each batch: on CPU a separate XLA call per layer costs more in thread-pool
+overhead than the reduction itself.
+
+Large inputs (more than `IN_PLACE_MIN` float32 values on CPU): the hook updates the
+layer's state at once, reading the activation in place through a zero-copy view —
+copying and padding them was half the cost of calibrating a CNN. The view is exact-size,
+so each size compiles its own update; a layer whose large inputs come in more than
+`IN_PLACE_SIZES` sizes (variable-length text, say) is copied into buckets from then on.
+The hook blocks until its update is done, so torch may reuse the memory afterwards.
+
+Only the fixed-shape observer states persist; at most one batch of activations per
+layer is held at a time, and less once `max_pending` is reached (the pending updates
+then run early and their buffers are reused).
 """
 from __future__ import annotations
 
@@ -20,10 +29,13 @@ from torch import nn
 
 import jaxq
 from bridge.tensors import to_jax
+from jaxq.observers import ROW
 
 MIN_BUCKET = 1024
 MAX_PENDING = 1 << 26  # floats (256 MiB) of captured inputs waiting for their update
 NUMPY_COPY_MAX = 1 << 18  # floats; above this torch's two-thread copy is faster
+IN_PLACE_MIN = 1 << 18  # floats; larger CPU float32 inputs are observed without a copy
+IN_PLACE_SIZES = 2  # distinct in-place sizes per layer (one compile each), then buckets
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -124,14 +136,35 @@ class ActivationCapture:
         self._handles: list = []
         self._pool = BufferPool()
         self._pending: dict[str, tuple[jax.Array, int]] = {}
+        self._in_place_sizes: dict[str, set[int]] = {name: set() for name in layers}
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
-            if name in self._pending or self._pending_floats() + x.numel() > self.max_pending:
+            if name in self._pending:  # keep this layer's updates in order
+                self.flush()
+            if self._in_place(name, x):
+                self._update_now(name, x)
+                return
+            if self._pending_floats() + x.numel() > self.max_pending:
                 self.flush()
             self._pending[name] = self._pool.fill(x)
         return hook
+
+    def _in_place(self, name: str, x: torch.Tensor) -> bool:
+        """Whether `x` is observed through a zero-copy view (see the module docstring)."""
+        n = x.numel()
+        if x.device.type != "cpu" or x.dtype != torch.float32 or n <= IN_PLACE_MIN or n % ROW:
+            return False
+        sizes = self._in_place_sizes[name]
+        if n not in sizes and len(sizes) < IN_PLACE_SIZES:
+            sizes.add(n)
+        return n in sizes
+
+    def _update_now(self, name: str, x: torch.Tensor) -> None:
+        view = to_jax(x.detach().reshape(-1))
+        state = jaxq.update_observer(self.states[name], view, np.int32(view.shape[0]), self.observer)
+        self.states[name] = jax.block_until_ready(state)  # torch may reuse x's memory after the hook
 
     def _pending_floats(self) -> int:
         return sum(view.shape[0] for view, _ in self._pending.values())

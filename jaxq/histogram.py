@@ -36,13 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.observers import ROW, Observer, _note_bad, as_rows, buffer_minmax, valid_mask
+from jaxq.observers import ROW, Observer, _note_bad, as_rows, buffer_minmax
 
 DEFAULT_BINS = 2048
 DEFAULT_SAMPLE_ROWS = 256  # 2^18 values binned per layer and batch
 TOP_K = 64
 SEED_BINS = 2048  # resolution of the modelled search: B² candidates, memory and time
 WIDTHS = 48
+ROW_BLOCK = 128  # starts whose modelled errors are evaluated together
 REFINE_STEPS = 64
 
 
@@ -83,16 +84,19 @@ def batch_histogram(x: jax.Array, n_valid, lo, hi, bins: int, max_rows: int = 0,
     unbiased estimate of the full counts). Contiguous rows keep the sample cheap; varying
     `phase` between batches keeps it from aliasing with the layout.
     """
-    rows, valid = as_rows(x), valid_mask(x, n_valid)
-    stride = max(1, -(-rows.shape[0] // max_rows)) if max_rows > 0 else 1
-    if stride > 1:
-        pad = ((0, (-rows.shape[0]) % stride), (0, 0))
-        pick = lambda a: jnp.take(a.reshape(-1, stride, ROW), phase % stride, axis=1)  # noqa: E731
-        rows, valid = pick(jnp.pad(rows, pad)), pick(jnp.pad(valid, pad))
+    rows = as_rows(x)
+    total = rows.shape[0]
+    stride = max(1, -(-total // max_rows)) if max_rows > 0 else 1
+    # The sampled rows are gathered by index: padding `rows` to a multiple of the stride
+    # and reshaping would copy the whole buffer.
+    picked = phase % stride + stride * jnp.arange(-(-total // stride), dtype=jnp.int32)
+    sample = jnp.take(rows, picked, axis=0, mode="clip") if stride > 1 else rows
+    index = picked[:, None] * ROW + jnp.arange(ROW, dtype=jnp.int32)[None, :]
+    valid = (index < n_valid) & (picked < total)[:, None]
     # Padding goes to an extra bin that is dropped; an int32 scatter of ones is ~1.5×
     # faster on CPU than a float scatter of mask weights.
-    idx = jnp.where(valid, _bin_index(rows, lo, hi, bins), bins)
-    counts = jnp.zeros((bins + 1,), jnp.int32).at[idx.reshape(-1)].add(1)
+    idx = jnp.where(valid, _bin_index(sample, lo, hi, bins), bins)
+    counts = jnp.zeros((bins + 1,), jnp.int32).at[idx.reshape(-1)].add(1, mode="promise_in_bounds")
     return counts[:bins].astype(jnp.float32) * stride
 
 
@@ -139,18 +143,28 @@ def _side_moments(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return n, a, q
 
 
+def modelled_error(hist: jax.Array, levels: int):
+    """`f(s, e)`: the modelled L2 error (bin units) of candidates `(s, e)` (broadcasting
+    index arrays), `inf` where `e < s`. Each value is O(1) from the side moments, so a
+    caller evaluates only the candidates it needs; XLA fuses a full `[B, B]` evaluation
+    into its consumer without writing the matrix."""
+    bins = hist.shape[0]
+    n_lo, _, q_lo = _side_moments(hist)
+    _, _, q_hi_r = _side_moments(hist[::-1])
+
+    def f(s, e):
+        step = (e - s + 1).astype(jnp.float32) / (levels - 1)
+        inside = (n_lo[e + 1] - n_lo[s]) * step**2 / 12.0
+        high = q_hi_r[bins - 1 - e]  # bins above e, counted from the top
+        return jnp.where(e >= s, inside + q_lo[s] + high, jnp.inf)
+
+    return f
+
+
 def model_errors(hist: jax.Array, levels: int) -> jax.Array:
     """`[B, B]` modelled L2 error (bin units) of every candidate `(s, e)`; `inf` where `e < s`."""
-    bins = hist.shape[0]
-    n_lo, a_lo, q_lo = _side_moments(hist)
-    n_hi_r, a_hi_r, q_hi_r = _side_moments(hist[::-1])
-    s = jnp.arange(bins)[:, None]
-    e = jnp.arange(bins)[None, :]
-    step = (e - s + 1).astype(jnp.float32) / (levels - 1)
-    inside = (n_lo[e + 1] - n_lo[s]) * step**2 / 12.0
-    low = q_lo[s]
-    high = q_hi_r[bins - 1 - e]  # bins above e, counted from the top
-    return jnp.where(e >= s, inside + low + high, jnp.inf)
+    idx = jnp.arange(hist.shape[0])
+    return modelled_error(hist, levels)(idx[:, None], idx[None, :])
 
 
 def _exact(hist, starts, ends, levels, zero):
@@ -182,25 +196,42 @@ def first_index_of_min(a: jax.Array, row_min: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(a == row_min[:, None], j[None, :], a.shape[1]), axis=1)
 
 
-def _seed_candidates(model: jax.Array, bins: int, levels: int, top_k: int, zero) -> tuple[jax.Array, jax.Array]:
+def _row_minima(model, bins: int, smax) -> jax.Array:
+    """`min_e model(s, e)` for every start `s`, evaluated in blocks of `ROW_BLOCK` starts up
+    to `smax` only: later starts cannot contain zero (their minimum is `inf`). After a
+    ReLU `smax = 0`, so one block replaces the whole `[B, B]` model."""
+    block = min(ROW_BLOCK, bins)
+    padded = -(-bins // block) * block
+    e = jnp.arange(bins, dtype=jnp.int32)
+
+    def body(i, acc):
+        s = i * block + jnp.arange(block, dtype=jnp.int32)
+        rows = jnp.where(s[:, None] < bins, model(jnp.minimum(s, bins - 1)[:, None], e[None, :]), jnp.inf)
+        return jax.lax.dynamic_update_slice(acc, jnp.min(rows, axis=1), (i * block,))
+
+    row_min = jax.lax.fori_loop(0, smax // block + 1, body, jnp.full((padded,), jnp.inf, jnp.float32))
+    return row_min[:bins]
+
+
+def _seed_candidates(model, bins: int, levels: int, top_k: int, zero) -> tuple[jax.Array, jax.Array]:
     """Starting points: the `top_k` starts whose best end the model rates best (each with
     that end), and for widths spaced geometrically from `levels` to `B` the model's best
-    start plus both flush positions."""
+    start plus both flush positions. `model(s, e)` is `modelled_error` restricted to
+    candidates that contain zero."""
     # Best end per start, then top-k over B starts: a top-k over all B² pairs costs 3×
-    # the model itself on CPU, and its winners crowd around one optimum anyway.
-    row_min = jnp.min(model, axis=1)
-    row_best = first_index_of_min(model, row_min)
+    # the model itself on CPU, and its winners crowd around one optimum anyway. Only the
+    # minimum of each row is taken over all B² pairs (fused, no matrix is written); the
+    # best ends are found again on the top-k rows alone.
+    s = jnp.arange(bins, dtype=jnp.int32)
+    row_min = _row_minima(model, bins, zero[0])
     _, top_starts = jax.lax.top_k(-row_min, top_k)
-    starts, ends = [top_starts.astype(jnp.int32)], [row_best[top_starts]]
+    top_starts = top_starts.astype(jnp.int32)
+    top_rows = model(top_starts[:, None], s[None, :])
+    starts, ends = [top_starts], [first_index_of_min(top_rows, jnp.min(top_rows, axis=1))]
     distinct = np.unique(np.geomspace(min(levels, bins), bins, WIDTHS).astype(np.int32))
     widths = jnp.asarray(np.pad(distinct, (0, WIDTHS - distinct.size), constant_values=bins))
-    s = jnp.arange(bins)
-
-    def errors_by_start(width):  # modelled error of every start at this width (inf: invalid)
-        e = jnp.clip(s + width - 1, 0, bins - 1)
-        return jnp.where((s + width - 1 < bins) & _contains_zero(s, e, zero), model[s, e], jnp.inf)
-
-    by_start = jax.vmap(errors_by_start)(widths)  # [WIDTHS, B]
+    e = s[None, :] + widths[:, None] - 1
+    by_start = jnp.where(e < bins, model(s[None, :], jnp.minimum(e, bins - 1)), jnp.inf)  # [WIDTHS, B]
     for st in (first_index_of_min(by_start, jnp.min(by_start, axis=1)), jnp.zeros_like(widths), bins - widths):
         starts.append(st)
         ends.append(st + widths - 1)
@@ -249,8 +280,11 @@ def l2_optimal_bins(hist: jax.Array, levels: int, zero=None, top_k: int = TOP_K)
     coarse = jnp.pad(hist, (0, (-bins) % merge)).reshape(-1, merge).sum(axis=1)
     cbins = coarse.shape[0]
     czero = (zero[0] // merge, zero[1] // merge)  # coarse candidates with 0 inside keep it at full resolution
-    idx = jnp.arange(cbins)
-    model = jnp.where(_contains_zero(idx[:, None], idx[None, :], czero), model_errors(coarse, levels), jnp.inf)
+    error = modelled_error(coarse, levels)
+
+    def model(s, e):
+        return jnp.where(_contains_zero(s, e, czero), error(s, e), jnp.inf)
+
     starts, ends = _seed_candidates(model, cbins, levels, top_k, czero)
     starts, ends = starts * merge, jnp.minimum(ends * merge + merge - 1, bins - 1)
     exact = _exact(hist, starts, ends, levels, zero)

@@ -110,6 +110,17 @@ def test_first_non_finite_batch_is_recorded(observer):
     assert int(first_bad) == 2
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 3 * ROW - 1), st.sampled_from([np.nan, np.inf, -np.inf]), st.integers(0, 2**31 - 1))
+def test_buffer_minmax_is_exact_and_poisoned_by_any_non_finite_value(position, bad, seed):
+    x = np.random.default_rng(seed).standard_normal(3 * ROW).astype(np.float32)
+    lo, hi = jax.jit(jaxq.observers.buffer_minmax)(jnp.asarray(x))
+    assert float(lo) == x.min() and float(hi) == x.max()
+    x[position] = bad
+    lo, hi = jax.jit(jaxq.observers.buffer_minmax)(jnp.asarray(x))
+    assert np.isnan(float(lo)) and np.isnan(float(hi))
+
+
 def test_update_is_jittable_and_factories_are_cached():
     assert jaxq.batch_percentile_minmax(16) is jaxq.batch_percentile_minmax(16)
     obs = jaxq.sigma_statistic(3.0)
