@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 import jaxq
@@ -378,7 +379,8 @@ class Calibrator:
         active, calling `after_batch()` after each."""
         batches = tqdm(iter_batches(self.calib_data, self.device), total=self._num_batches(),
                        desc=desc, unit="batch", disable=not self.progress)
-        with hooks, torch.no_grad():
+        # cached: each layer's (fake-quant) weight is computed once for the pass, not per batch
+        with hooks, torch.no_grad(), parametrize.cached():
             for i, batch in batches:
                 run_model(self.model, batch, i)
                 if after_batch is not None:

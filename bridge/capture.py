@@ -13,6 +13,10 @@ so each size compiles its own update; a layer whose large inputs come in more th
 `IN_PLACE_SIZES` sizes (variable-length text, say) is copied into buckets from then on.
 The hook blocks until its update is done, so torch may reuse the memory afterwards.
 
+Layers fed the very same tensor in a row (a transformer's query, key and value
+projections) with equal states share one update: the first is computed, the others take
+its result (`_SharedInput`).
+
 Only the fixed-shape observer states persist; at most one batch of activations per
 layer is held at a time, and less once `max_pending` is reached (the pending updates
 then run early and their buffers are reused).
@@ -20,7 +24,7 @@ then run early and their buffers are reused).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -119,6 +123,16 @@ def _capacity(num_batches: int | None) -> int:
     return max(16, 1 << math.ceil(math.log2(num_batches or 4096)))
 
 
+class _SharedInput(NamedTuple):
+    """The last input a hook saw: a later layer fed the same tensor (unchanged: same
+    `_version`) whose state is `state_before` gets `leader`'s updated state. Holding `x`
+    keeps its id from being reused by another tensor."""
+    x: torch.Tensor
+    version: int
+    state_before: object
+    leader: str
+
+
 class ActivationCapture:
     """Forward pre-hooks that stream layer inputs into observer states.
 
@@ -137,12 +151,17 @@ class ActivationCapture:
         self._pool = BufferPool()
         self._pending: dict[str, tuple[jax.Array, int]] = {}
         self._in_place_sizes: dict[str, set[int]] = {name: set() for name in layers}
+        self._last: _SharedInput | None = None
+        self._followers: dict[str, str] = {}  # layer → pending leader whose state it takes
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
-            if name in self._pending:  # keep this layer's updates in order
+            if name in self._pending or name in self._followers:  # keep this layer's updates in order
                 self.flush()
+            if self._follows_last(name, x):
+                return
+            self._last = _SharedInput(x, x._version, self.states[name], name)
             if self._in_place(name, x):
                 self._update_now(name, x)
                 return
@@ -150,6 +169,18 @@ class ActivationCapture:
                 self.flush()
             self._pending[name] = self._pool.fill(x)
         return hook
+
+    def _follows_last(self, name: str, x: torch.Tensor) -> bool:
+        """Share the last input's update if `x` is that tensor, unchanged, and `name`'s
+        state equals the leader's state before it (then their updates are identical)."""
+        last = self._last
+        if last is None or x is not last.x or x._version != last.version or self.states[name] is not last.state_before:
+            return False
+        if last.leader in self._pending:
+            self._followers[name] = last.leader
+        else:
+            self.states[name] = self.states[last.leader]
+        return True
 
     def _in_place(self, name: str, x: torch.Tensor) -> bool:
         """Whether `x` is observed through a zero-copy view (see the module docstring)."""
@@ -172,6 +203,8 @@ class ActivationCapture:
     def _discard(self) -> None:
         """Forget the pending inputs and return their buffers to the pool."""
         self._pending.clear()
+        self._followers.clear()
+        self._last = None
         self._pool.release()
 
     def flush(self) -> None:
@@ -184,6 +217,7 @@ class ActivationCapture:
         states = jaxq.update_observers(tuple(self.states[n] for n in names), views, n_valid, self.observer)
         jax.block_until_ready(states)  # the pool reuses the views' memory
         self.states.update(zip(names, states))
+        self.states.update({f: self.states[leader] for f, leader in self._followers.items()})
         self._discard()
 
     def __enter__(self):

@@ -58,15 +58,20 @@ class HistogramState(NamedTuple):
 def rebin(hist: jax.Array, lo, hi, new_lo, new_hi) -> jax.Array:
     """Move `hist` over `[lo, hi]` onto the same number of bins over `[new_lo, new_hi] ⊇ [lo, hi]`.
 
-    `CDF_new(f_j) = interp(f_j; old edges, CDF_old)`, `hist_new = diff(CDF_new)`. A
-    degenerate old range (`hi = lo`) puts all its mass in the bin that contains `lo`.
+    `CDF_new(f_j) = CDF_old(f_j)`, linear inside each old bin, `hist_new = diff(CDF_new)`.
+    Both grids are uniform, so the new edge `f_j` sits at `p_j = (f_j − lo)·B/(hi − lo)`
+    old bins: `CDF_old(f_j) = cdf[i] + (p_j − i)·hist[i]`, `i = ⌊p_j⌋` (clamped) — a
+    gather, where `jnp.interp` would binary-search every edge. A degenerate old range
+    (`hi = lo`) puts all its mass in the bin that contains `lo`.
     """
     bins = hist.shape[0]
     k = jnp.arange(bins + 1, dtype=jnp.float32)
-    old_edges = lo + (hi - lo) * k / bins
     new_edges = new_lo + (new_hi - new_lo) * k / bins
+    width = jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny)
+    p = jnp.clip((new_edges - lo) * (bins / width), 0.0, float(bins))
+    i = jnp.minimum(jnp.floor(p), bins - 1).astype(jnp.int32)
     cdf = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(hist)])
-    spread = jnp.diff(jnp.interp(new_edges, old_edges, cdf))
+    spread = jnp.diff(cdf[i] + (p - i.astype(jnp.float32)) * hist[i])
     point = jnp.zeros_like(hist).at[_bin_index(lo, new_lo, new_hi, bins)].set(jnp.sum(hist))
     return jnp.where(hi > lo, spread, point)
 
@@ -316,7 +321,12 @@ def histogram_observer(bins: int = DEFAULT_BINS, levels: int = 256, max_rows: in
     def update(state, x, n_valid):
         blo, bhi = buffer_minmax(x)
         new_lo, new_hi = jnp.minimum(state.lo, blo), jnp.maximum(state.hi, bhi)
-        old = jnp.where(state.count > 0, rebin(state.hist, state.lo, state.hi, new_lo, new_hi), 0.0)
+        grown = (new_lo < state.lo) | (new_hi > state.hi)  # always true on the first batch
+        old = jax.lax.cond(
+            grown & (state.count > 0),
+            lambda: rebin(state.hist, state.lo, state.hi, new_lo, new_hi),
+            lambda: jnp.where(state.count > 0, state.hist, 0.0),
+        )
         hist = old + batch_histogram(x, n_valid, new_lo, new_hi, bins, max_rows, state.count)
         return HistogramState(hist, new_lo, new_hi, state.count + 1, _note_bad(state.first_bad, state.count, blo, bhi))
 

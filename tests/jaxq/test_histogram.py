@@ -70,6 +70,19 @@ def test_rebin_conserves_mass(counts, lo, width, grow_lo, grow_hi):
     assert float(new.min()) >= -1e-3
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=16, max_size=16),
+       st.floats(-5, 5, allow_subnormal=False, width=32), st.floats(0.1, 5), st.floats(0, 5, allow_subnormal=False, width=32),
+       st.floats(0, 5, allow_subnormal=False, width=32))
+def test_rebin_interpolates_the_cumulative_distribution(counts, lo, width, grow_lo, grow_hi):
+    hist = np.array(counts, np.float32)
+    hi, new_lo, new_hi = lo + width, lo - grow_lo, lo + width + grow_hi
+    new = rebin(jnp.asarray(hist), *map(jnp.float32, (lo, hi, new_lo, new_hi)))
+    k = np.arange(17, dtype=np.float64)
+    want = np.diff(np.interp(new_lo + (new_hi - new_lo) * k / 16, lo + (hi - lo) * k / 16, np.r_[0.0, np.cumsum(hist)]))
+    np.testing.assert_allclose(np.asarray(new), want, rtol=1e-4, atol=1e-3 * max(1.0, hist.sum()))
+
+
 def test_rebin_degenerate_range_keeps_mass_in_one_bin():
     hist = jnp.zeros(8).at[0].set(10.0)
     new = rebin(hist, jnp.float32(2.0), jnp.float32(2.0), jnp.float32(0.0), jnp.float32(8.0))
