@@ -4,10 +4,17 @@ Rows per model: act_method 0 (sigma), 1 (min-max), 2 (histogram) — metric, col
 warm calibration time (activation capture + finalize + weights, the `run()` call), XLA
 compilations per run — and torch.ao's MinMaxObserver / HistogramObserver hooked on the
 same layers over the same data. Then data-free EfficientNet-Lite0: uniform vs.
-BN-statistics virtual data.
+BN-statistics virtual data (`--no-data-free` skips it: the distillation takes minutes).
+
+Every warm time is paired with a float forward measured just before it, and the table
+gives medians over REPEATS pairs (floor, time, and the ratio of each pair): this VM's
+speed drifts by up to 2× within minutes, so a floor taken once at the start made ratios
+swing between runs.
 """
 from __future__ import annotations
 
+import argparse
+import statistics
 import time
 
 import torch
@@ -18,7 +25,17 @@ from bridge.data import iter_batches, run_model
 from bridge.fakequant import wrappers
 from common import parse_args, timed_calibration
 
-REPEATS = 3
+REPEATS = 5
+
+
+def paired(p, seconds) -> tuple[float, float, float]:
+    """Medians of `(floor, seconds(), seconds() / floor)` over REPEATS pairs."""
+    floors, times = [], []
+    for _ in range(REPEATS):
+        floors.append(p.fp_forward_seconds())
+        times.append(seconds())
+    ratios = [t / f for t, f in zip(times, floors)]
+    return statistics.median(floors), statistics.median(times), statistics.median(ratios)
 
 
 def torchao_seconds(p, observer_cls) -> float:
@@ -43,27 +60,30 @@ def torchao_seconds(p, observer_cls) -> float:
 def main(argv=None):
     from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
-    args = parse_args(__doc__, ["efficientnet_lite0", "minilm"], argv)
+    args = parse_args(__doc__, ["efficientnet_lite0", "minilm"], argv, extra=_extra_args)
     head = f"{'model':<19} {'method':<22} {'metric':<36} {'fp fwd s':>8} {'cold s':>7} {'warm s':>7} {'warm/fp':>7} {'compiles':>9}"
     print(head)
     print("-" * len(head))
     for name in args.models:
         p = protocols.PROTOCOLS[name]()
-        # Best of REPEATS for the floor and for every warm time: this VM's timings vary ±30 %
-        # between identical runs, and a single slow floor once made every ratio look 1.5× better.
-        floor = min(p.fp_forward_seconds() for _ in range(REPEATS))
+        p.fp_forward_seconds()  # warm-up
         for am, label in ((0, "jaxq sigma=25"), (1, "jaxq min-max"), (2, "jaxq histogram")):
             cfg = jaxq.QuantConfig(quant_mode=1, act_method=am, quantize_first_last=True)
-            _, cold, cold_c = timed_calibration(p, cfg, include_setup=False)
-            warm_runs = [timed_calibration(p, cfg, include_setup=False) for _ in range(REPEATS)]
-            cal, warm, warm_c = min(warm_runs, key=lambda r: r[1])
-            warm_c = max(r[2] for r in warm_runs)
+            cal, cold, cold_c = timed_calibration(p, cfg, include_setup=False)
+            warm_c = []
+
+            def warm_seconds():
+                _, seconds, compiles = timed_calibration(p, cfg, include_setup=False)
+                warm_c.append(compiles)
+                return seconds
+
+            floor, warm, ratio = paired(p, warm_seconds)
             metric = ", ".join(f"{k}={v:.4f}" for k, v in p.evaluate(cal.model).items())
-            print(f"{name:<19} {label:<22} {metric:<36} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} {warm / floor:>7.2f} {cold_c:>4}/{warm_c:<4}", flush=True)
+            print(f"{name:<19} {label:<22} {metric:<36} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} {ratio:>7.2f} {cold_c:>4}/{max(warm_c):<4}", flush=True)
         for cls, label in ((MinMaxObserver, "torch.ao MinMax"), (HistogramObserver, "torch.ao Histogram")):
-            s = min(torchao_seconds(p, cls) for _ in range(REPEATS))
-            print(f"{name:<19} {label:<22} {'(capture + qparams only)':<36} {floor:>8.2f} {'':>7} {s:>7.2f} {s / floor:>7.2f}", flush=True)
-    if "efficientnet_lite0" in args.models:
+            floor, s, ratio = paired(p, lambda: torchao_seconds(p, cls))
+            print(f"{name:<19} {label:<22} {'(capture + qparams only)':<36} {floor:>8.2f} {'':>7} {s:>7.2f} {ratio:>7.2f}", flush=True)
+    if "efficientnet_lite0" in args.models and args.data_free:
         p = protocols.efficientnet_lite0()
         print("\ndata-free EfficientNet-Lite0 (input_shape [8, 3, 224, 224], no real data)")
         for kind in ("uniform", "bn_stats"):
@@ -73,6 +93,11 @@ def main(argv=None):
                 cal = Calibrator(p.make_model(), cfg, progress=False).run()
                 m = p.evaluate(cal.model)
                 print(f"  {kind:<9} act_method={am}  agreement={m['agreement']:.4f} kl={m['kl']:.4f}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def _extra_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-data-free", dest="data_free", action="store_false",
+                    help="skip the data-free EfficientNet-Lite0 rows")
 
 
 if __name__ == "__main__":

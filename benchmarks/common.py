@@ -10,13 +10,16 @@ import jaxq
 from bridge import Calibrator
 
 
-def parse_args(description: str, models: list[str], argv=None) -> argparse.Namespace:
-    """`--models`, `--threads` (applied to torch here) and `--bias-correction`."""
+def parse_args(description: str, models: list[str], argv=None, extra=None) -> argparse.Namespace:
+    """`--models`, `--threads` (applied to torch here), `--bias-correction`, and whatever
+    `extra(parser)` adds."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", nargs="*", default=models)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bias-correction", action="store_true",
                     help="calibrate with QuantConfig(bias_correction=True) (scripts that sweep configs)")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args
