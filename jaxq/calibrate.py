@@ -111,13 +111,19 @@ def finalize_activation_bucket(states, observer: Observer, scheme: QScheme) -> A
 
 
 def finalize_activations(states: Mapping[str, object], observer: Observer, scheme: QScheme) -> dict[str, ActivationResult]:
-    """Finalize many observer states, one compiled call per state-shape bucket."""
+    """Finalize many observer states, one compiled call per state-shape bucket. Layers that
+    hold the very same state object (the bridge shares one between layers fed the same
+    input) are finalized once."""
+    owner = {}  # id(state) → the first layer holding it
+    for n, s in states.items():
+        owner.setdefault(id(s), n)
+    distinct = {n: states[n] for n in owner.values()}
     key = lambda s: tuple((tuple(np.shape(leaf)), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(s))  # noqa: E731
     out: dict[str, ActivationResult] = {}
-    for names in bucket_keys(states, key).values():
-        stacked = _stack([states[n] for n in names])
+    for names in bucket_keys(distinct, key).values():
+        stacked = _stack([distinct[n] for n in names])
         out.update(_unstack(finalize_activation_bucket(stacked, observer, scheme), names))
-    return {n: out[n] for n in states}
+    return {n: out[owner[id(s)]] for n, s in states.items()}
 
 
 def tree_key(tree) -> Hashable:

@@ -56,3 +56,17 @@ def test_finalize_activations_buckets_states():
     with jaxq.compile_count() as c:
         jaxq.finalize_activations(states, obs, scheme)
     assert c.count == 0
+
+
+def test_finalize_activations_finalizes_a_shared_state_once(monkeypatch):
+    obs = jaxq.running_minmax()
+    shared = jaxq.update_observer(obs.init(), jnp.arange(1024.0, dtype=jnp.float32), jnp.int32(1024), obs)
+    other = jaxq.update_observer(obs.init(), -jnp.ones(1024, jnp.float32), jnp.int32(1024), obs)
+    states = {"q": shared, "k": shared, "o": other, "v": shared}
+    sizes = []
+    bucket = jaxq.calibrate.finalize_activation_bucket
+    monkeypatch.setattr(jaxq.calibrate, "finalize_activation_bucket",
+                        lambda st, *a: sizes.append(st.lo.shape[0]) or bucket(st, *a))
+    out = jaxq.finalize_activations(states, obs, QScheme(8, False, False))
+    assert sizes == [2] and list(out) == ["q", "k", "o", "v"]
+    assert float(out["v"].hi) == float(out["q"].hi) == 1023.0 and float(out["o"].lo) == -1.0
