@@ -183,7 +183,8 @@ class ActivationCapture:
         return True
 
     def _in_place(self, name: str, x: torch.Tensor) -> bool:
-        """Whether `x` is observed through a zero-copy view (see the module docstring)."""
+        """Whether `x` is observed through a zero-copy view (see the module docstring);
+        a new large size is recorded while the layer has fewer than `IN_PLACE_SIZES`."""
         n = x.numel()
         if x.device.type != "cpu" or x.dtype != torch.float32 or n <= IN_PLACE_MIN or n % ROW:
             return False
@@ -208,16 +209,16 @@ class ActivationCapture:
         self._pool.release()
 
     def flush(self) -> None:
-        """Apply every pending input to its layer's state (one jitted call)."""
-        if not self._pending:
-            return
-        names = list(self._pending)
-        views = tuple(self._pending[n][0] for n in names)
-        n_valid = np.array([self._pending[n][1] for n in names], np.int32)
-        states = jaxq.update_observers(tuple(self.states[n] for n in names), views, n_valid, self.observer)
-        jax.block_until_ready(states)  # the pool reuses the views' memory
-        self.states.update(zip(names, states))
-        self.states.update({f: self.states[leader] for f, leader in self._followers.items()})
+        """Apply every pending input to its layer's state (one jitted call); forget the
+        last input (no tensor outlives its batch)."""
+        if self._pending:
+            names = list(self._pending)
+            views = tuple(self._pending[n][0] for n in names)
+            n_valid = np.array([self._pending[n][1] for n in names], np.int32)
+            states = jaxq.update_observers(tuple(self.states[n] for n in names), views, n_valid, self.observer)
+            jax.block_until_ready(states)  # the pool reuses the views' memory
+            self.states.update(zip(names, states))
+            self.states.update({f: self.states[leader] for f, leader in self._followers.items()})
         self._discard()
 
     def __enter__(self):

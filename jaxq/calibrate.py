@@ -118,9 +118,8 @@ def finalize_activations(states: Mapping[str, object], observer: Observer, schem
     for n, s in states.items():
         owner.setdefault(id(s), n)
     distinct = {n: states[n] for n in owner.values()}
-    key = lambda s: tuple((tuple(np.shape(leaf)), str(leaf.dtype)) for leaf in jax.tree_util.tree_leaves(s))  # noqa: E731
     out: dict[str, ActivationResult] = {}
-    for names in bucket_keys(distinct, key).values():
+    for names in bucket_keys(distinct, tree_key).values():
         stacked = _stack([distinct[n] for n in names])
         out.update(_unstack(finalize_activation_bucket(stacked, observer, scheme), names))
     return {n: out[owner[id(s)]] for n, s in states.items()}

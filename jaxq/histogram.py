@@ -321,12 +321,9 @@ def histogram_observer(bins: int = DEFAULT_BINS, levels: int = 256, max_rows: in
     def update(state, x, n_valid):
         blo, bhi = buffer_minmax(x)
         new_lo, new_hi = jnp.minimum(state.lo, blo), jnp.maximum(state.hi, bhi)
-        grown = (new_lo < state.lo) | (new_hi > state.hi)  # always true on the first batch
-        old = jax.lax.cond(
-            grown & (state.count > 0),
-            lambda: rebin(state.hist, state.lo, state.hi, new_lo, new_hi),
-            lambda: jnp.where(state.count > 0, state.hist, 0.0),
-        )
+        # re-bin only a histogram that has mass and whose range grew (the first batch keeps init's zeros)
+        grown = (state.count > 0) & ((new_lo < state.lo) | (new_hi > state.hi))
+        old = jax.lax.cond(grown, lambda: rebin(state.hist, state.lo, state.hi, new_lo, new_hi), lambda: state.hist)
         hist = old + batch_histogram(x, n_valid, new_lo, new_hi, bins, max_rows, state.count)
         return HistogramState(hist, new_lo, new_hi, state.count + 1, _note_bad(state.first_bad, state.count, blo, bhi))
 
