@@ -232,10 +232,11 @@ class Calibrator:
         self.timings["bias_correction_s"] = time.perf_counter() - t
         return out
 
-    def _sample_rows(self, modules: dict[str, nn.Module], check: bool, desc: str):
+    def _sample_rows(self, modules: dict[str, nn.Module], check: bool, desc: str, keep_rows: bool = True):
         from bridge.reconstruction import RowCapture
 
-        capture = RowCapture(modules, self.specs, self.cfg.recon_rows, self.cfg.seed, check=check)
+        capture = RowCapture(modules, self.specs, self.cfg.recon_rows, self.cfg.seed, check=check,
+                             keep_rows=keep_rows, batches=self._num_batches())
         self._forward_calibration_data(capture, desc)
         return capture
 
@@ -244,12 +245,14 @@ class Calibrator:
         the float model and, with `recon_inputs="quantized"`, from the current quantized
         model at the same positions; the mean float input row over every sampled row."""
         t = time.perf_counter()
-        float_capture = self._sample_rows({n: w.module for n, w in layers.items()}, True, "jaxq sample rows (float)")
+        needs_rows = self.cfg.keep_acc.needs_rows
+        float_capture = self._sample_rows({n: w.module for n, w in layers.items()}, True, "jaxq sample rows (float)",
+                                          keep_rows=needs_rows)
         mean_rows = float_capture.mean_rows()
         # bias correction alone needs only the mean rows
-        target = float_capture.result() if self.cfg.keep_acc.needs_rows else dict.fromkeys(layers)
+        target = float_capture.result() if needs_rows else dict.fromkeys(layers)
         rows = target
-        if self.cfg.recon_inputs == "quantized" and self.cfg.keep_acc.needs_rows:
+        if self.cfg.recon_inputs == "quantized" and needs_rows:
             self._collect(layers, weights, act)
             for w in layers.values():
                 w.quant_enabled = True

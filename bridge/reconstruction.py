@@ -9,25 +9,57 @@ name instead of being optimised against the wrong function.
 from __future__ import annotations
 
 import functools
+import math
 
-import jax
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import jaxq
-from jaxq.rows import output_positions, take_rows
+from jaxq.rows import output_positions
 from bridge.data import HookError
-from bridge.tensors import to_jax
 
 PARITY_TOLERANCE = 1e-3
+CHECK_ROWS = 64  # rows compared with the module output when no rows are kept
 
 
 class LayerGeometryError(HookError, ValueError):
     """A layer computes something its `LayerSpec` does not describe."""
 
 
-_take_rows = jax.jit(take_rows, static_argnums=0)
+def _windows(spec: jaxq.LayerSpec, x: torch.Tensor, first_spatial: int) -> torch.Tensor:
+    """View of the padded `x` with one window per output position: spatial dims become
+    `[*out_spatial, *kernel]` (dilation applied)."""
+    pad = [p for lo_hi in reversed(spec.padding) for p in lo_hi]
+    xp = F.pad(x, pad) if any(pad) else x
+    for i, (k, s, dil) in enumerate(zip(spec.kernel, spec.stride, spec.dilation)):
+        xp = xp.unfold(first_spatial + i, dil * (k - 1) + 1, s)
+    taps = tuple(slice(None, None, dil) for dil in spec.dilation)
+    return xp[(..., *taps)]
+
+
+def window_rows(spec: jaxq.LayerSpec, x: torch.Tensor, index: np.ndarray) -> np.ndarray:
+    """Rows `[m, g, d]` of a conv input `x` `[N, C, *spatial]` at flat output positions
+    `index` — `jaxq.rows.take_rows` as one torch gather on a window view (no per-shape
+    compilation)."""
+    coords = [torch.from_numpy(c.astype(np.int64)) for c in np.unravel_index(index, output_positions(spec, tuple(x.shape)))]
+    patches = _windows(spec, x, 2)[(coords[0], slice(None), *coords[1:])]  # [m, C, *kernel]
+    return patches.reshape(index.shape[0], spec.groups, -1).cpu().numpy()
+
+
+def row_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[np.ndarray, int]:
+    """`(Σ rows [g, d] in float64, number of rows)` over every output position of `x`.
+
+    A conv's rows sum to `Σ_n x_n` summed over each tap's strided window: one pass over
+    `x`, then work of the size of one sample."""
+    if spec.kind == "linear":
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.sum(0, dtype=torch.float64)[None].cpu().numpy(), flat.shape[0]
+    per_position = _windows(spec, x.sum(0, dtype=torch.float64), 1)  # [C, *out, *kernel]
+    out_dims = tuple(range(1, 1 + len(spec.kernel)))
+    count = x.shape[0] * int(np.prod(per_position.shape[1:1 + len(spec.kernel)]))
+    return per_position.sum(out_dims).reshape(spec.groups, -1).cpu().numpy(), count
 
 
 def _output_rows(spec: jaxq.LayerSpec, y: torch.Tensor, index: np.ndarray) -> np.ndarray:
@@ -56,33 +88,44 @@ def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndar
 
 
 class RowCapture:
-    """Context manager: `rows[name]` `[m, g, d]` float32 input rows per layer.
+    """Context manager: per layer the exact mean input row over every output position of
+    every batch (`mean_rows`) and, with `keep_rows`, a sample of input rows (`result`).
 
-    Two captures with the same `seed` over the same batches sample the same positions, so
-    rows of the float and of the quantized model pair up. `check` compares the rows with
-    the module's output on the first batch (hook the bare layer, quantization off).
+    Rows: with `batches` known, `⌈rows / batches⌉` random positions per batch (stratified:
+    each batch is equally represented and no more is gathered than is kept), else `rows`
+    per batch; `result` keeps at most `rows` of them. Two captures with the same `seed`
+    over the same batches sample the same positions, so rows of the float and of the
+    quantized model pair up. `check` compares sampled rows with the module's output on the
+    first batch (hook the bare layer, quantization off).
     """
 
     def __init__(self, modules: dict[str, nn.Module], specs: dict[str, jaxq.LayerSpec], rows: int, seed: int,
-                 check: bool = True):
-        self.modules, self.specs, self.rows, self.check = modules, specs, rows, check
+                 check: bool = True, keep_rows: bool = True, batches: int | None = None):
+        self.modules, self.specs, self.rows, self.check, self.keep_rows = modules, specs, rows, check, keep_rows
+        self._per_batch = rows if not batches else math.ceil(rows / batches)
         self._rng = {n: np.random.default_rng([seed, i]) for i, n in enumerate(modules)}
         self._parts: dict[str, list[np.ndarray]] = {n: [] for n in modules}
+        self._sums: dict[str, list] = {n: [] for n in modules}
         self._handles = []
 
     def _hook(self, name: str, module: nn.Module, inputs, output) -> None:
         spec = self.specs[name]
         x = inputs[0].detach().float()
+        first = not self._sums[name]
+        self._sums[name].append(row_sum(spec, x))
+        if not (self.keep_rows or (self.check and first)):
+            return
         total = int(np.prod(output_positions(spec, tuple(x.shape))))
-        k = min(total, self.rows)
+        k = min(total, self._per_batch if self.keep_rows else CHECK_ROWS)
         index = np.sort(self._rng[name].choice(total, size=k, replace=False)).astype(np.int32)
         if spec.kind == "linear":
             rows = x.reshape(-1, x.shape[-1])[torch.from_numpy(index)].cpu().numpy()[:, None, :]
         else:
-            rows = np.asarray(_take_rows(spec, to_jax(x), index))
-        if self.check and not self._parts[name]:
+            rows = window_rows(spec, x, index)
+        if self.check and first:
             check_rows(name, spec, module, rows, _output_rows(spec, output, index))
-        self._parts[name].append(rows)
+        if self.keep_rows:
+            self._parts[name].append(rows)
 
     def __enter__(self):
         for name, module in self.modules.items():
@@ -96,12 +139,11 @@ class RowCapture:
         return False
 
     def mean_rows(self) -> dict[str, np.ndarray]:
-        """`E[row]` `[g, d]` per layer over every row sampled from every batch (float32)."""
+        """`E[row]` `[g, d]` per layer over every output position of every batch (float32)."""
         out = {}
-        for name, parts in self._parts.items():
-            parts = self._called(name, parts)
-            total = sum(p.sum(axis=0, dtype=np.float64) for p in parts)
-            out[name] = (total / sum(p.shape[0] for p in parts)).astype(np.float32)
+        for name, sums in self._sums.items():
+            sums = self._called(name, sums)
+            out[name] = (sum(s for s, _ in sums) / sum(n for _, n in sums)).astype(np.float32)
         return out
 
     @staticmethod
@@ -112,6 +154,8 @@ class RowCapture:
 
     def result(self) -> dict[str, np.ndarray]:
         """At most `rows` rows per layer, sampled uniformly from what every batch gave."""
+        if not self.keep_rows:
+            raise RuntimeError("RowCapture(keep_rows=False) keeps only the mean rows")
         out = {}
         for name, parts in self._parts.items():
             parts = self._called(name, parts)

@@ -32,7 +32,7 @@ def test_first_layer_keeps_the_float_mean_output(digits_calib):
     plain.disable_quant()
     y_fp = _first_layer_outputs(plain.model, digits_calib)
     plain.enable_quant()
-    # 32 digits of 8×8 per batch: recon_rows (2048) covers every position, so E[x] is exact
+    # E[x] is the mean over every output position (bridge.reconstruction.row_sum), so the shift vanishes
     shift_before = (_first_layer_outputs(plain.model, digits_calib) - y_fp).mean((0, 2, 3))
     shift_after = (_first_layer_outputs(fixed.model, digits_calib) - y_fp).mean((0, 2, 3))
     assert shift_before.abs().max() > 1e-3
