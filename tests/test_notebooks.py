@@ -40,12 +40,16 @@ def test_runs_top_to_bottom(path, monkeypatch, tmp_path):
 
     monkeypatch.setenv("JAXQ_NOTEBOOK_QUICK", "1")
     monkeypatch.chdir(tmp_path)
+    import torch
+
+    threads = torch.get_num_threads()  # the notebooks set their own; the next test gets the suite's back
     namespace = {"__name__": "__main__"}
     try:
         for i, source in enumerate(_code_cells(path)):
             exec(compile(source, f"{path.name}, cell {i}", "exec"), namespace)
     finally:
         plt.close("all")
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
