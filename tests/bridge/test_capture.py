@@ -1,6 +1,7 @@
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
 
@@ -165,3 +166,13 @@ def test_a_layer_with_many_large_sizes_falls_back_to_buckets():
     assert capture._in_place_sizes["q"] == {(base + 1) * width, (base + 2) * width}
     state = capture.states["q"]
     assert (float(state.lo), float(state.hi), int(state.count)) == (1.0, 3.0, 4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 1 << 27))
+def test_bucket_sizes_hold_the_input_in_whole_rows_with_at_most_a_quarter_padding(n):
+    size = capture_module.bucket_size(n)
+    assert size >= max(n, capture_module.MIN_BUCKET) and size % jaxq.observers.ROW == 0
+    if n > 4 * capture_module.MIN_BUCKET:
+        assert size <= 1.25 * n
+    assert capture_module.bucket_size(size) == size  # a bucket size is its own bucket
