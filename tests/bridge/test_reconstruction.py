@@ -13,6 +13,7 @@ import jaxq
 from bridge import Calibrator
 from bridge.reconstruction import LayerGeometryError, RowCapture, row_sum, window_rows
 from jaxq.rows import output_positions, take_rows
+from tests.bridge.test_keep_acc import DynamicPadConv
 from tests.jaxq.test_rows import SPECS
 
 CONVS = [s for s in SPECS if s[0].kind != "linear"]
@@ -68,13 +69,8 @@ def test_mean_rows_alone_keep_no_rows():
         cap.result()
 
 
-class _DynamicPad(nn.Conv2d):
-    def forward(self, x):
-        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
-
-
 def test_bias_correction_alone_still_checks_the_geometry():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), _DynamicPad(4, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(3))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), DynamicPadConv(4, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(3))
     data = [torch.randn(4, 1, 12, 12) for _ in range(2)]
     model(data[0])
     cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=True)
