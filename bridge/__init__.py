@@ -1,15 +1,18 @@
 """bridge: everything that touches PyTorch — capture, fusion, fake-quant modules, export."""
-from bridge.calibrator import Calibrator, EmptyModelError
+from bridge.calibrator import Calibrator
+from bridge.prepare import EmptyModelError
 from bridge.data import CalibrationDataError
 from bridge.devices import DeviceUnavailableError, resolve_device
 from bridge.export import ExportError
-from bridge.fakequant import QuantWrapper
+from bridge.fakequant import LayerQuantizer, QuantWrapper
 from bridge.capture import NonFiniteActivationError
 from bridge.modules import LayerNameError
-from bridge.reload import load_quantized
+from bridge.reload import ParamFileError, load_quantized, restore_model
+from bridge.transaction import QuantizedModelError
 from bridge.w8a8 import W8A8Error
 
 __all__ = [
     "CalibrationDataError", "Calibrator", "DeviceUnavailableError", "EmptyModelError", "ExportError",
-    "LayerNameError", "NonFiniteActivationError", "QuantWrapper", "W8A8Error", "load_quantized", "resolve_device",
+    "LayerNameError", "LayerQuantizer", "NonFiniteActivationError", "ParamFileError", "QuantWrapper",
+    "QuantizedModelError", "W8A8Error", "load_quantized", "resolve_device", "restore_model",
 ]

@@ -139,7 +139,7 @@ class _SharedInput(NamedTuple):
 
 
 class ActivationCapture:
-    """Forward pre-hooks that stream layer inputs into observer states.
+    """Stream layer inputs into observer states (`layers`: `LayerQuantizer`s or modules).
 
     Inputs wait in the buffer pool until `flush()` (called after every batch, and on
     exit) applies all their updates in one compiled call. A layer that runs twice in one
@@ -161,7 +161,9 @@ class ActivationCapture:
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
-            x = args[0] if args else next(iter(kwargs.values()))
+            observe(args[0] if args else next(iter(kwargs.values())))
+
+        def observe(x: torch.Tensor) -> None:
             if name in self._pending or name in self._followers:  # keep this layer's updates in order
                 self.flush()
             if self._follows_last(name, x):
@@ -173,7 +175,7 @@ class ActivationCapture:
             if self._pending_floats() + x.numel() > self.max_pending:
                 self.flush()
             self._pending[name] = self._pool.fill(x)
-        return hook
+        return observe if hasattr(self._layers[name], "listeners") else hook
 
     def _follows_last(self, name: str, x: torch.Tensor) -> bool:
         """Share the last input's update if `x` is that tensor, unchanged, and `name`'s
@@ -227,19 +229,28 @@ class ActivationCapture:
         self._discard()
 
     def __enter__(self):
-        for name, module in self._layers.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        for name, layer in self._layers.items():
+            self._handles.append(listen(layer, self._hook(name)))
         return self
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
+        for remove in self._handles:
+            remove()
         self._handles.clear()
         if exc[0] is None:
             self.flush()
         else:  # the forward failed: drop what it captured
             self._discard()
         return False
+
+
+def listen(layer, fn: Callable) -> Callable[[], None]:
+    """Call `fn` with every input of `layer` (a `LayerQuantizer`: at whichever point it
+    taps its input; a plain module: a forward pre-hook). Returns the remover."""
+    if hasattr(layer, "listeners"):
+        layer.listeners.append(fn)
+        return lambda: layer.listeners.remove(fn)
+    return layer.register_forward_pre_hook(fn, with_kwargs=True).remove
 
 
 def check_finite(results: dict[str, jaxq.ActivationResult]) -> None:

@@ -1,58 +1,62 @@
-"""`QuantWrapper`: a fake-quant layer that keeps the original module inside.
+"""In-place fake quantization of one layer: `LayerQuantizer`.
 
-    x̂ = (clamp(round(x · (1/s_x)) + o_x, qmin, qmax) − o_x) · s_x        (per tensor)
-    Ŵ = (clamp(round(W · (1/s_c)) + o_c, qmin, qmax) − o_c) · s_c        (per out-channel c)
-    y = module.forward(x̂)  with  module.weight := Ŵ
+The user's module stays where it is, with its class, attributes and `forward`
+(numerics: `jaxq.numerics`, `x̂ = (q − o)·s`):
 
-The original module's own `forward` runs, so subclasses that pad or reshape first
-(`Conv2dStaticSamePadding`) keep working: `Ŵ` is a `torch.nn.utils.parametrize`
-parametrization of the module's `weight` (which stays the float original under
-`module.parametrizations.weight.original`). Parametrizations trace, so the model works
-with `torch.export`, `torch.compile` and the ONNX exporter, where `Ŵ` and `x̂` become
-QuantizeLinear/DequantizeLinear pairs. Buffers use msModelSlim's names:
-`input_scale`, `input_offset`, `weight_scale`, `weight_offset`.
+- its weight parameter becomes a `torch.nn.utils.parametrize` parametrization `W ↦ Ŵ`
+  (the float original stays under `module.parametrizations.<weight>.original`), so any
+  code that reads `module.weight` — its own forward, `F.linear(x, fc.weight)`, tied
+  weights, torch's fused transformer paths — gets `Ŵ`;
+- its input is fake-quantized by a forward pre-hook (positional or keyword input); a
+  layer whose weight is used outside its own call (`nn.MultiheadAttention`) is tapped
+  at the functional call instead (`bridge.functional`);
+- msModelSlim's buffers `input_scale`, `input_offset`, `weight_scale`, `weight_offset`
+  live on the module itself.
+
+`detach()` undoes all of it and leaves the module exactly as it was. Only
+`bridge.record.apply_records` writes the buffers (one parameter record).
 """
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import jax.numpy as jnp
-import numpy as np
+from jaxq import QScheme
 
-from jaxq import QParams, QScheme, quantize
+MARKER = "_jaxq_quantizer"
+BUFFERS = ("weight_scale", "weight_offset", "input_scale", "input_offset")
 
 
-class _OwnedParametrization(nn.Module):
-    """A parametrization that reads its owning wrapper's buffers and switch.
+class _Owned(nn.Module):
+    """A parametrization reading its `LayerQuantizer`'s state (kept out of the module tree)."""
 
-    The owner is kept out of the module tree (a plain attribute), so the wrapper does not
-    contain itself.
-    """
-
-    def __init__(self, owner: "QuantWrapper"):
+    def __init__(self, owner: "LayerQuantizer"):
         super().__init__()
         self.__dict__["owner"] = owner
 
 
-class _FakeQuantWeight(_OwnedParametrization):
-    """Parametrization `W ↦ Ŵ`."""
+class _FakeQuantWeight(_Owned):
+    """`W ↦ Ŵ` while quantization is on (stored codes when a rounding algorithm chose them)."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["owner"]
         if not owner.quant_enabled:
-            return w
-        scheme = owner.weight_scheme
-        source = w.float() if owner.weight_codes is None else owner.dequantized_codes()
-        wq = torch.fake_quantize_per_channel_affine(
-            source, owner.weight_scale, owner.weight_offset, 0, scheme.qmin, scheme.qmax
-        )
-        return wq.to(w.dtype)
+            out = w
+        else:
+            scheme = owner.weight_scheme
+            source = w.float() if owner.weight_codes is None else owner.dequantized_codes()
+            out = torch.fake_quantize_per_channel_affine(
+                source, owner.weight_scale, owner.weight_offset, 0, scheme.qmin, scheme.qmax).to(w.dtype)
+        owner.note_weight(out)
+        return out
 
 
-class _CorrectedBias(_OwnedParametrization):
-    """Parametrization `b ↦ b + δ` (bias correction) while the owner's quantization is on."""
+class _CorrectedBias(_Owned):
+    """`b ↦ b + δ` (bias correction) while quantization is on."""
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["owner"]
@@ -61,80 +65,129 @@ class _CorrectedBias(_OwnedParametrization):
         return (b.float() + owner.bias_correction).to(b.dtype)
 
 
-class QuantWrapper(nn.Module):
-    """Fake-quantizes the input activation and the weight of `module`."""
+class QuantizerConflictError(ValueError):
+    """The module already carries jaxq quantizers or attributes named like its buffers."""
 
-    def __init__(self, module: nn.Module, weight_scheme: QScheme, act_scheme: QScheme | None):
-        super().__init__()
-        self.module = module
-        self.weight_scheme = weight_scheme
-        self.act_scheme = act_scheme
+
+class LayerQuantizer:
+    """Fake quantization of `module`'s weight `param` (and input, with `act_scheme`), in place.
+
+    Args:
+      module: the layer (`nn.Linear`, `nn.Conv1d/2d` or `nn.MultiheadAttention`).
+      name: its name in the model (the first one, if it is reachable under several).
+      weight_scheme / act_scheme: the quantizers (`act_scheme=None`: weight-only).
+      param: the weight parameter's name (`"in_proj_weight"` for attention).
+      functional: tap the input at the functional call (`bridge.functional`) instead of
+        with a forward pre-hook.
+    """
+
+    def __init__(self, module: nn.Module, name: str, weight_scheme: QScheme, act_scheme: QScheme | None,
+                 param: str = "weight", functional: bool = False):
+        if getattr(module, MARKER, None) is not None:
+            raise QuantizerConflictError(f"layer {name!r} already carries a jaxq quantizer; call restore() on the "
+                                         "Calibrator that made it, or start from a fresh model")
+        taken = [b for b in BUFFERS if b in dir(module)]
+        if taken:
+            raise QuantizerConflictError(f"layer {name!r} ({type(module).__name__}) already has attributes {taken}; "
+                                         "jaxq stores its buffers under these names — keep it float (disable_names)")
+        self.module, self.name, self.param = module, name, param
+        self.bias_param = "in_proj_bias" if param == "in_proj_weight" else "bias"
+        self.weight_scheme, self.act_scheme, self.functional = weight_scheme, act_scheme, functional
         self.quant_enabled = False
-        out_channels = module.weight.shape[0]
-        device = module.weight.device
-        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
-        self.register_buffer("weight_offset", torch.zeros(out_channels, dtype=torch.int32, device=device))
-        if act_scheme is not None:
-            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
-            self.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
-        # Integer codes chosen by a rounding algorithm (SQuant, AdaRound); None = round to nearest.
-        self.register_buffer("weight_codes", None, persistent=False)
-        # Bias correction δ (`jaxq.bias_correction`), added to the bias while quantized.
-        self.register_buffer("bias_correction", None, persistent=False)
-        self._added_bias = False  # the module had no bias; one of zeros carries δ
+        self.weight_codes: torch.Tensor | None = None  # codes chosen by SQuant / AdaRound; None = nearest
+        self.bias_correction: torch.Tensor | None = None
+        self.listeners: list[Callable[[torch.Tensor], None]] = []
+        self.weight_watch: Callable[[torch.Tensor], None] | None = None
+        self._added_bias = False
         self._input_qparams = (1.0, 0)  # Python copy of (input_scale, input_offset), see fake_quant_input
-        parametrize.register_parametrization(module, "weight", _FakeQuantWeight(self), unsafe=True)
+        weight = getattr(module, param)
+        out, device = weight.shape[0], weight.device
+        module.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32, device=device))
+        module.register_buffer("weight_offset", torch.zeros(out, dtype=torch.int32, device=device))
+        if act_scheme is not None:
+            module.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+            module.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
+        parametrize.register_parametrization(module, param, _FakeQuantWeight(self), unsafe=True)
+        if not functional:
+            module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        module.register_load_state_dict_post_hook(self._after_load)
+        module.__dict__[MARKER] = self
 
+    # -- state -------------------------------------------------------------------------
     @property
     def act_quant(self) -> bool:
         return self.act_scheme is not None
 
-    def set_qparams(self, weight_scale, weight_offset, input_scale=None, input_offset=None) -> None:
-        """Copy quantization parameters into the buffers (no aliasing of the sources)."""
-        with torch.no_grad():
-            self.weight_scale.copy_(torch.as_tensor(weight_scale).reshape(self.weight_scale.shape))
-            self.weight_offset.copy_(torch.as_tensor(weight_offset).reshape(self.weight_offset.shape))
-            if self.act_quant:
-                self.input_scale.copy_(torch.as_tensor(input_scale).reshape(()))
-                self.input_offset.copy_(torch.as_tensor(input_offset).reshape(()))
-                self._input_qparams = (float(self.input_scale), int(self.input_offset))
+    def buffer(self, key: str) -> torch.Tensor:
+        return getattr(self.module, key)
 
-    def set_weight_codes(self, codes: torch.Tensor | None) -> None:
-        """Simulate these integer weight codes `q` (`Ŵ = (q − o)·s`) instead of rounding
-        the float weight to nearest; None returns to round-to-nearest."""
+    weight_scale = property(lambda self: self.module.weight_scale)
+    weight_offset = property(lambda self: self.module.weight_offset)
+    input_scale = property(lambda self: self.module.input_scale)
+    input_offset = property(lambda self: self.module.input_offset)
+
+    def set_qparams(self, weight_scale, weight_offset, input_scale=None, input_offset=None) -> None:
+        """Copy parameters into the module's buffers (no aliasing). Called by `bridge.record` only."""
+        m = self.module
+        with torch.no_grad():
+            m.weight_scale.copy_(torch.as_tensor(weight_scale).reshape(m.weight_scale.shape))
+            m.weight_offset.copy_(torch.as_tensor(weight_offset).reshape(m.weight_offset.shape))
+            if self.act_quant:
+                m.input_scale.copy_(torch.as_tensor(input_scale).reshape(()))
+                m.input_offset.copy_(torch.as_tensor(input_offset).reshape(()))
+        self._sync_input_qparams()
+
+    def _sync_input_qparams(self) -> None:
+        if self.act_quant:
+            self._input_qparams = (float(self.module.input_scale), int(self.module.input_offset))
+
+    def _after_load(self, _module, _keys) -> None:
+        self._sync_input_qparams()
+
+    def set_weight_codes(self, codes) -> None:
+        """Simulate these integer codes `q` (`Ŵ = (q − o)·s`); None: round to nearest."""
         if codes is None:
             self.weight_codes = None
             return
         codes = torch.as_tensor(codes).to(device=self.weight_scale.device, dtype=torch.int32)
         if codes.shape != self.float_weight.shape:
-            raise ValueError(f"weight codes of shape {tuple(codes.shape)} do not match the weight {tuple(self.float_weight.shape)}")
+            raise ValueError(f"layer {self.name!r}: weight codes of shape {tuple(codes.shape)} do not match the "
+                             f"weight {tuple(self.float_weight.shape)}")
         self.weight_codes = codes.clone()
 
-    def set_bias_correction(self, delta: torch.Tensor | None) -> None:
-        """Add `δ` (`[out]`) to the module's bias while quantization is on (`b̂ = b + δ`);
-        None removes it. A module without a bias gets a zero bias to carry `δ` (removed
-        again by `unwrap`)."""
+    def set_bias_correction(self, delta) -> None:
+        """Add `δ` (`[out]`) to the bias while quantization is on; None removes it. A
+        layer without a bias gets a zero bias to carry `δ` (removed by `detach`)."""
         if delta is None:
             self.bias_correction = None
             return
-        module = self.module
+        m = self.module
         delta = torch.as_tensor(delta).to(device=self.weight_scale.device, dtype=torch.float32).reshape(-1)
         if delta.numel() != self.weight_scale.numel():
-            raise ValueError(f"bias correction of {delta.numel()} values does not match {self.weight_scale.numel()} output channels")
-        if not parametrize.is_parametrized(module, "bias"):
-            if module.bias is None:
+            raise ValueError(f"layer {self.name!r}: bias correction of {delta.numel()} values does not match "
+                             f"{self.weight_scale.numel()} output channels")
+        if not torch.isfinite(delta).all():
+            raise FloatingPointError(f"layer {self.name!r}: bias correction is not finite")
+        if not parametrize.is_parametrized(m, self.bias_param):
+            if getattr(m, self.bias_param) is None:
                 w = self.float_weight
-                module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+                setattr(m, self.bias_param, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                                         requires_grad=False))
                 self._added_bias = True
-            parametrize.register_parametrization(module, "bias", _CorrectedBias(self), unsafe=True)
+            parametrize.register_parametrization(m, self.bias_param, _CorrectedBias(self), unsafe=True)
         self.bias_correction = delta.clone()
 
     @property
+    def float_weight(self) -> torch.Tensor:
+        """The original float weight (the parametrization's input)."""
+        return getattr(self.module.parametrizations, self.param).original
+
+    @property
     def float_bias(self) -> torch.Tensor | None:
-        """The original bias (None if the module has none)."""
-        if parametrize.is_parametrized(self.module, "bias"):
-            return None if self._added_bias else self.module.parametrizations.bias.original
-        return self.module.bias
+        """The original bias (None if the layer has none)."""
+        if parametrize.is_parametrized(self.module, self.bias_param):
+            return None if self._added_bias else getattr(self.module.parametrizations, self.bias_param).original
+        return getattr(self.module, self.bias_param)
 
     def corrected_bias(self) -> torch.Tensor | None:
         """The bias of the quantized layer, `b + δ` (whether quantization is on or off)."""
@@ -144,34 +197,37 @@ class QuantWrapper(nn.Module):
         return self.bias_correction.clone() if b is None else b.detach().float() + self.bias_correction
 
     def dequantized_codes(self) -> torch.Tensor:
-        """`(q − o)·s` of the stored codes; fake-quantizing it returns it unchanged, so the
-        graph keeps its weight QuantizeLinear/DequantizeLinear pair."""
+        """`(q − o)·s` of the stored codes: fake-quantizing it returns it unchanged, so
+        exported graphs keep their weight QuantizeLinear/DequantizeLinear pair."""
         shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
         return (self.weight_codes - self.weight_offset.reshape(shape)).float() * self.weight_scale.reshape(shape)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        if self.act_quant:  # keep the Python copy in step with loaded buffers
-            self._input_qparams = (float(self.input_scale), int(self.input_offset))
-
-    @property
-    def float_weight(self) -> torch.Tensor:
-        """The original float weight (the parametrization's input)."""
-        return self.module.parametrizations.weight.original
-
     def fake_quant_weight(self) -> torch.Tensor:
         """`Ŵ` (the float weight when quantization is off)."""
-        return self.module.weight
+        return getattr(self.module, self.param)
 
-    def unwrap(self) -> nn.Module:
-        """The original module with its float weight restored (parametrization removed)."""
-        parametrize.remove_parametrizations(self.module, "weight", leave_parametrized=False)
-        if parametrize.is_parametrized(self.module, "bias"):
-            parametrize.remove_parametrizations(self.module, "bias", leave_parametrized=False)
-            if self._added_bias:
-                self.module.bias = None
-                self._added_bias = False
-        return self.module
+    def note_weight(self, w: torch.Tensor) -> None:
+        if self.weight_watch is not None:
+            self.weight_watch(w)
+
+    # -- input -------------------------------------------------------------------------
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as the layer consumes it: listeners (capture) see the float
+        input; with quantization on it is fake-quantized."""
+        for listen in self.listeners:
+            listen(x)
+        if self.quant_enabled and self.act_quant and isinstance(x, torch.Tensor) and x.is_floating_point():
+            return self.fake_quant_input(x)
+        return x
+
+    def _pre_hook(self, _module, args, kwargs):
+        if args:
+            x = self.on_input(args[0])
+            return (x, *args[1:]), kwargs
+        if kwargs:
+            key = "input" if "input" in kwargs else next(iter(kwargs))
+            return args, {**kwargs, key: self.on_input(kwargs[key])}
+        return None
 
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         s = self.act_scheme
@@ -184,14 +240,66 @@ class QuantWrapper(nn.Module):
             xq = torch.fake_quantize_per_tensor_affine(x.float(), scale, offset, s.qmin, s.qmax)
         return xq.to(x.dtype)
 
-    def forward(self, x, *args, **kwargs):
-        if self.quant_enabled and self.act_quant:
-            x = self.fake_quant_input(x)
-        return self.module(x, *args, **kwargs)
+    # -- undo --------------------------------------------------------------------------
+    def detach(self) -> nn.Module:
+        """Remove every trace of quantization: the module is as it was before."""
+        m = self.module
+        remove_hooks_of(m, LayerQuantizer, self)
+        parametrize.remove_parametrizations(m, self.param, leave_parametrized=False)
+        if parametrize.is_parametrized(m, self.bias_param):
+            parametrize.remove_parametrizations(m, self.bias_param, leave_parametrized=False)
+        if self._added_bias:
+            setattr(m, self.bias_param, None)
+            self._added_bias = False
+        for key in BUFFERS:
+            m._buffers.pop(key, None)
+        m.__dict__.pop(MARKER, None)
+        return m
+
+    unwrap = detach  # the name of the first design
 
     def extra_repr(self) -> str:
         a = "float" if self.act_scheme is None else f"int{self.act_scheme.bits}"
         return f"w=int{self.weight_scheme.bits} per-channel, a={a}, enabled={self.quant_enabled}"
+
+    def __repr__(self) -> str:
+        return f"LayerQuantizer({self.name!r}, {self.extra_repr()})"
+
+
+QuantWrapper = LayerQuantizer  # public name of the first design
+
+
+def quantizer_of(module: nn.Module) -> LayerQuantizer | None:
+    return module.__dict__.get(MARKER)
+
+
+def quantizers(model: nn.Module) -> dict[str, LayerQuantizer]:
+    """Every jaxq quantizer in `model`, by layer name, in module order."""
+    out: dict[str, LayerQuantizer] = {}
+    for _name, m in model.named_modules():
+        q = quantizer_of(m)
+        if q is not None:
+            out[q.name] = q
+    return out
+
+
+wrappers = quantizers  # the name of the first design
+
+
+def remove_hooks_of(module: nn.Module, owner_type: type, owner=None) -> None:
+    """Remove every hook of `module` that is a method of `owner` (or of any `owner_type`).
+
+    By owner, not by handle: a deep copy of the module shares the handles' references to
+    the original's hook dicts."""
+    for attr, hooks in list(vars(module).items()):
+        if not (attr.endswith("hooks") and isinstance(hooks, dict)):
+            continue
+        for key, fn in list(hooks.items()):
+            bound = getattr(fn, "__self__", None)
+            if isinstance(bound, owner_type) and (owner is None or bound is owner):
+                del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                    getattr(module, extra, {}).pop(key, None)
 
 
 def _eager_cpu_inference(x: torch.Tensor) -> bool:
@@ -202,11 +310,10 @@ def _eager_cpu_inference(x: torch.Tensor) -> bool:
 
 
 def fake_quant_per_tensor_cpu(x: torch.Tensor, scale: float, offset: int, qmin: int, qmax: int) -> torch.Tensor:
-    """`torch.fake_quantize_per_tensor_affine` bit for bit on finite float32 input, ~7×
-    faster on CPU: torch's kernel is scalar and single-threaded, these in-place ops are
-    vectorised. Same arithmetic: `(clamp(round(x·s⁻¹) + o, qmin, qmax) − o)·s` with
-    `s⁻¹ = 1/s` in float32 and round half to even. (torch maps NaN to `qmin`; this keeps NaN.)
-    """
+    """`torch.fake_quantize_per_tensor_affine` bit for bit on finite float32 input, faster
+    on CPU (torch's kernel is scalar; these in-place ops are vectorised). Same arithmetic:
+    `(clamp(round(x·s⁻¹) + o, qmin, qmax) − o)·s`, `s⁻¹ = 1/s` in float32, round half to
+    even. (torch maps NaN to `qmin`; this keeps NaN.)"""
     inv = float(np.float32(1.0) / np.float32(scale))
     y = torch.mul(x, inv)
     return y.round_().add_(offset).clamp_(qmin, qmax).sub_(offset).mul_(scale)
@@ -217,16 +324,3 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def wrappers(model: nn.Module) -> dict[str, QuantWrapper]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantWrapper)}
-
-
-def custom_codes(wrapper: QuantWrapper, codes: np.ndarray) -> torch.Tensor | None:
-    """`codes` as a tensor if they differ from rounding the float weight to nearest
-    (SQuant, AdaRound), else None."""
-    qp = QParams(jnp.asarray(wrapper.weight_scale.cpu().numpy()),
-                 jnp.asarray(wrapper.weight_offset.cpu().numpy()), wrapper.weight_scheme)
-    nearest = np.asarray(quantize(wrapper.float_weight.detach().float().cpu().numpy(), qp))
-    return None if np.array_equal(nearest, codes.astype(np.int32)) else torch.from_numpy(codes.astype(np.int32))

@@ -7,11 +7,16 @@ tensor *is* that convolution's output (same object). With `k = γ / √(σ² + �
 
 The BN is replaced by `nn.Identity`. Fusion is kept only if the fused model reproduces
 the float model's output on the probe batch (a conv output also used elsewhere would
-break that); otherwise the model is left exactly as it was.
+break that); otherwise the model is left exactly as it was. Each fold is a `Fold`
+record that `unfold` undoes bit for bit.
+
+The data flow is keyed on the conv outputs themselves (weak references), not on
+`id()` alone: a freed output's id may be reused by a later tensor.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
+import weakref
 
 import torch
 from torch import nn
@@ -26,20 +31,23 @@ _CONV = (nn.Conv1d, nn.Conv2d)
 def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, str]], object]:
     """`(conv_name, bn_name)` pairs where the BN consumes exactly the conv's output,
     and the model's output on `batch` (the float reference for the parity check)."""
-    producer: dict[int, str] = {}
+    producer: dict[int, tuple[str, weakref.ref]] = {}
     pairs: list[tuple[str, str]] = []
     handles = []
 
     def conv_hook(name):
         def hook(_m, _inp, out):
-            producer[id(out)] = name
+            if isinstance(out, torch.Tensor):
+                producer[id(out)] = (name, weakref.ref(out))
         return hook
 
     def bn_hook(name):
         def hook(_m, inp):
-            src = producer.get(id(inp[0]))
-            if src is not None and (src, name) not in pairs:
-                pairs.append((src, name))
+            if not inp or not isinstance(inp[0], torch.Tensor):
+                return
+            entry = producer.get(id(inp[0]))
+            if entry is not None and entry[1]() is inp[0] and (entry[0], name) not in pairs:
+                pairs.append((entry[0], name))
         return hook
 
     for name, m in model.named_modules():
@@ -49,12 +57,54 @@ def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, 
             handles.append(m.register_forward_pre_hook(bn_hook(name)))
     try:
         with torch.no_grad():
-            outputs = run_model(model, batch, 0)  # keep outputs alive: ids stay unique
+            outputs = run_model(model, batch, 0)
     finally:
         for h in handles:
             h.remove()
     convs = [c for c, _ in pairs]
-    return [(c, b) for c, b in pairs if convs.count(c) == 1], outputs
+    modules = dict(model.named_modules())
+    return [(c, b) for c, b in pairs if convs.count(c) == 1 and _channels_match(modules[c], modules[b])], outputs
+
+
+def _channels_match(conv: nn.Module, bn: nn.Module) -> bool:
+    return conv.weight.shape[0] == bn.num_features and bn.track_running_stats and bn.running_mean is not None
+
+
+@dataclasses.dataclass
+class Fold:
+    """A BN folded into a conv: what `unfold` needs to undo it exactly."""
+
+    conv: str
+    bn: str
+    bn_module: nn.Module
+    weight: torch.Tensor  # the conv's weight before folding (a copy)
+    bias: torch.Tensor | None  # the conv's bias before folding (a copy), None if it had none
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.conv, self.bn)
+
+
+def fold(model: nn.Module, conv_name: str, bn_name: str) -> Fold:
+    """Fold BN `bn_name` into conv `conv_name` in place and replace it by `nn.Identity`."""
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    record = Fold(conv_name, bn_name, bn, conv.weight.detach().clone(),
+                  None if conv.bias is None else conv.bias.detach().clone())
+    fold_bn_into_conv(conv, bn)
+    set_module(model, bn_name, nn.Identity())
+    return record
+
+
+def unfold(model: nn.Module, record: Fold) -> None:
+    """Undo `fold`: the conv's weight and bias and the BN are exactly as before."""
+    conv = model.get_submodule(record.conv)
+    with torch.no_grad():
+        conv.weight.copy_(record.weight)
+        if record.bias is None:
+            conv.bias = None
+        else:
+            conv.bias.copy_(record.bias)
+    set_module(model, record.bn, record.bn_module)
 
 
 def fold_bn_into_conv(conv: nn.Module, bn: nn.Module) -> None:
@@ -93,26 +143,29 @@ def _flatten(obj):
             yield from _flatten(v)
 
 
-def fuse_conv_bn(model: nn.Module, batch: Batch, tolerance: float = 1e-3) -> list[tuple[str, str]]:
-    """Fold every eval-mode BN into its producing conv, in place; returns the pairs fused."""
+def fuse_conv_bn(model: nn.Module, batch: Batch, tolerance: float = 1e-3) -> list[Fold]:
+    """Fold every eval-mode BN into its producing conv, in place; returns the folds made
+    (none if the fused model does not reproduce the float output on `batch`)."""
     if model.training:
         return []
     pairs, reference = find_conv_bn_pairs(model, batch)
-    if not pairs:
-        return []
-    backup = copy.deepcopy(model.state_dict())
-    modules = dict(model.named_modules())
-    with torch.no_grad():
+    folds: list[Fold] = []
+    try:
         for conv_name, bn_name in pairs:
-            fold_bn_into_conv(modules[conv_name], modules[bn_name])
-            set_module(model, bn_name, nn.Identity())
-        fused = run_model(model, batch, 0)
-    if _max_rel_diff(reference, fused) > tolerance:
-        for _conv, bn_name in pairs:
-            set_module(model, bn_name, modules[bn_name])
-        for conv_name, _bn in pairs:
-            if modules[conv_name].bias is not None and conv_name + ".bias" not in backup:
-                modules[conv_name].bias = None
-        model.load_state_dict(backup)
-        return []
-    return pairs
+            folds.append(fold(model, conv_name, bn_name))
+        if folds:
+            with torch.no_grad():
+                fused = run_model(model, batch, 0)
+            if _max_rel_diff(reference, fused) > tolerance:
+                raise _ParityError
+    except BaseException as e:
+        for record in reversed(folds):
+            unfold(model, record)
+        if isinstance(e, _ParityError):
+            return []
+        raise
+    return folds
+
+
+class _ParityError(Exception):
+    pass

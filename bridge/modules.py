@@ -10,6 +10,12 @@ from torch import nn
 from jaxq import LayerSpec
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# layers jaxq leaves in float, with the reason it says (summary, CLI table, warning)
+UNSUPPORTED = (
+    (nn.Conv3d, "3-D convolution: no quantizer for Conv3d yet"),
+    (nn.modules.conv._ConvTransposeNd, "transposed convolution: no quantizer for ConvTranspose yet"),
+    (nn.RNNBase, "recurrent layer (LSTM/GRU/RNN): no quantizer for recurrent weights yet"),
+)
 
 
 class LayerNameError(ValueError):
@@ -17,34 +23,48 @@ class LayerNameError(ValueError):
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every `nn.Linear` / `nn.Conv1d` / `nn.Conv2d` (subclasses included), in module order.
-
-    Modules already wrapped by a fake-quant wrapper are reported under their own name.
-    """
-    from bridge.fakequant import QuantWrapper
-
+    """Every `nn.Linear` / `nn.Conv1d` / `nn.Conv2d` (subclasses included) and every
+    `nn.MultiheadAttention` with a packed input projection (its `in_proj_weight`), in
+    module order; a module reachable under several names is listed under the first."""
     out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantWrapper):
-            out[name] = module.module
-        elif isinstance(module, QUANTIZABLE) and not _inside_wrapper(name, out):
+        if isinstance(module, QUANTIZABLE) or _packed_attention(module):
             out[name] = module
     return out
 
 
-def _inside_wrapper(name: str, found: dict) -> bool:
-    return any(name.startswith(f"{n}.") for n in found)
+def _packed_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) and getattr(module, "in_proj_weight", None) is not None
+
+
+def weight_name(module: nn.Module) -> str:
+    """The quantized weight parameter of a layer found by `quantizable_layers`."""
+    return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+
+
+def unsupported_layers(model: nn.Module) -> dict[str, str]:
+    """`{name: why it stays float}` for layers with weights that jaxq does not quantize."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and not _packed_attention(module):
+            out[name] = "attention with separate q/k/v projection weights: not quantized yet"
+            continue
+        for kind, why in UNSUPPORTED:
+            if isinstance(module, kind):
+                out[name] = f"{type(module).__name__}: {why}"
+                break
+    return out
 
 
 def layer_spec(name: str, module: nn.Module) -> LayerSpec:
     """The `LayerSpec` of a torch layer (its own `forward` may still do more, e.g. pad)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return LayerSpec(name, "linear", has_bias=module.in_proj_bias is not None)
     has_bias = getattr(module, "bias", None) is not None
     if isinstance(module, nn.Linear):
         return LayerSpec(name, "linear", has_bias=has_bias)
     kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
-    if isinstance(module.padding, str):
-        raise ValueError(f"layer {name!r}: string padding {module.padding!r} is not supported by LayerSpec")
-    padding = [(p, p) for p in module.padding]
+    padding = _numeric_padding(module)
     static = getattr(module, "static_padding", None)  # TF-"same" convs that pad in forward
     if isinstance(static, (nn.ZeroPad1d, nn.ZeroPad2d)):
         pads = static.padding  # (left, right[, top, bottom]): last spatial dim first
@@ -60,6 +80,16 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
         groups=module.groups,
         has_bias=has_bias,
     )
+
+
+def _numeric_padding(module: nn.Module) -> list[tuple[int, int]]:
+    """`(lo, hi)` per spatial dim; `'same'` pads `d·(k−1)` split as torch does (extra on the right)."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
 
 
 def _is_pattern(name: str) -> bool:

@@ -1,62 +1,171 @@
-"""Rebuild a fake-quant model from an `export_param` directory, without calibration data."""
+"""Rebuild a fake-quant model from an `export_param` directory, without calibration data.
+
+Everything is checked before the model is touched: the manifest (every file's SHA-256),
+the JSON, the stored config (against the calibrator's, for `load_param`), layer names,
+shapes, dtypes, code ranges and finiteness. Errors name the file and the layer; a failed
+load leaves the model exactly as it was.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 from torch import nn
 
 import jaxq
-from bridge.export import FORMAT_VERSION, JSON_NAME, SAFETENSORS_NAME
-from bridge.fakequant import QuantWrapper, custom_codes, set_module
-from bridge.fuse import fold_bn_into_conv
+from bridge.export import FORMAT_VERSION, JSON_NAME, SAFETENSORS_NAME, verify_manifest
+from bridge.fakequant import LayerQuantizer
+from bridge.fuse import fold
+from bridge.modules import quantizable_layers, weight_name
+from bridge.record import LayerRecord, apply_records, is_nearest, record_from_tensors
+from bridge.transaction import ModelEdit, refuse_quantized
+
+
+class ParamFileError(ValueError):
+    """An exported parameter directory is incomplete, inconsistent or does not fit the model."""
 
 
 def read_params(path) -> tuple[dict, dict[str, np.ndarray]]:
     """`(description, tensors)` of an exported parameter directory, checked."""
-    path = Path(path)
+    path = Path(path).expanduser()
     missing = [n for n in (JSON_NAME, SAFETENSORS_NAME) if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{str(path)!r} is not a jaxq parameter directory: missing {missing}")
-    description = json.loads((path / JSON_NAME).read_text())
-    if description.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{str(path / JSON_NAME)!r} has format_version {description.get('format_version')!r}; "
-                         f"this jaxq reads {FORMAT_VERSION}")
-    return description, load_file(str(path / SAFETENSORS_NAME))
+    try:
+        verify_manifest(path)
+    except ValueError as e:
+        raise ParamFileError(str(e)) from None
+    try:
+        description = json.loads((path / JSON_NAME).read_text())
+    except ValueError as e:
+        raise ParamFileError(f"{str(path / JSON_NAME)!r} is not valid JSON: {e}") from None
+    if not isinstance(description, dict) or description.get("format_version") != FORMAT_VERSION:
+        version = description.get("format_version") if isinstance(description, dict) else None
+        raise ParamFileError(f"{str(path / JSON_NAME)!r} has format_version {version!r}; this jaxq reads {FORMAT_VERSION}")
+    for key in ("config", "layers"):
+        if not isinstance(description.get(key), dict):
+            raise ParamFileError(f"{str(path / JSON_NAME)!r} has no {key!r} section")
+    try:
+        tensors = load_file(str(path / SAFETENSORS_NAME))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ParamFileError(f"{str(path / SAFETENSORS_NAME)!r} cannot be read: {e}") from None
+    return description, tensors
+
+
+def stored_config(description: dict, path) -> jaxq.QuantConfig:
+    cfg = dict(description["config"])
+    if cfg.get("input_shape"):
+        cfg["input_shape"] = tuple(map(tuple, cfg["input_shape"]))
+    try:
+        return jaxq.QuantConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        raise ParamFileError(f"{str(Path(path) / JSON_NAME)!r}: its config is not valid: {e}") from None
+
+
+def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weights: dict[str, np.ndarray]) -> dict:
+    """Checked records for every layer of `description` (weights: name → float weight)."""
+    source = str(Path(path) / SAFETENSORS_NAME)
+    act_scheme = cfg.act_scheme if cfg.act_quant else None
+    records: dict[str, LayerRecord] = {}
+    for name in description["layers"]:
+        try:
+            provisional = record_from_tensors(name, tensors, custom=False)
+        except KeyError as e:
+            raise ParamFileError(f"{source}: layer {name!r} has no tensor {e.args[0]!r}") from None
+        try:
+            provisional.check(name, weights[name].shape, cfg.weight_scheme, act_scheme, source)
+        except ValueError as e:
+            raise ParamFileError(str(e)) from None
+        custom = not is_nearest(weights[name], provisional.weight_scale, provisional.weight_offset, cfg.weight_scheme,
+                                provisional.codes)
+        records[name] = record_from_tensors(name, tensors, custom=custom)
+    return records
+
+
+def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer], fused) -> dict[str, LayerRecord]:
+    """Records for `Calibrator.load_param`: the files must come from the same model and config."""
+    description, tensors = read_params(path)
+    stored = stored_config(description, path)
+    if stored != cfg:
+        diff = [f for f in ("w_bit", "a_bit", "w_signed", "a_signed", "w_sym", "a_sym", "act_quant", "act_method")
+                if getattr(stored, f) != getattr(cfg, f)]
+        raise ParamFileError(f"{str(Path(path) / JSON_NAME)!r} was calibrated with another config "
+                             f"(differs in {diff or 'other fields'}); build the Calibrator with the stored config: "
+                             "bridge.reload.stored_config(...) or load_quantized(model, path)")
+    names = set(description["layers"])
+    if names != set(layers):
+        raise ParamFileError(f"{str(path)!r} holds layers that differ from this calibrator's quantized layers: "
+                             f"{sorted(names ^ set(layers))[:5]}; build it with the same model and config")
+    if [list(p) for p in fused] != description.get("fused", []):
+        raise ParamFileError(f"{str(path)!r} records other Conv+BN folds than this calibrator made")
+    weights = {n: q.float_weight.detach().float().cpu().numpy() for n, q in layers.items()}
+    return _records(path, description, tensors, cfg, weights)
+
+
+def _folded_weights(model: nn.Module, description: dict, candidates: dict[str, nn.Module], path) -> dict[str, np.ndarray]:
+    """The float weight each layer will have after the recorded folds (computed, not applied)."""
+    from bridge.fuse import fold_bn_into_conv
+    import copy
+
+    modules = dict(model.named_modules())
+    out = {}
+    folds = {conv: bn for conv, bn in description.get("fused", [])}
+    for conv, bn in folds.items():
+        if conv not in modules or bn not in modules or not isinstance(modules[bn], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            raise ParamFileError(f"the model has no conv {conv!r} followed by a BatchNorm {bn!r}, recorded as fused in "
+                                 f"{str(path)!r} (already folded, or another model?)")
+    for name in description["layers"]:
+        if name not in candidates:
+            raise ParamFileError(f"the model has no quantizable layer {name!r} listed in {str(path)!r}")
+        module = candidates[name]
+        if name in folds:
+            module = copy.deepcopy(module)
+            fold_bn_into_conv(module, modules[folds[name]])
+        out[name] = getattr(module, weight_name(module)).detach().float().cpu().numpy()
+    return out
 
 
 def load_quantized(model: nn.Module, path) -> nn.Module:
     """Quantize `model` (the same float architecture and weights that were calibrated) in
-    place from the parameters in `path`: the recorded Conv+BN folds, the fake-quant
-    wrappers and their buffers. Outputs are bit-identical to the calibrated model's."""
+    place from the parameters in `path`: the recorded Conv+BN folds, the quantizers and
+    their buffers. Outputs are bit-identical to the calibrated model's. Everything is
+    checked first; on failure the model is unchanged."""
+    refuse_quantized(model)
     description, tensors = read_params(path)
-    cfg_dict = dict(description["config"])
-    cfg = jaxq.QuantConfig(**{k: (tuple(map(tuple, v)) if k == "input_shape" and v else v) for k, v in cfg_dict.items()})
-    model.eval()
-    modules = dict(model.named_modules())
-    for conv, bn in description.get("fused", []):
-        if conv not in modules or bn not in modules:
-            raise ValueError(f"the model has no layers {conv!r}/{bn!r} recorded as fused in {str(path)!r}")
-        fold_bn_into_conv(modules[conv], modules[bn])
-        set_module(model, bn, nn.Identity())
-    act_scheme = cfg.act_scheme if cfg.act_quant else None
-    for name in description["layers"]:
-        if name not in modules:
-            raise ValueError(f"the model has no layer {name!r} listed in {str(path)!r}")
-        wrapper = QuantWrapper(modules[name], cfg.weight_scheme, act_scheme)
-        act = f"{name}.input_scale" in tensors
-        wrapper.set_qparams(
-            torch.from_numpy(tensors[f"{name}.weight_scale"]), torch.from_numpy(tensors[f"{name}.weight_offset"]),
-            torch.from_numpy(tensors[f"{name}.input_scale"]) if act else None,
-            torch.from_numpy(tensors[f"{name}.input_offset"]) if act else None,
-        )
-        if f"{name}.quant_weight" in tensors:  # SQuant / AdaRound codes
-            wrapper.set_weight_codes(custom_codes(wrapper, tensors[f"{name}.quant_weight"]))
-        if f"{name}.bias_correction" in tensors:
-            wrapper.set_bias_correction(torch.from_numpy(tensors[f"{name}.bias_correction"]))
-        wrapper.quant_enabled = True
-        set_module(model, name, wrapper)
+    cfg = stored_config(description, path)
+    candidates = quantizable_layers(model)
+    records = _records(path, description, tensors, cfg, _folded_weights(model, description, candidates, path))
+    edit = ModelEdit(model)
+    try:
+        model.eval()
+        for conv, bn in description.get("fused", []):
+            edit.folds.append(fold(model, conv, bn))
+        act_scheme = cfg.act_scheme if cfg.act_quant else None
+        for name in description["layers"]:
+            module = candidates[name]
+            functional = description["layers"][name].get("functional", False)
+            edit.attach(LayerQuantizer(module, name, cfg.weight_scheme, act_scheme, weight_name(module), functional))
+        tapped = [q for q in edit.quantizers.values() if q.functional]
+        if tapped:
+            from bridge.functional import FunctionalTaps
+
+            edit.taps = FunctionalTaps(tapped).install(model)
+        apply_records(edit.quantizers, records)
+        for q in edit.quantizers.values():
+            q.quant_enabled = True
+    except BaseException:
+        edit.restore()
+        raise
+    model.__dict__["_jaxq_edit"] = edit  # bridge.restore_model(model) undoes the load
     return model
+
+
+def restore_model(model: nn.Module) -> nn.Module:
+    """Undo `load_quantized`: the float model as it was before the load."""
+    edit = model.__dict__.pop("_jaxq_edit", None)
+    if edit is None:
+        raise ValueError("this model was not quantized by bridge.load_quantized")
+    return edit.restore()

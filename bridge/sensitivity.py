@@ -17,10 +17,9 @@ import torch
 
 import jaxq.sensitivity as js
 from bridge.data import Batch, run_model
-from bridge.fakequant import QuantWrapper
 from bridge.tensors import to_jax
 
-METRICS = ("mse", "relative_mse", "isolated")
+METRICS = ("mse", "relative_mse", "cosine", "isolated")
 
 
 def amp_batches(batches, samples: int) -> list[Batch]:
@@ -56,45 +55,55 @@ def primary_output(out) -> torch.Tensor:
     raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
 
 
-def _set_enabled(layers: dict[str, QuantWrapper], enabled: Callable[[str], bool]) -> None:
+def _set_enabled(layers: dict, enabled: Callable[[str], bool]) -> None:
     for name, w in layers.items():
         w.quant_enabled = enabled(name)
 
 
-def layer_output_errors(model, layers: dict[str, QuantWrapper], batches: list[Batch]) -> dict[str, dict[str, float]]:
-    """Per layer `mse`, `relative_mse`, `cosine` between float-model and quantized-model outputs."""
+def layer_output_errors(model, layers: dict, batches: list[Batch]) -> dict[str, dict[str, float]]:
+    """Per layer `mse`, `relative_mse`, `cosine` between float-model and quantized-model
+    outputs, call by call (the k-th call of a layer in the quantized forward against its
+    k-th call in the float forward). Layers used only functionally (attention) have no
+    module output to compare: NaN."""
     before = {n: w.quant_enabled for n, w in layers.items()}
     stats = {n: js.init_stats() for n in layers}
-    fp: dict[str, torch.Tensor] = {}
+    fp: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    seen: dict[str, int] = {}
 
     def keep(name):
-        return lambda m, a, out: fp.__setitem__(name, out.detach().clone())
+        return lambda m, a, out: fp[name].append(out.detach().clone())
 
     def compare(name):
         def hook(m, a, out):
-            f, n = _padded(fp[name])
-            q, _ = _padded(out)
-            stats[name] = js.update_stats(stats[name], f, q, n)
+            k = seen.get(name, 0)
+            seen[name] = k + 1
+            if k < len(fp[name]):
+                f, n = _padded(fp[name][k])
+                q, _ = _padded(out)
+                stats[name] = js.update_stats(stats[name], f, q, n)
         return hook
 
+    modular = {n: w for n, w in layers.items() if not w.functional}
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 for mode, make in ((False, keep), (True, compare)):
                     _set_enabled(layers, lambda n, mode=mode: mode)
-                    handles = [w.register_forward_hook(make(n)) for n, w in layers.items()]
+                    handles = [w.module.register_forward_hook(make(n)) for n, w in modular.items()]
                     try:
                         run_model(model, batch, i)
                     finally:
                         for h in handles:
                             h.remove()
-                fp.clear()
+                for v in fp.values():
+                    v.clear()
+                seen.clear()
     finally:
         _set_enabled(layers, lambda n: before[n])
     names = list(layers)
     stacked = js.ErrorStats(*(np.stack([np.asarray(getattr(stats[n], f)) for n in names]) for f in js.ErrorStats._fields))
     metrics = {k: np.asarray(v) for k, v in js.finalize_metrics(stacked).items()}
-    return {n: {k: float(metrics[k][i]) for k in metrics} for i, n in enumerate(names)}
+    return {n: {k: float(metrics[k][i]) if n in modular else float("nan") for k in metrics} for i, n in enumerate(names)}
 
 
 def output_distance(fp: torch.Tensor, q: torch.Tensor) -> float:
@@ -126,7 +135,7 @@ def float_outputs(model, layers, batches) -> list[torch.Tensor]:
         _set_enabled(layers, lambda n: before[n])
 
 
-def isolated_sensitivity(model, layers: dict[str, QuantWrapper], batches: list[Batch]) -> dict[str, float]:
+def isolated_sensitivity(model, layers: dict, batches: list[Batch]) -> dict[str, float]:
     """Per layer: model-output distance from float with only that layer quantized."""
     fp = float_outputs(model, layers, batches)
     return {name: model_distance(model, layers, batches, fp, lambda n, name=name: n == name) for name in layers}
@@ -179,3 +188,52 @@ class FallbackCurve:
             mark = "  ← target reached" if k == self.chosen else ""
             lines.append(f"{k:>3}  {name:<45} {value:.5g}{mark}")
         return "\n".join(lines)
+
+
+def check_metrics(metrics) -> tuple[str, ...]:
+    """`metrics` as a tuple of known names; a bare string or an unknown name is an error."""
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics must be a sequence of names such as ({metrics!r},), not the string {metrics!r}")
+    metrics = tuple(metrics)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"sensitivity metrics {unknown or '()'} not known; choose from {METRICS}")
+    return metrics
+
+
+def check_count(name: str, value, allow_none: bool = True, minimum: int = 1):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}")
+    return int(value)
+
+
+def sensitivity_table(model, layers: dict, specs: dict, all_layers: dict, batches: list[Batch], metrics) -> SensitivityTable:
+    """The table of `Calibrator.sensitivity` (quantized layers, then the float ones as NaN rows)."""
+    errors = layer_output_errors(model, layers, batches) if set(metrics) - {"isolated"} else {}
+    isolated = isolated_sensitivity(model, layers, batches) if "isolated" in metrics else {}
+    rows = []
+    for name, w in layers.items():
+        row = {"name": name, "kind": specs[name].kind, "weight_shape": tuple(w.float_weight.shape)}
+        for m in metrics:
+            row[m] = isolated[name] if m == "isolated" else errors[name][m]
+        rows.append({**row, "quantized": True})
+    for name, module in all_layers.items():
+        if name not in layers:
+            shape = tuple(getattr(module, "in_proj_weight", None).shape if hasattr(module, "in_proj_weight") else module.weight.shape)
+            rows.append({"name": name, "kind": specs[name].kind if name in specs else "linear", "weight_shape": shape,
+                         **{m: float("nan") for m in metrics}, "quantized": False})
+    return SensitivityTable(rows)
+
+
+def fallback_curve(model, layers: dict, batches: list[Batch], order: list[str], target: float) -> FallbackCurve:
+    """Distance from float after falling back the first k layers of `order`, k = 0 … len(order)."""
+    fp = float_outputs(model, layers, batches)
+    points, chosen = [], -1
+    for k in range(len(order) + 1):
+        off = set(order[:k])
+        points.append(model_distance(model, layers, batches, fp, lambda n, off=off: n not in off))
+        if chosen < 0 and points[-1] <= target:
+            chosen = k
+    return FallbackCurve("kl" if fp[0].dim() == 2 else "1 - cosine", order, points, chosen)

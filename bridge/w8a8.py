@@ -79,8 +79,10 @@ def integer_bias(name: str, bias: np.ndarray | None, deq: np.ndarray, w_q: np.nd
     return np.round(exact).astype(np.int32), deq
 
 
-def check_exportable(w_sym: bool, w_bit: int, a_bit: int, act_quant: bool) -> None:
+def check_exportable(w_sym: bool, w_bit: int, a_bit: int, act_quant: bool, w_signed: bool = True) -> None:
     problems = []
+    if not w_signed:
+        problems.append("w_signed=False (the layout stores int8 weight codes; unsigned codes 0…255 do not fit)")
     if not act_quant:
         problems.append("act_quant=False (W8A8 needs quantized activations)")
     if not w_sym:

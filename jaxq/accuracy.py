@@ -5,6 +5,7 @@
     easy_quant_layers  activation + weight scale search       (`jaxq.easyquant`)
     adaround_layers    learned rounding                       (`jaxq.adaround`)
     bias_corrections   mean output shift of the final weights (`jaxq.bias_correction`)
+    keep_accuracy      the chain of the above that a `QuantConfig.keep_acc` asks for
 
 The data-driven ones take a `LayerRows` per layer: calibration rows (`jaxq.rows`), the
 grouped float weight, bias, and the current quantizers.
@@ -21,7 +22,7 @@ from jaxq.admm import admm_quantize_bucket
 from jaxq.bias_correction import bias_shift_bucket
 from jaxq.calibrate import QuantizedWeight, map_buckets
 from jaxq.easyquant import EasyQuantResult, easy_quant_bucket
-from jaxq.numerics import dequantize
+from jaxq.numerics import dequantize, quantize
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
 from jaxq.squant import squant_round_bucket
@@ -86,3 +87,51 @@ def bias_corrections(mean_rows: Mapping[str, jax.Array], grouped_weights: Mappin
     """Per layer `δ = (W − Ŵ)·E[row]` (`[out]`), `Ŵ = (q − o)·s` the simulated weight."""
     inputs = {n: (mean_rows[n], grouped_weights[n], quantized[n]) for n in mean_rows}
     return map_buckets(_bias_correction_bucket, inputs)
+
+
+class KeepAccuracyResult(NamedTuple):
+    """The chain's output: final weights, activation quantizers, bias corrections (None
+    when off) and per algorithm `{layer: (error before, error after)}`."""
+
+    weights: dict
+    act: dict
+    corrections: dict | None
+    reports: dict
+
+
+_quantize_jit = jax.jit(quantize)
+
+
+def keep_accuracy(float_weights: Mapping[str, jax.Array], weights: Mapping[str, QuantizedWeight],
+                  act: Mapping[str, QParams | None], layers: Mapping[str, LayerRows], mean_rows: Mapping[str, jax.Array],
+                  keep_acc, bias_correction: bool, progress=None) -> KeepAccuracyResult:
+    """EasyQuant (scales) → SQuant or AdaRound (rounding) → bias correction of the final
+    weights (DESIGN.md §4), each once per bucket of equal shapes.
+
+    `keep_acc`: a `jaxq.config.KeepAcc`; `layers` / `mean_rows` are needed by the
+    data-driven steps; `progress(step_name, layers_done)` is called as layers finish.
+    """
+    weights, act, layers, reports = dict(weights), dict(act), dict(layers), {}
+    bar = (lambda step: (lambda n=1: progress(step, n))) if progress else (lambda step: None)
+    if keep_acc.easy_quant[0]:
+        found = easy_quant_layers(layers, keep_acc.easy_quant[1], progress=bar("easy_quant"))
+        for name, r in found.items():
+            qp = QParams(r.weight.scale, r.weight.offset, weights[name].qparams.scheme)
+            weights[name] = QuantizedWeight(qp, _quantize_jit(float_weights[name], qp))
+            if act.get(name) is not None:
+                act[name] = r.act
+            layers[name] = layers[name]._replace(weight=qp, act=r.act if act.get(name) is not None else None)
+        reports["easy_quant"] = {n: (float(r.cosine_before), float(r.cosine_after)) for n, r in found.items()}
+    if keep_acc.round_opt:
+        weights = squant_weights(float_weights, weights, progress=bar("round_opt"))
+    if keep_acc.adaround[0]:
+        found = adaround_layers(float_weights, layers, AdaRoundParams(steps=keep_acc.adaround[1]), progress=bar("adaround"))
+        for name, r in found.items():
+            weights[name] = QuantizedWeight(weights[name].qparams, r.q)
+        reports["adaround"] = {n: (float(r.error_before), float(r.error_after)) for n, r in found.items()}
+    corrections = None
+    if bias_correction:
+        corrections = bias_corrections(mean_rows, {n: r.wg for n, r in layers.items()}, weights)
+        reports["bias_correction"] = {n: (float(jnp.sqrt(jnp.mean(jnp.square(d.astype(jnp.float32))))), 0.0)
+                                      for n, d in corrections.items()}
+    return KeepAccuracyResult(weights, act, corrections, reports)

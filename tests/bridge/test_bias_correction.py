@@ -97,7 +97,7 @@ def test_layer_without_bias_gets_one_and_fallback_removes_it():
     torch.testing.assert_close(wrapper.corrected_bias(), wrapper.bias_correction)
     cal.fall_back(["a"])
     assert cal.model.a.bias is None and type(cal.model.a) is nn.Linear
-    assert "a" not in cal.get_quant_params()[0] and "a" not in cal._params["bias_correction"]
+    assert "a" not in cal.get_quant_params()[0] and "a" not in cal.params()["bias_correction"]
     with torch.no_grad():
         torch.testing.assert_close(cal.model.a(data[0]), cal.fp_model.a(data[0]), rtol=0, atol=0)
 

@@ -16,6 +16,7 @@ from bridge import (
     QuantWrapper,
 )
 from bridge.models.digits import accuracy
+from bridge.fakequant import wrappers
 from jaxq import QuantConfig
 
 LABEL_FREE = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)
@@ -103,9 +104,9 @@ def test_quant_params_match_buffers_and_weights(digits_model, digits_calib):
     cal = Calibrator(digits_model, LABEL_FREE, digits_calib, progress=False).run()
     input_scale, input_offset, weight_scale, weight_offset, quant_weight = cal.get_quant_params()
     assert set(input_scale) == set(weight_scale) == set(quant_weight) == set(cal.quantized_names)
-    for name, wrapper in cal.model.named_modules():
-        if not isinstance(wrapper, QuantWrapper):
-            continue
+    layers = wrappers(cal.model)
+    assert set(layers) == set(cal.quantized_names) == {"features.0", "features.3", "features.7", "classifier.1", "classifier.3"}
+    for name, wrapper in layers.items():
         assert quant_weight[name].dtype == np.int8
         np.testing.assert_array_equal(wrapper.weight_scale.numpy(), weight_scale[name])
         assert float(wrapper.input_scale) == float(input_scale[name])
@@ -125,7 +126,7 @@ def test_subclass_forward_is_kept():
     cal = Calibrator(model, LABEL_FREE.replace(w_bit=8), [x], progress=False).run()
     with torch.no_grad():
         out = cal.model(x)
-    assert isinstance(cal.model[0], QuantWrapper) and isinstance(cal.model[0].module, PadThenConv)
+    assert isinstance(cal.model[0], PadThenConv) and wrappers(cal.model)["0"].module is cal.model[0]  # in place
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
 
 
@@ -332,5 +333,6 @@ def test_disable_names_glob_patterns(digits_model, digits_calib):
     cfg = QuantConfig(quant_mode=1, act_method=1, disable_names=["features.*"])
     cal = Calibrator(digits_model, cfg, digits_calib, progress=False)
     assert cal.disabled == {"features.0", "features.3", "features.7"}
+    cal.restore()
     with pytest.raises(LayerNameError, match=r"pattern 'blocks\.\*' matches no"):
         Calibrator(digits_model, QuantConfig(quant_mode=1, disable_names=["blocks.*"]), digits_calib)

@@ -36,7 +36,7 @@ def test_fusion_preserves_outputs_and_removes_bn():
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         ref = model(x)
-    pairs = fuse_conv_bn(model, Batch((x,), {}))
+    pairs = [f.pair for f in fuse_conv_bn(model, Batch((x,), {}))]
     assert pairs == [("0", "1"), ("3", "4")]
     assert isinstance(model[1], nn.Identity) and model[0].bias is not None
     with torch.no_grad():

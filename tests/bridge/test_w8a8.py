@@ -48,18 +48,19 @@ def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, bias
     desc = json.loads((tmp_path / "quant_model_description_w8a8.json").read_text())
     assert desc["model_quant_type"] == "W8A8"
     inputs = {}
-    hooks = [w.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n, w in wrappers(cal.model).items()]
+    for n, w in wrappers(cal.model).items():  # the float input each layer quantizes
+        w.listeners.append(lambda x, n=n: inputs.__setitem__(n, x))
     with torch.no_grad():
         cal.model(data[0])
-    for h in hooks:
-        h.remove()
+    for w in wrappers(cal.model).values():
+        w.listeners.clear()
     scheme = cfg.act_scheme
     for name, w in wrappers(cal.model).items():
         assert t[f"{name}.weight"].dtype == np.int8 and t[f"{name}.quant_bias"].dtype == np.int32
         assert desc[f"{name}.weight"] == "W8A8"
         assert (f"{name}.bias" in t) == (w.module.bias is not None)
         with torch.no_grad():
-            ref = w(inputs[name])
+            ref = w.module(inputs[name])
         out = integer_forward(layer_spec(name, w.module), t, name, inputs[name], scheme.qmin, scheme.qmax, a_signed)
         deq = torch.from_numpy(t[f"{name}.deq_scale"])
         view = (1, -1) + (1,) * (ref.dim() - 2) if ref.dim() > 2 else (1, -1)
@@ -98,6 +99,7 @@ def test_w8a8_refuses_what_it_cannot_express(digits_model, digits_calib, tmp_pat
     cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, w_sym=False), digits_calib, progress=False).run()
     with pytest.raises(W8A8Error, match="w_sym=False"):
         cal.export_quant_safetensor(tmp_path)
+    cal.restore()
     with pytest.raises(ExportError, match="plain file name"):
         Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1), digits_calib, progress=False).run() \
             .export_quant_safetensor(tmp_path, "a/b.safetensors")

@@ -1,0 +1,146 @@
+"""One calibration: capture → observers → weight quantizers → accuracy keeping → records.
+
+`calibrate(ctx)` returns the parameter record of every quantized layer
+(`bridge.record.LayerRecord`), the accuracy-keeping reports and timings. It reads the
+model (quantization off) and writes nothing into it: the facade applies the records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+import jaxq
+from bridge.capture import ActivationCapture, histogram_observer_for, observer_for
+from bridge.data import CalibrationDataError, iter_batches, run_model
+from bridge.record import LayerRecord, is_nearest
+from bridge.tensors import to_jax
+
+
+class UncalibratedLayerError(CalibrationDataError):
+    """A quantized layer never saw an input in the calibration data."""
+
+
+@dataclasses.dataclass
+class Context:
+    """What a calibration reads: the model, its quantizers and specs, config and data."""
+
+    model: nn.Module
+    quantizers: dict  # name → LayerQuantizer
+    specs: dict  # name → jaxq.LayerSpec
+    cfg: jaxq.QuantConfig
+    calib_data: Iterable
+    device: torch.device
+    progress: bool = True
+
+    def num_batches(self) -> int | None:
+        try:
+            return len(self.calib_data)
+        except TypeError:
+            return None
+
+    def bar(self, desc: str, total: int | None, unit: str = "layer"):
+        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress)
+
+    def forward_all(self, hooks, desc: str, after_batch=None) -> int:
+        """Run the model over every batch with `hooks` (a context manager) active; returns the batch count."""
+        batches = tqdm(iter_batches(self.calib_data, self.device), total=self.num_batches(), desc=desc, unit="batch",
+                       disable=not self.progress)
+        count = 0
+        # cached: each layer's (fake-quant) weight is computed once for the pass, not per batch
+        with hooks, torch.no_grad(), parametrize.cached():
+            for i, batch in batches:
+                run_model(self.model, batch, i)
+                count += 1
+                if after_batch is not None:
+                    after_batch()
+        if count == 0:
+            raise CalibrationDataError("calib_data yielded no batch; give at least one batch")
+        return count
+
+
+def capture_states(ctx: Context, observer: jaxq.Observer, layers: dict | None = None) -> dict:
+    capture = ActivationCapture(layers if layers is not None else ctx.quantizers, observer)
+    ctx.forward_all(capture, "jaxq calibrate", after_batch=capture.flush)
+    return capture.states
+
+
+def check_activations(results: dict[str, jaxq.ActivationResult], states: dict, cfg: jaxq.QuantConfig) -> None:
+    """Raise naming the layer: never reached by the data (no finite range), or a NaN/Inf input."""
+    from bridge.capture import check_finite
+
+    check_finite(results)
+    for name, r in results.items():
+        scale = np.asarray(r.qparams.scale)
+        if not np.all(np.isfinite(scale)):
+            raise UncalibratedLayerError(
+                f"layer {name!r} was never called on the calibration data, so its input range is unknown; give "
+                f"calib_data that reaches it, or keep it in float: QuantConfig(disable_names=[..., {name!r}])")
+
+
+def activation_qparams(ctx: Context) -> dict[str, jaxq.QParams]:
+    observer = observer_for(ctx.cfg, ctx.num_batches())
+    states = capture_states(ctx, observer)
+    results = jaxq.finalize_activations(states, observer, ctx.cfg.act_scheme)
+    check_activations(results, states, ctx.cfg)
+    return {n: r.qparams for n, r in results.items()}
+
+
+def histograms(ctx: Context, bins: int | None) -> dict:
+    return capture_states(ctx, histogram_observer_for(ctx.cfg, bins))
+
+
+def _float_weights(ctx: Context) -> dict:
+    return {n: to_jax(q.float_weight.float()) for n, q in ctx.quantizers.items()}
+
+
+def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
+    """`(records, reports, timings)` of every quantized layer (model left in float)."""
+    cfg, ka = ctx.cfg, ctx.cfg.keep_acc
+    t0 = time.perf_counter()
+    act = activation_qparams(ctx) if cfg.act_quant else {}
+    t1 = time.perf_counter()
+    float_weights = _float_weights(ctx)
+    _check_weights(float_weights)
+    if ka.admm[0]:
+        with ctx.bar("jaxq admm", len(float_weights)) as bar:
+            weights = jaxq.accuracy.admm_weights(float_weights, cfg.weight_scheme, ka.admm[1], bar.update)
+    else:
+        weights = jaxq.quantize_weights(float_weights, cfg.weight_scheme)
+    timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
+    reports: dict = {}
+    corrections = None
+    if ka.easy_quant[0] or ka.round_opt or ka.adaround[0] or cfg.bias_correction:
+        from bridge.keep_acc import keep_accuracy
+
+        weights, act, corrections, reports = keep_accuracy(ctx, float_weights, weights, act, timings)
+    nearest = not (ka.round_opt or ka.adaround[0])
+    records = {n: _record(ctx, n, weights[n], act.get(n), None if corrections is None else corrections[n], nearest)
+               for n in ctx.quantizers}
+    return records, reports, timings
+
+
+def _check_weights(float_weights: dict) -> None:
+    for name, w in float_weights.items():
+        if not bool(np.isfinite(np.asarray(w)).all()):
+            raise FloatingPointError(f"layer {name!r}: its weight contains NaN or Inf; fix the model or keep it in "
+                                     "float (disable_names)")
+
+
+def _record(ctx: Context, name: str, w: jaxq.QuantizedWeight, act: jaxq.QParams | None, correction, nearest: bool):
+    codes = np.asarray(w.q).astype(np.int32)
+    scale, offset = np.asarray(w.qparams.scale, np.float32), np.asarray(w.qparams.offset, np.int32)
+    custom = not nearest and not is_nearest(np.asarray(ctx.quantizers[name].float_weight.detach().float().cpu()),
+                                            scale, offset, ctx.cfg.weight_scheme, codes)
+    return LayerRecord(
+        weight_scale=scale, weight_offset=offset, codes=codes, custom_codes=custom,
+        input_scale=None if act is None else np.asarray(act.scale, np.float32),
+        input_offset=None if act is None else np.asarray(act.offset, np.int32),
+        bias_correction=None if correction is None else np.asarray(correction, np.float32),
+    )

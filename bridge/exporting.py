@@ -1,0 +1,80 @@
+"""The exports of a calibration, each a view of its parameter record.
+
+    export_param  safetensors + JSON + manifest (+ msModelSlim `.npy`)   `bridge.export`
+    export_w8a8   msModelSlim's W8A8 deployment layout                  `bridge.w8a8`
+    export_onnx   ONNX QDQ (or Ascend) graph                            `bridge.onnx_export`
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from bridge.data import as_batch
+from bridge.export import ExportError, write_params, write_w8a8
+
+
+def config_dict(cfg) -> dict:
+    """The config as JSON-ready values."""
+    out = dataclasses.asdict(cfg)
+    out["keep_acc"] = cfg.keep_acc.as_dict()
+    return out
+
+
+def export_param(cal, path, legacy: bool = False) -> list:
+    params = cal.params()
+    return write_params(path, params, cal.layer_descriptions(), config_dict(cal.cfg), legacy=legacy, fused=cal.fused)
+
+
+def _float_tensors(model, layers) -> dict:
+    out = {}
+    for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(key.startswith(f"{n}.") for n in layers):
+            continue
+        out[key] = t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+    return out
+
+
+def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str | None) -> list:
+    from bridge.w8a8 import check_exportable, layer_tensors
+
+    cfg = cal.cfg
+    check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
+    safetensors_name = safetensors_name or "quant_model_weight_w8a8.safetensors"
+    json_name = json_name or "quant_model_description_w8a8.json"
+    if safetensors_name == json_name:
+        raise ExportError(f"safetensors_name and json_name are both {json_name!r}; the JSON would overwrite the weights")
+    records = cal._require_run()
+    layers = cal._quantizers()
+    tensors, kinds = {}, {}
+    for name, q in layers.items():
+        rec = records[name]
+        bias = q.corrected_bias()
+        t = layer_tensors(name, rec.codes, rec.weight_scale, None if bias is None else bias.detach().float().cpu().numpy(),
+                          float(rec.input_scale), int(rec.input_offset), cfg.a_signed)
+        tensors.update(t)
+        kinds.update({k: "W8A8" for k in t})
+    for key, value in _float_tensors(cal.model, layers).items():
+        tensors[key] = value
+        kinds[key] = "FLOAT"
+    description = {"model_quant_type": "W8A8", **dict(sorted(kinds.items()))}
+    return write_w8a8(output_path, tensors, description, safetensors_name, json_name)
+
+
+def check_onnx_exportable(cfg, opset_version) -> None:
+    if cfg.w_bit != 8 or (cfg.act_quant and cfg.a_bit != 8):
+        raise ExportError(f"ONNX QuantizeLinear holds 8-bit codes; this calibration has w_bit={cfg.w_bit}, "
+                          f"a_bit={cfg.a_bit} (use export_param for other widths)")
+    if isinstance(opset_version, bool) or not isinstance(opset_version, int) or not 13 <= opset_version <= 23:
+        raise ExportError(f"opset_version={opset_version!r}: the QDQ export needs an ONNX opset from 13 to 23 "
+                          "(per-channel DequantizeLinear); 18 is the default")
+
+
+def export_onnx(cal, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend) -> list:
+    from bridge.onnx_export import export_qdq
+
+    cal._require_run()
+    check_onnx_exportable(cal.cfg, opset_version)
+    if ascend and not cal.cfg.w_sym:
+        raise ExportError("the Ascend ONNX form needs symmetric weights (w_sym=True)")
+    batch = as_batch(example_batch if example_batch is not None else next(iter(cal.calib_data)), 0)
+    return export_qdq(cal.model, batch, model_arch, save_path, input_names, output_names, opset_version, ascend=ascend)
+

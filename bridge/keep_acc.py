@@ -1,0 +1,110 @@
+"""Accuracy keeping on a torch model: sample layer-input rows, run `jaxq.accuracy.keep_accuracy`.
+
+Rows (`bridge.reconstruction.RowCapture`) come from the float model and, with
+`recon_inputs="quantized"`, from the quantized model at the same positions. The chain
+itself (EasyQuant → SQuant/AdaRound → bias correction) is pure JAX.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import jaxq
+from bridge.calibration import Context, UncalibratedLayerError
+from bridge.record import LayerRecord, apply_records
+
+
+class FunctionalLayerError(ValueError):
+    """A row-based algorithm was asked for a layer that is only used functionally."""
+
+
+def _sample_rows(ctx: Context, check: bool, desc: str, keep_rows: bool):
+    from bridge.reconstruction import RowCapture
+
+    capture = RowCapture({n: q.module for n, q in ctx.quantizers.items()}, ctx.specs, ctx.cfg.recon_rows, ctx.cfg.seed,
+                         check=check, keep_rows=keep_rows, batches=ctx.num_batches())
+    ctx.forward_all(capture, desc)
+    return capture
+
+
+def _check_rows_finite(rows: dict, what: str) -> None:
+    for name, r in rows.items():
+        if r is not None and not np.isfinite(r).all():
+            raise FloatingPointError(f"layer {name!r}: its {what} input rows from calib_data contain NaN or Inf; "
+                                     "check the data or the preceding layers")
+
+
+def layer_rows(ctx: Context, float_weights, weights, act):
+    """`({name: LayerRows}, {name: E[row]})` for the data-driven algorithms."""
+    functional = [n for n, q in ctx.quantizers.items() if q.functional]
+    if functional:
+        raise FunctionalLayerError(
+            f"layers {functional[:3]} are used through functional calls (attention, weights read directly), where "
+            "easy_quant, adaround and bias_correction cannot sample their rows yet; keep them in float "
+            "(disable_names) or switch those options off")
+    needs_rows = ctx.cfg.keep_acc.needs_rows
+    try:
+        float_capture = _sample_rows(ctx, True, "jaxq sample rows (float)", keep_rows=needs_rows)
+        mean_rows = float_capture.mean_rows()
+    except RuntimeError as e:  # a layer never called
+        raise UncalibratedLayerError(str(e)) from e
+    _check_rows_finite(mean_rows, "mean")
+    target = float_capture.result() if needs_rows else dict.fromkeys(ctx.quantizers)
+    _check_rows_finite(target, "float")
+    rows = target
+    if ctx.cfg.recon_inputs == "quantized" and needs_rows:
+        interim = {n: LayerRecord(np.asarray(weights[n].qparams.scale, np.float32),
+                                  np.asarray(weights[n].qparams.offset, np.int32), np.asarray(weights[n].q, np.int32), True,
+                                  None if act.get(n) is None else np.asarray(act[n].scale, np.float32),
+                                  None if act.get(n) is None else np.asarray(act[n].offset, np.int32))
+                   for n in ctx.quantizers}
+        apply_records(ctx.quantizers, interim)
+        for q in ctx.quantizers.values():
+            q.quant_enabled = True
+        try:
+            rows = _sample_rows(ctx, False, "jaxq sample rows (quantized)", keep_rows=True).result()
+        finally:
+            for q in ctx.quantizers.values():
+                q.quant_enabled = False
+    out = {}
+    for name, q in ctx.quantizers.items():
+        bias = q.float_bias
+        out[name] = jaxq.accuracy.LayerRows(
+            rows=rows[name], target=target[name],
+            wg=np.asarray(jaxq.rows.grouped_weight(ctx.specs[name], float_weights[name])),
+            bias=None if bias is None else bias.detach().float().cpu().numpy(),
+            act=act.get(name), weight=weights[name].qparams)
+    return out, mean_rows
+
+
+def keep_accuracy(ctx: Context, float_weights, weights, act, timings: dict):
+    """`(weights, act, corrections or None, reports)` after the chain `ctx.cfg` asks for."""
+    t = time.perf_counter()
+    rows, mean_rows = layer_rows(ctx, float_weights, weights, act)
+    timings["sample_rows_s"] = time.perf_counter() - t
+    bars: dict = {}
+
+    def progress(step: str, n: int) -> None:
+        if step not in bars:
+            for b in bars.values():
+                b.close()
+            bars[step] = ctx.bar(f"jaxq {step}", len(rows))
+        bars[step].update(n)
+
+    t = time.perf_counter()
+    try:
+        result = jaxq.accuracy.keep_accuracy(float_weights, weights, act, rows, mean_rows, ctx.cfg.keep_acc,
+                                             ctx.cfg.bias_correction, progress=progress)
+    finally:
+        for b in bars.values():
+            b.close()
+    timings["keep_accuracy_s"] = time.perf_counter() - t
+    corrections = None
+    if result.corrections is not None:
+        corrections = {n: np.asarray(d, np.float32) for n, d in result.corrections.items()}
+        bad = [n for n, d in corrections.items() if not np.isfinite(d).all()]
+        if bad:
+            raise FloatingPointError(f"layer {bad[0]!r}: bias correction is not finite (NaN/Inf in its inputs)")
+    return result.weights, result.act, corrections, result.reports
+

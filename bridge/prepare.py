@@ -1,0 +1,132 @@
+"""Preparing a model for calibration: calibration data, Conv+BN fusion, quantizers in place.
+
+Every change goes through the `ModelEdit` log, so the caller can undo all of it.
+Disabled layers are never inspected beyond their names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable, Iterable
+
+from torch import nn
+
+import jaxq
+from bridge.data import (
+    CalibrationDataError,
+    as_batch,
+    check_input_shape,
+    reiterable,
+    to_device,
+    virtual_batch,
+)
+from bridge.fakequant import LayerQuantizer
+from bridge.functional import FunctionalTaps, find_functional_layers
+from bridge.fuse import fuse_conv_bn
+from bridge.modules import layer_spec, quantizable_layers, resolve_disabled, unsupported_layers, weight_name
+from bridge.synthetic import distill_bn_batches
+from bridge.transaction import ModelEdit
+
+
+class EmptyModelError(ValueError):
+    """The model has no quantizable layer."""
+
+
+class UnquantizedLayersWarning(UserWarning):
+    """Layers with weights that jaxq leaves in float."""
+
+
+class DataFreeRangeWarning(UserWarning):
+    """Data-free mode's uniform [0, 1) virtual input may not match the model's real inputs."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    layers: dict[str, nn.Module]  # every quantizable layer (quantized or not)
+    disabled: set[str]
+    unsupported: dict[str, str]
+    specs: dict[str, jaxq.LayerSpec]  # of the quantized layers
+
+
+def calibration_data(model: nn.Module, cfg: jaxq.QuantConfig, calib_data, device, progress: bool) -> Iterable:
+    """The batches to calibrate on: `calib_data`, or data-free virtual batches."""
+    if calib_data is not None:
+        data = reiterable(calib_data)
+        try:
+            empty = len(data) == 0
+        except TypeError:
+            empty = False
+        if empty:
+            raise CalibrationDataError("calib_data is empty; give at least one batch")
+        return data
+    if cfg.quant_mode == 1:
+        raise CalibrationDataError("QuantConfig.quant_mode=1 (label-free) needs real calib_data: a list of batches")
+    if cfg.input_shape is None:
+        raise CalibrationDataError("data-free mode (quant_mode=0) without calib_data needs QuantConfig.input_shape, "
+                                   "e.g. input_shape=[1, 3, 224, 224]")
+    model.eval().to(device)
+    check_input_shape(model, cfg.input_shape, device)
+    if cfg.virtual_data == "bn_stats":
+        return distill_bn_batches(model, cfg.input_shape, cfg.virtual_steps, cfg.virtual_lr, cfg.seed, progress)
+    warnings.warn(
+        "data-free mode feeds torch.rand(input_shape): uniform values in [0, 1). If the model's real inputs are "
+        "scaled otherwise (normalised images, audio in [-1, 1]), the activation ranges will be poor: give a few "
+        "real batches as calib_data, or QuantConfig(virtual_data='bn_stats') for BatchNorm models",
+        DataFreeRangeWarning, stacklevel=4)
+    return virtual_batch(cfg.input_shape, cfg.seed)
+
+
+def first_batch(data: Iterable, device):
+    try:
+        raw = next(iter(data))
+    except StopIteration:
+        raise CalibrationDataError("calib_data yielded no batch; give at least one batch") from None
+    b = as_batch(raw, 0)
+    return b._replace(args=to_device(b.args, device), kwargs=to_device(b.kwargs, device))
+
+
+def _layers(model: nn.Module, cfg: jaxq.QuantConfig) -> tuple[dict, set, dict]:
+    layers = quantizable_layers(model)
+    if not layers:
+        raise EmptyModelError(f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, "
+                              "nn.MultiheadAttention); nothing to calibrate")
+    if "" in layers:
+        raise EmptyModelError("the model is itself a single layer; wrap it, e.g. nn.Sequential(model)")
+    disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last)
+    if len(disabled) == len(layers):
+        raise EmptyModelError(
+            f"every quantizable layer of {type(model).__name__} would stay float ({sorted(disabled)[:4]}): "
+            "by default the first and last layer are kept float; use QuantConfig(quantize_first_last=True) "
+            "or name fewer layers in disable_names")
+    return layers, disabled, unsupported_layers(model)
+
+
+def prepare(model: nn.Module, cfg: jaxq.QuantConfig, data: Iterable, device, fuse_module_call_back: Callable | None,
+            edit: ModelEdit) -> Prepared:
+    """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`."""
+    layers, disabled, unsupported = _layers(model, cfg)
+    if unsupported:
+        warnings.warn("jaxq leaves these layers in float: " + "; ".join(f"{n} ({why})" for n, why in unsupported.items()),
+                      UnquantizedLayersWarning, stacklevel=3)
+    model.eval().to(device)
+    batch = first_batch(data, device)
+    if fuse_module_call_back is not None:
+        fused = fuse_module_call_back(model)
+        if fused is not None and fused is not model:
+            raise TypeError("fuse_module_call_back must fuse the model in place and return it (or None), got "
+                            f"{type(fused).__name__}")
+        edit.fused_by_user = True
+        layers, disabled, unsupported = _layers(model, cfg)
+    else:
+        edit.folds.extend(fuse_conv_bn(model, batch))
+    enabled = {n: m for n, m in layers.items() if n not in disabled}
+    functional = find_functional_layers(model, enabled, batch)
+    act_scheme = cfg.act_scheme if cfg.act_quant else None
+    specs = {n: layer_spec(n, m) for n, m in enabled.items()}
+    for name, module in enabled.items():
+        edit.attach(LayerQuantizer(module, name, cfg.weight_scheme, act_scheme, weight_name(module), name in functional))
+    tapped = [q for q in edit.quantizers.values() if q.functional]
+    if tapped:
+        edit.taps = FunctionalTaps(tapped).install(model)
+    return Prepared(layers, disabled, unsupported, specs)
+

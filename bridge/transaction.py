@@ -1,0 +1,88 @@
+"""A calibration as a transaction on the user's model.
+
+`ModelEdit` logs every change jaxq makes to the model — train/eval flags, the device,
+Conv+BN folds, quantizers attached in place, functional taps — so `restore()` gives the
+user back exactly the model they passed in (same module tree, same parameter objects,
+bit-identical `state_dict`), and a failure in `Calibrator(...)` or `run()` rolls back.
+`float_copy()` builds a float copy on demand, so no second copy of a large model is kept
+when nothing needs it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bridge.fakequant import LayerQuantizer, quantizer_of, quantizers, remove_hooks_of
+from bridge.functional import FunctionalTaps
+from bridge.fuse import Fold, unfold
+
+
+class QuantizedModelError(ValueError):
+    """The model already carries jaxq quantizers."""
+
+
+def refuse_quantized(model: nn.Module) -> None:
+    """Raise if `model` already carries jaxq quantizers (a second config on the same object)."""
+    found = list(quantizers(model))
+    if found:
+        raise QuantizedModelError(
+            f"the model already carries jaxq quantizers (layers {found[:3]}{'…' if len(found) > 3 else ''}); "
+            "call restore() on the Calibrator that made them to get the float model back, or pass a fresh model"
+        )
+
+
+def _first_device(model: nn.Module) -> torch.device | None:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return None
+
+
+class ModelEdit:
+    """The undo log of one calibration's changes to `model`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.training = {id(m): m.training for m in model.modules()}
+        self.device = _first_device(model)
+        self.folds: list[Fold] = []
+        self.quantizers: dict[str, LayerQuantizer] = {}
+        self.taps: FunctionalTaps | None = None
+        self.fused_by_user = False
+
+    def attach(self, quantizer: LayerQuantizer) -> None:
+        self.quantizers[quantizer.name] = quantizer
+
+    def restore(self) -> nn.Module:
+        """Undo everything, newest first; the model is as it was passed in."""
+        if self.taps is not None:
+            self.taps.remove()
+            self.taps = None
+        for q in reversed(list(self.quantizers.values())):
+            if quantizer_of(q.module) is q:
+                q.detach()
+        self.quantizers.clear()
+        for record in reversed(self.folds):
+            unfold(self.model, record)
+        self.folds.clear()
+        device = _first_device(self.model)
+        if self.device is not None and device is not None and device != self.device:
+            self.model.to(self.device)
+        for m in self.model.modules():
+            if id(m) in self.training:
+                m.training = self.training[id(m)]
+        return self.model
+
+    def float_copy(self) -> nn.Module:
+        """A float copy (eval mode) of the model as it was passed in: the quantizers and
+        folds are undone on the copy; the model itself is untouched."""
+        fold_names = [(f.conv, f.bn) for f in self.folds]
+        clone = copy.deepcopy(self.model)
+        for q in quantizers(clone).values():
+            q.detach()  # hooks are removed by owner, not through handles shared with the original
+        for m in clone.modules():
+            remove_hooks_of(m, FunctionalTaps)
+        for f, (conv, bn) in zip(reversed(self.folds), reversed(fold_names)):
+            unfold(clone, Fold(conv, bn, copy.deepcopy(f.bn_module), f.weight, f.bias))
+        return clone.eval()
