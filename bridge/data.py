@@ -66,7 +66,9 @@ def reiterable(calib_data: Iterable | None) -> Iterable | None:
         raise CalibrationDataError(
             f"calib_data of type {type(calib_data).__name__} is not iterable; give a list of batches"
         ) from None
-    return list(it) if it is calib_data else calib_data
+    if it is calib_data or (not isinstance(calib_data, (list, tuple)) and iter(calib_data) is it):
+        return list(it)  # one-shot: a second pass would miss what the first consumed
+    return calib_data
 
 
 def iter_batches(calib_data: Iterable, device: torch.device) -> Iterator[tuple[int, Batch]]:

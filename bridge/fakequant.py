@@ -100,6 +100,7 @@ class LayerQuantizer:
         self.weight_watch: Callable[[torch.Tensor], None] | None = None
         self._added_bias = False
         self._input_qparams = (1.0, 0)  # Python copy of (input_scale, input_offset), see fake_quant_input
+        self._param_order = list(module._parameters)  # restored by detach (state_dict key order)
         weight = getattr(module, param)
         out, device = weight.shape[0], weight.device
         module.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32, device=device))
@@ -241,18 +242,28 @@ class LayerQuantizer:
         return xq.to(x.dtype)
 
     # -- undo --------------------------------------------------------------------------
-    def detach(self) -> nn.Module:
-        """Remove every trace of quantization: the module is as it was before."""
+    def detach(self, copy: bool = False) -> nn.Module:
+        """Remove every trace of quantization: the module is as it was before.
+
+        `copy=True` for a deep copy of a quantized module: it shares its parametrized
+        class with the original, which torch's removal would strip of its properties."""
         m = self.module
         remove_hooks_of(m, LayerQuantizer, self)
-        parametrize.remove_parametrizations(m, self.param, leave_parametrized=False)
-        if parametrize.is_parametrized(m, self.bias_param):
-            parametrize.remove_parametrizations(m, self.bias_param, leave_parametrized=False)
+        if copy:
+            _unparametrize_copy(m)
+        else:
+            parametrize.remove_parametrizations(m, self.param, leave_parametrized=False)
+            if parametrize.is_parametrized(m, self.bias_param):
+                parametrize.remove_parametrizations(m, self.bias_param, leave_parametrized=False)
         if self._added_bias:
             setattr(m, self.bias_param, None)
             self._added_bias = False
         for key in BUFFERS:
             m._buffers.pop(key, None)
+        order = {k: i for i, k in enumerate(self._param_order)}
+        items = sorted(m._parameters.items(), key=lambda kv: order.get(kv[0], len(order)))
+        m._parameters.clear()
+        m._parameters.update(items)
         m.__dict__.pop(MARKER, None)
         return m
 
@@ -284,6 +295,15 @@ def quantizers(model: nn.Module) -> dict[str, LayerQuantizer]:
 
 
 wrappers = quantizers  # the name of the first design
+
+
+def _unparametrize_copy(module: nn.Module) -> None:
+    """`remove_parametrizations(leave_parametrized=False)` on a deep copy, leaving the
+    class (shared with the original) alone."""
+    for name, plist in module.parametrizations.items():
+        module._parameters[name] = plist.original
+    del module._modules["parametrizations"]
+    module.__class__ = type(module).__bases__[0]
 
 
 def remove_hooks_of(module: nn.Module, owner_type: type, owner=None) -> None:

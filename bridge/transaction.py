@@ -80,7 +80,7 @@ class ModelEdit:
         fold_names = [(f.conv, f.bn) for f in self.folds]
         clone = copy.deepcopy(self.model)
         for q in quantizers(clone).values():
-            q.detach()  # hooks are removed by owner, not through handles shared with the original
+            q.detach(copy=True)
         for m in clone.modules():
             remove_hooks_of(m, FunctionalTaps)
         for f, (conv, bn) in zip(reversed(self.folds), reversed(fold_names)):
