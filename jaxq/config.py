@@ -9,6 +9,7 @@ static argument of `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 from typing import Any
@@ -22,7 +23,9 @@ QUANT_MODES = {0: "data-free", 1: "label-free"}
 MINMAX_COMBINES = ("batch_percentile", "running")
 VIRTUAL_DATA = ("uniform", "bn_stats")
 AMP_METRICS = ("mse", "relative_mse", "isolated")
-_DEVICE_RE = re.compile(r"^(cpu|npu|cuda)(:\d+)?$")
+_DEVICE_RE = re.compile(r"(cpu|npu|cuda)(:\d+)?")
+MAX_ITERS = 100_000  # per layer: beyond this an algorithm runs for hours on one layer
+SEED_RANGE = (0, 2**32 - 1)
 
 
 RECON_INPUTS = ("quantized", "float")
@@ -212,6 +215,10 @@ class QuantConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for f in dataclasses.fields(self):  # NumPy scalars → Python values (JSON, hashing, equality)
+            v = getattr(self, f.name)
+            if hasattr(v, "item") and hasattr(v, "dtype") and getattr(v, "shape", None) == ():
+                set_(f.name, v.item())
         for field in ("w_bit", "a_bit"):
             v = getattr(self, field)
             if not _is_int(v) or v not in ALLOWED_BITS:
@@ -227,7 +234,7 @@ class QuantConfig:
         set_("keep_acc", KeepAcc.from_user(self.keep_acc))
         if isinstance(self.sigma, bool) or not isinstance(self.sigma, numbers.Real) or not self.sigma >= 0:
             raise ValueError(f"QuantConfig.sigma={self.sigma!r} must be a number ≥ 0 (0 = plain min-max)")
-        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
             raise ValueError(f"QuantConfig.device={self.device!r} is not allowed; use 'cpu', 'npu', 'cuda' (optionally ':N')")
         if self.minmax_combine not in MINMAX_COMBINES:
             raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
@@ -251,6 +258,20 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"QuantConfig.seed={self.seed!r} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        for name, value in (("sigma", self.sigma), ("virtual_lr", self.virtual_lr)):
+            if not math.isfinite(value):
+                raise ValueError(f"QuantConfig.{name}={value!r} must be finite")
+        if self.virtual_steps > MAX_ITERS:
+            raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps} is more than {MAX_ITERS} "
+                             "(about one forward and backward pass each): hours of work; use ≤ 1000")
+        for key in ("admm", "easy_quant", "adaround"):
+            iters = getattr(self.keep_acc, key)[1]
+            if iters > MAX_ITERS:
+                raise ValueError(f"QuantConfig.keep_acc[{key!r}] iterations={iters} is more than {MAX_ITERS} per layer "
+                                 "(each is a pass over the layer's weights or rows: hours, or memory for a candidate "
+                                 "grid); the defaults are 1000")
 
     # Derived schemes -------------------------------------------------------------
     @property

@@ -290,7 +290,7 @@ def l2_optimal_bins(hist: jax.Array, levels: int, zero=None, top_k: int = TOP_K)
     def model(s, e):
         return jnp.where(_contains_zero(s, e, czero), error(s, e), jnp.inf)
 
-    starts, ends = _seed_candidates(model, cbins, levels, top_k, czero)
+    starts, ends = _seed_candidates(model, cbins, levels, min(top_k, cbins), czero)
     starts, ends = starts * merge, jnp.minimum(ends * merge + merge - 1, bins - 1)
     exact = _exact(hist, starts, ends, levels, zero)
     best = jnp.argmin(exact)
