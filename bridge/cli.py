@@ -69,12 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type, ...]:
+    """Exceptions that report a problem with the user's input: one line, no traceback."""
+    import pickle
+
+    errors = [ValueError, TypeError, OSError, NotImplementedError, RuntimeError, FloatingPointError,
+              pickle.UnpicklingError, KeyError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import yaml
+
+        errors.append(yaml.YAMLError)
+    except ImportError:  # yaml is optional
+        pass
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as e:
-        print(f"jaxq: error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        print(f"jaxq: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

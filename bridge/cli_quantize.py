@@ -105,6 +105,20 @@ def load_config(args) -> "jaxq.QuantConfig":  # noqa: F821
     return jaxq.QuantConfig(**fields)
 
 
+def check_exports(exports: list[str], cfg) -> None:
+    """Refuse, before calibrating, an export that cannot express `cfg`."""
+    from bridge.exporting import check_onnx_exportable
+    from bridge.w8a8 import check_exportable
+
+    try:
+        if "w8a8" in exports:
+            check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
+        if "onnx" in exports:
+            check_onnx_exportable(cfg, 18)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--export: {e}") from None
+
+
 def run_quantize(args) -> int:
     from bridge import Calibrator
 
@@ -113,6 +127,9 @@ def run_quantize(args) -> int:
     if bad:
         raise CLIError(f"--export {bad} not known; choose from {EXPORTS}")
     cfg = load_config(args)
+    check_exports(exports, cfg)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size} must be ≥ 1")
     model = load_object(args.model, "model")
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"--model {args.model!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -133,7 +150,8 @@ def run_quantize(args) -> int:
         ("model", args.model),
         ("config", f"W{cfg.w_bit}A{cfg.a_bit if cfg.act_quant else '-'} quant_mode={cfg.quant_mode} act_method={cfg.act_method}"
                    + (" bias_correction" if cfg.bias_correction else "")),
-        ("quantized layers", f"{len(cal.quantized_names)} of {len(cal.specs)} (float: {sorted(cal.disabled) or 'none'})"),
+        ("quantized layers", f"{len(cal.quantized_names)} of {len(cal.all_layers) + len(cal.unsupported)} "
+                             f"(float: {sorted(cal.disabled) + sorted(cal.unsupported) or 'none'})"),
         ("Conv+BN folded", str(len(cal.fused))),
         ("calibration time", f"{seconds:.2f} s"),
     ]

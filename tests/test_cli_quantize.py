@@ -71,3 +71,17 @@ def test_quantize_bias_correction_flag_reaches_the_params(project, capsys):
     assert rc == 0, capsys.readouterr().out
     tensors = load_file(str(project / "bc" / "quant_params.safetensors"))
     assert any(k.endswith(".bias_correction") for k in tensors)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--w-bit", "4", "--export", "onnx"], "--export"),
+    (["--export", "w8a8", "--config", "wo.json"], "--export"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_cli_refuses_before_calibrating(project, argv, flag, capsys):
+    (project / "wo.json").write_text(json.dumps({"quant_mode": 1, "act_quant": False}))
+    rc = main(["quantize", "--model", "mymodels:build", "--calib-data", "calib.pt", "--out", "out", "--no-progress",
+               "--quant-mode", "1", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and flag in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (project / "out").exists()  # nothing calibrated, nothing written

@@ -13,7 +13,6 @@ from bridge import (
     EmptyModelError,
     LayerNameError,
     NonFiniteActivationError,
-    QuantWrapper,
 )
 from bridge.models.digits import accuracy
 from bridge.fakequant import wrappers

@@ -1,5 +1,4 @@
 """Bias correction: δ = (W − Ŵ)·E[row] against NumPy, and the mean output it restores."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
