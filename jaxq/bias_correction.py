@@ -9,8 +9,8 @@ correction (Nagel et al. 2019, "Data-Free Quantization", §4.2) adds it back:
 
 with `E[row]` the mean input row (`jaxq.rows`) of the float model over the calibration
 data. Only the weight error is corrected: folding the activation quantizer's clipping into
-`δ` too was measured worse on all-MiniLM-L6-v2 (outlier tokens set the mean; W8A8 mean
-embedding cosine 0.9925 vs 0.9946), the same on EfficientNet-Lite0.
+`δ` too was measured worse on both real models (outlier tokens set the mean;
+`benchmarks/README.md`).
 """
 from __future__ import annotations
 

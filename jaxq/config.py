@@ -173,13 +173,12 @@ class QuantConfig:
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass
-          over the data; measured worse at W4 on EfficientNet-Lite0, KL 4.84 vs 2.42, as
-          every layer's rounding then changes the inputs the next one was fitted to).
+          over the data; see `benchmarks/README.md` for how the two compare).
       bias_correction: after the weights are final (round-to-nearest or `keep_acc`), add
           `δ = (W − Ŵ)·E[x]` to each quantized layer's bias (`jaxq.bias_correction`), with
           `E[x]` the mean input of the float model over `recon_rows` sampled rows per batch
-          of the calibration data. Cancels the mean output shift of weight rounding:
-          EfficientNet-Lite0 W8A8 KL 0.037 → 0.011. Needs representative data (real
+          of the calibration data. Cancels the mean output shift of weight rounding
+          (`benchmarks/README.md`). Needs representative data (real
           `calib_data` or `virtual_data="bn_stats"`); layers without a bias get one.
     """
 
