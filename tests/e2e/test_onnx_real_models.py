@@ -81,7 +81,7 @@ def test_minilm_qdq_onnx(tmp_path):
     onnx_in = onnx_session(model.SerializeToString()).run([first_q], {k: v.numpy() for k, v in b.items()})[0]
     seen = {}
     layer = cal.model.encoder.layer[0].attention.self.query
-    handle = layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    handle = layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]), prepend=True)  # float input
     with torch.no_grad():
         cal.model(**b)
     handle.remove()
