@@ -223,11 +223,14 @@ class LayerQuantizer:
 
     def _pre_hook(self, _module, args, kwargs):
         if args:
-            x = self.on_input(args[0])
-            return (x, *args[1:]), kwargs
+            x = args[0]
+            xq = self.on_input(x)
+            return None if xq is x else ((xq, *args[1:]), kwargs)
         if kwargs:
             key = "input" if "input" in kwargs else next(iter(kwargs))
-            return args, {**kwargs, key: self.on_input(kwargs[key])}
+            x = kwargs[key]
+            xq = self.on_input(x)
+            return None if xq is x else (args, {**kwargs, key: xq})
         return None
 
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
