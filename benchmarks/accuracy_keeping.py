@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import jaxq
-from bridge import protocols
+from bridge.evaluation import protocols
 from bridge.fakequant import wrappers
 from common import parse_args, timed_calibration
 

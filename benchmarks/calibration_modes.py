@@ -20,7 +20,8 @@ import time
 import torch
 
 import jaxq
-from bridge import Calibrator, protocols
+from bridge import Calibrator
+from bridge.evaluation import protocols
 from bridge.data import iter_batches, run_model
 from bridge.fakequant import wrappers
 from common import parse_args, timed_calibration

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import jaxq
-from bridge import protocols
+from bridge.evaluation import protocols
 from common import parse_args, timed_calibration
 
 CONFIGS = {

@@ -6,7 +6,7 @@
 
 The facade delegates: preparing the model (`bridge.prepare`), one calibration
 (`bridge.calibration`), accuracy keeping (`bridge.keep_acc`, `jaxq.accuracy`),
-sensitivity and fallback (`bridge.sensitivity`), exports (`bridge.exporting`). Every
+sensitivity and fallback (`bridge.sensitivity`), exports (`bridge.export`). Every
 change to the user's model is logged (`bridge.transaction`): a failure in the
 constructor or in `run()` leaves the model exactly as it was, and `restore()` gives it back.
 """
@@ -222,7 +222,7 @@ class Calibrator:
         """Write the parameters (safetensors + JSON + manifest; msModelSlim `.npy` dicts if
         `legacy`). The directory rebuilds the fake-quant model without calibration data:
         `bridge.load_quantized(model, path)` or `Calibrator.load_param(path)`."""
-        from bridge.exporting import export_param
+        from bridge.export.calibrated import export_param
 
         return export_param(self, path, legacy)
 
@@ -241,20 +241,20 @@ class Calibrator:
         return self
 
     def export_quant_safetensor(self, output_path, safetensors_name: str | None = None, json_name: str | None = None) -> list:
-        """msModelSlim's W8A8 deployment files (`bridge.w8a8`): int8 weights, `input_scale`,
+        """msModelSlim's W8A8 deployment files (`bridge.export.w8a8`): int8 weights, `input_scale`,
         `input_offset` (int8 code of 0), `deq_scale`, `quant_bias` per quantized layer, every
         other tensor in float; a JSON marks each key `W8A8` or `FLOAT`."""
-        from bridge.exporting import export_w8a8
+        from bridge.export.calibrated import export_w8a8
 
         return export_w8a8(self, output_path, safetensors_name, json_name)
 
     def export_quant_onnx(self, model_arch: str, save_path, input_names: list[str] | None = None,
                           output_names: list[str] | None = None, opset_version: int = 18,
                           example_batch=None, ascend: bool = False) -> list:
-        """Standard ONNX QDQ model `<save_path>/<model_arch>.onnx` (`bridge.onnx_export`),
+        """Standard ONNX QDQ model `<save_path>/<model_arch>.onnx` (`bridge.export.onnx`),
         traced on the first calibration batch or `example_batch` (tracing specialises
         data-dependent paths: trace a batch that exercises them)."""
-        from bridge.exporting import export_onnx
+        from bridge.export.calibrated import export_onnx
 
         return export_onnx(self, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend)
 

@@ -53,18 +53,26 @@ def load_calib_data(spec: str | None, batch_size: int):
     if spec is None:
         return None
     path = Path(spec)
-    if path.suffix in (".pt", ".pth", ".npy", ".safetensors"):
+    suffix = path.suffix.lower()
+    if path.suffix and ":" not in spec and suffix not in (".pt", ".pth", ".npy", ".safetensors"):
+        raise CLIError(f"--calib-data {spec!r}: files must be .pt, .pth, .npy or .safetensors "
+                       "(or give module:function)")
+    if suffix in (".pt", ".pth", ".npy", ".safetensors"):
         if not path.is_file():
             raise CLIError(f"--calib-data file {spec!r} does not exist")
-        if path.suffix == ".npy":
+        if suffix == ".npy":
             arr = torch.from_numpy(np.load(path, allow_pickle=False))
             return [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
-        if path.suffix == ".safetensors":
+        if suffix == ".safetensors":
             from safetensors.torch import load_file
 
             tensors = load_file(str(path))
             return [tensors[k] for k in sorted(tensors)]
-        data = torch.load(path, weights_only=True)
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception as e:  # pickle errors of every kind: name the file
+            raise CLIError(f"--calib-data {spec!r} cannot be loaded safely ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if isinstance(data, torch.Tensor):
             return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
         return data
@@ -85,16 +93,25 @@ def load_config(args) -> "jaxq.QuantConfig":  # noqa: F821
                 import yaml
             except ImportError as e:
                 raise CLIError("a YAML --config needs PyYAML (pip install pyyaml); or use JSON") from e
-            fields = yaml.safe_load(text) or {}
+            try:
+                fields = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise CLIError(f"--config {args.config!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         else:
-            fields = json.loads(text)
+            try:
+                fields = json.loads(text)
+            except ValueError as e:
+                raise CLIError(f"--config {args.config!r} is not valid JSON: {e}") from None
         if not isinstance(fields, dict):
             raise CLIError(f"--config {args.config!r} must hold an object of QuantConfig fields")
     for flag, field in (("w_bit", "w_bit"), ("a_bit", "a_bit"), ("act_method", "act_method"), ("quant_mode", "quant_mode")):
         if getattr(args, flag) is not None:
             fields[field] = getattr(args, flag)
     if args.input_shape:
-        fields["input_shape"] = [int(d) for d in args.input_shape.split(",")]
+        try:
+            fields["input_shape"] = [int(d) for d in args.input_shape.split(",")]
+        except ValueError:
+            raise CLIError(f"--input-shape {args.input_shape!r} must be comma-separated integers, e.g. 1,3,224,224") from None
     if args.quantize_all:
         fields["quantize_first_last"] = True
     if args.bias_correction:
@@ -107,8 +124,8 @@ def load_config(args) -> "jaxq.QuantConfig":  # noqa: F821
 
 def check_exports(exports: list[str], cfg) -> None:
     """Refuse, before calibrating, an export that cannot express `cfg`."""
-    from bridge.exporting import check_onnx_exportable
-    from bridge.w8a8 import check_exportable
+    from bridge.export.calibrated import check_onnx_exportable
+    from bridge.export.w8a8 import check_exportable
 
     try:
         if "w8a8" in exports:

@@ -96,12 +96,15 @@ def _is_pattern(name: str) -> bool:
     return any(c in name for c in "*?[")
 
 
-def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool) -> set[str]:
+def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool,
+                     last: list[str] | None = None) -> set[str]:
     """Names kept in float (DESIGN.md §4).
 
     Entries are exact layer names or glob patterns (`"blocks.0.*"`, `fnmatch` rules).
     Empty `disable_names` keeps the first and last quantizable layer in float, as
-    msModelSlim does, unless `quantize_first_last`. A name or pattern that matches no
+    msModelSlim does, unless `quantize_first_last`. "Last" is every layer in `last` (the
+    layers whose output reaches a model output through no other quantizable layer: each
+    head of a multi-head model), or the last in module order when `last` is not known. A name or pattern that matches no
     layer is an error that lists the nearest layer names.
     """
     disabled: set[str] = set()
@@ -115,7 +118,7 @@ def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], qua
         disabled.update(matches)
     if disable_names or quantize_first_last or not layer_names:
         return disabled
-    return {layer_names[0], layer_names[-1]}
+    return {layer_names[0], *(last or layer_names[-1:])}
 
 
 def module_device(model: nn.Module) -> torch.device:

@@ -9,6 +9,7 @@ import dataclasses
 import warnings
 from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 import jaxq
@@ -17,6 +18,7 @@ from bridge.data import (
     as_batch,
     check_input_shape,
     reiterable,
+    run_model,
     to_device,
     virtual_batch,
 )
@@ -85,14 +87,60 @@ def first_batch(data: Iterable, device):
     return b._replace(args=to_device(b.args, device), kwargs=to_device(b.kwargs, device))
 
 
-def _layers(model: nn.Module, cfg: jaxq.QuantConfig) -> tuple[dict, set, dict]:
+def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list[str]:
+    """Layers whose output reaches a model output through no other quantizable layer
+    (every head of a multi-head model), found by walking the autograd graph of one forward
+    back from the outputs; [] when the forward builds no graph."""
+    produced = {}
+
+    def record(name):
+        def hook(_m, _a, out):
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                produced[out.grad_fn] = name
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            out = run_model(model, batch, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+    found, seen = set(), set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        if fn in produced:
+            found.add(produced[fn])
+        else:
+            stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return [n for n in layers if n in found]
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict) or hasattr(obj, "items"):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict]:
     layers = quantizable_layers(model)
     if not layers:
         raise EmptyModelError(f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, "
                               "nn.MultiheadAttention); nothing to calibrate")
     if "" in layers:
         raise EmptyModelError("the model is itself a single layer; wrap it, e.g. nn.Sequential(model)")
-    disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last)
+    default_float = not cfg.disable_names and not cfg.quantize_first_last and batch is not None
+    last = output_layers(model, layers, batch) if default_float else None
+    disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last, last)
     if len(disabled) == len(layers):
         raise EmptyModelError(
             f"every quantizable layer of {type(model).__name__} would stay float ({sorted(disabled)[:4]}): "
@@ -104,19 +152,19 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig) -> tuple[dict, set, dict]:
 def prepare(model: nn.Module, cfg: jaxq.QuantConfig, data: Iterable, device, fuse_module_call_back: Callable | None,
             edit: ModelEdit) -> Prepared:
     """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`."""
-    layers, disabled, unsupported = _layers(model, cfg)
+    model.eval().to(device)
+    batch = first_batch(data, device)
+    layers, disabled, unsupported = _layers(model, cfg, batch)
     if unsupported:
         warnings.warn("jaxq leaves these layers in float: " + "; ".join(f"{n} ({why})" for n, why in unsupported.items()),
                       UnquantizedLayersWarning, stacklevel=3)
-    model.eval().to(device)
-    batch = first_batch(data, device)
     if fuse_module_call_back is not None:
         fused = fuse_module_call_back(model)
         if fused is not None and fused is not model:
             raise TypeError("fuse_module_call_back must fuse the model in place and return it (or None), got "
                             f"{type(fused).__name__}")
         edit.fused_by_user = True
-        layers, disabled, unsupported = _layers(model, cfg)
+        layers, disabled, unsupported = _layers(model, cfg, batch)
     else:
         edit.folds.extend(fuse_conv_bn(model, batch))
     enabled = {n: m for n, m in layers.items() if n not in disabled}

@@ -79,7 +79,9 @@ def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndar
         pred = pred + module.bias.detach().float().cpu().numpy()
     err = np.max(np.abs(pred - y_rows)) if rows.shape[0] else 0.0
     scale = max(float(np.max(np.abs(y_rows))) if rows.shape[0] else 0.0, 1e-6)
-    if not err <= PARITY_TOLERANCE * scale:
+    # the module computes in its own dtype: bfloat16 rounds at 2^-8, far above float32's 1e-3 check
+    tolerance = max(PARITY_TOLERANCE, 4 * torch.finfo(module.weight.dtype).eps)
+    if not err <= tolerance * scale:
         raise LayerGeometryError(
             f"layer {name!r} ({type(module).__name__.removeprefix('Parametrized')}) does not compute the convolution its LayerSpec describes "
             f"({spec}); max |Δ| {err:.3g} relative to output scale {scale:.3g}. Its forward probably pads or "

@@ -85,3 +85,20 @@ def test_cli_refuses_before_calibrating(project, argv, flag, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and flag in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (project / "out").exists()  # nothing calibrated, nothing written
+
+
+@pytest.mark.parametrize("argv, file_text, flag", [
+    (["--config", "bad.json"], "{quant_mode: 1", "--config"),
+    (["--input-shape", "1,x"], None, "--input-shape"),
+    (["--calib-data", "data.txt"], "1 2 3", "--calib-data"),
+    (["--calib-data", "data.PT"], "not a pickle", "--calib-data"),
+])
+def test_cli_errors_name_the_flag(project, argv, file_text, flag, capsys):
+    if file_text is not None:
+        (project / argv[1]).write_text(file_text)
+    base = ["quantize", "--model", "mymodels:build", "--out", "out", "--no-progress"]
+    if "--calib-data" not in argv:
+        base += ["--calib-data", "calib.pt"]
+    rc = main(base + argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and flag in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

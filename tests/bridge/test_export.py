@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from bridge import Calibrator, ExportError
-from bridge import export as export_mod
+from bridge.export import files as export_mod
 from jaxq import QuantConfig
 
 CFG = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)

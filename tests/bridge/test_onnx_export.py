@@ -7,7 +7,7 @@ from jaxq import QuantConfig
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from bridge.onnx_export import onnx_session  # noqa: E402
+from bridge.export.onnx import onnx_session  # noqa: E402
 
 
 @pytest.mark.parametrize("bias_correction", [False, True])
@@ -101,7 +101,7 @@ def test_every_export_is_deterministic(calibrated_digits, kind, tmp_path):
 
 @pytest.mark.parametrize("kind", list(EXPORTS))
 def test_every_export_fails_cleanly_on_a_bad_target(calibrated_digits, kind, tmp_path, monkeypatch):
-    from bridge import export as export_mod
+    from bridge.export import files as export_mod
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -1,6 +1,6 @@
 import pytest
 
-from bridge import protocols
+from bridge.evaluation import protocols
 
 
 def test_held_out_shrinks_the_evaluation_set_to_its_first_samples():

@@ -9,7 +9,7 @@ from torch import nn
 from bridge import Calibrator, ExportError, W8A8Error, load_quantized
 from bridge.fakequant import wrappers
 from bridge.modules import layer_spec
-from bridge.w8a8 import W8A8OverflowWarning, integer_bias, integer_forward
+from bridge.export.w8a8 import W8A8OverflowWarning, integer_bias, integer_forward
 from jaxq import QuantConfig
 
 

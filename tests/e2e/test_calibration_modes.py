@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import jaxq
-from bridge import Calibrator, protocols
+from bridge import Calibrator
+from bridge.evaluation import protocols
 from jaxq.histogram import grid_error
 
 pytestmark = pytest.mark.e2e

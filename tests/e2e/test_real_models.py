@@ -2,7 +2,8 @@
 import pytest
 
 import jaxq
-from bridge import Calibrator, protocols
+from bridge import Calibrator
+from bridge.evaluation import protocols
 
 pytestmark = pytest.mark.e2e
 W8A8_MINMAX = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)

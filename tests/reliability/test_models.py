@@ -235,3 +235,38 @@ def test_disabled_layer_is_not_inspected():
         warnings.simplefilter("error")
         cal = Calibrator(model.eval(), W8A8.replace(disable_names=["2"]), data, progress=False).run()
     assert "2" not in cal.quantized_names
+
+
+def test_default_keeps_every_output_head_float():
+    class TwoHeads(nn.Module):  # a face detector: a probability head and a box head
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3)
+            self.mid = nn.Conv2d(8, 8, 1)
+            self.prob = nn.Conv2d(8, 2, 1)
+            self.box = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.mid(torch.relu(self.body(x))))
+            return self.prob(h).softmax(1), self.box(h)
+
+    cal = Calibrator(TwoHeads().eval(), QuantConfig(quant_mode=1, act_method=1), [torch.randn(2, 3, 8, 8)], progress=False)
+    assert cal.disabled == {"body", "prob", "box"} and cal.quantized_names == ["mid"]
+
+
+def test_data_free_uniform_warns_about_input_range():
+    from bridge.prepare import DataFreeRangeWarning
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.warns(DataFreeRangeWarning, match="bn_stats"):
+        Calibrator(model, QuantConfig(quant_mode=0, input_shape=[2, 4], quantize_first_last=True), progress=False)
+
+
+def test_bfloat16_model_with_bias_correction():
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval().to(torch.bfloat16)
+    data = [torch.randn(8, 16, dtype=torch.bfloat16) for _ in range(4)]
+    cal = Calibrator(model, W8A8.replace(bias_correction=True, recon_rows=64), data, progress=False).run()
+    assert all(r.bias_correction is not None for r in cal.records.values())
+    with torch.no_grad():
+        assert cal.model(data[0]).dtype == torch.bfloat16

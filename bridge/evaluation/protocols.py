@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from bridge import metrics, zoo
+from bridge.evaluation import metrics, zoo
 
 
 @dataclass

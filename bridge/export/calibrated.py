@@ -1,15 +1,15 @@
 """The exports of a calibration, each a view of its parameter record.
 
-    export_param  safetensors + JSON + manifest (+ msModelSlim `.npy`)   `bridge.export`
-    export_w8a8   msModelSlim's W8A8 deployment layout                  `bridge.w8a8`
-    export_onnx   ONNX QDQ (or Ascend) graph                            `bridge.onnx_export`
+    export_param  safetensors + JSON + manifest (+ msModelSlim `.npy`)   `bridge.export.files`
+    export_w8a8   msModelSlim's W8A8 deployment layout                  `bridge.export.w8a8`
+    export_onnx   ONNX QDQ (or Ascend) graph                            `bridge.export.onnx`
 """
 from __future__ import annotations
 
 import dataclasses
 
 from bridge.data import as_batch
-from bridge.export import ExportError, write_params, write_w8a8
+from bridge.export.files import ExportError, write_params, write_w8a8
 
 
 def config_dict(cfg) -> dict:
@@ -34,7 +34,7 @@ def _float_tensors(model, layers) -> dict:
 
 
 def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str | None) -> list:
-    from bridge.w8a8 import check_exportable, layer_tensors
+    from bridge.export.w8a8 import check_exportable, layer_tensors
 
     cfg = cal.cfg
     check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
@@ -69,7 +69,7 @@ def check_onnx_exportable(cfg, opset_version) -> None:
 
 
 def export_onnx(cal, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend) -> list:
-    from bridge.onnx_export import export_qdq
+    from bridge.export.onnx import export_qdq
 
     cal._require_run()
     check_onnx_exportable(cal.cfg, opset_version)

@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bridge.onnx_graph import constant_values, prune_dead_nodes
-from bridge.w8a8 import activation_shift, integer_bias
+from bridge.export.graph import constant_values, prune_dead_nodes
+from bridge.export.w8a8 import activation_shift, integer_bias
 
 ASCEND_DOMAIN = "ascend"
 _COMPUTE = ("Conv", "Gemm", "MatMul")
