@@ -6,63 +6,18 @@ model (quantization off) and writes nothing into it: the facade applies the reco
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Iterable
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 import jaxq
-from bridge.capture import ActivationCapture, histogram_observer_for, observer_for
-from bridge.data import CalibrationDataError, iter_batches, run_model
+from bridge.capture import ActivationCapture
+from bridge.context import Context, UncalibratedLayerError
+from bridge.capture import check_finite
+from bridge.keep_acc import keep_accuracy
 from bridge.record import LayerRecord, is_nearest
 from bridge.tensors import to_jax
-
-
-class UncalibratedLayerError(CalibrationDataError):
-    """A quantized layer never saw an input in the calibration data."""
-
-
-@dataclasses.dataclass
-class Context:
-    """What a calibration reads: the model, its quantizers and specs, config and data."""
-
-    model: nn.Module
-    quantizers: dict  # name → LayerQuantizer
-    specs: dict  # name → jaxq.LayerSpec
-    cfg: jaxq.QuantConfig
-    calib_data: Iterable
-    device: torch.device
-    progress: bool = True
-
-    def num_batches(self) -> int | None:
-        try:
-            return len(self.calib_data)
-        except TypeError:
-            return None
-
-    def bar(self, desc: str, total: int | None, unit: str = "layer"):
-        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress)
-
-    def forward_all(self, hooks, desc: str, after_batch=None) -> int:
-        """Run the model over every batch with `hooks` (a context manager) active; returns the batch count."""
-        batches = tqdm(iter_batches(self.calib_data, self.device), total=self.num_batches(), desc=desc, unit="batch",
-                       disable=not self.progress)
-        count = 0
-        # cached: each layer's (fake-quant) weight is computed once for the pass, not per batch
-        with hooks, torch.no_grad(), parametrize.cached():
-            for i, batch in batches:
-                run_model(self.model, batch, i)
-                count += 1
-                if after_batch is not None:
-                    after_batch()
-        if count == 0:
-            raise CalibrationDataError("calib_data yielded no batch; give at least one batch")
-        return count
+from jaxq.observer_choice import histogram_observer_for, observer_for
 
 
 def capture_states(ctx: Context, observer: jaxq.Observer, layers: dict | None = None) -> dict:
@@ -71,10 +26,8 @@ def capture_states(ctx: Context, observer: jaxq.Observer, layers: dict | None = 
     return capture.states
 
 
-def check_activations(results: dict[str, jaxq.ActivationResult], states: dict, cfg: jaxq.QuantConfig) -> None:
-    """Raise naming the layer: never reached by the data (no finite range), or a NaN/Inf input."""
-    from bridge.capture import check_finite
-
+def check_activations(results: dict[str, jaxq.ActivationResult]) -> None:
+    """Raise naming the layer: a NaN/Inf input (and its batch), or never reached by the data."""
     check_finite(results)
     for name, r in results.items():
         scale = np.asarray(r.qparams.scale)
@@ -88,7 +41,7 @@ def activation_qparams(ctx: Context) -> dict[str, jaxq.QParams]:
     observer = observer_for(ctx.cfg, ctx.num_batches())
     states = capture_states(ctx, observer)
     results = jaxq.finalize_activations(states, observer, ctx.cfg.act_scheme)
-    check_activations(results, states, ctx.cfg)
+    check_activations(results)
     return {n: r.qparams for n, r in results.items()}
 
 
@@ -117,8 +70,6 @@ def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
     reports: dict = {}
     corrections = None
     if ka.easy_quant[0] or ka.round_opt or ka.adaround[0] or cfg.bias_correction:
-        from bridge.keep_acc import keep_accuracy
-
         weights, act, corrections, reports = keep_accuracy(ctx, float_weights, weights, act, timings)
     nearest = not (ka.round_opt or ka.adaround[0])
     records = {n: _record(ctx, n, weights[n], act.get(n), None if corrections is None else corrections[n], nearest)

@@ -12,6 +12,7 @@ constructor or in `run()` leaves the model exactly as it was, and `restore()` gi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Iterable
 
@@ -19,16 +20,16 @@ from torch import nn
 
 import jaxq
 from bridge import sensitivity as sens
-from bridge.calibration import Context, calibrate, histograms
+from bridge.calibration import calibrate, histograms
+from bridge.context import Context
 from bridge.data import iter_batches
 from bridge.devices import resolve_device
 from bridge.prepare import EmptyModelError, calibration_data, prepare
-from bridge.record import LayerRecord, apply_records, params_view
+from bridge.record import PARAM_KEYS, LayerRecord, apply_records, params_view
 from bridge.sensitivity import FallbackCurve, SensitivityTable
 from bridge.transaction import ModelEdit, refuse_quantized
 
 __all__ = ["Calibrator", "EmptyModelError", "PARAM_KEYS"]
-PARAM_KEYS = ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight", "bias_correction")
 SENSITIVITY_METRICS = sens.METRICS
 
 
@@ -269,25 +270,20 @@ class Calibrator:
         for q in self._quantizers().values():
             q.quant_enabled = False
 
+    @contextlib.contextmanager
     def quantization(self, enabled: bool = True):
         """Context manager: quantization `enabled` inside, the previous state after."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def switch():
-            layers = self._quantizers()
-            before = {n: q.quant_enabled for n, q in layers.items()}
-            if enabled:
-                self._require_run()
-            for q in layers.values():
-                q.quant_enabled = enabled
-            try:
-                yield self.model
-            finally:
-                for n, q in layers.items():
-                    q.quant_enabled = before[n]
-
-        return switch()
+        if enabled:
+            self._require_run()
+        layers = self._quantizers()
+        before = {n: q.quant_enabled for n, q in layers.items()}
+        for q in layers.values():
+            q.quant_enabled = enabled
+        try:
+            yield self.model
+        finally:
+            for n, q in layers.items():
+                q.quant_enabled = before[n]
 
     def summary(self) -> str:
         """Which layers are quantized, kept float (and why)."""

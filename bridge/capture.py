@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import jaxq
+from jaxq import observer_choice
 from bridge.tensors import to_jax
 from jaxq.observers import ROW
 
@@ -106,26 +107,8 @@ class BufferPool:
         self._taken.clear()
 
 
-def observer_for(cfg: jaxq.QuantConfig, num_batches: int | None) -> jaxq.Observer:
-    """The activation observer that `cfg.act_method` asks for."""
-    if cfg.act_method == 0:
-        return jaxq.sigma_statistic(float(cfg.sigma))
-    if cfg.act_method == 1:
-        if cfg.minmax_combine == "running":
-            return jaxq.running_minmax()
-        return jaxq.batch_percentile_minmax(capacity=_capacity(num_batches))
-    return histogram_observer_for(cfg)
-
-
-def histogram_observer_for(cfg: jaxq.QuantConfig, bins: int | None = None) -> jaxq.Observer:
-    """`cfg`'s histogram observer (`bins` overrides `cfg.hist_bins`)."""
-    rows = -(-cfg.hist_samples // jaxq.observers.ROW)
-    return jaxq.histogram_observer(bins=bins or cfg.hist_bins, levels=2**cfg.a_bit, max_rows=rows)
-
-
-def _capacity(num_batches: int | None) -> int:
-    """Slots for per-batch extremes: the batch count rounded up to a power of two."""
-    return max(16, 1 << math.ceil(math.log2(num_batches or 4096)))
+# the choice of observer lives in jaxq; these names stay for existing imports
+observer_for, histogram_observer_for = observer_choice.observer_for, observer_choice.histogram_observer_for
 
 
 class _SharedInput(NamedTuple):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 import jaxq
-from bridge.calibration import Context, UncalibratedLayerError
+from bridge.context import Context, UncalibratedLayerError
 from bridge.record import LayerRecord, apply_records
 
 

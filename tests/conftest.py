@@ -1,8 +1,11 @@
+import json
 import os
 import shutil
 import tempfile
+import textwrap
 
 import jax
+import numpy as np
 import pytest
 import torch
 
@@ -46,3 +49,28 @@ def digits_model():
 def digits_calib(digits):
     x_train = digits[0]
     return [x_train[i:i + 32] for i in range(0, 128, 32)]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A user's directory with a model factory and calibration files."""
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent('''
+        import torch
+        def build():
+            from bridge.models.digits import load_digits_cnn
+            return load_digits_cnn()
+        def data():
+            from bridge.models.digits import digits_split
+            x = digits_split()[0]
+            return [x[i:i + 16] for i in range(0, 64, 16)]
+        def not_a_model():
+            return 3
+    '''))
+    from bridge.models.digits import digits_split
+
+    x = digits_split()[0][:64]
+    torch.save(x, tmp_path / "calib.pt")
+    np.save(tmp_path / "calib.npy", x.numpy())
+    (tmp_path / "cfg.json").write_text(json.dumps({"quant_mode": 1, "act_method": 2}))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
