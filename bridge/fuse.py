@@ -23,6 +23,7 @@ from torch import nn
 
 from bridge.data import Batch, run_model
 from bridge.fakequant import set_module
+from bridge.tensors import tensors_in
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _CONV = (nn.Conv1d, nn.Conv2d)
@@ -123,24 +124,13 @@ def fold_bn_into_conv(conv: nn.Module, bn: nn.Module) -> None:
 
 
 def _max_rel_diff(a, b) -> float:
-    fa = [t for t in _flatten(a)]
-    fb = [t for t in _flatten(b)]
+    fa = [t.float() for t in tensors_in(a)]
+    fb = [t.float() for t in tensors_in(b)]
     worst = 0.0
     for x, y in zip(fa, fb):
         scale = float(x.abs().max()) + 1e-6
         worst = max(worst, float((x - y).abs().max()) / scale)
     return worst
-
-
-def _flatten(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj.float()
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _flatten(o)
-    elif isinstance(obj, dict) or hasattr(obj, "items"):
-        for v in obj.values():
-            yield from _flatten(v)
 
 
 def fuse_conv_bn(model: nn.Module, batch: Batch, tolerance: float = 1e-3) -> list[Fold]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 
-import torch
 from torch import nn
 
 from jaxq import LayerSpec
@@ -119,9 +118,3 @@ def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], qua
     if disable_names or quantize_first_last or not layer_names:
         return disabled
     return {layer_names[0], *(last or layer_names[-1:])}
-
-
-def module_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

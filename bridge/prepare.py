@@ -27,6 +27,7 @@ from bridge.functional import FunctionalTaps, find_functional_layers
 from bridge.fuse import fuse_conv_bn
 from bridge.modules import layer_spec, quantizable_layers, resolve_disabled, unsupported_layers, weight_name
 from bridge.synthetic import distill_bn_batches
+from bridge.tensors import tensors_in
 from bridge.transaction import ModelEdit
 
 
@@ -106,7 +107,7 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
     finally:
         for h in handles:
             h.remove()
-    stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None]
     found, seen = set(), set()
     while stack:
         fn = stack.pop()
@@ -118,17 +119,6 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
         else:
             stack.extend(f for f, _ in fn.next_functions if f is not None)
     return [n for n in layers if n in found]
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict) or hasattr(obj, "items"):
-        for v in obj.values():
-            yield from _tensors(v)
 
 
 def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict]:

@@ -22,3 +22,15 @@ def to_torch(x, device: torch.device | str = "cpu", dtype: torch.dtype | None = 
     """A new torch tensor holding the values of `x` (JAX or NumPy), never aliasing it."""
     out = torch.from_numpy(np.array(x, copy=True))
     return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device)
+
+
+def tensors_in(obj):
+    """Every tensor inside nested tuples, lists, dicts and dict-like outputs, in order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from tensors_in(o)
+    elif isinstance(obj, dict) or hasattr(obj, "items"):
+        for v in obj.values():
+            yield from tensors_in(v)

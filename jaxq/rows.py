@@ -27,11 +27,6 @@ def grouped_weight(spec: LayerSpec, w: jax.Array) -> jax.Array:
     return jnp.reshape(w, (g, w.shape[0] // g, -1))
 
 
-def ungrouped_weight(wg: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Inverse of `grouped_weight`."""
-    return jnp.reshape(wg, shape)
-
-
 def output_positions(spec: LayerSpec, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """`(N, *out_spatial)` for a conv input `[N, C, *spatial]`, `(rows,)` for a linear one."""
     if spec.kind == "linear":
