@@ -71,6 +71,12 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
     act_scheme = cfg.act_scheme if cfg.act_quant else None
     records: dict[str, LayerRecord] = {}
     for name in description["layers"]:
+        for key, kinds in (("quant_weight", "iu"), ("weight_offset", "iu"), ("input_offset", "iu"), ("weight_scale", "f"),
+                           ("input_scale", "f"), ("bias_correction", "f")):
+            t = tensors.get(f"{name}.{key}")
+            if t is not None and t.dtype.kind not in kinds:
+                raise ParamFileError(f"{source}: layer {name!r}: {key} has dtype {t.dtype}, expected "
+                                     f"{'an integer' if kinds == 'iu' else 'a float'} type")
         try:
             provisional = record_from_tensors(name, tensors, custom=False)
         except KeyError as e:

@@ -110,6 +110,8 @@ def _rewrite(path, mutate):
     (lambda t: t.__setitem__("features.3.weight_scale", np.ones(10, np.float32)), r"'features.3'.*shape"),
     (lambda t: t.__setitem__("features.3.weight_scale", -t["features.3.weight_scale"]), r"'features.3'.*non-positive"),
     (lambda t: t.__setitem__("features.3.input_scale", np.array(np.nan, np.float32)), r"'features.3'.*input_scale"),
+    (lambda t: t.__setitem__("features.3.quant_weight", t["features.3.quant_weight"].astype(np.float32)),
+     r"'features.3'.*quant_weight.*dtype"),
 ])
 def test_bad_tensors_name_file_and_layer_and_leave_the_model(exported, mutate, match):
     _cal, path = exported
