@@ -16,12 +16,18 @@ def parse_args(description: str, models: list[str], argv=None, extra=None) -> ar
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", nargs="*", default=models)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jit-cache", action="store_true",
+                    help="keep JAX's persistent compilation cache on (off by default here: cold runs stay cold)")
     ap.add_argument("--bias-correction", action="store_true",
                     help="calibrate with QuantConfig(bias_correction=True) (scripts that sweep configs)")
     if extra is not None:
         extra(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.jit_cache:
+        from bridge import jit_cache
+
+        jit_cache.disable()
     return args
 
 

@@ -1,4 +1,5 @@
 """bridge: everything that touches PyTorch — capture, fusion, fake-quant modules, export."""
+from bridge import jit_cache
 from bridge.calibrator import Calibrator
 from bridge.prepare import EmptyModelError
 from bridge.data import CalibrationDataError
@@ -10,6 +11,8 @@ from bridge.modules import LayerNameError
 from bridge.reload import ParamFileError, load_quantized, restore_model
 from bridge.transaction import QuantizedModelError
 from bridge.export.w8a8 import W8A8Error
+
+jit_cache.enable()  # JAX's persistent compilation cache (bridge/jit_cache.py; JAXQ_COMPILATION_CACHE=off)
 
 __all__ = [
     "CalibrationDataError", "Calibrator", "DeviceUnavailableError", "EmptyModelError", "ExportError",
