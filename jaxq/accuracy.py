@@ -126,9 +126,12 @@ def keep_accuracy(float_weights: Mapping[str, jax.Array], weights: Mapping[str, 
         weights = squant_weights(float_weights, weights, progress=bar("round_opt"))
     if keep_acc.adaround[0]:
         found = adaround_layers(float_weights, layers, AdaRoundParams(steps=keep_acc.adaround[1]), progress=bar("adaround"))
+        reports["adaround"] = {}
         for name, r in found.items():
-            weights[name] = QuantizedWeight(weights[name].qparams, r.q)
-        reports["adaround"] = {n: (float(r.error_before), float(r.error_after)) for n, r in found.items()}
+            before, after = float(r.error_before), float(r.error_after)
+            if after <= before:  # never worse than round-to-nearest on the rows it was fitted to
+                weights[name] = QuantizedWeight(weights[name].qparams, r.q)
+            reports["adaround"][name] = (before, min(before, after))
     corrections = None
     if bias_correction:
         corrections = bias_corrections(mean_rows, {n: r.wg for n, r in layers.items()}, weights)

@@ -119,3 +119,14 @@ def test_second_run_compiles_nothing(digits_model, digits_calib):
     with jaxq.compile_count() as again:
         cal.run()
     assert again.count == 0
+
+
+def test_adaround_on_65536_wide_rows_completes_and_never_loses_to_nearest():
+    """A conv whose rows are 65,536 wide: Ĥ would be a 16 GiB matrix; its row factor is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 4096, 1), nn.ReLU(), nn.Conv2d(4096, 8, 4), nn.Flatten(), nn.Linear(8, 2)).eval()
+    data = [torch.randn(16, 16, 4, 4) for _ in range(4)]
+    cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, keep_acc={"adaround": [True, 50]})
+    cal = Calibrator(model, cfg, data, progress=False).run()
+    assert cal.params()["quant_weight"]["2"].shape == (8, 4096, 4, 4)
+    assert all(after <= before for before, after in cal.reports["adaround"].values())

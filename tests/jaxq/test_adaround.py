@@ -39,3 +39,23 @@ def test_learned_codes_beat_nearest_and_stay_on_floor_or_ceil():
     direct = float(output_error(jnp.asarray(jaxq.dequantize(res.q, qw.qparams)).reshape(1, 16, 32),
                                 w.reshape(1, 16, 32), row_moments(rows, None)))
     np.testing.assert_allclose(direct, float(res.error_after), rtol=1e-4)
+
+
+def test_wide_rows_use_the_factor_and_give_the_same_codes():
+    """Rows wider than they are many keep `R` (`Ĥ = RᵀR`) instead of `Ĥ`: same error, same codes."""
+    from jaxq.adaround import Moments, RowFactor
+
+    rng = np.random.default_rng(3)
+    rows = jnp.asarray(rng.normal(size=(24, 1, 40)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(8, 40)).astype(np.float32))
+    qw = jaxq.quantize_weight(w, jaxq.QScheme(bits=4, signed=True, symmetric=True, axis=0))
+    factor = row_moments(rows, None)
+    assert isinstance(factor, RowFactor) and factor.r.shape == (1, 24, 40)
+    full = Moments(jnp.einsum("mgd,mge->gde", rows, rows) / 24)
+    w_tilde = jnp.asarray(jaxq.dequantize(qw.q, qw.qparams)).reshape(1, 8, 40)
+    np.testing.assert_allclose(float(output_error(w_tilde, w.reshape(1, 8, 40), factor)),
+                               float(output_error(w_tilde, w.reshape(1, 8, 40), full)), rtol=1e-4)
+    p = AdaRoundParams(steps=200)
+    a = adaround(w, (1, 8, 40), qw.qparams, factor, p)
+    b = adaround(w, (1, 8, 40), qw.qparams, full, p)
+    assert np.mean(np.asarray(a.q) == np.asarray(b.q)) > 0.98
