@@ -63,12 +63,38 @@ def _stack(trees: list) -> object:
     return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
 
 
+def padded_size(n: int) -> int:
+    """Smallest `2^k·m/4 ≥ n`, `m ∈ {4, 5, 6, 7}` (at least 8): ≤ 25 % padding per axis."""
+    n = max(int(n), 8)
+    power = 1 << (n - 1).bit_length()
+    quarter = power // 8
+    return next(s for s in (5 * quarter, 6 * quarter, 7 * quarter, power) if s >= n)
+
+
+def _as_padded_matrix(w) -> np.ndarray:
+    """`w` as `[out, K]` zero-padded to `padded_size` on both axes."""
+    w2 = np.asarray(w).reshape(np.shape(w)[0], -1)
+    out = np.zeros((padded_size(w2.shape[0]), padded_size(w2.shape[1])), w2.dtype)
+    out[: w2.shape[0], : w2.shape[1]] = w2
+    return out
+
+
 def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[str, QuantizedWeight]:
-    """Quantize many weights, one compiled call per (shape, dtype) bucket."""
+    """Quantize many weights with few compiled programs: each weight is seen as its
+    `[out, K]` matrix zero-padded to a size bucket (`padded_size`), so weights of many
+    shapes share one program. Zeros change no per-channel range (symmetric scales use
+    `max|w|`; asymmetric ranges include 0 anyway), so the result is that of
+    `quantize_weight` on each weight, bit for bit."""
+    matrices = {n: _as_padded_matrix(w) for n, w in weights.items()}
     out: dict[str, QuantizedWeight] = {}
-    for names in bucket_keys(weights).values():
-        stacked = _stack([weights[n] for n in names])
-        out.update(_unstack(quantize_weight_bucket(stacked, scheme), names))
+    for names in bucket_keys(matrices).values():
+        done = _unstack(quantize_weight_bucket(_stack([matrices[n] for n in names]), scheme.with_axis(0)), names)
+        for n in names:
+            shape = np.shape(weights[n])
+            k = int(np.prod(shape[1:], dtype=np.int64))
+            qp = done[n].qparams
+            out[n] = QuantizedWeight(QParams(qp.scale[: shape[0]], qp.offset[: shape[0]], scheme),
+                                     done[n].q[: shape[0], :k].reshape(shape))
     return {n: out[n] for n in weights}
 
 

@@ -70,3 +70,36 @@ def test_finalize_activations_finalizes_a_shared_state_once(monkeypatch):
     out = jaxq.finalize_activations(states, obs, QScheme(8, False, False))
     assert sizes == [2] and list(out) == ["q", "k", "o", "v"]
     assert float(out["v"].hi) == float(out["q"].hi) == 1023.0 and float(out["o"].lo) == -1.0
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+import jax  # noqa: E402
+
+_quantize_weight_jit = jax.jit(quantize_weight, static_argnums=1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9), st.integers(1, 3)), min_size=1, max_size=5),
+       bits=st.sampled_from([2, 4, 8]), signed=st.booleans(), symmetric=st.booleans(),
+       positive=st.booleans(), seed=st.integers(0, 2**16))
+def test_padded_buckets_equal_one_at_a_time(shapes, bits, signed, symmetric, positive, seed):
+    """Zero padding to shared size buckets changes no scale, offset or code."""
+    rng = np.random.default_rng(seed)
+    ws = {f"l{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
+    if positive:  # all-positive channels: the padded zeros lie outside their range
+        ws = {n: np.abs(w) + 0.5 for n, w in ws.items()}
+    scheme = QScheme(bits, signed, symmetric, axis=0)
+    out = jaxq.quantize_weights(ws, scheme)
+    for name, w in ws.items():  # compiled like the bucket (XLA divides by a constant through its reciprocal)
+        ref = _quantize_weight_jit(jnp.asarray(w), scheme)
+        np.testing.assert_array_equal(np.asarray(out[name].qparams.scale), np.asarray(ref.qparams.scale))
+        np.testing.assert_array_equal(np.asarray(out[name].qparams.offset), np.asarray(ref.qparams.offset))
+        np.testing.assert_array_equal(np.asarray(out[name].q), np.asarray(ref.q))
+
+
+def test_many_weight_shapes_compile_few_programs():
+    rng = np.random.default_rng(0)
+    ws = {f"l{i}": rng.standard_normal((32 + i, 3, 3, 3)).astype(np.float32) for i in range(9)}
+    with jaxq.compile_count() as c:
+        jaxq.quantize_weights(ws, QScheme(6, True, True, axis=0))
+    assert c.count == 2  # 9 shapes, two padded buckets: [32, 28] and [40, 28]
