@@ -6,12 +6,14 @@ itself (EasyQuant → SQuant/AdaRound → bias correction) is pure JAX.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 
 import jaxq
 from bridge.context import Context, UncalibratedLayerError
+from bridge.memory import COPIES_FLOAT_INPUTS, COPIES_QUANTIZED_INPUTS, budget_bytes, plan_row_groups
 from bridge.record import LayerRecord, apply_records
 
 
@@ -19,11 +21,12 @@ class FunctionalLayerError(ValueError):
     """A row-based algorithm was asked for a layer that is only used functionally."""
 
 
-def _sample_rows(ctx: Context, check: bool, desc: str, keep_rows: bool):
+def _sample_rows(ctx: Context, rows, check: bool, desc: str, keep_rows: bool):
     from bridge.reconstruction import RowCapture
 
-    capture = RowCapture({n: q.module for n, q in ctx.quantizers.items()}, ctx.specs, ctx.cfg.recon_rows, ctx.cfg.seed,
-                         check=check, keep_rows=keep_rows, batches=ctx.num_batches())
+    index = {n: i for i, n in enumerate(ctx.specs)}  # as in one pass over every layer, whatever the group
+    capture = RowCapture({n: q.module for n, q in ctx.quantizers.items()}, ctx.specs, rows, ctx.cfg.seed,
+                         check=check, keep_rows=keep_rows, batches=ctx.num_batches(), index=index)
     ctx.forward_all(capture, desc)
     return capture
 
@@ -35,8 +38,10 @@ def _check_rows_finite(rows: dict, what: str) -> None:
                                      "check the data or the preceding layers")
 
 
-def layer_rows(ctx: Context, float_weights, weights, act):
-    """`({name: LayerRows}, {name: E[row]})` for the data-driven algorithms."""
+def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None):
+    """`({name: LayerRows}, {name: E[row]})` for the data-driven algorithms
+    (`rows_per_layer`: row counts, default `cfg.recon_rows` each)."""
+    count = rows_per_layer or ctx.cfg.recon_rows
     functional = [n for n, q in ctx.quantizers.items() if q.functional]
     if functional:
         raise FunctionalLayerError(
@@ -45,7 +50,7 @@ def layer_rows(ctx: Context, float_weights, weights, act):
             "(disable_names) or switch those options off")
     needs_rows = ctx.cfg.keep_acc.needs_rows
     try:
-        float_capture = _sample_rows(ctx, True, "jaxq sample rows (float)", keep_rows=needs_rows)
+        float_capture = _sample_rows(ctx, count, True, "jaxq sample rows (float)", keep_rows=needs_rows)
         mean_rows = float_capture.mean_rows()
     except RuntimeError as e:  # a layer never called
         raise UncalibratedLayerError(str(e)) from e
@@ -63,7 +68,7 @@ def layer_rows(ctx: Context, float_weights, weights, act):
         for q in ctx.quantizers.values():
             q.quant_enabled = True
         try:
-            rows = _sample_rows(ctx, False, "jaxq sample rows (quantized)", keep_rows=True).result()
+            rows = _sample_rows(ctx, count, False, "jaxq sample rows (quantized)", keep_rows=True).result()
         finally:
             for q in ctx.quantizers.values():
                 q.quant_enabled = False
@@ -78,11 +83,42 @@ def layer_rows(ctx: Context, float_weights, weights, act):
     return out, mean_rows
 
 
+def _row_floats(ctx: Context) -> dict[str, int]:
+    """Floats per input row of each layer: `g·d` (`jaxq.rows`)."""
+    out = {}
+    for name, q in ctx.quantizers.items():
+        shape = q.float_weight.shape
+        out[name] = int(np.prod(shape[1:])) * (ctx.specs[name].groups if ctx.specs[name].kind != "linear" else 1)
+    return out
+
+
 def keep_accuracy(ctx: Context, float_weights, weights, act, timings: dict):
-    """`(weights, act, corrections or None, reports)` after the chain `ctx.cfg` asks for."""
+    """`(weights, act, corrections or None, reports)` after the chain `ctx.cfg` asks for,
+    layer group by layer group within the memory budget (`bridge.memory`)."""
+    cfg = ctx.cfg
+    if cfg.keep_acc.needs_rows:
+        copies = COPIES_QUANTIZED_INPUTS if cfg.recon_inputs == "quantized" else COPIES_FLOAT_INPUTS
+        groups, per_layer = plan_row_groups(_row_floats(ctx), cfg.recon_rows, copies, budget_bytes(cfg.memory_budget))
+    else:  # bias correction alone keeps only one mean row per layer
+        groups, per_layer = [list(ctx.quantizers)], None
+    weights, act, corrections, reports = dict(weights), dict(act), {}, {}
+    for names in groups:
+        sub = dataclasses.replace(ctx, quantizers={n: ctx.quantizers[n] for n in names})
+        w, a, c, r = _keep_accuracy_group(sub, {n: float_weights[n] for n in names}, {n: weights[n] for n in names},
+                                          {n: act[n] for n in names if n in act},
+                                          None if per_layer is None else {n: per_layer[n] for n in names}, timings)
+        weights.update(w)
+        act.update(a)
+        corrections.update(c or {})
+        for algo, per in r.items():
+            reports.setdefault(algo, {}).update(per)
+    return weights, act, (corrections if cfg.bias_correction else None), reports
+
+
+def _keep_accuracy_group(ctx: Context, float_weights, weights, act, rows_per_layer, timings: dict):
     t = time.perf_counter()
-    rows, mean_rows = layer_rows(ctx, float_weights, weights, act)
-    timings["sample_rows_s"] = time.perf_counter() - t
+    rows, mean_rows = layer_rows(ctx, float_weights, weights, act, rows_per_layer)
+    timings["sample_rows_s"] = timings.get("sample_rows_s", 0.0) + time.perf_counter() - t
     bars: dict = {}
 
     def progress(step: str, n: int) -> None:
@@ -99,7 +135,7 @@ def keep_accuracy(ctx: Context, float_weights, weights, act, timings: dict):
     finally:
         for b in bars.values():
             b.close()
-    timings["keep_accuracy_s"] = time.perf_counter() - t
+    timings["keep_accuracy_s"] = timings.get("keep_accuracy_s", 0.0) + time.perf_counter() - t
     corrections = None
     if result.corrections is not None:
         corrections = {n: np.asarray(d, np.float32) for n, d in result.corrections.items()}
@@ -107,4 +143,3 @@ def keep_accuracy(ctx: Context, float_weights, weights, act, timings: dict):
         if bad:
             raise FloatingPointError(f"layer {bad[0]!r}: bias correction is not finite (NaN/Inf in its inputs)")
     return result.weights, result.act, corrections, result.reports
-

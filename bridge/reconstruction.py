@@ -93,7 +93,7 @@ class RowCapture:
     """Context manager: per layer the exact mean input row over every output position of
     every batch (`mean_rows`) and, with `keep_rows`, a sample of input rows (`result`).
 
-    Rows: with `batches` known, `⌈rows / batches⌉` random positions per batch (stratified:
+    Rows (`rows`: one count, or one per layer): with `batches` known, `⌈rows / batches⌉` random positions per batch (stratified:
     each batch is equally represented and no more is gathered than is kept), else `rows`
     per batch; `result` keeps at most `rows` of them. Two captures with the same `seed`
     over the same batches sample the same positions, so rows of the float and of the
@@ -101,11 +101,14 @@ class RowCapture:
     first batch (hook the bare layer, quantization off).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], specs: dict[str, jaxq.LayerSpec], rows: int, seed: int,
-                 check: bool = True, keep_rows: bool = True, batches: int | None = None):
-        self.modules, self.specs, self.rows, self.check, self.keep_rows = modules, specs, rows, check, keep_rows
-        self._per_batch = rows if not batches else math.ceil(rows / batches)
-        self._rng = {n: np.random.default_rng([seed, i]) for i, n in enumerate(modules)}
+    def __init__(self, modules: dict[str, nn.Module], specs: dict[str, jaxq.LayerSpec], rows: int | dict[str, int],
+                 seed: int, check: bool = True, keep_rows: bool = True, batches: int | None = None,
+                 index: dict[str, int] | None = None):
+        self.modules, self.specs, self.check, self.keep_rows = modules, specs, check, keep_rows
+        self.rows = rows if isinstance(rows, dict) else dict.fromkeys(modules, rows)
+        self._per_batch = {n: r if not batches else math.ceil(r / batches) for n, r in self.rows.items()}
+        index = index or {n: i for i, n in enumerate(modules)}  # a layer's stream: its place in the model
+        self._rng = {n: np.random.default_rng([seed, index[n]]) for n in modules}
         self._parts: dict[str, list[np.ndarray]] = {n: [] for n in modules}
         self._sums: dict[str, list] = {n: [] for n in modules}
         self._handles = []
@@ -118,7 +121,7 @@ class RowCapture:
         if not (self.keep_rows or (self.check and first)):
             return
         total = int(np.prod(output_positions(spec, tuple(x.shape))))
-        k = min(total, self._per_batch if self.keep_rows else CHECK_ROWS)
+        k = min(total, self._per_batch[name] if self.keep_rows else CHECK_ROWS)
         index = np.sort(self._rng[name].choice(total, size=k, replace=False)).astype(np.int32)
         if spec.kind == "linear":
             rows = x.reshape(-1, x.shape[-1])[torch.from_numpy(index)].cpu().numpy()[:, None, :]
@@ -162,8 +165,8 @@ class RowCapture:
         for name, parts in self._parts.items():
             parts = self._called(name, parts)
             sizes = np.array([p.shape[0] for p in parts])
-            if sizes.sum() > self.rows:  # pick from the parts, without concatenating them all first
-                keep = np.sort(self._rng[name].choice(sizes.sum(), size=self.rows, replace=False))
+            if sizes.sum() > self.rows[name]:  # pick from the parts, without concatenating them all first
+                keep = np.sort(self._rng[name].choice(sizes.sum(), size=self.rows[name], replace=False))
                 ends = np.cumsum(sizes)
                 part = np.searchsorted(ends, keep, side="right")
                 local = keep - (ends - sizes)[part]

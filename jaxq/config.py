@@ -180,6 +180,10 @@ class QuantConfig:
           of the calibration data. Cancels the mean output shift of weight rounding
           (`benchmarks/README.md`). Needs representative data (real
           `calib_data` or `virtual_data="bn_stats"`); layers without a bias get one.
+      memory_budget: MiB that the sampled rows of EasyQuant / AdaRound may hold at once.
+          Layers are processed in groups whose rows fit (one pass over the data per
+          group); a layer whose `recon_rows` alone would not fit samples fewer rows (a
+          warning names it). None: an eighth of the machine's memory, at most 1024 MiB.
     """
 
     w_bit: int = 8
@@ -211,6 +215,7 @@ class QuantConfig:
     recon_rows: int = 2048
     recon_inputs: str = "float"
     bias_correction: bool = False
+    memory_budget: int | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -255,6 +260,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.recon_rows={self.recon_rows!r} must be an int ≥ 16")
         if self.recon_inputs not in RECON_INPUTS:
             raise ValueError(f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}")
+        if self.memory_budget is not None and (not _is_int(self.memory_budget) or self.memory_budget < 16):
+            raise ValueError(f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:

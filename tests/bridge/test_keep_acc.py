@@ -130,3 +130,34 @@ def test_adaround_on_65536_wide_rows_completes_and_never_loses_to_nearest():
     cal = Calibrator(model, cfg, data, progress=False).run()
     assert cal.params()["quant_weight"]["2"].shape == (8, 4096, 4, 4)
     assert all(after <= before for before, after in cal.reports["adaround"].values())
+
+
+def test_memory_budget_groups_layers_without_changing_the_result(digits_calib):
+    """Rows sampled group by group (several passes) give the very same parameters as one pass."""
+    from bridge.models.digits import load_digits_cnn
+
+    cfg = W4.replace(recon_rows=2048, keep_acc={"easy_quant": [True, 8], "adaround": [True, 20]})
+    small = Calibrator(load_digits_cnn(), cfg.replace(memory_budget=16), digits_calib, progress=False)
+    big = Calibrator(load_digits_cnn(), cfg.replace(memory_budget=4096), digits_calib, progress=False)
+    passes = {}
+    for name, cal in (("small", small), ("big", big)):
+        counted = []
+        cal.model.register_forward_pre_hook(lambda *a, c=counted: c.append(1))
+        cal.run()
+        passes[name] = len(counted)
+    assert passes["small"] > passes["big"]  # more passes over the data: the rows were split into groups
+    for a, b in zip(small.get_quant_params(), big.get_quant_params()):
+        for n in a:
+            np.testing.assert_array_equal(a[n], b[n])
+
+
+def test_a_layer_too_wide_for_the_budget_samples_fewer_rows():
+    from bridge.memory import ReducedRowsWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1 << 16, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    data = [torch.randn(64, 1 << 16) for _ in range(2)]
+    cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, memory_budget=16,
+                           keep_acc={"adaround": [True, 10]})
+    with pytest.warns(ReducedRowsWarning, match="'0'|0 \\("):
+        Calibrator(model, cfg, data, progress=False).run()

@@ -1,0 +1,65 @@
+"""The memory budget of row-based accuracy keeping (`QuantConfig.memory_budget`).
+
+EasyQuant and AdaRound fit each layer on `recon_rows` sampled input rows of `g·d` floats
+(`jaxq.rows`). Rows of every layer at once can take gigabytes (a 5×5 depthwise conv over
+1152 channels: 236 MB at 2048 rows), so layers are planned into groups whose rows fit the
+budget, each group sampled in its own pass over the calibration data; a layer that alone
+would not fit samples fewer rows.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+MIN_ROWS = 16
+# float rows, their copy stacked for JAX and the sample taken from the per-batch parts
+COPIES_FLOAT_INPUTS = 3
+COPIES_QUANTIZED_INPUTS = 5  # plus the quantized model's rows and their copy
+
+
+class MemoryBudgetError(MemoryError):
+    """A layer's rows cannot fit the memory budget even at the fewest rows."""
+
+
+class ReducedRowsWarning(UserWarning):
+    """Some layers sample fewer rows than `recon_rows` to fit the memory budget."""
+
+
+def budget_bytes(memory_budget_mib: int | None) -> int:
+    """The budget in bytes: the configured MiB, or an eighth of physical memory (≤ 1 GiB)."""
+    if memory_budget_mib is not None:
+        return int(memory_budget_mib) << 20
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 << 30
+    return min(1 << 30, physical // 8)
+
+
+def plan_row_groups(row_floats: dict[str, int], rows: int, copies: int, budget: int) -> tuple[list[list[str]], dict[str, int]]:
+    """`(groups of layer names, rows per layer)` so that each group's rows fit `budget`
+    bytes (`row_floats`: floats per row of each layer, in order)."""
+    per_layer, reduced = {}, []
+    for name, floats in row_floats.items():
+        fit = budget // (floats * 4 * copies)
+        if fit < MIN_ROWS:
+            need = -(-floats * 4 * copies * MIN_ROWS // (1 << 20))
+            raise MemoryBudgetError(
+                f"layer {name!r}: even {MIN_ROWS} input rows of {floats} floats need ~{need} MiB, more than "
+                f"QuantConfig.memory_budget={budget >> 20} MiB; raise memory_budget, or keep the layer in float "
+                "(disable_names) or switch easy_quant/adaround off")
+        per_layer[name] = min(rows, fit)
+        if per_layer[name] < rows:
+            reduced.append(f"{name} ({per_layer[name]} rows)")
+    if reduced:
+        warnings.warn(f"to fit the memory budget of {budget >> 20} MiB these layers sample fewer than recon_rows={rows} "
+                      f"rows: {', '.join(reduced[:8])}{'…' if len(reduced) > 8 else ''}", ReducedRowsWarning, stacklevel=3)
+    groups, used = [[]], 0
+    for name, floats in row_floats.items():
+        size = per_layer[name] * floats * 4 * copies
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups, per_layer
