@@ -140,3 +140,51 @@ def vgg_unet():
 
 MODELS = {"pitch_cnn": pitch_cnn, "pnet": pnet, "rnet": rnet, "onet": onet, "efficientnet_260": efficientnet_260,
           "vgg_unet": vgg_unet}
+
+
+def _float_seconds(model, data) -> float:
+    import time
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for b in data:
+            model(b)
+        return time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+    """Warm calibration over the float forward on each architecture (W8A8 histogram, every
+    layer): each warm `run()` paired with a float forward just before it, median of 5."""
+    import statistics
+    import time
+    import warnings
+
+    import jaxq
+    from bridge import Calibrator
+    from common import parse_args
+
+    warnings.simplefilter("ignore")
+    args = parse_args(main.__doc__, list(MODELS), argv)
+    print(f"{'model':<18} {'params':>9} {'fp s':>6} {'warm s':>7} {'warm/fp':>7} {'cold s':>7} {'compiles':>9}")
+    for name in args.models:
+        model, data = MODELS[name]()
+        cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True)
+        cal = Calibrator(model, cfg, data, progress=False)
+        with jaxq.compile_count() as c:
+            t0 = time.perf_counter()
+            cal.run()
+            cold = time.perf_counter() - t0
+        floors, times = [], []
+        for _ in range(5):
+            cal.disable_quant()
+            floors.append(_float_seconds(cal.model, data))
+            t0 = time.perf_counter()
+            cal.run()
+            times.append(time.perf_counter() - t0)
+        ratio = statistics.median(t / f for t, f in zip(times, floors))
+        print(f"{name:<18} {sum(p.numel() for p in model.parameters()):>9} {statistics.median(floors):>6.2f} "
+              f"{statistics.median(times):>7.2f} {ratio:>7.2f} {cold:>7.2f} {c.count:>9}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
