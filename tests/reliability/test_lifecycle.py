@@ -118,3 +118,46 @@ def test_quantization_switch_and_summary(model_and_ref, digits_calib):
             f = model(x)
         assert torch.equal(model(x), q) and not torch.equal(f, q)
     assert cal.summary().startswith("quantized layers 5 of 5")
+
+
+def test_model_that_cannot_be_deep_copied_calibrates(digits_calib):
+    import threading
+
+    model = load_digits_cnn()
+    model.lock = threading.Lock()  # no deep copy is taken unless fp_model is asked for
+    cal = Calibrator(model, W8A8, digits_calib, progress=False).run()
+    assert cal.records
+
+
+def test_fuse_callback_must_fuse_in_place(digits_calib):
+    model = load_digits_cnn()
+    with pytest.raises(TypeError, match="in place"):
+        Calibrator(model, W8A8, digits_calib, fuse_module_call_back=lambda m: 3, progress=False)
+    assert not wrappers(model)
+
+
+def test_sensitivity_compares_call_with_call():
+    """A module called three times: the table's MSE is over the k-th quantized call against the k-th float call."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+
+    class Thrice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = shared, nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.a(torch.tanh(self.a(torch.tanh(self.a(x))))))
+
+    model = Thrice().eval()
+    data = [torch.randn(8, 6) for _ in range(2)]
+    cal = Calibrator(model, W8A8, data, progress=False).run()
+    outs = {False: [], True: []}
+    for on in (False, True):
+        h = cal.model.a.register_forward_hook(lambda m, a, o, on=on: outs[on].append(o.detach().clone()))
+        with torch.no_grad(), cal.quantization(on):
+            cal.model(data[0])
+        h.remove()
+    expected = sum(float(((f - q) ** 2).sum()) for f, q in zip(outs[False], outs[True])) / sum(f.numel() for f in outs[False])
+    row = next(r for r in cal.sensitivity(metrics=("mse",), samples=8).rows if r["name"] == "a")
+    assert row["mse"] == pytest.approx(expected, rel=1e-4)

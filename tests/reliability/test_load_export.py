@@ -139,3 +139,14 @@ def test_loading_twice_is_refused_and_restore_model_undoes_a_load(exported, digi
         load_quantized(model, path)
     bridge.restore_model(model)
     _assert_same(model, before)
+
+
+def test_export_arguments_are_checked(digits_calib, tmp_path, monkeypatch):
+    cal = Calibrator(load_digits_cnn(), W8A8, digits_calib, progress=False).run()
+    with pytest.raises(bridge.ExportError, match="opset_version=7"):
+        cal.export_quant_onnx("m", tmp_path / "onnx", opset_version=7)
+    with pytest.raises(ValueError, match="bins"):
+        cal.activation_histograms(bins=0)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cal.export_param("~/params")
+    assert (tmp_path / "home" / "params" / MANIFEST_NAME).is_file() and not (tmp_path / "~").exists()
