@@ -54,6 +54,15 @@ class _KeywordAdapter(nn.Module):
         return out.to_tuple() if hasattr(out, "to_tuple") else out
 
 
+def _dict_output_names(model: nn.Module, batch: Batch) -> list[str] | None:
+    """The keys of a model that returns a dict of tensors (else None: the exporter's names)."""
+    with torch.no_grad():
+        out = model(*batch.args, **batch.kwargs)
+    if hasattr(out, "keys") and all(isinstance(v, torch.Tensor) for v in out.values()):
+        return [str(k) for k in out.keys()]
+    return None
+
+
 def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input_names=None, output_names=None,
                opset_version: int = 18, dynamic_axes: dict[int, str] | None = None, ascend: bool = False) -> list[Path]:
     """Trace `model` on `batch` and write `<save_path>/<model_arch>.onnx` atomically.
@@ -76,6 +85,8 @@ def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input
     for a in args:
         axes = dynamic_axes or ({0: "batch", 1: "sequence"} if batch.kwargs and a.dim() == 2 else {0: "batch"})
         dims.setdefault("shapes", []).append({ax: torch.export.Dim(f"{n}") for ax, n in axes.items() if ax < a.dim()})
+    if output_names is None:
+        output_names = _dict_output_names(model, batch)
     register_fake_quant_kernels()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from bridge import Calibrator, ExportError
 from jaxq import QuantConfig
@@ -140,3 +141,21 @@ def test_qdq_onnx_stores_the_squant_codes_as_int8_weights(digits, digits_model, 
         ref = cal.model(x).numpy()
     assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
+def test_dict_outputs_keep_their_names(tmp_path):
+    import onnx as onnx_lib
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.prob, self.box = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return {"prob": self.prob(h), "box": self.box(h)}
+
+    cal = Calibrator(Heads().eval(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+                     [torch.randn(3, 4)], progress=False).run()
+    (path,) = cal.export_quant_onnx("heads", tmp_path)
+    assert [o.name for o in onnx_lib.load(str(path)).graph.output] == ["prob", "box"]
