@@ -54,10 +54,25 @@ class _KeywordAdapter(nn.Module):
         return out.to_tuple() if hasattr(out, "to_tuple") else out
 
 
+def _shapes(batch: Batch) -> str:
+    shapes = [tuple(a.shape) for a in batch.args if isinstance(a, torch.Tensor)]
+    shapes += [f"{k}={tuple(v.shape)}" for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)]
+    return f"input shapes {shapes}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 def _dict_output_names(model: nn.Module, batch: Batch) -> list[str] | None:
     """The keys of a model that returns a dict of tensors (else None: the exporter's names)."""
-    with torch.no_grad():
-        out = model(*batch.args, **batch.kwargs)
+    try:
+        with torch.no_grad():
+            out = model(*batch.args, **batch.kwargs)
+    except Exception as e:  # the user's model rejected the batch: say which
+        raise ExportError(f"the model rejected the example batch ({_shapes(batch)}): {type(e).__name__}: "
+                          f"{_first_line(e)}; give example_batch= a batch the model accepts") from e
     if hasattr(out, "keys") and all(isinstance(v, torch.Tensor) for v in out.values()):
         return [str(k) for k in out.keys()]
     return None
@@ -90,11 +105,15 @@ def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input
     register_fake_quant_kernels()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, args, dynamo=True, input_names=input_names, output_names=output_names,
-            opset_version=opset_version, dynamic_shapes=(tuple(dims["shapes"]),) if batch.kwargs else tuple(dims["shapes"]),
-            optimize=False, verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                opset_version=opset_version, dynamic_shapes=(tuple(dims["shapes"]),) if batch.kwargs else tuple(dims["shapes"]),
+                optimize=False, verbose=False,
+            )
+        except Exception as e:  # torch.export's errors run to pages; the cause is chained
+            raise ExportError(f"torch's exporter could not trace the model on the example batch ({_shapes(batch)}): "
+                              f"{type(e).__name__}: {_first_line(e)}") from e
     proto = fold_weight_quantizers(program.model_proto)
     if ascend:
         from bridge.export.ascend import to_ascend

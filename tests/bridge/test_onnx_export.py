@@ -159,3 +159,12 @@ def test_dict_outputs_keep_their_names(tmp_path):
                      [torch.randn(3, 4)], progress=False).run()
     (path,) = cal.export_quant_onnx("heads", tmp_path)
     assert [o.name for o in onnx_lib.load(str(path)).graph.output] == ["prob", "box"]
+
+
+def test_wrong_example_batch_is_one_clear_error(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    cal = Calibrator(model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+                     [torch.randn(3, 4)], progress=False).run()
+    with pytest.raises(ExportError, match=r"example batch \(input shapes \[\(3, 5\)\]\)") as info:
+        cal.export_quant_onnx("m", tmp_path, example_batch=torch.randn(3, 5))
+    assert len(str(info.value).splitlines()) == 1 and not list(tmp_path.iterdir())
