@@ -28,9 +28,7 @@ from jaxq.qparams import QParams
 from jaxq.rows import rows_forward
 
 ALPHA, BETA = 0.5, 2.0
-CHUNK = 8  # candidates evaluated together, fewer when one candidate's arrays are large
-CHUNK_BYTES = 64 << 20  # working memory of one chunk of candidates of one layer
-BUCKET_BYTES = 256 << 20  # working memory of the layers of a bucket searched together
+CHUNK = 8
 # Rows the search uses (the first of the sampled ones): the cost is candidates × rows ×
 # weights, and a cosine over a few hundred rows of `out` channels is already a stable score.
 ROWS = 512
@@ -53,12 +51,6 @@ def _scaled(qp: QParams, factor) -> QParams:
     return QParams(qp.scale * factor, qp.offset, qp.scheme)
 
 
-def _chunk(*per_candidate: jax.Array) -> int:
-    """Candidates per step so that their largest arrays stay within `CHUNK_BYTES`."""
-    size = max(a.size for a in per_candidate) * 4
-    return max(1, min(CHUNK, CHUNK_BYTES // max(size, 1)))
-
-
 def _candidates(n: int) -> jax.Array:
     return jnp.linspace(ALPHA, BETA, n, dtype=jnp.float32)
 
@@ -70,7 +62,7 @@ def search_act_scale(rows, y, w_hat_g, b, act: QParams, candidates: int) -> QPar
         return _cosine(y, rows_forward(w_hat_g, b, fake_quant(rows, _scaled(act, factor))))
 
     grid = _candidates(candidates)
-    scores = jax.lax.map(score, grid, batch_size=_chunk(rows, y))
+    scores = jax.lax.map(score, grid, batch_size=CHUNK)
     current = score(jnp.float32(1.0))
     best = jnp.argmax(scores)
     factor = jnp.where(scores[best] > current, grid[best], 1.0)
@@ -120,7 +112,7 @@ def search_weight_scales(rows_hat, y, wg, b, weight: QParams, candidates: int) -
         return channel_cosine(fake_quant(flat, _scaled(weight, factor)).reshape(g, o, d))  # [out]
 
     grid = _candidates(candidates)
-    scores = jax.lax.map(score, grid, batch_size=_chunk(rows_hat, y, wg))  # [candidates, out]
+    scores = jax.lax.map(score, grid, batch_size=CHUNK)  # [candidates, out]
     current = score(jnp.float32(1.0))
     best = jnp.argmax(scores, axis=0)
     best_score = jnp.take_along_axis(scores, best[None], axis=0)[0]
@@ -172,12 +164,6 @@ def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candid
 
 @functools.partial(jax.jit, static_argnames=("candidates", "rounds"))
 def easy_quant_bucket(rows, target, wg, b, act, weight, candidates: int, rounds: int = 2) -> EasyQuantResult:
-    """`easy_quant` over a stacked bucket of equal-shaped layers: all at once (`vmap`), or
-    as many at a time as fit `BUCKET_BYTES` when their rows are large."""
-    one = lambda t: easy_quant(*t, candidates, rounds)  # noqa: E731
-    layers = rows.shape[0]
-    per_layer = (rows[0].size + target[0].size + wg[0].size) * 4 * CHUNK
-    at_once = max(1, min(layers, BUCKET_BYTES // max(per_layer, 1)))
-    if at_once >= layers:
-        return jax.vmap(one)((rows, target, wg, b, act, weight))
-    return jax.lax.map(one, (rows, target, wg, b, act, weight), batch_size=at_once)
+    """`easy_quant` over a stacked bucket of equal-shaped layers."""
+    return jax.vmap(lambda r, t, w, bb, a, q: easy_quant(r, t, w, bb, a, q, candidates, rounds))(
+        rows, target, wg, b, act, weight)
