@@ -117,7 +117,7 @@ def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[st
     for stale in set(PARAM_FILES) - set(names):
         (target / stale).unlink(missing_ok=True)
     _write_atomic(target / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
-    return [target / n for n in names]
+    return [target / n for n in names] + [target / MANIFEST_NAME]
 
 
 def _write_atomic(path: Path, text: str) -> None:
