@@ -119,9 +119,6 @@ class LayerQuantizer:
     def act_quant(self) -> bool:
         return self.act_scheme is not None
 
-    def buffer(self, key: str) -> torch.Tensor:
-        return getattr(self.module, key)
-
     weight_scale = property(lambda self: self.module.weight_scale)
     weight_offset = property(lambda self: self.module.weight_offset)
     input_scale = property(lambda self: self.module.input_scale)

@@ -153,18 +153,24 @@ def prepare(model: nn.Module, cfg: jaxq.QuantConfig, data: Iterable, device, fus
         if fused is not None and fused is not model:
             raise TypeError("fuse_module_call_back must fuse the model in place and return it (or None), got "
                             f"{type(fused).__name__}")
-        edit.fused_by_user = True
         layers, disabled, unsupported = _layers(model, cfg, batch)
     else:
         edit.folds.extend(fuse_conv_bn(model, batch))
     enabled = {n: m for n, m in layers.items() if n not in disabled}
     functional = find_functional_layers(model, enabled, batch)
-    act_scheme = cfg.act_scheme if cfg.act_quant else None
     specs = {n: layer_spec(n, m) for n, m in enabled.items()}
-    for name, module in enabled.items():
+    attach_quantizers(model, enabled, functional, cfg, edit)
+    return Prepared(layers, disabled, unsupported, specs)
+
+
+def attach_quantizers(model: nn.Module, layers: dict[str, nn.Module], functional: set[str], cfg: jaxq.QuantConfig,
+                      edit: ModelEdit) -> None:
+    """A `LayerQuantizer` on each of `layers` (tapped at the functional call for the names
+    in `functional`), and the taps installed on `model` if any needs them; logged in `edit`."""
+    act_scheme = cfg.act_scheme if cfg.act_quant else None
+    for name, module in layers.items():
         edit.attach(LayerQuantizer(module, name, cfg.weight_scheme, act_scheme, weight_name(module), name in functional))
     tapped = [q for q in edit.quantizers.values() if q.functional]
     if tapped:
         edit.taps = FunctionalTaps(tapped).install(model)
-    return Prepared(layers, disabled, unsupported, specs)
 

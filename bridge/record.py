@@ -10,6 +10,7 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+import torch
 
 from jaxq import QParams, QScheme, quantize
 
@@ -75,8 +76,6 @@ def is_nearest(float_weight: np.ndarray, scale, offset, scheme: QScheme, codes: 
 
 def apply_records(quantizers: dict, records: dict[str, LayerRecord]) -> None:
     """Write each record into its layer's buffers, codes and bias correction."""
-    import torch
-
     for name, rec in records.items():
         q = quantizers[name]
         q.set_qparams(torch.from_numpy(np.array(rec.weight_scale, np.float32)),

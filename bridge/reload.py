@@ -7,6 +7,8 @@ load leaves the model exactly as it was.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from torch import nn
 import jaxq
 from bridge.export import FORMAT_VERSION, JSON_NAME, SAFETENSORS_NAME, verify_manifest
 from bridge.fakequant import LayerQuantizer
-from bridge.fuse import fold
+from bridge.prepare import attach_quantizers
+from bridge.fuse import fold, fold_bn_into_conv
 from bridge.modules import quantizable_layers, weight_name
 from bridge.record import LayerRecord, apply_records, is_nearest, record_from_tensors
 from bridge.transaction import ModelEdit, refuse_quantized
@@ -78,16 +81,15 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
                 raise ParamFileError(f"{source}: layer {name!r}: {key} has dtype {t.dtype}, expected "
                                      f"{'an integer' if kinds == 'iu' else 'a float'} type")
         try:
-            provisional = record_from_tensors(name, tensors, custom=False)
+            record = record_from_tensors(name, tensors, custom=False)
         except KeyError as e:
             raise ParamFileError(f"{source}: layer {name!r} has no tensor {e.args[0]!r}") from None
         try:
-            provisional.check(name, weights[name].shape, cfg.weight_scheme, act_scheme, source)
+            record.check(name, weights[name].shape, cfg.weight_scheme, act_scheme, source)
         except ValueError as e:
             raise ParamFileError(str(e)) from None
-        custom = not is_nearest(weights[name], provisional.weight_scale, provisional.weight_offset, cfg.weight_scheme,
-                                provisional.codes)
-        records[name] = record_from_tensors(name, tensors, custom=custom)
+        custom = not is_nearest(weights[name], record.weight_scale, record.weight_offset, cfg.weight_scheme, record.codes)
+        records[name] = dataclasses.replace(record, custom_codes=custom)
     return records
 
 
@@ -113,9 +115,6 @@ def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer],
 
 def _folded_weights(model: nn.Module, description: dict, candidates: dict[str, nn.Module], path) -> dict[str, np.ndarray]:
     """The float weight each layer will have after the recorded folds (computed, not applied)."""
-    from bridge.fuse import fold_bn_into_conv
-    import copy
-
     modules = dict(model.named_modules())
     out = {}
     folds = {conv: bn for conv, bn in description.get("fused", [])}
@@ -149,16 +148,8 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         model.eval()
         for conv, bn in description.get("fused", []):
             edit.folds.append(fold(model, conv, bn))
-        act_scheme = cfg.act_scheme if cfg.act_quant else None
-        for name in description["layers"]:
-            module = candidates[name]
-            functional = description["layers"][name].get("functional", False)
-            edit.attach(LayerQuantizer(module, name, cfg.weight_scheme, act_scheme, weight_name(module), functional))
-        tapped = [q for q in edit.quantizers.values() if q.functional]
-        if tapped:
-            from bridge.functional import FunctionalTaps
-
-            edit.taps = FunctionalTaps(tapped).install(model)
+        layers = {n: candidates[n] for n in description["layers"]}
+        attach_quantizers(model, layers, {n for n, d in description["layers"].items() if d.get("functional")}, cfg, edit)
         apply_records(edit.quantizers, records)
         for q in edit.quantizers.values():
             q.quant_enabled = True

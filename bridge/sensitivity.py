@@ -17,6 +17,7 @@ import torch
 
 import jaxq.sensitivity as js
 from bridge.data import Batch, run_model
+from bridge.modules import weight_name
 from bridge.tensors import to_jax
 
 METRICS = ("mse", "relative_mse", "cosine", "isolated")
@@ -221,7 +222,7 @@ def sensitivity_table(model, layers: dict, specs: dict, all_layers: dict, batche
         rows.append({**row, "quantized": True})
     for name, module in all_layers.items():
         if name not in layers:
-            shape = tuple(getattr(module, "in_proj_weight", None).shape if hasattr(module, "in_proj_weight") else module.weight.shape)
+            shape = tuple(getattr(module, weight_name(module)).shape)
             rows.append({"name": name, "kind": specs[name].kind if name in specs else "linear", "weight_shape": shape,
                          **{m: float("nan") for m in metrics}, "quantized": False})
     return SensitivityTable(rows)

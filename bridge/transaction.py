@@ -49,7 +49,6 @@ class ModelEdit:
         self.folds: list[Fold] = []
         self.quantizers: dict[str, LayerQuantizer] = {}
         self.taps: FunctionalTaps | None = None
-        self.fused_by_user = False
 
     def attach(self, quantizer: LayerQuantizer) -> None:
         self.quantizers[quantizer.name] = quantizer
