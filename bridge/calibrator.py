@@ -69,6 +69,7 @@ class Calibrator:
         self.specs, self.disabled, self.unsupported = prepared.specs, prepared.disabled, prepared.unsupported
         self.all_layers = prepared.layers
         self.records: dict[str, LayerRecord] | None = None
+        self._jax_cache = None
         self.reports: dict = {}
         self.timings: dict[str, float] = {}
         self.fallen_back: list[str] = []
@@ -149,18 +150,50 @@ class Calibrator:
         samples = sens.check_count("samples", samples)
         return sens.amp_batches((b for _, b in iter_batches(self.calib_data, self.device)), samples or self.cfg.amp_samples)
 
-    def sensitivity(self, metrics=("mse", "relative_mse", "isolated"), samples: int | None = None) -> SensitivityTable:
+    def sensitivity(self, metrics=("mse", "relative_mse", "isolated"), samples: int | None = None,
+                    engine: str = "torch") -> SensitivityTable:
         """Per-layer sensitivity table of the quantized layers (after `run()`).
 
         `mse` / `relative_mse` / `cosine`: each layer's output in the fully quantized model
         against the float model, call by call; `isolated`: the model-output distance (KL
         for logits, 1 − cosine otherwise) with only that layer quantized. Uses the first
-        `samples` (default `cfg.amp_samples`) calibration samples.
+        `samples` (default `cfg.amp_samples`) calibration samples. `engine="jax"`: the
+        isolated column from the JAX model in one compiled program (`jax_forward`).
         """
         self._require_run()
         metrics = sens.check_metrics(metrics)
+        if engine not in ("torch", "jax"):
+            raise ValueError(f"engine={engine!r}: expected 'torch' or 'jax'")
+        isolated_by = None
+        if engine == "jax" and "isolated" in metrics:
+            from bridge.jax_model.studies import isolated_sensitivity
+
+            isolated_by = lambda batches: isolated_sensitivity(self.jax_forward(batches[0]), batches)  # noqa: E731
         return sens.sensitivity_table(self.model, self._quantizers(), self.specs, self.all_layers,
-                                      self._amp_batches(samples), metrics)
+                                      self._amp_batches(samples), metrics, isolated_by)
+
+    # -- the model as a JAX function ------------------------------------------------------
+    def jax_forward(self, example_batch=None):
+        """The calibrated model's quantized forward as a pure JAX function
+        (`bridge.jax_model.QuantizedForward`: `fn(params, buffers, state, switches, args,
+        kwargs)`), lowered through torchax and checked against torch on `example_batch`
+        (default: the first calibration batch). `LoweringError` if the model cannot be
+        lowered; the torch path is unaffected. Cached until the records change."""
+        records = self._require_run()
+        key = (id(records), tuple(self.fallen_back), len(records))
+        if self._jax_cache is None or self._jax_cache[0] != key:
+            from bridge.jax_model.quantized import quantized_forward
+
+            example = example_batch if example_batch is not None else self._amp_batches(1)[0]
+            self._jax_cache = (key, quantized_forward(self.model, records, example, self._quantizers()))
+        return self._jax_cache[1]
+
+    def jax_model(self, example_batch=None):
+        """The quantized model as a Flax NNX module (`bridge.jax_model.QuantizedModel`):
+        weights `nnx.Param`, quantizer state `QuantizerState`, ready for `nnx.jit` and optax."""
+        from bridge.jax_model.nnx_model import QuantizedModel
+
+        return QuantizedModel(self.jax_forward(example_batch))
 
     def fall_back(self, names) -> None:
         """Return the named quantized layers to float: their quantizers are removed."""

@@ -210,10 +210,17 @@ def check_count(name: str, value, allow_none: bool = True, minimum: int = 1):
     return int(value)
 
 
-def sensitivity_table(model, layers: dict, specs: dict, all_layers: dict, batches: list[Batch], metrics) -> SensitivityTable:
-    """The table of `Calibrator.sensitivity` (quantized layers, then the float ones as NaN rows)."""
+def sensitivity_table(model, layers: dict, specs: dict, all_layers: dict, batches: list[Batch], metrics,
+                      isolated_by: Callable | None = None) -> SensitivityTable:
+    """The table of `Calibrator.sensitivity` (quantized layers, then the float ones as NaN rows).
+    `isolated_by(batches)`: computes the isolated column instead of the torch loop (the JAX model)."""
     errors = layer_output_errors(model, layers, batches) if set(metrics) - {"isolated"} else {}
-    isolated = isolated_sensitivity(model, layers, batches) if "isolated" in metrics else {}
+    if "isolated" not in metrics:
+        isolated = {}
+    elif isolated_by is not None:
+        isolated = isolated_by(batches)
+    else:
+        isolated = isolated_sensitivity(model, layers, batches)
     rows = []
     for name, w in layers.items():
         row = {"name": name, "kind": specs[name].kind, "weight_shape": tuple(w.float_weight.shape)}

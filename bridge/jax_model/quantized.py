@@ -1,0 +1,230 @@
+"""The calibrated model's quantized forward in JAX (numerics: `jaxq.model_quant`).
+
+`quantized_forward(calibrator)` lowers a float copy of the calibrated model (BN folds
+kept, quantizers removed) and inserts `jaxq`'s fake quant at every quantized layer: the
+weight (and bias correction) in the parameter pytree before the call, the input by a
+forward pre-hook that runs inside the lowered function. Per-layer quantizer state,
+enable switches and bit widths are arguments (`LayerQState`, `Switches`), so studies
+that vary them — one-hot switches under `vmap`, bit allocations — compile once.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+
+from bridge.fakequant import LayerQuantizer, quantizers, remove_hooks_of
+from bridge.functional import FunctionalTaps
+from bridge.jax_model.lower import LoweredModel, LoweringError, lower
+from bridge.record import LayerRecord
+from jaxq.model_quant import LayerQState, Switches, all_on, corrected_bias, quantized_input, quantized_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxLayer:
+    """A quantized layer as the JAX model sees it."""
+
+    name: str
+    index: int
+    weight_key: str  # key of its weight in `params`
+    bias_key: str | None  # key of its bias (None: the layer has none)
+    out_axis: int  # channel axis of its output (bias correction without a bias)
+    quantize_input: bool
+
+
+class _Slot:
+    """The traced quantizer state while the lowered function runs (hooks read it)."""
+
+    state: dict[str, LayerQState] | None = None
+    switches: Switches | None = None
+    weights: dict | None = None  # float weights when their quantization is an output correction
+
+
+@dataclasses.dataclass
+class QuantizedForward:
+    """`fn(params, buffers, state, switches, args, kwargs)`: the quantized model in JAX.
+
+    `state`: layer name → `LayerQState` (from the calibrator's records); `switches=None`
+    means every layer as calibrated."""
+
+    lowered: LoweredModel
+    layers: list[JaxLayer]
+    state: dict[str, LayerQState]
+    fn: Callable = dataclasses.field(init=False)
+    programs: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted studies, see bridge.jax_model.studies
+
+    def __post_init__(self):
+        self.fn = _make_fn(self.lowered, self.layers)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def default_switches(self) -> Switches:
+        return all_on(len(self.layers), [1.0 if layer.quantize_input else 0.0 for layer in self.layers])
+
+    def __call__(self, *args, **kwargs):
+        lw = self.lowered
+        return self.fn(lw.params, lw.buffers, self.state, self.default_switches(), args, kwargs)
+
+
+def _make_fn(lowered: LoweredModel, layers: list[JaxLayer]) -> Callable:
+    slot = _Slot()
+    _install_hooks(lowered.module, layers, slot)
+
+    def fn(params, buffers, state, switches, args=(), kwargs=None, correction: bool = False):
+        """`correction=True`: the weight's quantization is added to the layer's output,
+        `y + on·layer(x̂, Ŵ − W)`, so the weights stay unbatched when `switches` are
+        vmapped (twice the layer work, but no per-variant weights)."""
+        switches = switches if switches is not None else all_on(len(layers))
+        p = dict(params)
+        if correction:
+            slot.weights = {layer.name: params[layer.weight_key] for layer in layers}
+        else:
+            for layer in layers:
+                s, on = state[layer.name], switches.weight[layer.index]
+                p[layer.weight_key] = quantized_weight(p[layer.weight_key], s, on)
+                if layer.bias_key is not None:
+                    p[layer.bias_key] = corrected_bias(p[layer.bias_key], s, on)
+        slot.state, slot.switches = state, switches
+        try:
+            return lowered.fn(p, buffers, args, kwargs)
+        finally:
+            slot.state = slot.switches = slot.weights = None
+
+    return fn
+
+
+def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot) -> None:
+    from torchax import interop
+
+    def pre_hook(layer):
+        def hook(_m, args, kwargs):
+            if slot.state is None or not layer.quantize_input:
+                return None
+            s, on = slot.state[layer.name], slot.switches.input[layer.index]
+            quant = lambda t: interop.torch_view(quantized_input(interop.jax_view(t), s, on))  # noqa: E731
+            if args:
+                return (quant(args[0]), *args[1:]), kwargs
+            if kwargs:
+                key = "input" if "input" in kwargs else next(iter(kwargs))
+                return args, {**kwargs, key: quant(kwargs[key])}
+            return None
+        return hook
+
+    def post_hook(layer):
+        def hook(m, args, out):
+            if slot.state is None or (slot.weights is None and layer.bias_key is not None):
+                return None
+            s, on = slot.state[layer.name], slot.switches.weight[layer.index]
+            y = interop.jax_view(out)
+            shape = [1] * y.ndim
+            shape[layer.out_axis % y.ndim] = -1
+            delta = jnp.where(on > 0, s.bias_delta, 0.0).reshape(shape).astype(y.dtype)
+            if slot.weights is not None:
+                w = slot.weights[layer.name]
+                dw = quantized_weight(w, s, 1.0) - w
+                x = args[0] if args else None
+                if x is None:
+                    raise LoweringError(f"layer {layer.name!r} was called without a positional input")
+                dy = interop.jax_view(_weight_only_call(m, layer, x, interop.torch_view(dw)))
+                y = y + on.astype(y.dtype) * dy
+            return interop.torch_view(y + delta)
+        return hook
+
+    for layer in layers:
+        m = module.get_submodule(layer.name)
+        m.register_forward_pre_hook(pre_hook(layer), with_kwargs=True)
+        m.register_forward_hook(post_hook(layer))
+
+
+def _weight_only_call(m: nn.Module, layer: JaxLayer, x, w):
+    """The layer's own `forward` (its padding and all) with weight `w` and a zero bias:
+    the linear part of the layer applied to `x` (hooks do not run again)."""
+    from torch.nn.utils import stateless
+
+    param = layer.weight_key.rpartition(".")[2]
+    swap = {param: w}
+    bias_name = layer.bias_key.rpartition(".")[2] if layer.bias_key else None
+    if bias_name is not None:
+        swap[bias_name] = torch.zeros_like(getattr(m, bias_name))
+    with stateless._reparametrize_module(m, swap):
+        return m.forward(x)
+
+
+def float_fused_copy(model: nn.Module) -> nn.Module:
+    """A copy of a calibrated model with its BN folds but without quantizers."""
+    clone = copy.deepcopy(model)
+    for q in quantizers(clone).values():
+        q.detach(copy=True)
+    for m in clone.modules():
+        remove_hooks_of(m, FunctionalTaps)
+    return clone.eval()
+
+
+def layer_state(record: LayerRecord | None, q: LayerQuantizer) -> LayerQState:
+    """A layer's `LayerQState` from its record (None: not calibrated → scale 1, switched off by the caller)."""
+    ws, a = q.weight_scheme, q.act_scheme
+    out = q.float_weight.shape[0]
+    f32 = lambda v: jnp.asarray(np.asarray(v, np.float32))  # noqa: E731
+    if record is None:
+        w_scale, w_offset, delta = np.ones(out), np.zeros(out), np.zeros(out)
+        a_scale, a_offset = 1.0, 0.0
+    else:
+        w_scale, w_offset = record.weight_scale, record.weight_offset
+        delta = record.bias_correction if record.bias_correction is not None else np.zeros(out)
+        a_scale = record.input_scale if record.input_scale is not None else 1.0
+        a_offset = record.input_offset if record.input_offset is not None else 0.0
+    a_grid = (a.qmin, a.qmax) if a is not None else (-128, 127)
+    return LayerQState(f32(w_scale), f32(w_offset), f32(ws.qmin), f32(ws.qmax), f32(a_scale).reshape(()),
+                       f32(a_offset).reshape(()), f32(a_grid[0]), f32(a_grid[1]), f32(delta))
+
+
+def _out_axis(module: nn.Module) -> int:
+    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+
+
+def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example, quantized_layers: dict[str, LayerQuantizer],
+                      ) -> QuantizedForward:
+    """The quantized forward of a calibrated `model` (its quantizers, `records`) as a JAX function."""
+    functional = [n for n, q in quantized_layers.items() if q.functional]
+    if functional:
+        raise LoweringError(f"layers {functional[:3]} are used functionally (attention's packed projections, "
+                            "F.linear on a module's weight); the JAX model taps module inputs only — keep them float "
+                            "(disable_names) to use the JAX model, or use the torch path")
+    clone = float_fused_copy(model)
+    layers, weight_codes = [], {}
+    tied_to = {n: first for first, others in _tied(clone).items() for n in others}
+    for i, (name, q) in enumerate(quantized_layers.items()):
+        module = clone.get_submodule(name)
+        wkey = f"{name}.{q.param}" if name else q.param
+        wkey = tied_to.get(wkey, wkey)
+        bias = getattr(module, q.bias_param, None)
+        bkey = (f"{name}.{q.bias_param}" if name else q.bias_param) if isinstance(bias, torch.Tensor) else None
+        layers.append(JaxLayer(name, i, wkey, bkey, _out_axis(module), q.act_scheme is not None))
+        rec = records.get(name)
+        if rec is not None and rec.custom_codes:
+            weight_codes[wkey] = (rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))) \
+                * rec.weight_scale.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
+    lowered = lower(clone, example)
+    for key, dq in weight_codes.items():  # chosen codes: Ŵ itself (fake quant leaves it unchanged)
+        lowered.params[key] = jnp.asarray(dq.astype(np.float32))
+    state = {name: layer_state(records.get(name), q) for name, q in quantized_layers.items()}
+    return QuantizedForward(lowered, layers, state)
+
+
+def _tied(module):
+    from bridge.jax_model.lower import _tied as tied
+
+    return tied(module)
+
+
+def jit_forward(qf: QuantizedForward) -> Callable:
+    """`jax.jit` of `qf.fn` (params, buffers, state, switches, args, kwargs)."""
+    return jax.jit(qf.fn)

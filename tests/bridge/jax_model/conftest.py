@@ -1,0 +1,20 @@
+import importlib.util
+
+import pytest
+
+# without the jax extra (pip install -e '.[jax]') these tests are not collected; torchax is
+# not imported here (it imports only through bridge.jax_model.compat)
+if importlib.util.find_spec("torchax") is None or importlib.util.find_spec("flax") is None:
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="module")
+def digits_w8a8():
+    """A calibrated digits CNN (W8A8 min-max) and its calibration batches."""
+    import jaxq
+    from bridge import Calibrator
+    from bridge.evaluation import protocols
+
+    p = protocols.digits()
+    cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8), p.calib_data, progress=False).run()
+    return cal, p
