@@ -1,0 +1,44 @@
+import numpy as np
+import torch
+
+import jaxq
+from bridge import sensitivity as sens
+from bridge.data import Batch
+from bridge.jax_model import isolated_sensitivity
+from bridge.jax_model.collate import merge_batches
+
+
+def test_isolated_sensitivity_matches_the_torch_loop_and_compiles_once(digits_w8a8):
+    cal, _ = digits_w8a8
+    batches = cal._amp_batches(64)
+    loop = sens.isolated_sensitivity(cal.model, cal._quantizers(), batches)
+    qf = cal.jax_forward()
+    vec = isolated_sensitivity(qf, batches, chunk=2)
+    names = list(loop)
+    a, b = np.array([loop[n] for n in names]), np.array([vec[n] for n in names])
+    assert list(np.argsort(-a)) == list(np.argsort(-b))
+    np.testing.assert_allclose(b, a, rtol=0.05)
+    with jaxq.compile_count() as c:
+        again = isolated_sensitivity(qf, batches, chunk=2)
+    assert c.count == 0 and again == vec
+
+
+def test_calibrator_sensitivity_engine_jax_gives_the_same_ranking(digits_w8a8):
+    cal, _ = digits_w8a8
+    torch_table = cal.sensitivity(metrics=("isolated",), samples=32)
+    jax_table = cal.sensitivity(metrics=("isolated",), samples=32, engine="jax")
+    assert torch_table.ranked("isolated") == jax_table.ranked("isolated")
+
+
+def test_token_batches_are_padded_into_one_with_a_mask():
+    a = Batch((), {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)})
+    b = Batch((), {"input_ids": torch.tensor([[8, 9]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)})
+    (merged,) = merge_batches([a, b])
+    assert merged.batch.kwargs["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert merged.token_mask.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_image_batches_of_equal_shape_are_concatenated_others_kept_apart():
+    xs = [Batch((torch.zeros(2, 3, 8, 8),), {}), Batch((torch.ones(3, 3, 8, 8),), {}), Batch((torch.ones(1, 3, 4, 4),), {})]
+    merged = merge_batches(xs)
+    assert [m.batch.args[0].shape[0] for m in merged] == [5, 1]
