@@ -89,5 +89,8 @@ def torchax_env():
         raise JaxModelUnavailableError(
             f"torchax {version} does not import on this torch ({e}); jaxq's compatibility step is written for "
             f"torchax {TORCHAX_VERSION}: pip install torchax=={TORCHAX_VERSION}") from e
+    from bridge.jax_model import ops
+
+    ops.install(env)
     _ENV = env
     return env
