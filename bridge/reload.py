@@ -97,9 +97,10 @@ def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer],
     """Records for `Calibrator.load_param`: the files must come from the same model and config."""
     description, tensors = read_params(path)
     stored = stored_config(description, path)
+    if stored.amp_num == 0 and cfg.amp_num == 0:  # the ranking is unused: files from before its default changed load
+        stored = dataclasses.replace(stored, amp_metric=cfg.amp_metric)
     if stored != cfg:
-        diff = [f for f in ("w_bit", "a_bit", "w_signed", "a_signed", "w_sym", "a_sym", "act_quant", "act_method")
-                if getattr(stored, f) != getattr(cfg, f)]
+        diff = [f.name for f in dataclasses.fields(cfg) if getattr(stored, f.name) != getattr(cfg, f.name)]
         raise ParamFileError(f"{str(Path(path) / JSON_NAME)!r} was calibrated with another config "
                              f"(differs in {diff or 'other fields'}); build the Calibrator with the stored config: "
                              "bridge.reload.stored_config(...) or load_quantized(model, path)")

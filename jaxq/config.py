@@ -164,9 +164,10 @@ class QuantConfig:
           BatchNorm sees its running statistics, ZeroQ-style). The batch dimension of
           `input_shape` is the number of samples.
       virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
-      amp_metric: how `amp_num` ranks layers: `"mse"` (msModelSlim: raw output MSE in the
-          fully quantized model), `"relative_mse"` (MSE / output variance) or
-          `"isolated"` (model-output distance with only that layer quantized).
+      amp_metric: how `amp_num` ranks layers: `"isolated"` (default: model-output distance
+          with only that layer quantized — the best ranking measured), `"mse"`
+          (msModelSlim's: raw output MSE in the fully quantized model) or
+          `"relative_mse"` (MSE / output variance).
       amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for EasyQuant and AdaRound.
@@ -210,7 +211,7 @@ class QuantConfig:
     virtual_data: str = "uniform"
     virtual_steps: int = 200
     virtual_lr: float = 0.2
-    amp_metric: str = "mse"
+    amp_metric: str = "isolated"
     amp_samples: int = 10
     recon_rows: int = 2048
     recon_inputs: str = "float"
