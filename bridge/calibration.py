@@ -6,6 +6,7 @@ model (quantization off) and writes nothing into it: the facade applies the reco
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -61,11 +62,15 @@ def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
     t1 = time.perf_counter()
     float_weights = _float_weights(ctx)
     _check_weights(float_weights)
-    if ka.admm[0]:
-        with ctx.bar("jaxq admm", len(float_weights)) as bar:
-            weights = jaxq.accuracy.admm_weights(float_weights, cfg.weight_scheme, ka.admm[1], bar.update)
-    else:
-        weights = jaxq.quantize_weights(float_weights, cfg.weight_scheme)
+    weights = {}
+    with ctx.bar("jaxq admm", len(float_weights)) if ka.admm[0] else contextlib.nullcontext() as bar:
+        for scheme, names in _by_scheme(ctx).items():  # one group unless cfg.layer_bits sets other widths
+            group = {n: float_weights[n] for n in names}
+            if ka.admm[0]:
+                weights.update(jaxq.accuracy.admm_weights(group, scheme, ka.admm[1], bar.update))
+            else:
+                weights.update(jaxq.quantize_weights(group, scheme))
+    weights = {n: weights[n] for n in float_weights}
     timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
     reports: dict = {}
     corrections = None
@@ -75,6 +80,13 @@ def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
     records = {n: _record(ctx, n, weights[n], act.get(n), None if corrections is None else corrections[n], nearest)
                for n in ctx.quantizers}
     return records, reports, timings
+
+
+def _by_scheme(ctx: Context) -> dict:
+    groups: dict = {}
+    for name, q in ctx.quantizers.items():
+        groups.setdefault(q.weight_scheme, []).append(name)
+    return groups
 
 
 def _check_weights(float_weights: dict) -> None:
@@ -88,7 +100,7 @@ def _record(ctx: Context, name: str, w: jaxq.QuantizedWeight, act: jaxq.QParams 
     codes = np.asarray(w.q).astype(np.int32)
     scale, offset = np.asarray(w.qparams.scale, np.float32), np.asarray(w.qparams.offset, np.int32)
     custom = not nearest and not is_nearest(np.asarray(ctx.quantizers[name].float_weight.detach().float().cpu()),
-                                            scale, offset, ctx.cfg.weight_scheme, codes)
+                                            scale, offset, ctx.quantizers[name].weight_scheme, codes)
     return LayerRecord(
         weight_scale=scale, weight_offset=offset, codes=codes, custom_codes=custom,
         input_scale=None if act is None else np.asarray(act.scale, np.float32),

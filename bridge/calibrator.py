@@ -232,7 +232,9 @@ class Calibrator:
 
     def params(self) -> dict[str, dict]:
         """`{key: {layer: array}}` for `PARAM_KEYS`, a view of the records."""
-        return params_view(self._require_run(), self.cfg.w_bit, self.cfg.w_signed)
+        records = self._require_run()
+        bits = max((self.cfg.weight_bits_for(n) for n in records), default=self.cfg.w_bit)
+        return params_view(records, bits, self.cfg.w_signed)
 
     def get_quant_params(self) -> tuple[dict, dict, dict, dict, dict]:
         """msModelSlim's five dicts `{layer name: array}`:
@@ -249,7 +251,7 @@ class Calibrator:
             spec.pop("name")
             out[name] = {**spec, "module_type": type(q.module).__name__.removeprefix("Parametrized"),
                          "weight_param": q.param, "functional": q.functional, "weight_shape": list(q.float_weight.shape),
-                         "weight_scheme": self.cfg.weight_scheme.describe(), "act_scheme": act}
+                         "weight_scheme": self.cfg.weight_scheme_for(name).describe(), "act_scheme": act}
         return out
 
     def export_param(self, path, legacy: bool = False) -> list:

@@ -169,7 +169,7 @@ def attach_quantizers(model: nn.Module, layers: dict[str, nn.Module], functional
     in `functional`), and the taps installed on `model` if any needs them; logged in `edit`."""
     act_scheme = cfg.act_scheme if cfg.act_quant else None
     for name, module in layers.items():
-        edit.attach(LayerQuantizer(module, name, cfg.weight_scheme, act_scheme, weight_name(module), name in functional))
+        edit.attach(LayerQuantizer(module, name, cfg.weight_scheme_for(name), act_scheme, weight_name(module), name in functional))
     tapped = [q for q in edit.quantizers.values() if q.functional]
     if tapped:
         edit.taps = FunctionalTaps(tapped).install(model)

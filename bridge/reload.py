@@ -85,10 +85,11 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
         except KeyError as e:
             raise ParamFileError(f"{source}: layer {name!r} has no tensor {e.args[0]!r}") from None
         try:
-            record.check(name, weights[name].shape, cfg.weight_scheme, act_scheme, source)
+            record.check(name, weights[name].shape, cfg.weight_scheme_for(name), act_scheme, source)
         except ValueError as e:
             raise ParamFileError(str(e)) from None
-        custom = not is_nearest(weights[name], record.weight_scale, record.weight_offset, cfg.weight_scheme, record.codes)
+        custom = not is_nearest(weights[name], record.weight_scale, record.weight_offset, cfg.weight_scheme_for(name),
+                                record.codes)
         records[name] = dataclasses.replace(record, custom_codes=custom)
     return records
 

@@ -9,6 +9,7 @@ static argument of `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import numbers
 import re
@@ -33,6 +34,25 @@ RECON_INPUTS = ("quantized", "float")
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _normalise_layer_bits(value) -> tuple:
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [tuple(p) for p in items]
+    except TypeError:
+        raise TypeError(f"QuantConfig.layer_bits={value!r} must be a dict {{layer name or glob: bits}}") from None
+    out = []
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise TypeError(f"QuantConfig.layer_bits entry {pair!r} must be (layer name or glob, bits)")
+        bits = pair[1].item() if hasattr(pair[1], "item") else pair[1]
+        if not _is_int(bits) or bits not in ALLOWED_BITS:
+            raise ValueError(f"QuantConfig.layer_bits[{pair[0]!r}]={bits!r} is not supported; allowed bit widths: {ALLOWED_BITS}")
+        out.append((pair[0], int(bits)))
+    return tuple(out)
 
 
 def _check_bool(field: str, value) -> bool:
@@ -168,6 +188,9 @@ class QuantConfig:
           with only that layer quantized — the best ranking measured), `"mse"`
           (msModelSlim's: raw output MSE in the fully quantized model) or
           `"relative_mse"` (MSE / output variance).
+      layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;
+          other layers use `w_bit`), e.g. the allocation of
+          `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
       amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for EasyQuant and AdaRound.
@@ -217,6 +240,7 @@ class QuantConfig:
     recon_inputs: str = "float"
     bias_correction: bool = False
     memory_budget: int | None = None
+    layer_bits: Any = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -263,6 +287,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}")
         if self.memory_budget is not None and (not _is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)")
+        set_("layer_bits", _normalise_layer_bits(self.layer_bits))
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
@@ -285,6 +310,17 @@ class QuantConfig:
     def weight_scheme(self) -> QScheme:
         """Per-output-channel weight quantizer (axis 0 of Conv/Linear weights)."""
         return QScheme(bits=self.w_bit, signed=self.w_signed, symmetric=self.w_sym, axis=0)
+
+    def weight_bits_for(self, name: str) -> int:
+        """`w_bit`, or the bits of the first `layer_bits` pattern matching `name`."""
+        for pattern, bits in self.layer_bits:
+            if fnmatch.fnmatchcase(name, pattern):
+                return bits
+        return self.w_bit
+
+    def weight_scheme_for(self, name: str) -> QScheme:
+        """The weight quantizer of layer `name` (`weight_scheme` with its `layer_bits`)."""
+        return dataclasses.replace(self.weight_scheme, bits=self.weight_bits_for(name))
 
     @property
     def act_scheme(self) -> QScheme:

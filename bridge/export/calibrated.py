@@ -38,6 +38,7 @@ def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str |
 
     cfg = cal.cfg
     check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
+    check_uniform_8bit(cal, "the W8A8 export")
     safetensors_name = safetensors_name or "quant_model_weight_w8a8.safetensors"
     json_name = json_name or "quant_model_description_w8a8.json"
     if safetensors_name == json_name:
@@ -59,6 +60,15 @@ def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str |
     return write_w8a8(output_path, tensors, description, safetensors_name, json_name)
 
 
+def check_uniform_8bit(cal, what: str) -> None:
+    """`ExportError` naming the layers whose `layer_bits` are not 8 (8-bit-only formats)."""
+    other = {n: cal.cfg.weight_bits_for(n) for n in cal._quantizers() if cal.cfg.weight_bits_for(n) != 8}
+    if other:
+        shown = ", ".join(f"{n!r}: {b}" for n, b in list(other.items())[:4])
+        raise ExportError(f"{what} holds 8-bit weight codes; layer_bits gives {len(other)} layer(s) other widths "
+                          f"({shown}{'…' if len(other) > 4 else ''}); use export_param for mixed precision")
+
+
 def check_onnx_exportable(cfg, opset_version) -> None:
     if cfg.w_bit != 8 or (cfg.act_quant and cfg.a_bit != 8):
         raise ExportError(f"ONNX QuantizeLinear holds 8-bit codes; this calibration has w_bit={cfg.w_bit}, "
@@ -73,6 +83,7 @@ def export_onnx(cal, model_arch, save_path, input_names, output_names, opset_ver
 
     cal._require_run()
     check_onnx_exportable(cal.cfg, opset_version)
+    check_uniform_8bit(cal, "ONNX QuantizeLinear")
     if ascend and not cal.cfg.w_sym:
         raise ExportError("the Ascend ONNX form needs symmetric weights (w_sym=True)")
     batch = as_batch(example_batch if example_batch is not None else next(iter(cal.calib_data)), 0)
