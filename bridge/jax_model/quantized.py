@@ -58,6 +58,8 @@ class QuantizedForward:
     state: dict[str, LayerQState]
     fn: Callable = dataclasses.field(init=False)
     programs: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted studies, see bridge.jax_model.studies
+    float_weights: dict = dataclasses.field(default_factory=dict, repr=False)  # weight key → float weight (before chosen codes)
+    weight_scheme: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → its calibrated QScheme
 
     def __post_init__(self):
         self.fn = _make_fn(self.lowered, self.layers)
@@ -213,10 +215,12 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
             weight_codes[wkey] = (rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))) \
                 * rec.weight_scale.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
     lowered = lower(clone, example)
+    float_weights = {layer.weight_key: lowered.params[layer.weight_key] for layer in layers}
     for key, dq in weight_codes.items():  # chosen codes: Ŵ itself (fake quant leaves it unchanged)
         lowered.params[key] = jnp.asarray(dq.astype(np.float32))
     state = {name: layer_state(records.get(name), q) for name, q in quantized_layers.items()}
-    return QuantizedForward(lowered, layers, state)
+    return QuantizedForward(lowered, layers, state, float_weights=float_weights,
+                            weight_scheme={n: q.weight_scheme for n, q in quantized_layers.items()})
 
 
 def _tied(module):

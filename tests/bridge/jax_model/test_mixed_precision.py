@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+import jaxq
+from bridge import Calibrator
+from bridge.jax_model.mixed_precision import mixed_precision_front
+
+
+@pytest.fixture(scope="module")
+def front(digits_w8a8):
+    cal, _ = digits_w8a8
+    return mixed_precision_front(cal.jax_forward(), cal._amp_batches(32), bits=(4, 6, 8))
+
+
+def test_front_is_reproducible_and_compiles_once(digits_w8a8, front):
+    cal, _ = digits_w8a8
+    with jaxq.compile_count() as c:
+        again = mixed_precision_front(cal.jax_forward(), cal._amp_batches(32), bits=(4, 6, 8))
+    assert c.count == 0
+    np.testing.assert_array_equal(again.distance, front.distance)
+    assert again.allocations == front.allocations
+
+
+def test_front_orders_size_and_distance_and_allocations_fit(front):
+    sizes, dist = front.avg_bits[front.front], front.distance[front.front]
+    assert np.all(np.diff(sizes) > 0) and np.all(np.diff(dist) < 0)
+    uniform = {label: i for i, label in enumerate(front.labels) if label.startswith("uniform")}
+    assert front.distance[uniform["uniform W4"]] > front.distance[uniform["uniform W8"]]
+    for i, label in enumerate(front.labels):
+        if label.startswith("budget"):
+            assert front.avg_bits[i] <= float(label.split()[1]) + 0.005
+    six = front.allocation(6.0)
+    assert front.distance[front.allocations.index(six)] <= front.distance[uniform["uniform W6"]]
+    assert str(front).splitlines()[0].strip().startswith("bits/weight")
+
+
+def test_the_allocation_calibrates_through_layer_bits(digits_w8a8, front):
+    cal, p = digits_w8a8
+    bits = front.layer_bits(5.0)
+    assert set(bits.values()) <= {4, 6, 8} and bits
+    mixed = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, layer_bits=bits), p.calib_data, progress=False).run()
+    assert {n: q.weight_scheme.bits for n, q in mixed._quantizers().items()} == bits
+    with pytest.raises(ValueError, match="no measured allocation fits"):
+        front.allocation(3.0)
