@@ -3,8 +3,9 @@
 Weights are `nnx.Param`s (keyed by their torch names), buffers `TorchBuffer`s, every
 quantizer's state (`jaxq.model_quant.LayerQState` fields) `QuantizerState`s and the
 per-layer switches `QuantSwitch`es, so a JAX user can `nnx.split` / `nnx.merge` it,
-`nnx.jit` it, and fine-tune weights (`wrt=nnx.Param`) or scales
-(`wrt=QuantizerState`) with optax through the straight-through fake quant.
+`nnx.jit` it, and fine-tune weights (`wrt=nnx.Param`) or scales (`wrt=QuantScale`, a
+kind of `QuantizerState`; offsets and grids stay fixed) with optax through the
+straight-through fake quant.
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ class QuantizerState(nnx.Variable):
     """A quantizer's scale, offset, grid or bias correction."""
 
 
+class QuantScale(QuantizerState):
+    """A quantizer's scale (`w_scale`, `a_scale`): what LSQ-style fine-tuning trains."""
+
+
+SCALES = ("w_scale", "a_scale")
+
+
 class QuantSwitch(nnx.Variable):
     """Per-layer enable masks (1 = quantized)."""
 
@@ -33,7 +41,8 @@ class QuantizedModel(nnx.Module):
         lw = qf.lowered
         self.weights = nnx.Dict({k: nnx.Param(v) for k, v in lw.params.items()})
         self.buffers = nnx.Dict({k: TorchBuffer(v) for k, v in lw.buffers.items()})
-        self.quantizers = nnx.Dict({name: nnx.Dict({f: QuantizerState(getattr(s, f)) for f in LayerQState._fields})
+        kind = lambda f: QuantScale if f in SCALES else QuantizerState  # noqa: E731
+        self.quantizers = nnx.Dict({name: nnx.Dict({f: kind(f)(getattr(s, f)) for f in LayerQState._fields})
                                     for name, s in qf.state.items()})
         base = qf.default_switches()
         self.weight_switch = QuantSwitch(base.weight)
