@@ -118,14 +118,16 @@ def _programs(qf: QuantizedForward, chunk: int):
 
 def mixed_precision_front(qf: QuantizedForward, batches, bits=(4, 6, 8), budgets=None, chunk: int = 4) -> MixedPrecisionFront:
     """Costs, allocations for `budgets` (average bits per weight; default 16 steps from
-    `min(bits)` to `max(bits)`) and their measured front over `batches`."""
+    `min(bits)` to `max(bits)` and each width in `bits`) and their measured front over `batches`."""
     bits = tuple(sorted(int(b) for b in bits))
     if len(bits) < 2 or any(b not in (2, 3, 4, 5, 6, 7, 8) for b in bits):
         raise ValueError(f"bits={bits}: give at least two widths from 2 to 8")
     names = qf.names
     n_layers = len(names)
     sizes = np.array([int(np.prod(qf.float_weights[layer.weight_key].shape)) for layer in qf.layers], np.float64)
-    budgets = np.linspace(bits[0], bits[-1], 16) if budgets is None else np.asarray(budgets, np.float64)
+    if budgets is None:  # 16 steps, and every uniform width's size exactly
+        budgets = np.unique(np.round(np.concatenate([np.linspace(bits[0], bits[-1], 16), bits]), 6))
+    budgets = np.asarray(budgets, np.float64)
     tables = _tables(qf, bits)
     float_out, costs_fn, measure_fn = _programs(qf, chunk)
     merged = [(to_jax_tree(m.batch.args), to_jax_tree(m.batch.kwargs),

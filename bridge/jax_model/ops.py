@@ -5,8 +5,13 @@
   XLA's CPU backend runs grouped convolutions 7–10× slower than torch (depthwise 3×3
   on 16×96×112×112: 0.47 s vs torch's 0.065 s; the shifted sum: 0.047 s), which made
   EfficientNet-style models 3× slower in JAX than in torch. Only the summation order
-  differs from a convolution (float rounding, ~1e-6). Other convolutions keep torchax's
-  lowering.
+  differs from a convolution (float rounding, ~1e-6).
+- Pointwise 2-D convolution (1×1 kernel, no padding, one group) as an `einsum` over
+  channels: about 2× faster than XLA CPU's convolution, unbatched and under `vmap` with
+  per-variant weights (16×96×56×56 → 192 channels: 0.10 → 0.056 s; vmapped ×4: 0.39 →
+  0.17 s).
+
+Other convolutions keep torchax's lowering.
 """
 from __future__ import annotations
 
@@ -41,17 +46,35 @@ def depthwise_conv2d(x, w, stride, padding):
     return out
 
 
+def is_pointwise(x_shape, w_shape, groups, padding, dilation, transposed) -> bool:
+    return (not transposed and len(w_shape) == 4 and len(x_shape) == 4 and tuple(w_shape[2:]) == (1, 1) and groups == 1
+            and all(p == 0 for p in _pairs(padding, 2)) and all(d == 1 for d in _pairs(dilation, 2)))
+
+
+def pointwise_conv2d(x, w, stride):
+    """`conv2d(x, w)` for `w: [O, C, 1, 1]`, no padding, as a channel contraction (NCHW)."""
+    sh, sw = _pairs(stride, 2)
+    if (sh, sw) != (1, 1):
+        x = x[:, :, ::sh, ::sw]
+    return jnp.einsum("nchw,oc->nohw", x, w[:, :, 0, 0])
+
+
 def install(env) -> None:
-    """Route torchax's `aten.convolution` / `aten.conv2d` through `depthwise_conv2d` where it applies."""
+    """Route torchax's `aten.convolution` / `aten.conv2d` through these lowerings where they apply."""
     import torch
     from torchax.ops import jaten, ops_registry
 
     original = jaten._aten_convolution
 
     def convolution(input, weight, bias, stride, padding, dilation, transposed=False, output_padding=0, groups=1):
-        if isinstance(padding, str) or not is_depthwise(input.shape, weight.shape, groups, dilation, transposed):
+        if isinstance(padding, str):
             return original(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        out = depthwise_conv2d(input, weight, stride, padding)
+        if is_depthwise(input.shape, weight.shape, groups, dilation, transposed):
+            out = depthwise_conv2d(input, weight, stride, padding)
+        elif is_pointwise(input.shape, weight.shape, groups, padding, dilation, transposed):
+            out = pointwise_conv2d(input, weight, stride)
+        else:
+            return original(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
         return out if bias is None else out + bias.reshape(1, -1, 1, 1)
 
     def conv2d(input, weight, bias=None, stride=(1,), padding=(0,), dilation=(1,), groups=1):
