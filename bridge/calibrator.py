@@ -209,15 +209,16 @@ class Calibrator:
             self.fallen_back.append(name)
 
     def fallback_search(self, target: float, by: str = "isolated", samples: int | None = None,
-                        max_layers: int | None = None) -> FallbackCurve:
+                        max_layers: int | None = None, engine: str = "torch") -> FallbackCurve:
         """Fall back the fewest layers, most sensitive first (ranking `by`), until the
         model-output distance from float (KL for logits, 1 − cosine otherwise) on the
-        first `samples` calibration samples is ≤ `target`. Returns the whole curve."""
+        first `samples` calibration samples is ≤ `target`. Returns the whole curve.
+        `engine="jax"`: the isolated ranking from the JAX model (`sensitivity`)."""
         self._require_run()
         max_layers = sens.check_count("max_layers", max_layers, minimum=0)
         layers = self._quantizers()
         limit = len(layers) if max_layers is None else max_layers
-        order = self.sensitivity(metrics=(by,), samples=samples).ranked(by)[:limit]
+        order = self.sensitivity(metrics=(by,), samples=samples, engine=engine).ranked(by)[:limit]
         curve = sens.fallback_curve(self.model, layers, self._amp_batches(samples), order, target)
         if curve.chosen > 0:
             self.fall_back(order[: curve.chosen])

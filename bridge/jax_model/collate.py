@@ -2,8 +2,9 @@
 
 Every distinct input shape is a compilation, so batches are merged before a study:
 tensors equal in all but the batch axis are concatenated; keyword batches of token ids
-with an `attention_mask` (transformers' convention) are right-padded to a common length
-(pad id 0, mask 0), and the mask travels with the result so metrics skip padded tokens.
+with an `attention_mask` (transformers' convention) are grouped by length (next power of
+two) and right-padded to it (pad id 0, mask 0), and the mask travels with the result so
+metrics skip padded tokens.
 """
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ def _is_token_batch(b: Batch) -> bool:
             and all(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape for v in b.kwargs.values()))
 
 
+def _bucket_length(n: int) -> int:
+    """Token batches are padded to a power of two (at least 16): few shapes, little padding."""
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
 def _pad_tokens(batches: list[Batch]) -> Merged:
-    length = max(b.kwargs["attention_mask"].shape[1] for b in batches)
+    length = _bucket_length(max(b.kwargs["attention_mask"].shape[1] for b in batches))
     out = {}
     for key in batches[0].kwargs:
         out[key] = torch.cat([torch.nn.functional.pad(b.kwargs[key], (0, length - b.kwargs[key].shape[1])) for b in batches])
@@ -46,7 +52,10 @@ def merge_batches(batches: list[Batch]) -> list[Merged]:
     if not batches:
         return []
     if all(_is_token_batch(b) for b in batches) and len({tuple(b.kwargs) for b in batches}) == 1:
-        return [_pad_tokens(batches)]
+        by_length: dict[int, list[Batch]] = {}
+        for b in batches:
+            by_length.setdefault(_bucket_length(b.kwargs["attention_mask"].shape[1]), []).append(b)
+        return [_pad_tokens(group) for _, group in sorted(by_length.items())]
     groups: dict = {}
     for b in batches:
         groups.setdefault(_shape_key(b), []).append(b)

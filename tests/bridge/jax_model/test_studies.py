@@ -13,14 +13,27 @@ def test_isolated_sensitivity_matches_the_torch_loop_and_compiles_once(digits_w8
     batches = cal._amp_batches(64)
     loop = sens.isolated_sensitivity(cal.model, cal._quantizers(), batches)
     qf = cal.jax_forward()
-    vec = isolated_sensitivity(qf, batches, chunk=2)
+    vec = isolated_sensitivity(qf, batches)
     names = list(loop)
     a, b = np.array([loop[n] for n in names]), np.array([vec[n] for n in names])
     assert list(np.argsort(-a)) == list(np.argsort(-b))
     np.testing.assert_allclose(b, a, rtol=0.05)
     with jaxq.compile_count() as c:
-        again = isolated_sensitivity(qf, batches, chunk=2)
+        again = isolated_sensitivity(qf, batches)
     assert c.count == 0 and again == vec
+
+
+def test_programs_sharing_prefixes_give_the_same_values(digits_w8a8):
+    from bridge.jax_model.studies import _segments
+
+    cal, _ = digits_w8a8
+    batches = cal._amp_batches(32)
+    qf = cal.jax_forward()
+    whole = isolated_sensitivity(qf, batches, programs=None, chunk=2)
+    shared = isolated_sensitivity(qf, batches, programs=2)
+    np.testing.assert_allclose([shared[n] for n in whole], [whole[n] for n in whole], rtol=1e-4, atol=1e-7)
+    assert _segments(48, 4) == [(0, 10), (10, 21), (21, 34), (34, 48)]
+    assert _segments(3, 8) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_calibrator_sensitivity_engine_jax_gives_the_same_ranking(digits_w8a8):
@@ -33,9 +46,11 @@ def test_calibrator_sensitivity_engine_jax_gives_the_same_ranking(digits_w8a8):
 def test_token_batches_are_padded_into_one_with_a_mask():
     a = Batch((), {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)})
     b = Batch((), {"input_ids": torch.tensor([[8, 9]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)})
-    (merged,) = merge_batches([a, b])
-    assert merged.batch.kwargs["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
-    assert merged.token_mask.tolist() == [[True, True, True], [True, True, False]]
+    c = Batch((), {"input_ids": torch.arange(1, 21)[None], "attention_mask": torch.ones(1, 20, dtype=torch.long)})
+    short, long = merge_batches([a, c, b])
+    assert short.batch.kwargs["input_ids"].shape == (2, 16) and long.batch.kwargs["input_ids"].shape == (1, 32)
+    assert short.batch.kwargs["input_ids"][:, :4].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]]
+    assert short.token_mask[:, :4].tolist() == [[True, True, True, False], [True, True, False, False]]
 
 
 def test_image_batches_of_equal_shape_are_concatenated_others_kept_apart():
