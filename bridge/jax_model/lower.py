@@ -51,7 +51,8 @@ def _call_module(module, *args, **kwargs):
     return module(*args, **kwargs)  # through __call__: the module's own hooks run
 
 
-def _tied(module: nn.Module) -> dict[str, list[str]]:
+def tied_parameters(module: nn.Module) -> dict[str, list[str]]:
+    """First name → the other names of every parameter reachable under several names."""
     by_id: dict[int, list[str]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
@@ -81,7 +82,7 @@ def lower(module: nn.Module, example=None, check: bool = True) -> LoweredModel:
     env = torchax_env()
     from torchax import interop
 
-    tied = _tied(module)
+    tied = tied_parameters(module)
     dropped = {n for names in tied.values() for n in names}
     params = {n: p for n, p in module.named_parameters(remove_duplicate=False) if n not in dropped}
     buffers = dict(module.named_buffers())

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from bridge.fakequant import LayerQuantizer, quantizers, remove_hooks_of
 from bridge.functional import FunctionalTaps
-from bridge.jax_model.lower import LoweredModel, LoweringError, lower
+from bridge.jax_model.lower import LoweredModel, LoweringError, lower, tied_parameters
 from bridge.record import LayerRecord
 from jaxq.model_quant import LayerQState, Switches, all_on, corrected_bias, quantized_input, quantized_weight
 
@@ -202,7 +201,7 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
                             "(disable_names) to use the JAX model, or use the torch path")
     clone = float_fused_copy(model)
     layers, weight_codes = [], {}
-    tied_to = {n: first for first, others in _tied(clone).items() for n in others}
+    tied_to = {n: first for first, others in tied_parameters(clone).items() for n in others}
     for i, (name, q) in enumerate(quantized_layers.items()):
         module = clone.get_submodule(name)
         wkey = f"{name}.{q.param}" if name else q.param
@@ -221,14 +220,3 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
     state = {name: layer_state(records.get(name), q) for name, q in quantized_layers.items()}
     return QuantizedForward(lowered, layers, state, float_weights=float_weights,
                             weight_scheme={n: q.weight_scheme for n, q in quantized_layers.items()})
-
-
-def _tied(module):
-    from bridge.jax_model.lower import _tied as tied
-
-    return tied(module)
-
-
-def jit_forward(qf: QuantizedForward) -> Callable:
-    """`jax.jit` of `qf.fn` (params, buffers, state, switches, args, kwargs)."""
-    return jax.jit(qf.fn)
