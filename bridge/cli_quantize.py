@@ -128,6 +128,10 @@ def check_exports(exports: list[str], cfg) -> None:
     from bridge.export.w8a8 import check_exportable
 
     try:
+        other = [f"{pattern!r}: {bits}" for pattern, bits in cfg.layer_bits if bits != 8]
+        if other and ({"w8a8", "onnx"} & set(exports)):
+            raise ValueError(f"{sorted({'w8a8', 'onnx'} & set(exports))} hold 8-bit weight codes; layer_bits sets "
+                             f"{', '.join(other[:4])} (use --export params for mixed precision)")
         if "w8a8" in exports:
             check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
         if "onnx" in exports:

@@ -42,3 +42,13 @@ def test_quantize_bias_correction_flag_reaches_the_params(project, capsys):
     assert rc == 0, capsys.readouterr().out
     tensors = load_file(str(project / "bc" / "quant_params.safetensors"))
     assert any(k.endswith(".bias_correction") for k in tensors)
+
+
+def test_mixed_layer_bits_with_an_eight_bit_export_is_refused_before_calibrating():
+    import jaxq
+    from bridge.cli_quantize import CLIError, check_exports
+
+    cfg = jaxq.QuantConfig(layer_bits={"features.*": 4})
+    with pytest.raises(CLIError, match=r"layer_bits sets 'features\.\*': 4"):
+        check_exports(["params", "w8a8"], cfg)
+    check_exports(["params"], cfg)
