@@ -18,6 +18,10 @@ def resolve_device(name: str) -> torch.device:
     """
     kind = name.split(":")[0]
     if kind == "npu":
+        if torch._C._get_privateuse1_backend_name() == "jax":
+            raise DeviceUnavailableError(
+                f"QuantConfig.device={name!r}: this process loaded the JAX model (torchax), which holds the device "
+                "slot torch_npu needs; calibrate on the NPU in a fresh process")
         try:
             importlib.import_module("torch_npu")
         except ImportError as e:

@@ -7,6 +7,14 @@ run, exactly the overloads listed below resolve to an inert placeholder (no mode
 call an op torch no longer has); anything else missing still raises. The list is pinned
 to the torchax version it was read from; another version is imported without the step
 and, if it fails, the error says so.
+
+torchax also claims torch's one out-of-tree device slot (`privateuse1`, renamed "jax")
+and registers a device module that reports itself available; torch then takes "jax" for
+the process's accelerator and `torch.compile` fails ("not linked with support for jax
+devices"). After the import, that module reports itself unavailable (torchax never asks
+it). The slot is also the one `torch_npu` uses: in a process that already runs on an
+Ascend NPU the JAX model is refused with a clear error, and the reverse is refused by
+`bridge.devices`.
 """
 from __future__ import annotations
 
@@ -79,6 +87,13 @@ def torchax_env():
     except importlib.metadata.PackageNotFoundError as e:
         raise JaxModelUnavailableError(
             "the JAX model needs torchax: pip install 'jaxq[jax]' (or pip install torchax==0.0.13 flax)") from e
+    import torch
+
+    holder = torch._C._get_privateuse1_backend_name()
+    if holder not in ("privateuseone", "jax"):
+        raise JaxModelUnavailableError(
+            f"torch's out-of-tree device slot is taken by {holder!r} (torch_npu) in this process, and torchax needs it; "
+            "use the JAX model in a process that does not run on the NPU")
     step = removed_overloads_as_placeholders() if version == TORCHAX_VERSION else contextlib.nullcontext()
     try:
         with step:
@@ -89,6 +104,9 @@ def torchax_env():
         raise JaxModelUnavailableError(
             f"torchax {version} does not import on this torch ({e}); jaxq's compatibility step is written for "
             f"torchax {TORCHAX_VERSION}: pip install torchax=={TORCHAX_VERSION}") from e
+    import torchax.device_module
+
+    torchax.device_module.is_available = lambda: False  # not the process's accelerator (torch.compile, DataLoader)
     from bridge.jax_model import ops
 
     ops.install(env)

@@ -19,6 +19,8 @@ def test_npu_without_torch_npu(monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+    # as in a process that has not loaded the JAX model (torchax holds the NPU's device slot)
+    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "privateuseone")
     with pytest.raises(DeviceUnavailableError, match=r"needs the 'torch_npu' package.*device='cpu'"):
         resolve_device("npu:0")
 

@@ -34,3 +34,22 @@ def test_missing_torchax_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(compat.importlib.metadata, "version", not_installed)
     with pytest.raises(compat.JaxModelUnavailableError, match=r"pip install 'jaxq\[jax\]'"):
         compat.torchax_env()
+
+
+def test_torch_compile_still_works_after_the_jax_model_loaded():
+    compat.torchax_env()
+    assert not torch.accelerator.is_available()
+    f = torch.compile(lambda x: torch.sin(x) + 1, backend="eager")
+    torch.testing.assert_close(f(torch.zeros(3)), torch.ones(3))
+
+
+def test_npu_and_the_jax_model_refuse_each_other_clearly(monkeypatch):
+    from bridge.devices import DeviceUnavailableError, resolve_device
+
+    compat.torchax_env()
+    with pytest.raises(DeviceUnavailableError, match="holds the device slot torch_npu needs"):
+        resolve_device("npu")
+    monkeypatch.setattr(compat, "_ENV", None)
+    monkeypatch.setattr(torch._C, "_get_privateuse1_backend_name", lambda: "npu")
+    with pytest.raises(compat.JaxModelUnavailableError, match="taken by 'npu'"):
+        compat.torchax_env()
