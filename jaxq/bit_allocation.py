@@ -2,10 +2,10 @@
 
 Each layer `k` picks a width `b` from `bits`; its weight costs `n_k · b` bits and adds
 `δ_k(b)` to the model's distance from float (additive model, as in HAWQ-v3's ILP). For
-every budget, dynamic programming over a grid of `budget / grid` units finds the allocation
-minimising `Σ δ_k(b_k)` subject to `Σ n_k b_k ≤ budget` (sizes rounded to the nearest unit;
-an allocation whose true size exceeds the budget is searched again under a budget reduced
-by the excess, so results never exceed their budget).
+every budget, dynamic programming over `grid` units of `budget / grid` minimises
+`Σ δ_k(b_k)` subject to `Σ n_k b_k ≤ budget` with every size rounded *up* to whole units:
+a result never exceeds its budget, and no allocation within `budget − layers·unit` is
+cheaper (with 48 layers and the default grid, within 0.24 % of the budget).
 """
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def _solve(weights: np.ndarray, costs: np.ndarray, cap: int) -> np.ndarray | Non
     return out
 
 
-def allocate(sizes: np.ndarray, costs: np.ndarray, bits: tuple[int, ...], budgets: np.ndarray, grid: int = 4000) -> np.ndarray:
-    """`[len(budgets), layers]` indices into `bits`: the cheapest allocation within each
-    budget (in bits of weight); `-1` rows where none fits.
+def allocate(sizes: np.ndarray, costs: np.ndarray, bits: tuple[int, ...], budgets: np.ndarray, grid: int = 20000) -> np.ndarray:
+    """`[len(budgets), layers]` indices into `bits`: for each budget (bits of weight), an
+    allocation within it whose cost is no more than that of the best allocation within
+    `budget − layers·budget/grid`; `-1` rows where none fits.
 
     `sizes`: `[layers]` weight elements; `costs`: `[layers, len(bits)]` distance added by
     each choice."""
@@ -50,19 +51,12 @@ def allocate(sizes: np.ndarray, costs: np.ndarray, bits: tuple[int, ...], budget
     item = sizes[:, None] * np.asarray(bits, np.float64)[None, :]
     out = np.full((len(budgets), len(sizes)), -1, np.int64)
     for i, budget in enumerate(np.asarray(budgets, np.float64)):
-        target = budget
-        for _ in range(8):
-            if target < item.min(1).sum():
-                break
-            unit = target / grid
-            found = _solve(np.rint(item / unit).astype(np.int64), costs, grid + len(sizes))  # rounding slack; checked below
-            if found is None:
-                break
-            size = item[np.arange(len(sizes)), found].sum()
-            if size <= budget:
-                out[i] = found
-                break
-            target -= size - budget
+        if budget <= 0 or budget < item.min(1).sum():
+            continue
+        unit = budget / grid
+        found = _solve(np.ceil(item / unit - 1e-9).astype(np.int64), costs, grid)
+        if found is not None and item[np.arange(len(sizes)), found].sum() <= budget * (1 + 1e-12):
+            out[i] = found
     return out
 
 
