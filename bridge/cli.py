@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
     from bridge.cli_quantize import add_parser
+    from bridge.weights_only import cli as weights_only_cli
 
     add_parser(sub)
+    weights_only_cli.add_parser(sub)
     return p
 
 
