@@ -136,9 +136,11 @@ def _quantize_into(item: Item, shard: ShardFile, cfg: WeightOnlyConfig, budget: 
     info = item.source
     width = row_width(info.shape, cfg.group_size)
     groups_per_row = int(np.prod(info.shape[1:])) // width
-    block_quant_rows = max(CHUNK_ROWS, (budget // (WORK_COPIES * 4 * width)) // CHUNK_ROWS * CHUNK_ROWS)
-    rows_per_read = max(1, block_quant_rows // groups_per_row)
-    padded = max(block_quant_rows, -(-rows_per_read * groups_per_row // CHUNK_ROWS) * CHUNK_ROWS)
+    max_chunks = max(1, budget // (WORK_COPIES * 4 * width) // CHUNK_ROWS)
+    max_chunks = 1 << (max_chunks.bit_length() - 1)  # blocks are powers of two of chunks (few shapes)
+    rows_per_read = max(1, min(info.shape[0], max_chunks * CHUNK_ROWS // groups_per_row))
+    chunks = -(-rows_per_read * groups_per_row // CHUNK_ROWS)
+    padded = CHUNK_ROWS * (1 << (chunks - 1).bit_length())  # a power of two of chunks: few shapes, little padding
     codes_name, scale_name, offset_name = (o.name for o in item.outputs)
     for start in range(0, info.shape[0], rows_per_read):
         stop = min(info.shape[0], start + rows_per_read)
