@@ -30,6 +30,7 @@ def test_on_by_default_in_the_user_cache(tmp_path):
     assert any(os.scandir(where))  # the program was written
 
 
+@pytest.mark.slow
 def test_directory_and_off_switch(tmp_path):
     assert _run({"JAXQ_COMPILATION_CACHE": str(tmp_path / "c")}, tmp_path) == str(tmp_path / "c")
     assert _run({"JAXQ_COMPILATION_CACHE": "off"}, tmp_path) == "None"
@@ -37,6 +38,7 @@ def test_directory_and_off_switch(tmp_path):
     assert _run({"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")}, tmp_path) == str(tmp_path / "mine")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3])
 def test_processes_share_it(tmp_path, n):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "JAXQ_"))}

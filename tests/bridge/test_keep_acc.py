@@ -121,6 +121,7 @@ def test_second_run_compiles_nothing(digits_model, digits_calib):
     assert again.count == 0
 
 
+@pytest.mark.slow
 def test_adaround_on_65536_wide_rows_completes_and_never_loses_to_nearest():
     """A conv whose rows are 65,536 wide: Ĥ would be a 16 GiB matrix; its row factor is not."""
     torch.manual_seed(0)
@@ -132,6 +133,7 @@ def test_adaround_on_65536_wide_rows_completes_and_never_loses_to_nearest():
     assert all(after <= before for before, after in cal.reports["adaround"].values())
 
 
+@pytest.mark.slow
 def test_memory_budget_groups_layers_without_changing_the_result(digits_calib):
     """Rows sampled group by group (several passes) give the very same parameters as one pass."""
     from bridge.models.digits import load_digits_cnn

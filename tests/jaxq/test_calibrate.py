@@ -1,3 +1,4 @@
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -82,6 +83,7 @@ _quantize_weight_jit = jax.jit(quantize_weight, static_argnums=1)
 @given(shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9), st.integers(1, 3)), min_size=1, max_size=5),
        bits=st.sampled_from([2, 4, 8]), signed=st.booleans(), symmetric=st.booleans(),
        positive=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_padded_buckets_equal_one_at_a_time(shapes, bits, signed, symmetric, positive, seed):
     """Zero padding to shared size buckets changes no scale, offset or code."""
     rng = np.random.default_rng(seed)

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import jax.numpy as jnp
 from hypothesis import given, settings, strategies as st
@@ -39,6 +40,7 @@ def _quantized(w, scheme):
     return jaxq.quantize_weight(jnp.asarray(w), scheme)
 
 
+@pytest.mark.slow
 def test_matches_numpy_reference_conv_and_linear():
     rng = np.random.default_rng(0)
     for shape in [(6, 4, 3, 3), (5, 17), (8, 1, 3, 3)]:

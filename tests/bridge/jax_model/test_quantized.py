@@ -80,7 +80,7 @@ def test_straight_through_gradients_reach_weights_and_scales(digits_w8a8):
     lw = qf.lowered
     xj = to_jax_tree((p.calib_data[0],))
     loss = lambda params, state: jnp.sum(qf.fn(params, lw.buffers, state, qf.default_switches(), xj, {}) ** 2)
-    gp, gs = jax.grad(loss, argnums=(0, 1))(lw.params, qf.state)
+    gp, gs = jax.jit(jax.grad(loss, argnums=(0, 1)))(lw.params, qf.state)
     first = qf.layers[0]
     assert float(jnp.abs(gp[first.weight_key]).sum()) > 0
     assert float(jnp.abs(gs[first.name].w_scale).sum()) > 0 and float(jnp.abs(gs[first.name].a_scale)) > 0
