@@ -77,11 +77,18 @@ class ModelEdit:
         """A float copy (eval mode) of the model as it was passed in: the quantizers and
         folds are undone on the copy; the model itself is untouched."""
         fold_names = [(f.conv, f.bn) for f in self.folds]
-        clone = copy.deepcopy(self.model)
-        for q in quantizers(clone).values():
-            q.detach(copy=True)
-        for m in clone.modules():
-            remove_hooks_of(m, FunctionalTaps)
+        clone = quantizer_free_copy(self.model)
         for f, (conv, bn) in zip(reversed(self.folds), reversed(fold_names)):
             unfold(clone, Fold(conv, bn, copy.deepcopy(f.bn_module), f.weight, f.bias))
         return clone.eval()
+
+
+def quantizer_free_copy(model: nn.Module) -> nn.Module:
+    """A deep copy (eval mode) of a quantized model without its quantizers and taps; its
+    BN folds stay (the float model the quantizers were calibrated on)."""
+    clone = copy.deepcopy(model)
+    for q in quantizers(clone).values():
+        q.detach(copy=True)
+    for m in clone.modules():
+        remove_hooks_of(m, FunctionalTaps)
+    return clone.eval()

@@ -3,7 +3,8 @@
     logits  [n, classes]:     KL(softmax(f) ‖ softmax(q)) per row
     hidden  [n, tokens, d]:   1 − cos(f, q) per sample over its real tokens (mask)
 
-(`jaxq.sensitivity.logits_kl` / `cosine_distance` are the same quantities over a batch.)
+(`jaxq.sensitivity.logits_kl` is the mean of `logits_kl_rows`; `cosine_distance` is
+`1 − cos` of a whole batch flattened.)
 """
 from __future__ import annotations
 

@@ -13,9 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxq.qparams import qparams_from_range
+from jaxq.calibrate import quantize_weight
 from jaxq.scheme import QScheme
-from jaxq.observers import channel_minmax
 
 
 @jax.custom_jvp
@@ -106,6 +105,5 @@ def weight_qparams_for_bits(w: jax.Array, scheme: QScheme, bits: int) -> tuple[j
     """Round-to-nearest per-channel (scale, offset, qmin, qmax) of `w` on a `bits`-bit grid
     of `scheme`'s kind (what `jaxq.quantize_weight` would give at that width)."""
     s = QScheme(bits=bits, signed=scheme.signed, symmetric=scheme.symmetric, axis=0)
-    lo, hi = channel_minmax(w, axis=0)
-    qp = qparams_from_range(lo, hi, s)
+    qp = quantize_weight(w, s).qparams
     return qp.scale, qp.offset.astype(jnp.float32), jnp.float32(s.qmin), jnp.float32(s.qmax)

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxq.model_metrics import logits_kl_rows
+
 
 class ErrorStats(NamedTuple):
     sq_err: jax.Array
@@ -64,9 +66,7 @@ def finalize_metrics(stats: ErrorStats) -> dict[str, jax.Array]:
 @jax.jit
 def logits_kl(fp_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
     """Mean over rows of `KL(softmax(fp) ‖ softmax(q))` (last axis = classes)."""
-    lp = jax.nn.log_softmax(fp_logits, axis=-1)
-    lq = jax.nn.log_softmax(q_logits, axis=-1)
-    return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1))
+    return jnp.mean(logits_kl_rows(fp_logits, q_logits))
 
 
 @jax.jit

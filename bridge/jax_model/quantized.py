@@ -9,7 +9,6 @@ that vary them — one-hot switches under `vmap`, bit allocations — compile on
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Callable
 
@@ -18,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.fakequant import LayerQuantizer, quantizers, remove_hooks_of
-from bridge.functional import FunctionalTaps
+from bridge.fakequant import LayerQuantizer
 from bridge.jax_model.lower import LoweredModel, LoweringError, lower, tied_parameters
 from bridge.record import LayerRecord
+from bridge.transaction import quantizer_free_copy
 from jaxq.model_quant import LayerQState, Switches, all_on, corrected_bias, quantized_input, quantized_weight
 
 
@@ -42,7 +41,6 @@ class _Slot:
 
     state: dict[str, LayerQState] | None = None
     switches: Switches | None = None
-    weights: dict | None = None  # float weights when their quantization is an output correction
 
 
 @dataclasses.dataclass
@@ -119,54 +117,24 @@ def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot) -> No
             return None
         return hook
 
-    def post_hook(layer):
-        def hook(m, args, out):
-            if slot.state is None or (slot.weights is None and layer.bias_key is not None):
+    def bias_hook(layer):
+        """Bias correction of a layer without a bias: `y + δ` along its output channels."""
+        def hook(_m, _args, out):
+            if slot.state is None:
                 return None
             s, on = slot.state[layer.name], slot.switches.weight[layer.index]
             y = interop.jax_view(out)
             shape = [1] * y.ndim
             shape[layer.out_axis % y.ndim] = -1
             delta = jnp.where(on > 0, s.bias_delta, 0.0).reshape(shape).astype(y.dtype)
-            if slot.weights is not None:
-                w = slot.weights[layer.name]
-                dw = quantized_weight(w, s, 1.0) - w
-                x = args[0] if args else None
-                if x is None:
-                    raise LoweringError(f"layer {layer.name!r} was called without a positional input")
-                dy = interop.jax_view(_weight_only_call(m, layer, x, interop.torch_view(dw)))
-                y = y + on.astype(y.dtype) * dy
             return interop.torch_view(y + delta)
         return hook
 
     for layer in layers:
         m = module.get_submodule(layer.name)
         m.register_forward_pre_hook(pre_hook(layer), with_kwargs=True)
-        m.register_forward_hook(post_hook(layer))
-
-
-def _weight_only_call(m: nn.Module, layer: JaxLayer, x, w):
-    """The layer's own `forward` (its padding and all) with weight `w` and a zero bias:
-    the linear part of the layer applied to `x` (hooks do not run again)."""
-    from torch.nn.utils import stateless
-
-    param = layer.weight_key.rpartition(".")[2]
-    swap = {param: w}
-    bias_name = layer.bias_key.rpartition(".")[2] if layer.bias_key else None
-    if bias_name is not None:
-        swap[bias_name] = torch.zeros_like(getattr(m, bias_name))
-    with stateless._reparametrize_module(m, swap):
-        return m.forward(x)
-
-
-def float_fused_copy(model: nn.Module) -> nn.Module:
-    """A copy of a calibrated model with its BN folds but without quantizers."""
-    clone = copy.deepcopy(model)
-    for q in quantizers(clone).values():
-        q.detach(copy=True)
-    for m in clone.modules():
-        remove_hooks_of(m, FunctionalTaps)
-    return clone.eval()
+        if layer.bias_key is None:
+            m.register_forward_hook(bias_hook(layer))
 
 
 def layer_state(record: LayerRecord | None, q: LayerQuantizer) -> LayerQState:
@@ -199,7 +167,7 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
         raise LoweringError(f"layers {functional[:3]} are used functionally (attention's packed projections, "
                             "F.linear on a module's weight); the JAX model taps module inputs only — keep them float "
                             "(disable_names) to use the JAX model, or use the torch path")
-    clone = float_fused_copy(model)
+    clone = quantizer_free_copy(model)  # BN folds kept
     layers, weight_codes = [], {}
     tied_to = {n: first for first, others in tied_parameters(clone).items() for n in others}
     for i, (name, q) in enumerate(quantized_layers.items()):

@@ -27,17 +27,17 @@ def primary(out):
     return out
 
 
-def _programs(qf: QuantizedForward, chunk: int, correction: bool):
-    """(float forward, one-hot study), jitted once per quantized forward, chunk and mode."""
-    key = ("isolated", chunk, correction)
+def _programs(qf: QuantizedForward, chunk: int):
+    """(float forward, one-hot study), jitted once per quantized forward and chunk."""
+    key = ("isolated", chunk)
     if key not in qf.programs:
-        qf.programs[key] = _make_programs(qf.fn, chunk, correction)
+        qf.programs[key] = _make_programs(qf.fn, chunk)
     return qf.programs[key]
 
 
-def _make_programs(fn, chunk: int, correction: bool):
-    def forward(params, buffers, state, switches, args, kwargs, correction=False):
-        return primary(fn(params, buffers, state, switches, args, kwargs, correction=correction))
+def _make_programs(fn, chunk: int):
+    def forward(params, buffers, state, switches, args, kwargs):
+        return primary(fn(params, buffers, state, switches, args, kwargs))
 
     def study(params, buffers, state, base: Switches, args, kwargs, fp, mask):
         n = base.weight.shape[0]
@@ -45,7 +45,7 @@ def _make_programs(fn, chunk: int, correction: bool):
 
         def one(row):
             sw = Switches(row * base.weight, row * base.input)
-            return jnp.mean(sample_distances(fp, forward(params, buffers, state, sw, args, kwargs, correction), mask))
+            return jnp.mean(sample_distances(fp, forward(params, buffers, state, sw, args, kwargs), mask))
 
         return jax.lax.map(one, eye, batch_size=chunk)
 
@@ -98,17 +98,15 @@ def _segments(n: int, programs: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def isolated_sensitivity(qf: QuantizedForward, batches, chunk: int = 4, correction: bool = False,
-                         programs: int | None = 8) -> dict[str, float]:
+def isolated_sensitivity(qf: QuantizedForward, batches, chunk: int = 4, programs: int | None = 8) -> dict[str, float]:
     """Per quantized layer: mean per-sample distance (KL for logits, `1 − cos` otherwise)
     of the model output from float with only that layer quantized, over `batches`.
 
     `programs=P` (default 8): the layers in `P` contiguous groups, one program each, whose
     variants share the float computation before the group (about half the work of one
     program per variant; `P` compilations per input shape). `programs=None`: one program,
-    `chunk` variants side by side (`lax.map(batch_size=chunk)`); `correction=True` there
-    keeps the weights unbatched (see `QuantizedForward.fn`; slower on CPU)."""
-    forward, study = _programs(qf, chunk, correction)
+    `chunk` variants side by side (`lax.map(batch_size=chunk)`)."""
+    forward, study = _programs(qf, chunk)
     lw, base = qf.lowered, qf.default_switches()
     off = Switches(jnp.zeros_like(base.weight), jnp.zeros_like(base.input))
     total, count = np.zeros(len(qf.layers)), 0

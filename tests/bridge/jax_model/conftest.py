@@ -18,3 +18,22 @@ def digits_w8a8():
     p = protocols.digits()
     cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8), p.calib_data, progress=False).run()
     return cal, p
+
+
+@pytest.fixture
+def data_dependent_model():
+    """A model torchax cannot lower: Python control flow on a tensor's value."""
+    import torch
+    from torch import nn
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y if y.sum() > 0 else -y
+
+    torch.manual_seed(0)
+    return DataDependent().eval()

@@ -50,20 +50,8 @@ def test_tied_weights_are_one_parameter():
     assert lowered.tied == {"a.weight": ["b.weight"]}
 
 
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        y = self.fc(x)
-        if y.sum() > 0:  # Python control flow on a value: cannot be traced
-            return y
-        return -y
-
-
-def test_a_model_that_cannot_lower_names_the_reason_and_torch_still_works():
-    m = DataDependent().eval()
+def test_a_model_that_cannot_lower_names_the_reason_and_torch_still_works(data_dependent_model):
+    m = data_dependent_model
     x = torch.randn(2, 4)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(LoweringError, match="DataDependent cannot run as a JAX function"):

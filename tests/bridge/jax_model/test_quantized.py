@@ -123,21 +123,10 @@ def test_functional_layers_are_refused_with_a_clear_error():
     cal.model(data[0])  # the torch path still runs
 
 
-def test_a_calibrated_model_that_cannot_lower_says_why_and_stays_usable():
-    from torch import nn
-
-    class DataDependent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            y = self.fc(x)
-            return y if y.sum() > 0 else -y  # Python control flow on a value
-
+def test_a_calibrated_model_that_cannot_lower_says_why_and_stays_usable(data_dependent_model):
     torch.manual_seed(0)
     data = [torch.randn(4, 4) for _ in range(3)]
-    cal = Calibrator(DataDependent().eval(), jaxq.QuantConfig(w_bit=8, a_bit=8, quantize_first_last=True), data,
+    cal = Calibrator(data_dependent_model, jaxq.QuantConfig(w_bit=8, a_bit=8, quantize_first_last=True), data,
                      progress=False).run()
     with pytest.raises(LoweringError, match="DataDependent cannot run as a JAX function"):
         cal.sensitivity(metrics=("isolated",), engine="jax")
