@@ -39,20 +39,3 @@ def test_logits_kl_and_cosine_distance():
 def test_top_k_layers():
     np.testing.assert_array_equal(np.asarray(js.top_k_layers(jnp.array([0.1, 3.0, 2.0, 0.5]), 2)), [1, 2])
 
-
-def test_logits_kl_is_accurate_when_logits_barely_differ():
-    import numpy as np
-
-    from jaxq.model_metrics import logits_kl_rows
-
-    rng = np.random.default_rng(0)
-    f = rng.normal(size=(64, 10)) * 3
-    q = f + rng.normal(size=f.shape) * 1e-3
-    lp = f - np.log(np.exp(f).sum(-1, keepdims=True))
-    lq = q - np.log(np.exp(q).sum(-1, keepdims=True))
-    exact = (np.exp(lp) * (lp - lq)).sum(-1)  # float64 reference, ~1e-7 per row
-    got = np.asarray(logits_kl_rows(jnp.asarray(f, jnp.float32), jnp.asarray(q, jnp.float32)))
-    np.testing.assert_allclose(got, exact, rtol=0.05, atol=1e-10)
-    big = np.asarray(logits_kl_rows(jnp.asarray(f, jnp.float32), jnp.asarray(-f, jnp.float32)))
-    lr = -f - np.log(np.exp(-f).sum(-1, keepdims=True))
-    np.testing.assert_allclose(big, (np.exp(lp) * (lp - lr)).sum(-1), rtol=1e-4)
