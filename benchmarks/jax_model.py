@@ -4,8 +4,8 @@ Per model (W8A8 default config, the first 10 calibration samples as `amp` uses t
 the float forward of those samples in torch and in the lowered JAX function (warm), and
 every quantized layer's isolated sensitivity by the torch loop (`bridge.sensitivity`)
 and by the vectorised program (`bridge.jax_model.isolated_sensitivity`, cold = first
-call with compilation, warm = second), with the rank agreement of the two: one program (`lax.map` over chunks of variants) or
-4 / 8 programs whose variants share the float prefix (the default, 8).
+call with compilation, warm = second), with the rank agreement of the two, for 1, 4, 8
+(the default) and 16 groups of layers in the one program.
 """
 from __future__ import annotations
 
@@ -62,15 +62,15 @@ def main(argv=None):
         fwd_torch, fwd_jax = float_forward(cal, batches)
         loop, t_loop = _timed(lambda: sens.isolated_sensitivity(cal.model, cal._quantizers(), batches))
         qf, t_lower = _timed(lambda: cal.jax_forward(batches[0]))
-        for chunk, programs in ((4, None), (4, 4), (4, 8)):
-            _, cold = _timed(lambda: isolated_sensitivity(qf, batches, chunk, programs=programs))
-            vec, warm = _timed(lambda: isolated_sensitivity(qf, batches, chunk, programs=programs))
+        for groups in (1, 4, 8, 16):
+            _, cold = _timed(lambda: isolated_sensitivity(qf, batches, groups))
+            vec, warm = _timed(lambda: isolated_sensitivity(qf, batches, groups))
             names = list(loop)
             a, b = np.array([loop[n] for n in names]), np.array([vec[n] for n in names])
             rows.append((name, len(names), fwd_torch, fwd_jax, t_loop, t_lower,
-                         f"one, chunk {chunk}" if programs is None else str(programs), cold, warm,
+                         f"{groups} (default)" if groups == 8 else str(groups), cold, warm,
                          _spearman(a, b), list(np.argsort(-a)[:10]) == list(np.argsort(-b)[:10])))
-    print("| model | layers | fp forward torch / JAX (s) | isolated: torch loop (s) | lower (s) | programs | JAX cold (s) | JAX warm (s) | warm speed-up | Spearman | same top 10 |")
+    print("| model | layers | fp forward torch / JAX (s) | isolated: torch loop (s) | lower (s) | layer groups | JAX cold (s) | JAX warm (s) | warm speed-up | Spearman | same top 10 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.2f} / {r[3]:.2f} | {r[4]:.2f} | {r[5]:.1f} | {r[6]} | {r[7]:.1f} | {r[8]:.2f} | "

@@ -77,25 +77,19 @@ def _make_fn(lowered: LoweredModel, layers: list[JaxLayer]) -> Callable:
     slot = _Slot()
     _install_hooks(lowered.module, layers, slot)
 
-    def fn(params, buffers, state, switches, args=(), kwargs=None, correction: bool = False):
-        """`correction=True`: the weight's quantization is added to the layer's output,
-        `y + on·layer(x̂, Ŵ − W)`, so the weights stay unbatched when `switches` are
-        vmapped (twice the layer work, but no per-variant weights)."""
+    def fn(params, buffers, state, switches, args=(), kwargs=None):
         switches = switches if switches is not None else all_on(len(layers))
         p = dict(params)
-        if correction:
-            slot.weights = {layer.name: params[layer.weight_key] for layer in layers}
-        else:
-            for layer in layers:
-                s, on = state[layer.name], switches.weight[layer.index]
-                p[layer.weight_key] = quantized_weight(p[layer.weight_key], s, on)
-                if layer.bias_key is not None:
-                    p[layer.bias_key] = corrected_bias(p[layer.bias_key], s, on)
+        for layer in layers:
+            s, on = state[layer.name], switches.weight[layer.index]
+            p[layer.weight_key] = quantized_weight(p[layer.weight_key], s, on)
+            if layer.bias_key is not None:
+                p[layer.bias_key] = corrected_bias(p[layer.bias_key], s, on)
         slot.state, slot.switches = state, switches
         try:
             return lowered.fn(p, buffers, args, kwargs)
         finally:
-            slot.state = slot.switches = slot.weights = None
+            slot.state = slot.switches = None
 
     return fn
 

@@ -2,8 +2,8 @@
 `bridge.sensitivity`).
 
 - `isolated_sensitivity`: every layer's model-output distance from float with only that
-  layer quantized — `vmap` over one-hot switches, in a few programs of consecutive
-  layers whose variants share the float prefix.
+  layer quantized, in one program: the float forward once, then the layers in groups of
+  consecutive ones, each group's variants under one `vmap` of one-hot switches.
 """
 from __future__ import annotations
 
@@ -27,99 +27,62 @@ def primary(out):
     return out
 
 
-def _programs(qf: QuantizedForward, chunk: int):
-    """(float forward, one-hot study), jitted once per quantized forward and chunk."""
-    key = ("isolated", chunk)
-    if key not in qf.programs:
-        qf.programs[key] = _make_programs(qf.fn, chunk)
-    return qf.programs[key]
+def layer_groups(n: int, groups: int) -> list[tuple[int, int]]:
+    """`0 … n−1` in at most `groups` contiguous ranges of equal length (the last may be shorter)."""
+    size = -(-n // max(1, min(groups, n)))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def _make_programs(fn, chunk: int):
-    def forward(params, buffers, state, switches, args, kwargs):
-        return primary(fn(params, buffers, state, switches, args, kwargs))
-
-    def study(params, buffers, state, base: Switches, args, kwargs, fp, mask):
-        n = base.weight.shape[0]
-        eye = jnp.eye(n, dtype=jnp.float32)
-
-        def one(row):
-            sw = Switches(row * base.weight, row * base.input)
-            return jnp.mean(sample_distances(fp, forward(params, buffers, state, sw, args, kwargs), mask))
-
-        return jax.lax.map(one, eye, batch_size=chunk)
-
-    return jax.jit(forward), jax.jit(study)
-
-
-def _segment_program(qf: QuantizedForward, lo: int, hi: int):
-    """Isolated variants of layers `lo … hi−1` in one `vmap`: the switches of the other
-    layers are constants, so everything before layer `lo` (in call order) is computed
-    once for all variants instead of once per variant."""
-    key = ("isolated-segment", lo, hi)
+def _study_program(qf: QuantizedForward, groups: int):
+    """Why groups: a variant computes the same float values as every other variant up to
+    its layer. In a group `[lo, hi)` the other layers' switches are constants, so the
+    forward before layer `lo` (in call order) does not depend on the vmapped switches and
+    is computed once; XLA then merges the identical float prefixes of all groups and the
+    float reference into one computation. Work: about `Σ_g |g|·(1 − lo_g/n)` forwards
+    instead of `n`, for one compilation (finer groups: less work, longer compile)."""
+    key = ("isolated", groups)
     if key in qf.programs:
         return qf.programs[key]
     n, fn = len(qf.layers), qf.fn
+    zero = jnp.float32(0.0)
 
-    def study(params, buffers, state, base_w, base_in, args, kwargs, fp, mask):
-        def one(onehot):
-            zero = jnp.float32(0.0)
-            w = tuple(onehot[i - lo] * base_w[i] if lo <= i < hi else zero for i in range(n))
-            x = tuple(onehot[i - lo] * base_in[i] if lo <= i < hi else zero for i in range(n))
-            out = primary(fn(params, buffers, state, Switches(w, x), args, kwargs))
-            return jnp.mean(sample_distances(fp, out, mask))
+    def study(params, buffers, state, base_w, base_in, args, kwargs, mask):
+        off = tuple(zero for _ in range(n))
+        fp = primary(fn(params, buffers, state, Switches(off, off), args, kwargs))
 
-        return jax.vmap(one)(jnp.eye(hi - lo, dtype=jnp.float32))
+        def group(lo, hi):
+            def one(onehot):
+                w = tuple(onehot[i - lo] * base_w[i] if lo <= i < hi else zero for i in range(n))
+                x = tuple(onehot[i - lo] * base_in[i] if lo <= i < hi else zero for i in range(n))
+                out = primary(fn(params, buffers, state, Switches(w, x), args, kwargs))
+                return jnp.mean(sample_distances(fp, out, mask))
+
+            return jax.vmap(one)(jnp.eye(hi - lo, dtype=jnp.float32))
+
+        return jnp.concatenate([group(lo, hi) for lo, hi in layer_groups(n, groups)])
 
     qf.programs[key] = jax.jit(study)
     return qf.programs[key]
 
 
-def _segments(n: int, programs: int) -> list[tuple[int, int]]:
-    """`programs` contiguous ranges covering `0 … n−1` that minimise the work, in forwards,
-    `Σ [a/n + (b − a)(1 − a/n)]` over ranges `[a, b)` (the shared prefix once, then every
-    variant from `a` on): early ranges come out short, late ones long."""
-    programs = max(1, min(programs, n))
-    cost = lambda a, b: a / n + (b - a) * (1 - a / n)  # noqa: E731
-    best = np.full((programs + 1, n + 1), np.inf)
-    cut = np.zeros((programs + 1, n + 1), int)
-    best[0, 0] = 0.0
-    for p in range(1, programs + 1):
-        for b in range(1, n + 1):
-            for a in range(p - 1, b):
-                c = best[p - 1, a] + cost(a, b)
-                if c < best[p, b]:
-                    best[p, b], cut[p, b] = c, a
-    edges, b = [n], n
-    for p in range(programs, 0, -1):
-        b = cut[p, b]
-        edges.append(b)
-    edges = edges[::-1]
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def isolated_sensitivity(qf: QuantizedForward, batches, chunk: int = 4, programs: int | None = 8) -> dict[str, float]:
+def isolated_sensitivity(qf: QuantizedForward, batches, groups: int = 8) -> dict[str, float]:
     """Per quantized layer: mean per-sample distance (KL for logits, `1 − cos` otherwise)
     of the model output from float with only that layer quantized, over `batches`.
 
-    `programs=P` (default 8): the layers in `P` contiguous groups, one program each, whose
-    variants share the float computation before the group (about half the work of one
-    program per variant; `P` compilations per input shape). `programs=None`: one program,
-    `chunk` variants side by side (`lax.map(batch_size=chunk)`)."""
-    forward, study = _programs(qf, chunk)
+    One program per merged input shape (`bridge.jax_model.collate`); `groups`: how many
+    ranges of consecutive layers it vmaps separately (see `_study_program`)."""
+    study = _study_program(qf, groups)
     lw, base = qf.lowered, qf.default_switches()
-    off = Switches(jnp.zeros_like(base.weight), jnp.zeros_like(base.input))
     total, count = np.zeros(len(qf.layers)), 0
     for merged in merge_batches(list(batches)):
         args, kwargs = to_jax_tree(merged.batch.args), to_jax_tree(merged.batch.kwargs)
         mask = None if merged.token_mask is None else jnp.asarray(merged.token_mask.numpy())
-        fp = forward(lw.params, lw.buffers, qf.state, off, args, kwargs)
-        n = fp.shape[0]
-        if programs is None:
-            total += n * np.asarray(study(lw.params, lw.buffers, qf.state, base, args, kwargs, fp, mask))
-        else:
-            for lo, hi in _segments(len(qf.layers), programs):
-                seg = _segment_program(qf, lo, hi)
-                total[lo:hi] += n * np.asarray(seg(lw.params, lw.buffers, qf.state, base.weight, base.input, args, kwargs, fp, mask))
+        n = _batch_size(args, kwargs)
+        total += n * np.asarray(study(lw.params, lw.buffers, qf.state, base.weight, base.input, args, kwargs, mask))
         count += n
     return dict(zip(qf.names, (total / max(count, 1)).tolist()))
+
+
+def _batch_size(args, kwargs) -> int:
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves((args, kwargs)) if jnp.ndim(leaf) > 0]
+    return int(leaves[0].shape[0]) if leaves else 1

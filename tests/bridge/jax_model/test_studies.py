@@ -23,17 +23,20 @@ def test_isolated_sensitivity_matches_the_torch_loop_and_compiles_once(digits_w8
     assert c.count == 0 and again == vec
 
 
-def test_programs_sharing_prefixes_give_the_same_values(digits_w8a8):
-    from bridge.jax_model.studies import _segments
+def test_layer_groups_give_the_same_values(digits_w8a8):
+    from bridge.jax_model.studies import layer_groups
 
     cal, _ = digits_w8a8
     batches = cal._amp_batches(32)
     qf = cal.jax_forward()
-    whole = isolated_sensitivity(qf, batches, programs=None, chunk=2)
-    shared = isolated_sensitivity(qf, batches, programs=2)
-    np.testing.assert_allclose([shared[n] for n in whole], [whole[n] for n in whole], rtol=1e-4, atol=1e-7)
-    assert _segments(48, 4) == [(0, 10), (10, 21), (21, 34), (34, 48)]
-    assert _segments(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    one = isolated_sensitivity(qf, batches, groups=1)
+    each = isolated_sensitivity(qf, batches, groups=len(qf.layers))
+    two = isolated_sensitivity(qf, batches, groups=2)
+    for other in (each, two):
+        np.testing.assert_allclose([other[n] for n in one], [one[n] for n in one], rtol=1e-4, atol=1e-7)
+    assert layer_groups(48, 8) == [(0, 6), (6, 12), (12, 18), (18, 24), (24, 30), (30, 36), (36, 42), (42, 48)]
+    assert layer_groups(23, 8) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 21), (21, 23)]
+    assert layer_groups(3, 8) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_calibrator_sensitivity_engine_jax_gives_the_same_ranking(digits_w8a8):
