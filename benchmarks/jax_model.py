@@ -5,7 +5,7 @@ the float forward of those samples in torch and in the lowered JAX function (war
 every quantized layer's isolated sensitivity by the torch loop (`bridge.sensitivity`)
 and by the vectorised program (`bridge.jax_model.isolated_sensitivity`, cold = first
 call with compilation, warm = second), with the rank agreement of the two, for 1, 4, 8
-(the default) and 16 groups of layers in the one program.
+and 16 (the default) groups of layers in the one program.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def main(argv=None):
             names = list(loop)
             a, b = np.array([loop[n] for n in names]), np.array([vec[n] for n in names])
             rows.append((name, len(names), fwd_torch, fwd_jax, t_loop, t_lower,
-                         f"{groups} (default)" if groups == 8 else str(groups), cold, warm,
+                         f"{groups} (default)" if groups == 16 else str(groups), cold, warm,
                          _spearman(a, b), list(np.argsort(-a)[:10]) == list(np.argsort(-b)[:10])))
     print("| model | layers | fp forward torch / JAX (s) | isolated: torch loop (s) | lower (s) | layer groups | JAX cold (s) | JAX warm (s) | warm speed-up | Spearman | same top 10 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -14,6 +14,7 @@ import numpy as np
 import jaxq
 from bridge.capture import ActivationCapture
 from bridge.context import Context, UncalibratedLayerError
+from bridge.data import iter_batches
 from bridge.capture import check_finite
 from bridge.keep_acc import keep_accuracy
 from bridge.record import LayerRecord, is_nearest
@@ -22,7 +23,16 @@ from jaxq.observer_choice import histogram_observer_for, observer_for
 
 
 def capture_states(ctx: Context, observer: jaxq.Observer, layers: dict | None = None) -> dict:
-    capture = ActivationCapture(layers if layers is not None else ctx.quantizers, observer)
+    """Observer state of every layer's input over the calibration data: torch forwards with
+    hooks, or with `ctx.mesh` the lowered model data-parallel over the mesh."""
+    layers = layers if layers is not None else ctx.quantizers
+    if ctx.mesh is not None:
+        from bridge.jax_model.observe import observe_inputs
+
+        with ctx.bar("jaxq calibrate (mesh)", ctx.num_batches(), unit="batch") as bar:
+            return observe_inputs(ctx.model, layers, iter_batches(ctx.calib_data, ctx.device), observer, ctx.mesh,
+                                  progress=bar.update)
+    capture = ActivationCapture(layers, observer)
     ctx.forward_all(capture, "jaxq calibrate", after_batch=capture.flush)
     return capture.states
 

@@ -28,6 +28,7 @@ from bridge.prepare import EmptyModelError, calibration_data, prepare
 from bridge.record import PARAM_KEYS, LayerRecord, apply_records, params_view
 from bridge.sensitivity import FallbackCurve, SensitivityTable
 from bridge.transaction import ModelEdit, refuse_quantized
+from jaxq.sharding import check_mesh, layers_over
 
 __all__ = ["Calibrator", "EmptyModelError", "PARAM_KEYS"]
 SENSITIVITY_METRICS = sens.METRICS
@@ -46,10 +47,15 @@ class Calibrator:
       fuse_module_call_back: `f(model) -> model | None` that fuses modules itself;
         when given, it replaces the automatic Conv+BN fusion.
       progress: show progress bars.
+      mesh: a `jax.sharding.Mesh` (`jaxq.sharding.data_mesh()`): calibration batches are
+        split over its devices and run through the model lowered to JAX
+        (`bridge.jax_model.observe`), and the layer axis of every vectorised bucket is
+        split over them too. Batch sizes must divide by the devices of each process.
+        Default: the torch forward, one device.
     """
 
     def __init__(self, model: nn.Module, cfg: jaxq.QuantConfig, calib_data: Iterable | None = None,
-                 fuse_module_call_back: Callable | None = None, *, progress: bool = True):
+                 fuse_module_call_back: Callable | None = None, *, progress: bool = True, mesh=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(cfg, jaxq.QuantConfig):
@@ -57,6 +63,7 @@ class Calibrator:
         if fuse_module_call_back is not None and not callable(fuse_module_call_back):
             raise TypeError("fuse_module_call_back must be callable: f(model) -> model or None")
         refuse_quantized(model)
+        self.mesh = None if mesh is None else check_mesh(mesh)
         self.cfg, self.progress, self.device = cfg, progress, resolve_device(cfg.device)
         self.model = model
         self._edit = ModelEdit(model)
@@ -110,16 +117,18 @@ class Calibrator:
 
     def _context(self, layers: dict | None = None) -> Context:
         return Context(self.model, layers if layers is not None else self._quantizers(), self.specs, self.cfg,
-                       self.calib_data, self.device, self.progress)
+                       self.calib_data, self.device, self.progress, self.mesh)
 
     # -- calibration --------------------------------------------------------------------
     def run(self) -> "Calibrator":
         """Capture activations, compute every layer's record and switch quantization on.
         On failure the model is restored as it was passed in."""
         self._require_open()
+        _refuse_local_data_steps(self.cfg, self.mesh)
         self.disable_quant()
         try:
-            self.records, self.reports, self.timings = calibrate(self._context())
+            with layers_over(self.mesh):
+                self.records, self.reports, self.timings = calibrate(self._context())
             apply_records(self._quantizers(), self.records)
             self.enable_quant()
             if self.cfg.amp_num and not self.fallen_back:  # a second run() keeps the earlier fallback
@@ -168,7 +177,7 @@ class Calibrator:
         if engine == "jax" and "isolated" in metrics:
             from bridge.jax_model.studies import isolated_sensitivity
 
-            isolated_by = lambda batches: isolated_sensitivity(self.jax_forward(batches[0]), batches)  # noqa: E731
+            isolated_by = lambda batches: isolated_sensitivity(self.jax_forward(batches[0]), batches, mesh=self.mesh)  # noqa: E731
         return sens.sensitivity_table(self.model, self._quantizers(), self.specs, self.all_layers,
                                       self._amp_batches(samples), metrics, isolated_by)
 
@@ -329,3 +338,19 @@ class Calibrator:
         lines += [f"  float  {n}: {why}" for n, why in self.unsupported.items()]
         return "\n".join(lines)
 
+
+def _refuse_local_data_steps(cfg: jaxq.QuantConfig, mesh) -> None:
+    """With several processes only the observers see the global batch; the steps that
+    read calibration data through torch would see each process's part and give each
+    process a different model."""
+    import jax
+
+    if mesh is None or jax.process_count() == 1:
+        return
+    ka = cfg.keep_acc
+    asked = [name for name, on in (("keep_acc.easy_quant", ka.easy_quant[0]), ("keep_acc.adaround", ka.adaround[0]),
+                                   ("bias_correction", cfg.bias_correction), ("amp_num", cfg.amp_num)) if on]
+    if asked:
+        raise ValueError(f"{', '.join(asked)}: with {jax.process_count()} processes these read each process's own "
+                         "calibration data through torch and would give each process a different model; calibrate "
+                         "with them in one process, or switch them off for the multi-process run")

@@ -28,6 +28,7 @@ class Context:
     calib_data: Iterable
     device: torch.device
     progress: bool = True
+    mesh: object = None  # a jax.sharding.Mesh: data-parallel calibration (bridge.jax_model.observe)
 
     def num_batches(self) -> int | None:
         try:

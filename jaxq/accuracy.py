@@ -25,6 +25,7 @@ from jaxq.easyquant import EasyQuantResult, easy_quant_bucket
 from jaxq.numerics import dequantize, quantize
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
+from jaxq.sharding import bind
 from jaxq.squant import squant_round_bucket
 
 
@@ -44,14 +45,18 @@ class LayerRows(NamedTuple):
 
 def admm_weights(weights: Mapping[str, jax.Array], scheme: QScheme, iters: int, progress=None) -> dict[str, QuantizedWeight]:
     """ADMM-refined per-channel quantizers of many weights."""
-    return map_buckets(lambda ws: admm_quantize_bucket(ws, scheme, iters), weights, progress)
+    return map_buckets(bind(admm_quantize_bucket, scheme=scheme, iters=iters), weights, progress)
+
+
+def _squant_bucket(t):
+    return squant_round_bucket(*t)
 
 
 def squant_weights(weights: Mapping[str, jax.Array], quantized: Mapping[str, QuantizedWeight],
                    progress=None) -> dict[str, QuantizedWeight]:
     """SQuant codes for many weights under their current quantizers."""
     inputs = {n: (weights[n], quantized[n].qparams) for n in weights}
-    codes = map_buckets(lambda t: squant_round_bucket(*t), inputs, progress)
+    codes = map_buckets(_squant_bucket, inputs, progress)
     return {n: QuantizedWeight(quantized[n].qparams, codes[n]) for n in weights}
 
 
@@ -60,19 +65,24 @@ def easy_quant_layers(layers: Mapping[str, LayerRows], candidates: int, rounds: 
     """EasyQuant on many layers (weight quantizers per output channel)."""
     inputs = {n: l._replace(weight=QParams(l.weight.scale, l.weight.offset, l.weight.scheme.with_axis(0)))
               for n, l in layers.items()}
-    return map_buckets(lambda l: easy_quant_bucket(*l, candidates=candidates, rounds=rounds), inputs, progress)
+    return map_buckets(bind(_easy_quant_bucket, candidates=candidates, rounds=rounds), inputs, progress)
+
+
+def _easy_quant_bucket(layer, candidates: int, rounds: int):
+    return easy_quant_bucket(*layer, candidates=candidates, rounds=rounds)
 
 
 def adaround_layers(weights: Mapping[str, jax.Array], layers: Mapping[str, LayerRows], params: AdaRoundParams,
                     progress=None) -> dict[str, AdaRoundResult]:
     """AdaRound codes for many layers under their (fixed) weight and activation quantizers."""
+    return map_buckets(bind(_adaround_bucket, params=params), {n: (jnp.asarray(weights[n]), layers[n]) for n in layers},
+                       progress)
 
-    def bucket(t):
-        w, layer = t
-        mom = row_moments_bucket(layer.rows, layer.act)
-        return adaround_bucket(w, tuple(layer.wg.shape[1:]), layer.weight, mom, params)
 
-    return map_buckets(bucket, {n: (jnp.asarray(weights[n]), layers[n]) for n in layers}, progress)
+def _adaround_bucket(t, params: AdaRoundParams):
+    w, layer = t
+    mom = row_moments_bucket(layer.rows, layer.act)
+    return adaround_bucket(w, tuple(layer.wg.shape[1:]), layer.weight, mom, params)
 
 
 @jax.jit

@@ -21,6 +21,7 @@ from jaxq.numerics import quantize
 from jaxq.observers import Observer, channel_minmax
 from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
+from jaxq.sharding import bind, over_layers
 
 
 
@@ -88,7 +89,8 @@ def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[
     matrices = {n: _as_padded_matrix(w) for n, w in weights.items()}
     out: dict[str, QuantizedWeight] = {}
     for names in bucket_keys(matrices).values():
-        done = _unstack(quantize_weight_bucket(_stack([matrices[n] for n in names]), scheme.with_axis(0)), names)
+        stacked = _stack([matrices[n] for n in names])
+        done = _unstack(over_layers(bind(quantize_weight_bucket, scheme=scheme.with_axis(0)), stacked), names)
         for n in names:
             shape = np.shape(weights[n])
             k = int(np.prod(shape[1:], dtype=np.int64))
@@ -147,7 +149,7 @@ def finalize_activations(states: Mapping[str, object], observer: Observer, schem
     out: dict[str, ActivationResult] = {}
     for names in bucket_keys(distinct, tree_key).values():
         stacked = _stack([distinct[n] for n in names])
-        out.update(_unstack(finalize_activation_bucket(stacked, observer, scheme), names))
+        out.update(_unstack(over_layers(bind(finalize_activation_bucket, observer=observer, scheme=scheme), stacked), names))
     return {n: out[owner[id(s)]] for n, s in states.items()}
 
 
@@ -164,7 +166,7 @@ def map_buckets(fn, inputs: Mapping[str, object], progress=None) -> dict[str, ob
     `progress(n_layers)` is called after each bucket (e.g. a tqdm `update`)."""
     out: dict[str, object] = {}
     for names in bucket_keys(inputs, tree_key).values():
-        out.update(_unstack(fn(_stack([inputs[n] for n in names])), names))
+        out.update(_unstack(over_layers(fn, _stack([inputs[n] for n in names])), names))
         if progress is not None:
             progress(len(names))
     return {n: out[n] for n in inputs}

@@ -16,6 +16,7 @@ from bridge.jax_model.lower import to_jax_tree
 from bridge.jax_model.quantized import QuantizedForward
 from jaxq.model_metrics import sample_distances
 from jaxq.model_quant import Switches
+from jaxq.sharding import check_mesh, replicate, shard_batch
 
 
 def primary(out):
@@ -65,20 +66,26 @@ def _study_program(qf: QuantizedForward, groups: int):
     return qf.programs[key]
 
 
-def isolated_sensitivity(qf: QuantizedForward, batches, groups: int = 8) -> dict[str, float]:
+def isolated_sensitivity(qf: QuantizedForward, batches, groups: int = 16, mesh=None) -> dict[str, float]:
     """Per quantized layer: mean per-sample distance (KL for logits, `1 − cos` otherwise)
     of the model output from float with only that layer quantized, over `batches`.
 
     One program per merged input shape (`bridge.jax_model.collate`); `groups`: how many
-    ranges of consecutive layers it vmaps separately (see `_study_program`)."""
+    ranges of consecutive layers it vmaps separately (see `_study_program`). `mesh`: the
+    samples split over its devices (`jaxq.sharding.shard_batch`), weights replicated."""
     study = _study_program(qf, groups)
     lw, base = qf.lowered, qf.default_switches()
+    fixed = (lw.params, lw.buffers, qf.state, base.weight, base.input)
+    if mesh is not None:
+        fixed = replicate(fixed, check_mesh(mesh))
     total, count = np.zeros(len(qf.layers)), 0
-    for merged in merge_batches(list(batches)):
+    for i, merged in enumerate(merge_batches(list(batches))):
         args, kwargs = to_jax_tree(merged.batch.args), to_jax_tree(merged.batch.kwargs)
         mask = None if merged.token_mask is None else jnp.asarray(merged.token_mask.numpy())
         n = _batch_size(args, kwargs)
-        total += n * np.asarray(study(lw.params, lw.buffers, qf.state, base.weight, base.input, args, kwargs, mask))
+        if mesh is not None:
+            args, kwargs, mask = shard_batch((args, kwargs, mask), mesh, where=f"sensitivity batch {i}")
+        total += n * np.asarray(study(*fixed, args, kwargs, mask))
         count += n
     return dict(zip(qf.names, (total / max(count, 1)).tolist()))
 

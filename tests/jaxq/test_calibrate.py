@@ -67,7 +67,7 @@ def test_finalize_activations_finalizes_a_shared_state_once(monkeypatch):
     sizes = []
     bucket = jaxq.calibrate.finalize_activation_bucket
     monkeypatch.setattr(jaxq.calibrate, "finalize_activation_bucket",
-                        lambda st, *a: sizes.append(st.lo.shape[0]) or bucket(st, *a))
+                        lambda st, *a, **k: sizes.append(st.lo.shape[0]) or bucket(st, *a, **k))
     out = jaxq.finalize_activations(states, obs, QScheme(8, False, False))
     assert sizes == [2] and list(out) == ["q", "k", "o", "v"]
     assert float(out["v"].hi) == float(out["q"].hi) == 1023.0 and float(out["o"].lo) == -1.0
