@@ -131,6 +131,8 @@ class Calibrator:
                 self.records, self.reports, self.timings = calibrate(self._context())
             apply_records(self._quantizers(), self.records)
             self.enable_quant()
+            if self.cfg.keep_acc.blocks[0]:
+                self._reconstruct_blocks()
             if self.cfg.amp_num and not self.fallen_back:  # a second run() keeps the earlier fallback
                 table = self.sensitivity(metrics=(self.cfg.amp_metric,))
                 self.fall_back(table.ranked(self.cfg.amp_metric)[: self.cfg.amp_num])
@@ -139,6 +141,25 @@ class Calibrator:
             self.restore()
             raise
         return self
+
+    def _reconstruct_blocks(self, blocks: list[str] | None = None) -> None:
+        """BRECQ / QDrop (`keep_acc['brecq']` / `['qdrop']`) on the calibrated model, through
+        the JAX model (`bridge.jax_model.block_reconstruction`)."""
+        from bridge.jax_model.block_reconstruction import find_blocks, reconstruct_blocks
+        from jaxq.block_reconstruction import ReconParams
+
+        _, iters, keep = self.cfg.keep_acc.blocks
+        quantizers = self._quantizers()
+        blocks = blocks or find_blocks(self.model, quantizers)
+
+        def set_quant(on: bool) -> None:
+            self.enable_quant() if on else self.disable_quant()
+
+        with self._context().bar("jaxq blocks", len(blocks), unit="block") as bar:
+            self.records, reports = reconstruct_blocks(self.model, quantizers, self.records, self.calib_data, self.device,
+                                                       ReconParams(steps=iters, keep=keep), set_quant, blocks, bar)
+        self.enable_quant()
+        self.reports["blocks"] = reports
 
     def activation_histograms(self, bins: int | None = None) -> dict[str, jaxq.HistogramState]:
         """Histogram of every quantized layer's input over the calibration data (float
@@ -232,6 +253,26 @@ class Calibrator:
         if curve.chosen > 0:
             self.fall_back(order[: curve.chosen])
         return curve
+
+    def quantize_with_accuracy_control(self, validate: Callable, max_drop: float, by: str = "isolated",
+                                       samples: int | None = None, engine: str = "torch",
+                                       higher_is_better: bool = True):
+        """Fall back the fewest layers so that `validate(model)` (the user's score, e.g.
+        top-1 on their validation set) drops at most `max_drop` from the float model's.
+        Layers are ranked by `sensitivity(by)` (`engine="jax"`: the isolated ranking in one
+        program) and the count is found by bisection (`bridge.accuracy_control`). The chosen
+        layers fall back; returns the report (scores measured, chosen count; −1 and no
+        fallback when even the float model of every layer misses the drop)."""
+        from bridge.accuracy_control import accuracy_control
+
+        self._require_run()
+        if not callable(validate):
+            raise TypeError(f"validate must be callable: validate(model) -> score, got {type(validate).__name__}")
+        order = self.sensitivity(metrics=(by,), samples=samples, engine=engine).ranked(by)
+        report = accuracy_control(self.model, self._quantizers(), validate, max_drop, order, higher_is_better)
+        if report.chosen > 0:
+            self.fall_back(order[: report.chosen])
+        return report
 
     # -- results ------------------------------------------------------------------------
     def _require_run(self) -> dict[str, LayerRecord]:

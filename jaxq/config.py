@@ -75,12 +75,20 @@ class KeepAcc:
     easy_quant: EasyQuant scale search, `iterations` grid candidates in [0.5·S, 2·S].
     round_opt:  SQuant data-free rounding.
     adaround:   (jaxq extension) AdaRound learned rounding, `iterations` Adam steps per layer.
+    brecq:      (jaxq extension, needs the `jax` extra) block reconstruction: AdaRound
+                rounding of every weight in a block and its input step sizes learned on
+                the block's output, `iterations` Adam steps per block
+                (`jaxq.block_reconstruction`, `bridge.jax_model.block_reconstruction`).
+    qdrop:      (jaxq extension) the same with QDrop's random drop of activation
+                quantization (keep probability ½); takes precedence over `brecq`.
     """
 
     admm: tuple[bool, int] = (False, 1000)
     easy_quant: tuple[bool, int] = (False, 1000)
     round_opt: bool = False
     adaround: tuple[bool, int] = (False, 1000)
+    brecq: tuple[bool, int] = (False, 500)
+    qdrop: tuple[bool, int] = (False, 500)
 
     @classmethod
     def from_user(cls, value) -> "KeepAcc":
@@ -99,7 +107,7 @@ class KeepAcc:
         if unknown:
             raise ValueError(f"QuantConfig.keep_acc has unknown key(s) {unknown}; allowed keys: {allowed}")
         kwargs = {}
-        for key in ("admm", "easy_quant", "adaround"):
+        for key in ("admm", "easy_quant", "adaround", "brecq", "qdrop"):
             if key in value:
                 kwargs[key] = _enabled_iters(key, value[key])
         if "round_opt" in value:
@@ -111,11 +119,18 @@ class KeepAcc:
 
     def as_dict(self) -> dict:
         return {"admm": list(self.admm), "easy_quant": list(self.easy_quant), "round_opt": self.round_opt,
-                "adaround": list(self.adaround)}
+                "adaround": list(self.adaround), "brecq": list(self.brecq), "qdrop": list(self.qdrop)}
 
     @property
     def any_enabled(self) -> bool:
-        return self.admm[0] or self.easy_quant[0] or self.round_opt or self.adaround[0]
+        return self.admm[0] or self.easy_quant[0] or self.round_opt or self.adaround[0] or self.blocks[0]
+
+    @property
+    def blocks(self) -> tuple[bool, int, float]:
+        """`(enabled, iterations, keep probability)` of block reconstruction (QDrop over BRECQ)."""
+        if self.qdrop[0]:
+            return True, self.qdrop[1], 0.5
+        return self.brecq[0], self.brecq[1], 1.0
 
     @property
     def needs_rows(self) -> bool:
@@ -298,7 +313,7 @@ class QuantConfig:
         if self.virtual_steps > MAX_ITERS:
             raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps} is more than {MAX_ITERS} "
                              "(about one forward and backward pass each): hours of work; use ≤ 1000")
-        for key in ("admm", "easy_quant", "adaround"):
+        for key in ("admm", "easy_quant", "adaround", "brecq", "qdrop"):
             iters = getattr(self.keep_acc, key)[1]
             if iters > MAX_ITERS:
                 raise ValueError(f"QuantConfig.keep_acc[{key!r}] iterations={iters} is more than {MAX_ITERS} per layer "

@@ -81,6 +81,27 @@ def efficientnet_lite0(held_out: int = 128) -> Protocol:
 
 
 @functools.lru_cache(maxsize=None)
+def efficientnet_lite0_unseen(calib_crops: int = 64, held_out: int = 128) -> Protocol:
+    """EfficientNet-Lite0 for methods that learn from the calibration data (EVAL.md §1):
+    calibrated on crops of five photos (`zoo.CALIBRATION_PHOTOS`), evaluated on crops of
+    the three others (`zoo.UNSEEN_PHOTOS`), so overfitting the photos shows."""
+    if not isinstance(calib_crops, int) or not 8 <= calib_crops <= 256 or calib_crops % 8:
+        raise ValueError(f"calib_crops={calib_crops!r}: expected a multiple of 8 in [8, 256]")
+    calib = zoo.image_crops(calib_crops, seed=1, which=zoo.CALIBRATION_PHOTOS)
+    evaluation = zoo.image_crops(128, seed=2, which=zoo.UNSEEN_PHOTOS)[:_held_out(held_out, 128)]
+    fp_logits = metrics.logits(zoo.efficientnet_lite0(), evaluation)
+
+    def evaluate(model):
+        agree, kl = metrics.agreement_and_kl(fp_logits, metrics.logits(model, evaluation))
+        return {"agreement": agree, "kl": kl}
+
+    p = Protocol("efficientnet_lite0_unseen", zoo.efficientnet_lite0,
+                 [calib[i:i + 8] for i in range(0, calib_crops, 8)], evaluate)
+    p.reference = {"agreement": 1.0, "kl": 0.0}
+    return p
+
+
+@functools.lru_cache(maxsize=None)
 def minilm(held_out: int = 256) -> Protocol:
     tokenizer, model = zoo.minilm()
     passages = zoo.text_passages()
@@ -97,4 +118,5 @@ def minilm(held_out: int = 256) -> Protocol:
     return p
 
 
-PROTOCOLS = {"digits": digits, "efficientnet_lite0": efficientnet_lite0, "minilm": minilm}
+PROTOCOLS = {"digits": digits, "efficientnet_lite0": efficientnet_lite0, "minilm": minilm,
+             "efficientnet_lite0_unseen": efficientnet_lite0_unseen}

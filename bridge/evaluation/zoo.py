@@ -40,10 +40,16 @@ def photos() -> list[np.ndarray]:
     return [np.ascontiguousarray(i[..., :3]) for i in imgs]
 
 
-def image_crops(n: int, seed: int, size: int = 224) -> torch.Tensor:
-    """`n` random crops [n, 3, size, size] (EVAL.md §1), deterministic in `seed`."""
+CALIBRATION_PHOTOS = (0, 1, 2, 3, 4)  # cat, coffee, astronaut, rocket, motorcycle
+UNSEEN_PHOTOS = (5, 6, 7)  # camera (gray), china, flower: never used for calibration in the unseen protocol
+
+
+def image_crops(n: int, seed: int, size: int = 224, which: tuple[int, ...] | None = None) -> torch.Tensor:
+    """`n` random crops [n, 3, size, size] (EVAL.md §1) of the photos `which` (indices into
+    `photos()`, default all), deterministic in `seed`."""
     rng = np.random.default_rng(seed)
-    imgs = [torch.from_numpy(p.copy()).permute(2, 0, 1).float() for p in photos()]
+    chosen = photos() if which is None else [photos()[i] for i in which]
+    imgs = [torch.from_numpy(p.copy()).permute(2, 0, 1).float() for p in chosen]
     out = torch.empty(n, 3, size, size)
     for k in range(n):
         img = imgs[rng.integers(len(imgs))]

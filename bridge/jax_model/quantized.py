@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ class _Slot:
 
     state: dict[str, LayerQState] | None = None
     switches: Switches | None = None
+    drop: tuple | None = None  # (key, keep probability): QDrop's random drop of input quantization
 
 
 @dataclasses.dataclass
@@ -77,7 +79,9 @@ def _make_fn(lowered: LoweredModel, layers: list[JaxLayer]) -> Callable:
     slot = _Slot()
     _install_hooks(lowered.module, layers, slot)
 
-    def fn(params, buffers, state, switches, args=(), kwargs=None):
+    def fn(params, buffers, state, switches, args=(), kwargs=None, drop=None):
+        """`drop=(key, p)`: every input quantizer keeps its quantized value with
+        probability `p` per element and passes the float value otherwise (QDrop)."""
         switches = switches if switches is not None else all_on(len(layers))
         p = dict(params)
         for layer in layers:
@@ -85,11 +89,11 @@ def _make_fn(lowered: LoweredModel, layers: list[JaxLayer]) -> Callable:
             p[layer.weight_key] = quantized_weight(p[layer.weight_key], s, on)
             if layer.bias_key is not None:
                 p[layer.bias_key] = corrected_bias(p[layer.bias_key], s, on)
-        slot.state, slot.switches = state, switches
+        slot.state, slot.switches, slot.drop = state, switches, drop
         try:
             return lowered.fn(p, buffers, args, kwargs)
         finally:
-            slot.state = slot.switches = None
+            slot.state = slot.switches = slot.drop = None
 
     return fn
 
@@ -102,7 +106,15 @@ def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot) -> No
             if slot.state is None or not layer.quantize_input:
                 return None
             s, on = slot.state[layer.name], slot.switches.input[layer.index]
-            quant = lambda t: interop.torch_view(quantized_input(interop.jax_view(t), s, on))  # noqa: E731
+
+            def quant(t):
+                x = interop.jax_view(t)
+                xq = quantized_input(x, s, on)
+                if slot.drop is not None:
+                    key, keep = slot.drop
+                    xq = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, layer.index), keep, x.shape), xq, x)
+                return interop.torch_view(xq)
+
             if args:
                 return (quant(args[0]), *args[1:]), kwargs
             if kwargs:

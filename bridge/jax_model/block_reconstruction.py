@@ -1,0 +1,212 @@
+"""Block reconstruction of a calibrated model (BRECQ / QDrop; the math: `jaxq.block_reconstruction`).
+
+Block by block, in call order:
+
+1. the block's inputs in the quantized model (earlier blocks already reconstructed) and
+   its outputs in the float model are captured by torch hooks over the calibration data;
+2. the block alone is lowered to JAX with its quantizers (`quantized_forward` on the
+   submodule), weights replaced by their soft-rounded `W̃(V)`, input step sizes learnable;
+3. `jaxq.block_reconstruction.optimise` learns them in one compiled program;
+4. the hard codes and step sizes go into the layer records and the torch model, so the
+   next block sees this block's quantized output.
+
+Blocks: the items of the outermost `nn.ModuleList`/`nn.Sequential` whose items each hold
+quantized layers (EfficientNet's MBConv blocks, a BERT encoder's layers); every quantized
+layer outside them is a block of its own. `blocks=[names]` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch import nn
+
+from bridge.data import Batch, iter_batches, run_model
+from bridge.jax_model.lower import LoweringError, to_jax_tree
+from bridge.jax_model.quantized import quantized_forward
+from bridge.jax_model.studies import primary
+from bridge.record import LayerRecord, apply_records, is_nearest
+from jaxq import block_reconstruction as br
+from jaxq.model_quant import Switches
+
+
+@dataclasses.dataclass
+class BlockReport:
+    name: str
+    layers: list[str]
+    error_before: float  # block-output error, round to nearest (first 32 samples)
+    error_after: float  # learned (hard rounding); not below error_before: the block keeps round to nearest
+    seconds: float
+    compiles: int
+
+
+def find_blocks(model: nn.Module, layer_names) -> list[str]:
+    """Block names (see the module docstring), in module order."""
+    names = list(layer_names)
+
+    def holds(prefix: str) -> list[str]:
+        return [n for n in names if n == prefix or n.startswith(prefix + ".")]
+
+    blocks: list[str] = []
+    covered: set[str] = set()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
+            items = [f"{prefix}.{k}" if prefix else k for k, _ in module.named_children()]
+            if all(holds(i) for i in items):
+                for i in items:
+                    blocks.append(i)
+                    covered.update(holds(i))
+                return
+        for key, child in module.named_children():
+            visit(f"{prefix}.{key}" if prefix else key, child)
+
+    visit("", model)
+    blocks += [n for n in names if n not in covered]
+    return blocks
+
+
+def call_order(model: nn.Module, blocks: list[str], batch) -> list[str]:
+    """`blocks` in the order the model first calls them on `batch`."""
+    seen: list[str] = []
+    handles = [model.get_submodule(b).register_forward_pre_hook(lambda *_, b=b: seen.append(b) if b not in seen else None)
+               for b in blocks]
+    try:
+        with torch.no_grad():
+            run_model(model, batch, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [b for b in blocks if b not in seen]
+    return seen + missing
+
+
+def _capture(model: nn.Module, block: str, batches) -> tuple[list, list, list]:
+    """Per batch: the block's (args, kwargs) and output on its first call."""
+    ins, outs = [], []
+
+    def hook(_m, args, kwargs, out):
+        if len(ins) == len(outs) == n_done[0]:
+            ins.append((tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+            outs.append(primary(out).detach().clone())
+
+    n_done = [0]
+    handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, b in batches:
+                run_model(model, b, i)
+                n_done[0] += 1
+    finally:
+        handle.remove()
+    return [a for a, _ in ins], [k for _, k in ins], outs
+
+
+def _stack_inputs(args_list, kwargs_list):
+    """Tensor inputs concatenated along the sample axis; everything else from the first batch (static)."""
+    n_args = len(args_list[0])
+    tensors_args = [i for i in range(n_args) if isinstance(args_list[0][i], torch.Tensor)]
+    tensor_kwargs = [k for k, v in kwargs_list[0].items() if isinstance(v, torch.Tensor)]
+    args = tuple(torch.cat([a[i] for a in args_list]) for i in tensors_args)
+    kwargs = {k: torch.cat([kw[k] for kw in kwargs_list]) for k in tensor_kwargs}
+    static_args = {i: args_list[0][i] for i in range(n_args) if i not in tensors_args}
+    static_kwargs = {k: v for k, v in kwargs_list[0].items() if k not in tensor_kwargs}
+    return (args, kwargs), (n_args, tensors_args, static_args, static_kwargs)
+
+
+def _block_apply(qf, layers, soft, static, keep: float):
+    """`apply(learned, (args, kwargs), key)` of `jaxq.block_reconstruction.optimise`."""
+    n_args, tensor_positions, static_args, static_kwargs = static
+    base_in = qf.default_switches().input
+    off = jnp.zeros_like(base_in)
+
+    def apply(learned, inputs, key):
+        t_args, t_kwargs = inputs
+        it = iter(t_args)
+        args = tuple(next(it) if i in tensor_positions else static_args[i] for i in range(n_args))
+        params = dict(qf.lowered.params)
+        for layer in layers:
+            params[layer.weight_key] = br.soft_weight(soft[layer.weight_key], learned.v[layer.weight_key])
+        state = {n: s._replace(a_scale=s.a_scale * jnp.exp(learned.u[n]), bias_delta=jnp.zeros_like(s.bias_delta))
+                 for n, s in qf.state.items()}
+        drop = None if key is None else (key, keep)
+        out = qf.fn(params, qf.lowered.buffers, state, Switches(off, base_in), args, {**static_kwargs, **t_kwargs}, drop=drop)
+        return primary(out)
+
+    return apply
+
+
+def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: dict[str, LayerRecord], batches,
+                      params: br.ReconParams, set_quant, seed: int = 0) -> tuple[dict[str, LayerRecord], BlockReport]:
+    """New records of the layers in `block` (names relative to the model); `set_quant(on)`
+    switches the torch model's quantization (inputs are captured quantized, targets float)."""
+    import jaxq
+
+    t0 = time.perf_counter()
+    prefix = "" if block in quantizers else block + "."
+    names = [block] if block in quantizers else [n for n in quantizers if n.startswith(prefix)]
+    rel = {n: (n[len(prefix):] if prefix else "") for n in names}
+    set_quant(True)
+    args_l, kwargs_l, _ = _capture(model, block, batches)
+    set_quant(False)
+    _, _, target_l = _capture(model, block, batches)
+    set_quant(True)
+    if not args_l:
+        raise LoweringError(f"block {block!r} was not called on the calibration data")
+    (t_args, t_kwargs), static = _stack_inputs(args_l, kwargs_l)
+    module = model.get_submodule(block)
+    example = Batch(args_l[0], kwargs_l[0])
+    qf = quantized_forward(module, {rel[n]: records[n] for n in names}, example, {rel[n]: quantizers[n] for n in names})
+    soft, v0 = {}, {}
+    for layer in qf.layers:
+        s = qf.state[layer.name]
+        soft[layer.weight_key], v0[layer.weight_key] = br.soft_weight_init(qf.float_weights[layer.weight_key], s.w_scale,
+                                                                             s.w_offset, s.w_qmin, s.w_qmax)
+    learned = br.Learned(v0, {layer.name: jnp.float32(0.0) for layer in qf.layers})
+    apply = _block_apply(qf, qf.layers, soft, static, params.keep)
+    inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
+    target = jnp.asarray(torch.cat(target_l).float().numpy())
+    with jaxq.compile_count() as compiles:
+        run = jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, params))
+        learned, before, after = run(learned, inputs, target, jax.random.PRNGKey(seed))
+        learned = jax.block_until_ready(learned)
+    if not float(after) < float(before):  # never worse than round to nearest on the block's output
+        return {}, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
+    new = {}
+    for layer in qf.layers:
+        full = names[list(rel.values()).index(layer.name)]
+        q = quantizers[full]
+        rec = records[full]
+        codes = np.asarray(br.hard_codes(soft[layer.weight_key], learned.v[layer.weight_key]))
+        custom = not is_nearest(np.asarray(q.float_weight.detach().float().cpu()), rec.weight_scale, rec.weight_offset,
+                                q.weight_scheme, codes)
+        scale = rec.input_scale
+        if scale is not None and layer.quantize_input:
+            scale = np.asarray(np.asarray(scale, np.float32) * np.exp(np.float32(learned.u[layer.name])), np.float32)
+        new[full] = dataclasses.replace(rec, codes=codes.astype(np.int32), custom_codes=custom, input_scale=scale,
+                                        bias_correction=None)
+    apply_records({n: quantizers[n] for n in new}, new)
+    return new, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
+
+
+def reconstruct_blocks(model: nn.Module, quantizers: dict, records: dict[str, LayerRecord], calib_data, device,
+                       params: br.ReconParams, set_quant, blocks: list[str] | None = None, bar=None,
+                       ) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
+    """Every block reconstructed in call order; returns all records and a report per block."""
+    batches = list(iter_batches(calib_data, device))
+    blocks = blocks or find_blocks(model, quantizers)
+    blocks = call_order(model, blocks, batches[0][1])
+    records, reports = dict(records), []
+    for block in blocks:
+        new, report = reconstruct_block(model, block, quantizers, records, batches, params, set_quant)
+        records.update(new)
+        reports.append(report)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{block}: {report.error_before:.3g} → {report.error_after:.3g}")
+    return records, reports
