@@ -157,7 +157,8 @@ class Calibrator:
 
         with self._context().bar("jaxq blocks", len(blocks), unit="block") as bar:
             self.records, reports = reconstruct_blocks(self.model, quantizers, self.records, self.calib_data, self.device,
-                                                       ReconParams(steps=iters, keep=keep), set_quant, blocks, bar)
+                                                       ReconParams(steps=iters, keep=keep), set_quant, blocks, bar,
+                                                       mesh=self.mesh)
         self.enable_quant()
         self.reports["blocks"] = reports
 

@@ -32,6 +32,7 @@ from bridge.jax_model.studies import primary
 from bridge.record import LayerRecord, apply_records, is_nearest
 from jaxq import block_reconstruction as br
 from jaxq.model_quant import Switches
+from jaxq.sharding import replicate, shard_batch
 
 
 @dataclasses.dataclass
@@ -142,9 +143,11 @@ def _block_apply(qf, layers, soft, static, keep: float):
 
 
 def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: dict[str, LayerRecord], batches,
-                      params: br.ReconParams, set_quant, seed: int = 0) -> tuple[dict[str, LayerRecord], BlockReport]:
+                      params: br.ReconParams, set_quant, seed: int = 0, mesh=None,
+                      ) -> tuple[dict[str, LayerRecord], BlockReport]:
     """New records of the layers in `block` (names relative to the model); `set_quant(on)`
-    switches the torch model's quantization (inputs are captured quantized, targets float)."""
+    switches the torch model's quantization (inputs are captured quantized, targets float).
+    `mesh`: the captured samples split over its devices, the learned values replicated."""
     import jaxq
 
     t0 = time.perf_counter()
@@ -171,6 +174,9 @@ def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: d
     apply = _block_apply(qf, qf.layers, soft, static, params.keep)
     inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
     target = jnp.asarray(torch.cat(target_l).float().numpy())
+    if mesh is not None:
+        inputs, target = shard_batch((inputs, target), mesh, where=f"block {block!r}'s captured samples")
+        learned = replicate(learned, mesh)
     with jaxq.compile_count() as compiles:
         run = jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, params))
         learned, before, after = run(learned, inputs, target, jax.random.PRNGKey(seed))
@@ -195,7 +201,7 @@ def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: d
 
 
 def reconstruct_blocks(model: nn.Module, quantizers: dict, records: dict[str, LayerRecord], calib_data, device,
-                       params: br.ReconParams, set_quant, blocks: list[str] | None = None, bar=None,
+                       params: br.ReconParams, set_quant, blocks: list[str] | None = None, bar=None, mesh=None,
                        ) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
     """Every block reconstructed in call order; returns all records and a report per block."""
     batches = list(iter_batches(calib_data, device))
@@ -203,7 +209,7 @@ def reconstruct_blocks(model: nn.Module, quantizers: dict, records: dict[str, La
     blocks = call_order(model, blocks, batches[0][1])
     records, reports = dict(records), []
     for block in blocks:
-        new, report = reconstruct_block(model, block, quantizers, records, batches, params, set_quant)
+        new, report = reconstruct_block(model, block, quantizers, records, batches, params, set_quant, mesh=mesh)
         records.update(new)
         reports.append(report)
         if bar is not None:

@@ -29,7 +29,8 @@ METHODS = (0, 1, 2)  # sigma, min-max, histogram
 
 def records(calib, mesh, method, **cfg):
     p = protocols.digits()
-    cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, act_method=method, **cfg), calib,
+    cfg = {"w_bit": 8, **cfg}
+    cal = Calibrator(p.make_model(), jaxq.QuantConfig(a_bit=8, act_method=method, **cfg), calib,
                      progress=False, mesh=mesh)
     return cal.run().records
 
@@ -52,6 +53,11 @@ def main():
         for method in METHODS:
             out.update({f"one/{k}": v for k, v in flat(records(data, one, method), method).items()})
             out.update({f"four/{k}": v for k, v in flat(records(data, four, method), method).items()})
+        brecq = dict(w_bit=4, keep_acc={"brecq": [True, 20]})
+        one_b = records(data, one, 1, **brecq)
+        four_b = records(data, four, 1, **brecq)
+        out["brecq_codes_one"] = np.concatenate([r.codes.ravel() for r in one_b.values()])
+        out["brecq_codes_four"] = np.concatenate([r.codes.ravel() for r in four_b.values()])
         admm = dict(keep_acc={"admm": [True, 100]})
         out.update({f"one/{k}": v for k, v in flat(records(data, one, 1, **admm), "admm").items()})
         out.update({f"four/{k}": v for k, v in flat(records(data, four, 1, **admm), "admm").items()})

@@ -61,6 +61,8 @@ def test_four_devices_equal_one_device(tmp_path):
     out = tmp_path / "devices.npz"
     _finish(_worker("devices", out))
     d = np.load(out)
+    # block reconstruction with its samples split: float sums in another order, so a few codes may differ
+    assert np.mean(d["brecq_codes_one"] == d["brecq_codes_four"]) > 0.99
     keys = [k[4:] for k in d.files if k.startswith("one/")]
     assert len(keys) >= 4 * 4 * 3  # sigma, min-max, histogram, ADMM × layers × fields
     differ = [k for k in keys if not np.array_equal(d["one/" + k], d["four/" + k])]
