@@ -120,8 +120,18 @@ def _plain(out):
 
 
 def run_lowered(lowered: LoweredModel, batch) -> Any:
+    """`lowered` on `batch`, jitted; inputs that are not tensors (a block's `drop_connect_rate`,
+    flags) stay Python values, as the module's `forward` may branch on them."""
     args, kwargs = batch_args(batch)
-    return jax.jit(lowered.fn)(lowered.params, lowered.buffers, to_jax_tree(args), to_jax_tree(kwargs))
+    leaves, treedef = jax.tree.flatten((to_jax_tree(args), to_jax_tree(kwargs)))
+    is_array = [isinstance(leaf, jax.Array) for leaf in leaves]
+
+    def call(params, buffers, arrays):
+        it = iter(arrays)
+        a, k = jax.tree.unflatten(treedef, [next(it) if arr else leaf for leaf, arr in zip(leaves, is_array)])
+        return lowered.fn(params, buffers, a, k)
+
+    return jax.jit(call)(lowered.params, lowered.buffers, [leaf for leaf, arr in zip(leaves, is_array) if arr])
 
 
 def check_parity(lowered: LoweredModel, example) -> float:

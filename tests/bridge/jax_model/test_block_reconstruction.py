@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import jaxq
+from bridge import Calibrator
+from bridge.data import as_batch
+from bridge.evaluation import protocols
+from bridge.jax_model.block_reconstruction import call_order, find_blocks
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * self.b(torch.relu(self.a(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([Residual(8) for _ in range(3)])
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x, scale=0.5)  # a non-tensor argument stays a Python value in the lowered block
+        return self.head(x.mean((2, 3)))
+
+
+def _net_and_data():
+    torch.manual_seed(0)
+    return Net().eval(), [torch.randn(8, 3, 12, 12) for _ in range(4)]
+
+
+def test_blocks_are_the_module_list_items_and_the_other_layers_in_call_order():
+    net, data = _net_and_data()
+    layers = ["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "blocks.2.a", "blocks.2.b", "head"]
+    blocks = find_blocks(net, layers)
+    assert blocks == ["blocks.0", "blocks.1", "blocks.2", "stem", "head"]
+    assert call_order(net, blocks, as_batch(data[0], 0)) == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
+
+
+@pytest.mark.parametrize("key", ["brecq", "qdrop"])
+def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
+    net, data = _net_and_data()
+    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={key: [True, 150]})
+    cal = Calibrator(net, cfg, data, progress=False).run()
+    reports = cal.reports["blocks"]
+    assert [r.name for r in reports] == ["blocks.0", "blocks.1", "blocks.2"]  # first and last layer stay float by default
+    improved = [r for r in reports if r.error_after < r.error_before]
+    assert len(improved) >= 2
+    assert all(r.compiles >= 1 for r in reports)
+    custom = [n for n, r in cal.records.items() if r.custom_codes]
+    assert custom  # learned rounding differs from round to nearest somewhere
+    params = cal.params()
+    for n in custom:
+        np.testing.assert_array_equal(params["quant_weight"][n].astype(np.int32), cal.records[n].codes)
+    rtn = Calibrator(_net_and_data()[0], jaxq.QuantConfig(w_bit=3, a_bit=8), data, progress=False).run()
+    x = torch.cat(data)
+    with torch.no_grad():
+        ref = cal.fp_model(x)
+        err_rec, err_rtn = (cal.model(x) - ref).pow(2).mean(), (rtn.model(x) - ref).pow(2).mean()
+    assert err_rec < err_rtn  # the whole model is closer to float on its calibration data
+
+
+def test_digits_w3a4_qdrop_is_not_worse_than_round_to_nearest():
+    p = protocols.digits(held_out=200)
+    rtn = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=3, a_bit=4), p.calib_data, progress=False).run()
+    qd = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=3, a_bit=4, keep_acc={"qdrop": [True, 200]}),
+                    p.calib_data, progress=False).run()
+    assert p.evaluate(qd.model)["top1"] >= p.evaluate(rtn.model)["top1"] - 0.005
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y if y.sum() > 0 else -y  # Python control flow on a value: torchax cannot trace it
+
+
+def test_a_block_that_cannot_lower_fails_clearly_and_restores_the_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(DataDependent(), DataDependent(), DataDependent()).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cal = Calibrator(net, jaxq.QuantConfig(w_bit=4, a_bit=8, quantize_first_last=True, keep_acc={"brecq": [True, 10]}),
+                     [torch.randn(4, 4) for _ in range(2)], progress=False)
+    with pytest.raises(Exception, match="DataDependent cannot run as a JAX function"):
+        cal.run()
+    after = net.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
