@@ -4,7 +4,9 @@ For each model and weight width (histogram activations at 8 bits, every layer qu
 the model metric, the total relative weight MSE Σ‖Ŵ − W‖² / Σ‖W‖², the time of the
 algorithm itself (row sampling included for EasyQuant / AdaRound) and the compilations
 of a cold run. Default iteration counts: ADMM 1000, EasyQuant 100 candidates, AdaRound
-1000 steps per layer.
+1000 steps per layer, BRECQ / QDrop 300 steps per block. `--models efficientnet_lite0_unseen`:
+calibrated on crops of five photos, evaluated on crops of the three others (for the
+methods that learn from the calibration data).
 
     python benchmarks/accuracy_keeping.py --models efficientnet_lite0 --bits 4 --algos rtn adaround
     python benchmarks/accuracy_keeping.py --bias-correction      # every algorithm + bias correction
@@ -26,8 +28,11 @@ ALGOS = {
     "adaround": {"adaround": [True, 1000]},
     "admm+squant": {"admm": [True, 1000], "round_opt": True},
     "admm+easy_quant+adaround": {"admm": [True, 1000], "easy_quant": [True, 100], "adaround": [True, 1000]},
+    "brecq": {"brecq": [True, 300]},
+    "qdrop": {"qdrop": [True, 300]},
 }
-KEY = {"efficientnet_lite0": ("kl", "agreement"), "minilm": ("mean_cos", "min_cos"), "digits": ("top1",)}
+KEY = {"efficientnet_lite0": ("kl", "agreement"), "efficientnet_lite0_unseen": ("kl", "agreement"),
+       "minilm": ("mean_cos", "min_cos"), "digits": ("top1",)}
 
 
 def weight_mse(cal) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Callable, Iterable
 
 from torch import nn
@@ -155,12 +156,14 @@ class Calibrator:
         def set_quant(on: bool) -> None:
             self.enable_quant() if on else self.disable_quant()
 
+        t0 = time.perf_counter()
         with self._context().bar("jaxq blocks", len(blocks), unit="block") as bar:
             self.records, reports = reconstruct_blocks(self.model, quantizers, self.records, self.calib_data, self.device,
                                                        ReconParams(steps=iters, keep=keep), set_quant, blocks, bar,
                                                        mesh=self.mesh)
         self.enable_quant()
         self.reports["blocks"] = reports
+        self.timings["blocks_s"] = time.perf_counter() - t0
 
     def activation_histograms(self, bins: int | None = None) -> dict[str, jaxq.HistogramState]:
         """Histogram of every quantized layer's input over the calibration data (float

@@ -20,7 +20,6 @@ the final codes round `h` at ½.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -92,12 +91,17 @@ def beta_at(step, p: ReconParams):
     return p.beta_end + (p.beta_start - p.beta_end) * (1.0 - rel)
 
 
-def output_error(pred: jax.Array, target: jax.Array) -> jax.Array:
+def output_error(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """`E[Σ_features (pred − target)²]`: summed over the feature axis (channels of NCHW,
-    the last axis otherwise), averaged over the rest (BRECQ's reconstruction loss)."""
+    the last axis otherwise), averaged over the rest (BRECQ's reconstruction loss) or over
+    the positions where `mask` (e.g. `[samples, tokens]`, padding 0) is set."""
     d = (pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
-    axis = 1 if d.ndim == 4 else -1
-    return jnp.mean(jnp.sum(d, axis=axis))
+    per_position = jnp.sum(d, axis=1 if d.ndim == 4 else -1)
+    if mask is None:
+        return jnp.mean(per_position)
+    m = jnp.broadcast_to(jnp.reshape(mask.astype(jnp.float32), mask.shape + (1,) * (per_position.ndim - mask.ndim)),
+                         per_position.shape)
+    return jnp.sum(per_position * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 class Learned(NamedTuple):
@@ -106,10 +110,11 @@ class Learned(NamedTuple):
 
 
 def optimise(apply: Callable, learned: Learned, inputs, target: jax.Array, key: jax.Array, p: ReconParams,
-             ) -> tuple[Learned, jax.Array, jax.Array]:
+             mask: jax.Array | None = None) -> tuple[Learned, jax.Array, jax.Array]:
     """Minimise `L` (module docstring) over `learned` with adam; `apply(learned, batch_inputs,
     key | None)` is the block's quantized output on a batch (key: QDrop's drops, None:
-    none). `inputs`: pytree of arrays with the sample axis first, `target` likewise.
+    none). `inputs`: pytree of arrays with the sample axis first, `target` and `mask`
+    (positions that count, e.g. real tokens; None: all) likewise.
     Returns the learned values and the output error before and after (hard rounding, no
     drop, first 32 samples)."""
     n = target.shape[0]
@@ -119,7 +124,7 @@ def optimise(apply: Callable, learned: Learned, inputs, target: jax.Array, key: 
     def loss(lv, idx, step, k):
         batch = jax.tree.map(lambda a: a[idx], inputs)
         out = apply(lv, batch, k if p.keep < 1.0 else None)
-        rec = output_error(out, target[idx])
+        rec = output_error(out, target[idx], None if mask is None else mask[idx])
         reg = sum(rounding_reg(v, beta_at(step, p)) for v in jax.tree.leaves(lv.v))
         return rec + jnp.where(step >= p.warmup * p.steps, p.reg, 0.0) * reg
 
@@ -131,9 +136,9 @@ def optimise(apply: Callable, learned: Learned, inputs, target: jax.Array, key: 
         updates, state = opt.update(grads, state, lv)
         return (optax.apply_updates(lv, updates), state), None
 
-    before = _whole_set_error(apply, _hardened(learned), inputs, target)
+    before = _whole_set_error(apply, _hardened(learned), inputs, target, mask)
     (learned, _), _ = jax.lax.scan(step_fn, (learned, opt.init(learned)), jnp.arange(p.steps))
-    return learned, before, _whole_set_error(apply, _hardened(learned), inputs, target)
+    return learned, before, _whole_set_error(apply, _hardened(learned), inputs, target, mask)
 
 
 def _hardened(lv: Learned) -> Learned:
@@ -141,13 +146,9 @@ def _hardened(lv: Learned) -> Learned:
     return Learned(jax.tree.map(lambda v: jnp.where(rectified_sigmoid(v) >= 0.5, 1e4, -1e4), lv.v), lv.u)
 
 
-def _whole_set_error(apply, lv, inputs, target, most: int = 32):
+def _whole_set_error(apply, lv, inputs, target, mask, most: int = 32):
     """The output error on the first `most` samples (a report, not an objective)."""
     m = min(most, target.shape[0])
-    return output_error(apply(lv, jax.tree.map(lambda a: a[:m], inputs), None), target[:m])
+    return output_error(apply(lv, jax.tree.map(lambda a: a[:m], inputs), None), target[:m],
+                        None if mask is None else mask[:m])
 
-
-@functools.lru_cache(maxsize=None)
-def jitted(apply: Callable, p: ReconParams):
-    """`optimise` compiled for one block function and settings."""
-    return jax.jit(lambda learned, inputs, target, key: optimise(apply, learned, inputs, target, key, p))

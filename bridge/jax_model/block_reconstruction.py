@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bridge.data import Batch, iter_batches, run_model
+from bridge.jax_model.collate import is_token_batch, pad_tokens
 from bridge.jax_model.lower import LoweringError, to_jax_tree
 from bridge.jax_model.quantized import quantized_forward
 from bridge.jax_model.studies import primary
@@ -143,11 +144,12 @@ def _block_apply(qf, layers, soft, static, keep: float):
 
 
 def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: dict[str, LayerRecord], batches,
-                      params: br.ReconParams, set_quant, seed: int = 0, mesh=None,
+                      params: br.ReconParams, set_quant, seed: int = 0, mesh=None, token_mask=None,
                       ) -> tuple[dict[str, LayerRecord], BlockReport]:
     """New records of the layers in `block` (names relative to the model); `set_quant(on)`
     switches the torch model's quantization (inputs are captured quantized, targets float).
-    `mesh`: the captured samples split over its devices, the learned values replicated."""
+    `mesh`: the captured samples split over its devices, the learned values replicated.
+    `token_mask` (`[samples, tokens]`): the output positions that count (padding excluded)."""
     import jaxq
 
     t0 = time.perf_counter()
@@ -174,12 +176,15 @@ def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: d
     apply = _block_apply(qf, qf.layers, soft, static, params.keep)
     inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
     target = jnp.asarray(torch.cat(target_l).float().numpy())
+    mask = None
+    if token_mask is not None and target.ndim == 3 and tuple(target.shape[:2]) == tuple(token_mask.shape):
+        mask = jnp.asarray(token_mask.numpy())
     if mesh is not None:
-        inputs, target = shard_batch((inputs, target), mesh, where=f"block {block!r}'s captured samples")
+        inputs, target, mask = shard_batch((inputs, target, mask), mesh, where=f"block {block!r}'s captured samples")
         learned = replicate(learned, mesh)
     with jaxq.compile_count() as compiles:
-        run = jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, params))
-        learned, before, after = run(learned, inputs, target, jax.random.PRNGKey(seed))
+        run = jax.jit(lambda lv, x, y, k, m: br.optimise(apply, lv, x, y, k, params, m))
+        learned, before, after = run(learned, inputs, target, jax.random.PRNGKey(seed), mask)
         learned = jax.block_until_ready(learned)
     if not float(after) < float(before):  # never worse than round to nearest on the block's output
         return {}, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
@@ -200,16 +205,31 @@ def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: d
     return new, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
 
 
+def _equal_shapes(batches: list, size: int = 8):
+    """Token batches of different lengths padded to one length (attention mask 0) and
+    regrouped `size` at a time, so every block sees inputs of one shape; their token mask.
+    Other batches as they are."""
+    plain = [b for _, b in batches]
+    if len(plain) < 2 or not all(is_token_batch(b) for b in plain) or \
+            len({b.kwargs["attention_mask"].shape[1] for b in plain}) == 1:
+        return batches, None
+    merged = pad_tokens(plain)
+    n = merged.token_mask.shape[0]
+    out = [(i // size, Batch((), {k: v[i:i + size] for k, v in merged.batch.kwargs.items()})) for i in range(0, n, size)]
+    return out, merged.token_mask
+
+
 def reconstruct_blocks(model: nn.Module, quantizers: dict, records: dict[str, LayerRecord], calib_data, device,
                        params: br.ReconParams, set_quant, blocks: list[str] | None = None, bar=None, mesh=None,
                        ) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
     """Every block reconstructed in call order; returns all records and a report per block."""
-    batches = list(iter_batches(calib_data, device))
+    batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
     blocks = blocks or find_blocks(model, quantizers)
     blocks = call_order(model, blocks, batches[0][1])
     records, reports = dict(records), []
     for block in blocks:
-        new, report = reconstruct_block(model, block, quantizers, records, batches, params, set_quant, mesh=mesh)
+        new, report = reconstruct_block(model, block, quantizers, records, batches, params, set_quant, mesh=mesh,
+                                        token_mask=token_mask)
         records.update(new)
         reports.append(report)
         if bar is not None:

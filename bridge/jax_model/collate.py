@@ -28,7 +28,7 @@ def _shape_key(b: Batch):
             tuple(sorted((k, tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else repr(v)) for k, v in b.kwargs.items())))
 
 
-def _is_token_batch(b: Batch) -> bool:
+def is_token_batch(b: Batch) -> bool:
     mask = b.kwargs.get("attention_mask")
     return (not b.args and isinstance(mask, torch.Tensor) and mask.dim() == 2
             and all(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape for v in b.kwargs.values()))
@@ -39,7 +39,7 @@ def _bucket_length(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _pad_tokens(batches: list[Batch]) -> Merged:
+def pad_tokens(batches: list[Batch]) -> Merged:
     length = _bucket_length(max(b.kwargs["attention_mask"].shape[1] for b in batches))
     out = {}
     for key in batches[0].kwargs:
@@ -51,11 +51,11 @@ def merge_batches(batches: list[Batch]) -> list[Merged]:
     """`batches` merged into as few batches as their shapes allow (order kept within a group)."""
     if not batches:
         return []
-    if all(_is_token_batch(b) for b in batches) and len({tuple(b.kwargs) for b in batches}) == 1:
+    if all(is_token_batch(b) for b in batches) and len({tuple(b.kwargs) for b in batches}) == 1:
         by_length: dict[int, list[Batch]] = {}
         for b in batches:
             by_length.setdefault(_bucket_length(b.kwargs["attention_mask"].shape[1]), []).append(b)
-        return [_pad_tokens(group) for _, group in sorted(by_length.items())]
+        return [pad_tokens(group) for _, group in sorted(by_length.items())]
     groups: dict = {}
     for b in batches:
         groups.setdefault(_shape_key(b), []).append(b)
