@@ -46,7 +46,7 @@ def test_blocks_are_the_module_list_items_and_the_other_layers_in_call_order():
     assert call_order(net, blocks, as_batch(data[0], 0)) == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
 
 
-@pytest.mark.parametrize("key", ["brecq", "qdrop"])
+@pytest.mark.parametrize("key", ["brecq", pytest.param("qdrop", marks=pytest.mark.slow)])
 def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
     net, data = _net_and_data()
     cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={key: [True, 150]})
@@ -69,6 +69,7 @@ def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
     assert err_rec < err_rtn  # the whole model is closer to float on its calibration data
 
 
+@pytest.mark.slow
 def test_digits_w3a4_qdrop_is_not_worse_than_round_to_nearest():
     p = protocols.digits(held_out=200)
     rtn = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=3, a_bit=4), p.calib_data, progress=False).run()
