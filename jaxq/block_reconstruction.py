@@ -32,7 +32,7 @@ from jaxq.adaround import GAMMA, ZETA, rectified_sigmoid
 class ReconParams(NamedTuple):
     """Hyper-parameters; steps and batch sized for CPU (BRECQ's paper: 20 000 × 32)."""
 
-    steps: int = 500
+    steps: int = 300
     batch: int = 16
     reg: float = 0.01
     beta_start: float = 20.0

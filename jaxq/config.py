@@ -87,8 +87,8 @@ class KeepAcc:
     easy_quant: tuple[bool, int] = (False, 1000)
     round_opt: bool = False
     adaround: tuple[bool, int] = (False, 1000)
-    brecq: tuple[bool, int] = (False, 500)
-    qdrop: tuple[bool, int] = (False, 500)
+    brecq: tuple[bool, int] = (False, 300)
+    qdrop: tuple[bool, int] = (False, 300)
 
     @classmethod
     def from_user(cls, value) -> "KeepAcc":

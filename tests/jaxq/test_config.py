@@ -21,7 +21,7 @@ def test_defaults_match_the_seed_page():
     assert (c.input_shape, c.act_quant, c.act_method, c.quant_mode) == (None, True, 0, 0)
     assert (c.disable_names, c.amp_num, c.sigma, c.device) == ((), 0, 25, "cpu")
     assert c.keep_acc.as_dict() == {"admm": [False, 1000], "easy_quant": [False, 1000], "round_opt": False,
-                                    "adaround": [False, 1000], "brecq": [False, 500], "qdrop": [False, 500]}
+                                    "adaround": [False, 1000], "brecq": [False, 300], "qdrop": [False, 300]}
 
 
 def test_frozen_hashable_pytree_and_static_arg():
