@@ -6,6 +6,8 @@ forward with `jaxq`'s numerics, the Flax NNX module, and model-level studies.
                                       → QuantizedForward: f(params, buffers, state, switches, args, kwargs)
     QuantizedModel(qf)                → Flax NNX module (needs flax)
     isolated_sensitivity(qf, batches) → {layer: distance}, one compiled program
+    observe.observe_inputs(...)       → observer states, data-parallel over a mesh (Calibrator(mesh=…))
+    block_reconstruction              → BRECQ / QDrop block by block (keep_acc 'brecq' / 'qdrop')
 
 `Calibrator.jax_forward()` / `jax_model()` / `sensitivity(engine="jax")` are the facade.
 """
