@@ -20,10 +20,7 @@ def digits_w8a8():
     return cal, p
 
 
-@pytest.fixture
-def data_dependent_model():
-    """A model torchax cannot lower: Python control flow on a tensor's value."""
-    import torch
+def _data_dependent_class():
     from torch import nn
 
     class DataDependent(nn.Module):
@@ -35,5 +32,24 @@ def data_dependent_model():
             y = self.fc(x)
             return y if y.sum() > 0 else -y
 
+    return DataDependent
+
+
+@pytest.fixture
+def data_dependent_model():
+    """A model torchax cannot lower: Python control flow on a tensor's value."""
+    import torch
+
     torch.manual_seed(0)
-    return DataDependent().eval()
+    return _data_dependent_class()().eval()
+
+
+@pytest.fixture
+def data_dependent_blocks():
+    """Three such modules in a `Sequential`: blocks that cannot be lowered."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    cls = _data_dependent_class()
+    return nn.Sequential(cls(), cls(), cls()).eval()

@@ -78,19 +78,8 @@ def test_digits_w3a4_qdrop_is_not_worse_than_round_to_nearest():
     assert p.evaluate(qd.model)["top1"] >= p.evaluate(rtn.model)["top1"] - 0.005
 
 
-class DataDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        y = self.fc(x)
-        return y if y.sum() > 0 else -y  # Python control flow on a value: torchax cannot trace it
-
-
-def test_a_block_that_cannot_lower_fails_clearly_and_restores_the_model():
-    torch.manual_seed(0)
-    net = nn.Sequential(DataDependent(), DataDependent(), DataDependent()).eval()
+def test_a_block_that_cannot_lower_fails_clearly_and_restores_the_model(data_dependent_blocks):
+    net = data_dependent_blocks
     before = {k: v.clone() for k, v in net.state_dict().items()}
     cal = Calibrator(net, jaxq.QuantConfig(w_bit=4, a_bit=8, quantize_first_last=True, keep_acc={"brecq": [True, 10]}),
                      [torch.randn(4, 4) for _ in range(2)], progress=False)
