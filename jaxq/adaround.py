@@ -103,7 +103,20 @@ def output_error(w_tilde_g: jax.Array, wg: jax.Array, mom: Moments | RowFactor) 
     return jnp.sum(times_moment(delta, mom) * delta)
 
 
-def _beta(step, p: AdaRoundParams):
+def initial_logits(rest: jax.Array) -> jax.Array:
+    """`V` with `h(V) = rest` (the fractional part of `W/s`), so soft rounding starts at `W`."""
+    rest = jnp.clip(rest, 1e-4, 1 - 1e-4)
+    return -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+
+
+def rounding_reg(v: jax.Array, beta) -> jax.Array:
+    """`Σ (1 − |2h(V) − 1|^β)`: zero when every `h` is 0 or 1."""
+    return jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** beta)
+
+
+def beta_schedule(step, p):
+    """β of the regulariser: `beta_start` until `warmup·steps`, then linearly to `beta_end`
+    (`p`: any settings with `steps`, `warmup`, `beta_start`, `beta_end`)."""
     start = p.warmup * p.steps
     rel = jnp.clip((step - start) / jnp.maximum(p.steps - start, 1.0), 0.0, 1.0)
     return p.beta_end + (p.beta_start - p.beta_end) * (1.0 - rel)
@@ -117,8 +130,7 @@ def adaround(w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Mom
     scale = _broadcastable(qp.scale, qp, w.ndim)
     x = w * inv
     base = jnp.floor(x)
-    rest = jnp.clip(x - base, 1e-4, 1 - 1e-4)
-    v0 = -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+    v0 = initial_logits(x - base)
     qmin, qmax = qp.scheme.qmin, qp.scheme.qmax
 
     def weight_of(h):
@@ -129,9 +141,8 @@ def adaround(w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Mom
     def surrogate(v, grad_w, step):
         # ∂recon/∂W̃ = 2(W̃ − W)Ĥ is computed once per step outside autodiff, so the step
         # costs one product with the moment (`times_moment`); sum(W̃ · ∂recon/∂W̃) has the same gradient in V.
-        h = rectified_sigmoid(v)
-        reg = jnp.sum(1.0 - jnp.abs(2.0 * h - 1.0) ** _beta(step, p))
-        return jnp.sum(jnp.reshape(weight_of(h), wg_shape) * grad_w) + jnp.where(step >= p.warmup * p.steps, p.reg, 0.0) * reg
+        reg = rounding_reg(v, beta_schedule(step, p))
+        return jnp.sum(jnp.reshape(weight_of(rectified_sigmoid(v)), wg_shape) * grad_w) + jnp.where(step >= p.warmup * p.steps, p.reg, 0.0) * reg
 
     opt = optax.adam(p.learning_rate)
 

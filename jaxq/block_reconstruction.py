@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxq.adaround import GAMMA, ZETA, rectified_sigmoid
+from jaxq.adaround import beta_schedule as beta_at, initial_logits, rectified_sigmoid, rounding_reg
 
 
 class ReconParams(NamedTuple):
@@ -62,8 +62,7 @@ def soft_weight_init(w: jax.Array, scale: jax.Array, offset: jax.Array, qmin, qm
     offset = jnp.reshape(jnp.asarray(offset, jnp.float32), shape)
     x = w / scale
     base = jnp.floor(x)
-    rest = jnp.clip(x - base, 1e-4, 1 - 1e-4)
-    v0 = -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+    v0 = initial_logits(x - base)
     return SoftWeight(base, scale, offset, jnp.float32(qmin), jnp.float32(qmax)), v0
 
 
@@ -78,17 +77,6 @@ def hard_codes(sw: SoftWeight, v: jax.Array) -> jax.Array:
     """The integer codes `q` of the hard-rounded `W̃ = (q − o)·s`."""
     h = (rectified_sigmoid(v) >= 0.5).astype(jnp.float32)
     return jnp.clip(sw.base + sw.offset + h, sw.qmin, sw.qmax).astype(jnp.int32)
-
-
-def rounding_reg(v: jax.Array, beta) -> jax.Array:
-    """`Σ (1 − |2h(V) − 1|^β)`: zero when every `h` is 0 or 1."""
-    return jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** beta)
-
-
-def beta_at(step, p: ReconParams):
-    start = p.warmup * p.steps
-    rel = jnp.clip((step - start) / jnp.maximum(p.steps - start, 1.0), 0.0, 1.0)
-    return p.beta_end + (p.beta_start - p.beta_end) * (1.0 - rel)
 
 
 def output_error(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:
