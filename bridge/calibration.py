@@ -18,6 +18,7 @@ from bridge.data import iter_batches
 from bridge.capture import check_finite
 from bridge.keep_acc import keep_accuracy
 from bridge.record import LayerRecord, is_nearest
+from bridge.smoothing import smooth
 from bridge.tensors import to_jax
 from jaxq.observer_choice import histogram_observer_for, observer_for
 
@@ -68,6 +69,7 @@ def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
     """`(records, reports, timings)` of every quantized layer (model left in float)."""
     cfg, ka = ctx.cfg, ctx.cfg.keep_acc
     t0 = time.perf_counter()
+    smoothing = smooth(ctx) if cfg.smooth_quant else None
     act = activation_qparams(ctx) if cfg.act_quant else {}
     t1 = time.perf_counter()
     float_weights = _float_weights(ctx)
@@ -86,6 +88,8 @@ def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
     corrections = None
     if ka.easy_quant[0] or ka.round_opt or ka.adaround[0] or cfg.bias_correction:
         weights, act, corrections, reports = keep_accuracy(ctx, float_weights, weights, act, timings)
+    if smoothing is not None:
+        reports["smooth_quant"] = smoothing
     nearest = not (ka.round_opt or ka.adaround[0])
     records = {n: _record(ctx, n, weights[n], act.get(n), None if corrections is None else corrections[n], nearest)
                for n in ctx.quantizers}
@@ -107,13 +111,15 @@ def _check_weights(float_weights: dict) -> None:
 
 
 def _record(ctx: Context, name: str, w: jaxq.QuantizedWeight, act: jaxq.QParams | None, correction, nearest: bool):
+    q = ctx.quantizers[name]
     codes = np.asarray(w.q).astype(np.int32)
     scale, offset = np.asarray(w.qparams.scale, np.float32), np.asarray(w.qparams.offset, np.int32)
-    custom = not nearest and not is_nearest(np.asarray(ctx.quantizers[name].float_weight.detach().float().cpu()),
-                                            scale, offset, ctx.quantizers[name].weight_scheme, codes)
+    custom = not nearest and not is_nearest(np.asarray(q.float_weight.detach().float().cpu()), scale, offset,
+                                            q.weight_scheme, codes)
     return LayerRecord(
         weight_scale=scale, weight_offset=offset, codes=codes, custom_codes=custom,
         input_scale=None if act is None else np.asarray(act.scale, np.float32),
         input_offset=None if act is None else np.asarray(act.offset, np.int32),
         bias_correction=None if correction is None else np.asarray(correction, np.float32),
+        smoothing=None if q.smoothing is None else q.smoothing.detach().cpu().numpy().astype(np.float32),
     )

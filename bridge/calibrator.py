@@ -394,7 +394,8 @@ def _refuse_local_data_steps(cfg: jaxq.QuantConfig, mesh) -> None:
         return
     ka = cfg.keep_acc
     asked = [name for name, on in (("keep_acc.easy_quant", ka.easy_quant[0]), ("keep_acc.adaround", ka.adaround[0]),
-                                   ("bias_correction", cfg.bias_correction), ("amp_num", cfg.amp_num)) if on]
+                                   ("bias_correction", cfg.bias_correction), ("amp_num", cfg.amp_num),
+                                   ("smooth_quant", cfg.smooth_quant)) if on]
     if asked:
         raise ValueError(f"{', '.join(asked)}: with {jax.process_count()} processes these read each process's own "
                          "calibration data through torch and would give each process a different model; calibrate "

@@ -11,7 +11,9 @@ The user's module stays where it is, with its class, attributes and `forward`
   layer whose weight is used outside its own call (`nn.MultiheadAttention`) is tapped
   at the functional call instead (`bridge.functional`);
 - msModelSlim's buffers `input_scale`, `input_offset`, `weight_scale`, `weight_offset`
-  live on the module itself.
+  live on the module itself;
+- with SmoothQuant factors `s` (`jaxq.smoothing`) the quantizers see `x / s` and
+  `W·diag(s)`: `Q(x / s)·Q(W·diag(s))ᵀ ≈ x·Wᵀ`; with quantization off the layer is float.
 
 `detach()` undoes all of it and leaves the module exactly as it was. Only
 `bridge.record.apply_records` writes the buffers (one parameter record).
@@ -48,7 +50,7 @@ class _FakeQuantWeight(_Owned):
             out = w
         else:
             scheme = owner.weight_scheme
-            source = w.float() if owner.weight_codes is None else owner.dequantized_codes()
+            source = owner.smoothed_weight(w.float()) if owner.weight_codes is None else owner.dequantized_codes()
             out = torch.fake_quantize_per_channel_affine(
                 source, owner.weight_scale, owner.weight_offset, 0, scheme.qmin, scheme.qmax).to(w.dtype)
         owner.note_weight(out)
@@ -96,6 +98,7 @@ class LayerQuantizer:
         self.quant_enabled = False
         self.weight_codes: torch.Tensor | None = None  # codes chosen by SQuant / AdaRound; None = nearest
         self.bias_correction: torch.Tensor | None = None
+        self.smoothing: torch.Tensor | None = None  # SmoothQuant factors s [in]; None = none
         self.listeners: list[Callable[[torch.Tensor], None]] = []
         self.weight_watch: Callable[[torch.Tensor], None] | None = None
         self._added_bias = False
@@ -168,17 +171,50 @@ class LayerQuantizer:
             raise FloatingPointError(f"layer {self.name!r}: bias correction is not finite")
         if not parametrize.is_parametrized(m, self.bias_param):
             if getattr(m, self.bias_param) is None:
-                w = self.float_weight
+                w = self.original_weight
                 setattr(m, self.bias_param, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
                                                          requires_grad=False))
                 self._added_bias = True
             parametrize.register_parametrization(m, self.bias_param, _CorrectedBias(self), unsafe=True)
         self.bias_correction = delta.clone()
 
+    def set_smoothing(self, factors) -> None:
+        """Divide the input by `s` (`[in]`) and multiply the weight's columns by it
+        (`jaxq.smoothing`); None removes it. Linear-shaped (2-D) weights tapped by a hook only."""
+        if factors is None:
+            self.smoothing = None
+            return
+        w = self.original_weight
+        if w.dim() != 2 or self.functional or self.act_scheme is None:
+            raise ValueError(f"layer {self.name!r}: SmoothQuant factors need a Linear layer with a quantized input "
+                             f"(weight {tuple(w.shape)}, functional={self.functional}, "
+                             f"input quantized={self.act_scheme is not None})")
+        factors = torch.as_tensor(factors).to(device=w.device, dtype=torch.float32).reshape(-1)
+        if factors.numel() != w.shape[1]:
+            raise ValueError(f"layer {self.name!r}: {factors.numel()} smoothing factors for {w.shape[1]} input channels")
+        if not (torch.isfinite(factors).all() and (factors > 0).all()):
+            raise ValueError(f"layer {self.name!r}: smoothing factors must be finite and positive")
+        self.smoothing = factors.clone()
+
+    def smoothed_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """`W·diag(s)` (float32), or `W` without smoothing."""
+        return w if self.smoothing is None else w.float() * self.smoothing
+
+    def smoothed_input(self, x):
+        """`x / s` along the last axis (x itself without smoothing or for non-float values)."""
+        if self.smoothing is None or not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            return x
+        return (x.float() / self.smoothing).to(x.dtype)
+
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The model's own float weight (the parametrization's input)."""
+        return getattr(self.module.parametrizations, self.param).original
+
     @property
     def float_weight(self) -> torch.Tensor:
-        """The original float weight (the parametrization's input)."""
-        return getattr(self.module.parametrizations, self.param).original
+        """The float weight the weight quantizer sees: the original, times `diag(s)` with SmoothQuant."""
+        return self.smoothed_weight(self.original_weight)
 
     @property
     def float_bias(self) -> torch.Tensor | None:
@@ -211,11 +247,13 @@ class LayerQuantizer:
     # -- input -------------------------------------------------------------------------
     def on_input(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input as the layer consumes it: listeners (capture) see the float
-        input; with quantization on it is fake-quantized."""
+        input of the quantizer (`x / s` with SmoothQuant); with quantization on it is
+        fake-quantized."""
+        seen = self.smoothed_input(x)
         for listen in self.listeners:
-            listen(x)
+            listen(seen)
         if self.quant_enabled and self.act_quant and isinstance(x, torch.Tensor) and x.is_floating_point():
-            return self.fake_quant_input(x)
+            return self.fake_quant_input(seen)
         return x
 
     def _pre_hook(self, _module, args, kwargs):
@@ -265,13 +303,15 @@ class LayerQuantizer:
         m._parameters.clear()
         m._parameters.update(items)
         m.__dict__.pop(MARKER, None)
+        self.smoothing = None
         return m
 
     unwrap = detach  # the name of the first design
 
     def extra_repr(self) -> str:
         a = "float" if self.act_scheme is None else f"int{self.act_scheme.bits}"
-        return f"w=int{self.weight_scheme.bits} per-channel, a={a}, enabled={self.quant_enabled}"
+        smooth = ", smoothed" if self.smoothing is not None else ""
+        return f"w=int{self.weight_scheme.bits} per-channel, a={a}{smooth}, enabled={self.quant_enabled}"
 
     def __repr__(self) -> str:
         return f"LayerQuantizer({self.name!r}, {self.extra_repr()})"

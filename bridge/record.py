@@ -14,8 +14,9 @@ import torch
 
 from jaxq import QParams, QScheme, quantize
 
-# msModelSlim's five dicts (`get_quant_params`), then jaxq's bias corrections
-PARAM_KEYS = ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight", "bias_correction")
+# msModelSlim's five dicts (`get_quant_params`), then jaxq's bias corrections and SmoothQuant factors
+PARAM_KEYS = ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight", "bias_correction",
+              "smooth_scale")
 
 
 def integer_dtype(bits: int, signed: bool = True) -> np.dtype:
@@ -28,8 +29,10 @@ def integer_dtype(bits: int, signed: bool = True) -> np.dtype:
 @dataclasses.dataclass(frozen=True)
 class LayerRecord:
     """One quantized layer: weight `QParams` and codes, activation `QParams` (None:
-    weight-only), bias correction `δ` (None: none), and whether the codes are custom
-    (chosen by SQuant/AdaRound rather than rounding the float weight to nearest)."""
+    weight-only), bias correction `δ` (None: none), SmoothQuant factors `s` (None: none;
+    then the codes and scales are those of `W·diag(s)` and the input quantizer's of
+    `x / s`), and whether the codes are custom (chosen by SQuant/AdaRound rather than
+    rounding the float weight to nearest)."""
 
     weight_scale: np.ndarray  # float32 [out]
     weight_offset: np.ndarray  # int32 [out]
@@ -38,6 +41,7 @@ class LayerRecord:
     input_scale: np.ndarray | None = None  # float32 []
     input_offset: np.ndarray | None = None  # int32 []
     bias_correction: np.ndarray | None = None  # float32 [out]
+    smoothing: np.ndarray | None = None  # float32 [in]
 
     def check(self, name: str, weight_shape: tuple, scheme: QScheme, act_scheme: QScheme | None, source: str) -> None:
         """Raise `ValueError` naming `source` and the layer if shapes, ranges or values are wrong."""
@@ -58,6 +62,12 @@ class LayerRecord:
                     f"{where}: input_scale/input_offset missing but the config quantizes activations")
             s = float(np.asarray(self.input_scale).reshape(()))
             _expect(np.isfinite(s) and s > 0, f"{where}: input_scale {s} is not a finite positive number")
+        if self.smoothing is not None:
+            inner = weight_shape[1] if len(weight_shape) == 2 else None
+            _expect(len(weight_shape) == 2 and act_scheme is not None,
+                    f"{where}: smooth_scale needs a Linear weight with a quantized input")
+            _expect(self.smoothing.shape == (inner,) and bool(np.all(np.isfinite(self.smoothing)) and np.all(self.smoothing > 0)),
+                    f"{where}: smooth_scale must be {inner} finite positive values, got shape {self.smoothing.shape}")
         if self.bias_correction is not None:
             _expect(self.bias_correction.shape == (out,) and bool(np.all(np.isfinite(self.bias_correction))),
                     f"{where}: bias_correction must be {out} finite values")
@@ -78,6 +88,7 @@ def apply_records(quantizers: dict, records: dict[str, LayerRecord]) -> None:
     """Write each record into its layer's buffers, codes and bias correction."""
     for name, rec in records.items():
         q = quantizers[name]
+        q.set_smoothing(None if rec.smoothing is None else torch.from_numpy(np.array(rec.smoothing, np.float32)))
         q.set_qparams(torch.from_numpy(np.array(rec.weight_scale, np.float32)),
                       torch.from_numpy(np.array(rec.weight_offset, np.int32)),
                       None if rec.input_scale is None else torch.from_numpy(np.array(rec.input_scale, np.float32)),
@@ -99,6 +110,8 @@ def params_view(records: dict[str, LayerRecord], w_bit: int, w_signed: bool) -> 
             out["input_offset"][name] = np.asarray(rec.input_offset, np.int32)
         if rec.bias_correction is not None:
             out["bias_correction"][name] = np.asarray(rec.bias_correction, np.float32)
+        if rec.smoothing is not None:
+            out["smooth_scale"][name] = np.asarray(rec.smoothing, np.float32)
     return out
 
 
@@ -113,4 +126,5 @@ def record_from_tensors(name: str, tensors: dict[str, np.ndarray], custom: bool)
         input_scale=None if get(f"{name}.input_scale") is None else np.asarray(tensors[f"{name}.input_scale"], np.float32),
         input_offset=None if get(f"{name}.input_offset") is None else np.asarray(tensors[f"{name}.input_offset"]).astype(np.int32),
         bias_correction=None if get(f"{name}.bias_correction") is None else np.asarray(tensors[f"{name}.bias_correction"], np.float32),
+        smoothing=None if get(f"{name}.smooth_scale") is None else np.asarray(tensors[f"{name}.smooth_scale"], np.float32),
     )

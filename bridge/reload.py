@@ -75,7 +75,7 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
     records: dict[str, LayerRecord] = {}
     for name in description["layers"]:
         for key, kinds in (("quant_weight", "iu"), ("weight_offset", "iu"), ("input_offset", "iu"), ("weight_scale", "f"),
-                           ("input_scale", "f"), ("bias_correction", "f")):
+                           ("input_scale", "f"), ("bias_correction", "f"), ("smooth_scale", "f")):
             t = tensors.get(f"{name}.{key}")
             if t is not None and t.dtype.kind not in kinds:
                 raise ParamFileError(f"{source}: layer {name!r}: {key} has dtype {t.dtype}, expected "
@@ -88,7 +88,8 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
             record.check(name, weights[name].shape, cfg.weight_scheme_for(name), act_scheme, source)
         except ValueError as e:
             raise ParamFileError(str(e)) from None
-        custom = not is_nearest(weights[name], record.weight_scale, record.weight_offset, cfg.weight_scheme_for(name),
+        weight = weights[name] if record.smoothing is None else weights[name].astype(np.float32) * record.smoothing
+        custom = not is_nearest(weight, record.weight_scale, record.weight_offset, cfg.weight_scheme_for(name),
                                 record.codes)
         records[name] = dataclasses.replace(record, custom_codes=custom)
     return records
@@ -111,7 +112,7 @@ def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer],
                              f"{sorted(names ^ set(layers))[:5]}; build it with the same model and config")
     if [list(p) for p in fused] != description.get("fused", []):
         raise ParamFileError(f"{str(path)!r} records other Conv+BN folds than this calibrator made")
-    weights = {n: q.float_weight.detach().float().cpu().numpy() for n, q in layers.items()}
+    weights = {n: q.original_weight.detach().float().cpu().numpy() for n, q in layers.items()}
     return _records(path, description, tensors, cfg, weights)
 
 

@@ -55,6 +55,27 @@ def _normalise_layer_bits(value) -> tuple:
     return tuple(out)
 
 
+SMOOTH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # `smooth_quant=True`: the range the SmoothQuant paper uses
+
+
+def _normalise_smooth_quant(value) -> tuple[float, ...]:
+    """None/False/[] → () (off); True → `SMOOTH_ALPHAS`; α → (α,); a sequence of α → the grid
+    searched per layer group."""
+    if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
+        return ()
+    if value is True:
+        return SMOOTH_ALPHAS
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    out = []
+    for a in items:
+        a = a.item() if hasattr(a, "item") else a
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not (math.isfinite(a) and 0.0 <= a <= 1.0):
+            raise ValueError(f"QuantConfig.smooth_quant={value!r}: each α must be a number in [0, 1] (0.5 is the "
+                             f"paper's default; a list of α is searched per layer group), got {a!r}")
+        out.append(float(a))
+    return tuple(out)
+
+
 def _check_bool(field: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"QuantConfig.{field}={value!r} must be a bool (True or False)")
@@ -223,6 +244,12 @@ class QuantConfig:
           Layers are processed in groups whose rows fit (one pass over the data per
           group); a layer whose `recon_rows` alone would not fit samples fewer rows (a
           warning names it). None: an eighth of the machine's memory, at most 1024 MiB.
+      smooth_quant: SmoothQuant (`jaxq.smoothing`) for Linear layers with quantized
+          inputs: each input channel is divided by `s_j = max|X_j|^α / max|W_j|^(1−α)`
+          before the activation quantizer and its weight column multiplied by it
+          (layers reading one tensor share `s`). `α` (e.g. 0.5), or a list of α searched
+          per layer group by the quantized output error (no smoothing is a candidate);
+          `True` searches `SMOOTH_ALPHAS` (0.3…0.8). None: off. The factors are part of the record (`smooth_scale`) and every export.
     """
 
     w_bit: int = 8
@@ -256,6 +283,7 @@ class QuantConfig:
     bias_correction: bool = False
     memory_budget: int | None = None
     layer_bits: Any = None
+    smooth_quant: Any = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -303,6 +331,10 @@ class QuantConfig:
         if self.memory_budget is not None and (not _is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)")
         set_("layer_bits", _normalise_layer_bits(self.layer_bits))
+        set_("smooth_quant", _normalise_smooth_quant(self.smooth_quant))
+        if self.smooth_quant and not self.act_quant:
+            raise ValueError(f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
+                             "it needs act_quant=True")
         if not _is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:

@@ -39,6 +39,7 @@ def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str |
     cfg = cal.cfg
     check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
     check_uniform_8bit(cal, "the W8A8 export")
+    check_unsmoothed(cal, "msModelSlim's W8A8 layout")
     safetensors_name = safetensors_name or "quant_model_weight_w8a8.safetensors"
     json_name = json_name or "quant_model_description_w8a8.json"
     if safetensors_name == json_name:
@@ -69,6 +70,16 @@ def check_uniform_8bit(cal, what: str) -> None:
                           f"({shown}{'…' if len(other) > 4 else ''}); use export_param for mixed precision")
 
 
+def check_unsmoothed(cal, what: str) -> None:
+    """`ExportError` naming the layers with SmoothQuant factors (formats with no place for them)."""
+    smoothed = [n for n, r in cal._require_run().items() if r.smoothing is not None]
+    if smoothed:
+        raise ExportError(f"{what} has no place for SmoothQuant factors; {len(smoothed)} layer(s) have them "
+                          f"({smoothed[:3]}{'…' if len(smoothed) > 3 else ''}); use export_param or the standard ONNX "
+                          "QDQ export (the division by s is a node before the input's QuantizeLinear), or calibrate "
+                          "with smooth_quant=None")
+
+
 def check_onnx_exportable(cfg, opset_version) -> None:
     if cfg.w_bit != 8 or (cfg.act_quant and cfg.a_bit != 8):
         raise ExportError(f"ONNX QuantizeLinear holds 8-bit codes; this calibration has w_bit={cfg.w_bit}, "
@@ -86,6 +97,8 @@ def export_onnx(cal, model_arch, save_path, input_names, output_names, opset_ver
     check_uniform_8bit(cal, "ONNX QuantizeLinear")
     if ascend and not cal.cfg.w_sym:
         raise ExportError("the Ascend ONNX form needs symmetric weights (w_sym=True)")
+    if ascend:
+        check_unsmoothed(cal, "the Ascend ONNX form")
     batch = as_batch(example_batch if example_batch is not None else next(iter(cal.calib_data)), 0)
     return export_qdq(cal.model, batch, model_arch, save_path, input_names, output_names, opset_version, ascend=ascend)
 

@@ -47,8 +47,11 @@ class InputObserver:
     """The float model (quantizers removed, BN folds kept) as a JAX function that returns
     the updated observer states of the layers `names` after one batch."""
 
-    def __init__(self, model: nn.Module, names: list[str], example, observer: jaxq.Observer, mesh=None):
+    def __init__(self, model: nn.Module, names: list[str], example, observer: jaxq.Observer, mesh=None,
+                 smoothing: dict | None = None):
+        """`smoothing`: layer → SmoothQuant factors `s`; that layer's quantizer sees `x / s`."""
         self.names, self.observer = list(names), observer
+        self._smoothing = {n: np.asarray(s, np.float32) for n, s in (smoothing or {}).items()}
         self.mesh = None if mesh is None else check_mesh(mesh)
         torchax_env()  # the compatibility step before torchax's first import (hooks below use its interop)
         clone = quantizer_free_copy(model)
@@ -67,8 +70,10 @@ class InputObserver:
 
         def hook(_m, args, kwargs):
             if self._tap.observe is not None:
-                x = args[0] if args else next(iter(kwargs.values()))
-                self._tap.observe(name, interop.jax_view(x))
+                x = interop.jax_view(args[0] if args else next(iter(kwargs.values())))
+                if name in self._smoothing:
+                    x = (x.astype(jnp.float32) / self._smoothing[name]).astype(x.dtype)
+                self._tap.observe(name, x)
         return hook
 
     def _update(self, params, buffers, states, args, kwargs):
@@ -111,7 +116,8 @@ def observe_inputs(model: nn.Module, quantizers: dict, batches, observer: jaxq.O
     states = None
     for index, batch in batches:
         if run is None:
-            run = InputObserver(model, list(quantizers), batch, observer, mesh)
+            smoothing = {n: q.smoothing.cpu().numpy() for n, q in quantizers.items() if getattr(q, "smoothing", None) is not None}
+            run = InputObserver(model, list(quantizers), batch, observer, mesh, smoothing)
             states = run.init()
         states = run.update(states, batch, index)
         if progress is not None:

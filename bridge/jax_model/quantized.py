@@ -59,9 +59,10 @@ class QuantizedForward:
     programs: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted studies, see bridge.jax_model.studies
     float_weights: dict = dataclasses.field(default_factory=dict, repr=False)  # weight key → float weight (before chosen codes)
     weight_scheme: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → its calibrated QScheme
+    smoothing: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → SmoothQuant factors (numpy)
 
     def __post_init__(self):
-        self.fn = _make_fn(self.lowered, self.layers)
+        self.fn = _make_fn(self.lowered, self.layers, self.smoothing)
 
     @property
     def names(self) -> list[str]:
@@ -75,9 +76,9 @@ class QuantizedForward:
         return self.fn(lw.params, lw.buffers, self.state, self.default_switches(), args, kwargs)
 
 
-def _make_fn(lowered: LoweredModel, layers: list[JaxLayer]) -> Callable:
+def _make_fn(lowered: LoweredModel, layers: list[JaxLayer], smoothing: dict) -> Callable:
     slot = _Slot()
-    _install_hooks(lowered.module, layers, slot)
+    _install_hooks(lowered.module, layers, slot, smoothing)
 
     def fn(params, buffers, state, switches, args=(), kwargs=None, drop=None):
         """`drop=(key, p)`: every input quantizer keeps its quantized value with
@@ -98,7 +99,9 @@ def _make_fn(lowered: LoweredModel, layers: list[JaxLayer]) -> Callable:
     return fn
 
 
-def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot) -> None:
+def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot, smoothing: dict) -> None:
+    """`smoothing`: layer → SmoothQuant factors `s`: its input is `x / s` (the weight in
+    `params` is already `W·diag(s)`), quantized or not, so the layer computes `x·Wᵀ` when off."""
     from torchax import interop
 
     def pre_hook(layer):
@@ -109,6 +112,8 @@ def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot) -> No
 
             def quant(t):
                 x = interop.jax_view(t)
+                if layer.name in smoothing:
+                    x = (x.astype(jnp.float32) / smoothing[layer.name]).astype(x.dtype)
                 xq = quantized_input(x, s, on)
                 if slot.drop is not None:
                     key, keep = slot.drop
@@ -174,8 +179,9 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
                             "F.linear on a module's weight); the JAX model taps module inputs only — keep them float "
                             "(disable_names) to use the JAX model, or use the torch path")
     clone = quantizer_free_copy(model)  # BN folds kept
-    layers, weight_codes = [], {}
-    tied_to = {n: first for first, others in tied_parameters(clone).items() for n in others}
+    layers, weight_codes, smoothing = [], {}, {}
+    tied = tied_parameters(clone)
+    tied_to = {n: first for first, others in tied.items() for n in others}
     for i, (name, q) in enumerate(quantized_layers.items()):
         module = clone.get_submodule(name)
         wkey = f"{name}.{q.param}" if name else q.param
@@ -184,13 +190,21 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
         bkey = (f"{name}.{q.bias_param}" if name else q.bias_param) if isinstance(bias, torch.Tensor) else None
         layers.append(JaxLayer(name, i, wkey, bkey, _out_axis(module), q.act_scheme is not None))
         rec = records.get(name)
+        if q.smoothing is not None:
+            if wkey in tied or wkey in tied_to.values() or f"{name}.{q.param}" in tied_to:
+                raise LoweringError(f"layer {name!r} has SmoothQuant factors and a weight tied to another "
+                                    "parameter; the JAX model cannot scale one use of it")
+            smoothing[name] = q.smoothing.cpu().numpy().astype(np.float32)
         if rec is not None and rec.custom_codes:
             weight_codes[wkey] = (rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))) \
                 * rec.weight_scale.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
     lowered = lower(clone, example)
+    for layer in layers:  # the weight quantizer of a smoothed layer sees W·diag(s)
+        if layer.name in smoothing:
+            lowered.params[layer.weight_key] = lowered.params[layer.weight_key] * jnp.asarray(smoothing[layer.name])
     float_weights = {layer.weight_key: lowered.params[layer.weight_key] for layer in layers}
     for key, dq in weight_codes.items():  # chosen codes: Ŵ itself (fake quant leaves it unchanged)
         lowered.params[key] = jnp.asarray(dq.astype(np.float32))
     state = {name: layer_state(records.get(name), q) for name, q in quantized_layers.items()}
     return QuantizedForward(lowered, layers, state, float_weights=float_weights,
-                            weight_scheme={n: q.weight_scheme for n, q in quantized_layers.items()})
+                            weight_scheme={n: q.weight_scheme for n, q in quantized_layers.items()}, smoothing=smoothing)
