@@ -7,7 +7,9 @@ model (quantization off) and writes nothing into it: the facade applies the reco
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+import warnings
 
 import numpy as np
 
@@ -16,7 +18,8 @@ from bridge.capture import ActivationCapture
 from bridge.context import Context, UncalibratedLayerError
 from bridge.data import iter_batches
 from bridge.capture import check_finite
-from bridge.keep_acc import keep_accuracy
+from bridge.keep_acc import FunctionalLayerError, keep_accuracy
+from bridge.reconstruction import LayerGeometryError
 from bridge.record import LayerRecord, is_nearest
 from bridge.smoothing import smooth
 from bridge.tensors import to_jax
@@ -87,13 +90,37 @@ def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
     reports: dict = {}
     corrections = None
     if ka.easy_quant[0] or ka.round_opt or ka.adaround[0] or cfg.bias_correction:
-        weights, act, corrections, reports = keep_accuracy(ctx, float_weights, weights, act, timings)
+        weights, act, corrections, reports = _keep_accuracy(ctx, float_weights, weights, act, timings)
     if smoothing is not None:
         reports["smooth_quant"] = smoothing
     nearest = not (ka.round_opt or ka.adaround[0])
     records = {n: _record(ctx, n, weights[n], act.get(n), None if corrections is None else corrections[n], nearest)
                for n in ctx.quantizers}
     return records, reports, timings
+
+
+class BiasCorrectionSkipped(UserWarning):
+    """Bias correction, on by default, could not run on this model and was left out."""
+
+
+def _keep_accuracy(ctx: Context, float_weights, weights, act, timings: dict):
+    """`keep_accuracy`; when bias correction is only on by default, a model whose layers
+    it cannot sample (functional use, a forward its geometry does not describe) is
+    calibrated without it, with a `BiasCorrectionSkipped` warning naming the layer."""
+    try:
+        return keep_accuracy(ctx, float_weights, weights, act, timings)
+    except (FunctionalLayerError, LayerGeometryError) as e:
+        if not ctx.default_bias_correction:
+            raise
+        warnings.warn(f"bias correction (on by default with real calibration data) is left out: {e}. "
+                      "QuantConfig(bias_correction=False) says so explicitly", BiasCorrectionSkipped, stacklevel=2)
+        ka = ctx.cfg.keep_acc
+        reports = {"bias_correction_skipped": str(e)}
+        if not (ka.easy_quant[0] or ka.round_opt or ka.adaround[0]):
+            return weights, act, None, reports
+        plain = dataclasses.replace(ctx, cfg=ctx.cfg.replace(bias_correction=False))
+        weights, act, corrections, more = keep_accuracy(plain, float_weights, weights, act, timings)
+        return weights, act, corrections, {**more, **reports}
 
 
 def _by_scheme(ctx: Context) -> dict:

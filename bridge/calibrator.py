@@ -40,7 +40,8 @@ class Calibrator:
 
     Args:
       model: the float `nn.Module`; fused and quantized in place (undo: `restore()`).
-      cfg: a `jaxq.QuantConfig`.
+      cfg: a `jaxq.QuantConfig`; `cal.cfg` holds it with its automatic defaults decided
+        (`QuantConfig.resolved`: bias correction on with representative data).
       calib_data: a list (or re-iterable, e.g. DataLoader) of batches; a batch is a
         tensor, a tuple/list of positional inputs or a dict of keyword inputs. Required
         for `quant_mode=1`; optional in data-free mode (`quant_mode=0`), where
@@ -65,6 +66,10 @@ class Calibrator:
             raise TypeError("fuse_module_call_back must be callable: f(model) -> model or None")
         refuse_quantized(model)
         self.mesh = None if mesh is None else check_mesh(mesh)
+        self._default_bias_correction = cfg.bias_correction is None
+        cfg = cfg.resolved(representative_data=(calib_data is not None or cfg.virtual_data == "bn_stats")
+                           and not _several_processes(mesh))
+        self._default_bias_correction &= cfg.bias_correction
         self.cfg, self.progress, self.device = cfg, progress, resolve_device(cfg.device)
         self.model = model
         self._edit = ModelEdit(model)
@@ -118,7 +123,7 @@ class Calibrator:
 
     def _context(self, layers: dict | None = None) -> Context:
         return Context(self.model, layers if layers is not None else self._quantizers(), self.specs, self.cfg,
-                       self.calib_data, self.device, self.progress, self.mesh)
+                       self.calib_data, self.device, self.progress, self.mesh, self._default_bias_correction)
 
     # -- calibration --------------------------------------------------------------------
     def run(self) -> "Calibrator":
@@ -161,9 +166,23 @@ class Calibrator:
             self.records, reports = reconstruct_blocks(self.model, quantizers, self.records, self.calib_data, self.device,
                                                        ReconParams(steps=iters, keep=keep), set_quant, blocks, bar,
                                                        mesh=self.mesh)
+        if self.cfg.bias_correction and "bias_correction_skipped" not in self.reports:
+            self._correct_biases()  # of the learned weights (reconstruction learns without δ)
         self.enable_quant()
         self.reports["blocks"] = reports
         self.timings["blocks_s"] = time.perf_counter() - t0
+
+    def _correct_biases(self) -> None:
+        from bridge.keep_acc import bias_corrections_of
+
+        self.disable_quant()
+        try:
+            corrections = bias_corrections_of(self._context(), self.records)
+        finally:
+            self.enable_quant()
+        self.records = {n: dataclasses.replace(r, bias_correction=corrections.get(n, r.bias_correction))
+                        for n, r in self.records.items()}
+        apply_records(self._quantizers(), self.records)
 
     def activation_histograms(self, bins: int | None = None) -> dict[str, jaxq.HistogramState]:
         """Histogram of every quantized layer's input over the calibration data (float
@@ -382,6 +401,15 @@ class Calibrator:
         lines += [f"  float  {n}: fallen back (sensitivity)" for n in self.fallen_back]
         lines += [f"  float  {n}: {why}" for n, why in self.unsupported.items()]
         return "\n".join(lines)
+
+
+def _several_processes(mesh) -> bool:
+    """A mesh over several processes: steps that read data through torch see local data only."""
+    if mesh is None:
+        return False
+    import jax
+
+    return jax.process_count() > 1
 
 
 def _refuse_local_data_steps(cfg: jaxq.QuantConfig, mesh) -> None:

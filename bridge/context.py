@@ -29,6 +29,7 @@ class Context:
     device: torch.device
     progress: bool = True
     mesh: object = None  # a jax.sharding.Mesh: data-parallel calibration (bridge.jax_model.observe)
+    default_bias_correction: bool = False  # bias correction is on by default, not asked for: skip it where it cannot run
 
     def num_batches(self) -> int | None:
         try:

@@ -30,7 +30,9 @@ from torch.nn.utils import parametrize
 from jaxq import QScheme
 
 MARKER = "_jaxq_quantizer"
-BUFFERS = ("weight_scale", "weight_offset", "input_scale", "input_offset")
+_last_smoothed: list = [None]  # (x, its version, s, x / s) of the last smoothed input
+BUFFERS = ("weight_scale", "weight_offset", "input_scale", "input_offset", "bias_correction")
+DELTA = "bias_correction"  # buffer of δ: in the state_dict, so a saved quantized model keeps it
 
 
 class _Owned(nn.Module):
@@ -62,9 +64,10 @@ class _CorrectedBias(_Owned):
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["owner"]
-        if not owner.quant_enabled or owner.bias_correction is None:
+        delta = owner.module._buffers.get(DELTA)
+        if not owner.quant_enabled or delta is None:
             return b
-        return (b.float() + owner.bias_correction).to(b.dtype)
+        return (b.float() + delta).to(b.dtype)  # δ = 0 (none set) leaves b as it is
 
 
 class QuantizerConflictError(ValueError):
@@ -97,7 +100,6 @@ class LayerQuantizer:
         self.weight_scheme, self.act_scheme, self.functional = weight_scheme, act_scheme, functional
         self.quant_enabled = False
         self.weight_codes: torch.Tensor | None = None  # codes chosen by SQuant / AdaRound; None = nearest
-        self.bias_correction: torch.Tensor | None = None
         self.smoothing: torch.Tensor | None = None  # SmoothQuant factors s [in]; None = none
         self.listeners: list[Callable[[torch.Tensor], None]] = []
         self.weight_watch: Callable[[torch.Tensor], None] | None = None
@@ -156,27 +158,46 @@ class LayerQuantizer:
                              f"weight {tuple(self.float_weight.shape)}")
         self.weight_codes = codes.clone()
 
+    @property
+    def bias_correction(self) -> torch.Tensor | None:
+        """`δ` (`[out]`), or None when none is set (no buffer, or all zero)."""
+        delta = self.module._buffers.get(DELTA)
+        return None if delta is None or not bool(delta.any()) else delta
+
     def set_bias_correction(self, delta) -> None:
         """Add `δ` (`[out]`) to the bias while quantization is on; None removes it. A
         layer without a bias gets a zero bias to carry `δ` (removed by `detach`)."""
-        if delta is None:
-            self.bias_correction = None
-            return
         m = self.module
+        if delta is None:
+            if DELTA in m._buffers:
+                with torch.no_grad():
+                    m._buffers[DELTA].zero_()
+            return
         delta = torch.as_tensor(delta).to(device=self.weight_scale.device, dtype=torch.float32).reshape(-1)
         if delta.numel() != self.weight_scale.numel():
             raise ValueError(f"layer {self.name!r}: bias correction of {delta.numel()} values does not match "
                              f"{self.weight_scale.numel()} output channels")
         if not torch.isfinite(delta).all():
             raise FloatingPointError(f"layer {self.name!r}: bias correction is not finite")
-        if not parametrize.is_parametrized(m, self.bias_param):
-            if getattr(m, self.bias_param) is None:
-                w = self.original_weight
-                setattr(m, self.bias_param, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                                         requires_grad=False))
-                self._added_bias = True
-            parametrize.register_parametrization(m, self.bias_param, _CorrectedBias(self), unsafe=True)
-        self.bias_correction = delta.clone()
+        self.carry_bias_correction()
+        with torch.no_grad():
+            m._buffers[DELTA].copy_(delta)
+
+    def carry_bias_correction(self) -> None:
+        """Give the bias its `b ↦ b + δ` parametrization now (δ none yet), so a model's
+        `state_dict` has the same keys before and after calibration. A layer without a
+        bias gets a zero bias (removed by `detach`)."""
+        m = self.module
+        if parametrize.is_parametrized(m, self.bias_param):
+            return
+        out = self.weight_scale.numel()
+        m.register_buffer(DELTA, torch.zeros(out, dtype=torch.float32, device=self.weight_scale.device))
+        if getattr(m, self.bias_param) is None:
+            w = self.original_weight
+            setattr(m, self.bias_param, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                                     requires_grad=False))
+            self._added_bias = True
+        parametrize.register_parametrization(m, self.bias_param, _CorrectedBias(self), unsafe=True)
 
     def set_smoothing(self, factors) -> None:
         """Divide the input by `s` (`[in]`) and multiply the weight's columns by it
@@ -201,10 +222,18 @@ class LayerQuantizer:
         return w if self.smoothing is None else w.float() * self.smoothing
 
     def smoothed_input(self, x):
-        """`x / s` along the last axis (x itself without smoothing or for non-float values)."""
+        """`x / s` along the last axis (x itself without smoothing or for non-float values).
+
+        Layers of one group read the same `x` with equal `s`: they get the same tensor
+        object, so capture shares their observer update as it does without smoothing."""
         if self.smoothing is None or not (isinstance(x, torch.Tensor) and x.is_floating_point()):
             return x
-        return (x.float() / self.smoothing).to(x.dtype)
+        last = _last_smoothed[0]
+        if last is not None and last[0] is x and last[1] == x._version and torch.equal(last[2], self.smoothing):
+            return last[3]
+        out = (x.float() / self.smoothing).to(x.dtype)
+        _last_smoothed[0] = (x, x._version, self.smoothing, out)
+        return out
 
     @property
     def original_weight(self) -> torch.Tensor:

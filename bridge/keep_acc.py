@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 import jaxq
@@ -143,3 +144,25 @@ def _keep_accuracy_group(ctx: Context, float_weights, weights, act, rows_per_lay
         if bad:
             raise FloatingPointError(f"layer {bad[0]!r}: bias correction is not finite (NaN/Inf in its inputs)")
     return result.weights, result.act, corrections, result.reports
+
+
+def bias_corrections_of(ctx: Context, records: dict[str, LayerRecord]) -> dict[str, np.ndarray]:
+    """`δ = (W − Ŵ)·E[row]` for the weights in `records` (after block reconstruction chose
+    new codes), `E[row]` from one float forward over the calibration data (quantization off)."""
+    try:
+        mean_rows = _sample_rows(ctx, ctx.cfg.recon_rows, True, "jaxq bias correction", keep_rows=False).mean_rows()
+    except RuntimeError as e:  # a layer never called
+        raise UncalibratedLayerError(str(e)) from e
+    _check_rows_finite(mean_rows, "mean")
+    grouped, quantized = {}, {}
+    for name, q in ctx.quantizers.items():
+        rec = records[name]
+        grouped[name] = jaxq.rows.grouped_weight(ctx.specs[name], jnp.asarray(q.float_weight.detach().float().cpu().numpy()))
+        quantized[name] = jaxq.QuantizedWeight(jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset),
+                                                            q.weight_scheme), jnp.asarray(rec.codes))
+    corrections = jaxq.accuracy.bias_corrections(mean_rows, grouped, quantized)
+    out = {n: np.asarray(d, np.float32) for n, d in corrections.items()}
+    bad = [n for n, d in out.items() if not np.isfinite(d).all()]
+    if bad:
+        raise FloatingPointError(f"layer {bad[0]!r}: bias correction is not finite (NaN/Inf in its inputs)")
+    return out

@@ -169,7 +169,10 @@ def attach_quantizers(model: nn.Module, layers: dict[str, nn.Module], functional
     in `functional`), and the taps installed on `model` if any needs them; logged in `edit`."""
     act_scheme = cfg.act_scheme if cfg.act_quant else None
     for name, module in layers.items():
-        edit.attach(LayerQuantizer(module, name, cfg.weight_scheme_for(name), act_scheme, weight_name(module), name in functional))
+        quantizer = LayerQuantizer(module, name, cfg.weight_scheme_for(name), act_scheme, weight_name(module), name in functional)
+        edit.attach(quantizer)
+        if cfg.bias_correction and name not in functional:
+            quantizer.carry_bias_correction()
     tapped = [q for q in edit.quantizers.values() if q.functional]
     if tapped:
         edit.taps = FunctionalTaps(tapped).install(model)

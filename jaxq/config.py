@@ -240,6 +240,10 @@ class QuantConfig:
           of the calibration data. Cancels the mean output shift of weight rounding
           (`benchmarks/README.md`). Needs representative data (real
           `calib_data` or `virtual_data="bn_stats"`); layers without a bias get one.
+          None (default): on when the calibration data is representative (real
+          `calib_data`, or `virtual_data="bn_stats"`), off for msModelSlim's uniform
+          data-free sample; the Calibrator stores the resolved value in its `cfg`.
+          `False` gives msModelSlim's arithmetic exactly.
       memory_budget: MiB that the sampled rows of EasyQuant / AdaRound may hold at once.
           Layers are processed in groups whose rows fit (one pass over the data per
           group); a layer whose `recon_rows` alone would not fit samples fewer rows (a
@@ -280,7 +284,7 @@ class QuantConfig:
     amp_samples: int = 10
     recon_rows: int = 2048
     recon_inputs: str = "float"
-    bias_correction: bool = False
+    bias_correction: bool | None = None
     memory_budget: int | None = None
     layer_bits: Any = None
     smooth_quant: Any = None
@@ -295,8 +299,10 @@ class QuantConfig:
             v = getattr(self, field)
             if not _is_int(v) or v not in ALLOWED_BITS:
                 raise ValueError(f"QuantConfig.{field}={v!r} is not supported; allowed bit widths: {ALLOWED_BITS}")
-        for field in ("w_signed", "a_signed", "w_sym", "a_sym", "act_quant", "quantize_first_last", "bias_correction"):
+        for field in ("w_signed", "a_signed", "w_sym", "a_sym", "act_quant", "quantize_first_last"):
             _check_bool(field, getattr(self, field))
+        if self.bias_correction is not None:
+            _check_bool("bias_correction", self.bias_correction)
         set_("act_method", _check_choice("act_method", self.act_method, tuple(ACT_METHODS)))
         set_("quant_mode", _check_choice("quant_mode", self.quant_mode, tuple(QUANT_MODES)))
         set_("input_shape", _normalise_input_shape(self.input_shape))
@@ -373,6 +379,13 @@ class QuantConfig:
     def act_scheme(self) -> QScheme:
         """Per-tensor activation quantizer."""
         return QScheme(bits=self.a_bit, signed=self.a_signed, symmetric=self.a_sym, axis=None)
+
+    def resolved(self, representative_data: bool) -> "QuantConfig":
+        """The config with its automatic defaults decided: `bias_correction=None` becomes
+        `representative_data` (real calibration data or BN-statistics virtual data)."""
+        if self.bias_correction is None:
+            return self.replace(bias_correction=bool(representative_data))
+        return self
 
     def replace(self, **changes) -> "QuantConfig":
         """A copy with `changes` applied (validated again)."""

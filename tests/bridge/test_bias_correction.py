@@ -12,7 +12,8 @@ from bridge.fakequant import wrappers
 from bridge.models.digits import load_digits_cnn
 
 # 4-bit weights: a visible shift; weight-only so the first layer sees the float input
-W4 = jaxq.QuantConfig(w_bit=4, quant_mode=1, act_method=1, act_quant=False, quantize_first_last=True)
+W4 = jaxq.QuantConfig(w_bit=4, quant_mode=1, act_method=1, act_quant=False, quantize_first_last=True,
+                      bias_correction=False)
 
 
 def _first_layer_outputs(model, calib):

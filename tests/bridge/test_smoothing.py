@@ -33,7 +33,8 @@ class OutlierBlock(nn.Module):
         return self.head(self.fc2(torch.relu(self.fc1(y))) + y)
 
 
-CFG = jaxq.QuantConfig(quant_mode=1, act_method=1, minmax_combine="running", quantize_first_last=True)
+CFG = jaxq.QuantConfig(quant_mode=1, act_method=1, minmax_combine="running", quantize_first_last=True,
+                       bias_correction=False)
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,7 @@ def test_straight_through_gradients_reach_weights_and_scales(digits_w8a8):
     assert float(jnp.abs(gs[first.name].w_scale).sum()) > 0 and float(jnp.abs(gs[first.name].a_scale)) > 0
 
 
+@pytest.mark.slow
 def test_chosen_codes_and_bias_correction_match_torch():
     from bridge.evaluation import protocols
 
