@@ -114,8 +114,8 @@ def load_config(args) -> "jaxq.QuantConfig":  # noqa: F821
             raise CLIError(f"--input-shape {args.input_shape!r} must be comma-separated integers, e.g. 1,3,224,224") from None
     if args.quantize_all:
         fields["quantize_first_last"] = True
-    if args.bias_correction:
-        fields["bias_correction"] = True
+    if args.bias_correction is not None:
+        fields["bias_correction"] = args.bias_correction
     unknown = set(fields) - {f for f in jaxq.QuantConfig.__dataclass_fields__}
     if unknown:
         raise CLIError(f"--config has unknown QuantConfig fields {sorted(unknown)}")
@@ -170,7 +170,7 @@ def run_quantize(args) -> int:
     rows = [
         ("model", args.model),
         ("config", f"W{cfg.w_bit}A{cfg.a_bit if cfg.act_quant else '-'} quant_mode={cfg.quant_mode} act_method={cfg.act_method}"
-                   + (" bias_correction" if cfg.bias_correction else "")),
+                   + (" bias_correction" if cal.cfg.bias_correction else "")),
         ("quantized layers", f"{len(cal.quantized_names)} of {len(cal.all_layers) + len(cal.unsupported)} "
                              f"(float: {sorted(cal.disabled) + sorted(cal.unsupported) or 'none'})"),
         ("Conv+BN folded", str(len(cal.fused))),
@@ -199,7 +199,9 @@ def add_parser(sub) -> None:
     q.add_argument("--quant-mode", type=int)
     q.add_argument("--input-shape", help="data-free virtual input shape, e.g. 1,3,224,224")
     q.add_argument("--quantize-all", action="store_true", help="quantize the first and last layer too")
-    q.add_argument("--bias-correction", action="store_true", help="correct each layer's bias for its weight rounding")
+    q.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="correct each layer's bias for its weight rounding (default: on with real calibration "
+                        "data; --no-bias-correction for msModelSlim's arithmetic)")
     q.add_argument("--export", nargs="*", help=f"any of {EXPORTS} (default: params)")
     q.add_argument("--onnx-name", default="model", help="file stem of the ONNX export")
     q.add_argument("--out", default="jaxq_out", help="output directory")

@@ -34,14 +34,18 @@ def test_quantize_errors(project, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_quantize_bias_correction_flag_reaches_the_params(project, capsys):
+@pytest.mark.parametrize("flag, expected", [([], True), (["--bias-correction"], True), (["--no-bias-correction"], False)])
+def test_quantize_bias_correction_flag_reaches_the_params(project, capsys, flag, expected):
+    """On by default with real calibration data; --no-bias-correction is msModelSlim's arithmetic."""
     from safetensors.numpy import load_file
 
     rc = main(["quantize", "--model", "mymodels:build", "--calib-data", "calib.pt", "--config", "cfg.json",
-               "--bias-correction", "--out", "bc", "--no-progress"])
-    assert rc == 0, capsys.readouterr().out
+               *flag, "--out", "bc", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
     tensors = load_file(str(project / "bc" / "quant_params.safetensors"))
-    assert any(k.endswith(".bias_correction") for k in tensors)
+    assert any(k.endswith(".bias_correction") for k in tensors) == expected
+    assert ("bias_correction" in out.split("config", 1)[1].splitlines()[0]) == expected
 
 
 def test_mixed_layer_bits_with_an_eight_bit_export_is_refused_before_calibrating():
