@@ -19,6 +19,7 @@ from torch import nn
 import jaxq
 from jaxq.rows import output_positions
 from bridge.data import HookError
+from bridge.fakequant import quantizer_of
 
 PARITY_TOLERANCE = 1e-3
 CHECK_ROWS = 64  # rows compared with the module output when no rows are kept
@@ -68,9 +69,11 @@ def _output_rows(spec: jaxq.LayerSpec, y: torch.Tensor, index: np.ndarray) -> np
     return flat[torch.from_numpy(index)].cpu().numpy()
 
 
-def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndarray, y_rows: np.ndarray) -> None:
-    """Raise `LayerGeometryError` if `rows · Wᵀ + b` is not the module's output."""
-    w = module.weight.detach().float().cpu().numpy()
+def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndarray, y_rows: np.ndarray,
+               weight: torch.Tensor | None = None) -> None:
+    """Raise `LayerGeometryError` if `rows · Wᵀ + b` is not the module's output (`weight`:
+    W when it is not `module.weight`, e.g. `W·diag(s)` for rows of a smoothed input)."""
+    w = (module.weight if weight is None else weight).detach().float().cpu().numpy()
     g = rows.shape[1]
     wg = w.reshape(g, w.shape[0] // g, -1)
     # BLAS for dense layers (10–15× faster); depthwise ones are faster in einsum's own loop
@@ -116,6 +119,10 @@ class RowCapture:
     def _hook(self, name: str, module: nn.Module, inputs, output) -> None:
         spec = self.specs[name]
         x = inputs[0].detach().float()
+        quantizer = quantizer_of(module)
+        smoothed = quantizer is not None and quantizer.smoothing is not None and not quantizer.quant_enabled
+        if smoothed:  # rows of what the quantizer reads, x / s, to pair with W·diag(s) (quantized: fq(x / s) already)
+            x = quantizer.smoothed_input(x)
         first = not self._sums[name]
         self._sums[name].append(row_sum(spec, x))
         if not (self.keep_rows or (self.check and first)):
@@ -128,7 +135,8 @@ class RowCapture:
         else:
             rows = window_rows(spec, x, index)
         if self.check and first:
-            check_rows(name, spec, module, rows, _output_rows(spec, output, index))
+            check_rows(name, spec, module, rows, _output_rows(spec, output, index),
+                       quantizer.float_weight if smoothed else None)
         if self.keep_rows:
             self._parts[name].append(rows)
 

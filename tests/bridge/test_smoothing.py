@@ -168,3 +168,21 @@ def test_qdq_onnx_carries_the_division(calib, tmp_path):
     y = onnx_session(path).run(None, {"x": calib[2].numpy()})[0]
     ref = _out(m, calib[2:3]).numpy()
     assert np.abs(y - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_bias_correction_of_a_smoothed_layer_uses_its_smoothed_input(calib):
+    """`δ = (W·diag(s) − Ŵ)·E[x / s]`: the rows the corrections read are those the quantizer reads."""
+    m = OutlierBlock()
+    cal = Calibrator(m, CFG.replace(smooth_quant=0.5, bias_correction=True), calib, progress=False).run()
+    rec = cal.records["fc1"]
+    seen = []
+    m.fc1.register_forward_pre_hook(lambda mod, a: seen.append(a[0].detach().reshape(-1, D)), prepend=True)
+    with cal.quantization(False):
+        _out(m, calib)  # the float model's inputs, as the pass that gathered E[x] saw them
+    x = torch.cat(seen).double()
+    s = torch.from_numpy(rec.smoothing).double()
+    w = m.fc1.parametrizations.weight.original.detach().double() * s
+    w_hat = (torch.tensor(rec.codes).double() - torch.tensor(rec.weight_offset).double()[:, None]) \
+        * torch.tensor(rec.weight_scale).double()[:, None]
+    expected = (w - w_hat) @ (x / s).mean(0)
+    np.testing.assert_allclose(rec.bias_correction, expected.numpy(), rtol=1e-3, atol=1e-6)

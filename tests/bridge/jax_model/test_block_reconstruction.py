@@ -49,7 +49,7 @@ def test_blocks_are_the_module_list_items_and_the_other_layers_in_call_order():
 @pytest.mark.parametrize("key", ["brecq", pytest.param("qdrop", marks=pytest.mark.slow)])
 def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
     net, data = _net_and_data()
-    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={key: [True, 150]})
+    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={key: [True, 150]})
     cal = Calibrator(net, cfg, data, progress=False).run()
     reports = cal.reports["blocks"]
     assert [r.name for r in reports] == ["blocks.0", "blocks.1", "blocks.2"]  # first and last layer stay float by default
@@ -61,7 +61,8 @@ def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
     params = cal.params()
     for n in custom:
         np.testing.assert_array_equal(params["quant_weight"][n].astype(np.int32), cal.records[n].codes)
-    rtn = Calibrator(_net_and_data()[0], jaxq.QuantConfig(w_bit=3, a_bit=8), data, progress=False).run()
+    rtn = Calibrator(_net_and_data()[0], jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False), data,
+                     progress=False).run()
     x = torch.cat(data)
     with torch.no_grad():
         ref = cal.fp_model(x)
@@ -87,3 +88,17 @@ def test_a_block_that_cannot_lower_fails_clearly_and_restores_the_model(data_dep
         cal.run()
     after = net.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_default_bias_correction_is_applied_to_the_learned_weights():
+    """Reconstruction learns without δ; the default bias correction is recomputed on the
+    learned codes afterwards, not dropped."""
+    net, data = _net_and_data()
+    cal = Calibrator(net, jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={"brecq": [True, 20]}), data, progress=False).run()
+    assert cal.cfg.bias_correction is True
+    learned = [n for n, r in cal.records.items() if r.custom_codes]
+    assert learned
+    assert all(cal.records[n].bias_correction is not None for n in cal.records)
+    q = cal._quantizers()[learned[0]]
+    np.testing.assert_array_equal(q.bias_correction.numpy(), cal.records[learned[0]].bias_correction)
