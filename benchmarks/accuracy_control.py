@@ -20,8 +20,11 @@ from common import parse_args
 
 
 def main(argv=None):
-    args = parse_args(__doc__, ["efficientnet_lite0"], argv,
-                      lambda ap: ap.add_argument("--unseen", action="store_true") or ap.add_argument("--max-drop", type=float, default=0.01))
+    def extra(ap):
+        ap.add_argument("--unseen", action="store_true")
+        ap.add_argument("--max-drop", type=float, default=0.01)
+
+    args = parse_args(__doc__, ["efficientnet_lite0"], argv, extra)
     p = protocols.efficientnet_lite0_unseen(64) if args.unseen else protocols.efficientnet_lite0()
     cfg = jaxq.QuantConfig(w_bit=4, a_bit=8)
     t0 = time.perf_counter()

@@ -1,3 +1,4 @@
+import pytest
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ def test_demo_bad_option_is_a_clean_error(tmp_path, capsys):
     assert "w_bit=1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout

@@ -77,6 +77,7 @@ def test_adaround_reduces_every_layer_output_error(digits_model, digits_calib):
     assert sum(a for _, a in report.values()) < 0.8 * sum(b for b, _ in report.values())
 
 
+@pytest.mark.slow
 def test_easy_quant_raises_layer_cosine_and_keeps_accuracy(digits_model, digits_calib, digits):
     cal = _run(digits_model, digits_calib, easy_quant=[True, 32])
     report = cal.reports["easy_quant"]
@@ -85,6 +86,7 @@ def test_easy_quant_raises_layer_cosine_and_keeps_accuracy(digits_model, digits_
     assert accuracy(cal.model, digits[2], digits[3]) >= 0.98
 
 
+@pytest.mark.slow
 def test_weight_only_easy_quant(digits_model, digits_calib):
     cal = Calibrator(digits_model, W4.replace(act_quant=False, keep_acc={"easy_quant": [True, 8]}), digits_calib,
                      progress=False).run()

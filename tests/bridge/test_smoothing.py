@@ -158,6 +158,7 @@ def test_formats_without_a_place_for_the_factors_refuse(calib, tmp_path):
         cal.export_quant_onnx("m", tmp_path, ascend=True)
 
 
+@pytest.mark.slow
 def test_qdq_onnx_carries_the_division(calib, tmp_path):
     pytest.importorskip("onnxruntime")
     from bridge.export.onnx import onnx_session

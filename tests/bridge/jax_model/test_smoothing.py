@@ -30,6 +30,7 @@ def _out(model, x):
         return model(x).numpy()
 
 
+@pytest.mark.slow
 def test_the_jax_model_computes_the_smoothed_layers():
     calib = _calib()
     m = OutlierBlock()
