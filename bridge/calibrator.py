@@ -151,12 +151,13 @@ class Calibrator:
     def _reconstruct_blocks(self, blocks: list[str] | None = None) -> None:
         """BRECQ / QDrop (`keep_acc['brecq']` / `['qdrop']`) on the calibrated model, through
         the JAX model (`bridge.jax_model.block_reconstruction`)."""
-        from bridge.jax_model.block_reconstruction import find_blocks, reconstruct_blocks
+        from bridge.jax_model.block_reconstruction import find_blocks, named_blocks, reconstruct_blocks
         from jaxq.block_reconstruction import ReconParams
 
         _, iters, keep = self.cfg.keep_acc.blocks
         quantizers = self._quantizers()
-        blocks = blocks or find_blocks(self.model, quantizers)
+        named = blocks or self.cfg.recon_blocks
+        blocks = named_blocks(self.model, quantizers, named) if named else find_blocks(self.model, quantizers)
 
         def set_quant(on: bool) -> None:
             self.enable_quant() if on else self.disable_quant()

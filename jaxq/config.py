@@ -188,14 +188,15 @@ def _normalise_input_shape(value) -> tuple[tuple[int, ...], ...] | None:
     return tuple(out)
 
 
-def _normalise_names(value) -> tuple[str, ...]:
+def _normalise_names(value, field: str = "disable_names") -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
-        raise TypeError(f"QuantConfig.disable_names={value!r} must be a list of layer names (or None)")
+        raise TypeError(f"QuantConfig.{field}={value!r} must be a list of {'module' if field == 'recon_blocks' else 'layer'} "
+                        "names (or None)")
     bad = [n for n in value if not isinstance(n, str)]
     if bad:
-        raise TypeError(f"QuantConfig.disable_names contains non-string entries {bad!r}")
+        raise TypeError(f"QuantConfig.{field} contains non-string entries {bad!r}")
     return tuple(value)
 
 
@@ -288,6 +289,7 @@ class QuantConfig:
     memory_budget: int | None = None
     layer_bits: Any = None
     smooth_quant: Any = None
+    recon_blocks: Any = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -338,6 +340,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)")
         set_("layer_bits", _normalise_layer_bits(self.layer_bits))
         set_("smooth_quant", _normalise_smooth_quant(self.smooth_quant))
+        set_("recon_blocks", _normalise_names(self.recon_blocks, "recon_blocks"))
+        if self.recon_blocks and not self.keep_acc.blocks[0]:
+            raise ValueError(f"QuantConfig.recon_blocks={list(self.recon_blocks)!r} names blocks for "
+                             "keep_acc['brecq'] or keep_acc['qdrop'], which are off; switch one on or drop recon_blocks")
         if self.smooth_quant and not self.act_quant:
             raise ValueError(f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
                              "it needs act_quant=True")

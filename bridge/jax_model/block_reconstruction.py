@@ -17,6 +17,7 @@ layer outside them is a block of its own. `blocks=[names]` overrides.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 
 import jax
@@ -46,12 +47,40 @@ class BlockReport:
     compiles: int
 
 
+class BlockNameError(ValueError):
+    """A block named in `QuantConfig.recon_blocks` is not a usable block of the model."""
+
+
+def named_blocks(model: nn.Module, layer_names, named) -> list[str]:
+    """The user's blocks (`QuantConfig.recon_blocks`), checked, and every quantized layer
+    outside them alone, in module order."""
+    names = list(layer_names)
+    modules = dict(model.named_modules())
+    for i, b in enumerate(named):
+        if b not in modules:
+            near = difflib.get_close_matches(b, list(modules), n=3)
+            raise BlockNameError(f"QuantConfig.recon_blocks[{i}]={b!r} is not a module of the model"
+                                 + (f"; nearest names: {near}" if near else ""))
+        if not _holds(names, b):
+            raise BlockNameError(f"QuantConfig.recon_blocks[{i}]={b!r} holds no quantized layer; name a module that "
+                                 "contains quantized Linear/Conv layers")
+        for other in named[:i]:
+            if b == other or b.startswith(other + ".") or other.startswith(b + "."):
+                raise BlockNameError(f"QuantConfig.recon_blocks: {b!r} and {other!r} overlap; name disjoint modules")
+    covered = {n for b in named for n in _holds(names, b)}
+    return list(named) + [n for n in names if n not in covered]
+
+
+def _holds(names: list[str], prefix: str) -> list[str]:
+    return [n for n in names if n == prefix or n.startswith(prefix + ".")]
+
+
 def find_blocks(model: nn.Module, layer_names) -> list[str]:
     """Block names (see the module docstring), in module order."""
     names = list(layer_names)
 
     def holds(prefix: str) -> list[str]:
-        return [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        return _holds(names, prefix)
 
     blocks: list[str] = []
     covered: set[str] = set()
@@ -73,7 +102,13 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
 
 
 def call_order(model: nn.Module, blocks: list[str], batch) -> list[str]:
-    """`blocks` in the order the model first calls them on `batch`."""
+    """`blocks` in the order the model first calls them on `batch` (those never called last)."""
+    seen, missing = _called(model, blocks, batch)
+    return seen + missing
+
+
+def _called(model: nn.Module, blocks: list[str], batch) -> tuple[list[str], list[str]]:
+    """`(blocks in the order the model first calls them on batch, blocks it never calls)`."""
     seen: list[str] = []
     handles = [model.get_submodule(b).register_forward_pre_hook(lambda *_, b=b: seen.append(b) if b not in seen else None)
                for b in blocks]
@@ -83,8 +118,7 @@ def call_order(model: nn.Module, blocks: list[str], batch) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    missing = [b for b in blocks if b not in seen]
-    return seen + missing
+    return seen, [b for b in blocks if b not in seen]
 
 
 def _capture(model: nn.Module, block: str, batches) -> tuple[list, list, list]:
@@ -225,7 +259,10 @@ def reconstruct_blocks(model: nn.Module, quantizers: dict, records: dict[str, La
     """Every block reconstructed in call order; returns all records and a report per block."""
     batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
     blocks = blocks or find_blocks(model, quantizers)
-    blocks = call_order(model, blocks, batches[0][1])
+    blocks, missing = _called(model, blocks, batches[0][1])
+    if missing:
+        raise BlockNameError(f"blocks {missing[:3]} are never called by the model's forward (a ModuleList itself is "
+                             "not called; name its items), so there is no input to reconstruct them from")
     records, reports = dict(records), []
     for block in blocks:
         new, report = reconstruct_block(model, block, quantizers, records, batches, params, set_quant, mesh=mesh,

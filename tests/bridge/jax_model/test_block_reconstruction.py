@@ -102,3 +102,45 @@ def test_default_bias_correction_is_applied_to_the_learned_weights():
     assert all(cal.records[n].bias_correction is not None for n in cal.records)
     q = cal._quantizers()[learned[0]]
     np.testing.assert_array_equal(q.bias_correction.numpy(), cal.records[learned[0]].bias_correction)
+
+
+def test_named_blocks_and_the_layers_outside_them_alone():
+    from bridge.jax_model.block_reconstruction import BlockNameError, named_blocks
+
+    net, _ = _net_and_data()
+    layers = ["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "blocks.2.a", "blocks.2.b", "head"]
+    assert named_blocks(net, layers, ("blocks.0", "blocks.1")) == \
+        ["blocks.0", "blocks.1", "stem", "blocks.2.a", "blocks.2.b", "head"]
+    with pytest.raises(BlockNameError, match=r"recon_blocks\[0\]='block\.0' is not a module.*'blocks\.0'"):
+        named_blocks(net, layers, ("block.0",))
+    with pytest.raises(BlockNameError, match="overlap"):
+        named_blocks(net, layers, ("blocks", "blocks.1"))
+    with pytest.raises(BlockNameError, match="holds no quantized layer"):
+        named_blocks(net, ["stem", "head"], ("blocks.0",))
+
+
+def test_config_refuses_named_blocks_without_block_reconstruction():
+    with pytest.raises(ValueError, match="recon_blocks"):
+        jaxq.QuantConfig(recon_blocks=["encoder.layer.0"])
+    assert jaxq.QuantConfig(recon_blocks=["a"], keep_acc={"qdrop": [True, 5]}).recon_blocks == ("a",)
+
+
+@pytest.mark.slow
+def test_a_user_names_the_blocks():
+    net, data = _net_and_data()
+    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={"brecq": [True, 10]}, recon_blocks=["blocks.0", "blocks.1"])
+    cal = Calibrator(net, cfg, data, progress=False).run()
+    assert [r.name for r in cal.reports["blocks"]] == ["blocks.0", "blocks.1", "blocks.2.a", "blocks.2.b"]
+
+
+@pytest.mark.slow
+def test_a_block_that_is_never_called_is_one_clear_error_and_the_model_is_restored():
+    from bridge.fakequant import quantizers
+    from bridge.jax_model.block_reconstruction import BlockNameError
+
+    net, data = _net_and_data()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={"brecq": [True, 10]}, recon_blocks=["blocks"])
+    with pytest.raises(BlockNameError, match="never called.*name its items"):
+        Calibrator(net, cfg, data, progress=False).run()
+    assert not quantizers(net) and all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
