@@ -14,7 +14,7 @@ import numpy as np
 
 import jaxq
 from bridge.context import Context, UncalibratedLayerError
-from bridge.memory import COPIES_FLOAT_INPUTS, COPIES_QUANTIZED_INPUTS, budget_bytes, plan_row_groups
+from bridge.memory import COPIES_FLOAT_INPUTS, COPIES_QUANTIZED_INPUTS, budget_bytes, plan_row_groups, release_freed_memory
 from bridge.record import LayerRecord, apply_records
 
 
@@ -73,6 +73,7 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None):
         finally:
             for q in ctx.quantizers.values():
                 q.quant_enabled = False
+    release_freed_memory()  # the per-batch parts of the samples
     out = {}
     for name, q in ctx.quantizers.items():
         bias = q.float_bias
@@ -108,6 +109,7 @@ def keep_accuracy(ctx: Context, float_weights, weights, act, timings: dict):
         w, a, c, r = _keep_accuracy_group(sub, {n: float_weights[n] for n in names}, {n: weights[n] for n in names},
                                           {n: act[n] for n in names if n in act},
                                           None if per_layer is None else {n: per_layer[n] for n in names}, timings)
+        release_freed_memory()  # the group's rows are gone
         weights.update(w)
         act.update(a)
         corrections.update(c or {})

@@ -24,6 +24,7 @@ from bridge.data import (
 )
 from bridge.fakequant import LayerQuantizer
 from bridge.functional import FunctionalTaps, find_functional_layers
+from bridge.memory import release_freed_memory
 from bridge.fuse import fuse_conv_bn
 from bridge.modules import layer_spec, quantizable_layers, resolve_disabled, unsupported_layers, weight_name
 from bridge.synthetic import distill_bn_batches
@@ -160,6 +161,7 @@ def prepare(model: nn.Module, cfg: jaxq.QuantConfig, data: Iterable, device, fus
     functional = find_functional_layers(model, enabled, batch)
     specs = {n: layer_spec(n, m) for n, m in enabled.items()}
     attach_quantizers(model, enabled, functional, cfg, edit)
+    release_freed_memory()  # the probing forwards (one with autograd) leave freed arenas behind
     return Prepared(layers, disabled, unsupported, specs)
 
 

@@ -166,12 +166,16 @@ class RowCapture:
         return parts
 
     def result(self) -> dict[str, np.ndarray]:
-        """At most `rows` rows per layer, sampled uniformly from what every batch gave."""
+        """At most `rows` rows per layer, sampled uniformly from what every batch gave
+        (once: each layer's per-batch parts are let go as its rows are assembled)."""
         if not self.keep_rows:
             raise RuntimeError("RowCapture(keep_rows=False) keeps only the mean rows")
+        if any(parts is None for parts in self._parts.values()):
+            raise RuntimeError("RowCapture.result() gives its rows once")
         out = {}
-        for name, parts in self._parts.items():
-            parts = self._called(name, parts)
+        for name in list(self._parts):
+            parts = self._called(name, self._parts[name])
+            self._parts[name] = None
             sizes = np.array([p.shape[0] for p in parts])
             if sizes.sum() > self.rows[name]:  # pick from the parts, without concatenating them all first
                 keep = np.sort(self._rng[name].choice(sizes.sum(), size=self.rows[name], replace=False))

@@ -16,12 +16,13 @@ from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxq.adaround import AdaRoundParams, AdaRoundResult, adaround_bucket, row_moments_bucket
+from jaxq.adaround import AdaRoundParams, AdaRoundResult, Moments, RowFactor, adaround_bucket, moment_sum, row_moments
 from jaxq.admm import admm_quantize_bucket
 from jaxq.bias_correction import bias_shift_bucket
 from jaxq.calibrate import QuantizedWeight, map_buckets
-from jaxq.easyquant import EasyQuantResult, easy_quant_bucket
+from jaxq.easyquant import ROWS_USED, EasyQuantResult, easy_quant_bucket
 from jaxq.numerics import dequantize, quantize
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
@@ -62,8 +63,12 @@ def squant_weights(weights: Mapping[str, jax.Array], quantized: Mapping[str, Qua
 
 def easy_quant_layers(layers: Mapping[str, LayerRows], candidates: int, rounds: int = 2,
                       progress=None) -> dict[str, EasyQuantResult]:
-    """EasyQuant on many layers (weight quantizers per output channel)."""
-    inputs = {n: l._replace(weight=QParams(l.weight.scale, l.weight.offset, l.weight.scheme.with_axis(0)))
+    """EasyQuant on many layers (weight quantizers per output channel).
+
+    Only the rows the search reads (`jaxq.easyquant.ROWS_USED`) are stacked, and the float
+    rows once when they are the same rows (float inputs)."""
+    inputs = {n: l._replace(rows=l.rows[:ROWS_USED], target=None if l.target is l.rows else l.target[:ROWS_USED],
+                            weight=QParams(l.weight.scale, l.weight.offset, l.weight.scheme.with_axis(0)))
               for n, l in layers.items()}
     return map_buckets(bind(_easy_quant_bucket, candidates=candidates, rounds=rounds), inputs, progress)
 
@@ -74,15 +79,40 @@ def _easy_quant_bucket(layer, candidates: int, rounds: int):
 
 def adaround_layers(weights: Mapping[str, jax.Array], layers: Mapping[str, LayerRows], params: AdaRoundParams,
                     progress=None) -> dict[str, AdaRoundResult]:
-    """AdaRound codes for many layers under their (fixed) weight and activation quantizers."""
-    return map_buckets(bind(_adaround_bucket, params=params), {n: (jnp.asarray(weights[n]), layers[n]) for n in layers},
-                       progress)
+    """AdaRound codes for many layers under their (fixed) weight and activation quantizers.
+
+    Each layer's rows are reduced to their moment one layer at a time, so only the small
+    moments are stacked into buckets (memory: one layer's rows, not a bucket's)."""
+    inputs = {n: (jnp.asarray(weights[n]), l.wg, l.weight, layer_moment(l.rows, l.act)) for n, l in layers.items()}
+    return map_buckets(bind(_adaround_bucket, params=params), inputs, progress)
+
+
+_row_moments = jax.jit(row_moments)
+MOMENT_CHUNK = 256  # rows moved to the device at a time when a layer's moment is summed
+
+
+def layer_moment(rows, act: QParams | None) -> Moments | RowFactor:
+    """`row_moments(rows, act)` of host rows `[m, g, d]`, summed `MOMENT_CHUNK` rows at a
+    time (`moment_sum`; the last chunk zero-padded and masked, so one program per row
+    shape) — a layer's rows are never copied whole. Rows wider than they are many keep
+    their factor, which is as large as the rows anyway."""
+    m, g, d = rows.shape
+    if d > m or m <= MOMENT_CHUNK:
+        return _row_moments(rows, act)
+    total = None
+    for start in range(0, m, MOMENT_CHUNK):
+        chunk = np.asarray(rows[start:start + MOMENT_CHUNK], np.float32)
+        k = chunk.shape[0]
+        if k < MOMENT_CHUNK:
+            chunk = np.concatenate([chunk, np.zeros((MOMENT_CHUNK - k, g, d), np.float32)])
+        part = moment_sum(chunk, act, np.arange(MOMENT_CHUNK) < k)
+        total = part if total is None else total + part
+    return Moments(total / m)
 
 
 def _adaround_bucket(t, params: AdaRoundParams):
-    w, layer = t
-    mom = row_moments_bucket(layer.rows, layer.act)
-    return adaround_bucket(w, tuple(layer.wg.shape[1:]), layer.weight, mom, params)
+    w, wg, weight, mom = t
+    return adaround_bucket(w, tuple(wg.shape[1:]), weight, mom, params)
 
 
 @jax.jit

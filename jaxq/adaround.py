@@ -90,7 +90,12 @@ def row_moments(rows: jax.Array, act: QParams | None) -> Moments | RowFactor:
     return Moments(jnp.einsum("mgd,mge->gde", x_hat, x_hat, precision=lax.Precision.HIGHEST) / m)
 
 
-row_moments_bucket = jax.jit(jax.vmap(row_moments))
+@jax.jit
+def moment_sum(rows: jax.Array, act: QParams | None, valid: jax.Array) -> jax.Array:
+    """`Σ x̂x̂ᵀ` `[g, d, d]` over the rows `[c, g, d]` where `valid` `[c]` is True: one chunk
+    of `row_moments`' sum (`Ĥ = Σ_chunks / m`), so no more than a chunk is ever on device."""
+    x_hat = (rows if act is None else fake_quant(rows, act)) * valid[:, None, None].astype(rows.dtype)
+    return jnp.einsum("mgd,mge->gde", x_hat, x_hat, precision=lax.Precision.HIGHEST)
 
 
 def rectified_sigmoid(v: jax.Array) -> jax.Array:
