@@ -19,6 +19,7 @@ from bridge.context import Context, UncalibratedLayerError
 from bridge.data import iter_batches
 from bridge.capture import check_finite
 from bridge.keep_acc import FunctionalLayerError, keep_accuracy
+from bridge.memory import release_freed_memory
 from bridge.reconstruction import LayerGeometryError
 from bridge.record import LayerRecord, is_nearest
 from bridge.smoothing import smooth
@@ -74,6 +75,7 @@ def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
     t0 = time.perf_counter()
     smoothing = smooth(ctx) if cfg.smooth_quant else None
     act = activation_qparams(ctx) if cfg.act_quant else {}
+    release_freed_memory()  # the observed forwards' activations
     t1 = time.perf_counter()
     float_weights = _float_weights(ctx)
     _check_weights(float_weights)
