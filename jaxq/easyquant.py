@@ -13,7 +13,7 @@ always a candidate and a new one is taken only when it is strictly better, so th
 the calibration rows never decreases. The search fits `ROWS` rows and a layer keeps the
 found scales only if they also raise its cosine on the next `ROWS` (held out; measured
 in `benchmarks/README.md`). The candidate axis is a `vmap`, evaluated in chunks (`lax.map`) to bound
-memory: `CHUNK` candidates at a time, fewer when each one quantizes large rows.
+memory.
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ from jaxq.rows import rows_forward
 
 ALPHA, BETA = 0.5, 2.0
 CHUNK = 8
-CHUNK_BYTES = 32 << 20  # fewer candidates at a time when each one's quantized rows are large
 # Rows the search uses (the first of the sampled ones): the cost is candidates × rows ×
 # weights, and a cosine over a few hundred rows of `out` channels is already a stable score.
 ROWS = 512
@@ -57,12 +56,6 @@ def _candidates(n: int) -> jax.Array:
     return jnp.linspace(ALPHA, BETA, n, dtype=jnp.float32)
 
 
-def _candidates_at_once(floats_per_candidate: int) -> int:
-    """Candidates scored together (`lax.map`'s batch): `CHUNK`, fewer when each needs its
-    own copy of more than `CHUNK_BYTES / CHUNK` (a depthwise layer's rows: tens of MB)."""
-    return int(max(1, min(CHUNK, CHUNK_BYTES // (4 * max(1, floats_per_candidate)))))
-
-
 def search_act_scale(rows, y, w_hat_g, b, act: QParams, candidates: int) -> QParams:
     """Best per-tensor activation scale factor for the whole-layer cosine."""
 
@@ -70,7 +63,7 @@ def search_act_scale(rows, y, w_hat_g, b, act: QParams, candidates: int) -> QPar
         return _cosine(y, rows_forward(w_hat_g, b, fake_quant(rows, _scaled(act, factor))))
 
     grid = _candidates(candidates)
-    scores = jax.lax.map(score, grid, batch_size=_candidates_at_once(rows.size))
+    scores = jax.lax.map(score, grid, batch_size=CHUNK)
     current = score(jnp.float32(1.0))
     best = jnp.argmax(scores)
     factor = jnp.where(scores[best] > current, grid[best], 1.0)
@@ -120,8 +113,7 @@ def search_weight_scales(rows_hat, y, wg, b, weight: QParams, candidates: int) -
         return channel_cosine(fake_quant(flat, _scaled(weight, factor)).reshape(g, o, d))  # [out]
 
     grid = _candidates(candidates)
-    outputs = rows_hat.shape[0] * g * o if d > rows_hat.shape[0] else 0  # recomputed per candidate
-    scores = jax.lax.map(score, grid, batch_size=_candidates_at_once(flat.size + outputs))  # [candidates, out]
+    scores = jax.lax.map(score, grid, batch_size=CHUNK)  # [candidates, out]
     current = score(jnp.float32(1.0))
     best = jnp.argmax(scores, axis=0)
     best_score = jnp.take_along_axis(scores, best[None], axis=0)[0]
