@@ -115,3 +115,43 @@ def test_second_run_compiles_nothing(digits_calib):
 def test_config_rejects_non_bool():
     with pytest.raises(TypeError, match="bias_correction"):
         jaxq.QuantConfig(bias_correction="yes")
+
+
+def test_default_is_on_with_calibration_data_and_off_data_free(digits_calib):
+    assert jaxq.QuantConfig().bias_correction is None
+    with_data = Calibrator(load_digits_cnn(), jaxq.QuantConfig(w_bit=4), digits_calib, progress=False)
+    data_free = Calibrator(load_digits_cnn(), jaxq.QuantConfig(w_bit=4, quant_mode=0, input_shape=[1, 1, 8, 8]), None,
+                           progress=False)
+    assert with_data.cfg.bias_correction is True and data_free.cfg.bias_correction is False
+    explicit = Calibrator(load_digits_cnn(), jaxq.QuantConfig(w_bit=4, bias_correction=False), digits_calib, progress=False)
+    assert explicit.cfg.bias_correction is False
+
+
+def test_default_correction_lives_in_the_state_dict(digits_calib):
+    cal = Calibrator(load_digits_cnn(), jaxq.QuantConfig(w_bit=4), digits_calib, progress=False).run()
+    deltas = {k: v for k, v in cal.model.state_dict().items() if k.endswith("bias_correction")}
+    assert deltas and any(float(v.abs().max()) > 0 for v in deltas.values())
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.mha(h, h, h)[0]
+
+
+def test_default_is_skipped_with_a_warning_where_rows_cannot_be_sampled():
+    from bridge.calibration import BiasCorrectionSkipped
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 5, 8) for _ in range(2)]
+    cfg = jaxq.QuantConfig(quantize_first_last=True, recon_rows=32)
+    with pytest.warns(BiasCorrectionSkipped, match="functional"):
+        cal = Calibrator(_Attention().eval(), cfg, data, progress=False).run()
+    assert "bias_correction_skipped" in cal.reports
+    with pytest.raises(Exception, match="functional"):  # asked for explicitly: an error, not a silent skip
+        Calibrator(_Attention().eval(), cfg.replace(bias_correction=True), data, progress=False).run()
