@@ -87,15 +87,18 @@ def row_moments(rows: jax.Array, act: QParams | None) -> Moments | RowFactor:
     m, _, d = rows.shape
     if d > m:
         return RowFactor(jnp.swapaxes(x_hat, 0, 1) / jnp.sqrt(jnp.float32(m)))
-    return Moments(jnp.einsum("mgd,mge->gde", x_hat, x_hat, precision=lax.Precision.HIGHEST) / m)
+    return Moments(_outer_sum(x_hat) / m)
+
+
+def _outer_sum(x_hat: jax.Array) -> jax.Array:
+    return jnp.einsum("mgd,mge->gde", x_hat, x_hat, precision=lax.Precision.HIGHEST)
 
 
 @jax.jit
 def moment_sum(rows: jax.Array, act: QParams | None, valid: jax.Array) -> jax.Array:
     """`Σ x̂x̂ᵀ` `[g, d, d]` over the rows `[c, g, d]` where `valid` `[c]` is True: one chunk
     of `row_moments`' sum (`Ĥ = Σ_chunks / m`), so no more than a chunk is ever on device."""
-    x_hat = (rows if act is None else fake_quant(rows, act)) * valid[:, None, None].astype(rows.dtype)
-    return jnp.einsum("mgd,mge->gde", x_hat, x_hat, precision=lax.Precision.HIGHEST)
+    return _outer_sum((rows if act is None else fake_quant(rows, act)) * valid[:, None, None].astype(rows.dtype))
 
 
 def rectified_sigmoid(v: jax.Array) -> jax.Array:
