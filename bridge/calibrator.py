@@ -26,7 +26,7 @@ from bridge.context import Context
 from bridge.data import iter_batches
 from bridge.devices import resolve_device
 from bridge.prepare import EmptyModelError, calibration_data, prepare
-from bridge.record import PARAM_KEYS, LayerRecord, apply_records, params_view
+from bridge.record import PARAM_KEYS, LayerRecord, apply_records, params_view, refresh_records
 from bridge.sensitivity import FallbackCurve, SensitivityTable
 from bridge.transaction import ModelEdit, refuse_quantized
 from jaxq.sharding import check_mesh, layers_over
@@ -81,7 +81,7 @@ class Calibrator:
             raise
         self.specs, self.disabled, self.unsupported = prepared.specs, prepared.disabled, prepared.unsupported
         self.all_layers = prepared.layers
-        self.records: dict[str, LayerRecord] | None = None
+        self._records: dict[str, LayerRecord] | None = None
         self._jax_cache = None
         self.reports: dict = {}
         self.timings: dict[str, float] = {}
@@ -125,6 +125,19 @@ class Calibrator:
         return Context(self.model, layers if layers is not None else self._quantizers(), self.specs, self.cfg,
                        self.calib_data, self.device, self.progress, self.mesh, self._default_bias_correction)
 
+    @property
+    def records(self) -> dict[str, LayerRecord] | None:
+        """Per quantized layer, its parameter record — of the model as it is now: a weight
+        trained or loaded since `run()` gets the codes its fake quantizer computes
+        (`bridge.record.refresh_records`)."""
+        if self._records is not None and not self._restored:
+            self._records = refresh_records(self._quantizers(), self._records)
+        return self._records
+
+    @records.setter
+    def records(self, value) -> None:
+        self._records = value
+
     # -- calibration --------------------------------------------------------------------
     def run(self) -> "Calibrator":
         """Capture activations, compute every layer's record and switch quantization on.
@@ -134,8 +147,8 @@ class Calibrator:
         self.disable_quant()
         try:
             with layers_over(self.mesh):
-                self.records, self.reports, self.timings = calibrate(self._context())
-            apply_records(self._quantizers(), self.records)
+                self._records, self.reports, self.timings = calibrate(self._context())
+            apply_records(self._quantizers(), self._records)
             self.enable_quant()
             if self.cfg.keep_acc.blocks[0]:
                 self._reconstruct_blocks()
@@ -143,7 +156,7 @@ class Calibrator:
                 table = self.sensitivity(metrics=(self.cfg.amp_metric,))
                 self.fall_back(table.ranked(self.cfg.amp_metric)[: self.cfg.amp_num])
         except BaseException:
-            self.records = None
+            self._records = None
             self.restore()
             raise
         return self
@@ -164,7 +177,7 @@ class Calibrator:
 
         t0 = time.perf_counter()
         with self._context().bar("jaxq blocks", len(blocks), unit="block") as bar:
-            self.records, reports = reconstruct_blocks(self.model, quantizers, self.records, self.calib_data, self.device,
+            self._records, reports = reconstruct_blocks(self.model, quantizers, self._records, self.calib_data, self.device,
                                                        ReconParams(steps=iters, keep=keep), set_quant, blocks, bar,
                                                        mesh=self.mesh)
         if self.cfg.bias_correction and "bias_correction_skipped" not in self.reports:
@@ -178,12 +191,12 @@ class Calibrator:
 
         self.disable_quant()
         try:
-            corrections = bias_corrections_of(self._context(), self.records)
+            corrections = bias_corrections_of(self._context(), self._records)
         finally:
             self.enable_quant()
-        self.records = {n: dataclasses.replace(r, bias_correction=corrections.get(n, r.bias_correction))
-                        for n, r in self.records.items()}
-        apply_records(self._quantizers(), self.records)
+        self._records = {n: dataclasses.replace(r, bias_correction=corrections.get(n, r.bias_correction))
+                        for n, r in self._records.items()}
+        apply_records(self._quantizers(), self._records)
 
     def activation_histograms(self, bins: int | None = None) -> dict[str, jaxq.HistogramState]:
         """Histogram of every quantized layer's input over the calibration data (float
@@ -259,7 +272,7 @@ class Calibrator:
                 raise ValueError(f"{name!r} is not a quantized layer; quantized layers: {list(layers)[:5]}…")
         for name in names:
             layers[name].detach()
-            self.records.pop(name, None)
+            self._records.pop(name, None)
             self.fallen_back.append(name)
 
     def fallback_search(self, target: float, by: str = "isolated", samples: int | None = None,
@@ -301,7 +314,7 @@ class Calibrator:
     # -- results ------------------------------------------------------------------------
     def _require_run(self) -> dict[str, LayerRecord]:
         self._require_open()
-        if self.records is None:
+        if self._records is None:
             raise RuntimeError("Calibrator.run() has not been called yet")
         return self.records
 
@@ -341,13 +354,14 @@ class Calibrator:
         """Load parameters written by `export_param` into this calibrator's layers (no data
         needed). The files are checked against this calibrator (config, layers, shapes,
         values) before anything changes."""
-        from bridge.reload import read_records
+        from bridge.reload import load_float_params, read_params, read_records
 
         self._require_open()
         records = read_records(path, self.cfg, {n: q for n, q in self._edit.quantizers.items()}, self.fused)
+        load_float_params(self.model, path, read_params(path)[0], self._edit)
         layers = self._quantizers()
         apply_records(layers, records)
-        self.records = records
+        self._records = records
         self.enable_quant()
         return self
 

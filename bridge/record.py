@@ -95,6 +95,34 @@ def apply_records(quantizers: dict, records: dict[str, LayerRecord]) -> None:
                       None if rec.input_offset is None else torch.from_numpy(np.array(rec.input_offset, np.int32)))
         q.set_weight_codes(torch.from_numpy(np.array(rec.codes, np.int32)) if rec.custom_codes else None)
         q.set_bias_correction(None if rec.bias_correction is None else torch.from_numpy(np.array(rec.bias_correction, np.float32)))
+        q.recorded_weight = weight_stamp(q)
+
+
+def weight_stamp(q) -> tuple:
+    """Identity and version of `q`'s float weight: changes when the weight is trained,
+    loaded (`load_state_dict`) or replaced."""
+    w = q.original_weight
+    return (id(w), w.data_ptr(), w._version, None if q.smoothing is None else q.smoothing.data_ptr())
+
+
+def refresh_records(quantizers: dict, records: dict[str, LayerRecord]) -> dict[str, LayerRecord]:
+    """The records of the model as it is now: a layer whose float weight changed since its
+    record was written (fine-tuning through the fake quantizer, `load_state_dict`) gets the
+    codes of its current weight on the calibrated scales — exactly what its fake-quant
+    weight computes. Custom codes (SQuant, AdaRound, blocks) are what the layer simulates
+    whatever its float weight, so they stay. Returns `records` itself when nothing changed."""
+    changed = {}
+    for name, rec in records.items():
+        q = quantizers.get(name)
+        if q is None or rec.custom_codes or getattr(q, "recorded_weight", None) == weight_stamp(q):
+            continue
+        w = q.float_weight.detach().float().cpu().numpy()
+        qp = QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme)
+        codes = np.asarray(quantize(w, qp)).astype(np.int32)
+        q.recorded_weight = weight_stamp(q)
+        if not np.array_equal(codes, rec.codes):
+            changed[name] = dataclasses.replace(rec, codes=codes)
+    return {**records, **changed} if changed else records
 
 
 def params_view(records: dict[str, LayerRecord], w_bit: int, w_signed: bool) -> dict[str, dict[str, np.ndarray]]:

@@ -19,6 +19,7 @@ from torch import nn
 
 import jaxq
 from bridge.export import FORMAT_VERSION, JSON_NAME, SAFETENSORS_NAME, verify_manifest
+from bridge.export.float_state import check_float_state, write_float_state
 from bridge.fakequant import LayerQuantizer
 from bridge.prepare import attach_quantizers
 from bridge.fuse import fold, fold_bn_into_conv
@@ -56,6 +57,31 @@ def read_params(path) -> tuple[dict, dict[str, np.ndarray]]:
     except (SafetensorError, OSError, ValueError) as e:
         raise ParamFileError(f"{str(path / SAFETENSORS_NAME)!r} cannot be read: {e}") from None
     return description, tensors
+
+
+def read_float_params(path, description: dict) -> dict[str, np.ndarray] | None:
+    """The carried float tensors (`bridge.export.float_state`), None for exports without them."""
+    name = description.get("float_params")
+    if name is None:
+        return None
+    source = Path(path).expanduser() / str(name)
+    try:
+        return load_file(str(source))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ParamFileError(f"{str(source)!r} cannot be read: {e}") from None
+
+
+def load_float_params(model: nn.Module, path, description: dict, edit: ModelEdit) -> None:
+    """Write the carried float tensors into `model` (checked first; replaced values logged in `edit`)."""
+    stored = read_float_params(path, description)
+    if stored is None:
+        return
+    source = repr(str(Path(path).expanduser() / str(description["float_params"])))
+    try:
+        live = check_float_state(model, stored, source)
+    except ValueError as e:
+        raise ParamFileError(str(e)) from None
+    edit.replaced += write_float_state(live, stored)
 
 
 def stored_config(description: dict, path) -> jaxq.QuantConfig:
@@ -137,10 +163,12 @@ def _folded_weights(model: nn.Module, description: dict, candidates: dict[str, n
 
 
 def load_quantized(model: nn.Module, path) -> nn.Module:
-    """Quantize `model` (the same float architecture and weights that were calibrated) in
-    place from the parameters in `path`: the recorded Conv+BN folds, the quantizers and
-    their buffers. Outputs are bit-identical to the calibrated model's. Everything is
-    checked first; on failure the model is unchanged."""
+    """Quantize `model` (the architecture that was calibrated) in place from the export in
+    `path`: the recorded Conv+BN folds, the quantizers and their buffers, and the float
+    tensors the export carries (biases, float layers, norms — replacing the model's own,
+    so a model fine-tuned after calibration reloads as it was exported). Outputs are
+    bit-identical to the calibrated model's at export. Everything is checked; on failure
+    the model is unchanged, and `restore_model` gives back the model as it was."""
     refuse_quantized(model)
     description, tensors = read_params(path)
     cfg = stored_config(description, path)
@@ -153,6 +181,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
             edit.folds.append(fold(model, conv, bn))
         layers = {n: candidates[n] for n in description["layers"]}
         attach_quantizers(model, layers, {n for n, d in description["layers"].items() if d.get("functional")}, cfg, edit)
+        load_float_params(model, path, description, edit)
         apply_records(edit.quantizers, records)
         for q in edit.quantizers.values():
             q.quant_enabled = True

@@ -49,6 +49,7 @@ class ModelEdit:
         self.folds: list[Fold] = []
         self.quantizers: dict[str, LayerQuantizer] = {}
         self.taps: FunctionalTaps | None = None
+        self.replaced: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its value before jaxq wrote it)
 
     def attach(self, quantizer: LayerQuantizer) -> None:
         self.quantizers[quantizer.name] = quantizer
@@ -62,6 +63,10 @@ class ModelEdit:
             if quantizer_of(q.module) is q:
                 q.detach()
         self.quantizers.clear()
+        with torch.no_grad():
+            for tensor, before in reversed(self.replaced):
+                tensor.copy_(before)
+        self.replaced.clear()
         for record in reversed(self.folds):
             unfold(self.model, record)
         self.folds.clear()

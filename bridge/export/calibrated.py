@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+
+import numpy as np
 
 from bridge.data import as_batch
 from bridge.export.files import ExportError, write_params, write_w8a8
+from bridge.export.float_state import float_state
 
 
 def config_dict(cfg) -> dict:
@@ -19,9 +23,30 @@ def config_dict(cfg) -> dict:
     return out
 
 
+def model_fingerprint(records: dict, float_tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over every record and float tensor: equal for exports of the same model."""
+    h = hashlib.sha256()
+    for name in sorted(records):
+        for field in dataclasses.fields(records[name]):
+            value = getattr(records[name], field.name)
+            h.update(f"{name}.{field.name}={value if value is None or isinstance(value, bool) else ''}".encode())
+            if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+                h.update(np.ascontiguousarray(value).tobytes())
+    for key in sorted(float_tensors):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(float_tensors[key]).tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_of(cal) -> str:
+    return model_fingerprint(cal.records, float_state(cal.model))
+
+
 def export_param(cal, path, legacy: bool = False) -> list:
     params = cal.params()
-    return write_params(path, params, cal.layer_descriptions(), config_dict(cal.cfg), legacy=legacy, fused=cal.fused)
+    floats = float_state(cal.model)
+    return write_params(path, params, cal.layer_descriptions(), config_dict(cal.cfg), legacy=legacy, fused=cal.fused,
+                        float_tensors=floats, model=model_fingerprint(cal.records, floats))
 
 
 def _float_tensors(model, layers) -> dict:
@@ -58,7 +83,7 @@ def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str |
         tensors[key] = value
         kinds[key] = "FLOAT"
     description = {"model_quant_type": "W8A8", **dict(sorted(kinds.items()))}
-    return write_w8a8(output_path, tensors, description, safetensors_name, json_name)
+    return write_w8a8(output_path, tensors, description, safetensors_name, json_name, model=fingerprint_of(cal))
 
 
 def check_uniform_8bit(cal, what: str) -> None:
@@ -100,5 +125,6 @@ def export_onnx(cal, model_arch, save_path, input_names, output_names, opset_ver
     if ascend:
         check_unsmoothed(cal, "the Ascend ONNX form")
     batch = as_batch(example_batch if example_batch is not None else next(iter(cal.calib_data)), 0)
-    return export_qdq(cal.model, batch, model_arch, save_path, input_names, output_names, opset_version, ascend=ascend)
+    return export_qdq(cal.model, batch, model_arch, save_path, input_names, output_names, opset_version, ascend=ascend,
+                      model_id=fingerprint_of(cal))
 

@@ -79,7 +79,8 @@ def _dict_output_names(model: nn.Module, batch: Batch) -> list[str] | None:
 
 
 def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input_names=None, output_names=None,
-               opset_version: int = 18, dynamic_axes: dict[int, str] | None = None, ascend: bool = False) -> list[Path]:
+               opset_version: int = 18, dynamic_axes: dict[int, str] | None = None, ascend: bool = False,
+               model_id: str | None = None) -> list[Path]:
     """Trace `model` on `batch` and write `<save_path>/<model_arch>.onnx` atomically.
 
     `dynamic_axes` maps axis → name for every input (default: axis 0 "batch"; keyword
@@ -119,7 +120,7 @@ def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input
         from bridge.export.ascend import to_ascend
 
         proto = to_ascend(proto)
-    with atomic_directory(save_path) as staging:
+    with atomic_directory(save_path, "onnx", model_id) as staging:
         onnx.save(proto, str(staging / f"{model_arch}.onnx"))
     return [Path(save_path) / f"{model_arch}.onnx"]
 

@@ -64,9 +64,10 @@ def test_stale_files_are_removed_and_manifest_names_every_file(exported, digits_
     cal, path = exported
     Calibrator(load_digits_cnn(), W8A8.replace(w_bit=4), digits_calib, progress=False).run().export_param(path, legacy=True)
     cal.export_param(path)  # no legacy this time: the W4 .npy files must go
-    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST_NAME, "quant_params.json", "quant_params.safetensors"])
+    files = {"quant_params.json", "quant_params.safetensors", "float_params.safetensors"}
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST_NAME, *files])
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    assert set(manifest["files"]) == {"quant_params.json", "quant_params.safetensors"}
+    assert set(manifest["files"]) == files
 
 
 def test_interrupted_export_is_refused(exported):
