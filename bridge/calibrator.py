@@ -79,6 +79,7 @@ class Calibrator:
         except BaseException:
             self._edit.restore()
             raise
+        self._edit.revert_buffers()
         self.specs, self.disabled, self.unsupported = prepared.specs, prepared.disabled, prepared.unsupported
         self.all_layers = prepared.layers
         self._records: dict[str, LayerRecord] | None = None

@@ -108,6 +108,9 @@ class LayerQuantizer:
         self._param_order = list(module._parameters)  # restored by detach (state_dict key order)
         weight = getattr(module, param)
         out, device = weight.shape[0], weight.device
+        self._class = type(module)
+        if parametrize.is_parametrized(module):  # the user's own: torch would add our properties to their class
+            module.__class__ = type(self._class.__name__, (self._class,), {})
         module.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32, device=device))
         module.register_buffer("weight_offset", torch.zeros(out, dtype=torch.int32, device=device))
         if act_scheme is not None:
@@ -188,7 +191,7 @@ class LayerQuantizer:
         `state_dict` has the same keys before and after calibration. A layer without a
         bias gets a zero bias (removed by `detach`)."""
         m = self.module
-        if parametrize.is_parametrized(m, self.bias_param):
+        if _ours(m, self.bias_param) is not None:
             return
         out = self.weight_scale.numel()
         m.register_buffer(DELTA, torch.zeros(out, dtype=torch.float32, device=self.weight_scale.device))
@@ -237,8 +240,9 @@ class LayerQuantizer:
 
     @property
     def original_weight(self) -> torch.Tensor:
-        """The model's own float weight (the parametrization's input)."""
-        return getattr(self.module.parametrizations, self.param).original
+        """The model's own float weight (the fake quantizer's input): the Parameter, or
+        the output of the user's own parametrizations (`weight_norm`, …) under ours."""
+        return _input_of_ours(self.module, self.param)
 
     @property
     def float_weight(self) -> torch.Tensor:
@@ -249,7 +253,7 @@ class LayerQuantizer:
     def float_bias(self) -> torch.Tensor | None:
         """The original bias (None if the layer has none)."""
         if parametrize.is_parametrized(self.module, self.bias_param):
-            return None if self._added_bias else getattr(self.module.parametrizations, self.bias_param).original
+            return None if self._added_bias else _input_of_ours(self.module, self.bias_param)
         return getattr(self.module, self.bias_param)
 
     def corrected_bias(self) -> torch.Tensor | None:
@@ -310,18 +314,14 @@ class LayerQuantizer:
 
     # -- undo --------------------------------------------------------------------------
     def detach(self, copy: bool = False) -> nn.Module:
-        """Remove every trace of quantization: the module is as it was before.
-
-        `copy=True` for a deep copy of a quantized module: it shares its parametrized
-        class with the original, which torch's removal would strip of its properties."""
+        """Remove every trace of quantization: the module is as it was before (its class,
+        its Parameters, the user's own parametrizations). `copy` is kept for callers of
+        the first design: a deep copy is detached the same way, the classes untouched."""
         m = self.module
         remove_hooks_of(m, LayerQuantizer, self)
-        if copy:
-            _unparametrize_copy(m)
-        else:
-            parametrize.remove_parametrizations(m, self.param, leave_parametrized=False)
-            if parametrize.is_parametrized(m, self.bias_param):
-                parametrize.remove_parametrizations(m, self.bias_param, leave_parametrized=False)
+        for name in (self.param, self.bias_param):
+            _remove_ours(m, name)
+        m.__class__ = self._class
         if self._added_bias:
             setattr(m, self.bias_param, None)
             self._added_bias = False
@@ -366,13 +366,49 @@ def quantizers(model: nn.Module) -> dict[str, LayerQuantizer]:
 wrappers = quantizers  # the name of the first design
 
 
-def _unparametrize_copy(module: nn.Module) -> None:
-    """`remove_parametrizations(leave_parametrized=False)` on a deep copy, leaving the
-    class (shared with the original) alone."""
-    for name, plist in module.parametrizations.items():
-        module._parameters[name] = plist.original
-    del module._modules["parametrizations"]
-    module.__class__ = type(module).__bases__[0]
+def _ours(module: nn.Module, name: str) -> int | None:
+    """Index of jaxq's parametrization in `module.parametrizations[name]` (None: none).
+    By type, so a deep copy's (a copy of ours) is found too."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for i, p in enumerate(module.parametrizations[name]):
+        if isinstance(p, _Owned):
+            return i
+    return None
+
+
+def _input_of_ours(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor jaxq's parametrization of `name` receives: the original Parameter, or
+    what the user's parametrizations before it make of their originals."""
+    plist = module.parametrizations[name]
+    index = _ours(module, name)
+    if index == 0 and plist.is_tensor:
+        return plist.original
+    x = plist[0](plist.original) if plist.is_tensor else plist[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
+    for i in range(1, index):
+        x = plist[i](x)
+    return x
+
+
+def _remove_ours(module: nn.Module, name: str) -> None:
+    """Remove jaxq's parametrization of `name`, leaving the user's own in place. Never
+    edits the parametrized class (shared with deep copies of the module): the module
+    gets its original Parameter; `detach` gives it its class back."""
+    index = _ours(module, name)
+    if index is None:
+        return
+    plist = module.parametrizations[name]
+    if len(plist) > 1:
+        del plist[index]
+        return
+    original = plist.original
+    del module.parametrizations[name]
+    if isinstance(original, nn.Parameter):
+        module._parameters[name] = original
+    else:
+        module._buffers[name] = original
+    if not len(module.parametrizations):
+        del module._modules["parametrizations"]
 
 
 def remove_hooks_of(module: nn.Module, owner_type: type, owner=None) -> None:

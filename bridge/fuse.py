@@ -8,7 +8,9 @@ tensor *is* that convolution's output (same object). With `k = γ / √(σ² + �
 The BN is replaced by `nn.Identity`. Fusion is kept only if the fused model reproduces
 the float model's output on the probe batch (a conv output also used elsewhere would
 break that); otherwise the model is left exactly as it was. Each fold is a `Fold`
-record that `unfold` undoes bit for bit.
+record that `unfold` undoes bit for bit — or, when the folded conv was trained since
+(fine-tuning through the quantized model), by the inverse map on its trained values
+(`W = W'/k`, `b = (b' − β)/k + μ`), so the BN comes back and the training is kept.
 
 The data flow is keyed on the conv outputs themselves (weak references), not on
 `id()` alone: a freed output's id may be reused by a later tensor.
@@ -96,9 +98,20 @@ def fold(model: nn.Module, conv_name: str, bn_name: str) -> Fold:
     return record
 
 
+def _trained_since_fold(conv: nn.Module, record: Fold) -> bool:
+    """Whether the conv's values differ from the fold of its recorded weights (recomputed)."""
+    weight, bias = folded_values(record.weight, record.bias, record.bn_module)
+    return not (torch.equal(conv.weight, weight) and conv.bias is not None and torch.equal(conv.bias, bias))
+
+
 def unfold(model: nn.Module, record: Fold) -> None:
-    """Undo `fold`: the conv's weight and bias and the BN are exactly as before."""
+    """Undo `fold`: the conv's weight and bias and the BN are exactly as before — or, if
+    the folded conv was trained since, the BN's inverse map of its trained values."""
     conv = model.get_submodule(record.conv)
+    if _trained_since_fold(conv, record):
+        _unfold_trained(conv, record)
+        set_module(model, record.bn, record.bn_module)
+        return
     with torch.no_grad():
         conv.weight.copy_(record.weight)
         if record.bias is None:
@@ -108,19 +121,47 @@ def unfold(model: nn.Module, record: Fold) -> None:
     set_module(model, record.bn, record.bn_module)
 
 
-def fold_bn_into_conv(conv: nn.Module, bn: nn.Module) -> None:
-    """`W' = W·k`, `b' = (b − μ)·k + β` with `k = γ/√(σ²+ε)`, in place on `conv`."""
+def _unfold_trained(conv: nn.Module, record: Fold) -> None:
+    """`W = W'/k`, `b = (b' − β)/k + μ` on the trained folded values (float64, then cast);
+    a channel with `k = 0` keeps its weight from before the fold. A conv that had no bias
+    gets one when training made `b` non-zero."""
+    bn = record.bn_module
+    with torch.no_grad():
+        var = bn.running_var.double()
+        k = (bn.weight.double() if bn.affine else 1.0) / torch.sqrt(var + bn.eps)
+        beta = bn.bias.double() if bn.affine else torch.zeros_like(var)
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        safe = torch.where(k == 0, torch.ones_like(k), k)
+        w = torch.where((k == 0).reshape(shape), record.weight.double(), conv.weight.double() / safe.reshape(shape))
+        b = torch.where(k == 0, torch.zeros_like(k) if record.bias is None else record.bias.double(),
+                        (conv.bias.double() - beta) / safe + bn.running_mean.double())
+        conv.weight.copy_(w.to(conv.weight.dtype))
+        if record.bias is None and not bool(b.any()):
+            conv.bias = None
+        else:
+            conv.bias.copy_(b.to(conv.bias.dtype))
+
+
+def folded_values(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """`W' = W·k`, `b' = (b − μ)·k + β` with `k = γ/√(σ²+ε)` (new tensors)."""
     with torch.no_grad():
         k = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
         beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-        conv.weight.mul_(k.reshape(shape).to(conv.weight.dtype))
-        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = ((b - bn.running_mean) * k + beta).to(conv.weight.dtype)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        new_weight = weight * k.reshape(shape).to(weight.dtype)
+        b = bias if bias is not None else torch.zeros_like(bn.running_mean)
+        return new_weight, ((b - bn.running_mean) * k + beta).to(weight.dtype)
+
+
+def fold_bn_into_conv(conv: nn.Module, bn: nn.Module) -> None:
+    """`folded_values` written into `conv` in place."""
+    weight, bias = folded_values(conv.weight, conv.bias, bn)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
         if conv.bias is None:
-            conv.bias = nn.Parameter(new_bias)
+            conv.bias = nn.Parameter(bias)
         else:
-            conv.bias.copy_(new_bias)
+            conv.bias.copy_(bias)
 
 
 def _max_rel_diff(a, b) -> float:

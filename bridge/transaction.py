@@ -50,6 +50,21 @@ class ModelEdit:
         self.quantizers: dict[str, LayerQuantizer] = {}
         self.taps: FunctionalTaps | None = None
         self.replaced: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its value before jaxq wrote it)
+        self.buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+
+    def revert_buffers(self) -> list[str]:
+        """Give back the model's own buffers that its forwards changed while jaxq ran them
+        (counters, running statistics updated by a custom forward); returns their names."""
+        names = {id(b): n for n, b in self.model.named_buffers()}
+        changed = []
+        with torch.no_grad():
+            for i, (b, version, value) in enumerate(self.buffers):
+                if b._version != version:
+                    if not torch.equal(b, value):
+                        changed.append(names.get(id(b), "?"))
+                        b.copy_(value)
+                    self.buffers[i] = (b, b._version, value)
+        return changed
 
     def attach(self, quantizer: LayerQuantizer) -> None:
         self.quantizers[quantizer.name] = quantizer
@@ -63,6 +78,7 @@ class ModelEdit:
             if quantizer_of(q.module) is q:
                 q.detach()
         self.quantizers.clear()
+        self.revert_buffers()
         with torch.no_grad():
             for tensor, before in reversed(self.replaced):
                 tensor.copy_(before)

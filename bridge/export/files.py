@@ -76,6 +76,13 @@ def atomic_directory(path: str | os.PathLike, export: str = "files", model: str 
         raise ExportError(f"export target {str(target)!r} exists and is not a directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create export directory {str(target)!r}: {e.strerror or e}") from e
+    for d in (target.parent, target):
+        if d.exists() and not os.access(d, os.W_OK | os.X_OK):
+            raise ExportError(f"export directory {str(d)!r} is not writable (an export is published by a rename in "
+                              f"{str(target.parent)!r})")
+    try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.jaxq-", dir=target.parent))
     except OSError as e:
         raise ExportError(f"cannot create export directory {str(target)!r}: {e.strerror or e}") from e
