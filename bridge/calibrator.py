@@ -160,6 +160,9 @@ class Calibrator:
             self._records = None
             self.restore()
             raise
+        finally:
+            if not self._restored:
+                self._edit.revert_buffers()
         return self
 
     def _reconstruct_blocks(self, blocks: list[str] | None = None) -> None:

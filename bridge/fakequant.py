@@ -377,6 +377,11 @@ def _ours(module: nn.Module, name: str) -> int | None:
     return None
 
 
+def has_ours(module: nn.Module, name: str) -> bool:
+    """Whether `module`'s tensor `name` carries jaxq's parametrization."""
+    return _ours(module, name) is not None
+
+
 def _input_of_ours(module: nn.Module, name: str) -> torch.Tensor:
     """The tensor jaxq's parametrization of `name` receives: the original Parameter, or
     what the user's parametrizations before it make of their originals."""

@@ -50,7 +50,7 @@ class ModelEdit:
         self.quantizers: dict[str, LayerQuantizer] = {}
         self.taps: FunctionalTaps | None = None
         self.replaced: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its value before jaxq wrote it)
-        self.buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
 
     def revert_buffers(self) -> list[str]:
         """Give back the model's own buffers that its forwards changed while jaxq ran them
@@ -58,12 +58,10 @@ class ModelEdit:
         names = {id(b): n for n, b in self.model.named_buffers()}
         changed = []
         with torch.no_grad():
-            for i, (b, version, value) in enumerate(self.buffers):
-                if b._version != version:
-                    if not torch.equal(b, value):
-                        changed.append(names.get(id(b), "?"))
-                        b.copy_(value)
-                    self.buffers[i] = (b, b._version, value)
+            for b, value in self.buffers:
+                if not torch.equal(b, value):
+                    changed.append(names.get(id(b), "?"))
+                    b.copy_(value)
         return changed
 
     def attach(self, quantizer: LayerQuantizer) -> None:

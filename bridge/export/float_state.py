@@ -13,15 +13,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.fakequant import BUFFERS, quantizer_of
+from torch.nn.utils import parametrize
+
+from bridge.fakequant import BUFFERS, has_ours, quantizer_of
 
 
-def _parametrized_original(module: nn.Module, name: str) -> torch.Tensor | None:
-    plist = getattr(module, "parametrizations", None)
-    if plist is None or name not in plist:
-        return None
-    entry = plist[name]
-    return entry.original if hasattr(entry, "original") else None
+def _carried_by_codes(model: nn.Module, list_name: str) -> bool:
+    """Whether the ParametrizationList at `list_name` holds a quantized layer's weight or
+    bias under jaxq's parametrization (the weight travels as codes, the bias by its own name)."""
+    owner_name, _, tensor = list_name.rpartition("parametrizations.")
+    owner = model.get_submodule(owner_name.rstrip("."))
+    q = quantizer_of(owner)
+    return q is not None and tensor in (q.param, q.bias_param) and has_ours(owner, tensor)
 
 
 def live_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -29,25 +32,15 @@ def live_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     named as in the model without quantizers (the tensors themselves, not copies)."""
     out: dict[str, torch.Tensor] = {}
     for mname, module in model.named_modules():
-        if ".parametrizations." in f".{mname}." or isinstance(module, torch.nn.utils.parametrize.ParametrizationList):
-            continue
         prefix = f"{mname}." if mname else ""
+        if isinstance(module, parametrize.ParametrizationList) and _carried_by_codes(model, mname):
+            continue
         q = quantizer_of(module)
-        skip = {q.param} if q is not None else set()
         for pname, p in module._parameters.items():
-            if p is not None and pname not in skip:
+            if p is not None:
                 out[prefix + pname] = p
-        for pname in getattr(module, "parametrizations", {}):
-            if pname in skip:
-                continue
-            if q is not None and pname == q.bias_param:
-                bias = q.float_bias
-                if bias is not None:
-                    out[prefix + pname] = bias
-                continue
-            original = _parametrized_original(module, pname)
-            if original is not None:
-                out[prefix + pname] = original
+        if q is not None and has_ours(module, q.bias_param) and q.float_bias is not None:
+            out[prefix + q.bias_param] = q.float_bias
         for bname, b in module._buffers.items():
             if b is not None and not (q is not None and bname in BUFFERS) and bname not in module._non_persistent_buffers_set:
                 out[prefix + bname] = b
