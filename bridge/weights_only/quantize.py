@@ -11,8 +11,9 @@ Output: shards of at most `shard_size_mib`, `model.safetensors.index.json`,
 Memory: each tensor is read in row blocks sized from `memory_budget_mib` (default: an
 eighth of RAM, at most 1 GiB) and written into its shard as it is produced; peak memory is
 the budget plus the process itself. Resumable: a shard appears only when complete, and
-`weights_only_progress.json` records finished shards; running again with the same
-checkpoint and options skips them.
+`weights_only_progress.json` records finished shards with a SHA-256 of their source
+tensors' bytes; running again with the same checkpoint and options skips a finished
+shard only when its source is unchanged (a checkpoint rewritten in place is quantized again).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -132,6 +134,24 @@ def _fingerprint(tensors: dict[str, TensorInfo], cfg: WeightOnlyConfig) -> str:
     return h.hexdigest()
 
 
+def _source_digest(items: list[Item]) -> str:
+    """SHA-256 of the source bytes of a shard's tensors (the checkpoint's contents, not its names)."""
+    h = hashlib.sha256()
+    for item in items:
+        info = item.source
+        h.update(info.name.encode())
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            left = info.nbytes
+            while left:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    raise CheckpointError(f"{str(info.file)!r} ends inside tensor {info.name!r} (truncated?)")
+                h.update(block)
+                left -= len(block)
+    return h.hexdigest()
+
+
 def _quantize_into(item: Item, shard: ShardFile, cfg: WeightOnlyConfig, budget: int, advance) -> None:
     info = item.source
     width = row_width(info.shape, cfg.group_size)
@@ -167,13 +187,13 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(tensors, cfg)
     state_path = out / PROGRESS
-    done: list[str] = []
+    done: dict[str, str] = {}  # finished shard → digest of its source tensors
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if state.get("fingerprint") != fingerprint:
             raise CheckpointError(f"{str(out)!r} holds an unfinished run of another checkpoint or other options "
                                   f"({state.get('options')}); use another directory or delete {PROGRESS} there")
-        done = state["done"]
+        done = state["done"] if isinstance(state.get("done"), dict) else {}
     elif (out / INDEX).exists():
         raise CheckpointError(f"{str(out)!r} already holds a quantized checkpoint; use another directory")
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -184,8 +204,12 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
     with tqdm(total=total, unit="B", unit_scale=True, desc="jaxq quantize-weights", disable=not progress) as bar:
         for name, items in zip(names, shards):
             if name in done and (out / name).exists():
-                bar.update(sum(it.source.nbytes for it in items))
-                continue
+                if _source_digest(items) == done[name]:
+                    bar.update(sum(it.source.nbytes for it in items))
+                    continue
+                warnings.warn(f"{name}: the source tensors of this finished shard changed since it was written "
+                              f"(the checkpoint was rewritten in place); quantizing it again", stacklevel=2)
+                del done[name]
             shard = ShardFile(out / name, [o for it in items for o in it.outputs],
                               {"format": "pt", "quantization": f"W{cfg.bits} {cfg.method}"})
             try:
@@ -199,7 +223,7 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
             except BaseException:
                 shard.abort()
                 raise
-            done.append(name)
+            done[name] = _source_digest(items)
             _write_json(state_path, {"fingerprint": fingerprint, "options": dataclasses.asdict(cfg), "done": done})
     weight_map = {o.name: name for name, items in zip(names, shards) for it in items for o in it.outputs}
     description = {"model_quant_type": f"W{cfg.bits}A16", "method": cfg.method, "group_size": cfg.group_size or 0}

@@ -156,3 +156,35 @@ def test_command_line(tmp_path, capsys):
     assert "4 tensors quantized to W4 (rtn, per channel)" in capsys.readouterr().out
     assert main(["quantize-weights", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "p")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_after_the_source_was_rewritten_in_place_quantizes_the_new_values(tmp_path, monkeypatch):
+    path, tensors = _checkpoint(tmp_path, sharded=True)
+    real_plan = wq.plan
+    monkeypatch.setattr(wq, "plan", lambda t, c: [[item] for shard in real_plan(t, c) for item in shard])
+    opts = dict(bits=4, group_size=32, exclude=("*embed*", "*norm*", "*conv*"), progress=False)
+    real = wq._quantize_into
+    calls = {"n": 0}
+
+    def dies_on_the_third(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(wq, "_quantize_into", dies_on_the_third)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(path, out, **opts)
+    monkeypatch.setattr(wq, "_quantize_into", real)
+    # same names, shapes and file sizes, other values
+    rewritten = {k: (-v if v.dim() >= 2 else v) for k, v in tensors.items()}
+    names = list(rewritten)
+    save_file({k: rewritten[k] for k in names[:3]}, tmp_path / "a.safetensors")
+    save_file({k: rewritten[k] for k in names[3:]}, tmp_path / "b.safetensors")
+    with pytest.warns(UserWarning, match="changed since it was written"):
+        quantize_checkpoint(path, out, **opts)
+    fresh = tmp_path / "fresh"
+    quantize_checkpoint(path, fresh, **opts)
+    a, b = _load_out(fresh), _load_out(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
