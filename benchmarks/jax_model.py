@@ -58,7 +58,7 @@ def main(argv=None):
         p = protocols.PROTOCOLS[name]()
         calib = p.calib_data if name != "minilm" else p.calib_data[:16]
         cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8), calib, progress=False).run()
-        batches = cal._amp_batches(10)
+        batches = cal.calibration_batches(10)
         fwd_torch, fwd_jax = float_forward(cal, batches)
         loop, t_loop = _timed(lambda: sens.isolated_sensitivity(cal.model, cal._quantizers(), batches))
         qf, t_lower = _timed(lambda: cal.jax_forward(batches[0]))

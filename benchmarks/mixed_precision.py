@@ -28,7 +28,7 @@ def main(argv=None):
         cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8), calib, progress=False).run()
         qf = cal.jax_forward()
         t = time.perf_counter()
-        front = mixed_precision_front(qf, cal._amp_batches(10), bits=bits)
+        front = mixed_precision_front(qf, cal.calibration_batches(10), bits=bits)
         seconds = time.perf_counter() - t
         print(f"{name}: front over {bits} in {seconds:.1f} s\n{front}\n")
         results = {}

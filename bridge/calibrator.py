@@ -25,6 +25,7 @@ from bridge.calibration import calibrate, histograms
 from bridge.context import Context
 from bridge.data import iter_batches
 from bridge.devices import resolve_device
+from bridge.functional import one_attention_path
 from bridge.prepare import EmptyModelError, calibration_data, prepare
 from bridge.record import PARAM_KEYS, LayerRecord, apply_records, params_view, refresh_records
 from bridge.sensitivity import FallbackCurve, SensitivityTable
@@ -217,7 +218,9 @@ class Calibrator:
                 q.quant_enabled = enabled[n]
 
     # -- sensitivity and fallback -------------------------------------------------------
-    def _amp_batches(self, samples: int | None = None):
+    def calibration_batches(self, samples: int | None = None) -> list:
+        """The first `samples` calibration samples (default `cfg.amp_samples`) as `Batch`es,
+        on the calibration device: what the studies (`sensitivity`, `mixed_precision_front`) read."""
         samples = sens.check_count("samples", samples)
         return sens.amp_batches((b for _, b in iter_batches(self.calib_data, self.device)), samples or self.cfg.amp_samples)
 
@@ -240,8 +243,9 @@ class Calibrator:
             from bridge.jax_model.studies import isolated_sensitivity
 
             isolated_by = lambda batches: isolated_sensitivity(self.jax_forward(batches[0]), batches, mesh=self.mesh)  # noqa: E731
-        return sens.sensitivity_table(self.model, self._quantizers(), self.specs, self.all_layers,
-                                      self._amp_batches(samples), metrics, isolated_by)
+        with one_attention_path():
+            return sens.sensitivity_table(self.model, self._quantizers(), self.specs, self.all_layers,
+                                          self.calibration_batches(samples), metrics, isolated_by)
 
     # -- the model as a JAX function ------------------------------------------------------
     def jax_forward(self, example_batch=None):
@@ -255,7 +259,7 @@ class Calibrator:
         if self._jax_cache is None or self._jax_cache[0] != key:
             from bridge.jax_model.quantized import quantized_forward
 
-            example = example_batch if example_batch is not None else self._amp_batches(1)[0]
+            example = example_batch if example_batch is not None else self.calibration_batches(1)[0]
             self._jax_cache = (key, quantized_forward(self.model, records, example, self._quantizers()))
         return self._jax_cache[1]
 
@@ -290,7 +294,8 @@ class Calibrator:
         layers = self._quantizers()
         limit = len(layers) if max_layers is None else max_layers
         order = self.sensitivity(metrics=(by,), samples=samples, engine=engine).ranked(by)[:limit]
-        curve = sens.fallback_curve(self.model, layers, self._amp_batches(samples), order, target)
+        with one_attention_path():
+            curve = sens.fallback_curve(self.model, layers, self.calibration_batches(samples), order, target)
         if curve.chosen > 0:
             self.fall_back(order[: curve.chosen])
         return curve

@@ -33,7 +33,7 @@ from torch import nn
 
 import jaxq
 from jaxq import observer_choice
-from bridge.tensors import to_jax
+from bridge.tensors import layer_input, to_jax
 from jaxq.observers import ROW
 
 MIN_BUCKET = 1024
@@ -144,7 +144,7 @@ class ActivationCapture:
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
-            observe(args[0] if args else next(iter(kwargs.values())))
+            observe(layer_input(args, kwargs))
 
         def observe(x: torch.Tensor) -> None:
             if name in self._pending or name in self._followers:  # keep this layer's updates in order

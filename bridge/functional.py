@@ -18,6 +18,8 @@ is applied to the fake-quantized result here.
 """
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import weakref
 
@@ -66,6 +68,7 @@ class FunctionalTaps(TorchFunctionMode):
         self.layers = layers
         self.index = _WeightIndex()
         self._depth = 0
+        self._active = False
         self._handles: list = []
         for layer in layers:
             layer.weight_watch = lambda w, layer=layer: self.index.note(w, layer)
@@ -104,13 +107,18 @@ class FunctionalTaps(TorchFunctionMode):
     # -- entering and leaving with the model's forward ------------------------------------
     def _enter(self, *_):
         if self._depth == 0:
-            self.__enter__()
+            # only when a tapped layer quantizes or is captured: otherwise the model takes
+            # torch's own paths (the fused attention fast path), exactly as the float model does
+            self._active = any(layer.quant_enabled or layer.listeners for layer in self.layers)
+            if self._active:
+                self.__enter__()
         self._depth += 1
 
     def _leave(self, *_):
         self._depth -= 1
         if self._depth == 0:
-            self.__exit__(None, None, None)
+            if self._active:
+                self.__exit__(None, None, None)
             self.index.clear()
 
     def install(self, model: nn.Module) -> "FunctionalTaps":
@@ -126,6 +134,19 @@ class FunctionalTaps(TorchFunctionMode):
         self._handles.clear()
         for layer in self.layers:
             layer.weight_watch = None
+
+
+@contextlib.contextmanager
+def one_attention_path():
+    """torch's fused attention fast path off for the forwards inside: the float and the
+    quantized forwards then compute every position alike (the fast path writes 0 at padded
+    positions, the tapped quantized path does not), so comparisons measure quantization."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def fused_path_layers(model: nn.Module, layers: dict[str, nn.Module]) -> set[str]:

@@ -95,6 +95,24 @@ def _is_pattern(name: str) -> bool:
     return any(c in name for c in "*?[")
 
 
+def matching_layers(layer_names: list[str], entry: str, field: str) -> list[str]:
+    """The layers `entry` (a name or a glob) names; `LayerNameError` naming `field`, the
+    entry and the nearest layer names when it names none."""
+    matches = fnmatch.filter(layer_names, entry) if _is_pattern(entry) else [n for n in layer_names if n == entry]
+    if not matches:
+        near = difflib.get_close_matches(entry, layer_names, n=5, cutoff=0.4)
+        hint = f"nearest layer names: {near}" if near else f"quantizable layers start with {layer_names[:5]}"
+        kind = "pattern" if _is_pattern(entry) else "entry"
+        raise LayerNameError(f"QuantConfig.{field} {kind} {entry!r} matches no quantizable layer; {hint}")
+    return matches
+
+
+def check_layer_bits(layer_names: list[str], layer_bits) -> None:
+    """Every `layer_bits` pattern names at least one quantizable layer (else `LayerNameError`)."""
+    for pattern, _bits in layer_bits:
+        matching_layers(layer_names, pattern, "layer_bits")
+
+
 def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool,
                      last: list[str] | None = None) -> set[str]:
     """Names kept in float (DESIGN.md §4).
@@ -108,13 +126,7 @@ def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], qua
     """
     disabled: set[str] = set()
     for entry in disable_names:
-        matches = fnmatch.filter(layer_names, entry) if _is_pattern(entry) else [n for n in layer_names if n == entry]
-        if not matches:
-            near = difflib.get_close_matches(entry, layer_names, n=5, cutoff=0.4)
-            hint = f"nearest layer names: {near}" if near else f"quantizable layers start with {layer_names[:5]}"
-            kind = "pattern" if _is_pattern(entry) else "entry"
-            raise LayerNameError(f"QuantConfig.disable_names {kind} {entry!r} matches no quantizable layer; {hint}")
-        disabled.update(matches)
+        disabled.update(matching_layers(layer_names, entry, "disable_names"))
     if disable_names or quantize_first_last or not layer_names:
         return disabled
     return {layer_names[0], *(last or layer_names[-1:])}

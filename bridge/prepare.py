@@ -26,7 +26,7 @@ from bridge.fakequant import LayerQuantizer
 from bridge.functional import FunctionalTaps, find_functional_layers
 from bridge.memory import release_freed_memory
 from bridge.fuse import fuse_conv_bn
-from bridge.modules import layer_spec, quantizable_layers, resolve_disabled, unsupported_layers, weight_name
+from bridge.modules import check_layer_bits, layer_spec, quantizable_layers, resolve_disabled, unsupported_layers, weight_name
 from bridge.synthetic import distill_bn_batches
 from bridge.tensors import tensors_in
 from bridge.transaction import ModelEdit
@@ -132,6 +132,7 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, 
     default_float = not cfg.disable_names and not cfg.quantize_first_last and batch is not None
     last = output_layers(model, layers, batch) if default_float else None
     disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last, last)
+    check_layer_bits(list(layers), cfg.layer_bits)
     if len(disabled) == len(layers):
         raise EmptyModelError(
             f"every quantizable layer of {type(model).__name__} would stay float ({sorted(disabled)[:4]}): "

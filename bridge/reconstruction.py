@@ -20,6 +20,7 @@ import jaxq
 from jaxq.rows import output_positions
 from bridge.data import HookError
 from bridge.fakequant import quantizer_of
+from bridge.tensors import layer_input
 
 PARITY_TOLERANCE = 1e-3
 CHECK_ROWS = 64  # rows compared with the module output when no rows are kept
@@ -116,9 +117,9 @@ class RowCapture:
         self._sums: dict[str, list] = {n: [] for n in modules}
         self._handles = []
 
-    def _hook(self, name: str, module: nn.Module, inputs, output) -> None:
+    def _hook(self, name: str, module: nn.Module, inputs, kwargs, output) -> None:
         spec = self.specs[name]
-        x = inputs[0].detach().float()
+        x = layer_input(inputs, kwargs).detach().float()
         quantizer = quantizer_of(module)
         smoothed = quantizer is not None and quantizer.smoothing is not None and not quantizer.quant_enabled
         if smoothed:  # rows of what the quantizer reads, x / s, to pair with W·diag(s) (quantized: fq(x / s) already)
@@ -142,7 +143,7 @@ class RowCapture:
 
     def __enter__(self):
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(functools.partial(self._hook, name)))
+            self._handles.append(module.register_forward_hook(functools.partial(self._hook, name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc):

@@ -24,6 +24,16 @@ def to_torch(x, device: torch.device | str = "cpu", dtype: torch.dtype | None = 
     return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device)
 
 
+def layer_input(args: tuple, kwargs: dict):
+    """A layer's input as its hooks see it: the first positional argument, or the keyword
+    `input` (`layer(input=x)`), or the first keyword argument."""
+    if args:
+        return args[0]
+    if "input" in kwargs:
+        return kwargs["input"]
+    return next(iter(kwargs.values()))
+
+
 def tensors_in(obj):
     """Every tensor inside nested tuples, lists, dicts and dict-like outputs, in order."""
     if isinstance(obj, torch.Tensor):

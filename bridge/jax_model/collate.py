@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from bridge.data import Batch
+from bridge.data import Batch, as_batch
 
 
 @dataclasses.dataclass
@@ -45,6 +45,17 @@ def pad_tokens(batches: list[Batch]) -> Merged:
     for key in batches[0].kwargs:
         out[key] = torch.cat([torch.nn.functional.pad(b.kwargs[key], (0, length - b.kwargs[key].shape[1])) for b in batches])
     return Merged(Batch((), out), out["attention_mask"].bool())
+
+
+def as_batches(batches, what: str = "batches") -> list[Batch]:
+    """Batches in any `calib_data` form (a tensor, a tuple/list of positional inputs, a dict
+    of keyword inputs, or a `Batch`) as `Batch`es; `ValueError` naming `what` when empty."""
+    if isinstance(batches, (torch.Tensor, dict)) or batches is None:
+        raise TypeError(f"{what} must be a list of batches (like calib_data), got {type(batches).__name__}")
+    out = [b if isinstance(b, Batch) else as_batch(b, i) for i, b in enumerate(batches)]
+    if not out:
+        raise ValueError(f"{what} is empty: give at least one batch (a tensor, a tuple/list of inputs or a dict)")
+    return out
 
 
 def merge_batches(batches: list[Batch]) -> list[Merged]:

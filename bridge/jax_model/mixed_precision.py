@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.jax_model.collate import merge_batches
+from bridge.jax_model.collate import as_batches, merge_batches
 from bridge.jax_model.lower import to_jax_tree
 from bridge.jax_model.quantized import QuantizedForward
 from bridge.jax_model.studies import primary
@@ -119,6 +119,7 @@ def _programs(qf: QuantizedForward, chunk: int):
 def mixed_precision_front(qf: QuantizedForward, batches, bits=(4, 6, 8), budgets=None, chunk: int = 4) -> MixedPrecisionFront:
     """Costs, allocations for `budgets` (average bits per weight; default 16 steps from
     `min(bits)` to `max(bits)` and each width in `bits`) and their measured front over `batches`."""
+    batches = as_batches(batches)
     bits = tuple(sorted(int(b) for b in bits))
     if len(bits) < 2 or any(b not in (2, 3, 4, 5, 6, 7, 8) for b in bits):
         raise ValueError(f"bits={bits}: give at least two widths from 2 to 8")
@@ -131,7 +132,7 @@ def mixed_precision_front(qf: QuantizedForward, batches, bits=(4, 6, 8), budgets
     tables = _tables(qf, bits)
     float_out, costs_fn, measure_fn = _programs(qf, chunk)
     merged = [(to_jax_tree(m.batch.args), to_jax_tree(m.batch.kwargs),
-               None if m.token_mask is None else jnp.asarray(m.token_mask.numpy())) for m in merge_batches(list(batches))]
+               None if m.token_mask is None else jnp.asarray(m.token_mask.numpy())) for m in merge_batches(batches)]
     fps = [float_out(a, k) for a, k, _ in merged]
     weights = [float(fp.shape[0]) for fp in fps]
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.jax_model.collate import merge_batches
+from bridge.jax_model.collate import as_batches, merge_batches
 from bridge.jax_model.lower import to_jax_tree
 from bridge.jax_model.quantized import QuantizedForward
 from jaxq.model_metrics import sample_distances
@@ -79,7 +79,7 @@ def isolated_sensitivity(qf: QuantizedForward, batches, groups: int = 16, mesh=N
     if mesh is not None:
         fixed = replicate(fixed, check_mesh(mesh))
     total, count = np.zeros(len(qf.layers)), 0
-    for i, merged in enumerate(merge_batches(list(batches))):
+    for i, merged in enumerate(merge_batches(as_batches(batches))):
         args, kwargs = to_jax_tree(merged.batch.args), to_jax_tree(merged.batch.kwargs)
         mask = None if merged.token_mask is None else jnp.asarray(merged.token_mask.numpy())
         n = _batch_size(args, kwargs)

@@ -24,7 +24,7 @@ def _check(p, metric_keys, calib=None):
     assert qf.lowered.parity < 1e-4
     torch_metrics, jax_metrics = p.evaluate(cal.model), p.evaluate(AsTorch(qf))
     print(p.name, "torch", torch_metrics, "jax", jax_metrics)
-    batches = cal._amp_batches(10)
+    batches = cal.calibration_batches(10)
     loop = sens.isolated_sensitivity(cal.model, cal._quantizers(), batches)
     from bridge.jax_model import isolated_sensitivity
 

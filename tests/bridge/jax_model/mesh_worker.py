@@ -65,7 +65,7 @@ def main():
 
         p = protocols.digits()
         cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8), data, progress=False, mesh=four).run()
-        batches = cal._amp_batches(64)
+        batches = cal.calibration_batches(64)
         single = isolated_sensitivity(cal.jax_forward(), batches)
         split = isolated_sensitivity(cal.jax_forward(), batches, mesh=four)
         out["sensitivity_one"] = np.array([single[n] for n in single])

@@ -9,13 +9,13 @@ from bridge.jax_model.mixed_precision import mixed_precision_front
 @pytest.fixture(scope="module")
 def front(digits_w8a8):
     cal, _ = digits_w8a8
-    return mixed_precision_front(cal.jax_forward(), cal._amp_batches(32), bits=(4, 6, 8))
+    return mixed_precision_front(cal.jax_forward(), cal.calibration_batches(32), bits=(4, 6, 8))
 
 
 def test_front_is_reproducible_and_compiles_once(digits_w8a8, front):
     cal, _ = digits_w8a8
     with jaxq.compile_count() as c:
-        again = mixed_precision_front(cal.jax_forward(), cal._amp_batches(32), bits=(4, 6, 8))
+        again = mixed_precision_front(cal.jax_forward(), cal.calibration_batches(32), bits=(4, 6, 8))
     assert c.count == 0
     np.testing.assert_array_equal(again.distance, front.distance)
     assert again.allocations == front.allocations

@@ -10,7 +10,7 @@ from bridge.jax_model.collate import merge_batches
 
 def test_isolated_sensitivity_matches_the_torch_loop_and_compiles_once(digits_w8a8):
     cal, _ = digits_w8a8
-    batches = cal._amp_batches(64)
+    batches = cal.calibration_batches(64)
     loop = sens.isolated_sensitivity(cal.model, cal._quantizers(), batches)
     qf = cal.jax_forward()
     vec = isolated_sensitivity(qf, batches)
@@ -27,7 +27,7 @@ def test_layer_groups_give_the_same_values(digits_w8a8):
     from bridge.jax_model.studies import layer_groups
 
     cal, _ = digits_w8a8
-    batches = cal._amp_batches(32)
+    batches = cal.calibration_batches(32)
     qf = cal.jax_forward()
     one = isolated_sensitivity(qf, batches, groups=1)
     each = isolated_sensitivity(qf, batches, groups=len(qf.layers))
