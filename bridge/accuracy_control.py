@@ -43,9 +43,13 @@ class AccuracyControlReport:
 def _score(validate: Callable, model: nn.Module, where: str) -> float:
     value = validate(model)
     try:
-        return float(value)
+        score = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"validate(model) must return a number (the model's score); it returned {value!r} {where}") from None
+    if score != score or score in (float("inf"), float("-inf")):
+        raise ValueError(f"validate(model) returned {score} {where}; a score must be finite (a NaN usually means the "
+                         "validation data or the metric divides by zero)")
+    return score
 
 
 def accuracy_control(model: nn.Module, layers: dict, validate: Callable, max_drop: float, order: list[str],

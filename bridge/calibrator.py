@@ -13,6 +13,7 @@ constructor or in `run()` leaves the model exactly as it was, and `restore()` gi
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from typing import Callable, Iterable
@@ -66,6 +67,7 @@ class Calibrator:
         if fuse_module_call_back is not None and not callable(fuse_module_call_back):
             raise TypeError("fuse_module_call_back must be callable: f(model) -> model or None")
         refuse_quantized(model)
+        _refuse_inference_mode("Calibrator(...)")
         self.mesh = None if mesh is None else check_mesh(mesh)
         self._default_bias_correction = cfg.bias_correction is None
         cfg = cfg.resolved(representative_data=(calib_data is not None or cfg.virtual_data == "bn_stats")
@@ -101,7 +103,12 @@ class Calibrator:
     def fp_model(self) -> nn.Module:
         """A float copy of the model as it was passed in, built on first use."""
         if self._fp_model is None:
-            self._fp_model = self._edit.float_copy()
+            try:
+                self._fp_model = self._edit.float_copy()
+            except (TypeError, copy.Error, RuntimeError) as e:
+                raise TypeError(f"fp_model is a deep copy of the model, and {type(self.model).__name__} cannot be "
+                                f"deep-copied ({type(e).__name__}: {e}); keep your own float model instead, or make "
+                                "the model copyable (e.g. keep locks and open files out of its attributes)") from e
         return self._fp_model
 
     @property
@@ -145,6 +152,7 @@ class Calibrator:
         """Capture activations, compute every layer's record and switch quantization on.
         On failure the model is restored as it was passed in."""
         self._require_open()
+        _refuse_inference_mode("Calibrator.run()")
         _refuse_local_data_steps(self.cfg, self.mesh)
         self.disable_quant()
         try:
@@ -406,6 +414,8 @@ class Calibrator:
     @contextlib.contextmanager
     def quantization(self, enabled: bool = True):
         """Context manager: quantization `enabled` inside, the previous state after."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"quantization(enabled={enabled!r}): expected True or False")
         if enabled:
             self._require_run()
         layers = self._quantizers()
@@ -425,6 +435,15 @@ class Calibrator:
         lines += [f"  float  {n}: fallen back (sensitivity)" for n in self.fallen_back]
         lines += [f"  float  {n}: {why}" for n, why in self.unsupported.items()]
         return "\n".join(lines)
+
+
+def _refuse_inference_mode(what: str) -> None:
+    import torch
+
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} cannot run under torch.inference_mode(): calibration edits the model's parameters "
+                           "in place and reads their version counters, which inference mode takes away; call it outside "
+                           "the inference_mode block (jaxq turns autograd off itself where it can)")
 
 
 def _several_processes(mesh) -> bool:

@@ -50,15 +50,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxq")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxq", description="JAX-backed post-training quantization for PyTorch models")
+    p.add_argument("--version", action="version", version=f"jaxq {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="quantize the embedded digits CNN and report accuracy")
     d.add_argument("--out", default="jaxq_demo_params", help="directory for the exported parameters")
     d.add_argument("--w-bit", type=int, default=8)
     d.add_argument("--a-bit", type=int, default=8)
     d.add_argument("--act-method", type=int, default=1, help="0 sigma, 1 min-max")
-    d.add_argument("--calib-samples", type=int, default=256)
+    d.add_argument("--calib-samples", type=_positive_int, default=256)
     d.add_argument("--keep-first-last", action="store_true", help="keep first/last layer float (msModelSlim default)")
     d.add_argument("--legacy", action="store_true", help="also write msModelSlim's .npy dicts")
     d.add_argument("--no-progress", action="store_true")

@@ -35,8 +35,12 @@ def load_object(spec: str, what: str):
     """Call `module:function` (importable from the current directory) and return its result."""
     if ":" not in spec:
         raise CLIError(f"--{what}={spec!r} must be 'module:function'")
-    module_name, func_name = spec.split(":", 1)
-    sys.path.insert(0, str(Path.cwd()))
+    module_name, func_name = spec.rsplit(":", 1)
+    folder = Path.cwd()
+    if "/" in module_name or module_name.endswith(".py"):  # a path: ./pkg, models/build.py
+        path = Path(module_name)
+        folder, module_name = (Path.cwd() / path).parent, path.stem if path.suffix == ".py" else path.name
+    sys.path.insert(0, str(folder))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -61,12 +65,19 @@ def load_calib_data(spec: str | None, batch_size: int):
         if not path.is_file():
             raise CLIError(f"--calib-data file {spec!r} does not exist")
         if suffix == ".npy":
-            arr = torch.from_numpy(np.load(path, allow_pickle=False))
+            try:
+                arr = torch.from_numpy(np.load(path, allow_pickle=False))
+            except (ValueError, OSError, TypeError) as e:
+                raise CLIError(f"--calib-data {spec!r} is not a readable .npy array ({type(e).__name__}: {e})") from None
             return [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
         if suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            tensors = load_file(str(path))
+            try:
+                tensors = load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CLIError(f"--calib-data {spec!r} is not a readable safetensors file ({e})") from None
             return [tensors[k] for k in sorted(tensors)]
         try:
             data = torch.load(path, weights_only=True)
@@ -134,6 +145,9 @@ def check_exports(exports: list[str], cfg) -> None:
                              f"{', '.join(other[:4])} (use --export params for mixed precision)")
         if "w8a8" in exports:
             check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
+            if cfg.smooth_quant:
+                raise ValueError(f"w8a8: msModelSlim's W8A8 layout has no place for SmoothQuant factors "
+                                 f"(smooth_quant={cfg.smooth_quant!r}); drop smooth_quant or export params / onnx")
         if "onnx" in exports:
             check_onnx_exportable(cfg, 18)
     except (ValueError, OSError) as e:

@@ -53,8 +53,10 @@ class _FakeQuantWeight(_Owned):
         else:
             scheme = owner.weight_scheme
             source = owner.smoothed_weight(w.float()) if owner.weight_codes is None else owner.dequantized_codes()
+            # float32 scales whatever `model.half()` / `.double()` made of the buffers
             out = torch.fake_quantize_per_channel_affine(
-                source, owner.weight_scale, owner.weight_offset, 0, scheme.qmin, scheme.qmax).to(w.dtype)
+                source.float(), owner.weight_scale.float(), owner.weight_offset.int(), 0, scheme.qmin,
+                scheme.qmax).to(w.dtype)
         owner.note_weight(out)
         return out
 
@@ -121,6 +123,7 @@ class LayerQuantizer:
             module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         module.register_load_state_dict_post_hook(self._after_load)
         module.__dict__[MARKER] = self
+        module.__dict__["__prepare_scriptable__"] = self._refuse_script
 
     # -- state -------------------------------------------------------------------------
     @property
@@ -267,7 +270,7 @@ class LayerQuantizer:
         """`(q − o)·s` of the stored codes: fake-quantizing it returns it unchanged, so
         exported graphs keep their weight QuantizeLinear/DequantizeLinear pair."""
         shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
-        return (self.weight_codes - self.weight_offset.reshape(shape)).float() * self.weight_scale.reshape(shape)
+        return (self.weight_codes - self.weight_offset.reshape(shape)).float() * self.weight_scale.float().reshape(shape)
 
     def fake_quant_weight(self) -> torch.Tensor:
         """`Ŵ` (the float weight when quantization is off)."""
@@ -312,6 +315,11 @@ class LayerQuantizer:
             xq = torch.fake_quantize_per_tensor_affine(x.float(), scale, offset, s.qmin, s.qmax)
         return xq.to(x.dtype)
 
+    def _refuse_script(self):
+        raise TypeError(f"torch.jit.script cannot compile layer {self.name!r}: it carries a jaxq fake quantizer (a torch "
+                        "parametrization and hooks, which TorchScript does not support). Use torch.export or "
+                        "Calibrator.export_quant_onnx for a graph, export_param + bridge.load_quantized to save it")
+
     # -- undo --------------------------------------------------------------------------
     def detach(self, copy: bool = False) -> nn.Module:
         """Remove every trace of quantization: the module is as it was before (its class,
@@ -332,6 +340,7 @@ class LayerQuantizer:
         m._parameters.clear()
         m._parameters.update(items)
         m.__dict__.pop(MARKER, None)
+        m.__dict__.pop("__prepare_scriptable__", None)
         self.smoothing = None
         return m
 

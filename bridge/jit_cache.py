@@ -46,6 +46,10 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
         warnings.warn(f"jaxq: compilation cache directory {str(target)!r} cannot be created ({e}); "
                       f"compiling without it (set {ENV} to another directory, or {ENV}=off)", stacklevel=2)
         return None
+    if not os.access(target, os.W_OK | os.X_OK):
+        warnings.warn(f"jaxq: compilation cache directory {str(target)!r} is not writable; compiling without it "
+                      f"(set {ENV} to another directory, or {ENV}=off)", stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(target))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # jaxq's programs compile in < 1 s each
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -73,4 +73,7 @@ def distill_bn_batches(
         for h in handles:
             h.remove()
     out = tuple(x.detach() for x in inputs)
+    if not all(bool(torch.isfinite(x).all()) for x in out):
+        raise SyntheticDataError(f"QuantConfig.virtual_lr={lr!r}: the distilled virtual data diverged to NaN/Inf in "
+                                 f"{steps} Adam steps; use a smaller virtual_lr (default 0.2)")
     return [out[0] if len(out) == 1 else out]

@@ -45,7 +45,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+                raise CheckpointError(f"{str(path)!r} is a torch.save / pickle file, not safetensors (jaxq never "
+                                      "unpickles files); convert it with safetensors.torch.save_file(state_dict, ...)")
+            (length,) = struct.unpack("<Q", head)
             if length > size - 8:
                 raise CheckpointError(f"{str(path)!r}: header length {length} exceeds the file ({size} bytes)")
             header = json.loads(f.read(length))
@@ -53,9 +57,15 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
     start = 8 + length
     out = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r}: the safetensors header is not a JSON object (corrupt file?)")
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        if not (isinstance(meta, dict) and {"dtype", "shape", "data_offsets"} <= set(meta)
+                and len(meta["data_offsets"]) == 2):
+            raise CheckpointError(f"{str(path)!r}: the header entry of tensor {name!r} is corrupt ({str(meta)[:80]}); "
+                                  "expected dtype, shape and data_offsets")
         if meta.get("dtype") not in DTYPES:
             raise CheckpointError(f"{str(path)!r}: tensor {name!r} has dtype {meta.get('dtype')!r}; supported: {sorted(DTYPES)}")
         b, e = meta["data_offsets"]
