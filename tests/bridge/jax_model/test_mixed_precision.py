@@ -42,3 +42,12 @@ def test_the_allocation_calibrates_through_layer_bits(digits_w8a8, front):
     assert {n: q.weight_scheme.bits for n, q in mixed._quantizers().items()} == bits
     with pytest.raises(ValueError, match="no measured allocation fits"):
         front.allocation(3.0)
+
+
+def test_front_takes_calib_data_style_batches(digits_w8a8, front):
+    cal, _ = digits_w8a8
+    tensors = [b.args[0] for b in cal.calibration_batches(32)]  # a list of tensors, as calib_data
+    again = mixed_precision_front(cal.jax_forward(), tensors, bits=(4, 6, 8))
+    np.testing.assert_array_equal(again.distance, front.distance)
+    with pytest.raises(ValueError, match="batches is empty"):
+        mixed_precision_front(cal.jax_forward(), [], bits=(4, 6, 8))

@@ -188,3 +188,15 @@ def test_resume_after_the_source_was_rewritten_in_place_quantizes_the_new_values
     quantize_checkpoint(path, fresh, **opts)
     a, b = _load_out(fresh), _load_out(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickle_and_corrupt_headers_name_the_file(tmp_path):
+    torch.save({"w": torch.randn(4, 4)}, tmp_path / "p.safetensors")
+    with pytest.raises(CheckpointError, match=r"p.safetensors.*pickle"):
+        quantize_checkpoint(tmp_path / "p.safetensors", tmp_path / "o", progress=False)
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32"}}).encode()
+    (tmp_path / "c.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=r"c.safetensors.*tensor 'w'.*corrupt"):
+        quantize_checkpoint(tmp_path / "c.safetensors", tmp_path / "o2", progress=False)
