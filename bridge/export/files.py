@@ -74,6 +74,10 @@ def atomic_directory(path: str | os.PathLike, export: str = "files", model: str 
     target = Path(path).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise ExportError(f"export target {str(target)!r} exists and is not a directory")
+    cwd = Path.cwd().resolve()
+    if target.exists() and (cwd == target.resolve() or target.resolve() in cwd.parents):
+        raise ExportError(f"export target {str(target)!r} is the working directory or holds it; an export replaces its "
+                          "directory as a whole — give it a directory of its own (e.g. 'params')")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -246,3 +246,11 @@ def test_export_into_a_read_only_parent_names_it(digits_calib, tmp_path):
             cal.export_param(ro / "p")
     finally:
         ro.chmod(0o700)
+
+
+def test_export_into_the_working_directory_is_refused(digits_calib, tmp_path, monkeypatch):
+    cal = Calibrator(load_digits_cnn(), W8A8, digits_calib, progress=False).run()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ExportError, match="working directory"):
+        cal.export_param(".")
+    assert list(tmp_path.iterdir()) == []
