@@ -115,7 +115,7 @@ def check_layer_bits(layer_names: list[str], layer_bits) -> None:
 
 def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool,
                      last: list[str] | None = None) -> set[str]:
-    """Names kept in float (DESIGN.md §4).
+    """Names kept in float (docs/design.md §4).
 
     Entries are exact layer names or glob patterns (`"blocks.0.*"`, `fnmatch` rules).
     Empty `disable_names` keeps the first and last quantizable layer in float, as

@@ -146,7 +146,7 @@ def keep_accuracy(float_weights: Mapping[str, jax.Array], weights: Mapping[str, 
                   act: Mapping[str, QParams | None], layers: Mapping[str, LayerRows], mean_rows: Mapping[str, jax.Array],
                   keep_acc, bias_correction: bool, progress=None) -> KeepAccuracyResult:
     """EasyQuant (scales) → SQuant or AdaRound (rounding) → bias correction of the final
-    weights (DESIGN.md §4), each once per bucket of equal shapes.
+    weights (docs/design.md §4), each once per bucket of equal shapes.
 
     `keep_acc`: a `jaxq.config.KeepAcc`; `layers` / `mean_rows` are needed by the
     data-driven steps; `progress(step_name, layers_done)` is called as layers finish.

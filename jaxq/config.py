@@ -1,7 +1,7 @@
 """`QuantConfig`: the immutable configuration that drives a calibration.
 
 Every field of msModelSlim's `QuantConfig` with the same name and default
-(see `shared/reference/QuantConfig.zh.md` and DESIGN.md §4), plus keyword-only
+(see msModelSlim's QuantConfig page, docs/design.md §4), plus keyword-only
 extensions. Construction validates and normalises (lists → tuples, `keep_acc` dict →
 `KeepAcc`), so a config is hashable, a pytree with no array leaves, and usable as a
 static argument of `jax.jit`.
@@ -90,7 +90,7 @@ def _check_choice(field: str, value, allowed) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class KeepAcc:
-    """Accuracy-keeping switches (DESIGN.md §4): `(enabled, iterations)` pairs and `round_opt`.
+    """Accuracy-keeping switches (docs/design.md §4): `(enabled, iterations)` pairs and `round_opt`.
 
     admm:       per-channel weight-scale refinement, up to `iterations` alternations.
     easy_quant: EasyQuant scale search, `iterations` grid candidates in [0.5·S, 2·S].
@@ -202,7 +202,7 @@ def _normalise_names(value, field: str = "disable_names") -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """Post-training quantization settings (msModelSlim `QuantConfig`, DESIGN.md §4).
+    """Post-training quantization settings (msModelSlim `QuantConfig`, docs/design.md §4).
 
     Keyword-only extensions:
       quantize_first_last: with empty `disable_names`, msModelSlim keeps the first and the

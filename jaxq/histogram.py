@@ -275,7 +275,7 @@ def l2_optimal_bins(hist: jax.Array, levels: int, zero=None, top_k: int = TOP_K)
     scored by the O(1) model; the model's best candidates (globally and per width) are
     scored exactly at full resolution, and the best of them is refined by exact-error
     coordinate descent on both edges. `zero = zero_limits(lo, hi, B)` restricts the
-    search to ranges that contain 0, as every quantizer's range does (DESIGN.md §3);
+    search to ranges that contain 0, as every quantizer's range does (docs/design.md §3);
     `None` searches every range.
     """
     bins = hist.shape[0]

@@ -6,7 +6,7 @@
 Why `x · (1/s)` and not `x / s`: torch's kernels multiply by the float32 reciprocal and
 add the integer offset after rounding. Dividing differs from torch in about one value per
 scale, and rounding `x/s + o` in up to seven per 2 M values; the reciprocal form matches
-exactly (DESIGN.md §3). Rounding table (AQT-style) for a tie at s = 1, o = 0:
+exactly (docs/design.md §3). Rounding table (AQT-style) for a tie at s = 1, o = 0:
 
     x     round(x)   clamp to int8
     0.5   0          0

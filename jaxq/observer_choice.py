@@ -1,4 +1,4 @@
-"""Which activation observer a `QuantConfig` asks for (`act_method`, DESIGN.md §4)."""
+"""Which activation observer a `QuantConfig` asks for (`act_method`, docs/design.md §4)."""
 from __future__ import annotations
 
 import math

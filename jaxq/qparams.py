@@ -2,7 +2,7 @@
 
 Invariant of a `QParams` pytree: `x ≈ (q − offset) · scale` with `q` on the scheme's grid.
 
-Range → (scale, offset), DESIGN.md §3:
+Range → (scale, offset), docs/design.md §3:
 
     symmetric, signed:    o = 0,  s = max(|lo|, |hi|) / (2^(b−1) − 1)
     symmetric, unsigned:  o = 0,  s = max(hi, 0) / (2^b − 1)

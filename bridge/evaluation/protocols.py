@@ -1,4 +1,4 @@
-"""Evaluation protocols of shared/EVAL.md: model, calibration data, held-out data, metric.
+"""Evaluation protocols of docs/evaluation.md: model, calibration data, held-out data, metric.
 
 A protocol gives a fresh float model, the calibration batches, the float reference on the
 evaluation set and `evaluate(model) -> {metric: value}`. Tests and `benchmarks/` use the
@@ -82,7 +82,7 @@ def efficientnet_lite0(held_out: int = 128) -> Protocol:
 
 @functools.lru_cache(maxsize=None)
 def efficientnet_lite0_unseen(calib_crops: int = 64, held_out: int = 128) -> Protocol:
-    """EfficientNet-Lite0 for methods that learn from the calibration data (EVAL.md §1):
+    """EfficientNet-Lite0 for methods that learn from the calibration data (docs/evaluation.md §1):
     calibrated on crops of five photos (`zoo.CALIBRATION_PHOTOS`), evaluated on crops of
     the three others (`zoo.UNSEEN_PHOTOS`), so overfitting the photos shows."""
     if not isinstance(calib_crops, int) or not 8 <= calib_crops <= 256 or calib_crops % 8:

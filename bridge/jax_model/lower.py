@@ -1,4 +1,4 @@
-"""Lowering: a torch module and an example batch → a pure JAX function (DESIGN.md §5b).
+"""Lowering: a torch module and an example batch → a pure JAX function (docs/design.md §5b).
 
 `lower(module, example)` runs the module's own `forward` on JAX arrays through torchax
 and gives `f(params, buffers, args, kwargs) -> outputs`, where `params` are the float

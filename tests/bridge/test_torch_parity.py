@@ -1,4 +1,4 @@
-"""Bit-exact parity of jaxq's fake-quant with torch.fake_quantize_* (DESIGN.md §3)."""
+"""Bit-exact parity of jaxq's fake-quant with torch.fake_quantize_* (docs/design.md §3)."""
 import itertools
 
 import jax

@@ -1,4 +1,4 @@
-"""Accuracy keeping on the real models of shared/EVAL.md (issue #4): each algorithm
+"""Accuracy keeping on the real models of docs/evaluation.md (issue #4): each algorithm
 improves its target case over round-to-nearest. Iteration counts and held-out sets are cut
 for CI (the assertions compare algorithms on the same samples; the notebooks' quick runs
 share these protocols); the benchmark (`benchmarks/accuracy_keeping.py`) runs the

@@ -1,4 +1,4 @@
-"""End-to-end label-free W8A8 on the real models of shared/EVAL.md (issue #2 acceptance)."""
+"""End-to-end label-free W8A8 on the real models of docs/evaluation.md (issue #2 acceptance)."""
 import pytest
 
 import jaxq
