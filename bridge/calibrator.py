@@ -371,11 +371,11 @@ class Calibrator:
         """Load parameters written by `export_param` into this calibrator's layers (no data
         needed). The files are checked against this calibrator (config, layers, shapes,
         values) before anything changes."""
-        from bridge.reload import load_float_params, read_params, read_records
+        from bridge.reload import load_float_params, read_records
 
         self._require_open()
-        records = read_records(path, self.cfg, {n: q for n, q in self._edit.quantizers.items()}, self.fused)
-        load_float_params(self.model, path, read_params(path)[0], self._edit)
+        records, description = read_records(path, self.cfg, dict(self._edit.quantizers), self.fused)
+        load_float_params(self.model, path, description, self._edit)
         layers = self._quantizers()
         apply_records(layers, records)
         self._records = records

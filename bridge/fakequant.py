@@ -105,6 +105,7 @@ class LayerQuantizer:
         self.smoothing: torch.Tensor | None = None  # SmoothQuant factors s [in]; None = none
         self.listeners: list[Callable[[torch.Tensor], None]] = []
         self.weight_watch: Callable[[torch.Tensor], None] | None = None
+        self.recorded_weight: tuple | None = None  # stamp of the weight its record was made from (bridge.record)
         self._added_bias = False
         self._input_qparams = (1.0, 0)  # Python copy of (input_scale, input_offset), see fake_quant_input
         self._param_order = list(module._parameters)  # restored by detach (state_dict key order)
@@ -321,10 +322,10 @@ class LayerQuantizer:
                         "Calibrator.export_quant_onnx for a graph, export_param + bridge.load_quantized to save it")
 
     # -- undo --------------------------------------------------------------------------
-    def detach(self, copy: bool = False) -> nn.Module:
+    def detach(self) -> nn.Module:
         """Remove every trace of quantization: the module is as it was before (its class,
-        its Parameters, the user's own parametrizations). `copy` is kept for callers of
-        the first design: a deep copy is detached the same way, the classes untouched."""
+        its Parameters, the user's own parametrizations). A deep copy of a quantized module
+        is detached the same way; no class is edited, so copies stay independent."""
         m = self.module
         remove_hooks_of(m, LayerQuantizer, self)
         for name in (self.param, self.bias_param):

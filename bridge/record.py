@@ -114,7 +114,7 @@ def refresh_records(quantizers: dict, records: dict[str, LayerRecord]) -> dict[s
     changed = {}
     for name, rec in records.items():
         q = quantizers.get(name)
-        if q is None or rec.custom_codes or getattr(q, "recorded_weight", None) == weight_stamp(q):
+        if q is None or rec.custom_codes or q.recorded_weight == weight_stamp(q):
             continue
         w = q.float_weight.detach().float().cpu().numpy()
         qp = QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme)

@@ -121,8 +121,9 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
     return records
 
 
-def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer], fused) -> dict[str, LayerRecord]:
-    """Records for `Calibrator.load_param`: the files must come from the same model and config."""
+def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer], fused) -> tuple[dict[str, LayerRecord], dict]:
+    """Records for `Calibrator.load_param` and the export's description: the files must
+    come from the same model and config."""
     description, tensors = read_params(path)
     stored = stored_config(description, path)
     if stored.amp_num == 0 and cfg.amp_num == 0:  # the ranking is unused: files from before its default changed load
@@ -139,7 +140,7 @@ def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer],
     if [list(p) for p in fused] != description.get("fused", []):
         raise ParamFileError(f"{str(path)!r} records other Conv+BN folds than this calibrator made")
     weights = {n: q.original_weight.detach().float().cpu().numpy() for n, q in layers.items()}
-    return _records(path, description, tensors, cfg, weights)
+    return _records(path, description, tensors, cfg, weights), description
 
 
 def _folded_weights(model: nn.Module, description: dict, candidates: dict[str, nn.Module], path) -> dict[str, np.ndarray]:

@@ -107,7 +107,7 @@ def quantizer_free_copy(model: nn.Module) -> nn.Module:
     BN folds stay (the float model the quantizers were calibrated on)."""
     clone = copy.deepcopy(model)
     for q in quantizers(clone).values():
-        q.detach(copy=True)
+        q.detach()
     for m in clone.modules():
         remove_hooks_of(m, FunctionalTaps)
     return clone.eval()

@@ -137,7 +137,7 @@ def _carry_over(target: Path, staging: Path, old: dict, written: list[str], expo
         if name in written or name == MANIFEST_NAME or name.startswith(".jaxq-export-"):
             continue
         if name in ours or name in PARAM_FILES:
-            if name not in kept_jaxq or name not in ours:
+            if name not in kept_jaxq:
                 continue  # a file of an earlier export of another model: not carried over
             kept.append(name)
         _link(entry, staging / name)

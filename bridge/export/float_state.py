@@ -13,27 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch.nn.utils import parametrize
-
 from bridge.fakequant import BUFFERS, has_ours, quantizer_of
-
-
-def _carried_by_codes(model: nn.Module, list_name: str) -> bool:
-    """Whether the ParametrizationList at `list_name` holds a quantized layer's weight or
-    bias under jaxq's parametrization (the weight travels as codes, the bias by its own name)."""
-    owner_name, _, tensor = list_name.rpartition("parametrizations.")
-    owner = model.get_submodule(owner_name.rstrip("."))
-    q = quantizer_of(owner)
-    return q is not None and tensor in (q.param, q.bias_param) and has_ours(owner, tensor)
 
 
 def live_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """`{name: tensor}` of every float-model tensor except quantized layers' weights,
     named as in the model without quantizers (the tensors themselves, not copies)."""
     out: dict[str, torch.Tensor] = {}
+    # jaxq's parametrization lists: the weight travels as codes, the bias under its own name
+    ours = {id(m.parametrizations[t]) for m in model.modules() if (q := quantizer_of(m)) is not None
+            for t in (q.param, q.bias_param) if has_ours(m, t)}
     for mname, module in model.named_modules():
         prefix = f"{mname}." if mname else ""
-        if isinstance(module, parametrize.ParametrizationList) and _carried_by_codes(model, mname):
+        if id(module) in ours:
             continue
         q = quantizer_of(module)
         for pname, p in module._parameters.items():

@@ -98,12 +98,13 @@ def test_other_methods_lower_or_keep_the_error_and_stay_on_the_grid(tmp_path, me
         assert not torch.equal(other[name], rtn[name])
 
 
-def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch):
-    path, _ = _checkpoint(tmp_path, sharded=True)
+RESUME_OPTS = dict(bits=4, group_size=32, exclude=("*embed*", "*norm*", "*conv*"), progress=False)
+
+
+def _interrupted_run(path, out, monkeypatch):
+    """A shard per tensor, killed while quantizing the third; returns the real `_quantize_into`."""
     real_plan = wq.plan
-    monkeypatch.setattr(wq, "plan", lambda t, c: [[item] for shard in real_plan(t, c) for item in shard])  # a shard per tensor
-    opts = dict(bits=4, group_size=32, exclude=("*embed*", "*norm*", "*conv*"), progress=False)
-    quantize_checkpoint(path, tmp_path / "clean", **opts)
+    monkeypatch.setattr(wq, "plan", lambda t, c: [[item] for shard in real_plan(t, c) for item in shard])
     real = wq._quantize_into
     calls = {"n": 0}
 
@@ -114,15 +115,22 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(wq, "_quantize_into", dies_on_the_third)
-    out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        quantize_checkpoint(path, out, **opts)
+        quantize_checkpoint(path, out, **RESUME_OPTS)
+    return real
+
+
+def test_interrupted_run_resumes_to_the_same_files(tmp_path, monkeypatch):
+    path, _ = _checkpoint(tmp_path, sharded=True)
+    opts = RESUME_OPTS
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(wq, "_quantize_into", _interrupted_run(path, out, monkeypatch))
+    quantize_checkpoint(path, tmp_path / "clean", **opts)  # the same plan (a shard per tensor), uninterrupted
     state = json.loads((out / wq.PROGRESS).read_text())
     assert len(state["done"]) >= 2 and not list(out.glob("*.partial")) and not (out / wq.INDEX).exists()
     with pytest.raises(CheckpointError, match="another checkpoint or other options"):
         quantize_checkpoint(path, out, **{**opts, "bits": 8})
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
-    monkeypatch.setattr(wq, "_quantize_into", real)
     quantize_checkpoint(path, out, **opts)
     assert all((out / n).stat().st_mtime_ns == t for n, t in finished.items())  # finished shards were not redone
     a, b = _load_out(tmp_path / "clean"), _load_out(out)
@@ -160,23 +168,9 @@ def test_command_line(tmp_path, capsys):
 
 def test_resume_after_the_source_was_rewritten_in_place_quantizes_the_new_values(tmp_path, monkeypatch):
     path, tensors = _checkpoint(tmp_path, sharded=True)
-    real_plan = wq.plan
-    monkeypatch.setattr(wq, "plan", lambda t, c: [[item] for shard in real_plan(t, c) for item in shard])
-    opts = dict(bits=4, group_size=32, exclude=("*embed*", "*norm*", "*conv*"), progress=False)
-    real = wq._quantize_into
-    calls = {"n": 0}
-
-    def dies_on_the_third(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(wq, "_quantize_into", dies_on_the_third)
+    opts = RESUME_OPTS
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        quantize_checkpoint(path, out, **opts)
-    monkeypatch.setattr(wq, "_quantize_into", real)
+    monkeypatch.setattr(wq, "_quantize_into", _interrupted_run(path, out, monkeypatch))
     # same names, shapes and file sizes, other values
     rewritten = {k: (-v if v.dim() >= 2 else v) for k, v in tensors.items()}
     names = list(rewritten)
