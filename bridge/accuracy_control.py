@@ -13,6 +13,8 @@ from typing import Callable
 
 from torch import nn
 
+from bridge.fakequant import quantization, set_quantization
+
 
 @dataclasses.dataclass
 class AccuracyControlReport:
@@ -62,10 +64,9 @@ def accuracy_control(model: nn.Module, layers: dict, validate: Callable, max_dro
 
     def with_float(names) -> None:
         off = set(names)
-        for n, q in layers.items():
-            q.quant_enabled = before[n] and n not in off
+        set_quantization(layers, lambda n: before[n] and n not in off)
 
-    try:
+    with quantization(layers, before.__getitem__):
         with_float(layers)
         report = AccuracyControlReport(_score(validate, model, "on the float model"), float(max_drop),
                                        higher_is_better, list(order), {}, -1)
@@ -85,6 +86,3 @@ def accuracy_control(model: nn.Module, layers: dict, validate: Callable, max_dro
                 lo, hi = (lo, mid) if ok(mid) else (mid, hi)
             report.chosen = hi
         return report
-    finally:
-        for n, q in layers.items():
-            q.quant_enabled = before[n]

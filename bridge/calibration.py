@@ -1,15 +1,11 @@
-"""One calibration: capture → observers → weight quantizers → accuracy keeping → records.
+"""Observer states of every layer's input: the `activations` step of the pipeline
+(`bridge.pipeline`) and `Calibrator.activation_histograms`.
 
-`calibrate(ctx)` returns the parameter record of every quantized layer
-(`bridge.record.LayerRecord`), the accuracy-keeping reports and timings. It reads the
-model (quantization off) and writes nothing into it: the facade applies the records.
+Torch forwards with hooks (`bridge.capture`), or with a mesh the model lowered to JAX and
+run data-parallel (`bridge.jax_model.observe`). The model is read with quantization off.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import time
-import warnings
 
 import numpy as np
 
@@ -18,12 +14,6 @@ from bridge.capture import ActivationCapture
 from bridge.context import Context, UncalibratedLayerError
 from bridge.data import iter_batches
 from bridge.capture import check_finite
-from bridge.keep_acc import FunctionalLayerError, keep_accuracy
-from bridge.memory import release_freed_memory
-from bridge.reconstruction import LayerGeometryError
-from bridge.record import LayerRecord, is_nearest
-from bridge.smoothing import smooth
-from bridge.tensors import to_jax
 from jaxq.observer_choice import histogram_observer_for, observer_for
 
 
@@ -63,92 +53,3 @@ def activation_qparams(ctx: Context) -> dict[str, jaxq.QParams]:
 
 def histograms(ctx: Context, bins: int | None) -> dict:
     return capture_states(ctx, histogram_observer_for(ctx.cfg, bins))
-
-
-def _float_weights(ctx: Context) -> dict:
-    return {n: to_jax(q.float_weight.float()) for n, q in ctx.quantizers.items()}
-
-
-def calibrate(ctx: Context) -> tuple[dict[str, LayerRecord], dict, dict]:
-    """`(records, reports, timings)` of every quantized layer (model left in float)."""
-    cfg, ka = ctx.cfg, ctx.cfg.keep_acc
-    t0 = time.perf_counter()
-    smoothing = smooth(ctx) if cfg.smooth_quant else None
-    act = activation_qparams(ctx) if cfg.act_quant else {}
-    release_freed_memory()  # the observed forwards' activations
-    t1 = time.perf_counter()
-    float_weights = _float_weights(ctx)
-    _check_weights(float_weights)
-    weights = {}
-    with ctx.bar("jaxq admm", len(float_weights)) if ka.admm[0] else contextlib.nullcontext() as bar:
-        for scheme, names in _by_scheme(ctx).items():  # one group unless cfg.layer_bits sets other widths
-            group = {n: float_weights[n] for n in names}
-            if ka.admm[0]:
-                weights.update(jaxq.accuracy.admm_weights(group, scheme, ka.admm[1], bar.update))
-            else:
-                weights.update(jaxq.quantize_weights(group, scheme))
-    weights = {n: weights[n] for n in float_weights}
-    timings = {"activations_s": t1 - t0, "weights_s": time.perf_counter() - t1}
-    reports: dict = {}
-    corrections = None
-    if ka.easy_quant[0] or ka.round_opt or ka.adaround[0] or cfg.bias_correction:
-        weights, act, corrections, reports = _keep_accuracy(ctx, float_weights, weights, act, timings)
-    if smoothing is not None:
-        reports["smooth_quant"] = smoothing
-    nearest = not (ka.round_opt or ka.adaround[0])
-    records = {n: _record(ctx, n, weights[n], act.get(n), None if corrections is None else corrections[n], nearest)
-               for n in ctx.quantizers}
-    return records, reports, timings
-
-
-class BiasCorrectionSkipped(UserWarning):
-    """Bias correction, on by default, could not run on this model and was left out."""
-
-
-def _keep_accuracy(ctx: Context, float_weights, weights, act, timings: dict):
-    """`keep_accuracy`; when bias correction is only on by default, a model whose layers
-    it cannot sample (functional use, a forward its geometry does not describe) is
-    calibrated without it, with a `BiasCorrectionSkipped` warning naming the layer."""
-    try:
-        return keep_accuracy(ctx, float_weights, weights, act, timings)
-    except (FunctionalLayerError, LayerGeometryError) as e:
-        if not ctx.default_bias_correction:
-            raise
-        warnings.warn(f"bias correction (on by default with real calibration data) is left out: {e}. "
-                      "QuantConfig(bias_correction=False) says so explicitly", BiasCorrectionSkipped, stacklevel=2)
-        ka = ctx.cfg.keep_acc
-        reports = {"bias_correction_skipped": str(e)}
-        if not (ka.easy_quant[0] or ka.round_opt or ka.adaround[0]):
-            return weights, act, None, reports
-        plain = dataclasses.replace(ctx, cfg=ctx.cfg.replace(bias_correction=False))
-        weights, act, corrections, more = keep_accuracy(plain, float_weights, weights, act, timings)
-        return weights, act, corrections, {**more, **reports}
-
-
-def _by_scheme(ctx: Context) -> dict:
-    groups: dict = {}
-    for name, q in ctx.quantizers.items():
-        groups.setdefault(q.weight_scheme, []).append(name)
-    return groups
-
-
-def _check_weights(float_weights: dict) -> None:
-    for name, w in float_weights.items():
-        if not bool(np.isfinite(np.asarray(w)).all()):
-            raise FloatingPointError(f"layer {name!r}: its weight contains NaN or Inf; fix the model or keep it in "
-                                     "float (disable_names)")
-
-
-def _record(ctx: Context, name: str, w: jaxq.QuantizedWeight, act: jaxq.QParams | None, correction, nearest: bool):
-    q = ctx.quantizers[name]
-    codes = np.asarray(w.q).astype(np.int32)
-    scale, offset = np.asarray(w.qparams.scale, np.float32), np.asarray(w.qparams.offset, np.int32)
-    custom = not nearest and not is_nearest(np.asarray(q.float_weight.detach().float().cpu()), scale, offset,
-                                            q.weight_scheme, codes)
-    return LayerRecord(
-        weight_scale=scale, weight_offset=offset, codes=codes, custom_codes=custom,
-        input_scale=None if act is None else np.asarray(act.scale, np.float32),
-        input_offset=None if act is None else np.asarray(act.offset, np.int32),
-        bias_correction=None if correction is None else np.asarray(correction, np.float32),
-        smoothing=None if q.smoothing is None else q.smoothing.detach().cpu().numpy().astype(np.float32),
-    )

@@ -5,7 +5,7 @@
     cal.get_quant_params(); cal.export_param(path); cal.restore()
 
 The facade delegates: preparing the model (`bridge.prepare`), one calibration
-(`bridge.calibration`), accuracy keeping (`bridge.keep_acc`, `jaxq.accuracy`),
+(`bridge.pipeline` runs the steps of `jaxq.pipeline.plan(cfg)`),
 sensitivity and fallback (`bridge.sensitivity`), exports (`bridge.export`). Every
 change to the user's model is logged (`bridge.transaction`): a failure in the
 constructor or in `run()` leaves the model exactly as it was, and `restore()` gives it back.
@@ -15,23 +15,28 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from torch import nn
 
 import jaxq
 from bridge import sensitivity as sens
-from bridge.calibration import calibrate, histograms
+from bridge.calibration import histograms
 from bridge.context import Context
 from bridge.data import iter_batches
 from bridge.devices import resolve_device
+from bridge.fakequant import quantization, set_quantization
 from bridge.functional import one_attention_path
+from bridge.pipeline import StepReport, run_pipeline
 from bridge.prepare import EmptyModelError, calibration_data, prepare
 from bridge.record import PARAM_KEYS, LayerRecord, apply_records, params_view, refresh_records
 from bridge.sensitivity import FallbackCurve, SensitivityTable
 from bridge.transaction import ModelEdit, refuse_quantized
+from jaxq.pipeline import plan
 from jaxq.sharding import check_mesh, layers_over
+
+if TYPE_CHECKING:
+    import jax
 
 __all__ = ["Calibrator", "EmptyModelError", "PARAM_KEYS"]
 SENSITIVITY_METRICS = sens.METRICS
@@ -59,7 +64,8 @@ class Calibrator:
     """
 
     def __init__(self, model: nn.Module, cfg: jaxq.QuantConfig, calib_data: Iterable | None = None,
-                 fuse_module_call_back: Callable | None = None, *, progress: bool = True, mesh=None):
+                 fuse_module_call_back: Callable | None = None, *, progress: bool = True,
+                 mesh: "jax.sharding.Mesh | None" = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(cfg, jaxq.QuantConfig):
@@ -87,7 +93,8 @@ class Calibrator:
         self.all_layers = prepared.layers
         self._records: dict[str, LayerRecord] | None = None
         self._jax_cache = None
-        self.reports: dict = {}
+        self.reports: dict = {}  # {step: per-layer entries} of the steps that report (`steps` has them all)
+        self.steps: list[StepReport] = []  # one report per step of the pipeline (`jaxq.pipeline.plan`)
         self.timings: dict[str, float] = {}
         self.fallen_back: list[str] = []
         self._fp_model: nn.Module | None = None
@@ -156,15 +163,17 @@ class Calibrator:
         _refuse_local_data_steps(self.cfg, self.mesh)
         self.disable_quant()
         try:
+            ctx = self._context()
+            if self.fallen_back:  # a second run() keeps the earlier fallback
+                ctx = dataclasses.replace(ctx, cfg=ctx.cfg.replace(amp_num=0))
             with layers_over(self.mesh):
-                self._records, self.reports, self.timings = calibrate(self._context())
+                result = run_pipeline(ctx, self.all_layers)
+            self._records, self.steps, self.timings = result.records, result.steps, result.timings
+            self.reports = result.reports
             apply_records(self._quantizers(), self._records)
             self.enable_quant()
-            if self.cfg.keep_acc.blocks[0]:
-                self._reconstruct_blocks()
-            if self.cfg.amp_num and not self.fallen_back:  # a second run() keeps the earlier fallback
-                table = self.sensitivity(metrics=(self.cfg.amp_metric,))
-                self.fall_back(table.ranked(self.cfg.amp_metric)[: self.cfg.amp_num])
+            if result.fall_back:
+                self.fall_back(result.fall_back)
         except BaseException:
             self._records = None
             self.restore()
@@ -174,56 +183,14 @@ class Calibrator:
                 self._edit.revert_buffers()
         return self
 
-    def _reconstruct_blocks(self, blocks: list[str] | None = None) -> None:
-        """BRECQ / QDrop (`keep_acc['brecq']` / `['qdrop']`) on the calibrated model, through
-        the JAX model (`bridge.jax_model.block_reconstruction`)."""
-        from bridge.jax_model.block_reconstruction import find_blocks, named_blocks, reconstruct_blocks
-        from jaxq.block_reconstruction import ReconParams
-
-        _, iters, keep = self.cfg.keep_acc.blocks
-        quantizers = self._quantizers()
-        named = blocks or self.cfg.recon_blocks
-        blocks = named_blocks(self.model, quantizers, named) if named else find_blocks(self.model, quantizers)
-
-        def set_quant(on: bool) -> None:
-            self.enable_quant() if on else self.disable_quant()
-
-        t0 = time.perf_counter()
-        with self._context().bar("jaxq blocks", len(blocks), unit="block") as bar:
-            self._records, reports = reconstruct_blocks(self.model, quantizers, self._records, self.calib_data, self.device,
-                                                       ReconParams(steps=iters, keep=keep), set_quant, blocks, bar,
-                                                       mesh=self.mesh)
-        if self.cfg.bias_correction and "bias_correction_skipped" not in self.reports:
-            self._correct_biases()  # of the learned weights (reconstruction learns without δ)
-        self.enable_quant()
-        self.reports["blocks"] = reports
-        self.timings["blocks_s"] = time.perf_counter() - t0
-
-    def _correct_biases(self) -> None:
-        from bridge.keep_acc import bias_corrections_of
-
-        self.disable_quant()
-        try:
-            corrections = bias_corrections_of(self._context(), self._records)
-        finally:
-            self.enable_quant()
-        self._records = {n: dataclasses.replace(r, bias_correction=corrections.get(n, r.bias_correction))
-                        for n, r in self._records.items()}
-        apply_records(self._quantizers(), self._records)
-
     def activation_histograms(self, bins: int | None = None) -> dict[str, jaxq.HistogramState]:
         """Histogram of every quantized layer's input over the calibration data (float
         model); the states feed `jaxq.sweep` and plots."""
         if bins is not None:
             sens.check_count("bins", bins, allow_none=False, minimum=16)
         layers = self._quantizers()
-        enabled = {n: q.quant_enabled for n, q in layers.items()}
-        self.disable_quant()
-        try:
+        with quantization(layers, False):
             return histograms(self._context(layers), bins)
-        finally:
-            for n, q in layers.items():
-                q.quant_enabled = enabled[n]
 
     # -- sensitivity and fallback -------------------------------------------------------
     def calibration_batches(self, samples: int | None = None) -> list:
@@ -403,13 +370,11 @@ class Calibrator:
     def enable_quant(self) -> None:
         """Switch fake quantization on (after `run()`)."""
         self._require_run()
-        for q in self._quantizers().values():
-            q.quant_enabled = True
+        set_quantization(self._quantizers(), True)
 
     def disable_quant(self) -> None:
         """Switch fake quantization off: the model computes in float again."""
-        for q in self._quantizers().values():
-            q.quant_enabled = False
+        set_quantization(self._quantizers(), False)
 
     @contextlib.contextmanager
     def quantization(self, enabled: bool = True):
@@ -418,15 +383,8 @@ class Calibrator:
             raise TypeError(f"quantization(enabled={enabled!r}): expected True or False")
         if enabled:
             self._require_run()
-        layers = self._quantizers()
-        before = {n: q.quant_enabled for n, q in layers.items()}
-        for q in layers.values():
-            q.quant_enabled = enabled
-        try:
+        with quantization(self._quantizers(), enabled):
             yield self.model
-        finally:
-            for n, q in layers.items():
-                q.quant_enabled = before[n]
 
     def summary(self) -> str:
         """Which layers are quantized, kept float (and why)."""
@@ -463,10 +421,10 @@ def _refuse_local_data_steps(cfg: jaxq.QuantConfig, mesh) -> None:
 
     if mesh is None or jax.process_count() == 1:
         return
-    ka = cfg.keep_acc
-    asked = [name for name, on in (("keep_acc.easy_quant", ka.easy_quant[0]), ("keep_acc.adaround", ka.adaround[0]),
-                                   ("bias_correction", cfg.bias_correction), ("amp_num", cfg.amp_num),
-                                   ("smooth_quant", cfg.smooth_quant)) if on]
+    torch_reads = {"rows", "mean_rows", "outputs"}
+    field = {"fallback": "amp_num", "bias_correction": "bias_correction", "smooth_quant": "smooth_quant"}
+    asked = [field.get(s.name, f"keep_acc.{s.name}") for s in plan(cfg)
+             if s.name == "smooth_quant" or torch_reads & set(s.reads)]
     if asked:
         raise ValueError(f"{', '.join(asked)}: with {jax.process_count()} processes these read each process's own "
                          "calibration data through torch and would give each process a different model; calibrate "

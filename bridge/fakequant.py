@@ -20,6 +20,7 @@ The user's module stays where it is, with its class, attributes and `forward`
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -357,6 +358,25 @@ class LayerQuantizer:
 
 
 QuantWrapper = LayerQuantizer  # public name of the first design
+
+
+def set_quantization(quantizers: dict, enabled) -> None:
+    """Switch fake quantization of `quantizers` on or off: `enabled` a bool, or a function
+    of the layer name. The one place `quant_enabled` is written after construction."""
+    for name, q in quantizers.items():
+        q.quant_enabled = bool(enabled(name)) if callable(enabled) else bool(enabled)
+
+
+@contextlib.contextmanager
+def quantization(quantizers: dict, enabled=True):
+    """Context manager: `set_quantization(quantizers, enabled)` inside, each layer's previous
+    state after (also on error)."""
+    before = {n: q.quant_enabled for n, q in quantizers.items()}
+    set_quantization(quantizers, enabled)
+    try:
+        yield
+    finally:
+        set_quantization(quantizers, before.__getitem__)
 
 
 def quantizer_of(module: nn.Module) -> LayerQuantizer | None:

@@ -20,7 +20,7 @@ from torch import nn
 import jaxq
 from bridge.export import FORMAT_VERSION, JSON_NAME, SAFETENSORS_NAME, verify_manifest
 from bridge.export.float_state import check_float_state, write_float_state
-from bridge.fakequant import LayerQuantizer
+from bridge.fakequant import LayerQuantizer, set_quantization
 from bridge.prepare import attach_quantizers
 from bridge.fuse import fold, fold_bn_into_conv
 from bridge.modules import quantizable_layers, weight_name
@@ -184,8 +184,7 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         attach_quantizers(model, layers, {n for n, d in description["layers"].items() if d.get("functional")}, cfg, edit)
         load_float_params(model, path, description, edit)
         apply_records(edit.quantizers, records)
-        for q in edit.quantizers.values():
-            q.quant_enabled = True
+        set_quantization(edit.quantizers, True)
     except BaseException:
         edit.restore()
         raise

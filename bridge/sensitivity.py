@@ -17,6 +17,7 @@ import torch
 
 import jaxq.sensitivity as js
 from bridge.data import Batch, run_model
+from bridge.fakequant import quantization, set_quantization
 from bridge.modules import weight_name
 from bridge.tensors import to_jax
 
@@ -56,17 +57,11 @@ def primary_output(out) -> torch.Tensor:
     raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
 
 
-def _set_enabled(layers: dict, enabled: Callable[[str], bool]) -> None:
-    for name, w in layers.items():
-        w.quant_enabled = enabled(name)
-
-
 def layer_output_errors(model, layers: dict, batches: list[Batch]) -> dict[str, dict[str, float]]:
     """Per layer `mse`, `relative_mse`, `cosine` between float-model and quantized-model
     outputs, call by call (the k-th call of a layer in the quantized forward against its
     k-th call in the float forward). Layers used only functionally (attention) have no
     module output to compare: NaN."""
-    before = {n: w.quant_enabled for n, w in layers.items()}
     stats = {n: js.init_stats() for n in layers}
     fp: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     seen: dict[str, int] = {}
@@ -85,22 +80,19 @@ def layer_output_errors(model, layers: dict, batches: list[Batch]) -> dict[str, 
         return hook
 
     modular = {n: w for n, w in layers.items() if not w.functional}
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                for mode, make in ((False, keep), (True, compare)):
-                    _set_enabled(layers, lambda n, mode=mode: mode)
-                    handles = [w.module.register_forward_hook(make(n)) for n, w in modular.items()]
-                    try:
-                        run_model(model, batch, i)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                for v in fp.values():
-                    v.clear()
-                seen.clear()
-    finally:
-        _set_enabled(layers, lambda n: before[n])
+    with quantization(layers, False), torch.no_grad():
+        for i, batch in enumerate(batches):
+            for mode, make in ((False, keep), (True, compare)):
+                set_quantization(layers, mode)
+                handles = [w.module.register_forward_hook(make(n)) for n, w in modular.items()]
+                try:
+                    run_model(model, batch, i)
+                finally:
+                    for h in handles:
+                        h.remove()
+            for v in fp.values():
+                v.clear()
+            seen.clear()
     names = list(layers)
     stacked = js.ErrorStats(*(np.stack([np.asarray(getattr(stats[n], f)) for n in names]) for f in js.ErrorStats._fields))
     metrics = {k: np.asarray(v) for k, v in js.finalize_metrics(stacked).items()}
@@ -116,24 +108,14 @@ def output_distance(fp: torch.Tensor, q: torch.Tensor) -> float:
 
 def model_distance(model, layers, batches, fp_outputs, enabled: Callable[[str], bool]) -> float:
     """Mean output distance from float over `batches` with the `enabled` layers quantized."""
-    before = {n: w.quant_enabled for n, w in layers.items()}
-    _set_enabled(layers, enabled)
-    try:
-        with torch.no_grad():
-            dists = [output_distance(f, primary_output(run_model(model, b, i))) for i, (b, f) in enumerate(zip(batches, fp_outputs))]
-    finally:
-        _set_enabled(layers, lambda n: before[n])
+    with quantization(layers, enabled), torch.no_grad():
+        dists = [output_distance(f, primary_output(run_model(model, b, i))) for i, (b, f) in enumerate(zip(batches, fp_outputs))]
     return float(np.mean(dists))
 
 
 def float_outputs(model, layers, batches) -> list[torch.Tensor]:
-    before = {n: w.quant_enabled for n, w in layers.items()}
-    _set_enabled(layers, lambda n: False)
-    try:
-        with torch.no_grad():
-            return [primary_output(run_model(model, b, i)).detach().clone() for i, b in enumerate(batches)]
-    finally:
-        _set_enabled(layers, lambda n: before[n])
+    with quantization(layers, False), torch.no_grad():
+        return [primary_output(run_model(model, b, i)).detach().clone() for i, b in enumerate(batches)]
 
 
 def isolated_sensitivity(model, layers: dict, batches: list[Batch]) -> dict[str, float]:

@@ -25,13 +25,13 @@ from jaxq.observers import (
 )
 from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
-from jaxq import accuracy, rows, sweep
+from jaxq import accuracy, keep_acc, pipeline, rows, sweep
 from jaxq.adaround import AdaRoundParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaRoundParams", "ActivationResult", "accuracy", "rows", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
+    "AdaRoundParams", "ActivationResult", "accuracy", "keep_acc", "pipeline", "rows", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
     "QuantizedWeight", "apply", "batch_percentile_minmax", "channel_minmax", "compile_count",
     "dequantize", "fake_quant", "finalize_activations", "qparams_from_range", "quantize",
     "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "sweep", "update_observer", "update_observers",

@@ -4,8 +4,10 @@
     squant_weights     data-free rounding                     (`jaxq.squant`)
     easy_quant_layers  activation + weight scale search       (`jaxq.easyquant`)
     adaround_layers    learned rounding                       (`jaxq.adaround`)
+    gptq_layers        rounding with error feedback           (`jaxq.gptq`)
     bias_corrections   mean output shift of the final weights (`jaxq.bias_correction`)
-    keep_accuracy      the chain of the above that a `QuantConfig.keep_acc` asks for
+    LAYER_STEPS        the layer-local steps of `jaxq.pipeline.plan` as pure functions
+                       `(float weights, LayerState, settings, progress) → (LayerState, report)`
 
 The data-driven ones take a `LayerRows` per layer: calibration rows (`jaxq.rows`), the
 grouped float weight, bias, and the current quantizers.
@@ -23,6 +25,8 @@ from jaxq.admm import admm_quantize_bucket
 from jaxq.bias_correction import bias_shift_bucket
 from jaxq.calibrate import QuantizedWeight, map_buckets
 from jaxq.easyquant import ROWS_USED, EasyQuantResult, easy_quant_bucket
+from jaxq.gptq import GptqParams, grouped_gptq_codes
+from jaxq.gptq import output_error as gptq_output_error
 from jaxq.numerics import dequantize, quantize
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
@@ -129,52 +133,95 @@ def bias_corrections(mean_rows: Mapping[str, jax.Array], grouped_weights: Mappin
     return map_buckets(_bias_correction_bucket, inputs)
 
 
-class KeepAccuracyResult(NamedTuple):
-    """The chain's output: final weights, activation quantizers, bias corrections (None
-    when off) and per algorithm `{layer: (error before, error after)}`."""
+class LayerState(NamedTuple):
+    """What the layer-local steps (`jaxq.pipeline.layer_local`) transform, per layer: the
+    quantized weight, the activation quantizer (None = float input) and its rows (`LayerRows`)."""
 
     weights: dict
     act: dict
-    corrections: dict | None
-    reports: dict
+    layers: dict
 
 
 _quantize_jit = jax.jit(quantize)
 
 
-def keep_accuracy(float_weights: Mapping[str, jax.Array], weights: Mapping[str, QuantizedWeight],
-                  act: Mapping[str, QParams | None], layers: Mapping[str, LayerRows], mean_rows: Mapping[str, jax.Array],
-                  keep_acc, bias_correction: bool, progress=None) -> KeepAccuracyResult:
-    """EasyQuant (scales) → SQuant or AdaRound (rounding) → bias correction of the final
-    weights (docs/design.md §4), each once per bucket of equal shapes.
+def easy_quant_step(float_weights, state: LayerState, settings, progress=None) -> tuple[LayerState, dict]:
+    """EasyQuant's scales (`jaxq.keep_acc.EasyQuant`) in place of the observers'; report
+    `{layer: (cosine before, cosine after)}`."""
+    weights, act, layers = dict(state.weights), dict(state.act), dict(state.layers)
+    found = easy_quant_layers(layers, settings.candidates, progress=progress)
+    for name, r in found.items():
+        qp = QParams(r.weight.scale, r.weight.offset, weights[name].qparams.scheme)
+        weights[name] = QuantizedWeight(qp, _quantize_jit(float_weights[name], qp))
+        if act.get(name) is not None:
+            act[name] = r.act
+        layers[name] = layers[name]._replace(weight=qp, act=r.act if act.get(name) is not None else None)
+    report = {n: (float(r.cosine_before), float(r.cosine_after)) for n, r in found.items()}
+    return LayerState(weights, act, layers), report
 
-    `keep_acc`: a `jaxq.config.KeepAcc`; `layers` / `mean_rows` are needed by the
-    data-driven steps; `progress(step_name, layers_done)` is called as layers finish.
-    """
-    weights, act, layers, reports = dict(weights), dict(act), dict(layers), {}
-    bar = (lambda step: (lambda n=1: progress(step, n))) if progress else (lambda step: None)
-    if keep_acc.easy_quant[0]:
-        found = easy_quant_layers(layers, keep_acc.easy_quant[1], progress=bar("easy_quant"))
-        for name, r in found.items():
-            qp = QParams(r.weight.scale, r.weight.offset, weights[name].qparams.scheme)
-            weights[name] = QuantizedWeight(qp, _quantize_jit(float_weights[name], qp))
-            if act.get(name) is not None:
-                act[name] = r.act
-            layers[name] = layers[name]._replace(weight=qp, act=r.act if act.get(name) is not None else None)
-        reports["easy_quant"] = {n: (float(r.cosine_before), float(r.cosine_after)) for n, r in found.items()}
-    if keep_acc.round_opt:
-        weights = squant_weights(float_weights, weights, progress=bar("round_opt"))
-    if keep_acc.adaround[0]:
-        found = adaround_layers(float_weights, layers, AdaRoundParams(steps=keep_acc.adaround[1]), progress=bar("adaround"))
-        reports["adaround"] = {}
-        for name, r in found.items():
-            before, after = float(r.error_before), float(r.error_after)
-            if after <= before:  # never worse than round-to-nearest on the rows it was fitted to
-                weights[name] = QuantizedWeight(weights[name].qparams, r.q)
-            reports["adaround"][name] = (before, min(before, after))
-    corrections = None
-    if bias_correction:
-        corrections = bias_corrections(mean_rows, {n: r.wg for n, r in layers.items()}, weights)
-        reports["bias_correction"] = {n: (float(jnp.sqrt(jnp.mean(jnp.square(d.astype(jnp.float32))))), 0.0)
-                                      for n, d in corrections.items()}
-    return KeepAccuracyResult(weights, act, corrections, reports)
+
+def round_opt_step(float_weights, state: LayerState, settings, progress=None) -> tuple[LayerState, dict]:
+    """SQuant codes under the current quantizers (data-free; no report)."""
+    weights = squant_weights({n: float_weights[n] for n in state.weights}, state.weights, progress=progress)
+    return state._replace(weights=weights), {}
+
+
+def adaround_step(float_weights, state: LayerState, settings, progress=None) -> tuple[LayerState, dict]:
+    """AdaRound codes (`jaxq.keep_acc.AdaRound`) where they lower the layer's output error
+    on its rows (never worse than round to nearest); report `{layer: (error before, after)}`."""
+    weights = dict(state.weights)
+    found = adaround_layers(float_weights, state.layers, AdaRoundParams(steps=settings.steps), progress=progress)
+    report = {}
+    for name, r in found.items():
+        before, after = float(r.error_before), float(r.error_after)
+        if after <= before:
+            weights[name] = QuantizedWeight(weights[name].qparams, r.q)
+        report[name] = (before, min(before, after))
+    return state._replace(weights=weights), report
+
+
+def _hessian(mom: Moments | RowFactor) -> jax.Array:
+    if isinstance(mom, RowFactor):
+        return jnp.einsum("gmd,gme->gde", mom.r, mom.r, precision=jax.lax.Precision.HIGHEST)
+    return mom.h_hat
+
+
+def _gptq_bucket(t, params: GptqParams):
+    wg, qp, h, q_nearest = t
+
+    def one(wg, qp, h, q_nearest):
+        codes = grouped_gptq_codes(wg, h, qp.scale, qp.offset, qp.scheme.qmin, qp.scheme.qmax, params)
+        deq = lambda q: (q.astype(jnp.float32) - jnp.reshape(qp.offset, (wg.shape[0], -1, 1))) * jnp.reshape(  # noqa: E731
+            qp.scale, (wg.shape[0], -1, 1))
+        return codes, gptq_output_error(wg, deq(jnp.reshape(q_nearest, wg.shape)), h), gptq_output_error(wg, deq(codes), h)
+
+    return jax.vmap(one)(wg, qp, h, q_nearest)
+
+
+def gptq_layers(layers: Mapping[str, LayerRows], quantized: Mapping[str, QuantizedWeight], params: GptqParams,
+                progress=None) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+    """GPTQ codes `[g, o, d]` of many layers under their (fixed) weight quantizers, with the
+    output error `E‖(Ŵ − W)x̂‖²` of the current codes and of GPTQ's (`jaxq.gptq`); `x̂` the
+    layer's input rows through its activation quantizer. Rows are reduced to their moment
+    one layer at a time (`layer_moment`)."""
+    inputs = {n: (l.wg, l.weight, _hessian(layer_moment(l.rows, l.act)), quantized[n].q) for n, l in layers.items()}
+    return map_buckets(bind(_gptq_bucket, params=params), inputs, progress)
+
+
+def gptq_step(float_weights, state: LayerState, settings, progress=None) -> tuple[LayerState, dict]:
+    """GPTQ codes (`jaxq.keep_acc.Gptq`) where they lower the layer's output error on its
+    rows (never worse than the codes it started from); report `{layer: (error before, after)}`."""
+    weights = dict(state.weights)
+    params = GptqParams(settings.block_size, settings.damp, settings.act_order)
+    found = gptq_layers(state.layers, weights, params, progress=progress)
+    report = {}
+    for name, (codes, before, after) in found.items():
+        before, after = float(before), float(after)
+        if after <= before:
+            weights[name] = QuantizedWeight(weights[name].qparams, jnp.reshape(codes, weights[name].q.shape))
+        report[name] = (before, min(before, after))
+    return state._replace(weights=weights), report
+
+
+LAYER_STEPS = {"easy_quant": easy_quant_step, "round_opt": round_opt_step, "adaround": adaround_step,
+               "gptq": gptq_step}

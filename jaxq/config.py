@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from jaxq.keep_acc import MAX_ITERS, KeepAcc, check_bool, is_int
 from jaxq.scheme import ALLOWED_BITS, QScheme
 
 ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observer"}
@@ -25,15 +26,10 @@ MINMAX_COMBINES = ("batch_percentile", "running")
 VIRTUAL_DATA = ("uniform", "bn_stats")
 AMP_METRICS = ("mse", "relative_mse", "isolated")
 _DEVICE_RE = re.compile(r"(cpu|npu|cuda)(:\d+)?")
-MAX_ITERS = 100_000  # per layer: beyond this an algorithm runs for hours on one layer
 SEED_RANGE = (0, 2**32 - 1)
 
 
 RECON_INPUTS = ("quantized", "float")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _normalise_layer_bits(value) -> tuple:
@@ -49,7 +45,7 @@ def _normalise_layer_bits(value) -> tuple:
         if len(pair) != 2 or not isinstance(pair[0], str):
             raise TypeError(f"QuantConfig.layer_bits entry {pair!r} must be (layer name or glob, bits)")
         bits = pair[1].item() if hasattr(pair[1], "item") else pair[1]
-        if not _is_int(bits) or bits not in ALLOWED_BITS:
+        if not is_int(bits) or bits not in ALLOWED_BITS:
             raise ValueError(f"QuantConfig.layer_bits[{pair[0]!r}]={bits!r} is not supported; allowed bit widths: {ALLOWED_BITS}")
         out.append((pair[0], int(bits)))
     return tuple(out)
@@ -76,97 +72,10 @@ def _normalise_smooth_quant(value) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _check_bool(field: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"QuantConfig.{field}={value!r} must be a bool (True or False)")
-    return value
-
-
 def _check_choice(field: str, value, allowed) -> Any:
-    if not _is_int(value) or value not in allowed:
+    if not is_int(value) or value not in allowed:
         raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
     return int(value)
-
-
-@dataclasses.dataclass(frozen=True)
-class KeepAcc:
-    """Accuracy-keeping switches (docs/design.md §4): `(enabled, iterations)` pairs and `round_opt`.
-
-    admm:       per-channel weight-scale refinement, up to `iterations` alternations.
-    easy_quant: EasyQuant scale search, `iterations` grid candidates in [0.5·S, 2·S].
-    round_opt:  SQuant data-free rounding.
-    adaround:   (jaxq extension) AdaRound learned rounding, `iterations` Adam steps per layer.
-    brecq:      (jaxq extension, needs the `jax` extra) block reconstruction: AdaRound
-                rounding of every weight in a block and its input step sizes learned on
-                the block's output, `iterations` Adam steps per block
-                (`jaxq.block_reconstruction`, `bridge.jax_model.block_reconstruction`).
-    qdrop:      (jaxq extension) the same with QDrop's random drop of activation
-                quantization (keep probability ½); takes precedence over `brecq`.
-    """
-
-    admm: tuple[bool, int] = (False, 1000)
-    easy_quant: tuple[bool, int] = (False, 1000)
-    round_opt: bool = False
-    adaround: tuple[bool, int] = (False, 1000)
-    brecq: tuple[bool, int] = (False, 300)
-    qdrop: tuple[bool, int] = (False, 300)
-
-    @classmethod
-    def from_user(cls, value) -> "KeepAcc":
-        """Accept `None`, a `KeepAcc`, or msModelSlim's dict; missing keys take defaults."""
-        if value is None:
-            return cls()
-        if isinstance(value, KeepAcc):
-            return value
-        if not isinstance(value, dict):
-            raise TypeError(
-                f"QuantConfig.keep_acc={value!r} must be a dict like "
-                "{'admm': [False, 1000], 'easy_quant': [False, 1000], 'round_opt': False}"
-            )
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            raise ValueError(f"QuantConfig.keep_acc has unknown key(s) {unknown}; allowed keys: {allowed}")
-        kwargs = {}
-        for key in ("admm", "easy_quant", "adaround", "brecq", "qdrop"):
-            if key in value:
-                kwargs[key] = _enabled_iters(key, value[key])
-        if "round_opt" in value:
-            v = value["round_opt"]
-            if isinstance(v, (list, tuple)) and len(v) == 1:
-                v = v[0]
-            kwargs["round_opt"] = _check_bool("keep_acc['round_opt']", v)
-        return cls(**kwargs)
-
-    def as_dict(self) -> dict:
-        return {"admm": list(self.admm), "easy_quant": list(self.easy_quant), "round_opt": self.round_opt,
-                "adaround": list(self.adaround), "brecq": list(self.brecq), "qdrop": list(self.qdrop)}
-
-    @property
-    def any_enabled(self) -> bool:
-        return self.admm[0] or self.easy_quant[0] or self.round_opt or self.adaround[0] or self.blocks[0]
-
-    @property
-    def blocks(self) -> tuple[bool, int, float]:
-        """`(enabled, iterations, keep probability)` of block reconstruction (QDrop over BRECQ)."""
-        if self.qdrop[0]:
-            return True, self.qdrop[1], 0.5
-        return self.brecq[0], self.brecq[1], 1.0
-
-    @property
-    def needs_rows(self) -> bool:
-        """Whether an enabled algorithm reconstructs layer outputs on calibration rows."""
-        return self.easy_quant[0] or self.adaround[0]
-
-
-def _enabled_iters(key: str, value) -> tuple[bool, int]:
-    ok = isinstance(value, (list, tuple)) and len(value) == 2
-    if ok:
-        enabled, iters = value
-        ok = isinstance(enabled, bool) and _is_int(iters) and iters >= 1
-    if not ok:
-        raise ValueError(f"QuantConfig.keep_acc[{key!r}]={value!r} must be [bool, iterations ≥ 1], e.g. [True, 1000]")
-    return (bool(value[0]), int(value[1]))
 
 
 def _normalise_input_shape(value) -> tuple[tuple[int, ...], ...] | None:
@@ -175,10 +84,10 @@ def _normalise_input_shape(value) -> tuple[tuple[int, ...], ...] | None:
         return None
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"QuantConfig.input_shape={value!r} must be a shape like [1, 3, 224, 224] or a list of shapes")
-    shapes = [value] if all(_is_int(d) for d in value) else list(value)
+    shapes = [value] if all(is_int(d) for d in value) else list(value)
     out = []
     for shape in shapes:
-        if not isinstance(shape, (list, tuple)) or not shape or not all(_is_int(d) for d in shape):
+        if not isinstance(shape, (list, tuple)) or not shape or not all(is_int(d) for d in shape):
             raise ValueError(
                 f"QuantConfig.input_shape={value!r}: each shape must be a non-empty list of ints, got {shape!r}"
             )
@@ -299,17 +208,17 @@ class QuantConfig:
                 set_(f.name, v.item())
         for field in ("w_bit", "a_bit"):
             v = getattr(self, field)
-            if not _is_int(v) or v not in ALLOWED_BITS:
+            if not is_int(v) or v not in ALLOWED_BITS:
                 raise ValueError(f"QuantConfig.{field}={v!r} is not supported; allowed bit widths: {ALLOWED_BITS}")
         for field in ("w_signed", "a_signed", "w_sym", "a_sym", "act_quant", "quantize_first_last"):
-            _check_bool(field, getattr(self, field))
+            check_bool(field, getattr(self, field))
         if self.bias_correction is not None:
-            _check_bool("bias_correction", self.bias_correction)
+            check_bool("bias_correction", self.bias_correction)
         set_("act_method", _check_choice("act_method", self.act_method, tuple(ACT_METHODS)))
         set_("quant_mode", _check_choice("quant_mode", self.quant_mode, tuple(QUANT_MODES)))
         set_("input_shape", _normalise_input_shape(self.input_shape))
         set_("disable_names", _normalise_names(self.disable_names))
-        if not _is_int(self.amp_num) or self.amp_num < 0:
+        if not is_int(self.amp_num) or self.amp_num < 0:
             raise ValueError(f"QuantConfig.amp_num={self.amp_num!r} must be an int ≥ 0")
         set_("keep_acc", KeepAcc.from_user(self.keep_acc))
         if isinstance(self.sigma, bool) or not isinstance(self.sigma, numbers.Real) or not self.sigma >= 0:
@@ -318,36 +227,36 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.device={self.device!r} is not allowed; use 'cpu', 'npu', 'cuda' (optionally ':N')")
         if self.minmax_combine not in MINMAX_COMBINES:
             raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
-        if not _is_int(self.hist_bins) or not 16 <= self.hist_bins <= 65536:
+        if not is_int(self.hist_bins) or not 16 <= self.hist_bins <= 65536:
             raise ValueError(f"QuantConfig.hist_bins={self.hist_bins!r} must be an int in [16, 65536]")
-        if not _is_int(self.hist_samples) or self.hist_samples < 0:
+        if not is_int(self.hist_samples) or self.hist_samples < 0:
             raise ValueError(f"QuantConfig.hist_samples={self.hist_samples!r} must be an int ≥ 0 (0 = every value)")
         if self.virtual_data not in VIRTUAL_DATA:
             raise ValueError(f"QuantConfig.virtual_data={self.virtual_data!r} is not allowed; choose one of {VIRTUAL_DATA}")
-        if not _is_int(self.virtual_steps) or self.virtual_steps < 1:
+        if not is_int(self.virtual_steps) or self.virtual_steps < 1:
             raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps!r} must be an int ≥ 1")
         if isinstance(self.virtual_lr, bool) or not isinstance(self.virtual_lr, numbers.Real) or not self.virtual_lr > 0:
             raise ValueError(f"QuantConfig.virtual_lr={self.virtual_lr!r} must be a number > 0")
         if self.amp_metric not in AMP_METRICS:
             raise ValueError(f"QuantConfig.amp_metric={self.amp_metric!r} is not allowed; choose one of {AMP_METRICS}")
-        if not _is_int(self.amp_samples) or self.amp_samples < 1:
+        if not is_int(self.amp_samples) or self.amp_samples < 1:
             raise ValueError(f"QuantConfig.amp_samples={self.amp_samples!r} must be an int ≥ 1")
-        if not _is_int(self.recon_rows) or self.recon_rows < 16:
+        if not is_int(self.recon_rows) or self.recon_rows < 16:
             raise ValueError(f"QuantConfig.recon_rows={self.recon_rows!r} must be an int ≥ 16")
         if self.recon_inputs not in RECON_INPUTS:
             raise ValueError(f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}")
-        if self.memory_budget is not None and (not _is_int(self.memory_budget) or self.memory_budget < 16):
+        if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)")
         set_("layer_bits", _normalise_layer_bits(self.layer_bits))
         set_("smooth_quant", _normalise_smooth_quant(self.smooth_quant))
         set_("recon_blocks", _normalise_names(self.recon_blocks, "recon_blocks"))
-        if self.recon_blocks and not self.keep_acc.blocks[0]:
+        if self.recon_blocks and self.keep_acc.blocks is None:
             raise ValueError(f"QuantConfig.recon_blocks={list(self.recon_blocks)!r} names blocks for "
                              "keep_acc['brecq'] or keep_acc['qdrop'], which are off; switch one on or drop recon_blocks")
         if self.smooth_quant and not self.act_quant:
             raise ValueError(f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
                              "it needs act_quant=True")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"QuantConfig.seed={self.seed!r} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
@@ -357,12 +266,6 @@ class QuantConfig:
         if self.virtual_steps > MAX_ITERS:
             raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps} is more than {MAX_ITERS} "
                              "(about one forward and backward pass each): hours of work; use ≤ 1000")
-        for key in ("admm", "easy_quant", "adaround", "brecq", "qdrop"):
-            iters = getattr(self.keep_acc, key)[1]
-            if iters > MAX_ITERS:
-                raise ValueError(f"QuantConfig.keep_acc[{key!r}] iterations={iters} is more than {MAX_ITERS} per layer "
-                                 "(each is a pass over the layer's weights or rows: hours, or memory for a candidate "
-                                 "grid); the defaults are 1000")
 
     # Derived schemes -------------------------------------------------------------
     @property

@@ -145,13 +145,15 @@ class _Attention(nn.Module):
 
 
 def test_default_is_skipped_with_a_warning_where_rows_cannot_be_sampled():
-    from bridge.calibration import BiasCorrectionSkipped
+    from bridge.pipeline import BiasCorrectionSkipped
 
     torch.manual_seed(0)
     data = [torch.randn(4, 5, 8) for _ in range(2)]
     cfg = jaxq.QuantConfig(quantize_first_last=True, recon_rows=32)
     with pytest.warns(BiasCorrectionSkipped, match="functional"):
         cal = Calibrator(_Attention().eval(), cfg, data, progress=False).run()
-    assert "bias_correction_skipped" in cal.reports
+    skipped = [r for r in cal.steps if r.step == "bias_correction"]
+    assert len(skipped) == 1 and "functional" in skipped[0].skipped
+    assert "bias_correction" not in cal.reports and all(r.bias_correction is None for r in cal.records.values())
     with pytest.raises(Exception, match="functional"):  # asked for explicitly: an error, not a silent skip
         Calibrator(_Attention().eval(), cfg.replace(bias_correction=True), data, progress=False).run()

@@ -50,7 +50,8 @@ def test_admm_lowers_weight_error(rtn, digits_calib):
 
 
 @pytest.mark.parametrize("keep_acc", [dict(round_opt=True), dict(adaround=[True, 200]),
-                                      dict(admm=[True, 50], round_opt=True)], ids=["squant", "adaround", "admm+squant"])
+                                      dict(admm=[True, 50], round_opt=True), dict(gptq={"block_size": 32})],
+                         ids=["squant", "adaround", "admm+squant", "gptq"])
 def test_rounding_algorithms_simulate_and_export_their_codes(digits_calib, digits, keep_acc, tmp_path):
     from bridge.models.digits import load_digits_cnn
 
@@ -67,6 +68,16 @@ def test_rounding_algorithms_simulate_and_export_their_codes(digits_calib, digit
     again = Calibrator(load_digits_cnn(), W4.replace(keep_acc=keep_acc), digits_calib, progress=False).load_param(tmp_path / "p")
     with torch.no_grad():
         torch.testing.assert_close(again.model(x_test), expected, rtol=0, atol=0)
+
+
+def test_gptq_reduces_every_layer_output_error_and_bias_correction_follows_it(digits_model, digits_calib):
+    cal = _run(digits_model, digits_calib, gptq=True)
+    report = cal.reports["gptq"]
+    assert set(report) == set(cal.quantized_names)
+    assert all(after <= before for before, after in report.values())
+    assert sum(a for _, a in report.values()) < 0.5 * sum(b for b, _ in report.values())
+    assert [s.step for s in cal.steps][-2:] == ["gptq", "bias_correction"]
+    assert all(r.bias_correction is not None for r in cal.records.values())  # δ of GPTQ's codes, not of nearest
 
 
 def test_adaround_reduces_every_layer_output_error(digits_model, digits_calib):

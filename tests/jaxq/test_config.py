@@ -4,6 +4,7 @@ import jax
 import pytest
 
 from jaxq import KeepAcc, QuantConfig
+from jaxq.keep_acc import AdaRound, Admm, Blocks, Gptq, RoundOpt
 
 
 def test_seed_example_runs_as_written():
@@ -87,4 +88,26 @@ def test_schemes_and_replace():
 
 
 def test_round_opt_accepts_list_form():
-    assert QuantConfig(keep_acc={"round_opt": [True]}).keep_acc.round_opt is True
+    assert QuantConfig(keep_acc={"round_opt": [True]}).keep_acc.round_opt == RoundOpt()
+
+
+def test_keep_acc_is_typed_records_and_writes_back_the_list_form():
+    ka = QuantConfig(keep_acc={"admm": [True, 7], "easy_quant": [False, 5], "qdrop": [True, 20], "gptq": True}).keep_acc
+    assert ka.admm == Admm(7) and ka.easy_quant is None and ka.blocks == Blocks(20, 0.5) and ka.gptq == Gptq()
+    assert QuantConfig(keep_acc=ka.as_dict()).keep_acc == ka  # msModelSlim's form round-trips
+    typed = KeepAcc(adaround=AdaRound(50), brecq=Blocks(10))
+    assert QuantConfig(keep_acc=typed).keep_acc.as_dict()["adaround"] == [True, 50]
+    assert QuantConfig(keep_acc={"gptq": {"block_size": 32, "act_order": False}}).keep_acc.gptq == Gptq(32, 0.01, False)
+
+
+@pytest.mark.parametrize("keep_acc, words", [
+    (KeepAcc(admm=(True, 5)), ["keep_acc.admm", "Admm"]),
+    (KeepAcc(adaround=AdaRound(0)), ["adaround", "iterations=0"]),
+    ({"gptq": {"damp": 2.0}}, ["gptq", "damp=2.0"]),
+    ({"gptq": {"blocksize": 8}}, ["gptq", "blocksize", "block_size"]),
+    ({"gptq": "yes"}, ["gptq", "'yes'"]),
+])
+def test_bad_keep_acc_settings_are_named(keep_acc, words):
+    with pytest.raises((TypeError, ValueError)) as e:
+        QuantConfig(keep_acc=keep_acc)
+    assert all(w in str(e.value) for w in words), str(e.value)

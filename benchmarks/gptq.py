@@ -1,0 +1,48 @@
+"""GPTQ against round to nearest and AdaRound, each with bias correction (the default).
+
+EfficientNet-Lite0 calibrated on 64 crops of five photos and evaluated on crops of the
+three others (`protocols.efficientnet_lite0_unseen`); MiniLM on its protocol, W4A8 and W4
+weight-only. First and last layer float (msModelSlim's default), activations by the
+default observer, per-channel weights. Times are the whole `Calibrator(...)` + `run()`
+(cold compilation cache, as `timed_calibration`) and the step's own seconds.
+
+    python benchmarks/gptq.py
+    python benchmarks/gptq.py --models minilm --algos rtn gptq
+"""
+from __future__ import annotations
+
+import argparse
+
+import jaxq
+from bridge.evaluation import protocols
+from common import parse_args, timed_calibration
+
+ALGOS = {"rtn": {}, "gptq": {"gptq": True}, "gptq-no-act-order": {"gptq": {"act_order": False}},
+         "adaround": {"adaround": [True, 1000]}}
+CASES = {"efficientnet_lite0_unseen": [("W4A8", dict(w_bit=4, a_bit=8))],
+         "minilm": [("W4A8", dict(w_bit=4, a_bit=8)), ("W4 weight-only", dict(w_bit=4, act_quant=False))]}
+KEY = {"efficientnet_lite0_unseen": ("agreement", "kl"), "minilm": ("mean_cos", "min_cos")}
+
+
+def main(argv=None):
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--algos", nargs="*", default=["rtn", "gptq", "adaround"])
+    known, rest = extra.parse_known_args(argv)
+    args = parse_args(__doc__, list(CASES), rest)
+    for name in args.models:
+        p = protocols.PROTOCOLS[name]()
+        keys = KEY[name]
+        print(f"\n{name}")
+        print(f"{'case':<16}{'algorithm':<20}" + "".join(f"{k:>11}" for k in keys) + f"{'run s':>8}{'step s':>8}")
+        for case, fields in CASES[name]:
+            for algo in known.algos:
+                cfg = jaxq.QuantConfig(quant_mode=1, keep_acc=ALGOS[algo], **fields)
+                cal, seconds, _ = timed_calibration(p, cfg)
+                m = p.evaluate(cal.model)
+                step = next((s.seconds for s in cal.steps if s.step in ("gptq", "adaround")), 0.0)
+                print(f"{case:<16}{algo:<20}" + "".join(f"{m[k]:>11.4f}" for k in keys) + f"{seconds:>8.1f}{step:>8.1f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The calibration pipeline, stated once: `plan(cfg)` is the ordered list of steps a
+`QuantConfig` asks for (NNCF's `create_ptq_pipeline`). `bridge.pipeline` runs it.
+
+    smooth_quant      migrate activation range into weights (SmoothQuant)     reads activations
+    activations       activation quantizers from the observers                reads activations
+    weights           weight quantizers: round to nearest, or ADMM scales     reads weights
+    easy_quant        activation and weight scale search                      reads rows
+    round_opt         SQuant data-free rounding                               reads weights
+    adaround          learned rounding per layer                              reads rows
+    gptq              column-by-column rounding with error feedback           reads rows
+    blocks            BRECQ / QDrop rounding and step sizes per block         reads block inputs/outputs
+    bias_correction   δ = (W − Ŵ)·E[row], after the last step that changes Ŵ  reads mean rows
+    fallback          the `amp_num` most sensitive layers back to float       reads outputs
+
+What a step reads tells the runner what to capture: `activations` (observer states of each
+layer's input), `weights` (the float weights), `rows` (sampled input rows of each layer,
+`jaxq.rows`, with their float-model targets), `mean_rows` (each layer's mean input row over
+all calibration data), `block_io` (each block's inputs and float outputs), `outputs` (the
+model's outputs). Adding an algorithm is one entry here and one runner in `bridge.pipeline`.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+READS = ("activations", "weights", "rows", "mean_rows", "block_io", "outputs")
+WEIGHT_STEPS = ("weights", "easy_quant", "round_opt", "adaround", "gptq", "blocks")  # steps that change Ŵ
+
+
+class Step(NamedTuple):
+    """One step of the pipeline: its name, what it reads, its settings (a `jaxq.keep_acc`
+    record, or the config value it acts on)."""
+
+    name: str
+    reads: tuple[str, ...]
+    settings: Any = None
+
+    def __str__(self) -> str:
+        settings = "" if self.settings is None else f" {self.settings}"
+        return f"{self.name:<16} reads {', '.join(self.reads)}{settings}"
+
+
+def plan(cfg) -> tuple[Step, ...]:
+    """The steps `cfg` (a resolved `QuantConfig`: `bias_correction` decided) asks for, in order."""
+    ka = cfg.keep_acc
+    steps = []
+    if cfg.smooth_quant:
+        steps.append(Step("smooth_quant", ("activations",), cfg.smooth_quant))
+    if cfg.act_quant:
+        steps.append(Step("activations", ("activations",), cfg.act_method))
+    steps.append(Step("weights", ("weights",), ka.admm))
+    for name, reads in (("easy_quant", "rows"), ("round_opt", "weights"), ("adaround", "rows"), ("gptq", "rows")):
+        if getattr(ka, name) is not None:
+            steps.append(Step(name, (reads,), getattr(ka, name)))
+    if ka.blocks is not None:
+        steps.append(Step("blocks", ("block_io",), ka.blocks))
+    if cfg.bias_correction:
+        steps.append(Step("bias_correction", ("mean_rows",)))
+    if cfg.amp_num:
+        steps.append(Step("fallback", ("outputs",), cfg.amp_num))
+    return tuple(steps)
+
+
+def describe(steps) -> str:
+    """The plan as lines, one per step."""
+    return "\n".join(str(s) for s in steps)
+
+
+def layer_local(step: Step) -> bool:
+    """A step that works on each layer alone from its rows or weights: the runner can run a
+    chain of them layer group by layer group on one sampling of the rows."""
+    return step.name != "weights" and set(step.reads) <= {"rows", "weights"}
+
+
+__all__ = ["READS", "Step", "WEIGHT_STEPS", "describe", "layer_local", "plan"]
