@@ -60,7 +60,7 @@ def main(argv=None):
         cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8), calib, progress=False).run()
         batches = cal.calibration_batches(10)
         fwd_torch, fwd_jax = float_forward(cal, batches)
-        loop, t_loop = _timed(lambda: sens.isolated_sensitivity(cal.model, cal._quantizers(), batches))
+        loop, t_loop = _timed(lambda: sens.isolated_sensitivity(cal.model, cal.quantizers, batches))
         qf, t_lower = _timed(lambda: cal.jax_forward(batches[0]))
         for groups in (1, 4, 8, 16):
             _, cold = _timed(lambda: isolated_sensitivity(qf, batches, groups))

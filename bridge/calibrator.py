@@ -21,6 +21,7 @@ from torch import nn
 
 import jaxq
 from bridge import sensitivity as sens
+from bridge.calibrated import Calibrated
 from bridge.calibration import histograms
 from bridge.context import Context
 from bridge.data import iter_batches
@@ -29,7 +30,7 @@ from bridge.fakequant import quantization, set_quantization
 from bridge.functional import one_attention_path
 from bridge.pipeline import StepReport, run_pipeline
 from bridge.prepare import EmptyModelError, calibration_data, prepare
-from bridge.record import PARAM_KEYS, LayerRecord, apply_records, params_view, refresh_records
+from bridge.record import PARAM_KEYS, LayerRecord, apply_records, refresh_records
 from bridge.sensitivity import FallbackCurve, SensitivityTable
 from bridge.transaction import ModelEdit, refuse_quantized
 from jaxq.pipeline import plan
@@ -121,6 +122,18 @@ class Calibrator:
     @property
     def quantized_names(self) -> list[str]:
         return list(self._quantizers())
+
+    @property
+    def quantizers(self) -> dict:
+        """Name → `LayerQuantizer` of every quantized layer (fallen-back layers left out)."""
+        return self._quantizers()
+
+    def calibrated(self) -> Calibrated:
+        """The calibrated model as data (`bridge.calibrated.Calibrated`): what exports,
+        studies and the JAX model take. Needs `run()` (or `load_param`)."""
+        records = self._require_run()
+        return Calibrated(self.model, self._quantizers(), records, self.cfg, self.specs, tuple(self.fused),
+                          self.calib_data)
 
     def _quantizers(self) -> dict:
         self._require_open()
@@ -304,9 +317,7 @@ class Calibrator:
 
     def params(self) -> dict[str, dict]:
         """`{key: {layer: array}}` for `PARAM_KEYS`, a view of the records."""
-        records = self._require_run()
-        bits = max((self.cfg.weight_bits_for(n) for n in records), default=self.cfg.w_bit)
-        return params_view(records, bits, self.cfg.w_signed)
+        return self.calibrated().params()
 
     def get_quant_params(self) -> tuple[dict, dict, dict, dict, dict]:
         """msModelSlim's five dicts `{layer name: array}`:
@@ -316,15 +327,8 @@ class Calibrator:
 
     def layer_descriptions(self) -> dict[str, dict]:
         """Per quantized layer: kind, geometry, weight shape and schemes (JSON-ready)."""
-        act = self.cfg.act_scheme.describe() if self.cfg.act_quant else None
-        out = {}
-        for name, q in self._quantizers().items():
-            spec = dataclasses.asdict(self.specs[name])
-            spec.pop("name")
-            out[name] = {**spec, "module_type": type(q.module).__name__.removeprefix("Parametrized"),
-                         "weight_param": q.param, "functional": q.functional, "weight_shape": list(q.float_weight.shape),
-                         "weight_scheme": self.cfg.weight_scheme_for(name).describe(), "act_scheme": act}
-        return out
+        self._require_open()
+        return Calibrated(self.model, self._quantizers(), {}, self.cfg, self.specs).layer_descriptions()
 
     def export_param(self, path, legacy: bool = False) -> list:
         """Write the parameters (safetensors + JSON + manifest; msModelSlim `.npy` dicts if
@@ -332,7 +336,7 @@ class Calibrator:
         `bridge.load_quantized(model, path)` or `Calibrator.load_param(path)`."""
         from bridge.export.calibrated import export_param
 
-        return export_param(self, path, legacy)
+        return export_param(self.calibrated(), path, legacy)
 
     def load_param(self, path) -> "Calibrator":
         """Load parameters written by `export_param` into this calibrator's layers (no data
@@ -355,7 +359,7 @@ class Calibrator:
         other tensor in float; a JSON marks each key `W8A8` or `FLOAT`."""
         from bridge.export.calibrated import export_w8a8
 
-        return export_w8a8(self, output_path, safetensors_name, json_name)
+        return export_w8a8(self.calibrated(), output_path, safetensors_name, json_name)
 
     def export_quant_onnx(self, model_arch: str, save_path, input_names: list[str] | None = None,
                           output_names: list[str] | None = None, opset_version: int = 18,
@@ -365,7 +369,8 @@ class Calibrator:
         data-dependent paths: trace a batch that exercises them)."""
         from bridge.export.calibrated import export_onnx
 
-        return export_onnx(self, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend)
+        return export_onnx(self.calibrated(), model_arch, save_path, input_names, output_names, opset_version, example_batch,
+                           ascend)
 
     def enable_quant(self) -> None:
         """Switch fake quantization on (after `run()`)."""

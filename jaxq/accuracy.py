@@ -25,8 +25,7 @@ from jaxq.admm import admm_quantize_bucket
 from jaxq.bias_correction import bias_shift_bucket
 from jaxq.calibrate import QuantizedWeight, map_buckets
 from jaxq.easyquant import ROWS_USED, EasyQuantResult, easy_quant_bucket
-from jaxq.gptq import GptqParams, grouped_gptq_codes
-from jaxq.gptq import output_error as gptq_output_error
+from jaxq.gptq import GptqParams, Problem, solve_problems
 from jaxq.numerics import dequantize, quantize
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
@@ -186,26 +185,43 @@ def _hessian(mom: Moments | RowFactor) -> jax.Array:
     return mom.h_hat
 
 
-def _gptq_bucket(t, params: GptqParams):
-    wg, qp, h, q_nearest = t
-
-    def one(wg, qp, h, q_nearest):
-        codes = grouped_gptq_codes(wg, h, qp.scale, qp.offset, qp.scheme.qmin, qp.scheme.qmax, params)
-        deq = lambda q: (q.astype(jnp.float32) - jnp.reshape(qp.offset, (wg.shape[0], -1, 1))) * jnp.reshape(  # noqa: E731
-            qp.scale, (wg.shape[0], -1, 1))
-        return codes, gptq_output_error(wg, deq(jnp.reshape(q_nearest, wg.shape)), h), gptq_output_error(wg, deq(codes), h)
-
-    return jax.vmap(one)(wg, qp, h, q_nearest)
-
-
 def gptq_layers(layers: Mapping[str, LayerRows], quantized: Mapping[str, QuantizedWeight], params: GptqParams,
-                progress=None) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+                progress=None) -> dict[str, tuple[np.ndarray, float, float]]:
     """GPTQ codes `[g, o, d]` of many layers under their (fixed) weight quantizers, with the
     output error `E‖(Ŵ − W)x̂‖²` of the current codes and of GPTQ's (`jaxq.gptq`); `x̂` the
-    layer's input rows through its activation quantizer. Rows are reduced to their moment
-    one layer at a time (`layer_moment`)."""
-    inputs = {n: (l.wg, l.weight, _hessian(layer_moment(l.rows, l.act)), quantized[n].q) for n, l in layers.items()}
-    return map_buckets(bind(_gptq_bucket, params=params), inputs, progress)
+    layer's input rows through its activation quantizer. Each group of a grouped layer is
+    one problem; problems of a size bucket are solved in one program."""
+    problems, schemes = {}, {}
+    for name, l in layers.items():
+        h = np.asarray(_hessian(layer_moment(l.rows, l.act)), np.float32)
+        wg = np.asarray(l.wg, np.float32)
+        g, o, _ = wg.shape
+        scale = np.reshape(np.asarray(l.weight.scale, np.float32), (g, o))
+        offset = np.reshape(np.asarray(l.weight.offset, np.float32), (g, o))
+        start = np.reshape(np.asarray(quantized[name].q), wg.shape)
+        for k in range(g):
+            problems[(name, k)] = Problem(wg[k], h[k], scale[k], offset[k], start[k])
+        schemes.setdefault((l.weight.scheme.qmin, l.weight.scheme.qmax), []).append(name)
+    solved, finished = {}, set()
+
+    def done(keys) -> None:
+        names = {n for n, _ in keys} - finished
+        complete = [n for n in names if all((n, k) in solved for k in range(layers[n].wg.shape[0]))]
+        finished.update(complete)
+        if progress is not None and complete:
+            progress(len(complete))
+
+    for (qmin, qmax), names in schemes.items():
+        part = {key: p for key, p in problems.items() if key[0] in set(names)}
+        solve = solve_problems(part, qmin, qmax, params)
+        solved.update(solve)
+        done(list(solve))
+    out = {}
+    for name, l in layers.items():
+        g = l.wg.shape[0]
+        parts = [solved[(name, k)] for k in range(g)]
+        out[name] = (np.stack([c for c, _, _ in parts]), sum(b for _, b, _ in parts), sum(a for _, _, a in parts))
+    return out
 
 
 def gptq_step(float_weights, state: LayerState, settings, progress=None) -> tuple[LayerState, dict]:

@@ -227,6 +227,29 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.device={self.device!r} is not allowed; use 'cpu', 'npu', 'cuda' (optionally ':N')")
         if self.minmax_combine not in MINMAX_COMBINES:
             raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
+        self._check_extensions()
+        set_("layer_bits", _normalise_layer_bits(self.layer_bits))
+        set_("smooth_quant", _normalise_smooth_quant(self.smooth_quant))
+        set_("recon_blocks", _normalise_names(self.recon_blocks, "recon_blocks"))
+        if self.recon_blocks and self.keep_acc.blocks is None:
+            raise ValueError(f"QuantConfig.recon_blocks={list(self.recon_blocks)!r} names blocks for "
+                             "keep_acc['brecq'] or keep_acc['qdrop'], which are off; switch one on or drop recon_blocks")
+        if self.smooth_quant and not self.act_quant:
+            raise ValueError(f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
+                             "it needs act_quant=True")
+        if not is_int(self.seed):
+            raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"QuantConfig.seed={self.seed!r} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
+        for name, value in (("sigma", self.sigma), ("virtual_lr", self.virtual_lr)):
+            if not math.isfinite(value):
+                raise ValueError(f"QuantConfig.{name}={value!r} must be finite")
+        if self.virtual_steps > MAX_ITERS:
+            raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps} is more than {MAX_ITERS} "
+                             "(about one forward and backward pass each): hours of work; use ≤ 1000")
+
+    def _check_extensions(self) -> None:
+        """The numeric jaxq extensions: bins, samples, virtual data, ranking, rows, budget."""
         if not is_int(self.hist_bins) or not 16 <= self.hist_bins <= 65536:
             raise ValueError(f"QuantConfig.hist_bins={self.hist_bins!r} must be an int in [16, 65536]")
         if not is_int(self.hist_samples) or self.hist_samples < 0:
@@ -247,25 +270,6 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}")
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)")
-        set_("layer_bits", _normalise_layer_bits(self.layer_bits))
-        set_("smooth_quant", _normalise_smooth_quant(self.smooth_quant))
-        set_("recon_blocks", _normalise_names(self.recon_blocks, "recon_blocks"))
-        if self.recon_blocks and self.keep_acc.blocks is None:
-            raise ValueError(f"QuantConfig.recon_blocks={list(self.recon_blocks)!r} names blocks for "
-                             "keep_acc['brecq'] or keep_acc['qdrop'], which are off; switch one on or drop recon_blocks")
-        if self.smooth_quant and not self.act_quant:
-            raise ValueError(f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
-                             "it needs act_quant=True")
-        if not is_int(self.seed):
-            raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
-        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise ValueError(f"QuantConfig.seed={self.seed!r} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
-        for name, value in (("sigma", self.sigma), ("virtual_lr", self.virtual_lr)):
-            if not math.isfinite(value):
-                raise ValueError(f"QuantConfig.{name}={value!r} must be finite")
-        if self.virtual_steps > MAX_ITERS:
-            raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps} is more than {MAX_ITERS} "
-                             "(about one forward and backward pass each): hours of work; use ≤ 1000")
 
     # Derived schemes -------------------------------------------------------------
     @property

@@ -17,10 +17,12 @@ chooses codes, the quantizer is the caller's.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -94,17 +96,65 @@ def gptq_codes(w: jax.Array, h: jax.Array, scale: jax.Array, offset: jax.Array, 
     return jnp.zeros_like(q).at[:, perm].set(q).astype(jnp.int32)
 
 
-def grouped_gptq_codes(wg: jax.Array, h: jax.Array, scale: jax.Array, offset: jax.Array, qmin: int, qmax: int,
-                       params: GptqParams) -> jax.Array:
-    """`gptq_codes` of a grouped weight `[g, o, d]` (`jaxq.rows`) with moments `[g, d, d]`
-    and per-output-channel `scale`, `offset` `[g·o]`: codes `[g, o, d]`."""
-    g, o, d = wg.shape
-    per_col = lambda v: jnp.broadcast_to(jnp.reshape(v, (g, o, 1)), (g, o, d))  # noqa: E731
-    return jax.vmap(lambda w, hh, s, z: gptq_codes(w, hh, s, z, qmin, qmax, params))(wg, h, per_col(scale),
-                                                                                    per_col(offset))
+class Problem(NamedTuple):
+    """One GPTQ problem on the host: weight `[o, d]`, second moment `[d, d]`, per-row scale
+    and offset `[o]`, the codes it starts from `[o, d]` (the error before)."""
+
+    w: np.ndarray
+    h: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    start: np.ndarray
 
 
-def output_error(wg: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Array:
-    """`E‖(Ŵ − W)x‖²` summed over outputs: `Σ_g tr(Δ_g H_g Δ_gᵀ)`."""
-    delta = w_hat - wg
-    return jnp.sum(jnp.einsum("god,gde,goe->", delta, h, delta, precision=lax.Precision.HIGHEST))
+def _padded(p: Problem, o: int, d: int) -> Problem:
+    """`p` zero-padded to `[o, d]`: padded rows are zero weights on scale 1; padded columns
+    are zero weights whose `H_jj` is the mean of the real diagonal (dead columns counted as
+    1, as `gptq_codes` does), so the damping and every real column's result are unchanged."""
+    po, pd = o - p.w.shape[0], d - p.w.shape[1]
+    diag = np.diag(p.h).copy()
+    diag[diag == 0] = 1.0
+    h = np.pad(p.h, ((0, pd), (0, pd)))
+    h[np.arange(p.w.shape[1], d), np.arange(p.w.shape[1], d)] = diag.mean()
+    return Problem(np.pad(p.w, ((0, po), (0, pd))), h, np.pad(p.scale, (0, po), constant_values=1.0),
+                   np.pad(p.offset, (0, po)), np.pad(p.start, ((0, po), (0, pd))))
+
+
+def _error(w, q, h, s, z):
+    delta = (q.astype(jnp.float32) - z[:, None]) * s[:, None] - w
+    return jnp.einsum("od,de,oe->", delta, h, delta, precision=lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("qmin", "qmax", "params"))
+def _solve_bucket(stacked: Problem, qmin: int, qmax: int, params: GptqParams):
+    def one(p: Problem):
+        o, d = p.w.shape
+        per_col = lambda v: jnp.broadcast_to(v[:, None], (o, d))  # noqa: E731
+        codes = gptq_codes(p.w, p.h, per_col(p.scale), per_col(p.offset), qmin, qmax, params)
+        return codes, _error(p.w, p.start, p.h, p.scale, p.offset), _error(p.w, codes, p.h, p.scale, p.offset)
+
+    return jax.vmap(one)(stacked)
+
+
+def solve_problems(problems: dict, qmin: int, qmax: int, params: GptqParams, done=None) -> dict:
+    """`{key: (codes [o, d], error before, error after)}` of many problems, one compiled
+    program per size bucket (`padded_size` on both axes, problem count padded to a power of
+    two), so a model's layers need a handful of programs. `done(keys)` after each bucket."""
+    from jaxq.calibrate import padded_size
+
+    buckets: dict = {}
+    for key, p in problems.items():
+        buckets.setdefault((padded_size(p.w.shape[0]), padded_size(p.w.shape[1])), []).append(key)
+    out = {}
+    for (o, d), keys in buckets.items():
+        padded = [_padded(problems[k], o, d) for k in keys]
+        count = 1 << (len(padded) - 1).bit_length()
+        padded += [padded[-1]] * (count - len(padded))
+        stacked = Problem(*(np.stack([np.asarray(getattr(p, f), np.float32) for p in padded]) for f in Problem._fields))
+        codes, before, after = jax.tree.map(np.asarray, _solve_bucket(stacked, qmin, qmax, params))
+        for i, k in enumerate(keys):
+            o_k, d_k = problems[k].w.shape
+            out[k] = (codes[i, :o_k, :d_k], float(before[i]), float(after[i]))
+        if done is not None:
+            done(keys)
+    return out

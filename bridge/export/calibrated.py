@@ -1,4 +1,5 @@
-"""The exports of a calibration, each a view of its parameter record.
+"""The exports of a calibrated model (`bridge.calibrated.Calibrated`), each a view of its
+parameter records.
 
     export_param  safetensors + JSON + manifest (+ msModelSlim `.npy`)   `bridge.export.files`
     export_w8a8   msModelSlim's W8A8 deployment layout                  `bridge.export.w8a8`
@@ -11,6 +12,7 @@ import hashlib
 
 import numpy as np
 
+from bridge.calibrated import Calibrated
 from bridge.data import as_batch
 from bridge.export.files import ExportError, write_params, write_w8a8
 from bridge.export.float_state import float_state
@@ -38,11 +40,11 @@ def model_fingerprint(records: dict, float_tensors: dict[str, np.ndarray]) -> st
     return h.hexdigest()
 
 
-def fingerprint_of(cal) -> str:
+def fingerprint_of(cal: Calibrated) -> str:
     return model_fingerprint(cal.records, float_state(cal.model))
 
 
-def export_param(cal, path, legacy: bool = False) -> list:
+def export_param(cal: Calibrated, path, legacy: bool = False) -> list:
     params = cal.params()
     floats = float_state(cal.model)
     return write_params(path, params, cal.layer_descriptions(), config_dict(cal.cfg), legacy=legacy, fused=cal.fused,
@@ -58,7 +60,7 @@ def _float_tensors(model, layers) -> dict:
     return out
 
 
-def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str | None) -> list:
+def export_w8a8(cal: Calibrated, output_path, safetensors_name: str | None, json_name: str | None) -> list:
     from bridge.export.w8a8 import check_exportable, layer_tensors
 
     cfg = cal.cfg
@@ -69,8 +71,7 @@ def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str |
     json_name = json_name or "quant_model_description_w8a8.json"
     if safetensors_name == json_name:
         raise ExportError(f"safetensors_name and json_name are both {json_name!r}; the JSON would overwrite the weights")
-    records = cal._require_run()
-    layers = cal._quantizers()
+    records, layers = cal.records, cal.quantizers
     tensors, kinds = {}, {}
     for name, q in layers.items():
         rec = records[name]
@@ -86,18 +87,18 @@ def export_w8a8(cal, output_path, safetensors_name: str | None, json_name: str |
     return write_w8a8(output_path, tensors, description, safetensors_name, json_name, model=fingerprint_of(cal))
 
 
-def check_uniform_8bit(cal, what: str) -> None:
+def check_uniform_8bit(cal: Calibrated, what: str) -> None:
     """`ExportError` naming the layers whose `layer_bits` are not 8 (8-bit-only formats)."""
-    other = {n: cal.cfg.weight_bits_for(n) for n in cal._quantizers() if cal.cfg.weight_bits_for(n) != 8}
+    other = {n: cal.cfg.weight_bits_for(n) for n in cal.quantizers if cal.cfg.weight_bits_for(n) != 8}
     if other:
         shown = ", ".join(f"{n!r}: {b}" for n, b in list(other.items())[:4])
         raise ExportError(f"{what} holds 8-bit weight codes; layer_bits gives {len(other)} layer(s) other widths "
                           f"({shown}{'…' if len(other) > 4 else ''}); use export_param for mixed precision")
 
 
-def check_unsmoothed(cal, what: str) -> None:
+def check_unsmoothed(cal: Calibrated, what: str) -> None:
     """`ExportError` naming the layers with SmoothQuant factors (formats with no place for them)."""
-    smoothed = [n for n, r in cal._require_run().items() if r.smoothing is not None]
+    smoothed = [n for n, r in cal.records.items() if r.smoothing is not None]
     if smoothed:
         raise ExportError(f"{what} has no place for SmoothQuant factors; {len(smoothed)} layer(s) have them "
                           f"({smoothed[:3]}{'…' if len(smoothed) > 3 else ''}); use export_param or the standard ONNX "
@@ -114,10 +115,9 @@ def check_onnx_exportable(cfg, opset_version) -> None:
                           "(per-channel DequantizeLinear); 18 is the default")
 
 
-def export_onnx(cal, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend) -> list:
+def export_onnx(cal: Calibrated, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend) -> list:
     from bridge.export.onnx import export_qdq
 
-    cal._require_run()
     check_onnx_exportable(cal.cfg, opset_version)
     check_uniform_8bit(cal, "ONNX QuantizeLinear")
     if ascend and not cal.cfg.w_sym:

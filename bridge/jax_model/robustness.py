@@ -17,7 +17,7 @@ import numpy as np
 from bridge.data import as_batch
 from bridge.jax_model.collate import merge_batches
 from bridge.jax_model.lower import to_jax_tree
-from bridge.jax_model.quantized import layer_state
+from bridge.jax_model.quantized import layer_state, quantized_forward
 from bridge.jax_model.studies import primary
 from jaxq.model_metrics import sample_distances
 from jaxq.model_quant import Switches
@@ -46,12 +46,16 @@ class Robustness:
         return f"{self.mean:.5g} ± {self.std:.2g} (worst {self.worst:.5g}) over {len(self.distances)} calibration subsets"
 
 
-def calibration_robustness(make_model: Callable, cfg, calib_batches: list, eval_batches: list, k: int = 5,
+def calibration_robustness(calibrate: Callable, calib_batches: list, eval_batches: list, k: int = 5,
                            fraction: float = 0.5, seed: int = 0) -> Robustness:
-    """Calibrate `make_model()` with `cfg` on `k` random subsets (`fraction` of the batches
-    each) and score every result on `eval_batches` in one program."""
-    from bridge.calibrator import Calibrator
+    """`calibrate(batches) -> bridge.calibrated.Calibrated` on `k` random subsets (`fraction`
+    of the batches each), every result scored on `eval_batches` in one program:
 
+        calibrate = lambda b: Calibrator(make_model(), cfg, b, progress=False).run().calibrated()
+    """
+    if not callable(calibrate):
+        raise TypeError(f"calibrate must be a function of the calibration batches returning a Calibrated "
+                        f"(Calibrator(...).run().calibrated()), got {type(calibrate).__name__}")
     if not 1 <= k <= 64:
         raise ValueError(f"k={k!r}: expected 1 to 64 calibration subsets")
     n = len(calib_batches)
@@ -60,14 +64,14 @@ def calibration_robustness(make_model: Callable, cfg, calib_batches: list, eval_
         raise ValueError(f"fraction={fraction!r}: expected a number in (0, 1]")
     rng = np.random.default_rng(seed)
     subsets = [sorted(rng.choice(n, size=size, replace=False).tolist()) for _ in range(k)]
-    cals = [Calibrator(make_model(), cfg, [calib_batches[i] for i in s], progress=False).run() for s in subsets]
-    qf = cals[0].jax_forward(as_batch(eval_batches[0], 0))
+    cals = [_checked(calibrate([calib_batches[i] for i in s])) for s in subsets]
+    qf = quantized_forward(cals[0].model, cals[0].records, as_batch(eval_batches[0], 0), cals[0].quantizers)
     states = []
     for cal in cals:
         if any(r.custom_codes for r in cal.records.values()):
             raise ValueError("calibration_robustness scores quantizer states on one set of weights; rounding "
                              "algorithms (round_opt, adaround) choose other weights per subset — leave them out here")
-        layers = cal._quantizers()
+        layers = cal.quantizers
         if list(layers) != qf.names:
             raise RuntimeError("calibrations on different subsets quantized different layers "
                                f"({sorted(set(layers) ^ set(qf.names))[:3]}); set disable_names explicitly")
@@ -89,6 +93,13 @@ def calibration_robustness(make_model: Callable, cfg, calib_batches: list, eval_
         d, rows = score(stacked, to_jax_tree(m.batch.args), to_jax_tree(m.batch.kwargs), mask)
         total += int(rows) * np.asarray(d)
         count += int(rows)
-    for cal in cals:
-        cal.restore()
     return Robustness(total / count, subsets)
+
+
+def _checked(calibrated):
+    from bridge.calibrated import Calibrated
+
+    if not isinstance(calibrated, Calibrated):
+        raise TypeError(f"calibrate(batches) returned {type(calibrated).__name__}; return a bridge.calibrated.Calibrated "
+                        "(Calibrator(...).run().calibrated())")
+    return calibrated

@@ -23,7 +23,7 @@ def calib(digits):
 
 def test_each_layer_gets_its_grid(calib):
     cal = _cal(calib)
-    layers = cal._quantizers()
+    layers = cal.quantizers
     bits = {n: q.weight_scheme.bits for n, q in layers.items()}
     assert bits["features.3"] == 4 and bits["classifier.1"] == bits["classifier.3"] == 6 and bits["features.0"] == 8
     for name, rec in cal.records.items():

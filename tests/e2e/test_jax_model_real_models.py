@@ -25,7 +25,7 @@ def _check(p, metric_keys, calib=None):
     torch_metrics, jax_metrics = p.evaluate(cal.model), p.evaluate(AsTorch(qf))
     print(p.name, "torch", torch_metrics, "jax", jax_metrics)
     batches = cal.calibration_batches(10)
-    loop = sens.isolated_sensitivity(cal.model, cal._quantizers(), batches)
+    loop = sens.isolated_sensitivity(cal.model, cal.quantizers, batches)
     from bridge.jax_model import isolated_sensitivity
 
     vec = isolated_sensitivity(qf, batches)

@@ -51,7 +51,7 @@ def test_export_after_fine_tuning_reloads_the_model_in_memory(fine_tuned, digits
         fresh = Calibrator(load_digits_cnn(), W8A8, digits_calib, progress=False)
         assert torch.equal(fresh.load_param(tmp_path / "p").model(x), expected)
     # get_quant_params describes the model in memory: its codes are what each fake-quant weight computes
-    for name, q in cal._edit.quantizers.items():
+    for name, q in cal.quantizers.items():
         shape = (-1,) + (1,) * (q.float_weight.dim() - 1)
         s, o = q.weight_scale.reshape(shape), q.weight_offset.reshape(shape)
         assert torch.equal((torch.from_numpy(now[name]).float() - o) * s, q.fake_quant_weight().detach())
@@ -142,7 +142,7 @@ def test_user_parametrizations_quantize_the_effective_weight_and_restore_exactly
     classes = [type(m) for m in model.modules()]
     cal = Calibrator(model, W8A8, calib, progress=False).run()
     assert len(cal.quantized_names) == 3
-    w = cal._edit.quantizers["5"].float_weight
+    w = cal.quantizers["5"].float_weight
     assert torch.allclose(w, model[5].parametrizations.weight.original * 1.5)  # the effective weight is quantized
     with torch.no_grad():
         assert 0 < (model(x) - ref).abs().max() < 0.2

@@ -100,7 +100,7 @@ def test_default_bias_correction_is_applied_to_the_learned_weights():
     learned = [n for n, r in cal.records.items() if r.custom_codes]
     assert learned
     assert all(cal.records[n].bias_correction is not None for n in cal.records)
-    q = cal._quantizers()[learned[0]]
+    q = cal.quantizers[learned[0]]
     np.testing.assert_array_equal(q.bias_correction.numpy(), cal.records[learned[0]].bias_correction)
 
 

@@ -23,7 +23,7 @@ def test_first_quantizer_codes_equal_torch_and_outputs_match_relative_to_quant_e
     x = p.calib_data[1]
     qf = cal.jax_forward()
     first = qf.layers[0]
-    q = cal._quantizers()[first.name]
+    q = cal.quantizers[first.name]
     s = qf.state[first.name]
     xj = jnp.asarray(x.numpy())
     mine = np.asarray(jaxq.model_quant.quantized_input(xj, s, 1.0))

@@ -11,7 +11,7 @@ from bridge.jax_model.collate import merge_batches
 def test_isolated_sensitivity_matches_the_torch_loop_and_compiles_once(digits_w8a8):
     cal, _ = digits_w8a8
     batches = cal.calibration_batches(64)
-    loop = sens.isolated_sensitivity(cal.model, cal._quantizers(), batches)
+    loop = sens.isolated_sensitivity(cal.model, cal.quantizers, batches)
     qf = cal.jax_forward()
     vec = isolated_sensitivity(qf, batches)
     names = list(loop)
