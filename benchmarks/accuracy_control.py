@@ -15,7 +15,7 @@ import torch
 import jaxq
 from bridge import Calibrator
 from bridge.evaluation import protocols
-from bridge.fakequant import quantizer_of
+from bridge.inplace.fakequant import quantizer_of
 from common import parse_args
 
 

@@ -17,7 +17,7 @@ import torch
 
 import jaxq
 from bridge.evaluation import protocols
-from bridge.fakequant import wrappers
+from bridge.inplace.fakequant import model_quantizers
 from common import parse_args, timed_calibration
 
 ALGOS = {
@@ -39,7 +39,7 @@ KEY = {"efficientnet_lite0": ("kl", "agreement"), "efficientnet_lite0_unseen": (
 def weight_mse(cal) -> float:
     num = den = 0.0
     with torch.no_grad():
-        for w in wrappers(cal.model).values():
+        for w in model_quantizers(cal.model).values():
             num += float(torch.sum((w.fake_quant_weight() - w.float_weight) ** 2))
             den += float(torch.sum(w.float_weight ** 2))
     return num / den

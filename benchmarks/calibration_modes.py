@@ -22,8 +22,8 @@ import torch
 import jaxq
 from bridge import Calibrator
 from bridge.evaluation import protocols
-from bridge.data import iter_batches, run_model
-from bridge.fakequant import wrappers
+from bridge.capture.data import iter_batches, run_model
+from bridge.inplace.fakequant import model_quantizers
 from common import parse_args, timed_calibration
 
 REPEATS = 5
@@ -43,7 +43,7 @@ def torchao_seconds(p, observer_cls) -> float:
     """torch.ao observers on every layer input: capture plus qparams computation."""
     cal = Calibrator(p.make_model(), jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
                      p.calib_data, progress=False)
-    layers = wrappers(cal.model)
+    layers = model_quantizers(cal.model)
     observers = {n: observer_cls() for n in layers}
     hooks = [w.module.register_forward_pre_hook(lambda m, a, n=n: observers[n](a[0])) for n, w in layers.items()]
     t0 = time.perf_counter()

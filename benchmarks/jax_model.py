@@ -2,7 +2,7 @@
 
 Per model (W8A8 default config, the first 10 calibration samples as `amp` uses them):
 the float forward of those samples in torch and in the lowered JAX function (warm), and
-every quantized layer's isolated sensitivity by the torch loop (`bridge.sensitivity`)
+every quantized layer's isolated sensitivity by the torch loop (`bridge.studies.sensitivity`)
 and by the vectorised program (`bridge.jax_model.isolated_sensitivity`, cold = first
 call with compilation, warm = second), with the rank agreement of the two, for 1, 4, 8
 and 16 (the default) groups of layers in the one program.
@@ -17,8 +17,8 @@ import torch
 
 import jaxq
 from bridge import Calibrator
-from bridge import sensitivity as sens
-from bridge.data import run_model
+from bridge.studies import sensitivity as sens
+from bridge.capture.data import run_model
 from bridge.evaluation import protocols
 from bridge.jax_model import isolated_sensitivity
 from bridge.jax_model.collate import merge_batches

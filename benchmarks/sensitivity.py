@@ -13,14 +13,14 @@ import random
 
 import jaxq
 from bridge.evaluation import protocols
-from bridge.fakequant import wrappers
+from bridge.inplace.fakequant import model_quantizers
 from common import parse_args, timed_calibration
 
 AMP = (0, 3, 5, 7)
 
 
 def evaluate_with_float(p, cal, names):
-    layers = wrappers(cal.model)
+    layers = model_quantizers(cal.model)
     for n, w in layers.items():
         w.quant_enabled = n not in names
     try:
@@ -47,7 +47,7 @@ def main(argv=None):
             vals = [evaluate_with_float(p, cal, set(order[:k]))[key] for k in AMP]
             print(f"{metric:<14}" + "".join(f"{v:>10.4f}" for v in vals), flush=True)
         rng = random.Random(0)
-        names = list(wrappers(cal.model))
+        names = list(model_quantizers(cal.model))
         rand = [sum(evaluate_with_float(p, cal, set(rng.sample(names, k)))[key] for _ in range(5)) / 5 for k in AMP]
         print(f"{'random (x5)':<14}" + "".join(f"{v:>10.4f}" for v in rand), flush=True)
         if name == "efficientnet_lite0":

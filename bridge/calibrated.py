@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 import jaxq
-from bridge.record import LayerRecord, params_view
+from bridge.inplace.record import LayerRecord, params_view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Calibrated:
     calib_data: Any = None
 
     def params(self) -> dict[str, dict]:
-        """`{key: {layer: array}}` for `bridge.record.PARAM_KEYS`, a view of the records."""
+        """`{key: {layer: array}}` for `bridge.inplace.record.PARAM_KEYS`, a view of the records."""
         bits = max((self.cfg.weight_bits_for(n) for n in self.records), default=self.cfg.w_bit)
         return params_view(self.records, bits, self.cfg.w_signed)
 

@@ -4,10 +4,10 @@
     cal.run()                                  # capture → observers → records → buffers
     cal.get_quant_params(); cal.export_param(path); cal.restore()
 
-The facade delegates: preparing the model (`bridge.prepare`), one calibration
+The facade delegates: preparing the model (`bridge.inplace.prepare`), one calibration
 (`bridge.pipeline` runs the steps of `jaxq.pipeline.plan(cfg)`),
-sensitivity and fallback (`bridge.sensitivity`), exports (`bridge.export`). Every
-change to the user's model is logged (`bridge.transaction`): a failure in the
+sensitivity and fallback (`bridge.studies.sensitivity`), exports (`bridge.export`). Every
+change to the user's model is logged (`bridge.inplace.transaction`): a failure in the
 constructor or in `run()` leaves the model exactly as it was, and `restore()` gives it back.
 """
 from __future__ import annotations
@@ -20,19 +20,19 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from torch import nn
 
 import jaxq
-from bridge import sensitivity as sens
+from bridge.studies import sensitivity as sens
 from bridge.calibrated import Calibrated
-from bridge.calibration import histograms
-from bridge.context import Context
-from bridge.data import iter_batches
+from bridge.capture.observers import histograms
+from bridge.capture.context import Context
+from bridge.capture.data import iter_batches
 from bridge.devices import resolve_device
-from bridge.fakequant import quantization, set_quantization
-from bridge.functional import one_attention_path
+from bridge.inplace.fakequant import quantization, set_quantization
+from bridge.inplace.functional import one_attention_path
 from bridge.pipeline import StepReport, run_pipeline
-from bridge.prepare import EmptyModelError, calibration_data, prepare
-from bridge.record import PARAM_KEYS, LayerRecord, apply_records, refresh_records
-from bridge.sensitivity import FallbackCurve, SensitivityTable
-from bridge.transaction import ModelEdit, refuse_quantized
+from bridge.inplace.prepare import EmptyModelError, calibration_data, prepare
+from bridge.inplace.record import PARAM_KEYS, LayerRecord, apply_records, refresh_records
+from bridge.studies.sensitivity import FallbackCurve, SensitivityTable
+from bridge.inplace.transaction import ModelEdit, refuse_quantized
 from jaxq.pipeline import plan
 from jaxq.sharding import check_mesh, layers_over
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     import jax
 
 __all__ = ["Calibrator", "EmptyModelError", "PARAM_KEYS"]
-SENSITIVITY_METRICS = sens.METRICS
 
 
 class Calibrator:
@@ -158,7 +157,7 @@ class Calibrator:
     def records(self) -> dict[str, LayerRecord] | None:
         """Per quantized layer, its parameter record — of the model as it is now: a weight
         trained or loaded since `run()` gets the codes its fake quantizer computes
-        (`bridge.record.refresh_records`)."""
+        (`bridge.inplace.record.refresh_records`)."""
         if self._records is not None and not self._restored:
             self._records = refresh_records(self._quantizers(), self._records)
         return self._records
@@ -294,10 +293,10 @@ class Calibrator:
         """Fall back the fewest layers so that `validate(model)` (the user's score, e.g.
         top-1 on their validation set) drops at most `max_drop` from the float model's.
         Layers are ranked by `sensitivity(by)` (`engine="jax"`: the isolated ranking in one
-        program) and the count is found by bisection (`bridge.accuracy_control`). The chosen
+        program) and the count is found by bisection (`bridge.studies.accuracy_control`). The chosen
         layers fall back; returns the report (scores measured, chosen count; −1 and no
         fallback when even the float model of every layer misses the drop)."""
-        from bridge.accuracy_control import accuracy_control
+        from bridge.studies.accuracy_control import accuracy_control
 
         self._require_run()
         if not callable(validate):
@@ -342,7 +341,7 @@ class Calibrator:
         """Load parameters written by `export_param` into this calibrator's layers (no data
         needed). The files are checked against this calibrator (config, layers, shapes,
         values) before anything changes."""
-        from bridge.reload import load_float_params, read_records
+        from bridge.export.reload import load_float_params, read_records
 
         self._require_open()
         records, description = read_records(path, self.cfg, dict(self._edit.quantizers), self.fused)
@@ -429,7 +428,7 @@ def _refuse_local_data_steps(cfg: jaxq.QuantConfig, mesh) -> None:
     torch_reads = {"rows", "mean_rows", "outputs"}
     field = {"fallback": "amp_num", "bias_correction": "bias_correction", "smooth_quant": "smooth_quant"}
     asked = [field.get(s.name, f"keep_acc.{s.name}") for s in plan(cfg)
-             if s.name == "smooth_quant" or torch_reads & set(s.reads)]
+             if s.name == "smooth_quant" or (s.name != "activations" and torch_reads & set(s.reads))]
     if asked:
         raise ValueError(f"{', '.join(asked)}: with {jax.process_count()} processes these read each process's own "
                          "calibration data through torch and would give each process a different model; calibrate "

@@ -3,7 +3,7 @@
 Each step's runner captures what the step reads (observer states, rows, mean rows, block
 inputs) and hands it to the pure JAX algorithm. Consecutive layer-local steps (EasyQuant,
 SQuant, AdaRound, GPTQ) share one sampling of the rows, layer group by layer group within
-the memory budget (`bridge.memory`); mean rows for bias correction are taken in that same
+the memory budget (`bridge.capture.memory`); mean rows for bias correction are taken in that same
 pass when a later step needs them. Runs read the model and switch quantization only
 inside their steps; the facade applies the records (`PipelineResult`).
 """
@@ -17,15 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxq
-from bridge.calibration import activation_qparams
-from bridge.context import Context
-from bridge.fakequant import quantization
-from bridge.memory import COPIES_FLOAT_INPUTS, COPIES_QUANTIZED_INPUTS, budget_bytes, plan_row_groups, release_freed_memory
-from bridge.reconstruction import LayerGeometryError
-from bridge.record import LayerRecord, apply_records, is_nearest
-from bridge.rows import FunctionalLayerError, layer_rows, mean_rows_of, row_floats
+from bridge.capture.observers import activation_qparams
+from bridge.capture.context import Context
+from bridge.inplace.fakequant import quantization
+from bridge.capture.memory import COPIES_FLOAT_INPUTS, COPIES_QUANTIZED_INPUTS, budget_bytes, plan_row_groups, release_freed_memory
+from bridge.capture.row_capture import LayerGeometryError
+from bridge.inplace.record import LayerRecord, apply_records, is_nearest
+from bridge.capture.rows import (FunctionalLayerError, check_mean_rows_possible, finished_mean_rows, layer_rows, mean_rows_of,
+                                 row_capture, row_floats)
 from bridge.smoothing import smooth
-from bridge.tensors import to_jax
+from bridge.capture.tensors import to_jax
 from jaxq.accuracy import LAYER_STEPS, LayerState
 from jaxq.pipeline import Step, layer_local, plan
 
@@ -105,7 +106,20 @@ def _smooth_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepRe
 
 
 def _activations(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
-    state.act = activation_qparams(ctx)
+    """The observers' input quantizers; when the step also reads mean rows (bias correction
+    with no row step before it), they are summed in the same torch forwards."""
+    if "mean_rows" in step.reads and ctx.mesh is None:
+        try:
+            check_mean_rows_possible(ctx)
+            rows = row_capture(ctx, ctx.cfg.recon_rows, check=True, keep_rows=False)
+            state.act = activation_qparams(ctx, beside=rows)
+            state.mean_rows = finished_mean_rows(rows)
+        except (FunctionalLayerError, LayerGeometryError):
+            if not ctx.default_bias_correction:
+                raise
+            state.act = activation_qparams(ctx)  # the bias-correction step says why it is left out
+    else:
+        state.act = activation_qparams(ctx)
     release_freed_memory()  # the observed forwards' activations
     return StepReport(step.name)
 
@@ -180,7 +194,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     blocks = named_blocks(ctx.model, ctx.quantizers, named) if named else find_blocks(ctx.model, ctx.quantizers)
 
     def set_quant(on: bool) -> None:
-        from bridge.fakequant import set_quantization
+        from bridge.inplace.fakequant import set_quantization
 
         set_quantization(ctx.quantizers, on)
 
@@ -217,9 +231,9 @@ def _bias_correction(ctx: Context, state: _State, step: Step, all_layers) -> Ste
 def _fallback(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     """The `amp_num` layers ranked most sensitive by `cfg.amp_metric` (on the quantized
     model) are chosen to return to float; the facade detaches them."""
-    from bridge import sensitivity as sens
-    from bridge.data import iter_batches
-    from bridge.functional import one_attention_path
+    from bridge.studies import sensitivity as sens
+    from bridge.capture.data import iter_batches
+    from bridge.inplace.functional import one_attention_path
 
     records = _records(ctx, state)
     apply_records(ctx.quantizers, records)

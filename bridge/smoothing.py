@@ -20,9 +20,9 @@ import math
 import numpy as np
 import torch
 
-from bridge.capture import listen
-from bridge.context import Context
-from bridge.tensors import to_jax
+from bridge.capture.activations import listen
+from bridge.capture.context import Context
+from bridge.capture.tensors import to_jax
 from jaxq.smoothing import ChannelRange, search_alpha, smoothing_factors, weight_column_absmax
 
 SEARCH_ROWS = 512  # input rows per group for the α search

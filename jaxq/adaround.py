@@ -13,9 +13,9 @@ drives every `h` to 0 or 1:
 
 `x̂` is the layer's fake-quantized input row, so the rounding is fitted to the inputs the
 quantized layer really sees. (Fitting `W̃x̂` to the float `Wx` instead, so that the
-rounding also absorbs the activation quantizer's error, overfits: MiniLM W4A8 mean cosine
-0.80 against 0.95 with this loss and 0.89 with round-to-nearest, 300 steps.) The
-expectation only needs the second moment of the rows:
+rounding also absorbs the activation quantizer's error, overfits the calibration rows:
+worse than round to nearest on MiniLM W4A8, `benchmarks/README.md`.) The expectation only
+needs the second moment of the rows:
 
     E‖(W̃ − W)x̂‖² = Σ_c Δw_c Ĥ Δw_cᵀ,    Ĥ = E[x̂x̂ᵀ] = RᵀR,   R = x̂/√m   (per group)
 
@@ -42,14 +42,22 @@ from jaxq.qparams import QParams
 ZETA, GAMMA = 1.1, -0.1
 
 
-class AdaRoundParams(NamedTuple):
-    """Hyper-parameters (defaults of the paper, learning rate for ~1000 steps)."""
+class RoundingSchedule(NamedTuple):
+    """The rounding regulariser's schedule (the paper's defaults): off for the first
+    `warmup`·steps, then weighted `reg` with β annealed from `beta_start` to `beta_end`.
+    Shared by AdaRound and block reconstruction."""
 
-    steps: int = 1000
     reg: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
+
+
+class AdaRoundParams(NamedTuple):
+    """Hyper-parameters (learning rate for ~1000 steps)."""
+
+    steps: int = 1000
+    schedule: RoundingSchedule = RoundingSchedule()
     learning_rate: float = 1e-2
 
 
@@ -122,12 +130,16 @@ def rounding_reg(v: jax.Array, beta) -> jax.Array:
     return jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** beta)
 
 
-def beta_schedule(step, p):
-    """β of the regulariser: `beta_start` until `warmup·steps`, then linearly to `beta_end`
-    (`p`: any settings with `steps`, `warmup`, `beta_start`, `beta_end`)."""
-    start = p.warmup * p.steps
-    rel = jnp.clip((step - start) / jnp.maximum(p.steps - start, 1.0), 0.0, 1.0)
-    return p.beta_end + (p.beta_start - p.beta_end) * (1.0 - rel)
+def beta_schedule(step, steps: int, s: RoundingSchedule):
+    """β of the regulariser: `beta_start` until `warmup·steps`, then linearly to `beta_end`."""
+    start = s.warmup * steps
+    rel = jnp.clip((step - start) / jnp.maximum(steps - start, 1.0), 0.0, 1.0)
+    return s.beta_end + (s.beta_start - s.beta_end) * (1.0 - rel)
+
+
+def regulariser_weight(step, steps: int, s: RoundingSchedule):
+    """`reg` once the warm-up is over, else 0."""
+    return jnp.where(step >= s.warmup * steps, s.reg, 0.0)
 
 
 def adaround(w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Moments | RowFactor, p: AdaRoundParams) -> AdaRoundResult:
@@ -149,8 +161,8 @@ def adaround(w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Mom
     def surrogate(v, grad_w, step):
         # ∂recon/∂W̃ = 2(W̃ − W)Ĥ is computed once per step outside autodiff, so the step
         # costs one product with the moment (`times_moment`); sum(W̃ · ∂recon/∂W̃) has the same gradient in V.
-        reg = rounding_reg(v, beta_schedule(step, p))
-        return jnp.sum(jnp.reshape(weight_of(rectified_sigmoid(v)), wg_shape) * grad_w) + jnp.where(step >= p.warmup * p.steps, p.reg, 0.0) * reg
+        reg = rounding_reg(v, beta_schedule(step, p.steps, p.schedule))
+        return jnp.sum(jnp.reshape(weight_of(rectified_sigmoid(v)), wg_shape) * grad_w) + regulariser_weight(step, p.steps, p.schedule) * reg
 
     opt = optax.adam(p.learning_rate)
 

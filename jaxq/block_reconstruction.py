@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxq.adaround import beta_schedule as beta_at, initial_logits, rectified_sigmoid, rounding_reg
+from jaxq.adaround import RoundingSchedule, beta_schedule, initial_logits, rectified_sigmoid, regulariser_weight, rounding_reg
 
 
 class ReconParams(NamedTuple):
@@ -34,10 +34,7 @@ class ReconParams(NamedTuple):
 
     steps: int = 300
     batch: int = 16
-    reg: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
+    schedule: RoundingSchedule = RoundingSchedule()
     lr_rounding: float = 1e-2
     lr_scale: float = 1e-3  # on u, the log of the step size's change
     keep: float = 1.0  # QDrop's probability of keeping an activation quantized (0.5); 1: BRECQ
@@ -113,8 +110,8 @@ def optimise(apply: Callable, learned: Learned, inputs, target: jax.Array, key: 
         batch = jax.tree.map(lambda a: a[idx], inputs)
         out = apply(lv, batch, k if p.keep < 1.0 else None)
         rec = output_error(out, target[idx], None if mask is None else mask[idx])
-        reg = sum(rounding_reg(v, beta_at(step, p)) for v in jax.tree.leaves(lv.v))
-        return rec + jnp.where(step >= p.warmup * p.steps, p.reg, 0.0) * reg
+        reg = sum(rounding_reg(v, beta_schedule(step, p.steps, p.schedule)) for v in jax.tree.leaves(lv.v))
+        return rec + regulariser_weight(step, p.steps, p.schedule) * reg
 
     def step_fn(carry, step):
         lv, state = carry

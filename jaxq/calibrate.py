@@ -17,6 +17,8 @@ from typing import Hashable, Mapping, NamedTuple
 import jax
 import numpy as np
 
+from jaxq.padding import bucket_size
+
 from jaxq.numerics import quantize
 from jaxq.observers import Observer, channel_minmax
 from jaxq.qparams import QParams, qparams_from_range
@@ -64,25 +66,17 @@ def _stack(trees: list) -> object:
     return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
 
 
-def padded_size(n: int) -> int:
-    """Smallest `2^k·m/4 ≥ n`, `m ∈ {4, 5, 6, 7}` (at least 8): ≤ 25 % padding per axis."""
-    n = max(int(n), 8)
-    power = 1 << (n - 1).bit_length()
-    quarter = power // 8
-    return next(s for s in (5 * quarter, 6 * quarter, 7 * quarter, power) if s >= n)
-
-
 def _as_padded_matrix(w) -> np.ndarray:
-    """`w` as `[out, K]` zero-padded to `padded_size` on both axes."""
+    """`w` as `[out, K]` zero-padded to `bucket_size` on both axes."""
     w2 = np.asarray(w).reshape(np.shape(w)[0], -1)
-    out = np.zeros((padded_size(w2.shape[0]), padded_size(w2.shape[1])), w2.dtype)
+    out = np.zeros((bucket_size(w2.shape[0]), bucket_size(w2.shape[1])), w2.dtype)
     out[: w2.shape[0], : w2.shape[1]] = w2
     return out
 
 
 def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[str, QuantizedWeight]:
     """Quantize many weights with few compiled programs: each weight is seen as its
-    `[out, K]` matrix zero-padded to a size bucket (`padded_size`), so weights of many
+    `[out, K]` matrix zero-padded to a size bucket (`jaxq.padding`), so weights of many
     shapes share one program. Zeros change no per-channel range (symmetric scales use
     `max|w|`; asymmetric ranges include 0 anyway), so the result is that of
     `quantize_weight` on each weight, bit for bit."""

@@ -131,7 +131,7 @@ class QuantConfig:
           `input_shape` is the number of samples.
       virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
       amp_metric: how `amp_num` ranks layers: `"isolated"` (default: model-output distance
-          with only that layer quantized — the best ranking measured), `"mse"`
+          with only that layer quantized; `benchmarks/README.md` compares the rankings), `"mse"`
           (msModelSlim's: raw output MSE in the fully quantized model) or
           `"relative_mse"` (MSE / output variance).
       layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxq.padding import bucket_size, power_of_two
+
 
 class GptqParams(NamedTuple):
     """`jaxq.keep_acc.Gptq` as static arguments: columns per block, damping, act-order."""
@@ -138,17 +140,15 @@ def _solve_bucket(stacked: Problem, qmin: int, qmax: int, params: GptqParams):
 
 def solve_problems(problems: dict, qmin: int, qmax: int, params: GptqParams, done=None) -> dict:
     """`{key: (codes [o, d], error before, error after)}` of many problems, one compiled
-    program per size bucket (`padded_size` on both axes, problem count padded to a power of
+    program per size bucket (`jaxq.padding.bucket_size` on both axes, problem count padded to a power of
     two), so a model's layers need a handful of programs. `done(keys)` after each bucket."""
-    from jaxq.calibrate import padded_size
-
     buckets: dict = {}
     for key, p in problems.items():
-        buckets.setdefault((padded_size(p.w.shape[0]), padded_size(p.w.shape[1])), []).append(key)
+        buckets.setdefault((bucket_size(p.w.shape[0]), bucket_size(p.w.shape[1])), []).append(key)
     out = {}
     for (o, d), keys in buckets.items():
         padded = [_padded(problems[k], o, d) for k in keys]
-        count = 1 << (len(padded) - 1).bit_length()
+        count = power_of_two(len(padded))
         padded += [padded[-1]] * (count - len(padded))
         stacked = Problem(*(np.stack([np.asarray(getattr(p, f), np.float32) for p in padded]) for f in Problem._fields))
         codes, before, after = jax.tree.map(np.asarray, _solve_bucket(stacked, qmin, qmax, params))

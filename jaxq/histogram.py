@@ -166,12 +166,6 @@ def modelled_error(hist: jax.Array, levels: int):
     return f
 
 
-def model_errors(hist: jax.Array, levels: int) -> jax.Array:
-    """`[B, B]` modelled L2 error (bin units) of every candidate `(s, e)`; `inf` where `e < s`."""
-    idx = jnp.arange(hist.shape[0])
-    return modelled_error(hist, levels)(idx[:, None], idx[None, :])
-
-
 def _exact(hist, starts, ends, levels, zero):
     errs = jax.vmap(lambda s, e: grid_error(hist, s, e, levels))(starts, ends)
     return jnp.where(_contains_zero(starts, ends, zero), errs, jnp.inf)

@@ -137,10 +137,6 @@ class KeepAcc:
         return out
 
     @property
-    def any_enabled(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
-
-    @property
     def blocks(self) -> Blocks | None:
         """Block reconstruction's settings (QDrop over BRECQ), or None."""
         return self.qdrop if self.qdrop is not None else self.brecq

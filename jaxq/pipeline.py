@@ -12,7 +12,9 @@
     bias_correction   δ = (W − Ŵ)·E[row], after the last step that changes Ŵ  reads mean rows
     fallback          the `amp_num` most sensitive layers back to float       reads outputs
 
-What a step reads tells the runner what to capture: `activations` (observer states of each
+What a step reads tells the runner what to capture, and one pass serves every step that
+reads the same thing: bias correction's mean rows are summed in the activations' forwards,
+or in the row steps' sampling pass when there is one. What a step reads: `activations` (observer states of each
 layer's input), `weights` (the float weights), `rows` (sampled input rows of each layer,
 `jaxq.rows`, with their float-model targets), `mean_rows` (each layer's mean input row over
 all calibration data), `block_io` (each block's inputs and float outputs), `outputs` (the
@@ -45,8 +47,10 @@ def plan(cfg) -> tuple[Step, ...]:
     steps = []
     if cfg.smooth_quant:
         steps.append(Step("smooth_quant", ("activations",), cfg.smooth_quant))
-    if cfg.act_quant:
-        steps.append(Step("activations", ("activations",), cfg.act_method))
+    rows_steps = [n for n in ("easy_quant", "adaround", "gptq") if getattr(ka, n) is not None]
+    if cfg.act_quant:  # bias correction's mean rows come from the row steps' pass, else from this one
+        mean_rows = ("mean_rows",) if cfg.bias_correction and not rows_steps else ()
+        steps.append(Step("activations", ("activations", *mean_rows), cfg.act_method))
     steps.append(Step("weights", ("weights",), ka.admm))
     for name, reads in (("easy_quant", "rows"), ("round_opt", "weights"), ("adaround", "rows"), ("gptq", "rows")):
         if getattr(ka, name) is not None:

@@ -69,9 +69,3 @@ def rows_forward(wg: jax.Array, b: jax.Array | None, rows: jax.Array) -> jax.Arr
     return y if b is None else y + b
 
 
-def layer_output_at(spec: LayerSpec, y: jax.Array, index: jax.Array) -> jax.Array:
-    """The layer output `y` (`[N, out, *spatial]` or `[..., out]`) at flat positions: `[m, out]`."""
-    if spec.kind == "linear":
-        return jnp.reshape(y, (-1, y.shape[-1]))[index]
-    moved = jnp.moveaxis(y, 1, -1)
-    return jnp.reshape(moved, (-1, y.shape[1]))[index]

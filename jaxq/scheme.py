@@ -42,10 +42,6 @@ class QScheme:
         """The same grid quantizing along `axis` (None: per tensor)."""
         return dataclasses.replace(self, axis=axis)
 
-    @property
-    def per_channel(self) -> bool:
-        return self.axis is not None
-
     def describe(self) -> dict:
         """Plain-data description (for JSON export)."""
         return {

@@ -16,7 +16,6 @@ rows) and `cosine_distance`.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -74,9 +73,3 @@ def cosine_distance(fp: jax.Array, q: jax.Array) -> jax.Array:
     """`1 − cos(fp, q)` of the flattened outputs."""
     fp, q = fp.reshape(-1), q.reshape(-1)
     return 1.0 - jnp.dot(fp, q) / jnp.sqrt(jnp.maximum(jnp.dot(fp, fp) * jnp.dot(q, q), jnp.finfo(jnp.float32).tiny))
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def top_k_layers(scores: jax.Array, k: int) -> jax.Array:
-    """Indices of the `k` largest scores (most sensitive first)."""
-    return jax.lax.top_k(scores, k)[1]

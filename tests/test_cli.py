@@ -2,7 +2,7 @@ import pytest
 import subprocess
 import sys
 
-from bridge.cli import main
+from bridge.cli.main import main
 
 
 def test_demo_prints_accuracies_and_writes_params(tmp_path, capsys):
@@ -20,5 +20,5 @@ def test_demo_bad_option_is_a_clean_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_console_script_is_installed():
-    r = subprocess.run([sys.executable, "-m", "bridge.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "bridge.cli.main", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout

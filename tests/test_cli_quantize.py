@@ -1,7 +1,7 @@
 
 import pytest
 
-from bridge.cli import main
+from bridge.cli.main import main
 
 
 @pytest.mark.parametrize("data", ["calib.pt", "calib.npy", "mymodels:data"])
@@ -50,7 +50,7 @@ def test_quantize_bias_correction_flag_reaches_the_params(project, capsys, flag,
 
 def test_mixed_layer_bits_with_an_eight_bit_export_is_refused_before_calibrating():
     import jaxq
-    from bridge.cli_quantize import CLIError, check_exports
+    from bridge.cli.quantize import CLIError, check_exports
 
     cfg = jaxq.QuantConfig(layer_bits={"features.*": 4})
     with pytest.raises(CLIError, match=r"layer_bits sets 'features\.\*': 4"):

@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 
 from bridge.calibrated import Calibrated
-from bridge.data import as_batch
+from bridge.capture.data import as_batch
 from bridge.export.files import ExportError, write_params, write_w8a8
 from bridge.export.float_state import float_state
 

@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from bridge.inplace.record import LEGACY_KEYS
+
 FORMAT_VERSION = 1
 SAFETENSORS_NAME = "quant_params.safetensors"
 JSON_NAME = "quant_params.json"
-LEGACY_KEYS = ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")
 MANIFEST_NAME = "jaxq_manifest.json"
 FLOAT_NAME = "float_params.safetensors"
 PARAM_FILES = (SAFETENSORS_NAME, JSON_NAME, FLOAT_NAME, *(f"{k}.npy" for k in LEGACY_KEYS))
@@ -50,7 +51,7 @@ class ExportError(OSError):
 
 
 def integer_dtype(bits: int, signed: bool = True) -> np.dtype:
-    from bridge.record import integer_dtype as container
+    from bridge.inplace.record import integer_dtype as container
 
     return container(bits, signed)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.fakequant import BUFFERS, has_ours, quantizer_of
+from bridge.inplace.fakequant import BUFFERS, has_ours, quantizer_of
 
 
 def live_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from bridge.data import Batch
+from bridge.capture.data import Batch
 from bridge.export.files import ExportError, atomic_directory
 from bridge.export.graph import constant_values, prune_dead_nodes
 

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.data import Batch, iter_batches, run_model
+from bridge.capture.data import Batch, iter_batches, run_model
 from bridge.jax_model.collate import is_token_batch, pad_tokens
 from bridge.jax_model.lower import LoweringError, to_jax_tree
 from bridge.jax_model.quantized import quantized_forward
 from bridge.jax_model.studies import primary
-from bridge.record import LayerRecord, apply_records, is_nearest
+from bridge.inplace.record import LayerRecord, apply_records, is_nearest
 from jaxq import block_reconstruction as br
 from jaxq.model_quant import Switches
 from jaxq.sharding import replicate, shard_batch
@@ -99,12 +99,6 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
     visit("", model)
     blocks += [n for n in names if n not in covered]
     return blocks
-
-
-def call_order(model: nn.Module, blocks: list[str], batch) -> list[str]:
-    """`blocks` in the order the model first calls them on `batch` (those never called last)."""
-    seen, missing = _called(model, blocks, batch)
-    return seen + missing
 
 
 def _called(model: nn.Module, blocks: list[str], batch) -> tuple[list[str], list[str]]:

@@ -12,7 +12,8 @@ import dataclasses
 
 import torch
 
-from bridge.data import Batch, as_batch
+from bridge.capture.data import Batch, as_batch
+from jaxq.padding import power_of_two
 
 
 @dataclasses.dataclass
@@ -36,7 +37,7 @@ def is_token_batch(b: Batch) -> bool:
 
 def _bucket_length(n: int) -> int:
     """Token batches are padded to a power of two (at least 16): few shapes, little padding."""
-    return max(16, 1 << (max(n, 1) - 1).bit_length())
+    return power_of_two(n, least=16)
 
 
 def pad_tokens(batches: list[Batch]) -> Merged:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.data import Batch
+from bridge.capture.data import Batch
 from bridge.jax_model.compat import torchax_env
 
 
@@ -61,7 +61,7 @@ def tied_parameters(module: nn.Module) -> dict[str, list[str]]:
 
 def batch_args(batch) -> tuple[tuple, dict]:
     """A calibration batch (tensor, tuple of positional inputs, dict of keyword inputs, or
-    `bridge.data.Batch`) as (args, kwargs)."""
+    `bridge.capture.data.Batch`) as (args, kwargs)."""
     if isinstance(batch, Batch):
         return tuple(batch.args), dict(batch.kwargs)
     if isinstance(batch, dict):

@@ -3,7 +3,7 @@ inside the lowered float model, one program call per calibration batch, the batc
 split over a `jax.sharding.Mesh` (`jaxq.sharding`).
 
 The update is `jaxq`'s own pure `observer.update(state, x, n)` — the one
-`bridge.capture` applies to the inputs torch computes — written for the whole batch;
+`bridge.capture.activations` applies to the inputs torch computes — written for the whole batch;
 `jit` partitions it over the mesh, so each device runs the forward on its part of the
 batch and XLA combines every observer reduction (min/max, moments, histogram counts)
 across devices. The states come back replicated. Min/max and histogram counts equal
@@ -24,7 +24,7 @@ from torch import nn
 import jaxq
 from bridge.jax_model.compat import torchax_env
 from bridge.jax_model.lower import LoweredModel, LoweringError, batch_args, lower, to_jax_tree
-from bridge.transaction import quantizer_free_copy
+from bridge.inplace.transaction import quantizer_free_copy
 from jaxq.observers import ROW
 from jaxq.sharding import check_mesh, replicate, replicated, shard_batch
 
@@ -123,7 +123,7 @@ def observe_inputs(model: nn.Module, quantizers: dict, batches, observer: jaxq.O
         if progress is not None:
             progress()
     if run is None:
-        from bridge.data import CalibrationDataError
+        from bridge.capture.data import CalibrationDataError
 
         raise CalibrationDataError("calib_data yielded no batch; give at least one batch")
     return {n: jax.tree.map(np.asarray, s) for n, s in states.items()}

@@ -2,14 +2,12 @@
 
 - Depthwise 2-D convolution (`groups == in_channels`, one input channel per filter, no
   dilation) as a sum of `k·k` shifted, per-channel-scaled slices of the padded input.
-  XLA's CPU backend runs grouped convolutions 7–10× slower than torch (depthwise 3×3
-  on 16×96×112×112: 0.47 s vs torch's 0.065 s; the shifted sum: 0.047 s), which made
-  EfficientNet-style models 3× slower in JAX than in torch. Only the summation order
-  differs from a convolution (float rounding, ~1e-6).
+  XLA's CPU backend runs grouped convolutions several times slower than torch, which
+  made EfficientNet-style models slower in JAX than in torch (`benchmarks/README.md`).
+  Only the summation order differs from a convolution (float rounding, ~1e-6).
 - Pointwise 2-D convolution (1×1 kernel, no padding, one group) as an `einsum` over
-  channels: about 2× faster than XLA CPU's convolution, unbatched and under `vmap` with
-  per-variant weights (16×96×56×56 → 192 channels: 0.10 → 0.056 s; vmapped ×4: 0.39 →
-  0.17 s).
+  channels: faster than XLA CPU's convolution, unbatched and under `vmap` with
+  per-variant weights.
 
 Other convolutions keep torchax's lowering.
 """

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.fakequant import LayerQuantizer
+from bridge.inplace.fakequant import LayerQuantizer
 from bridge.jax_model.lower import LoweredModel, LoweringError, lower, tied_parameters
-from bridge.record import LayerRecord
-from bridge.transaction import quantizer_free_copy
+from bridge.inplace.record import LayerRecord
+from bridge.inplace.transaction import quantizer_free_copy
 from jaxq.model_quant import LayerQState, Switches, all_on, corrected_bias, quantized_input, quantized_weight
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.data import as_batch
+from bridge.capture.data import as_batch
 from bridge.jax_model.collate import merge_batches
 from bridge.jax_model.lower import to_jax_tree
 from bridge.jax_model.quantized import layer_state, quantized_forward

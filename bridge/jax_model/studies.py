@@ -1,5 +1,5 @@
 """Model-level studies in one compiled program each (the torch loops they replace are in
-`bridge.sensitivity`).
+`bridge.studies.sensitivity`).
 
 - `isolated_sensitivity`: every layer's model-output distance from float with only that
   layer quantized, in one program: the float forward once, then the layers in groups of

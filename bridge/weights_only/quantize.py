@@ -2,7 +2,7 @@
 
 Every tensor that matches `include` and not `exclude` (2-D or more, floating point: the
 weights of Linear/Conv layers) is quantized per output channel or per group of
-`group_size` input values (`jaxq.weight_only`) and written as msModelSlim's weight-only
+`group_size` input values (`jaxq.weights_only`) and written as msModelSlim's weight-only
 layout: `<name>` the integer codes (int8 containers), `<name>_scale` and `<name>_offset`
 `[out, groups]` with `Ŵ = (q − offset)·scale`. Every other tensor is copied byte for byte.
 Output: shards of at most `shard_size_mib`, `model.safetensors.index.json`,
@@ -28,12 +28,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.memory import budget_bytes
+from bridge.capture.memory import budget_bytes
 from bridge.weights_only.safetensors_io import (
     CheckpointError, OutTensor, ShardFile, TensorInfo, copy_raw, open_checkpoint, read_rows,
 )
+from jaxq.padding import power_of_two
 from jaxq.scheme import ALLOWED_BITS, QScheme
-from jaxq.weight_only import METHODS, quantize_block, row_width
+from jaxq.weights_only import METHODS, quantize_block, row_width
 
 PROGRESS = "weights_only_progress.json"
 INDEX = "model.safetensors.index.json"
@@ -160,7 +161,7 @@ def _quantize_into(item: Item, shard: ShardFile, cfg: WeightOnlyConfig, budget: 
     max_chunks = 1 << (max_chunks.bit_length() - 1)  # blocks are powers of two of chunks (few shapes)
     rows_per_read = max(1, min(info.shape[0], max_chunks * CHUNK_ROWS // groups_per_row))
     chunks = -(-rows_per_read * groups_per_row // CHUNK_ROWS)
-    padded = CHUNK_ROWS * (1 << (chunks - 1).bit_length())  # a power of two of chunks: few shapes, little padding
+    padded = CHUNK_ROWS * power_of_two(chunks)  # a power of two of chunks: few shapes, little padding
     codes_name, scale_name, offset_name = (o.name for o in item.outputs)
     for start in range(0, info.shape[0], rows_per_read):
         stop = min(info.shape[0], start + rows_per_read)

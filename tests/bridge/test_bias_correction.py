@@ -8,7 +8,7 @@ from torch import nn
 
 import jaxq
 from bridge import Calibrator, load_quantized
-from bridge.fakequant import wrappers
+from bridge.inplace.fakequant import model_quantizers
 from bridge.models.digits import load_digits_cnn
 
 # 4-bit weights: a visible shift; weight-only so the first layer sees the float input
@@ -33,7 +33,7 @@ def test_first_layer_keeps_the_float_mean_output(digits_calib):
     plain.disable_quant()
     y_fp = _first_layer_outputs(plain.model, digits_calib)
     plain.enable_quant()
-    # E[x] is the mean over every output position (bridge.reconstruction.row_sum), so the shift vanishes
+    # E[x] is the mean over every output position (bridge.capture.row_capture.row_sum), so the shift vanishes
     shift_before = (_first_layer_outputs(plain.model, digits_calib) - y_fp).mean((0, 2, 3))
     shift_after = (_first_layer_outputs(fixed.model, digits_calib) - y_fp).mean((0, 2, 3))
     assert shift_before.abs().max() > 1e-3
@@ -66,7 +66,7 @@ def test_export_reload_is_bit_identical(digits_calib, digits, tmp_path):
     cal = Calibrator(load_digits_cnn(), W4.replace(bias_correction=True), digits_calib, progress=False).run()
     cal.export_param(tmp_path)
     tensors = load_file(str(tmp_path / "quant_params.safetensors"))
-    for name, w in wrappers(cal.model).items():
+    for name, w in model_quantizers(cal.model).items():
         np.testing.assert_array_equal(tensors[f"{name}.bias_correction"], w.bias_correction.numpy())
     x = digits[2][:64]
     reloaded = load_quantized(load_digits_cnn(), tmp_path)
@@ -93,7 +93,7 @@ def test_layer_without_bias_gets_one_and_fallback_removes_it():
     data = [torch.randn(16, 6) + 1.0 for _ in range(2)]
     cfg = W4.replace(bias_correction=True, recon_rows=64)
     cal = Calibrator(model, cfg, data, progress=False).run()
-    wrapper = wrappers(cal.model)["a"]
+    wrapper = model_quantizers(cal.model)["a"]
     assert wrapper.module.bias is not None and wrapper.float_bias is None
     torch.testing.assert_close(wrapper.corrected_bias(), wrapper.bias_correction)
     cal.fall_back(["a"])

@@ -15,7 +15,7 @@ from bridge import (
     NonFiniteActivationError,
 )
 from bridge.models.digits import accuracy
-from bridge.fakequant import wrappers
+from bridge.inplace.fakequant import model_quantizers
 from jaxq import QuantConfig
 
 LABEL_FREE = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)
@@ -103,7 +103,7 @@ def test_quant_params_match_buffers_and_weights(digits_model, digits_calib):
     cal = Calibrator(digits_model, LABEL_FREE, digits_calib, progress=False).run()
     input_scale, input_offset, weight_scale, weight_offset, quant_weight = cal.get_quant_params()
     assert set(input_scale) == set(weight_scale) == set(quant_weight) == set(cal.quantized_names)
-    layers = wrappers(cal.model)
+    layers = model_quantizers(cal.model)
     assert set(layers) == set(cal.quantized_names) == {"features.0", "features.3", "features.7", "classifier.1", "classifier.3"}
     for name, wrapper in layers.items():
         assert quant_weight[name].dtype == np.int8
@@ -125,7 +125,7 @@ def test_subclass_forward_is_kept():
     cal = Calibrator(model, LABEL_FREE.replace(w_bit=8), [x], progress=False).run()
     with torch.no_grad():
         out = cal.model(x)
-    assert isinstance(cal.model[0], PadThenConv) and wrappers(cal.model)["0"].module is cal.model[0]  # in place
+    assert isinstance(cal.model[0], PadThenConv) and model_quantizers(cal.model)["0"].module is cal.model[0]  # in place
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
 
 
@@ -272,7 +272,7 @@ def test_input_shape_the_model_rejects_is_named(digits_model, shape):
 
 
 def _bn_mismatch(model, x):
-    from bridge.synthetic import _bn_loss_hooks
+    from bridge.capture.synthetic import _bn_loss_hooks
 
     losses = []
     handles = _bn_loss_hooks(model, losses)
@@ -293,7 +293,7 @@ def test_bn_stats_virtual_data_matches_bn_statistics(digits_model):
 
 
 def test_bn_stats_needs_batchnorm():
-    from bridge.synthetic import SyntheticDataError
+    from bridge.capture.synthetic import SyntheticDataError
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(SyntheticDataError, match="BatchNorm"):
@@ -315,13 +315,13 @@ def test_several_inputs_from_a_list_of_shapes():
 
 
 def test_state_dict_round_trip_restores_the_quantizer(digits_calib):
-    from bridge.fakequant import wrappers
+    from bridge.inplace.fakequant import model_quantizers
     from bridge.models.digits import load_digits_cnn
 
     cal = Calibrator(load_digits_cnn(), LABEL_FREE, digits_calib, progress=False).run()
     other = Calibrator(load_digits_cnn(), LABEL_FREE, digits_calib, progress=False)
     other.model.load_state_dict(cal.model.state_dict())
-    for w in wrappers(other.model).values():
+    for w in model_quantizers(other.model).values():
         w.quant_enabled = True
     x = digits_calib[0]
     with torch.no_grad():

@@ -7,7 +7,7 @@ import jaxq
 from bridge import Calibrator
 from bridge.export.files import ExportError
 from bridge.models.digits import load_digits_cnn
-from bridge.reload import load_quantized
+from bridge.export.reload import load_quantized
 
 
 def _cal(digits_calib_batches, **kw):

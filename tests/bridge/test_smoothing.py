@@ -8,7 +8,7 @@ from torch import nn
 
 import jaxq
 from bridge import Calibrator, ExportError, load_quantized
-from bridge.fakequant import quantizers
+from bridge.inplace.fakequant import model_quantizers
 
 D = 32
 
@@ -98,7 +98,7 @@ def test_quantization_off_is_the_float_model_and_restore_leaves_no_trace(calib):
     with cal.quantization(False):
         assert torch.equal(_out(m, calib), fp)
     cal.restore()
-    assert not quantizers(m)
+    assert not model_quantizers(m)
     after = m.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(_out(m, calib), fp)

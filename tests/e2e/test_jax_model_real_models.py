@@ -9,7 +9,7 @@ import torch
 
 import jaxq
 from bridge import Calibrator
-from bridge import sensitivity as sens
+from bridge.studies import sensitivity as sens
 from bridge.evaluation import protocols
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(importlib.util.find_spec("torchax") is None, reason="needs the jax extra")]

@@ -40,8 +40,9 @@ def test_hard_codes_round_h_at_one_half_and_match_the_hard_weight():
 def test_rounding_reg_is_zero_only_at_hard_values_and_beta_anneals():
     assert float(br.rounding_reg(jnp.array([1e4, -1e4]), 2.0)) == 0.0
     assert float(br.rounding_reg(jnp.array([0.0]), 2.0)) > 0.9
-    p = br.ReconParams(steps=100, warmup=0.2)
-    assert float(br.beta_at(0, p)) == 20.0 and float(br.beta_at(20, p)) == 20.0 and float(br.beta_at(100, p)) == 2.0
+    p = br.ReconParams(steps=100, schedule=br.RoundingSchedule(warmup=0.2))
+    beta = lambda step: float(br.beta_schedule(step, p.steps, p.schedule))  # noqa: E731
+    assert beta(0) == 20.0 and beta(20) == 20.0 and beta(100) == 2.0
 
 
 def test_optimise_lowers_the_output_error_of_a_two_layer_block():

@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxq
-from jaxq.histogram import batch_histogram, grid_error, l2_optimal_bins, model_errors, rebin
+from jaxq.histogram import batch_histogram, grid_error, l2_optimal_bins, modelled_error, rebin
+
+
+def model_errors(hist: jax.Array, levels: int) -> jax.Array:
+    """Test oracle: `[B, B]` modelled L2 error (bin units) of every candidate `(s, e)`; `inf` where `e < s`."""
+    idx = jnp.arange(hist.shape[0])
+    return modelled_error(hist, levels)(idx[:, None], idx[None, :])
+
 
 
 def _padded(x: np.ndarray, size: int = 1 << 14):

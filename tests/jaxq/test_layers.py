@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bridge.modules import layer_spec
+from bridge.inplace.modules import layer_spec
 from jaxq import LayerSpec, apply
 
 CASES = [

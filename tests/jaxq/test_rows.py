@@ -1,9 +1,10 @@
 import numpy as np
+import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxq import LayerSpec, apply
-from jaxq.rows import grouped_weight, layer_output_at, output_positions, rows_forward, take_rows
+from jaxq.rows import grouped_weight, output_positions, rows_forward, take_rows
 
 SPECS = [
     (LayerSpec("l", "linear", has_bias=True), (3, 5, 12), (7, 12)),
@@ -14,6 +15,15 @@ SPECS = [
     (LayerSpec("p", "conv2d", (1, 2), ((0, 0), (1, 0)), (1, 1), 2, True, (1, 2)), (1, 4, 5, 6), (6, 2, 1, 2)),
     (LayerSpec("k", "conv1d", (2,), ((1, 2),), (1,), 1, True, (3,)), (2, 3, 11), (5, 3, 3)),
 ]
+
+
+def layer_output_at(spec: LayerSpec, y: jax.Array, index: jax.Array) -> jax.Array:
+    """The layer output `y` (`[N, out, *spatial]` or `[..., out]`) at flat positions: `[m, out]`."""
+    if spec.kind == "linear":
+        return jnp.reshape(y, (-1, y.shape[-1]))[index]
+    moved = jnp.moveaxis(y, 1, -1)
+    return jnp.reshape(moved, (-1, y.shape[1]))[index]
+
 
 
 @pytest.mark.parametrize("spec,x_shape,w_shape", SPECS, ids=[s[0].name for s in SPECS])

@@ -35,7 +35,3 @@ def test_logits_kl_and_cosine_distance():
     assert float(js.logits_kl(p, p[:, ::-1])) > 0.5
     assert abs(float(js.cosine_distance(p, 2 * p))) < 1e-6
 
-
-def test_top_k_layers():
-    np.testing.assert_array_equal(np.asarray(js.top_k_layers(jnp.array([0.1, 3.0, 2.0, 0.5]), 2)), [1, 2])
-

@@ -3,7 +3,7 @@ that a user's model is exactly as it was (state_dict, module types, parameter ob
 import pytest
 import torch
 
-from bridge.fakequant import wrappers
+from bridge.inplace.fakequant import model_quantizers
 from bridge.models.digits import load_digits_cnn
 
 
@@ -20,7 +20,7 @@ def _assert_unchanged(model, before, x, ref):
         assert torch.equal(now[k], state[k]), k
     assert [(n, type(m)) for n, m in model.named_modules()] == types
     assert [id(p) for p in model.parameters()] == params
-    assert not wrappers(model)
+    assert not model_quantizers(model)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
 

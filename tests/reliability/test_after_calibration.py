@@ -14,7 +14,7 @@ import bridge
 from bridge import Calibrator
 from bridge.export import MANIFEST_NAME, ExportError
 from bridge.models.digits import digits_split, load_digits_cnn
-from bridge.reload import ParamFileError
+from bridge.export.reload import ParamFileError
 from jaxq import QuantConfig
 
 W8A8 = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)
@@ -79,7 +79,7 @@ def test_reload_into_another_architecture_names_the_tensor(digits_calib, tmp_pat
     other.classifier[3].register_buffer("temperature", torch.ones(()))
     with pytest.raises(ParamFileError, match="temperature"):
         bridge.load_quantized(other, tmp_path / "p")
-    assert not bridge.fakequant.quantizers(other)
+    assert not bridge.inplace.fakequant.model_quantizers(other)
 
 
 def test_restore_after_fine_tuning_gives_the_fine_tuned_float_model(digits_calib):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bridge.cli import main
+from bridge.cli.main import main
 
 
 @pytest.mark.parametrize("argv, flag", [

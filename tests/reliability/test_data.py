@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bridge import Calibrator
-from bridge.context import UncalibratedLayerError
+from bridge.capture.context import UncalibratedLayerError
 from jaxq import QuantConfig
 
 W8A8 = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bridge import Calibrator, QuantizedModelError
-from bridge.fakequant import QuantizerConflictError, wrappers
+from bridge.inplace.fakequant import QuantizerConflictError, model_quantizers
 from bridge.models.digits import load_digits_cnn
 from jaxq import QuantConfig
 
@@ -54,7 +54,7 @@ def test_quantized_model_is_refused_then_recalibrated_cleanly(model_and_ref, dig
     fresh = Calibrator(load_digits_cnn(), W8A8.replace(a_bit=4), digits_calib, progress=False).run()
     with torch.no_grad():
         assert torch.equal(cal4.model(x), fresh.model(x))
-    assert all(q.act_scheme.bits == 4 for q in wrappers(model).values())
+    assert all(q.act_scheme.bits == 4 for q in model_quantizers(model).values())
 
 
 def test_fp_model_is_lazy_and_bit_identical(model_and_ref, digits_calib):
@@ -62,7 +62,7 @@ def test_fp_model_is_lazy_and_bit_identical(model_and_ref, digits_calib):
     cal = Calibrator(model, W8A8, digits_calib, progress=False).run()
     assert cal._fp_model is None  # no second copy until asked for
     fp = cal.fp_model
-    assert fp is not model and not wrappers(fp)
+    assert fp is not model and not model_quantizers(fp)
     assert [type(m) for m in fp.modules()] == [t for _, t in before[1]]
     with torch.no_grad():
         assert torch.equal(fp(x), ref)
@@ -133,7 +133,7 @@ def test_fuse_callback_must_fuse_in_place(digits_calib):
     model = load_digits_cnn()
     with pytest.raises(TypeError, match="in place"):
         Calibrator(model, W8A8, digits_calib, fuse_module_call_back=lambda m: 3, progress=False)
-    assert not wrappers(model)
+    assert not model_quantizers(model)
 
 
 def test_sensitivity_compares_call_with_call():

@@ -8,7 +8,7 @@ import torch
 import bridge
 from bridge import Calibrator, ParamFileError, load_quantized
 from bridge.export import MANIFEST_NAME
-from bridge.fakequant import wrappers
+from bridge.inplace.fakequant import model_quantizers
 from bridge.models.digits import accuracy, load_digits_cnn
 from jaxq import QuantConfig
 
@@ -41,7 +41,7 @@ def test_unsigned_weights_round_trip(digits, digits_calib, tmp_path, bits):
     with torch.no_grad():
         assert torch.equal(fresh(x_test), cal.model(x_test))
     assert accuracy(fresh, x_test, y_test) > 0.9
-    assert not any(q.weight_codes is not None for q in wrappers(fresh).values())  # nearest codes, not custom
+    assert not any(q.weight_codes is not None for q in model_quantizers(fresh).values())  # nearest codes, not custom
 
 
 def test_w8a8_refuses_unsigned_weights(digits_calib, tmp_path):

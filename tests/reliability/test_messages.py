@@ -54,7 +54,7 @@ def test_accuracy_control_with_a_nan_score_says_so(cal):
 
 
 def test_diverging_virtual_data_names_virtual_lr():
-    from bridge.synthetic import SyntheticDataError
+    from bridge.capture.synthetic import SyntheticDataError
 
     cfg = QuantConfig(quant_mode=0, virtual_data="bn_stats", virtual_lr=1e30, virtual_steps=20, input_shape=[1, 1, 8, 8])
     with pytest.raises(SyntheticDataError, match="virtual_lr"):

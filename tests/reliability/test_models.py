@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bridge import Calibrator
-from bridge.fakequant import wrappers
+from bridge.inplace.fakequant import model_quantizers
 from jaxq import QuantConfig
 
 W8A8 = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)
@@ -40,11 +40,11 @@ def _calibrate(model, data, cfg=W8A8):
 def _every_input_seen_quantized(cal, data):
     """The input of each quantized layer, as its quantizer receives it on one forward."""
     seen = {}
-    for name, q in wrappers(cal.model).items():
+    for name, q in model_quantizers(cal.model).items():
         q.listeners.append(lambda x, name=name: seen.setdefault(name, x.detach().clone()))
     with torch.no_grad():
         cal.model(data[-1])
-    for q in wrappers(cal.model).values():
+    for q in model_quantizers(cal.model).values():
         q.listeners.clear()
     return seen
 
@@ -84,7 +84,7 @@ def test_multihead_attention_matches_a_reference_fake_quant_computation():
     model = Block().eval()
     data = [torch.randn(3, 5, 16) for _ in range(6)]
     cal, ref, out = _calibrate(model, data)
-    layers = wrappers(cal.model)
+    layers = model_quantizers(cal.model)
     assert set(layers) == {"mha", "mha.out_proj", "head"}
     mha, out_proj, head = layers["mha"], layers["mha.out_proj"], layers["head"]
     x = data[-1]
@@ -161,7 +161,7 @@ def test_weight_read_directly_and_keyword_input():
     model = Direct().eval()
     data = [torch.randn(16, 8) for _ in range(6)]
     cal, ref, out = _calibrate(model, data)
-    fc, head = wrappers(cal.model)["fc"], wrappers(cal.model)["out"]
+    fc, head = model_quantizers(cal.model)["fc"], model_quantizers(cal.model)["out"]
     assert fc.functional and not head.functional
     x = data[-1]
     with torch.no_grad():
@@ -186,7 +186,7 @@ def test_module_under_two_names_and_called_twice():
     data = [torch.randn(8, 6) for _ in range(6)]
     cal, ref, out = _calibrate(model, data)
     assert cal.quantized_names == ["a", "head"]  # one quantizer for the one module
-    a, head = wrappers(cal.model)["a"], wrappers(cal.model)["head"]
+    a, head = model_quantizers(cal.model)["a"], model_quantizers(cal.model)["head"]
     x = data[-1]
     with torch.no_grad():
         lin = lambda q, t: F.linear(_fq_input(q, t), _fq_weight(q), q.module.bias)  # noqa: E731
@@ -255,7 +255,7 @@ def test_default_keeps_every_output_head_float():
 
 
 def test_data_free_uniform_warns_about_input_range():
-    from bridge.prepare import DataFreeRangeWarning
+    from bridge.inplace.prepare import DataFreeRangeWarning
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     with pytest.warns(DataFreeRangeWarning, match="bn_stats"):

@@ -5,9 +5,16 @@ from torch import nn
 
 import jaxq
 from bridge import Calibrator
-from bridge.data import as_batch
+from bridge.capture.data import as_batch
 from bridge.evaluation import protocols
-from bridge.jax_model.block_reconstruction import call_order, find_blocks
+from bridge.jax_model.block_reconstruction import _called, find_blocks
+
+
+def call_order(model: nn.Module, blocks: list[str], batch) -> list[str]:
+    """`blocks` in the order the model first calls them on `batch` (those never called last)."""
+    seen, missing = _called(model, blocks, batch)
+    return seen + missing
+
 
 
 class Residual(nn.Module):
@@ -135,7 +142,7 @@ def test_a_user_names_the_blocks():
 
 @pytest.mark.slow
 def test_a_block_that_is_never_called_is_one_clear_error_and_the_model_is_restored():
-    from bridge.fakequant import quantizers
+    from bridge.inplace.fakequant import model_quantizers
     from bridge.jax_model.block_reconstruction import BlockNameError
 
     net, data = _net_and_data()
@@ -143,4 +150,4 @@ def test_a_block_that_is_never_called_is_one_clear_error_and_the_model_is_restor
     cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={"brecq": [True, 10]}, recon_blocks=["blocks"])
     with pytest.raises(BlockNameError, match="never called.*name its items"):
         Calibrator(net, cfg, data, progress=False).run()
-    assert not quantizers(net) and all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    assert not model_quantizers(net) and all(torch.equal(net.state_dict()[k], v) for k, v in before.items())

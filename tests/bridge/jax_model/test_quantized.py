@@ -6,7 +6,7 @@ import torch
 
 import jaxq
 from bridge import Calibrator
-from bridge.fakequant import fake_quant_per_tensor_cpu
+from bridge.inplace.fakequant import fake_quant_per_tensor_cpu
 from bridge.jax_model import LoweringError
 from bridge.jax_model.lower import to_jax_tree
 from jaxq.model_quant import Switches, grid

@@ -3,7 +3,7 @@ import torch
 
 import jaxq
 from bridge import Calibrator
-from bridge import sensitivity as sens
+from bridge.studies import sensitivity as sens
 from bridge.jax_model.robustness import calibration_robustness
 
 

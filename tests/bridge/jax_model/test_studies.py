@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 import jaxq
-from bridge import sensitivity as sens
-from bridge.data import Batch
+from bridge.studies import sensitivity as sens
+from bridge.capture.data import Batch
 from bridge.jax_model import isolated_sensitivity
 from bridge.jax_model.collate import merge_batches
 

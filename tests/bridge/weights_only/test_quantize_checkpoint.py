@@ -156,7 +156,7 @@ def test_bad_options_and_files_name_the_problem(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    from bridge.cli import main
+    from bridge.cli.main import main
 
     path, _ = _checkpoint(tmp_path)
     assert main(["quantize-weights", str(path), "--out", str(tmp_path / "o"), "--bits", "4", "--group-size", "0",

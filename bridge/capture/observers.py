@@ -1,0 +1,62 @@
+"""Observer states of every layer's input: the `activations` step of the pipeline
+(`bridge.pipeline`) and `Calibrator.activation_histograms`.
+
+Torch forwards with hooks (`bridge.capture.activations`), or with a mesh the model lowered to JAX and
+run data-parallel (`bridge.jax_model.observe`). The model is read with quantization off.
+"""
+from __future__ import annotations
+
+import contextlib
+
+
+import numpy as np
+
+import jaxq
+from bridge.capture.activations import ActivationCapture
+from bridge.capture.context import Context, UncalibratedLayerError
+from bridge.capture.data import iter_batches
+from bridge.capture.activations import check_finite
+from jaxq.observer_choice import histogram_observer_for, observer_for
+
+
+def capture_states(ctx: Context, observer: jaxq.Observer, layers: dict | None = None, beside=None) -> dict:
+    """Observer state of every layer's input over the calibration data: torch forwards with
+    hooks, or with `ctx.mesh` the lowered model data-parallel over the mesh. `beside`: another
+    capture (a context manager) that listens in the same torch forwards."""
+    layers = layers if layers is not None else ctx.quantizers
+    if ctx.mesh is not None:
+        from bridge.jax_model.observe import observe_inputs
+
+        with ctx.bar("jaxq calibrate (mesh)", ctx.num_batches(), unit="batch") as bar:
+            return observe_inputs(ctx.model, layers, iter_batches(ctx.calib_data, ctx.device), observer, ctx.mesh,
+                                  progress=bar.update)
+    capture = ActivationCapture(layers, observer)
+    with contextlib.ExitStack() as hooks:
+        if beside is not None:
+            hooks.enter_context(beside)
+        ctx.forward_all(capture, "jaxq calibrate", after_batch=capture.flush)
+    return capture.states
+
+
+def check_activations(results: dict[str, jaxq.ActivationResult]) -> None:
+    """Raise naming the layer: a NaN/Inf input (and its batch), or never reached by the data."""
+    check_finite(results)
+    for name, r in results.items():
+        scale = np.asarray(r.qparams.scale)
+        if not np.all(np.isfinite(scale)):
+            raise UncalibratedLayerError(
+                f"layer {name!r} was never called on the calibration data, so its input range is unknown; give "
+                f"calib_data that reaches it, or keep it in float: QuantConfig(disable_names=[..., {name!r}])")
+
+
+def activation_qparams(ctx: Context, beside=None) -> dict[str, jaxq.QParams]:
+    """Every layer's input quantizer from the observer `cfg` names (`beside`: `capture_states`)."""
+    observer = observer_for(ctx.cfg, ctx.num_batches())
+    states = capture_states(ctx, observer, beside=beside)
+    results = jaxq.finalize_activations(states, observer, ctx.cfg.act_scheme)
+    check_activations(results)
+    return {n: r.qparams for n, r in results.items()}
+
+
+def histograms(ctx: Context, bins: int | None) -> dict:
+    return capture_states(ctx, histogram_observer_for(ctx.cfg, bins))

@@ -1,0 +1,79 @@
+"""Synthetic calibration data for data-free mode (`quant_mode=0`).
+
+- `uniform_batches`: msModelSlim's virtual data, `torch.rand(input_shape)` (see
+  `bridge.capture.data.virtual_batch`).
+- `distill_bn_batches`: ZeroQ-style distilled data (Cai et al., CVPR 2020). Inputs `x`
+  start as N(0, 1) noise and are optimised with Adam so that every BatchNorm layer sees
+  the statistics it was trained on:
+
+      min_x  Σ_BN  ‖μ_B(x) − μ_run‖₂ + ‖σ_B(x) − √(σ²_run)‖₂
+
+  where `μ_B, σ_B` are the per-channel mean and standard deviation of the BN input over
+  batch and spatial axes. Needs a model with BatchNorm layers, run before fusion.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class SyntheticDataError(ValueError):
+    """Synthetic data cannot be made for this model."""
+
+
+def _bn_loss_hooks(model: nn.Module, losses: list):
+    def hook(module, args):
+        x = args[0]
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        std = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
+        losses.append(torch.linalg.vector_norm(mean - module.running_mean)
+                      + torch.linalg.vector_norm(std - torch.sqrt(module.running_var + module.eps)))
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _BN)]
+
+
+def distill_bn_batches(
+    model: nn.Module,
+    input_shape: tuple[tuple[int, ...], ...],
+    steps: int = 200,
+    lr: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+) -> list:
+    """One batch of inputs (shapes `input_shape`) whose BN statistics match the model's."""
+    model = copy.deepcopy(model).eval()
+    if not any(isinstance(m, _BN) for m in model.modules()):
+        raise SyntheticDataError(
+            f"QuantConfig.virtual_data='bn_stats' needs BatchNorm layers, and {type(model).__name__} has none; "
+            "use virtual_data='uniform' or pass calib_data"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(shape, generator=g).to(device).requires_grad_(True) for shape in input_shape]
+    opt = torch.optim.Adam(inputs, lr=lr)
+    losses: list = []
+    handles = _bn_loss_hooks(model, losses)
+    try:
+        for _ in tqdm(range(steps), desc="jaxq distill data", unit="step", disable=not progress):
+            losses.clear()
+            opt.zero_grad()
+            model(*inputs)
+            loss = torch.stack(losses).sum()
+            loss.backward()
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    out = tuple(x.detach() for x in inputs)
+    if not all(bool(torch.isfinite(x).all()) for x in out):
+        raise SyntheticDataError(f"QuantConfig.virtual_lr={lr!r}: the distilled virtual data diverged to NaN/Inf in "
+                                 f"{steps} Adam steps; use a smaller virtual_lr (default 0.2)")
+    return [out[0] if len(out) == 1 else out]

@@ -1,0 +1,1 @@
+"""The `jaxq` command line: `jaxq demo`, `jaxq quantize` (`quantize.py`), `jaxq quantize-weights`."""

@@ -1,2 +1,0 @@
-"""Former location of `bridge.export.onnx` (kept so existing imports work)."""
-from bridge.export.onnx import export_qdq, fold_weight_quantizers, onnx_session  # noqa: F401

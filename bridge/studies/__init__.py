@@ -1,0 +1,1 @@
+"""Studies of a calibrated model: per-layer sensitivity, fallback, accuracy control."""

@@ -1,0 +1,229 @@
+"""Layer sensitivity and float fallback (`amp_num`), computed on captured outputs in JAX.
+
+- `layer_output_errors`: the float and the quantized model run on the same samples;
+  every quantized layer's output is compared (`jaxq.sensitivity`: raw MSE — msModelSlim's
+  ranking —, relative MSE, cosine). Errors accumulate through depth here.
+- `isolated_sensitivity`: only one layer quantized at a time; the distance of the model
+  output from float (KL for logits, 1 − cosine otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+
+import jaxq.sensitivity as js
+from jaxq.padding import power_of_two
+from bridge.capture.data import Batch, run_model
+from bridge.inplace.fakequant import quantization, set_quantization
+from bridge.inplace.modules import weight_name
+from bridge.capture.tensors import to_jax
+
+METRICS = ("mse", "relative_mse", "cosine", "isolated")
+
+
+def amp_batches(batches, samples: int) -> list[Batch]:
+    """The first batches holding at least `samples` samples (msModelSlim uses 10)."""
+    out, seen = [], 0
+    for b in batches:
+        out.append(b)
+        first = next((t for t in list(b.args) + list(b.kwargs.values()) if isinstance(t, torch.Tensor)), None)
+        seen += 1 if first is None or first.dim() == 0 else first.shape[0]
+        if seen >= samples:
+            break
+    return out
+
+
+def _padded(t: torch.Tensor) -> tuple:
+    flat = t.detach().float().reshape(-1).cpu()
+    size = power_of_two(flat.numel(), least=1024)
+    buf = torch.zeros(size, dtype=torch.float32)
+    buf[: flat.numel()] = flat
+    return to_jax(buf), np.float32(flat.numel())
+
+
+def primary_output(out) -> torch.Tensor:
+    """The tensor a model-level metric compares: the output itself, `last_hidden_state`, or the first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    if isinstance(out, (tuple, list)):
+        return primary_output(out[0])
+    if isinstance(out, dict):
+        return primary_output(next(iter(out.values())))
+    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
+
+
+def layer_output_errors(model, layers: dict, batches: list[Batch]) -> dict[str, dict[str, float]]:
+    """Per layer `mse`, `relative_mse`, `cosine` between float-model and quantized-model
+    outputs, call by call (the k-th call of a layer in the quantized forward against its
+    k-th call in the float forward). Layers used only functionally (attention) have no
+    module output to compare: NaN."""
+    stats = {n: js.init_stats() for n in layers}
+    fp: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    seen: dict[str, int] = {}
+
+    def keep(name):
+        return lambda m, a, out: fp[name].append(out.detach().clone())
+
+    def compare(name):
+        def hook(m, a, out):
+            k = seen.get(name, 0)
+            seen[name] = k + 1
+            if k < len(fp[name]):
+                f, n = _padded(fp[name][k])
+                q, _ = _padded(out)
+                stats[name] = js.update_stats(stats[name], f, q, n)
+        return hook
+
+    modular = {n: w for n, w in layers.items() if not w.functional}
+    with quantization(layers, False), torch.no_grad():
+        for i, batch in enumerate(batches):
+            for mode, make in ((False, keep), (True, compare)):
+                set_quantization(layers, mode)
+                handles = [w.module.register_forward_hook(make(n)) for n, w in modular.items()]
+                try:
+                    run_model(model, batch, i)
+                finally:
+                    for h in handles:
+                        h.remove()
+            for v in fp.values():
+                v.clear()
+            seen.clear()
+    names = list(layers)
+    stacked = js.ErrorStats(*(np.stack([np.asarray(getattr(stats[n], f)) for n in names]) for f in js.ErrorStats._fields))
+    metrics = {k: np.asarray(v) for k, v in js.finalize_metrics(stacked).items()}
+    return {n: {k: float(metrics[k][i]) if n in modular else float("nan") for k in metrics} for i, n in enumerate(names)}
+
+
+def output_distance(fp: torch.Tensor, q: torch.Tensor) -> float:
+    """KL for logits (2-D), `1 − cosine` otherwise."""
+    if fp.dim() == 2:
+        return float(js.logits_kl(to_jax(fp.float()), to_jax(q.float())))
+    return float(js.cosine_distance(to_jax(fp.float()), to_jax(q.float())))
+
+
+def model_distance(model, layers, batches, fp_outputs, enabled: Callable[[str], bool]) -> float:
+    """Mean output distance from float over `batches` with the `enabled` layers quantized."""
+    with quantization(layers, enabled), torch.no_grad():
+        dists = [output_distance(f, primary_output(run_model(model, b, i))) for i, (b, f) in enumerate(zip(batches, fp_outputs))]
+    return float(np.mean(dists))
+
+
+def float_outputs(model, layers, batches) -> list[torch.Tensor]:
+    with quantization(layers, False), torch.no_grad():
+        return [primary_output(run_model(model, b, i)).detach().clone() for i, b in enumerate(batches)]
+
+
+def isolated_sensitivity(model, layers: dict, batches: list[Batch]) -> dict[str, float]:
+    """Per layer: model-output distance from float with only that layer quantized."""
+    fp = float_outputs(model, layers, batches)
+    return {name: model_distance(model, layers, batches, fp, lambda n, name=name: n == name) for name in layers}
+
+
+@dataclasses.dataclass
+class SensitivityTable:
+    """Rows of per-layer sensitivity: name, kind, weight shape, metrics, quantized or not."""
+
+    rows: list[dict]
+
+    def ranked(self, metric: str) -> list[str]:
+        """Layer names, most sensitive first (`cosine`: lowest first)."""
+        sign = 1.0 if metric == "cosine" else -1.0
+        rows = [r for r in self.rows if r["quantized"]]
+        return [r["name"] for r in sorted(rows, key=lambda r: sign * r[metric])]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return "(no layers)"
+        cols = list(self.rows[0])
+        cells = [[_fmt(r[c]) for c in cols] for r in self.rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+        return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@dataclasses.dataclass
+class FallbackCurve:
+    """Metric after falling back the first k layers of `order` (k = 0 … len(points) − 1)."""
+
+    metric: str
+    order: list[str]
+    points: list[float]
+    chosen: int  # layers fallen back to reach the target (−1: not reached)
+
+    def __str__(self) -> str:
+        lines = [f"{'k':>3}  {'fallen back':<45} {self.metric}"]
+        for k, value in enumerate(self.points):
+            name = "-" if k == 0 else self.order[k - 1]
+            mark = "  ← target reached" if k == self.chosen else ""
+            lines.append(f"{k:>3}  {name:<45} {value:.5g}{mark}")
+        return "\n".join(lines)
+
+
+def check_metrics(metrics) -> tuple[str, ...]:
+    """`metrics` as a tuple of known names; a bare string or an unknown name is an error."""
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics must be a sequence of names such as ({metrics!r},), not the string {metrics!r}")
+    metrics = tuple(metrics)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"sensitivity metrics {unknown or '()'} not known; choose from {METRICS}")
+    return metrics
+
+
+def check_count(name: str, value, allow_none: bool = True, minimum: int = 1):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer ≥ {minimum}")
+    return int(value)
+
+
+def sensitivity_table(model, layers: dict, specs: dict, all_layers: dict, batches: list[Batch], metrics,
+                      isolated_by: Callable | None = None) -> SensitivityTable:
+    """The table of `Calibrator.sensitivity` (quantized layers, then the float ones as NaN rows).
+    `isolated_by(batches)`: computes the isolated column instead of the torch loop (the JAX model)."""
+    errors = layer_output_errors(model, layers, batches) if set(metrics) - {"isolated"} else {}
+    if "isolated" not in metrics:
+        isolated = {}
+    elif isolated_by is not None:
+        isolated = isolated_by(batches)
+    else:
+        isolated = isolated_sensitivity(model, layers, batches)
+    rows = []
+    for name, w in layers.items():
+        row = {"name": name, "kind": specs[name].kind, "weight_shape": tuple(w.float_weight.shape)}
+        for m in metrics:
+            row[m] = isolated[name] if m == "isolated" else errors[name][m]
+        rows.append({**row, "quantized": True})
+    for name, module in all_layers.items():
+        if name not in layers:
+            shape = tuple(getattr(module, weight_name(module)).shape)
+            rows.append({"name": name, "kind": specs[name].kind if name in specs else "linear", "weight_shape": shape,
+                         **{m: float("nan") for m in metrics}, "quantized": False})
+    return SensitivityTable(rows)
+
+
+def fallback_curve(model, layers: dict, batches: list[Batch], order: list[str], target: float) -> FallbackCurve:
+    """Distance from float after falling back the first k layers of `order`, k = 0 … len(order)."""
+    fp = float_outputs(model, layers, batches)
+    points, chosen = [], -1
+    for k in range(len(order) + 1):
+        off = set(order[:k])
+        points.append(model_distance(model, layers, batches, fp, lambda n, off=off: n not in off))
+        if chosen < 0 and points[-1] <= target:
+            chosen = k
+    return FallbackCurve("kl" if fp[0].dim() == 2 else "1 - cosine", order, points, chosen)

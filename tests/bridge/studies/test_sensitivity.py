@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bridge import Calibrator, LayerQuantizer
+from bridge.models.digits import accuracy, load_digits_cnn
+from jaxq import QuantConfig
+
+LOW_BIT = dict(quant_mode=1, act_method=1, quantize_first_last=True, w_bit=2, a_bit=4)
+
+
+@pytest.fixture
+def calibrated(digits_calib):
+    return Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT), digits_calib, progress=False).run()
+
+
+def test_table_has_every_layer_and_prints(calibrated):
+    table = calibrated.sensitivity(samples=32)
+    assert [r["name"] for r in table.rows] == calibrated.quantized_names
+    assert set(table.rows[0]) == {"name", "kind", "weight_shape", "mse", "relative_mse", "isolated", "quantized"}
+    text = str(table)
+    assert "features.0" in text and "relative_mse" in text
+    # isolated: quantizing only the classifier's last layer matters little next to the input conv at 2 bits
+    iso = {r["name"]: r["isolated"] for r in table.rows}
+    assert iso["features.0"] > iso["classifier.1"]
+
+
+@pytest.mark.parametrize("metric", ["mse", "relative_mse", "isolated"])
+def test_amp_num_falls_back_the_top_ranked_layers_to_float(digits_calib, metric):
+    ranking = Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT), digits_calib, progress=False).run() \
+        .sensitivity(metrics=(metric,)).ranked(metric)
+    cal = Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT, amp_num=2, amp_metric=metric), digits_calib,
+                     progress=False).run()
+    assert cal.fallen_back == ranking[:2]
+    float_model = load_digits_cnn()
+    for name in cal.fallen_back:
+        module = cal.model.get_submodule(name)
+        assert not isinstance(module, LayerQuantizer) and not hasattr(module, "parametrizations")
+        original = float_model.get_submodule(name)
+        if name.startswith("classifier"):  # not BN-folded: the very float weights
+            assert torch.equal(module.weight, original.weight)
+    assert set(cal.get_quant_params()[2]) == set(cal.quantized_names)
+    assert len(cal.quantized_names) == 3
+    with pytest.raises(ValueError, match="not a quantized layer"):
+        cal.fall_back([cal.fallen_back[0]])
+
+
+def test_fallback_search_reaches_target_with_fewest_layers(calibrated, digits):
+    curve = calibrated.fallback_search(target=0.05, samples=32)
+    assert curve.points[0] > 0.05 and curve.points[curve.chosen] <= 0.05
+    assert all(p > 0.05 for p in curve.points[: curve.chosen])
+    assert calibrated.fallen_back == curve.order[: curve.chosen]
+    assert curve.points[-1] == 0.0  # everything float again
+    assert "target reached" in str(curve)
+    _, _, x_test, y_test = digits
+    assert accuracy(calibrated.model, x_test, y_test) > 0.9
+
+
+def test_sensitivity_lists_float_layers_and_rejects_unknown_metrics(digits_calib):
+    cal = Calibrator(load_digits_cnn(), QuantConfig(quant_mode=1, act_method=1), digits_calib, progress=False).run()
+    rows = {r["name"]: r for r in cal.sensitivity(metrics=("mse",)).rows}
+    assert rows["features.0"]["quantized"] is False and math.isnan(rows["features.0"]["mse"])
+    with pytest.raises(ValueError, match="not known"):
+        cal.sensitivity(metrics=("psnr",))
+
+
+def test_transformer_outputs_use_cosine_distance():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return (self.b(torch.relu(self.a(x))),)  # a tuple of [batch, seq, dim]
+
+    torch.manual_seed(0)
+    data = [torch.randn(2, 5, 8) for _ in range(3)]
+    cal = Calibrator(Tiny(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, w_bit=2), data,
+                     progress=False).run()
+    curve = cal.fallback_search(target=1e-6)  # float32 cosine of equal outputs is ~5e-8 from 1
+    assert curve.metric == "1 - cosine" and curve.chosen == 2
+
+
+def test_second_run_keeps_the_fallback(digits_calib):
+    cal = Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT, amp_num=1), digits_calib, progress=False).run()
+    first = list(cal.fallen_back)
+    cal.run()
+    assert cal.fallen_back == first and len(cal.quantized_names) == 4
