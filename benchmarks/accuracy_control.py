@@ -6,6 +6,7 @@ then checked to really run in float.
     python benchmarks/accuracy_control.py
     python benchmarks/accuracy_control.py --unseen     # calibrate on five photos, score on the three others
 """
+
 from __future__ import annotations
 
 import time
@@ -31,17 +32,23 @@ def main(argv=None):
     cal = Calibrator(p.make_model(), cfg, p.calib_data, progress=False).run()
     before = p.evaluate(cal.model)
     t1 = time.perf_counter()
-    report = cal.quantize_with_accuracy_control(lambda m: p.evaluate(m)["agreement"], max_drop=args.max_drop, engine="jax")
+    report = cal.quantize_with_accuracy_control(
+        lambda m: p.evaluate(m)["agreement"], max_drop=args.max_drop, engine="jax"
+    )
     t2 = time.perf_counter()
     after = p.evaluate(cal.model)
     fallen = cal.fallen_back
     modules = dict(cal.model.named_modules())
     really_float = all(quantizer_of(modules[n]) is None or not quantizer_of(modules[n]).quant_enabled for n in fallen)
     print(report)
-    print("\n| protocol | W4A8 (bias correction default) | after control | layers in float | of | calibration s | control s | validate calls |")
+    print(
+        "\n| protocol | W4A8 (bias correction default) | after control | layers in float | of | calibration s | control s | validate calls |"  # noqa: E501 (a table row)
+    )
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {p.name} | agreement {before['agreement']:.3f}, KL {before['kl']:.3f} | agreement {after['agreement']:.3f}, "
-          f"KL {after['kl']:.3f} | {len(fallen)} | {len(report.order)} | {t1 - t0:.0f} | {t2 - t1:.0f} | {len(report.scores)} |")
+    print(
+        f"| {p.name} | agreement {before['agreement']:.3f}, KL {before['kl']:.3f} | agreement {after['agreement']:.3f}, "  # noqa: E501 (a table row)
+        f"KL {after['kl']:.3f} | {len(fallen)} | {len(report.order)} | {t1 - t0:.0f} | {t2 - t1:.0f} | {len(report.scores)} |"  # noqa: E501 (a table row)
+    )
     print("fallen-back layers run in float:", really_float)
 
 

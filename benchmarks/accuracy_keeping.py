@@ -11,6 +11,7 @@ methods that learn from the calibration data).
     python benchmarks/accuracy_keeping.py --models efficientnet_lite0 --bits 4 --algos rtn adaround
     python benchmarks/accuracy_keeping.py --bias-correction      # every algorithm + bias correction
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,12 @@ ALGOS = {
     "brecq": {"brecq": [True, 300]},
     "qdrop": {"qdrop": [True, 300]},
 }
-KEY = {"efficientnet_lite0": ("kl", "agreement"), "efficientnet_lite0_unseen": ("kl", "agreement"),
-       "minilm": ("mean_cos", "min_cos"), "digits": ("top1",)}
+KEY = {
+    "efficientnet_lite0": ("kl", "agreement"),
+    "efficientnet_lite0_unseen": ("kl", "agreement"),
+    "minilm": ("mean_cos", "min_cos"),
+    "digits": ("top1",),
+}
 
 
 def weight_mse(cal) -> float:
@@ -41,7 +46,7 @@ def weight_mse(cal) -> float:
     with torch.no_grad():
         for w in model_quantizers(cal.model).values():
             num += float(torch.sum((w.fake_quant_weight() - w.float_weight) ** 2))
-            den += float(torch.sum(w.float_weight ** 2))
+            den += float(torch.sum(w.float_weight**2))
     return num / den
 
 
@@ -63,15 +68,29 @@ def main(argv=None):
         p = protocols.PROTOCOLS[name]()
         keys = KEY[name]
         print(f"\n{name} (A8 histogram, every layer{', bias correction' if args.bias_correction else ''})")
-        print(f"{'W':>3} {'algorithm':<22}" + "".join(f"{k:>11}" for k in keys) + f"{'w-MSE':>11}{'algo s':>9}{'compiles':>9}")
+        print(
+            f"{'W':>3} {'algorithm':<22}"
+            + "".join(f"{k:>11}" for k in keys)
+            + f"{'w-MSE':>11}{'algo s':>9}{'compiles':>9}"
+        )
         for bits in known.bits:
             for algo in known.algos:
-                cfg = jaxq.QuantConfig(w_bit=bits, quant_mode=1, act_method=2, quantize_first_last=True, keep_acc=ALGOS[algo],
-                                       bias_correction=args.bias_correction)
+                cfg = jaxq.QuantConfig(
+                    w_bit=bits,
+                    quant_mode=1,
+                    act_method=2,
+                    quantize_first_last=True,
+                    keep_acc=ALGOS[algo],
+                    bias_correction=args.bias_correction,
+                )
                 cal, _, compiles = timed_calibration(p, cfg)
                 m = p.evaluate(cal.model)
-                print(f"{bits:>3} {algo:<22}" + "".join(f"{m[k]:>11.4f}" for k in keys)
-                      + f"{weight_mse(cal):>11.3e}{algorithm_seconds(cal):>9.1f}{compiles:>9}", flush=True)
+                print(
+                    f"{bits:>3} {algo:<22}"
+                    + "".join(f"{m[k]:>11.4f}" for k in keys)
+                    + f"{weight_mse(cal):>11.3e}{algorithm_seconds(cal):>9.1f}{compiles:>9}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 
 `MODELS[name]() -> (model, calib_batches)`; seeds are fixed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,10 +30,20 @@ def pitch_cnn():
             widths = [1, 128, 16, 16, 16, 32, 64]
             kernels, strides = [512, 64, 64, 64, 64, 64], [4, 1, 1, 1, 1, 1]
             self.blocks = nn.ModuleList(
-                nn.Sequential(nn.Conv2d(widths[i], widths[i + 1], (kernels[i], 1), (strides[i], 1), padding=(254, 0)
-                                        if i == 0 else "same"), nn.ReLU(), nn.BatchNorm2d(widths[i + 1]),
-                              nn.MaxPool2d((2, 1)))
-                for i in range(6))
+                nn.Sequential(
+                    nn.Conv2d(
+                        widths[i],
+                        widths[i + 1],
+                        (kernels[i], 1),
+                        (strides[i], 1),
+                        padding=(254, 0) if i == 0 else "same",
+                    ),
+                    nn.ReLU(),
+                    nn.BatchNorm2d(widths[i + 1]),
+                    nn.MaxPool2d((2, 1)),
+                )
+                for i in range(6)
+            )
             self.head = nn.Linear(64 * 4, 360)
 
         def forward(self, audio):
@@ -57,7 +68,9 @@ def _mtcnn(convs, head_in: int, heads: dict[str, int], size: int, flatten: bool)
             super().__init__()
             layers, c = [], 3
             for out, k, pool in convs:
-                layers += [nn.Conv2d(c, out, k), nn.PReLU(out)] + ([nn.MaxPool2d(*pool, ceil_mode=True)] if pool else [])
+                layers += [nn.Conv2d(c, out, k), nn.PReLU(out)] + (
+                    [nn.MaxPool2d(*pool, ceil_mode=True)] if pool else []
+                )
                 c = out
             self.body = nn.Sequential(*layers)
             self.fc = nn.Sequential(nn.Linear(head_in, 128 if head_in < 1000 else 256), nn.PReLU()) if flatten else None
@@ -81,12 +94,19 @@ def pnet():
 
 
 def rnet():
-    return _mtcnn([(28, 3, (3, 2)), (48, 3, (3, 2)), (64, 2, None)], 64 * 3 * 3, {"prob": 2, "box": 4}, 24, flatten=True)
+    return _mtcnn(
+        [(28, 3, (3, 2)), (48, 3, (3, 2)), (64, 2, None)], 64 * 3 * 3, {"prob": 2, "box": 4}, 24, flatten=True
+    )
 
 
 def onet():
-    return _mtcnn([(32, 3, (3, 2)), (64, 3, (3, 2)), (64, 3, (2, 2)), (128, 2, None)], 128 * 3 * 3, {"prob": 2, "box": 4, "landmarks": 10},
-                  48, flatten=True)
+    return _mtcnn(
+        [(32, 3, (3, 2)), (64, 3, (3, 2)), (64, 3, (2, 2)), (128, 2, None)],
+        128 * 3 * 3,
+        {"prob": 2, "box": 4, "landmarks": 10},
+        48,
+        flatten=True,
+    )
 
 
 def efficientnet_260():
@@ -107,17 +127,31 @@ def vgg_unet():
         return nn.Sequential(*layers)
 
     def up(c_in, c_mid, c_out):
-        return nn.Sequential(nn.Conv2d(c_in, c_mid, 1), nn.BatchNorm2d(c_mid), nn.ReLU(),
-                             nn.Conv2d(c_mid, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_mid, 1),
+            nn.BatchNorm2d(c_mid),
+            nn.ReLU(),
+            nn.Conv2d(c_mid, c_out, 3, padding=1),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+        )
 
     class Craft(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stages = nn.ModuleList([vgg_block(3, 64, 2), vgg_block(64, 128, 2), vgg_block(128, 256, 3),
-                                         vgg_block(256, 512, 3), vgg_block(512, 512, 3)])
+            self.stages = nn.ModuleList(
+                [
+                    vgg_block(3, 64, 2),
+                    vgg_block(64, 128, 2),
+                    vgg_block(128, 256, 3),
+                    vgg_block(256, 512, 3),
+                    vgg_block(512, 512, 3),
+                ]
+            )
             self.up = nn.ModuleList([up(1024, 512, 256), up(512, 256, 128), up(256, 128, 64), up(128, 64, 32)])
-            self.head = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1), nn.ReLU(),
-                                      nn.Conv2d(16, 2, 1))
+            self.head = nn.Sequential(
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1), nn.ReLU(), nn.Conv2d(16, 2, 1)
+            )
 
         def forward(self, x):
             feats = []
@@ -138,8 +172,14 @@ def vgg_unet():
     return model, [torch.randn(2, 3, 192, 192) for _ in range(4)]
 
 
-MODELS = {"pitch_cnn": pitch_cnn, "pnet": pnet, "rnet": rnet, "onet": onet, "efficientnet_260": efficientnet_260,
-          "vgg_unet": vgg_unet}
+MODELS = {
+    "pitch_cnn": pitch_cnn,
+    "pnet": pnet,
+    "rnet": rnet,
+    "onet": onet,
+    "efficientnet_260": efficientnet_260,
+    "vgg_unet": vgg_unet,
+}
 
 
 def _float_seconds(model, data) -> float:
@@ -182,8 +222,11 @@ def main(argv=None) -> None:
             cal.run()
             times.append(time.perf_counter() - t0)
         ratio = statistics.median(t / f for t, f in zip(times, floors))
-        print(f"{name:<18} {sum(p.numel() for p in model.parameters()):>9} {statistics.median(floors):>6.2f} "
-              f"{statistics.median(times):>7.2f} {ratio:>7.2f} {cold:>7.2f} {c.count:>9}", flush=True)
+        print(
+            f"{name:<18} {sum(p.numel() for p in model.parameters()):>9} {statistics.median(floors):>6.2f} "
+            f"{statistics.median(times):>7.2f} {ratio:>7.2f} {cold:>7.2f} {c.count:>9}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ gives medians over REPEATS pairs (floor, time, and the ratio of each pair): this
 speed drifts by up to 2× within minutes, so a floor taken once at the start made ratios
 swing between runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def paired(p, seconds) -> tuple[float, float, float]:
 
 def torchao_seconds(p, observer_cls) -> float:
     """torch.ao observers on every layer input: capture plus qparams computation."""
-    cal = Calibrator(p.make_model(), jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                     p.calib_data, progress=False)
+    cal = Calibrator(
+        p.make_model(),
+        jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+        p.calib_data,
+        progress=False,
+    )
     layers = model_quantizers(cal.model)
     observers = {n: observer_cls() for n in layers}
     hooks = [w.module.register_forward_pre_hook(lambda m, a, n=n: observers[n](a[0])) for n, w in layers.items()]
@@ -62,7 +67,7 @@ def main(argv=None):
     from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
     args = parse_args(__doc__, ["efficientnet_lite0", "minilm"], argv, extra=_extra_args)
-    head = f"{'model':<19} {'method':<22} {'metric':<36} {'fp fwd s':>8} {'cold s':>7} {'warm s':>7} {'warm/fp':>7} {'compiles':>9}"
+    head = f"{'model':<19} {'method':<22} {'metric':<36} {'fp fwd s':>8} {'cold s':>7} {'warm s':>7} {'warm/fp':>7} {'compiles':>9}"  # noqa: E501 (a table row)
     print(head)
     print("-" * len(head))
     for name in args.models:
@@ -80,25 +85,37 @@ def main(argv=None):
 
             floor, warm, ratio = paired(p, warm_seconds)
             metric = ", ".join(f"{k}={v:.4f}" for k, v in p.evaluate(cal.model).items())
-            print(f"{name:<19} {label:<22} {metric:<36} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} {ratio:>7.2f} {cold_c:>4}/{max(warm_c):<4}", flush=True)
+            print(
+                f"{name:<19} {label:<22} {metric:<36} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} {ratio:>7.2f} {cold_c:>4}/{max(warm_c):<4}",  # noqa: E501 (a table row)
+                flush=True,
+            )
         for cls, label in ((MinMaxObserver, "torch.ao MinMax"), (HistogramObserver, "torch.ao Histogram")):
             floor, s, ratio = paired(p, lambda: torchao_seconds(p, cls))
-            print(f"{name:<19} {label:<22} {'(capture + qparams only)':<36} {floor:>8.2f} {'':>7} {s:>7.2f} {ratio:>7.2f}", flush=True)
+            print(
+                f"{name:<19} {label:<22} {'(capture + qparams only)':<36} {floor:>8.2f} {'':>7} {s:>7.2f} {ratio:>7.2f}",  # noqa: E501 (a table row)
+                flush=True,
+            )
     if "efficientnet_lite0" in args.models and args.data_free:
         p = protocols.efficientnet_lite0()
         print("\ndata-free EfficientNet-Lite0 (input_shape [8, 3, 224, 224], no real data)")
         for kind in ("uniform", "bn_stats"):
             for am in (0, 2):
-                cfg = jaxq.QuantConfig(input_shape=[8, 3, 224, 224], act_method=am, quantize_first_last=True, virtual_data=kind)
+                cfg = jaxq.QuantConfig(
+                    input_shape=[8, 3, 224, 224], act_method=am, quantize_first_last=True, virtual_data=kind
+                )
                 t0 = time.perf_counter()
                 cal = Calibrator(p.make_model(), cfg, progress=False).run()
                 m = p.evaluate(cal.model)
-                print(f"  {kind:<9} act_method={am}  agreement={m['agreement']:.4f} kl={m['kl']:.4f}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+                print(
+                    f"  {kind:<9} act_method={am}  agreement={m['agreement']:.4f} kl={m['kl']:.4f}  ({time.perf_counter() - t0:.1f} s)",  # noqa: E501 (a table row)
+                    flush=True,
+                )
 
 
 def _extra_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--no-data-free", dest="data_free", action="store_false",
-                    help="skip the data-free EfficientNet-Lite0 rows")
+    ap.add_argument(
+        "--no-data-free", dest="data_free", action="store_false", help="skip the data-free EfficientNet-Lite0 rows"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared pieces of the benchmark scripts: arguments and timed calibration."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,16 @@ def parse_args(description: str, models: list[str], argv=None, extra=None) -> ar
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--models", nargs="*", default=models)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--jit-cache", action="store_true",
-                    help="keep JAX's persistent compilation cache on (off by default here: cold runs stay cold)")
-    ap.add_argument("--bias-correction", action="store_true",
-                    help="calibrate with QuantConfig(bias_correction=True) (scripts that sweep configs)")
+    ap.add_argument(
+        "--jit-cache",
+        action="store_true",
+        help="keep JAX's persistent compilation cache on (off by default here: cold runs stay cold)",
+    )
+    ap.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="calibrate with QuantConfig(bias_correction=True) (scripts that sweep configs)",
+    )
     if extra is not None:
         extra(ap)
     args = ap.parse_args(argv)

@@ -9,6 +9,7 @@ since `run()`: a stamp check per layer when nothing changed).
 Config: label-free W8A8, histogram observer, defaults otherwise. The first run fills the
 compilation cache; warm figures are medians of the other runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ def measure(name: str, runs: int) -> dict:
         t = time.perf_counter()
         cal.get_quant_params()
         params_ms.append((time.perf_counter() - t) * 1e3)
-    return {"model": name, "run_s": statistics.median(run_s[1:]), "export_s": statistics.median(export_s),
-            "export_mb": size / 1e6, "get_quant_params_ms": statistics.median(params_ms)}
+    return {
+        "model": name,
+        "run_s": statistics.median(run_s[1:]),
+        "export_s": statistics.median(export_s),
+        "export_mb": size / 1e6,
+        "get_quant_params_ms": statistics.median(params_ms),
+    }
 
 
 def main() -> None:
@@ -53,8 +59,10 @@ def main() -> None:
     print(f"{'model':<20} {'warm run s':>10} {'export s':>9} {'export MB':>10} {'get_quant_params ms':>20}")
     for name in args.models:
         r = measure(name, args.runs)
-        print(f"{r['model']:<20} {r['run_s']:>10.2f} {r['export_s']:>9.3f} {r['export_mb']:>10.2f} "
-              f"{r['get_quant_params_ms']:>20.1f}")
+        print(
+            f"{r['model']:<20} {r['run_s']:>10.2f} {r['export_s']:>9.3f} {r['export_mb']:>10.2f} "
+            f"{r['get_quant_params_ms']:>20.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ default observer, per-channel weights. Times are the whole `Calibrator(...)` + `
     python benchmarks/gptq.py
     python benchmarks/gptq.py --models minilm --algos rtn gptq
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,16 @@ import jaxq
 from bridge.evaluation import protocols
 from common import parse_args, timed_calibration
 
-ALGOS = {"rtn": {}, "gptq": {"gptq": True}, "gptq-no-act-order": {"gptq": {"act_order": False}},
-         "adaround": {"adaround": [True, 1000]}}
-CASES = {"efficientnet_lite0_unseen": [("W4A8", dict(w_bit=4, a_bit=8))],
-         "minilm": [("W4A8", dict(w_bit=4, a_bit=8)), ("W4 weight-only", dict(w_bit=4, act_quant=False))]}
+ALGOS = {
+    "rtn": {},
+    "gptq": {"gptq": True},
+    "gptq-no-act-order": {"gptq": {"act_order": False}},
+    "adaround": {"adaround": [True, 1000]},
+}
+CASES = {
+    "efficientnet_lite0_unseen": [("W4A8", dict(w_bit=4, a_bit=8))],
+    "minilm": [("W4A8", dict(w_bit=4, a_bit=8)), ("W4 weight-only", dict(w_bit=4, act_quant=False))],
+}
 KEY = {"efficientnet_lite0_unseen": ("agreement", "kl"), "minilm": ("mean_cos", "min_cos")}
 
 
@@ -40,8 +47,10 @@ def main(argv=None):
                 cal, seconds, _ = timed_calibration(p, cfg)
                 m = p.evaluate(cal.model)
                 step = next((s.seconds for s in cal.steps if s.step in ("gptq", "adaround")), 0.0)
-                print(f"{case:<16}{algo:<20}" + "".join(f"{m[k]:>11.4f}" for k in keys) + f"{seconds:>8.1f}{step:>8.1f}",
-                      flush=True)
+                print(
+                    f"{case:<16}{algo:<20}" + "".join(f"{m[k]:>11.4f}" for k in keys) + f"{seconds:>8.1f}{step:>8.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and by the vectorised program (`bridge.jax_model.isolated_sensitivity`, cold = f
 call with compilation, warm = second), with the rank agreement of the two, for 1, 4, 8
 and 16 (the default) groups of layers in the one program.
 """
+
 from __future__ import annotations
 
 import time
@@ -67,14 +68,30 @@ def main(argv=None):
             vec, warm = _timed(lambda: isolated_sensitivity(qf, batches, groups))
             names = list(loop)
             a, b = np.array([loop[n] for n in names]), np.array([vec[n] for n in names])
-            rows.append((name, len(names), fwd_torch, fwd_jax, t_loop, t_lower,
-                         f"{groups} (default)" if groups == 16 else str(groups), cold, warm,
-                         _spearman(a, b), list(np.argsort(-a)[:10]) == list(np.argsort(-b)[:10])))
-    print("| model | layers | fp forward torch / JAX (s) | isolated: torch loop (s) | lower (s) | layer groups | JAX cold (s) | JAX warm (s) | warm speed-up | Spearman | same top 10 |")
+            rows.append(
+                (
+                    name,
+                    len(names),
+                    fwd_torch,
+                    fwd_jax,
+                    t_loop,
+                    t_lower,
+                    f"{groups} (default)" if groups == 16 else str(groups),
+                    cold,
+                    warm,
+                    _spearman(a, b),
+                    list(np.argsort(-a)[:10]) == list(np.argsort(-b)[:10]),
+                )
+            )
+    print(
+        "| model | layers | fp forward torch / JAX (s) | isolated: torch loop (s) | lower (s) | layer groups | JAX cold (s) | JAX warm (s) | warm speed-up | Spearman | same top 10 |"  # noqa: E501 (a table row)
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.2f} / {r[3]:.2f} | {r[4]:.2f} | {r[5]:.1f} | {r[6]} | {r[7]:.1f} | {r[8]:.2f} | "
-              f"{r[4] / r[8]:.2f}× | {r[9]:.4f} | {r[10]} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.2f} / {r[3]:.2f} | {r[4]:.2f} | {r[5]:.1f} | {r[6]} | {r[7]:.1f} | {r[8]:.2f} | "  # noqa: E501 (a table row)
+            f"{r[4] / r[8]:.2f}× | {r[9]:.4f} | {r[10]} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Label-free calibration: accuracy, calibration time vs. the FP32 forward floor, compiles."""
+
 from __future__ import annotations
 
 import jaxq
@@ -14,7 +15,7 @@ CONFIGS = {
 
 def main(argv=None):
     args = parse_args(__doc__, list(protocols.PROTOCOLS), argv)
-    header = f"{'model':<20} {'config':<15} {'metric':<34} {'FP32':<22} {'fp fwd s':>8} {'cold s':>7} {'warm s':>7} {'warm/fp':>7} {'compiles':>9}"
+    header = f"{'model':<20} {'config':<15} {'metric':<34} {'FP32':<22} {'fp fwd s':>8} {'cold s':>7} {'warm s':>7} {'warm/fp':>7} {'compiles':>9}"  # noqa: E501 (a table row)
     print(header)
     print("-" * len(header))
     for name in args.models:
@@ -25,8 +26,11 @@ def main(argv=None):
             cal, warm, warm_compiles = timed_calibration(p, cfg)
             metric = ", ".join(f"{k}={v:.4f}" for k, v in p.evaluate(cal.model).items())
             ref = ", ".join(f"{k}={v:.4f}" for k, v in p.reference.items())
-            print(f"{name:<20} {label:<15} {metric:<34} {ref:<22} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} "
-                  f"{warm / floor:>7.2f} {cold_compiles:>4}/{warm_compiles:<4}", flush=True)
+            print(
+                f"{name:<20} {label:<15} {metric:<34} {ref:<22} {floor:>8.2f} {cold:>7.2f} {warm:>7.2f} "
+                f"{warm / floor:>7.2f} {cold_compiles:>4}/{warm_compiles:<4}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ held-out metric of uniform W6A8 (round to nearest) and of the front's allocation
 per weight, both calibrated through `QuantConfig(layer_bits=…)`; and the `amp_num=5`
 fallback at W6A8 by each ranking (`amp_metric`).
 """
+
 from __future__ import annotations
 
 import time
@@ -18,8 +19,9 @@ from common import parse_args
 
 
 def main(argv=None):
-    args = parse_args(__doc__, ["efficientnet_lite0", "minilm"], argv,
-                      extra=lambda ap: ap.add_argument("--bits", default="4,6,8"))
+    args = parse_args(
+        __doc__, ["efficientnet_lite0", "minilm"], argv, extra=lambda ap: ap.add_argument("--bits", default="4,6,8")
+    )
     bits = tuple(int(b) for b in args.bits.split(","))
     rows, amp_rows = [], []
     for name in args.models:
@@ -33,14 +35,19 @@ def main(argv=None):
         print(f"{name}: front over {bits} in {seconds:.1f} s\n{front}\n")
         results = {}
         for label, layer_bits in (("uniform W6A8", None), ("mixed 6 bits/weight", front.layer_bits(6.0))):
-            c = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=6, a_bit=8, layer_bits=layer_bits), p.calib_data,
-                           progress=False).run()
+            c = Calibrator(
+                p.make_model(), jaxq.QuantConfig(w_bit=6, a_bit=8, layer_bits=layer_bits), p.calib_data, progress=False
+            ).run()
             results[label] = p.evaluate(c.model)
         rows.append((name, seconds, results))
         for metric in ("mse", "relative_mse", "isolated"):
-            for amp in ((0, 5) if metric == "mse" else (5,)):
-                c = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=6, a_bit=8, amp_num=amp, amp_metric=metric),
-                               p.calib_data, progress=False).run()
+            for amp in (0, 5) if metric == "mse" else (5,):
+                c = Calibrator(
+                    p.make_model(),
+                    jaxq.QuantConfig(w_bit=6, a_bit=8, amp_num=amp, amp_metric=metric),
+                    p.calib_data,
+                    progress=False,
+                ).run()
                 amp_rows.append((name, metric if amp else "-", amp, p.evaluate(c.model)))
     print("| model | front time (s) | uniform W6A8 | mixed, 6 bits/weight |")
     print("|---|---|---|---|")

@@ -7,6 +7,7 @@ the chosen layers' quantization off, which computes exactly what falling back do
 Then the metric-target search: the fewest layers (isolated ranking) to reach KL ≤ 2× the
 W8A8 histogram KL on EfficientNet-Lite0.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,8 +36,9 @@ def main(argv=None):
     for name in args.models:
         p = protocols.PROTOCOLS[name]()
         key = "kl" if name == "efficientnet_lite0" else "mean_cos"
-        cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True, w_bit=4,
-                               bias_correction=args.bias_correction)
+        cfg = jaxq.QuantConfig(
+            quant_mode=1, act_method=2, quantize_first_last=True, w_bit=4, bias_correction=args.bias_correction
+        )
         cal, _, _ = timed_calibration(p, cfg)
         table = cal.sensitivity()
         bc = ", bias correction" if args.bias_correction else ""
@@ -55,9 +57,13 @@ def main(argv=None):
             target = 2 * p.evaluate(w8.model)["kl"]
             curve = cal.fallback_search(target=1e9)  # full curve on the first 10 samples, applies nothing
             order = curve.order
-            k = next((k for k in range(len(order) + 1) if evaluate_with_float(p, cal, set(order[:k]))["kl"] <= target), None)
-            print(f"\ntarget KL ≤ {target:.4f} (2× W8A8 histogram): reached with {k} layers fallen back "
-                  f"(isolated ranking, evaluated on the 128 held-out crops): {order[:k] if k else []}")
+            k = next(
+                (k for k in range(len(order) + 1) if evaluate_with_float(p, cal, set(order[:k]))["kl"] <= target), None
+            )
+            print(
+                f"\ntarget KL ≤ {target:.4f} (2× W8A8 histogram): reached with {k} layers fallen back "
+                f"(isolated ranking, evaluated on the 128 held-out crops): {order[:k] if k else []}"
+            )
 
 
 if __name__ == "__main__":

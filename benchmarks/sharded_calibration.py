@@ -9,6 +9,7 @@ reference time. MiniLM's 64 one-passage batches are regrouped 4 at a time and pa
 128 tokens (both paths see the same batches). Simulated devices share this machine's cores: the times show the
 overhead of partitioning, not a speed-up.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -39,8 +40,9 @@ def worker(model: str, devices: int, method: int, out: str) -> None:
     p = protocols.PROTOCOLS[model]()
     calib = p.calib_data if model != "minilm" else padded_groups(p.calib_data, 4, 128)
     mesh = None if devices == 0 else data_mesh(jax.devices()[:devices])
-    cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, act_method=method), calib, progress=False,
-                     mesh=mesh)
+    cal = Calibrator(
+        p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, act_method=method), calib, progress=False, mesh=mesh
+    )
     t = time.perf_counter()
     cal.run()
     seconds = time.perf_counter() - t
@@ -60,7 +62,7 @@ def padded_groups(batches, size: int, length: int) -> list[dict]:
     for i in range(0, len(batches) - size + 1, size):
         group = {}
         for key in batches[i]:
-            rows = [b[key][0, :length] for b in batches[i:i + size]]
+            rows = [b[key][0, :length] for b in batches[i : i + size]]
             group[key] = torch.stack([torch.nn.functional.pad(r, (0, length - r.shape[0])) for r in rows])
         groups.append(group)
     return groups
@@ -68,8 +70,13 @@ def padded_groups(batches, size: int, length: int) -> list[dict]:
 
 def run(model: str, devices: int, method: int, tmp: Path) -> dict:
     out = tmp / f"{model}-{devices}-{method}.npz"
-    subprocess.run([sys.executable, __file__, "--worker", model, str(devices), str(method), str(out)], check=True,
-                   cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, __file__, "--worker", model, str(devices), str(method), str(out)],
+        check=True,
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     d = np.load(out)
     return {k: d[k] for k in d.files}
 
@@ -96,10 +103,14 @@ def main(argv=None):
                     res = one if devices == 1 else run(model, devices, method, Path(tmp))
                     same, drift = compare(one, res)
                     rows.append((model, method, devices, res, str(same), f"{drift:.1e}"))
-    print("| model | act_method | devices | batches | run() s (cold) | equal to 1 device | max rel Δ input scale vs 1 device (torch row: vs torch) |")
+    print(
+        "| model | act_method | devices | batches | run() s (cold) | equal to 1 device | max rel Δ input scale vs 1 device (torch row: vs torch) |"  # noqa: E501 (a table row)
+    )
     print("|---|---|---|---|---|---|---|")
     for model, method, devices, res, same, rel in rows:
-        print(f"| {model} | {method} | {devices} | {int(res['batches'])} | {float(res['seconds']):.1f} | {same} | {rel} |")
+        print(
+            f"| {model} | {method} | {devices} | {int(res['batches'])} | {float(res['seconds']):.1f} | {same} | {rel} |"
+        )
 
 
 if __name__ == "__main__":

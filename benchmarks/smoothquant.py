@@ -6,6 +6,7 @@ error). Mean / min cosine of sentence embeddings on the 256 held-out passages.
     python benchmarks/smoothquant.py                    # W8A8
     python benchmarks/smoothquant.py --w-bits 8 4
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,14 +31,22 @@ def main(argv=None):
         for w_bit in args.w_bits:
             for act_method in args.act_methods:
                 for label, sq in SETTINGS.items():
-                    cfg = jaxq.QuantConfig(w_bit=w_bit, act_method=act_method, quantize_first_last=True,
-                                           smooth_quant=sq, bias_correction=args.bias_correction)
+                    cfg = jaxq.QuantConfig(
+                        w_bit=w_bit,
+                        act_method=act_method,
+                        quantize_first_last=True,
+                        smooth_quant=sq,
+                        bias_correction=args.bias_correction,
+                    )
                     cal, seconds, _ = timed_calibration(p, cfg)
                     r = p.evaluate(cal.model)
                     chosen = collections.Counter(g["alpha"] for g in cal.reports.get("smooth_quant", {}).values())
                     shown = ", ".join(f"{a}×{c}" for a, c in sorted(chosen.items(), key=lambda kv: str(kv[0]))) or "—"
-                    print(f"| {model} | W{w_bit}A8 | {act_method} | {label} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | "
-                          f"{seconds:.1f} | {shown} |", flush=True)
+                    print(
+                        f"| {model} | W{w_bit}A8 | {act_method} | {label} | {r['mean_cos']:.4f} | {r['min_cos']:.4f} | "
+                        f"{seconds:.1f} | {shown} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

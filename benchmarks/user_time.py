@@ -12,6 +12,7 @@ previous runs filled. torch.ao: `HistogramObserver` hooks on the same layers, th
 import. Each cell: median wall time of `--runs` processes and the peak resident memory
 (`ru_maxrss` of that process).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,9 @@ MODEL_NAMES = ["efficientnet_lite0", "minilm", "pitch_cnn", "pnet", "rnet", "one
 def run_process(script: str, args: list[str], env: dict) -> tuple[float, float]:
     """`(wall seconds, peak RSS MiB)` of one fresh `python -c script args`."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _pid, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     err = proc.stderr.read().decode()
@@ -109,17 +111,23 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args(argv)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "JAXQ_"))}
-    print(f"{'model':<18} {'torch.ao s':>10} {'MiB':>6} {'jaxq empty s':>12} {'MiB':>6} {'×':>5} "
-          f"{'jaxq filled s':>13} {'MiB':>6} {'×':>5}")
+    print(
+        f"{'model':<18} {'torch.ao s':>10} {'MiB':>6} {'jaxq empty s':>12} {'MiB':>6} {'×':>5} "
+        f"{'jaxq filled s':>13} {'MiB':>6} {'×':>5}"
+    )
     for name in args.models:
         with tempfile.TemporaryDirectory() as cache_root:
             ao_t, ao_m = median_job(TORCH_AO_JOB, name, args.runs, lambda i: base)
-            empty_t, empty_m = median_job(JAXQ_JOB, name, args.runs,
-                                          lambda i: {**base, "JAXQ_COMPILATION_CACHE": f"{cache_root}/empty{i}"})
+            empty_t, empty_m = median_job(
+                JAXQ_JOB, name, args.runs, lambda i: {**base, "JAXQ_COMPILATION_CACHE": f"{cache_root}/empty{i}"}
+            )
             filled = {**base, "JAXQ_COMPILATION_CACHE": f"{cache_root}/empty0"}  # filled by the first empty run
             full_t, full_m = median_job(JAXQ_JOB, name, args.runs, lambda i: filled)
-        print(f"{name:<18} {ao_t:>10.2f} {ao_m:>6.0f} {empty_t:>12.2f} {empty_m:>6.0f} {empty_t / ao_t:>5.2f} "
-              f"{full_t:>13.2f} {full_m:>6.0f} {full_t / ao_t:>5.2f}", flush=True)
+        print(
+            f"{name:<18} {ao_t:>10.2f} {ao_m:>6.0f} {empty_t:>12.2f} {empty_m:>6.0f} {empty_t / ao_t:>5.2f} "
+            f"{full_t:>13.2f} {full_m:>6.0f} {full_t / ao_t:>5.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ quantized per group of 128) and method: wall time and peak resident memory of a 
 process running `quantize_checkpoint` with a fixed memory budget; the checkpoint is
 written once to `--dir` (100M ≈ 0.24 GB, 300M ≈ 0.64 GB, 1B ≈ 1.9 GB on disk).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ import json, resource, sys, time
 from bridge.weights_only import quantize_checkpoint
 src, out, method, budget = sys.argv[1:5]
 t = time.perf_counter()
-quantize_checkpoint(src, out, bits=4, method=method, group_size=128, memory_budget_mib=int(budget), shard_size_mib=512, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+quantize_checkpoint(src, out, bits=4, method=method, group_size=128, memory_budget_mib=int(budget),
+                    shard_size_mib=512, progress=False)
+peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_mib": peak_mib}))
 """
 
 
@@ -81,8 +84,11 @@ def main(argv=None):
             out = root / f"{size}-{method}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             t = time.perf_counter()
-            res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), method, str(args.budget)],
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                [sys.executable, "-c", CHILD, str(src), str(out), method, str(args.budget)],
+                capture_output=True,
+                text=True,
+            )
             if res.returncode:
                 print(res.stderr[-2000:])
                 continue

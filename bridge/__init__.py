@@ -1,4 +1,5 @@
 """bridge: everything that touches PyTorch — capture, fusion, fake-quant modules, export."""
+
 from bridge import jit_cache
 from bridge.calibrator import Calibrator
 from bridge.inplace.prepare import EmptyModelError
@@ -15,8 +16,18 @@ from bridge.export.w8a8 import W8A8Error
 jit_cache.enable()  # JAX's persistent compilation cache (bridge/jit_cache.py; JAXQ_COMPILATION_CACHE=off)
 
 __all__ = [
-    "CalibrationDataError", "Calibrator", "DeviceUnavailableError", "EmptyModelError", "ExportError",
-    "LayerNameError", "LayerQuantizer", "NonFiniteActivationError", "ParamFileError",
-    "QuantizedModelError", "W8A8Error", "load_quantized", "resolve_device", "restore_model",
+    "CalibrationDataError",
+    "Calibrator",
+    "DeviceUnavailableError",
+    "EmptyModelError",
+    "ExportError",
+    "LayerNameError",
+    "LayerQuantizer",
+    "NonFiniteActivationError",
+    "ParamFileError",
+    "QuantizedModelError",
+    "W8A8Error",
+    "load_quantized",
+    "resolve_device",
+    "restore_model",
 ]
-

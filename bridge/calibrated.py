@@ -6,6 +6,7 @@ It is what exports, studies, accuracy control and the JAX model take, instead of
 quantized layer (`x̂ = (q − o)·s`, docs/design.md §3), the config and the layer geometry.
 `Calibrator.calibrated()` builds one; so can any code that holds those pieces.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,13 @@ class Calibrated:
         for name, q in self.quantizers.items():
             spec = dataclasses.asdict(self.specs[name])
             spec.pop("name")
-            out[name] = {**spec, "module_type": type(q.module).__name__.removeprefix("Parametrized"),
-                         "weight_param": q.param, "functional": q.functional, "weight_shape": list(q.float_weight.shape),
-                         "weight_scheme": self.cfg.weight_scheme_for(name).describe(), "act_scheme": act}
+            out[name] = {
+                **spec,
+                "module_type": type(q.module).__name__.removeprefix("Parametrized"),
+                "weight_param": q.param,
+                "functional": q.functional,
+                "weight_shape": list(q.float_weight.shape),
+                "weight_scheme": self.cfg.weight_scheme_for(name).describe(),
+                "act_scheme": act,
+            }
         return out

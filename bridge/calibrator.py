@@ -10,6 +10,7 @@ sensitivity and fallback (`bridge.studies.sensitivity`), exports (`bridge.export
 change to the user's model is logged (`bridge.inplace.transaction`): a failure in the
 constructor or in `run()` leaves the model exactly as it was, and `restore()` gives it back.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,9 +64,16 @@ class Calibrator:
         Default: the torch forward, one device.
     """
 
-    def __init__(self, model: nn.Module, cfg: jaxq.QuantConfig, calib_data: Iterable | None = None,
-                 fuse_module_call_back: Callable | None = None, *, progress: bool = True,
-                 mesh: "jax.sharding.Mesh | None" = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: jaxq.QuantConfig,
+        calib_data: Iterable | None = None,
+        fuse_module_call_back: Callable | None = None,
+        *,
+        progress: bool = True,
+        mesh: "jax.sharding.Mesh | None" = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(cfg, jaxq.QuantConfig):
@@ -76,8 +84,10 @@ class Calibrator:
         _refuse_inference_mode("Calibrator(...)")
         self.mesh = None if mesh is None else check_mesh(mesh)
         self._default_bias_correction = cfg.bias_correction is None
-        cfg = cfg.resolved(representative_data=(calib_data is not None or cfg.virtual_data == "bn_stats")
-                           and not _several_processes(mesh))
+        cfg = cfg.resolved(
+            representative_data=(calib_data is not None or cfg.virtual_data == "bn_stats")
+            and not _several_processes(mesh)
+        )
         self._default_bias_correction &= cfg.bias_correction
         self.cfg, self.progress, self.device = cfg, progress, resolve_device(cfg.device)
         self.model = model
@@ -113,9 +123,11 @@ class Calibrator:
             try:
                 self._fp_model = self._edit.float_copy()
             except (TypeError, copy.Error, RuntimeError) as e:
-                raise TypeError(f"fp_model is a deep copy of the model, and {type(self.model).__name__} cannot be "
-                                f"deep-copied ({type(e).__name__}: {e}); keep your own float model instead, or make "
-                                "the model copyable (e.g. keep locks and open files out of its attributes)") from e
+                raise TypeError(
+                    f"fp_model is a deep copy of the model, and {type(self.model).__name__} cannot be "
+                    f"deep-copied ({type(e).__name__}: {e}); keep your own float model instead, or make "
+                    "the model copyable (e.g. keep locks and open files out of its attributes)"
+                ) from e
         return self._fp_model
 
     @property
@@ -131,8 +143,9 @@ class Calibrator:
         """The calibrated model as data (`bridge.calibrated.Calibrated`): what exports,
         studies and the JAX model take. Needs `run()` (or `load_param`)."""
         records = self._require_run()
-        return Calibrated(self.model, self._quantizers(), records, self.cfg, self.specs, tuple(self.fused),
-                          self.calib_data)
+        return Calibrated(
+            self.model, self._quantizers(), records, self.cfg, self.specs, tuple(self.fused), self.calib_data
+        )
 
     def _quantizers(self) -> dict:
         self._require_open()
@@ -150,8 +163,17 @@ class Calibrator:
             raise RuntimeError("this Calibrator restored its model (restore() or a failed run()); create a new one")
 
     def _context(self, layers: dict | None = None) -> Context:
-        return Context(self.model, layers if layers is not None else self._quantizers(), self.specs, self.cfg,
-                       self.calib_data, self.device, self.progress, self.mesh, self._default_bias_correction)
+        return Context(
+            self.model,
+            layers if layers is not None else self._quantizers(),
+            self.specs,
+            self.cfg,
+            self.calib_data,
+            self.device,
+            self.progress,
+            self.mesh,
+            self._default_bias_correction,
+        )
 
     @property
     def records(self) -> dict[str, LayerRecord] | None:
@@ -209,10 +231,13 @@ class Calibrator:
         """The first `samples` calibration samples (default `cfg.amp_samples`) as `Batch`es,
         on the calibration device: what the studies (`sensitivity`, `mixed_precision_front`) read."""
         samples = sens.check_count("samples", samples)
-        return sens.amp_batches((b for _, b in iter_batches(self.calib_data, self.device)), samples or self.cfg.amp_samples)
+        return sens.amp_batches(
+            (b for _, b in iter_batches(self.calib_data, self.device)), samples or self.cfg.amp_samples
+        )
 
-    def sensitivity(self, metrics=("mse", "relative_mse", "isolated"), samples: int | None = None,
-                    engine: str = "torch") -> SensitivityTable:
+    def sensitivity(
+        self, metrics=("mse", "relative_mse", "isolated"), samples: int | None = None, engine: str = "torch"
+    ) -> SensitivityTable:
         """Per-layer sensitivity table of the quantized layers (after `run()`).
 
         `mse` / `relative_mse` / `cosine`: each layer's output in the fully quantized model
@@ -231,8 +256,15 @@ class Calibrator:
 
             isolated_by = lambda batches: isolated_sensitivity(self.jax_forward(batches[0]), batches, mesh=self.mesh)  # noqa: E731
         with one_attention_path():
-            return sens.sensitivity_table(self.model, self._quantizers(), self.specs, self.all_layers,
-                                          self.calibration_batches(samples), metrics, isolated_by)
+            return sens.sensitivity_table(
+                self.model,
+                self._quantizers(),
+                self.specs,
+                self.all_layers,
+                self.calibration_batches(samples),
+                metrics,
+                isolated_by,
+            )
 
     # -- the model as a JAX function ------------------------------------------------------
     def jax_forward(self, example_batch=None):
@@ -270,8 +302,14 @@ class Calibrator:
             self._records.pop(name, None)
             self.fallen_back.append(name)
 
-    def fallback_search(self, target: float, by: str = "isolated", samples: int | None = None,
-                        max_layers: int | None = None, engine: str = "torch") -> FallbackCurve:
+    def fallback_search(
+        self,
+        target: float,
+        by: str = "isolated",
+        samples: int | None = None,
+        max_layers: int | None = None,
+        engine: str = "torch",
+    ) -> FallbackCurve:
         """Fall back the fewest layers, most sensitive first (ranking `by`), until the
         model-output distance from float (KL for logits, 1 − cosine otherwise) on the
         first `samples` calibration samples is ≤ `target`. Returns the whole curve.
@@ -287,9 +325,15 @@ class Calibrator:
             self.fall_back(order[: curve.chosen])
         return curve
 
-    def quantize_with_accuracy_control(self, validate: Callable, max_drop: float, by: str = "isolated",
-                                       samples: int | None = None, engine: str = "torch",
-                                       higher_is_better: bool = True):
+    def quantize_with_accuracy_control(
+        self,
+        validate: Callable,
+        max_drop: float,
+        by: str = "isolated",
+        samples: int | None = None,
+        engine: str = "torch",
+        higher_is_better: bool = True,
+    ):
         """Fall back the fewest layers so that `validate(model)` (the user's score, e.g.
         top-1 on their validation set) drops at most `max_drop` from the float model's.
         Layers are ranked by `sensitivity(by)` (`engine="jax"`: the isolated ranking in one
@@ -352,7 +396,9 @@ class Calibrator:
         self.enable_quant()
         return self
 
-    def export_quant_safetensor(self, output_path, safetensors_name: str | None = None, json_name: str | None = None) -> list:
+    def export_quant_safetensor(
+        self, output_path, safetensors_name: str | None = None, json_name: str | None = None
+    ) -> list:
         """msModelSlim's W8A8 deployment files (`bridge.export.w8a8`): int8 weights, `input_scale`,
         `input_offset` (int8 code of 0), `deq_scale`, `quant_bias` per quantized layer, every
         other tensor in float; a JSON marks each key `W8A8` or `FLOAT`."""
@@ -360,16 +406,24 @@ class Calibrator:
 
         return export_w8a8(self.calibrated(), output_path, safetensors_name, json_name)
 
-    def export_quant_onnx(self, model_arch: str, save_path, input_names: list[str] | None = None,
-                          output_names: list[str] | None = None, opset_version: int = 18,
-                          example_batch=None, ascend: bool = False) -> list:
+    def export_quant_onnx(
+        self,
+        model_arch: str,
+        save_path,
+        input_names: list[str] | None = None,
+        output_names: list[str] | None = None,
+        opset_version: int = 18,
+        example_batch=None,
+        ascend: bool = False,
+    ) -> list:
         """Standard ONNX QDQ model `<save_path>/<model_arch>.onnx` (`bridge.export.onnx`),
         traced on the first calibration batch or `example_batch` (tracing specialises
         data-dependent paths: trace a batch that exercises them)."""
         from bridge.export.calibrated import export_onnx
 
-        return export_onnx(self.calibrated(), model_arch, save_path, input_names, output_names, opset_version, example_batch,
-                           ascend)
+        return export_onnx(
+            self.calibrated(), model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend
+        )
 
     def enable_quant(self) -> None:
         """Switch fake quantization on (after `run()`)."""
@@ -403,9 +457,11 @@ def _refuse_inference_mode(what: str) -> None:
     import torch
 
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(f"{what} cannot run under torch.inference_mode(): calibration edits the model's parameters "
-                           "in place and reads their version counters, which inference mode takes away; call it outside "
-                           "the inference_mode block (jaxq turns autograd off itself where it can)")
+        raise RuntimeError(
+            f"{what} cannot run under torch.inference_mode(): calibration edits the model's parameters "
+            "in place and reads their version counters, which inference mode takes away; call it outside "
+            "the inference_mode block (jaxq turns autograd off itself where it can)"
+        )
 
 
 def _several_processes(mesh) -> bool:
@@ -427,9 +483,14 @@ def _refuse_local_data_steps(cfg: jaxq.QuantConfig, mesh) -> None:
         return
     torch_reads = {"rows", "mean_rows", "outputs"}
     field = {"fallback": "amp_num", "bias_correction": "bias_correction", "smooth_quant": "smooth_quant"}
-    asked = [field.get(s.name, f"keep_acc.{s.name}") for s in plan(cfg)
-             if s.name == "smooth_quant" or (s.name != "activations" and torch_reads & set(s.reads))]
+    asked = [
+        field.get(s.name, f"keep_acc.{s.name}")
+        for s in plan(cfg)
+        if s.name == "smooth_quant" or (s.name != "activations" and torch_reads & set(s.reads))
+    ]
     if asked:
-        raise ValueError(f"{', '.join(asked)}: with {jax.process_count()} processes these read each process's own "
-                         "calibration data through torch and would give each process a different model; calibrate "
-                         "with them in one process, or switch them off for the multi-process run")
+        raise ValueError(
+            f"{', '.join(asked)}: with {jax.process_count()} processes these read each process's own "
+            "calibration data through torch and would give each process a different model; calibrate "
+            "with them in one process, or switch them off for the multi-process run"
+        )

@@ -1,4 +1,5 @@
 """Resolve `QuantConfig.device` to a torch device, with a clear error when unavailable."""
+
 from __future__ import annotations
 
 import importlib
@@ -21,7 +22,8 @@ def resolve_device(name: str) -> torch.device:
         if torch._C._get_privateuse1_backend_name() == "jax":
             raise DeviceUnavailableError(
                 f"QuantConfig.device={name!r}: this process loaded the JAX model (torchax), which holds the device "
-                "slot torch_npu needs; calibrate on the NPU in a fresh process")
+                "slot torch_npu needs; calibrate on the NPU in a fresh process"
+            )
         try:
             importlib.import_module("torch_npu")
         except ImportError as e:

@@ -12,6 +12,7 @@ layers of the same shapes, the same model again) loads them instead.
 - Several processes may share it: the cache runs with a size limit (`MAX_BYTES`), which
   makes JAX guard reads and writes with a file lock and evict least recently used entries.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,12 +44,18 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        warnings.warn(f"jaxq: compilation cache directory {str(target)!r} cannot be created ({e}); "
-                      f"compiling without it (set {ENV} to another directory, or {ENV}=off)", stacklevel=2)
+        warnings.warn(
+            f"jaxq: compilation cache directory {str(target)!r} cannot be created ({e}); "
+            f"compiling without it (set {ENV} to another directory, or {ENV}=off)",
+            stacklevel=2,
+        )
         return None
     if not os.access(target, os.W_OK | os.X_OK):
-        warnings.warn(f"jaxq: compilation cache directory {str(target)!r} is not writable; compiling without it "
-                      f"(set {ENV} to another directory, or {ENV}=off)", stacklevel=2)
+        warnings.warn(
+            f"jaxq: compilation cache directory {str(target)!r} is not writable; compiling without it "
+            f"(set {ENV} to another directory, or {ENV}=off)",
+            stacklevel=2,
+        )
         return None
     jax.config.update("jax_compilation_cache_dir", str(target))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # jaxq's programs compile in < 1 s each

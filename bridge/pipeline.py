@@ -7,6 +7,7 @@ the memory budget (`bridge.capture.memory`); mean rows for bias correction are t
 pass when a later step needs them. Runs read the model and switch quantization only
 inside their steps; the facade applies the records (`PipelineResult`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,11 +21,24 @@ import jaxq
 from bridge.capture.observers import activation_qparams
 from bridge.capture.context import Context
 from bridge.inplace.fakequant import quantization
-from bridge.capture.memory import COPIES_FLOAT_INPUTS, COPIES_QUANTIZED_INPUTS, budget_bytes, plan_row_groups, release_freed_memory
+from bridge.capture.memory import (
+    COPIES_FLOAT_INPUTS,
+    COPIES_QUANTIZED_INPUTS,
+    budget_bytes,
+    plan_row_groups,
+    release_freed_memory,
+)
 from bridge.capture.row_capture import LayerGeometryError
 from bridge.inplace.record import LayerRecord, apply_records, is_nearest
-from bridge.capture.rows import (FunctionalLayerError, check_mean_rows_possible, finished_mean_rows, layer_rows, mean_rows_of,
-                                 row_capture, row_floats)
+from bridge.capture.rows import (
+    FunctionalLayerError,
+    check_mean_rows_possible,
+    finished_mean_rows,
+    layer_rows,
+    mean_rows_of,
+    row_capture,
+    row_floats,
+)
 from bridge.smoothing import smooth
 from bridge.capture.tensors import to_jax
 from jaxq.accuracy import LAYER_STEPS, LayerState
@@ -87,12 +101,12 @@ def run_pipeline(ctx: Context, all_layers: dict | None = None) -> PipelineResult
                 chain.append(steps[i + len(chain)])
         t = time.perf_counter()
         if "rows" in chain[0].reads:
-            later_mean_rows = any("mean_rows" in s.reads for s in steps[i + len(chain):])
+            later_mean_rows = any("mean_rows" in s.reads for s in steps[i + len(chain) :])
             reports += _run_layer_chain(ctx, state, chain, later_mean_rows, timings)
         else:
             reports.append(RUNNERS[chain[0].name](ctx, state, chain[0], all_layers))
             reports[-1].seconds = time.perf_counter() - t
-        for r in reports[-len(chain):]:
+        for r in reports[-len(chain) :]:
             timings[f"{r.step}_s"] = r.seconds
         i += len(chain)
     if "activations_s" in timings and "smooth_quant_s" in timings:
@@ -143,13 +157,16 @@ def _weights(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
 
 def _round_opt(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     with ctx.bar("jaxq round_opt", len(state.weights)) as bar:
-        out, _ = LAYER_STEPS["round_opt"](state.float_weights, LayerState(state.weights, state.act, {}), step.settings,
-                                          bar.update)
+        out, _ = LAYER_STEPS["round_opt"](
+            state.float_weights, LayerState(state.weights, state.act, {}), step.settings, bar.update
+        )
     state.weights, state.custom_codes = out.weights, True
     return StepReport(step.name)
 
 
-def _run_layer_chain(ctx: Context, state: _State, chain: list[Step], mean_rows: bool, timings: dict) -> list[StepReport]:
+def _run_layer_chain(
+    ctx: Context, state: _State, chain: list[Step], mean_rows: bool, timings: dict
+) -> list[StepReport]:
     """The layer-local `chain` on one sampling of rows per layer group (memory budget)."""
     cfg = ctx.cfg
     copies = COPIES_QUANTIZED_INPUTS if cfg.recon_inputs == "quantized" else COPIES_FLOAT_INPUTS
@@ -159,13 +176,18 @@ def _run_layer_chain(ctx: Context, state: _State, chain: list[Step], mean_rows: 
     for names in groups:
         sub = dataclasses.replace(ctx, quantizers={n: ctx.quantizers[n] for n in names})
         t = time.perf_counter()
-        rows, group_mean_rows = layer_rows(sub, {n: state.float_weights[n] for n in names},
-                                           {n: state.weights[n] for n in names},
-                                           {n: state.act[n] for n in names if n in state.act}, {n: per_layer[n] for n in names})
+        rows, group_mean_rows = layer_rows(
+            sub,
+            {n: state.float_weights[n] for n in names},
+            {n: state.weights[n] for n in names},
+            {n: state.act[n] for n in names if n in state.act},
+            {n: per_layer[n] for n in names},
+        )
         timings["sample_rows_s"] = timings.get("sample_rows_s", 0.0) + time.perf_counter() - t
         all_mean_rows.update(group_mean_rows)
-        layers = LayerState({n: state.weights[n] for n in names}, {n: state.act[n] for n in names if n in state.act},
-                            rows)
+        layers = LayerState(
+            {n: state.weights[n] for n in names}, {n: state.act[n] for n in names if n in state.act}, rows
+        )
         for step in chain:
             t = time.perf_counter()
             with ctx.bar(f"jaxq {step.name}", len(names)) as bar:
@@ -199,9 +221,18 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
         set_quantization(ctx.quantizers, on)
 
     with quantization(ctx.quantizers, True), ctx.bar("jaxq blocks", len(blocks), unit="block") as bar:
-        state.records, reports = reconstruct_blocks(ctx.model, ctx.quantizers, state.records, ctx.calib_data, ctx.device,
-                                                    ReconParams(steps=step.settings.steps, keep=step.settings.keep),
-                                                    set_quant, blocks, bar, mesh=ctx.mesh)
+        state.records, reports = reconstruct_blocks(
+            ctx.model,
+            ctx.quantizers,
+            state.records,
+            ctx.calib_data,
+            ctx.device,
+            ReconParams(steps=step.settings.steps, keep=step.settings.keep),
+            set_quant,
+            blocks,
+            bar,
+            mesh=ctx.mesh,
+        )
     return StepReport(step.name, layers=reports)
 
 
@@ -213,8 +244,12 @@ def _bias_correction(ctx: Context, state: _State, step: Step, all_layers) -> Ste
     except (FunctionalLayerError, LayerGeometryError) as e:
         if not ctx.default_bias_correction:
             raise
-        warnings.warn(f"bias correction (on by default with real calibration data) is left out: {e}. "
-                      "QuantConfig(bias_correction=False) says so explicitly", BiasCorrectionSkipped, stacklevel=2)
+        warnings.warn(
+            f"bias correction (on by default with real calibration data) is left out: {e}. "
+            "QuantConfig(bias_correction=False) says so explicitly",
+            BiasCorrectionSkipped,
+            stacklevel=2,
+        )
         return StepReport(step.name, skipped=str(e))
     grouped = {n: jaxq.rows.grouped_weight(ctx.specs[n], state.float_weights[n]) for n in ctx.quantizers}
     corrections = jaxq.accuracy.bias_corrections(mean_rows, grouped, _final_weights(ctx, state))
@@ -223,7 +258,9 @@ def _bias_correction(ctx: Context, state: _State, step: Step, all_layers) -> Ste
     if bad:
         raise FloatingPointError(f"layer {bad[0]!r}: bias correction is not finite (NaN/Inf in its inputs)")
     if state.records is not None:
-        state.records = {n: dataclasses.replace(r, bias_correction=state.corrections.get(n)) for n, r in state.records.items()}
+        state.records = {
+            n: dataclasses.replace(r, bias_correction=state.corrections.get(n)) for n, r in state.records.items()
+        }
     layers = {n: (float(np.sqrt(np.mean(np.square(d)))), 0.0) for n, d in state.corrections.items()}
     return StepReport(step.name, layers=layers)
 
@@ -246,8 +283,15 @@ def _fallback(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
     return StepReport(step.name, layers={n: (value[n], 0.0) for n in state.fall_back})
 
 
-RUNNERS = {"smooth_quant": _smooth_quant, "activations": _activations, "weights": _weights, "round_opt": _round_opt,
-           "blocks": _blocks, "bias_correction": _bias_correction, "fallback": _fallback}
+RUNNERS = {
+    "smooth_quant": _smooth_quant,
+    "activations": _activations,
+    "weights": _weights,
+    "round_opt": _round_opt,
+    "blocks": _blocks,
+    "bias_correction": _bias_correction,
+    "fallback": _fallback,
+}
 
 
 # -- records ----------------------------------------------------------------------------
@@ -258,8 +302,10 @@ def _final_weights(ctx: Context, state: _State) -> dict:
     out = {}
     for name, q in ctx.quantizers.items():
         rec = state.records[name]
-        out[name] = jaxq.QuantizedWeight(jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset),
-                                                      q.weight_scheme), jnp.asarray(rec.codes))
+        out[name] = jaxq.QuantizedWeight(
+            jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme),
+            jnp.asarray(rec.codes),
+        )
     return out
 
 
@@ -267,18 +313,24 @@ def _records(ctx: Context, state: _State) -> dict[str, LayerRecord]:
     if state.records is not None:
         return state.records
     corrections = state.corrections or {}
-    return {n: _record(ctx, n, state.weights[n], state.act.get(n), corrections.get(n), not state.custom_codes)
-            for n in ctx.quantizers}
+    return {
+        n: _record(ctx, n, state.weights[n], state.act.get(n), corrections.get(n), not state.custom_codes)
+        for n in ctx.quantizers
+    }
 
 
 def _record(ctx: Context, name: str, w: jaxq.QuantizedWeight, act: jaxq.QParams | None, correction, nearest: bool):
     q = ctx.quantizers[name]
     codes = np.asarray(w.q).astype(np.int32)
     scale, offset = np.asarray(w.qparams.scale, np.float32), np.asarray(w.qparams.offset, np.int32)
-    custom = not nearest and not is_nearest(np.asarray(q.float_weight.detach().float().cpu()), scale, offset,
-                                            q.weight_scheme, codes)
+    custom = not nearest and not is_nearest(
+        np.asarray(q.float_weight.detach().float().cpu()), scale, offset, q.weight_scheme, codes
+    )
     return LayerRecord(
-        weight_scale=scale, weight_offset=offset, codes=codes, custom_codes=custom,
+        weight_scale=scale,
+        weight_offset=offset,
+        codes=codes,
+        custom_codes=custom,
         input_scale=None if act is None else np.asarray(act.scale, np.float32),
         input_offset=None if act is None else np.asarray(act.offset, np.int32),
         bias_correction=None if correction is None else np.asarray(correction, np.float32),
@@ -296,8 +348,9 @@ def _by_scheme(ctx: Context) -> dict:
 def _check_weights(float_weights: dict) -> None:
     for name, w in float_weights.items():
         if not bool(np.isfinite(np.asarray(w)).all()):
-            raise FloatingPointError(f"layer {name!r}: its weight contains NaN or Inf; fix the model or keep it in "
-                                     "float (disable_names)")
+            raise FloatingPointError(
+                f"layer {name!r}: its weight contains NaN or Inf; fix the model or keep it in float (disable_names)"
+            )
 
 
 class _no_bar:

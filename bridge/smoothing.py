@@ -13,6 +13,7 @@ BERT or MiniLM the LayerNorm's output also feeds the residual branch, so folding
 change the model. They are exported (`smooth_scale`) as a per-channel multiply before the
 input quantizer, which a deployment folds wherever its graph allows.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,11 @@ SEARCH_ROWS = 512  # input rows per group for the α search
 
 def smoothable(quantizers: dict) -> dict:
     """The layers SmoothQuant applies to: Linear-shaped weights, quantized input, tapped by a hook."""
-    return {n: q for n, q in quantizers.items()
-            if q.act_scheme is not None and not q.functional and q.original_weight.dim() == 2}
+    return {
+        n: q
+        for n, q in quantizers.items()
+        if q.act_scheme is not None and not q.functional and q.original_weight.dim() == 2
+    }
 
 
 class ChannelStats:
@@ -69,6 +73,7 @@ class ChannelStats:
             if self.rows_per_batch and not shared:
                 take = torch.randperm(flat.shape[0], generator=self._generator)[: self.rows_per_batch]
                 self.rows[name].append(flat[take.to(flat.device)].cpu())
+
         return observe
 
     def after_batch(self) -> None:
@@ -104,22 +109,30 @@ def smooth(ctx: Context) -> dict[str, dict]:
         return {}
     search = len(alphas) > 1
     batches = ctx.num_batches() or 1
-    stats = ChannelStats(layers, math.ceil(min(SEARCH_ROWS, ctx.cfg.recon_rows) / batches) if search else 0,
-                         ctx.cfg.seed)
+    stats = ChannelStats(
+        layers, math.ceil(min(SEARCH_ROWS, ctx.cfg.recon_rows) / batches) if search else 0, ctx.cfg.seed
+    )
     ctx.forward_all(stats, "jaxq smooth_quant", after_batch=stats.after_batch)
     report = {}
     for leader, names in stats.groups().items():
         lo = torch.stack([stats.lo[n] for n in names]).amin(0)
         hi = torch.stack([stats.hi[n] for n in names]).amax(0)
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise FloatingPointError(f"layer {leader!r}: its input in calib_data contains NaN or Inf; check the data "
-                                     "or the preceding layers")
+            raise FloatingPointError(
+                f"layer {leader!r}: its input in calib_data contains NaN or Inf; check the data or the preceding layers"
+            )
         weight = torch.cat([layers[n].original_weight.detach().float().cpu() for n in names])
         channel_range = ChannelRange(to_jax(lo), to_jax(hi))
         if search:
             rows = torch.cat(stats.rows[leader])[: min(SEARCH_ROWS, ctx.cfg.recon_rows)]
-            s, errors = search_alpha(to_jax(rows), channel_range, to_jax(weight), np.asarray(alphas, np.float32),
-                                     layers[leader].weight_scheme, layers[leader].act_scheme)
+            s, errors = search_alpha(
+                to_jax(rows),
+                channel_range,
+                to_jax(weight),
+                np.asarray(alphas, np.float32),
+                layers[leader].weight_scheme,
+                layers[leader].act_scheme,
+            )
             errors = np.asarray(errors)
             best = int(np.argmin(errors))
             alpha = None if best == 0 else alphas[best - 1]
@@ -130,8 +143,9 @@ def smooth(ctx: Context) -> dict[str, dict]:
         factors = torch.from_numpy(np.array(s, np.float32))
         for n in names:
             layers[n].set_smoothing(None if alpha is None else factors)
-        report[leader] = {"layers": names, "alpha": alpha,
-                          "errors": None if errors is None else dict(zip(("none", *alphas), errors.tolist()))}
+        report[leader] = {
+            "layers": names,
+            "alpha": alpha,
+            "errors": None if errors is None else dict(zip(("none", *alphas), errors.tolist())),
+        }
     return report
-
-

@@ -1,7 +1,8 @@
 """jaxq: pure-JAX post-training quantization core (never imports torch).
 
-    q = clamp(round(x · (1/s)) + o, qmin, qmax),   x̂ = (q − o) · s
+q = clamp(round(x · (1/s)) + o, qmin, qmax),   x̂ = (q − o) · s
 """
+
 from jaxq.calibrate import (
     ActivationResult,
     QuantizedWeight,
@@ -31,8 +32,36 @@ from jaxq.adaround import AdaRoundParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaRoundParams", "ActivationResult", "accuracy", "keep_acc", "pipeline", "rows", "HistogramState", "histogram_observer", "l2_optimal_bins", "KeepAcc", "LayerSpec", "Observer", "QParams", "QScheme", "QuantConfig",
-    "QuantizedWeight", "apply", "batch_percentile_minmax", "channel_minmax", "compile_count",
-    "dequantize", "fake_quant", "finalize_activations", "qparams_from_range", "quantize",
-    "quantize_weight", "quantize_weights", "running_minmax", "sigma_statistic", "sweep", "update_observer", "update_observers",
+    "AdaRoundParams",
+    "ActivationResult",
+    "accuracy",
+    "keep_acc",
+    "pipeline",
+    "rows",
+    "HistogramState",
+    "histogram_observer",
+    "l2_optimal_bins",
+    "KeepAcc",
+    "LayerSpec",
+    "Observer",
+    "QParams",
+    "QScheme",
+    "QuantConfig",
+    "QuantizedWeight",
+    "apply",
+    "batch_percentile_minmax",
+    "channel_minmax",
+    "compile_count",
+    "dequantize",
+    "fake_quant",
+    "finalize_activations",
+    "qparams_from_range",
+    "quantize",
+    "quantize_weight",
+    "quantize_weights",
+    "running_minmax",
+    "sigma_statistic",
+    "sweep",
+    "update_observer",
+    "update_observers",
 ]

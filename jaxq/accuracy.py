@@ -12,6 +12,7 @@
 The data-driven ones take a `LayerRows` per layer: calibration rows (`jaxq.rows`), the
 grouped float weight, bias, and the current quantizers.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, NamedTuple
@@ -47,7 +48,9 @@ class LayerRows(NamedTuple):
     weight: QParams
 
 
-def admm_weights(weights: Mapping[str, jax.Array], scheme: QScheme, iters: int, progress=None) -> dict[str, QuantizedWeight]:
+def admm_weights(
+    weights: Mapping[str, jax.Array], scheme: QScheme, iters: int, progress=None
+) -> dict[str, QuantizedWeight]:
     """ADMM-refined per-channel quantizers of many weights."""
     return map_buckets(bind(admm_quantize_bucket, scheme=scheme, iters=iters), weights, progress)
 
@@ -56,23 +59,30 @@ def _squant_bucket(t):
     return squant_round_bucket(*t)
 
 
-def squant_weights(weights: Mapping[str, jax.Array], quantized: Mapping[str, QuantizedWeight],
-                   progress=None) -> dict[str, QuantizedWeight]:
+def squant_weights(
+    weights: Mapping[str, jax.Array], quantized: Mapping[str, QuantizedWeight], progress=None
+) -> dict[str, QuantizedWeight]:
     """SQuant codes for many weights under their current quantizers."""
     inputs = {n: (weights[n], quantized[n].qparams) for n in weights}
     codes = map_buckets(_squant_bucket, inputs, progress)
     return {n: QuantizedWeight(quantized[n].qparams, codes[n]) for n in weights}
 
 
-def easy_quant_layers(layers: Mapping[str, LayerRows], candidates: int, rounds: int = 2,
-                      progress=None) -> dict[str, EasyQuantResult]:
+def easy_quant_layers(
+    layers: Mapping[str, LayerRows], candidates: int, rounds: int = 2, progress=None
+) -> dict[str, EasyQuantResult]:
     """EasyQuant on many layers (weight quantizers per output channel).
 
     Only the rows the search reads (`jaxq.easyquant.ROWS_USED`) are stacked, and the float
     rows once when they are the same rows (float inputs)."""
-    inputs = {n: l._replace(rows=l.rows[:ROWS_USED], target=None if l.target is l.rows else l.target[:ROWS_USED],
-                            weight=QParams(l.weight.scale, l.weight.offset, l.weight.scheme.with_axis(0)))
-              for n, l in layers.items()}
+    inputs = {
+        n: l._replace(
+            rows=l.rows[:ROWS_USED],
+            target=None if l.target is l.rows else l.target[:ROWS_USED],
+            weight=QParams(l.weight.scale, l.weight.offset, l.weight.scheme.with_axis(0)),
+        )
+        for n, l in layers.items()
+    }
     return map_buckets(bind(_easy_quant_bucket, candidates=candidates, rounds=rounds), inputs, progress)
 
 
@@ -80,8 +90,9 @@ def _easy_quant_bucket(layer, candidates: int, rounds: int):
     return easy_quant_bucket(*layer, candidates=candidates, rounds=rounds)
 
 
-def adaround_layers(weights: Mapping[str, jax.Array], layers: Mapping[str, LayerRows], params: AdaRoundParams,
-                    progress=None) -> dict[str, AdaRoundResult]:
+def adaround_layers(
+    weights: Mapping[str, jax.Array], layers: Mapping[str, LayerRows], params: AdaRoundParams, progress=None
+) -> dict[str, AdaRoundResult]:
     """AdaRound codes for many layers under their (fixed) weight and activation quantizers.
 
     Each layer's rows are reduced to their moment one layer at a time, so only the small
@@ -104,7 +115,7 @@ def layer_moment(rows, act: QParams | None) -> Moments | RowFactor:
         return _row_moments(rows, act)
     total = None
     for start in range(0, m, MOMENT_CHUNK):
-        chunk = np.asarray(rows[start:start + MOMENT_CHUNK], np.float32)
+        chunk = np.asarray(rows[start : start + MOMENT_CHUNK], np.float32)
         k = chunk.shape[0]
         if k < MOMENT_CHUNK:
             chunk = np.concatenate([chunk, np.zeros((MOMENT_CHUNK - k, g, d), np.float32)])
@@ -125,8 +136,11 @@ def _bias_correction_bucket(t) -> jax.Array:
     return bias_shift_bucket(mean, wg, w_hat)
 
 
-def bias_corrections(mean_rows: Mapping[str, jax.Array], grouped_weights: Mapping[str, jax.Array],
-                     quantized: Mapping[str, QuantizedWeight]) -> dict[str, jax.Array]:
+def bias_corrections(
+    mean_rows: Mapping[str, jax.Array],
+    grouped_weights: Mapping[str, jax.Array],
+    quantized: Mapping[str, QuantizedWeight],
+) -> dict[str, jax.Array]:
     """Per layer `δ = (W − Ŵ)·E[row]` (`[out]`), `Ŵ = (q − o)·s` the simulated weight."""
     inputs = {n: (mean_rows[n], grouped_weights[n], quantized[n]) for n in mean_rows}
     return map_buckets(_bias_correction_bucket, inputs)
@@ -185,8 +199,9 @@ def _hessian(mom: Moments | RowFactor) -> jax.Array:
     return mom.h_hat
 
 
-def gptq_layers(layers: Mapping[str, LayerRows], quantized: Mapping[str, QuantizedWeight], params: GptqParams,
-                progress=None) -> dict[str, tuple[np.ndarray, float, float]]:
+def gptq_layers(
+    layers: Mapping[str, LayerRows], quantized: Mapping[str, QuantizedWeight], params: GptqParams, progress=None
+) -> dict[str, tuple[np.ndarray, float, float]]:
     """GPTQ codes `[g, o, d]` of many layers under their (fixed) weight quantizers, with the
     output error `E‖(Ŵ − W)x̂‖²` of the current codes and of GPTQ's (`jaxq.gptq`); `x̂` the
     layer's input rows through its activation quantizer. Each group of a grouped layer is
@@ -239,5 +254,4 @@ def gptq_step(float_weights, state: LayerState, settings, progress=None) -> tupl
     return state._replace(weights=weights), report
 
 
-LAYER_STEPS = {"easy_quant": easy_quant_step, "round_opt": round_opt_step, "adaround": adaround_step,
-               "gptq": gptq_step}
+LAYER_STEPS = {"easy_quant": easy_quant_step, "round_opt": round_opt_step, "adaround": adaround_step, "gptq": gptq_step}

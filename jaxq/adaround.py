@@ -26,6 +26,7 @@ With `m` rows of width `d` the moment is kept as `Ĥ` (`[d, d]`, one step `O(out
 `V` starts where `h(V)` equals the fractional part (so `W̃ = W` inside the grid) and is
 optimised with `optax.adam`; the final codes round `h` at 0.5.
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,9 +84,9 @@ def times_moment(delta: jax.Array, mom: Moments | RowFactor) -> jax.Array:
 
 
 class AdaRoundResult(NamedTuple):
-    q: jax.Array          # int32 codes, shape of the weight
+    q: jax.Array  # int32 codes, shape of the weight
     error_before: jax.Array  # E‖(Ŵ_rtn − W)·x̂‖²
-    error_after: jax.Array   # E‖(W̃ − W)·x̂‖²
+    error_after: jax.Array  # E‖(W̃ − W)·x̂‖²
 
 
 def row_moments(rows: jax.Array, act: QParams | None) -> Moments | RowFactor:
@@ -142,7 +143,9 @@ def regulariser_weight(step, steps: int, s: RoundingSchedule):
     return jnp.where(step >= s.warmup * steps, s.reg, 0.0)
 
 
-def adaround(w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Moments | RowFactor, p: AdaRoundParams) -> AdaRoundResult:
+def adaround(
+    w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Moments | RowFactor, p: AdaRoundParams
+) -> AdaRoundResult:
     """Learned codes for weight `w` (`[out, …]`, per-channel `qp` on axis 0)."""
     w = jnp.asarray(w, jnp.float32)
     inv = _broadcastable(jnp.float32(1.0) / qp.scale, qp, w.ndim)
@@ -162,7 +165,10 @@ def adaround(w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Mom
         # ∂recon/∂W̃ = 2(W̃ − W)Ĥ is computed once per step outside autodiff, so the step
         # costs one product with the moment (`times_moment`); sum(W̃ · ∂recon/∂W̃) has the same gradient in V.
         reg = rounding_reg(v, beta_schedule(step, p.steps, p.schedule))
-        return jnp.sum(jnp.reshape(weight_of(rectified_sigmoid(v)), wg_shape) * grad_w) + regulariser_weight(step, p.steps, p.schedule) * reg
+        return (
+            jnp.sum(jnp.reshape(weight_of(rectified_sigmoid(v)), wg_shape) * grad_w)
+            + regulariser_weight(step, p.steps, p.schedule) * reg
+        )
 
     opt = optax.adam(p.learning_rate)
 

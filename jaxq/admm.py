@@ -13,6 +13,7 @@ more than `MIN_GAIN` (relative): smaller gains are float32 summation noise, and 
 worse" must hold however the error is summed. The loop stops after `iters` steps or as soon as the
 scales stop changing (a fixed point of the alternation).
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,7 +73,9 @@ def admm_quantize(w: jax.Array, scheme: QScheme, iters: int) -> QuantizedWeight:
         new = least_squares_step(w2, qp)
         err = channel_errors(w2, new)
         better = err < best_err * (1 - MIN_GAIN)
-        best = QParams(jnp.where(better, new.scale, best.scale), jnp.where(better, new.offset, best.offset), flat_scheme)
+        best = QParams(
+            jnp.where(better, new.scale, best.scale), jnp.where(better, new.offset, best.offset), flat_scheme
+        )
         moved = jnp.any(new.scale != qp.scale) | jnp.any(new.offset != qp.offset)
         return i + 1, new, best, jnp.where(better, err, best_err), moved
 

@@ -12,6 +12,7 @@ data. Only the weight error is corrected: folding the activation quantizer's cli
 `δ` too was measured worse on both real models (outlier tokens set the mean;
 `benchmarks/README.md`).
 """
+
 from __future__ import annotations
 
 import jax
@@ -28,7 +29,7 @@ def bias_shift(mean_row: jax.Array, wg: jax.Array, wg_hat: jax.Array) -> jax.Arr
 
     Returns: `[out]` in float32, channels in the weight's order (group-major).
     """
-    d = (wg.astype(jnp.float32) - wg_hat.astype(jnp.float32))
+    d = wg.astype(jnp.float32) - wg_hat.astype(jnp.float32)
     return jnp.einsum("god,gd->go", d, mean_row.astype(jnp.float32), precision="highest").reshape(-1)
 
 
@@ -36,4 +37,3 @@ def bias_shift(mean_row: jax.Array, wg: jax.Array, wg_hat: jax.Array) -> jax.Arr
 def bias_shift_bucket(mean_rows: jax.Array, wgs: jax.Array, wg_hats: jax.Array) -> jax.Array:
     """`bias_shift` over a stacked bucket of equal-shaped layers."""
     return jax.vmap(bias_shift)(mean_rows, wgs, wg_hats)
-

@@ -7,6 +7,7 @@ every budget, dynamic programming over `grid` units of `budget / grid` minimises
 a result never exceeds its budget, and no allocation within `budget − layers·unit` is
 cheaper (with 48 layers and the default grid, within 0.24 % of the budget).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,9 @@ def _solve(weights: np.ndarray, costs: np.ndarray, cap: int) -> np.ndarray | Non
     return out
 
 
-def allocate(sizes: np.ndarray, costs: np.ndarray, bits: tuple[int, ...], budgets: np.ndarray, grid: int = 20000) -> np.ndarray:
+def allocate(
+    sizes: np.ndarray, costs: np.ndarray, bits: tuple[int, ...], budgets: np.ndarray, grid: int = 20000
+) -> np.ndarray:
     """`[len(budgets), layers]` indices into `bits`: for each budget (bits of weight), an
     allocation within it whose cost is no more than that of the best allocation within
     `budget − layers·budget/grid`; `-1` rows where none fits.

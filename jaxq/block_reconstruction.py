@@ -18,6 +18,7 @@ QDrop: inside the block each input quantizer keeps its quantized value with prob
 `optimise(...)` runs all steps in one `lax.scan` (one compilation per block structure);
 the final codes round `h` at ½.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
@@ -26,7 +27,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxq.adaround import RoundingSchedule, beta_schedule, initial_logits, rectified_sigmoid, regulariser_weight, rounding_reg
+from jaxq.adaround import (
+    RoundingSchedule,
+    beta_schedule,
+    initial_logits,
+    rectified_sigmoid,
+    regulariser_weight,
+    rounding_reg,
+)
 
 
 class ReconParams(NamedTuple):
@@ -84,8 +92,9 @@ def output_error(pred: jax.Array, target: jax.Array, mask: jax.Array | None = No
     per_position = jnp.sum(d, axis=1 if d.ndim == 4 else -1)
     if mask is None:
         return jnp.mean(per_position)
-    m = jnp.broadcast_to(jnp.reshape(mask.astype(jnp.float32), mask.shape + (1,) * (per_position.ndim - mask.ndim)),
-                         per_position.shape)
+    m = jnp.broadcast_to(
+        jnp.reshape(mask.astype(jnp.float32), mask.shape + (1,) * (per_position.ndim - mask.ndim)), per_position.shape
+    )
     return jnp.sum(per_position * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
@@ -94,8 +103,15 @@ class Learned(NamedTuple):
     u: dict  # layer → log step-size change
 
 
-def optimise(apply: Callable, learned: Learned, inputs, target: jax.Array, key: jax.Array, p: ReconParams,
-             mask: jax.Array | None = None) -> tuple[Learned, jax.Array, jax.Array]:
+def optimise(
+    apply: Callable,
+    learned: Learned,
+    inputs,
+    target: jax.Array,
+    key: jax.Array,
+    p: ReconParams,
+    mask: jax.Array | None = None,
+) -> tuple[Learned, jax.Array, jax.Array]:
     """Minimise `L` (module docstring) over `learned` with adam; `apply(learned, batch_inputs,
     key | None)` is the block's quantized output on a batch (key: QDrop's drops, None:
     none). `inputs`: pytree of arrays with the sample axis first, `target` and `mask`
@@ -103,8 +119,7 @@ def optimise(apply: Callable, learned: Learned, inputs, target: jax.Array, key: 
     Returns the learned values and the output error before and after (hard rounding, no
     drop, first 32 samples)."""
     n = target.shape[0]
-    opt = optax.multi_transform({"v": optax.adam(p.lr_rounding), "u": optax.adam(p.lr_scale)},
-                                Learned("v", "u"))
+    opt = optax.multi_transform({"v": optax.adam(p.lr_rounding), "u": optax.adam(p.lr_scale)}, Learned("v", "u"))
 
     def loss(lv, idx, step, k):
         batch = jax.tree.map(lambda a: a[idx], inputs)
@@ -134,6 +149,6 @@ def _hardened(lv: Learned) -> Learned:
 def _whole_set_error(apply, lv, inputs, target, mask, most: int = 32):
     """The output error on the first `most` samples (a report, not an objective)."""
     m = min(most, target.shape[0])
-    return output_error(apply(lv, jax.tree.map(lambda a: a[:m], inputs), None), target[:m],
-                        None if mask is None else mask[:m])
-
+    return output_error(
+        apply(lv, jax.tree.map(lambda a: a[:m], inputs), None), target[:m], None if mask is None else mask[:m]
+    )

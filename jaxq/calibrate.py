@@ -8,6 +8,7 @@ compiles about once per bucket and a second run with the same shapes compiles no
     weights:      (lo_c, hi_c) = per-channel min/max of W;  QParams ← range;  q = quantize(W)
     activations:  (lo, hi) = observer.finalize(state);      QParams ← range
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,6 @@ from jaxq.scheme import QScheme
 from jaxq.sharding import bind, over_layers
 
 
-
 class QuantizedWeight(NamedTuple):
     """Per-channel `QParams` and the integer weight `q` with `W ≈ (q − o)·s`."""
 
@@ -34,7 +34,9 @@ class QuantizedWeight(NamedTuple):
     q: jax.Array
 
 
-def bucket_keys(arrays: Mapping[str, object], key=lambda a: (tuple(np.shape(a)), str(a.dtype))) -> dict[Hashable, list[str]]:
+def bucket_keys(
+    arrays: Mapping[str, object], key=lambda a: (tuple(np.shape(a)), str(a.dtype))
+) -> dict[Hashable, list[str]]:
     """Group names by the shape and dtype of their array (insertion order kept)."""
     buckets: dict[Hashable, list[str]] = defaultdict(list)
     for name, a in arrays.items():
@@ -89,8 +91,9 @@ def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[
             shape = np.shape(weights[n])
             k = int(np.prod(shape[1:], dtype=np.int64))
             qp = done[n].qparams
-            out[n] = QuantizedWeight(QParams(qp.scale[: shape[0]], qp.offset[: shape[0]], scheme),
-                                     done[n].q[: shape[0], :k].reshape(shape))
+            out[n] = QuantizedWeight(
+                QParams(qp.scale[: shape[0]], qp.offset[: shape[0]], scheme), done[n].q[: shape[0], :k].reshape(shape)
+            )
     return {n: out[n] for n in weights}
 
 
@@ -132,7 +135,9 @@ def finalize_activation_bucket(states, observer: Observer, scheme: QScheme) -> A
     return jax.lax.map(one, states)
 
 
-def finalize_activations(states: Mapping[str, object], observer: Observer, scheme: QScheme) -> dict[str, ActivationResult]:
+def finalize_activations(
+    states: Mapping[str, object], observer: Observer, scheme: QScheme
+) -> dict[str, ActivationResult]:
     """Finalize many observer states, one compiled call per state-shape bucket. Layers that
     hold the very same state object (the bridge shares one between layers fed the same
     input) are finalized once."""
@@ -143,7 +148,9 @@ def finalize_activations(states: Mapping[str, object], observer: Observer, schem
     out: dict[str, ActivationResult] = {}
     for names in bucket_keys(distinct, tree_key).values():
         stacked = _stack([distinct[n] for n in names])
-        out.update(_unstack(over_layers(bind(finalize_activation_bucket, observer=observer, scheme=scheme), stacked), names))
+        out.update(
+            _unstack(over_layers(bind(finalize_activation_bucket, observer=observer, scheme=scheme), stacked), names)
+        )
     return {n: out[owner[id(s)]] for n, s in states.items()}
 
 
@@ -196,5 +203,3 @@ class CompileCounter:
         except (AttributeError, ValueError):  # older jax: listener stays, but inactive
             pass
         return False
-
-

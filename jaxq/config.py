@@ -6,6 +6,7 @@ extensions. Construction validates and normalises (lists → tuples, `keep_acc` 
 `KeepAcc`), so a config is hashable, a pytree with no array leaves, and usable as a
 static argument of `jax.jit`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,9 @@ def _normalise_layer_bits(value) -> tuple:
             raise TypeError(f"QuantConfig.layer_bits entry {pair!r} must be (layer name or glob, bits)")
         bits = pair[1].item() if hasattr(pair[1], "item") else pair[1]
         if not is_int(bits) or bits not in ALLOWED_BITS:
-            raise ValueError(f"QuantConfig.layer_bits[{pair[0]!r}]={bits!r} is not supported; allowed bit widths: {ALLOWED_BITS}")
+            raise ValueError(
+                f"QuantConfig.layer_bits[{pair[0]!r}]={bits!r} is not supported; allowed bit widths: {ALLOWED_BITS}"
+            )
         out.append((pair[0], int(bits)))
     return tuple(out)
 
@@ -66,8 +69,10 @@ def _normalise_smooth_quant(value) -> tuple[float, ...]:
     for a in items:
         a = a.item() if hasattr(a, "item") else a
         if isinstance(a, bool) or not isinstance(a, numbers.Real) or not (math.isfinite(a) and 0.0 <= a <= 1.0):
-            raise ValueError(f"QuantConfig.smooth_quant={value!r}: each α must be a number in [0, 1] (0.5 is the "
-                             f"paper's default; a list of α is searched per layer group), got {a!r}")
+            raise ValueError(
+                f"QuantConfig.smooth_quant={value!r}: each α must be a number in [0, 1] (0.5 is the "
+                f"paper's default; a list of α is searched per layer group), got {a!r}"
+            )
         out.append(float(a))
     return tuple(out)
 
@@ -101,8 +106,10 @@ def _normalise_names(value, field: str = "disable_names") -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
-        raise TypeError(f"QuantConfig.{field}={value!r} must be a list of {'module' if field == 'recon_blocks' else 'layer'} "
-                        "names (or None)")
+        raise TypeError(
+            f"QuantConfig.{field}={value!r} must be a list of {'module' if field == 'recon_blocks' else 'layer'} "
+            "names (or None)"
+        )
     bad = [n for n in value if not isinstance(n, str)]
     if bad:
         raise TypeError(f"QuantConfig.{field} contains non-string entries {bad!r}")
@@ -163,7 +170,8 @@ class QuantConfig:
           before the activation quantizer and its weight column multiplied by it
           (layers reading one tensor share `s`). `α` (e.g. 0.5), or a list of α searched
           per layer group by the quantized output error (no smoothing is a candidate);
-          `True` searches `SMOOTH_ALPHAS` (0.3…0.8). None: off. The factors are part of the record (`smooth_scale`) and every export.
+          `True` searches `SMOOTH_ALPHAS` (0.3…0.8). None: off. The factors are part of the record
+          (`smooth_scale`) and every export.
     """
 
     w_bit: int = 8
@@ -224,19 +232,27 @@ class QuantConfig:
         if isinstance(self.sigma, bool) or not isinstance(self.sigma, numbers.Real) or not self.sigma >= 0:
             raise ValueError(f"QuantConfig.sigma={self.sigma!r} must be a number ≥ 0 (0 = plain min-max)")
         if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
-            raise ValueError(f"QuantConfig.device={self.device!r} is not allowed; use 'cpu', 'npu', 'cuda' (optionally ':N')")
+            raise ValueError(
+                f"QuantConfig.device={self.device!r} is not allowed; use 'cpu', 'npu', 'cuda' (optionally ':N')"
+            )
         if self.minmax_combine not in MINMAX_COMBINES:
-            raise ValueError(f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}")
+            raise ValueError(
+                f"QuantConfig.minmax_combine={self.minmax_combine!r} is not allowed; choose one of {MINMAX_COMBINES}"
+            )
         self._check_extensions()
         set_("layer_bits", _normalise_layer_bits(self.layer_bits))
         set_("smooth_quant", _normalise_smooth_quant(self.smooth_quant))
         set_("recon_blocks", _normalise_names(self.recon_blocks, "recon_blocks"))
         if self.recon_blocks and self.keep_acc.blocks is None:
-            raise ValueError(f"QuantConfig.recon_blocks={list(self.recon_blocks)!r} names blocks for "
-                             "keep_acc['brecq'] or keep_acc['qdrop'], which are off; switch one on or drop recon_blocks")
+            raise ValueError(
+                f"QuantConfig.recon_blocks={list(self.recon_blocks)!r} names blocks for "
+                "keep_acc['brecq'] or keep_acc['qdrop'], which are off; switch one on or drop recon_blocks"
+            )
         if self.smooth_quant and not self.act_quant:
-            raise ValueError(f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
-                             "it needs act_quant=True")
+            raise ValueError(
+                f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
+                "it needs act_quant=True"
+            )
         if not is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
@@ -245,8 +261,10 @@ class QuantConfig:
             if not math.isfinite(value):
                 raise ValueError(f"QuantConfig.{name}={value!r} must be finite")
         if self.virtual_steps > MAX_ITERS:
-            raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps} is more than {MAX_ITERS} "
-                             "(about one forward and backward pass each): hours of work; use ≤ 1000")
+            raise ValueError(
+                f"QuantConfig.virtual_steps={self.virtual_steps} is more than {MAX_ITERS} "
+                "(about one forward and backward pass each): hours of work; use ≤ 1000"
+            )
 
     def _check_extensions(self) -> None:
         """The numeric jaxq extensions: bins, samples, virtual data, ranking, rows, budget."""
@@ -255,10 +273,16 @@ class QuantConfig:
         if not is_int(self.hist_samples) or self.hist_samples < 0:
             raise ValueError(f"QuantConfig.hist_samples={self.hist_samples!r} must be an int ≥ 0 (0 = every value)")
         if self.virtual_data not in VIRTUAL_DATA:
-            raise ValueError(f"QuantConfig.virtual_data={self.virtual_data!r} is not allowed; choose one of {VIRTUAL_DATA}")
+            raise ValueError(
+                f"QuantConfig.virtual_data={self.virtual_data!r} is not allowed; choose one of {VIRTUAL_DATA}"
+            )
         if not is_int(self.virtual_steps) or self.virtual_steps < 1:
             raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps!r} must be an int ≥ 1")
-        if isinstance(self.virtual_lr, bool) or not isinstance(self.virtual_lr, numbers.Real) or not self.virtual_lr > 0:
+        if (
+            isinstance(self.virtual_lr, bool)
+            or not isinstance(self.virtual_lr, numbers.Real)
+            or not self.virtual_lr > 0
+        ):
             raise ValueError(f"QuantConfig.virtual_lr={self.virtual_lr!r} must be a number > 0")
         if self.amp_metric not in AMP_METRICS:
             raise ValueError(f"QuantConfig.amp_metric={self.amp_metric!r} is not allowed; choose one of {AMP_METRICS}")
@@ -267,9 +291,13 @@ class QuantConfig:
         if not is_int(self.recon_rows) or self.recon_rows < 16:
             raise ValueError(f"QuantConfig.recon_rows={self.recon_rows!r} must be an int ≥ 16")
         if self.recon_inputs not in RECON_INPUTS:
-            raise ValueError(f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}")
+            raise ValueError(
+                f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}"
+            )
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
-            raise ValueError(f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)")
+            raise ValueError(
+                f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)"
+            )
 
     # Derived schemes -------------------------------------------------------------
     @property

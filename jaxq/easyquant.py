@@ -15,6 +15,7 @@ found scales only if they also raise its cosine on the next `ROWS` (held out; me
 in `benchmarks/README.md`). The candidate axis is a `vmap`, evaluated in chunks (`lax.map`) to bound
 memory.
 """
+
 from __future__ import annotations
 
 import functools
@@ -129,8 +130,9 @@ def layer_cosine(rows, y, wg, b, act: QParams | None, weight: QParams) -> jax.Ar
     return _cosine(y, rows_forward(w_hat, b, x_hat))
 
 
-def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candidates: int,
-               rounds: int = 2) -> EasyQuantResult:
+def easy_quant(
+    rows, target, wg, b, act: QParams | None, weight: QParams, candidates: int, rounds: int = 2
+) -> EasyQuantResult:
     """EasyQuant on one layer: quantized-model rows and float rows `[m, g, d]`, weight
     `[g, out/g, d]`, bias `[out]` or None.
 
@@ -159,7 +161,7 @@ def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candid
     # a loop, not unrolled rounds: one copy of the search to compile per layer shape
     act, weight = jax.lax.fori_loop(0, rounds, one_round, (act, weight))
     if rows.shape[0] > ROWS:
-        held, y_held = rows[ROWS:2 * ROWS], rows_forward(wg, b, target[ROWS:2 * ROWS])
+        held, y_held = rows[ROWS : 2 * ROWS], rows_forward(wg, b, target[ROWS : 2 * ROWS])
         keep = layer_cosine(held, y_held, wg, b, act, weight) > layer_cosine(held, y_held, wg, b, act0, weight0)
         act, weight = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), (act, weight), (act0, weight0))
     return EasyQuantResult(act, weight, before, layer_cosine(fit, y, wg, b, act, weight))
@@ -169,4 +171,5 @@ def easy_quant(rows, target, wg, b, act: QParams | None, weight: QParams, candid
 def easy_quant_bucket(rows, target, wg, b, act, weight, candidates: int, rounds: int = 2) -> EasyQuantResult:
     """`easy_quant` over a stacked bucket of equal-shaped layers."""
     return jax.vmap(lambda r, t, w, bb, a, q: easy_quant(r, t, w, bb, a, q, candidates, rounds))(
-        rows, target, wg, b, act, weight)
+        rows, target, wg, b, act, weight
+    )

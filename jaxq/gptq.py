@@ -15,6 +15,7 @@ the columns go in order of decreasing `H_jj`. Scales and offsets are given per c
 (`[o, d]`: per channel, or per group of columns), so every ordering keeps them: GPTQ
 chooses codes, the quantizer is the caller's.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,15 @@ def _round(w, s, o, qmin: int, qmax: int):
     return jnp.clip(jnp.round(w * (jnp.float32(1.0) / s)) + o, qmin, qmax)
 
 
-def gptq_codes(w: jax.Array, h: jax.Array, scale: jax.Array, offset: jax.Array, qmin: int, qmax: int,
-               params: GptqParams = GptqParams()) -> jax.Array:
+def gptq_codes(
+    w: jax.Array,
+    h: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    qmin: int,
+    qmax: int,
+    params: GptqParams = GptqParams(),
+) -> jax.Array:
     """Codes `[o, d]` (int32) of `w [o, d]` under per-column `scale`, `offset` `[o, d]`,
     for inputs of second moment `h [d, d]` (module docstring)."""
     o, d = w.shape
@@ -118,8 +126,13 @@ def _padded(p: Problem, o: int, d: int) -> Problem:
     diag[diag == 0] = 1.0
     h = np.pad(p.h, ((0, pd), (0, pd)))
     h[np.arange(p.w.shape[1], d), np.arange(p.w.shape[1], d)] = diag.mean()
-    return Problem(np.pad(p.w, ((0, po), (0, pd))), h, np.pad(p.scale, (0, po), constant_values=1.0),
-                   np.pad(p.offset, (0, po)), np.pad(p.start, ((0, po), (0, pd))))
+    return Problem(
+        np.pad(p.w, ((0, po), (0, pd))),
+        h,
+        np.pad(p.scale, (0, po), constant_values=1.0),
+        np.pad(p.offset, (0, po)),
+        np.pad(p.start, ((0, po), (0, pd))),
+    )
 
 
 def _error(w, q, h, s, z):

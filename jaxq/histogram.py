@@ -23,10 +23,12 @@ walks a greedy path that stops at the first increase. jaxq searches every pair `
    cancellation.
 2. The `top_k` starts with the best modelled candidates (each with its best end), the
    model's best start for each of `WIDTHS` widths, the flush-left/right candidates of
-   those widths and the full range are scored exactly; the best is refined by exact-error coordinate descent on both edges. The model is
+   those widths and the full range are scored exactly; the best is refined by exact-error
+   coordinate descent on both edges. The model is
    exact for smooth histograms but not for spikes; step 2 is what makes the search
    exact where it matters.
 """
+
 from __future__ import annotations
 
 import functools
@@ -262,7 +264,9 @@ def _refine(hist, start, end, err, levels: int, zero):
     return s, e, err
 
 
-def l2_optimal_bins(hist: jax.Array, levels: int, zero=None, top_k: int = TOP_K) -> tuple[jax.Array, jax.Array, jax.Array]:
+def l2_optimal_bins(
+    hist: jax.Array, levels: int, zero=None, top_k: int = TOP_K
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`(start, end, error)` minimising the exact `grid_error` (bin units).
 
     Global: every pair `s ≤ e` of the histogram merged to at most `SEED_BINS` bins is

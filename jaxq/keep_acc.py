@@ -8,6 +8,7 @@ config per algorithm). msModelSlim's list form is accepted and written back:
 
 The order they run in is `jaxq.pipeline.plan`; what each does is docs/design.md §4.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,25 +113,39 @@ class KeepAcc:
         return cls(**kwargs)._checked()
 
     def _checked(self) -> "KeepAcc":
-        for key, kind in (("admm", Admm), ("easy_quant", EasyQuant), ("round_opt", RoundOpt), ("adaround", AdaRound),
-                          ("gptq", Gptq), ("brecq", Blocks), ("qdrop", Blocks)):
+        for key, kind in (
+            ("admm", Admm),
+            ("easy_quant", EasyQuant),
+            ("round_opt", RoundOpt),
+            ("adaround", AdaRound),
+            ("gptq", Gptq),
+            ("brecq", Blocks),
+            ("qdrop", Blocks),
+        ):
             v = getattr(self, key)
             if v is not None and not isinstance(v, kind):
                 raise TypeError(f"QuantConfig.keep_acc.{key}={v!r} must be a jaxq.keep_acc.{kind.__name__} or None")
         for key in LIST_FORM:
             v = getattr(self, key)
             if v is not None and not 1 <= v[0] <= MAX_ITERS:
-                raise ValueError(f"QuantConfig.keep_acc[{key!r}] iterations={v[0]} must be in [1, {MAX_ITERS}] per "
-                                 "layer (each is a pass over the layer's weights or rows: hours, or memory for a "
-                                 "candidate grid, beyond); the defaults are 1000")
+                raise ValueError(
+                    f"QuantConfig.keep_acc[{key!r}] iterations={v[0]} must be in [1, {MAX_ITERS}] per "
+                    "layer (each is a pass over the layer's weights or rows: hours, or memory for a "
+                    "candidate grid, beyond); the defaults are 1000"
+                )
         if self.gptq is not None:
             _check_gptq(self.gptq)
         return self
 
     def as_dict(self) -> dict:
         """msModelSlim's list form (gptq as a dict of its settings)."""
-        out = {key: [getattr(self, key) is not None, getattr(self, key)[0] if getattr(self, key) is not None
-                     else DEFAULT_ITERS[key]] for key in LIST_FORM}
+        out = {
+            key: [
+                getattr(self, key) is not None,
+                getattr(self, key)[0] if getattr(self, key) is not None else DEFAULT_ITERS[key],
+            ]
+            for key in LIST_FORM
+        }
         out["round_opt"] = self.round_opt is not None
         if self.gptq is not None:
             out["gptq"] = self.gptq._asdict()
@@ -180,10 +195,14 @@ def _gptq_from_user(value) -> Gptq | None:
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(Gptq._fields))
         if unknown:
-            raise ValueError(f"QuantConfig.keep_acc['gptq'] has unknown key(s) {unknown}; allowed: {list(Gptq._fields)}")
+            raise ValueError(
+                f"QuantConfig.keep_acc['gptq'] has unknown key(s) {unknown}; allowed: {list(Gptq._fields)}"
+            )
         return Gptq(**value)
-    raise TypeError(f"QuantConfig.keep_acc['gptq']={value!r} must be True/False or a dict of "
-                    f"{list(Gptq._fields)}, e.g. {{'block_size': 128, 'damp': 0.01, 'act_order': True}}")
+    raise TypeError(
+        f"QuantConfig.keep_acc['gptq']={value!r} must be True/False or a dict of "
+        f"{list(Gptq._fields)}, e.g. {{'block_size': 128, 'damp': 0.01, 'act_order': True}}"
+    )
 
 
 def _check_gptq(g: Gptq) -> None:

@@ -6,6 +6,7 @@
 
 Layouts follow PyTorch (NCH / NCHW, OIH / OIHW) so captured tensors need no transposes.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -6,6 +6,7 @@
 (`jaxq.sensitivity.logits_kl` is the mean of `logits_kl_rows`; `cosine_distance` is
 `1 − cos` of a whole batch flattened.)
 """
+
 from __future__ import annotations
 
 import jax

@@ -6,6 +6,7 @@ program serves every bit width, and with straight-through rounding: the forward 
 exactly the rounded one, the derivative of `round` is taken as 1 (so gradients reach the
 float input inside the grid and, as in LSQ, the scale).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -101,7 +102,9 @@ def corrected_bias(b, state: LayerQState, on) -> jax.Array:
     return jnp.where(on > 0, (b.astype(jnp.float32) + state.bias_delta).astype(b.dtype), b)
 
 
-def weight_qparams_for_bits(w: jax.Array, scheme: QScheme, bits: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def weight_qparams_for_bits(
+    w: jax.Array, scheme: QScheme, bits: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Round-to-nearest per-channel (scale, offset, qmin, qmax) of `w` on a `bits`-bit grid
     of `scheme`'s kind (what `jaxq.quantize_weight` would give at that width)."""
     s = QScheme(bits=bits, signed=scheme.signed, symmetric=scheme.symmetric, axis=0)

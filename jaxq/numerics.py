@@ -14,6 +14,7 @@ exactly (docs/design.md §3). Rounding table (AQT-style) for a tie at s = 1, o =
    -2.5  -2         -2
   127.5  128        127
 """
+
 from __future__ import annotations
 
 import jax

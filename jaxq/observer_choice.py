@@ -1,4 +1,5 @@
 """Which activation observer a `QuantConfig` asks for (`act_method`, docs/design.md §4)."""
+
 from __future__ import annotations
 
 import math

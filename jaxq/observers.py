@@ -20,6 +20,7 @@ and therefore a valid static argument of `jax.jit`.
 
 Weight ranges are not streamed: `channel_minmax` reduces one weight tensor per channel.
 """
+
 from __future__ import annotations
 
 import functools
@@ -95,9 +96,7 @@ def running_minmax() -> Observer:
     """Absolute range over all batches: `lo = min_b min(x_b)`, `hi = max_b max(x_b)`."""
 
     def init():
-        return RunningMinMaxState(
-            jnp.float32(jnp.inf), jnp.float32(-jnp.inf), jnp.int32(0), jnp.int32(-1)
-        )
+        return RunningMinMaxState(jnp.float32(jnp.inf), jnp.float32(-jnp.inf), jnp.int32(0), jnp.int32(-1))
 
     def update(state, x, n_valid):
         lo, hi = buffer_minmax(x)

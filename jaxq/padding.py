@@ -1,10 +1,11 @@
 """How jaxq pads shapes so that few programs serve many sizes (one place for the rules).
 
-    bucket_size(n)          smallest 2^k·m/4 ≥ n, m ∈ {4, 5, 6, 7} (at least 8): ≤ 25 % padding;
-                            weights and GPTQ problems, where padding costs work per element
-    power_of_two(n, least)  smallest power of two ≥ max(n, least); counts, token lengths and
-                            buffers, where fewer distinct shapes matter more than padding
+bucket_size(n)          smallest 2^k·m/4 ≥ n, m ∈ {4, 5, 6, 7} (at least 8): ≤ 25 % padding;
+                        weights and GPTQ problems, where padding costs work per element
+power_of_two(n, least)  smallest power of two ≥ max(n, least); counts, token lengths and
+                        buffers, where fewer distinct shapes matter more than padding
 """
+
 from __future__ import annotations
 
 

@@ -20,6 +20,7 @@ layer's input), `weights` (the float weights), `rows` (sampled input rows of eac
 all calibration data), `block_io` (each block's inputs and float outputs), `outputs` (the
 model's outputs). Adding an algorithm is one entry here and one runner in `bridge.pipeline`.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple

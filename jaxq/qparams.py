@@ -12,6 +12,7 @@ Range → (scale, offset), docs/design.md §3:
 
 `s` is floored at float32 eps, so an all-zero channel still gives a finite quantizer.
 """
+
 from __future__ import annotations
 
 import dataclasses

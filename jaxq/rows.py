@@ -11,6 +11,7 @@ rows per layer instead of whole activations: the same math, a fraction of the co
 Fake-quantizing the input commutes with taking rows (padding is 0, and 0 is exact on
 every grid), so `rows(x̂) = fq(rows(x))`.
 """
+
 from __future__ import annotations
 
 import jax
@@ -67,5 +68,3 @@ def rows_forward(wg: jax.Array, b: jax.Array | None, rows: jax.Array) -> jax.Arr
         y = jnp.einsum("mgd,god->mgo", rows, wg, precision=lax.Precision.HIGHEST)
         y = jnp.reshape(y, (rows.shape[0], -1))
     return y if b is None else y + b
-
-

@@ -8,6 +8,7 @@ A scheme fixes the integer grid and how a real range maps onto it:
 `axis=None` is per-tensor; `axis=0` gives every slice along axis 0 (an output channel
 of a Conv/Linear weight) its own scale and offset.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -14,6 +14,7 @@ turns a stacked bucket of them into
 Model-output distances for isolated sensitivity: `logits_kl` (mean KL(p_f ‖ p_q) over
 rows) and `cosine_distance`.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

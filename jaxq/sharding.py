@@ -13,6 +13,7 @@ Several processes (`jax.distributed.initialize`, see README): every process buil
 same global mesh and passes its own part of each batch (`shard_batch`); the results come
 back replicated, identical in every process.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,8 +72,10 @@ def shard_batch(tree, mesh: Mesh, where: str = "batch"):
         if a.ndim == 0:
             return jax.device_put(a, replicated(mesh))
         if a.shape[0] % local:
-            raise ShardingError(f"{where}: an input of shape {a.shape} cannot be split over {local} devices of this "
-                                f"process along its first axis; give batches whose size is a multiple of {local}")
+            raise ShardingError(
+                f"{where}: an input of shape {a.shape} cannot be split over {local} devices of this "
+                f"process along its first axis; give batches whose size is a multiple of {local}"
+            )
         return jax.make_array_from_process_local_data(split, a)
 
     return jax.tree.map(place, tree)

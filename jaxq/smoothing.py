@@ -14,6 +14,7 @@ weights, so the division can happen once, before all of them.
 sampled input rows, `Σ‖Q_a(x/s)·Q_w(W·s)ᵀ − x·Wᵀ‖²`, with the activation range the
 min-max of `x/s` over the calibration data and round-to-nearest weights.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,9 @@ def weight_column_absmax(weight: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(weight), axis=0)
 
 
-def smoothed_error(rows: jax.Array, channel_range: ChannelRange, weight: jax.Array, s: jax.Array,
-                   w_scheme: QScheme, a_scheme: QScheme) -> jax.Array:
+def smoothed_error(
+    rows: jax.Array, channel_range: ChannelRange, weight: jax.Array, s: jax.Array, w_scheme: QScheme, a_scheme: QScheme
+) -> jax.Array:
     """Mean squared output error of the smoothed, quantized layer on `rows [n, in]`."""
     x = rows / s
     act = qparams_from_range(jnp.min(channel_range.lo / s), jnp.max(channel_range.hi / s), a_scheme)
@@ -63,8 +65,14 @@ def smoothed_error(rows: jax.Array, channel_range: ChannelRange, weight: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("w_scheme", "a_scheme"))
-def search_alpha(rows: jax.Array, channel_range: ChannelRange, weight: jax.Array, alphas: jax.Array,
-                 w_scheme: QScheme, a_scheme: QScheme) -> tuple[jax.Array, jax.Array]:
+def search_alpha(
+    rows: jax.Array,
+    channel_range: ChannelRange,
+    weight: jax.Array,
+    alphas: jax.Array,
+    w_scheme: QScheme,
+    a_scheme: QScheme,
+) -> tuple[jax.Array, jax.Array]:
     """`(s, errors)`: the factors with the least `smoothed_error` among no smoothing
     (`s = 1`, `errors[0]`) and every `α` of `alphas` (`errors[1:]`), one `vmap` over all.
 

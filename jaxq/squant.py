@@ -14,6 +14,7 @@ Flipping the values closest to the other rounding direction changes the weight l
 Codes are clamped to the grid at the end; the weight is `Ŵ = (q − o)·s`. Linear weights
 have one value per kernel, so only SQuant-C acts on them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,7 @@ def flip_groups(q: jax.Array, x: jax.Array, qmin: int, qmax: int) -> jax.Array:
     delta = q - x
     n_flip = jnp.round(jnp.sum(delta, axis=1, keepdims=True))
     lower_rank = _rank(-jnp.where(q > qmin, delta, -jnp.inf))  # largest δ first
-    raise_rank = _rank(jnp.where(q < qmax, delta, jnp.inf))    # smallest δ first
+    raise_rank = _rank(jnp.where(q < qmax, delta, jnp.inf))  # smallest δ first
     q = jnp.where(lower_rank < n_flip, q - 1, q)
     return jnp.where(raise_rank < -n_flip, q + 1, q)
 

@@ -11,6 +11,7 @@ L2-optimal ranges are directly comparable:
 `sigmas` and `factors` are traced arrays: sweeping other values of the same count
 compiles nothing new. Moments for the sigma rule come from bin centres.
 """
+
 from __future__ import annotations
 
 import functools

@@ -10,6 +10,7 @@ quantized apart from the others, and a block is cut into fixed-size chunks run w
     admm    the per-row range refined by alternating least squares (`jaxq.admm`)
     squant  SQuant-C rounding within each row (`jaxq.squant`)
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,9 @@ def _quantize_rows(rows: jax.Array, scheme: QScheme, method: str, iters: int):
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "method", "iters", "chunk_rows", "batch"))
-def quantize_block(rows: jax.Array, scheme: QScheme, method: str = "rtn", iters: int = 100, chunk_rows: int = 1024,
-                   batch: int = 1):
+def quantize_block(
+    rows: jax.Array, scheme: QScheme, method: str = "rtn", iters: int = 100, chunk_rows: int = 1024, batch: int = 1
+):
     """`(codes int8/int32 [R, g], scale [R], offset [R])` of a block `[R, g]`, `R` a
     multiple of `chunk_rows` (pad with zero rows; padded rows are dropped by the caller)."""
     n, width = rows.shape

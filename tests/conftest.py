@@ -48,13 +48,14 @@ def digits_model():
 @pytest.fixture
 def digits_calib(digits):
     x_train = digits[0]
-    return [x_train[i:i + 32] for i in range(0, 128, 32)]
+    return [x_train[i : i + 32] for i in range(0, 128, 32)]
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A user's directory with a model factory and calibration files."""
-    (tmp_path / "mymodels.py").write_text(textwrap.dedent('''
+    (tmp_path / "mymodels.py").write_text(
+        textwrap.dedent("""
         import torch
         def build():
             from bridge.models.digits import load_digits_cnn
@@ -65,7 +66,8 @@ def project(tmp_path, monkeypatch):
             return [x[i:i + 16] for i in range(0, 64, 16)]
         def not_a_model():
             return 3
-    '''))
+    """)
+    )
     from bridge.models.digits import digits_split
 
     x = digits_split()[0][:64]

@@ -3,6 +3,7 @@
 The cells run with `JAXQ_NOTEBOOK_QUICK=1` (smaller grids, iteration counts and held-out
 sets) in this process, so what the suite already compiled is reused.
 `python -m pytest -m notebooks` runs only these."""
+
 import json
 import re
 from pathlib import Path

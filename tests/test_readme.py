@@ -1,4 +1,5 @@
 """The README's Python blocks run as written (in a scratch directory)."""
+
 import pathlib
 import re
 

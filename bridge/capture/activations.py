@@ -21,6 +21,7 @@ Only the fixed-shape observer states persist; at most one batch of activations p
 layer is held at a time, and less once `max_pending` is reached (the pending updates
 then run early and their buffers are reused).
 """
+
 from __future__ import annotations
 
 import math
@@ -115,6 +116,7 @@ class _SharedInput(NamedTuple):
     """The last input a hook saw: a later layer fed the same tensor (unchanged: same
     `_version`) whose state is `state_before` gets `leader`'s updated state. Holding `x`
     keeps its id from being reused by another tensor."""
+
     x: torch.Tensor
     version: int
     state_before: object
@@ -158,6 +160,7 @@ class ActivationCapture:
             if self._pending_floats() + x.numel() > self.max_pending:
                 self.flush()
             self._pending[name] = self._pool.fill(x)
+
         return observe if hasattr(self._layers[name], "listeners") else hook
 
     def _follows_last(self, name: str, x: torch.Tensor) -> bool:

@@ -1,4 +1,5 @@
 """What one calibration reads: the model, its quantizers and specs, config and data."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,9 @@ class Context:
     device: torch.device
     progress: bool = True
     mesh: object = None  # a jax.sharding.Mesh: data-parallel calibration (bridge.jax_model.observe)
-    default_bias_correction: bool = False  # bias correction is on by default, not asked for: skip it where it cannot run
+    default_bias_correction: bool = (
+        False  # bias correction is on by default, not asked for: skip it where it cannot run
+    )
 
     def num_batches(self) -> int | None:
         try:
@@ -42,8 +45,13 @@ class Context:
 
     def forward_all(self, hooks, desc: str, after_batch=None) -> int:
         """Run the model over every batch with `hooks` (a context manager) active; returns the batch count."""
-        batches = tqdm(iter_batches(self.calib_data, self.device), total=self.num_batches(), desc=desc, unit="batch",
-                       disable=not self.progress)
+        batches = tqdm(
+            iter_batches(self.calib_data, self.device),
+            total=self.num_batches(),
+            desc=desc,
+            unit="batch",
+            disable=not self.progress,
+        )
         count = 0
         # cached: each layer's (fake-quant) weight is computed once for the pass, not per batch
         with hooks, torch.no_grad(), parametrize.cached():

@@ -4,6 +4,7 @@ A batch is a tensor, a tuple/list of positional inputs, or a dict of keyword inp
 `calib_data` is a list or any re-iterable of batches (a DataLoader). One-shot iterators
 (generators) are materialised once so that calibration can read them again.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,7 +68,9 @@ def reiterable(calib_data: Iterable | None) -> Iterable | None:
         raise CalibrationDataError(
             f"calib_data of type {type(calib_data).__name__} is not iterable; give a list of batches"
         ) from None
-    if it is calib_data or (not isinstance(calib_data, (Sequence, torch.utils.data.DataLoader)) and iter(calib_data) is it):
+    if it is calib_data or (
+        not isinstance(calib_data, (Sequence, torch.utils.data.DataLoader)) and iter(calib_data) is it
+    ):
         return list(it)  # one-shot: a second pass would miss what the first consumed
     return calib_data
 

@@ -6,6 +6,7 @@ EasyQuant and AdaRound fit each layer on `recon_rows` sampled input rows of `g·
 budget, each group sampled in its own pass over the calibration data; a layer that alone
 would not fit samples fewer rows.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,7 +40,9 @@ def budget_bytes(memory_budget_mib: int | None) -> int:
     return min(1 << 30, physical // 8)
 
 
-def plan_row_groups(row_floats: dict[str, int], rows: int, copies: int, budget: int) -> tuple[list[list[str]], dict[str, int]]:
+def plan_row_groups(
+    row_floats: dict[str, int], rows: int, copies: int, budget: int
+) -> tuple[list[list[str]], dict[str, int]]:
     """`(groups of layer names, rows per layer)` so that each group's rows fit `budget`
     bytes (`row_floats`: floats per row of each layer, in order)."""
     per_layer, reduced = {}, []
@@ -50,13 +53,18 @@ def plan_row_groups(row_floats: dict[str, int], rows: int, copies: int, budget: 
             raise MemoryBudgetError(
                 f"layer {name!r}: even {MIN_ROWS} input rows of {floats} floats need ~{need} MiB, more than "
                 f"QuantConfig.memory_budget={budget >> 20} MiB; raise memory_budget, or keep the layer in float "
-                "(disable_names) or switch easy_quant/adaround off")
+                "(disable_names) or switch easy_quant/adaround off"
+            )
         per_layer[name] = min(rows, fit)
         if per_layer[name] < rows:
             reduced.append(f"{name} ({per_layer[name]} rows)")
     if reduced:
-        warnings.warn(f"to fit the memory budget of {budget >> 20} MiB these layers sample fewer than recon_rows={rows} "
-                      f"rows: {', '.join(reduced[:8])}{'…' if len(reduced) > 8 else ''}", ReducedRowsWarning, stacklevel=3)
+        warnings.warn(
+            f"to fit the memory budget of {budget >> 20} MiB these layers sample fewer than recon_rows={rows} "
+            f"rows: {', '.join(reduced[:8])}{'…' if len(reduced) > 8 else ''}",
+            ReducedRowsWarning,
+            stacklevel=3,
+        )
     groups, used = [[]], 0
     for name, floats in row_floats.items():
         size = per_layer[name] * floats * 4 * copies

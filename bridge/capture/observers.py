@@ -4,6 +4,7 @@
 Torch forwards with hooks (`bridge.capture.activations`), or with a mesh the model lowered to JAX and
 run data-parallel (`bridge.jax_model.observe`). The model is read with quantization off.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,9 @@ def capture_states(ctx: Context, observer: jaxq.Observer, layers: dict | None = 
         from bridge.jax_model.observe import observe_inputs
 
         with ctx.bar("jaxq calibrate (mesh)", ctx.num_batches(), unit="batch") as bar:
-            return observe_inputs(ctx.model, layers, iter_batches(ctx.calib_data, ctx.device), observer, ctx.mesh,
-                                  progress=bar.update)
+            return observe_inputs(
+                ctx.model, layers, iter_batches(ctx.calib_data, ctx.device), observer, ctx.mesh, progress=bar.update
+            )
     capture = ActivationCapture(layers, observer)
     with contextlib.ExitStack() as hooks:
         if beside is not None:
@@ -46,7 +48,8 @@ def check_activations(results: dict[str, jaxq.ActivationResult]) -> None:
         if not np.all(np.isfinite(scale)):
             raise UncalibratedLayerError(
                 f"layer {name!r} was never called on the calibration data, so its input range is unknown; give "
-                f"calib_data that reaches it, or keep it in float: QuantConfig(disable_names=[..., {name!r}])")
+                f"calib_data that reaches it, or keep it in float: QuantConfig(disable_names=[..., {name!r}])"
+            )
 
 
 def activation_qparams(ctx: Context, beside=None) -> dict[str, jaxq.QParams]:

@@ -6,6 +6,7 @@ checks that the rows reproduce the module's own output there: a layer whose `for
 does more than its `LayerSpec` says (padding computed at run time, say) is reported by
 name instead of being optimised against the wrong function.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,9 @@ def window_rows(spec: jaxq.LayerSpec, x: torch.Tensor, index: np.ndarray) -> np.
     """Rows `[m, g, d]` of a conv input `x` `[N, C, *spatial]` at flat output positions
     `index` — `jaxq.rows.take_rows` as one torch gather on a window view (no per-shape
     compilation)."""
-    coords = [torch.from_numpy(c.astype(np.int64)) for c in np.unravel_index(index, output_positions(spec, tuple(x.shape)))]
+    coords = [
+        torch.from_numpy(c.astype(np.int64)) for c in np.unravel_index(index, output_positions(spec, tuple(x.shape)))
+    ]
     patches = _windows(spec, x, 2)[(coords[0], slice(None), *coords[1:])]  # [m, C, *kernel]
     return patches.reshape(index.shape[0], spec.groups, -1).cpu().numpy()
 
@@ -60,7 +63,7 @@ def row_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[np.ndarray, int]:
         return flat.sum(0, dtype=torch.float64)[None].cpu().numpy(), flat.shape[0]
     per_position = _windows(spec, x.sum(0, dtype=torch.float64), 1)  # [C, *out, *kernel]
     out_dims = tuple(range(1, 1 + len(spec.kernel)))
-    count = x.shape[0] * int(np.prod(per_position.shape[1:1 + len(spec.kernel)]))
+    count = x.shape[0] * int(np.prod(per_position.shape[1 : 1 + len(spec.kernel)]))
     return per_position.sum(out_dims).reshape(spec.groups, -1).cpu().numpy(), count
 
 
@@ -70,8 +73,14 @@ def _output_rows(spec: jaxq.LayerSpec, y: torch.Tensor, index: np.ndarray) -> np
     return flat[torch.from_numpy(index)].cpu().numpy()
 
 
-def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndarray, y_rows: np.ndarray,
-               weight: torch.Tensor | None = None) -> None:
+def check_rows(
+    name: str,
+    spec: jaxq.LayerSpec,
+    module: nn.Module,
+    rows: np.ndarray,
+    y_rows: np.ndarray,
+    weight: torch.Tensor | None = None,
+) -> None:
     """Raise `LayerGeometryError` if `rows · Wᵀ + b` is not the module's output (`weight`:
     W when it is not `module.weight`, e.g. `W·diag(s)` for rows of a smoothed input)."""
     w = (module.weight if weight is None else weight).detach().float().cpu().numpy()
@@ -87,7 +96,8 @@ def check_rows(name: str, spec: jaxq.LayerSpec, module: nn.Module, rows: np.ndar
     tolerance = max(PARITY_TOLERANCE, 4 * torch.finfo(module.weight.dtype).eps)
     if not err <= tolerance * scale:
         raise LayerGeometryError(
-            f"layer {name!r} ({type(module).__name__.removeprefix('Parametrized')}) does not compute the convolution its LayerSpec describes "
+            f"layer {name!r} ({type(module).__name__.removeprefix('Parametrized')}) does not compute the "
+            f"convolution its LayerSpec describes "
             f"({spec}); max |Δ| {err:.3g} relative to output scale {scale:.3g}. Its forward probably pads or "
             "reshapes at run time; keep it in float (disable_names) to use easy_quant/adaround"
         )
@@ -97,17 +107,25 @@ class RowCapture:
     """Context manager: per layer the exact mean input row over every output position of
     every batch (`mean_rows`) and, with `keep_rows`, a sample of input rows (`result`).
 
-    Rows (`rows`: one count, or one per layer): with `batches` known, `⌈rows / batches⌉` random positions per batch (stratified:
-    each batch is equally represented and no more is gathered than is kept), else `rows`
-    per batch; `result` keeps at most `rows` of them. Two captures with the same `seed`
-    over the same batches sample the same positions, so rows of the float and of the
+    Rows (`rows`: one count, or one per layer): with `batches` known, `⌈rows / batches⌉` random
+    positions per batch (stratified: each batch is equally represented and no more is
+    gathered than is kept), else `rows` per batch; `result` keeps at most `rows` of them.
+    Two captures with the same `seed` over the same batches sample the same positions, so rows of the float and of the
     quantized model pair up. `check` compares sampled rows with the module's output on the
     first batch (hook the bare layer, quantization off).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], specs: dict[str, jaxq.LayerSpec], rows: int | dict[str, int],
-                 seed: int, check: bool = True, keep_rows: bool = True, batches: int | None = None,
-                 index: dict[str, int] | None = None):
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        specs: dict[str, jaxq.LayerSpec],
+        rows: int | dict[str, int],
+        seed: int,
+        check: bool = True,
+        keep_rows: bool = True,
+        batches: int | None = None,
+        index: dict[str, int] | None = None,
+    ):
         self.modules, self.specs, self.check, self.keep_rows = modules, specs, check, keep_rows
         self.rows = rows if isinstance(rows, dict) else dict.fromkeys(modules, rows)
         self._per_batch = {n: r if not batches else math.ceil(r / batches) for n, r in self.rows.items()}
@@ -136,8 +154,14 @@ class RowCapture:
         else:
             rows = window_rows(spec, x, index)
         if self.check and first:
-            check_rows(name, spec, module, rows, _output_rows(spec, output, index),
-                       quantizer.float_weight if smoothed else None)
+            check_rows(
+                name,
+                spec,
+                module,
+                rows,
+                _output_rows(spec, output, index),
+                quantizer.float_weight if smoothed else None,
+            )
         if self.keep_rows:
             self._parts[name].append(rows)
 

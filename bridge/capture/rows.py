@@ -4,6 +4,7 @@ Rows (`bridge.capture.row_capture.RowCapture`) come from the float model and, wi
 `recon_inputs="quantized"`, from the quantized model at the same positions; mean rows
 (`E[row]` over every position) come from the float model in the same pass.
 """
+
 from __future__ import annotations
 
 
@@ -25,8 +26,16 @@ def row_capture(ctx: Context, rows, check: bool, keep_rows: bool):
     from bridge.capture.row_capture import RowCapture
 
     index = {n: i for i, n in enumerate(ctx.specs)}  # as in one pass over every layer, whatever the group
-    return RowCapture({n: q.module for n, q in ctx.quantizers.items()}, ctx.specs, rows, ctx.cfg.seed,
-                      check=check, keep_rows=keep_rows, batches=ctx.num_batches(), index=index)
+    return RowCapture(
+        {n: q.module for n, q in ctx.quantizers.items()},
+        ctx.specs,
+        rows,
+        ctx.cfg.seed,
+        check=check,
+        keep_rows=keep_rows,
+        batches=ctx.num_batches(),
+        index=index,
+    )
 
 
 def sample_rows(ctx: Context, rows, check: bool, desc: str, keep_rows: bool):
@@ -41,7 +50,8 @@ def check_mean_rows_possible(ctx: Context) -> None:
     if functional:
         raise FunctionalLayerError(
             f"layers {functional[:3]} are used through functional calls (attention, weights read directly), where "
-            "bias_correction cannot sample their rows yet; keep them in float (disable_names) or switch it off")
+            "bias_correction cannot sample their rows yet; keep them in float (disable_names) or switch it off"
+        )
 
 
 def finished_mean_rows(capture) -> dict[str, np.ndarray]:
@@ -57,8 +67,10 @@ def finished_mean_rows(capture) -> dict[str, np.ndarray]:
 def check_rows_finite(rows: dict, what: str) -> None:
     for name, r in rows.items():
         if r is not None and not np.isfinite(r).all():
-            raise FloatingPointError(f"layer {name!r}: its {what} input rows from calib_data contain NaN or Inf; "
-                                     "check the data or the preceding layers")
+            raise FloatingPointError(
+                f"layer {name!r}: its {what} input rows from calib_data contain NaN or Inf; "
+                "check the data or the preceding layers"
+            )
 
 
 def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, needs_rows: bool = True):
@@ -71,7 +83,8 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
         raise FunctionalLayerError(
             f"layers {functional[:3]} are used through functional calls (attention, weights read directly), where "
             "easy_quant, adaround, gptq and bias_correction cannot sample their rows yet; keep them in float "
-            "(disable_names) or switch those options off")
+            "(disable_names) or switch those options off"
+        )
     try:
         float_capture = sample_rows(ctx, count, True, "jaxq sample rows (float)", keep_rows=needs_rows)
         mean_rows = float_capture.mean_rows()
@@ -82,11 +95,17 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
     check_rows_finite(target, "float")
     rows = target
     if ctx.cfg.recon_inputs == "quantized" and needs_rows:
-        interim = {n: LayerRecord(np.asarray(weights[n].qparams.scale, np.float32),
-                                  np.asarray(weights[n].qparams.offset, np.int32), np.asarray(weights[n].q, np.int32), True,
-                                  None if act.get(n) is None else np.asarray(act[n].scale, np.float32),
-                                  None if act.get(n) is None else np.asarray(act[n].offset, np.int32))
-                   for n in ctx.quantizers}
+        interim = {
+            n: LayerRecord(
+                np.asarray(weights[n].qparams.scale, np.float32),
+                np.asarray(weights[n].qparams.offset, np.int32),
+                np.asarray(weights[n].q, np.int32),
+                True,
+                None if act.get(n) is None else np.asarray(act[n].scale, np.float32),
+                None if act.get(n) is None else np.asarray(act[n].offset, np.int32),
+            )
+            for n in ctx.quantizers
+        }
         apply_records(ctx.quantizers, interim)
         with quantization(ctx.quantizers, True):
             rows = sample_rows(ctx, count, False, "jaxq sample rows (quantized)", keep_rows=True).result()
@@ -95,10 +114,13 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
     for name, q in ctx.quantizers.items():
         bias = q.float_bias
         out[name] = jaxq.accuracy.LayerRows(
-            rows=rows[name], target=target[name],
+            rows=rows[name],
+            target=target[name],
             wg=np.asarray(jaxq.rows.grouped_weight(ctx.specs[name], float_weights[name])),
             bias=None if bias is None else bias.detach().float().cpu().numpy(),
-            act=act.get(name), weight=weights[name].qparams)
+            act=act.get(name),
+            weight=weights[name].qparams,
+        )
     return out, mean_rows
 
 

@@ -11,6 +11,7 @@
   where `μ_B, σ_B` are the per-channel mean and standard deviation of the BN input over
   batch and spatial axes. Needs a model with BatchNorm layers, run before fusion.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,10 @@ def _bn_loss_hooks(model: nn.Module, losses: list):
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)
         std = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
-        losses.append(torch.linalg.vector_norm(mean - module.running_mean)
-                      + torch.linalg.vector_norm(std - torch.sqrt(module.running_var + module.eps)))
+        losses.append(
+            torch.linalg.vector_norm(mean - module.running_mean)
+            + torch.linalg.vector_norm(std - torch.sqrt(module.running_var + module.eps))
+        )
 
     return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _BN)]
 
@@ -74,6 +77,8 @@ def distill_bn_batches(
             h.remove()
     out = tuple(x.detach() for x in inputs)
     if not all(bool(torch.isfinite(x).all()) for x in out):
-        raise SyntheticDataError(f"QuantConfig.virtual_lr={lr!r}: the distilled virtual data diverged to NaN/Inf in "
-                                 f"{steps} Adam steps; use a smaller virtual_lr (default 0.2)")
+        raise SyntheticDataError(
+            f"QuantConfig.virtual_lr={lr!r}: the distilled virtual data diverged to NaN/Inf in "
+            f"{steps} Adam steps; use a smaller virtual_lr (default 0.2)"
+        )
     return [out[0] if len(out) == 1 else out]

@@ -3,6 +3,7 @@
 torch → JAX: `detach`, to CPU if needed, `contiguous`, then DLPack (zero copy on CPU).
 JAX → torch: a fresh torch tensor copied from the JAX buffer, never an alias of it.
 """
+
 from __future__ import annotations
 
 import jax

@@ -3,15 +3,16 @@
     jaxq demo [--out DIR] [--w-bit 8] [--a-bit 8] [--act-method 1] [--legacy]
     jaxq quantize --model module:function [--calib-data FILE] [--config cfg.json] [--export …]
 
-`quantize` is documented in `bridge.cli.quantize`. `demo` quantizes the embedded digits CNN (trained on sklearn's real handwritten digits)
+`quantize` is documented in `bridge.cli.quantize`. `demo` quantizes the embedded digits CNN
+(trained on sklearn's real handwritten digits)
 label-free, prints FP32 and quantized test accuracy, and writes the parameters.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -20,12 +21,15 @@ def _demo(args: argparse.Namespace) -> int:
     from jaxq import QuantConfig
 
     cfg = QuantConfig(
-        w_bit=args.w_bit, a_bit=args.a_bit, act_method=args.act_method, quant_mode=1,
+        w_bit=args.w_bit,
+        a_bit=args.a_bit,
+        act_method=args.act_method,
+        quant_mode=1,
         quantize_first_last=not args.keep_first_last,
     )
     model = load_digits_cnn()
     x_train, _, x_test, y_test = digits_split()
-    calib = [x_train[i:i + 32] for i in range(0, args.calib_samples, 32)]
+    calib = [x_train[i : i + 32] for i in range(0, args.calib_samples, 32)]
     fp_acc = accuracy(model, x_test, y_test)
     t0 = time.perf_counter()
     cal = Calibrator(model, cfg, calib, progress=not args.no_progress)
@@ -95,8 +99,16 @@ def _user_errors() -> tuple[type, ...]:
     """Exceptions that report a problem with the user's input: one line, no traceback."""
     import pickle
 
-    errors = [ValueError, TypeError, OSError, NotImplementedError, RuntimeError, FloatingPointError,
-              pickle.UnpicklingError, KeyError]
+    errors = [
+        ValueError,
+        TypeError,
+        OSError,
+        NotImplementedError,
+        RuntimeError,
+        FloatingPointError,
+        pickle.UnpicklingError,
+        KeyError,
+    ]
     try:
         from safetensors import SafetensorError
 

@@ -12,6 +12,7 @@
   `--w-bit`, `--a-bit`, `--act-method`, `--quant-mode`, `--input-shape`,
   `--quantize-all` override it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def load_calib_data(spec: str | None, batch_size: int):
     path = Path(spec)
     suffix = path.suffix.lower()
     if path.suffix and ":" not in spec and suffix not in (".pt", ".pth", ".npy", ".safetensors"):
-        raise CLIError(f"--calib-data {spec!r}: files must be .pt, .pth, .npy or .safetensors "
-                       "(or give module:function)")
+        raise CLIError(
+            f"--calib-data {spec!r}: files must be .pt, .pth, .npy or .safetensors (or give module:function)"
+        )
     if suffix in (".pt", ".pth", ".npy", ".safetensors"):
         if not path.is_file():
             raise CLIError(f"--calib-data file {spec!r} does not exist")
@@ -68,8 +70,10 @@ def load_calib_data(spec: str | None, batch_size: int):
             try:
                 arr = torch.from_numpy(np.load(path, allow_pickle=False))
             except (ValueError, OSError, TypeError) as e:
-                raise CLIError(f"--calib-data {spec!r} is not a readable .npy array ({type(e).__name__}: {e})") from None
-            return [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
+                raise CLIError(
+                    f"--calib-data {spec!r} is not a readable .npy array ({type(e).__name__}: {e})"
+                ) from None
+            return [arr[i : i + batch_size] for i in range(0, len(arr), batch_size)]
         if suffix == ".safetensors":
             from safetensors import SafetensorError
             from safetensors.torch import load_file
@@ -82,10 +86,12 @@ def load_calib_data(spec: str | None, batch_size: int):
         try:
             data = torch.load(path, weights_only=True)
         except Exception as e:  # pickle errors of every kind: name the file
-            raise CLIError(f"--calib-data {spec!r} cannot be loaded safely ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise CLIError(
+                f"--calib-data {spec!r} cannot be loaded safely ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
         if isinstance(data, torch.Tensor):
-            return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+            return [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
         return data
     return load_object(spec, "calib-data")
 
@@ -115,14 +121,21 @@ def load_config(args) -> "jaxq.QuantConfig":  # noqa: F821
                 raise CLIError(f"--config {args.config!r} is not valid JSON: {e}") from None
         if not isinstance(fields, dict):
             raise CLIError(f"--config {args.config!r} must hold an object of QuantConfig fields")
-    for flag, field in (("w_bit", "w_bit"), ("a_bit", "a_bit"), ("act_method", "act_method"), ("quant_mode", "quant_mode")):
+    for flag, field in (
+        ("w_bit", "w_bit"),
+        ("a_bit", "a_bit"),
+        ("act_method", "act_method"),
+        ("quant_mode", "quant_mode"),
+    ):
         if getattr(args, flag) is not None:
             fields[field] = getattr(args, flag)
     if args.input_shape:
         try:
             fields["input_shape"] = [int(d) for d in args.input_shape.split(",")]
         except ValueError:
-            raise CLIError(f"--input-shape {args.input_shape!r} must be comma-separated integers, e.g. 1,3,224,224") from None
+            raise CLIError(
+                f"--input-shape {args.input_shape!r} must be comma-separated integers, e.g. 1,3,224,224"
+            ) from None
     if args.quantize_all:
         fields["quantize_first_last"] = True
     if args.bias_correction is not None:
@@ -141,13 +154,17 @@ def check_exports(exports: list[str], cfg) -> None:
     try:
         other = [f"{pattern!r}: {bits}" for pattern, bits in cfg.layer_bits if bits != 8]
         if other and ({"w8a8", "onnx"} & set(exports)):
-            raise ValueError(f"{sorted({'w8a8', 'onnx'} & set(exports))} hold 8-bit weight codes; layer_bits sets "
-                             f"{', '.join(other[:4])} (use --export params for mixed precision)")
+            raise ValueError(
+                f"{sorted({'w8a8', 'onnx'} & set(exports))} hold 8-bit weight codes; layer_bits sets "
+                f"{', '.join(other[:4])} (use --export params for mixed precision)"
+            )
         if "w8a8" in exports:
             check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
             if cfg.smooth_quant:
-                raise ValueError(f"w8a8: msModelSlim's W8A8 layout has no place for SmoothQuant factors "
-                                 f"(smooth_quant={cfg.smooth_quant!r}); drop smooth_quant or export params / onnx")
+                raise ValueError(
+                    f"w8a8: msModelSlim's W8A8 layout has no place for SmoothQuant factors "
+                    f"(smooth_quant={cfg.smooth_quant!r}); drop smooth_quant or export params / onnx"
+                )
         if "onnx" in exports:
             check_onnx_exportable(cfg, 18)
     except (ValueError, OSError) as e:
@@ -183,10 +200,16 @@ def run_quantize(args) -> int:
         files += cal.export_quant_onnx(args.onnx_name, out)
     rows = [
         ("model", args.model),
-        ("config", f"W{cfg.w_bit}A{cfg.a_bit if cfg.act_quant else '-'} quant_mode={cfg.quant_mode} act_method={cfg.act_method}"
-                   + (" bias_correction" if cal.cfg.bias_correction else "")),
-        ("quantized layers", f"{len(cal.quantized_names)} of {len(cal.all_layers) + len(cal.unsupported)} "
-                             f"(float: {sorted(cal.disabled) + sorted(cal.unsupported) or 'none'})"),
+        (
+            "config",
+            f"W{cfg.w_bit}A{cfg.a_bit if cfg.act_quant else '-'} quant_mode={cfg.quant_mode} "
+            f"act_method={cfg.act_method}" + (" bias_correction" if cal.cfg.bias_correction else ""),
+        ),
+        (
+            "quantized layers",
+            f"{len(cal.quantized_names)} of {len(cal.all_layers) + len(cal.unsupported)} "
+            f"(float: {sorted(cal.disabled) + sorted(cal.unsupported) or 'none'})",
+        ),
         ("Conv+BN folded", str(len(cal.fused))),
         ("calibration time", f"{seconds:.2f} s"),
     ]
@@ -201,8 +224,12 @@ def run_quantize(args) -> int:
 
 
 def add_parser(sub) -> None:
-    q = sub.add_parser("quantize", help="calibrate a model (module:function) and export it",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = sub.add_parser(
+        "quantize",
+        help="calibrate a model (module:function) and export it",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("--model", required=True, help="module:function returning the float nn.Module")
     q.add_argument("--calib-data", help=".pt/.npy/.safetensors file or module:function")
     q.add_argument("--batch-size", type=int, default=8, help="batch size when splitting one array/tensor")
@@ -213,9 +240,13 @@ def add_parser(sub) -> None:
     q.add_argument("--quant-mode", type=int)
     q.add_argument("--input-shape", help="data-free virtual input shape, e.g. 1,3,224,224")
     q.add_argument("--quantize-all", action="store_true", help="quantize the first and last layer too")
-    q.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="correct each layer's bias for its weight rounding (default: on with real calibration "
-                        "data; --no-bias-correction for msModelSlim's arithmetic)")
+    q.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="correct each layer's bias for its weight rounding (default: on with real calibration "
+        "data; --no-bias-correction for msModelSlim's arithmetic)",
+    )
     q.add_argument("--export", nargs="*", help=f"any of {EXPORTS} (default: params)")
     q.add_argument("--onnx-name", default="model", help="file stem of the ONNX export")
     q.add_argument("--out", default="jaxq_out", help="output directory")

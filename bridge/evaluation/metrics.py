@@ -1,4 +1,5 @@
 """Model-level metrics for judging a quantized model against its float reference."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,7 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 8) -> torc
     cores about twice as fast per image as 32 (cache-bound); fake-quantized weights are
     computed once (`parametrize.cached`), not per batch."""
     with parametrize.cached():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def agreement_and_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, float]:

@@ -12,6 +12,7 @@ every number in the docs and tests uses.
 - minilm:  64 passages (one per batch: no padding tokens enter the statistics) → mean
   and minimum cosine between FP32 and quantized sentence embeddings over 256 others.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,7 +50,9 @@ def _run_all(model, batches):
 
 def _held_out(n, full: int) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= full:
-        raise ValueError(f"held_out={n!r}: expected an int in [1, {full}] (the protocol's evaluation set has {full} samples)")
+        raise ValueError(
+            f"held_out={n!r}: expected an int in [1, {full}] (the protocol's evaluation set has {full} samples)"
+        )
     return n
 
 
@@ -58,8 +61,8 @@ def digits(held_out: int = 450) -> Protocol:
     from bridge.models.digits import accuracy, digits_split, load_digits_cnn
 
     x_train, _, x_test, y_test = digits_split()
-    x_test, y_test = x_test[:_held_out(held_out, 450)], y_test[:held_out]
-    calib = [x_train[i:i + 32] for i in range(0, 256, 32)]
+    x_test, y_test = x_test[: _held_out(held_out, 450)], y_test[:held_out]
+    calib = [x_train[i : i + 32] for i in range(0, 256, 32)]
     p = Protocol("digits", load_digits_cnn, calib, lambda m: {"top1": accuracy(m, x_test, y_test)})
     p.reference = p.evaluate(load_digits_cnn())
     return p
@@ -68,14 +71,14 @@ def digits(held_out: int = 450) -> Protocol:
 @functools.lru_cache(maxsize=None)
 def efficientnet_lite0(held_out: int = 128) -> Protocol:
     calib = zoo.image_crops(32, seed=1)
-    evaluation = zoo.image_crops(128, seed=2)[:_held_out(held_out, 128)]
+    evaluation = zoo.image_crops(128, seed=2)[: _held_out(held_out, 128)]
     fp_logits = metrics.logits(zoo.efficientnet_lite0(), evaluation)
 
     def evaluate(model):
         agree, kl = metrics.agreement_and_kl(fp_logits, metrics.logits(model, evaluation))
         return {"agreement": agree, "kl": kl}
 
-    p = Protocol("efficientnet_lite0", zoo.efficientnet_lite0, [calib[i:i + 8] for i in range(0, 32, 8)], evaluate)
+    p = Protocol("efficientnet_lite0", zoo.efficientnet_lite0, [calib[i : i + 8] for i in range(0, 32, 8)], evaluate)
     p.reference = {"agreement": 1.0, "kl": 0.0}
     return p
 
@@ -88,15 +91,19 @@ def efficientnet_lite0_unseen(calib_crops: int = 64, held_out: int = 128) -> Pro
     if not isinstance(calib_crops, int) or not 8 <= calib_crops <= 256 or calib_crops % 8:
         raise ValueError(f"calib_crops={calib_crops!r}: expected a multiple of 8 in [8, 256]")
     calib = zoo.image_crops(calib_crops, seed=1, which=zoo.CALIBRATION_PHOTOS)
-    evaluation = zoo.image_crops(128, seed=2, which=zoo.UNSEEN_PHOTOS)[:_held_out(held_out, 128)]
+    evaluation = zoo.image_crops(128, seed=2, which=zoo.UNSEEN_PHOTOS)[: _held_out(held_out, 128)]
     fp_logits = metrics.logits(zoo.efficientnet_lite0(), evaluation)
 
     def evaluate(model):
         agree, kl = metrics.agreement_and_kl(fp_logits, metrics.logits(model, evaluation))
         return {"agreement": agree, "kl": kl}
 
-    p = Protocol("efficientnet_lite0_unseen", zoo.efficientnet_lite0,
-                 [calib[i:i + 8] for i in range(0, calib_crops, 8)], evaluate)
+    p = Protocol(
+        "efficientnet_lite0_unseen",
+        zoo.efficientnet_lite0,
+        [calib[i : i + 8] for i in range(0, calib_crops, 8)],
+        evaluate,
+    )
     p.reference = {"agreement": 1.0, "kl": 0.0}
     return p
 
@@ -106,7 +113,7 @@ def minilm(held_out: int = 256) -> Protocol:
     tokenizer, model = zoo.minilm()
     passages = zoo.text_passages()
     calib = zoo.text_batches(tokenizer, passages[:64], batch_size=1)
-    evaluation = zoo.text_batches(tokenizer, passages[64:64 + _held_out(held_out, 256)], batch_size=16)
+    evaluation = zoo.text_batches(tokenizer, passages[64 : 64 + _held_out(held_out, 256)], batch_size=16)
     fp = metrics.sentence_embeddings(model, evaluation)
 
     def evaluate(m):
@@ -118,5 +125,9 @@ def minilm(held_out: int = 256) -> Protocol:
     return p
 
 
-PROTOCOLS = {"digits": digits, "efficientnet_lite0": efficientnet_lite0, "minilm": minilm,
-             "efficientnet_lite0_unseen": efficientnet_lite0_unseen}
+PROTOCOLS = {
+    "digits": digits,
+    "efficientnet_lite0": efficientnet_lite0,
+    "minilm": minilm,
+    "efficientnet_lite0_unseen": efficientnet_lite0_unseen,
+}

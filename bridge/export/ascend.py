@@ -15,6 +15,7 @@ with `o8` the int8 code of 0, `quant_bias = round(b/deq − o8·Σ W_q)` and `de
 (`s_x·s_w`) stored as uint64 holding the float32 bits, as msModelSlim writes it. No
 Ascend runtime is available here, so the form is checked structurally (tests).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -86,14 +87,27 @@ def _match(node, producer, inits, consts):
     bias = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
     out_axis = 1 if node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b) else 0
-    return dict(x=q_x.input[0], s_x=float(s_x), z_x=int(z_x), signed=z_x.dtype == np.int8,
-                w_q=np.ascontiguousarray(w_q), s_w=s_w.astype(np.float32), bias=bias, out_axis=out_axis, pad=pad)
+    return dict(
+        x=q_x.input[0],
+        s_x=float(s_x),
+        z_x=int(z_x),
+        signed=z_x.dtype == np.int8,
+        w_q=np.ascontiguousarray(w_q),
+        s_w=s_w.astype(np.float32),
+        bias=bias,
+        out_axis=out_axis,
+        pad=pad,
+    )
 
 
 def _constant_pad(node, consts) -> bool:
     mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
     value = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(())
-    return mode == b"constant" and value is not None and float(np.asarray(value).reshape(-1)[0] if np.size(value) else 0.0) == 0.0
+    return (
+        mode == b"constant"
+        and value is not None
+        and float(np.asarray(value).reshape(-1)[0] if np.size(value) else 0.0) == 0.0
+    )
 
 
 def _rewrite(node, m, graph, index):
@@ -104,19 +118,32 @@ def _rewrite(node, m, graph, index):
     deq = np.broadcast_to(deq, (w_q.shape[out_axis],)).astype(np.float32)
     w2 = np.moveaxis(w_q.astype(np.int64), out_axis, 0).reshape(w_q.shape[out_axis], -1)
     quant_bias, deq = integer_bias(node.name or name, m["bias"], deq, w2, o8)
-    graph.initializer.extend([
-        numpy_helper.from_array(w_q, f"{name}.weight"),
-        numpy_helper.from_array(quant_bias, f"{name}.quant_bias"),
-        numpy_helper.from_array(deq_scale_bits(deq), f"{name}.deq_scale"),
-    ])
-    quant = helper.make_node("AscendQuant", [m["x"]], [f"{name}.x_int8"], name=f"{name}.quant", domain=ASCEND_DOMAIN,
-                             scale=float(np.float32(1.0) / np.float32(m["s_x"])), offset=float(o8),
-                             sqrt_mode=0, round_mode="Round", dst_type=2)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(w_q, f"{name}.weight"),
+            numpy_helper.from_array(quant_bias, f"{name}.quant_bias"),
+            numpy_helper.from_array(deq_scale_bits(deq), f"{name}.deq_scale"),
+        ]
+    )
+    quant = helper.make_node(
+        "AscendQuant",
+        [m["x"]],
+        [f"{name}.x_int8"],
+        name=f"{name}.quant",
+        domain=ASCEND_DOMAIN,
+        scale=float(np.float32(1.0) / np.float32(m["s_x"])),
+        offset=float(o8),
+        sqrt_mode=0,
+        round_mode="Round",
+        dst_type=2,
+    )
     x_int8, pad_nodes = f"{name}.x_int8", []
     if m["pad"] is not None:  # pad the int8 tensor with the code of 0.0
         graph.initializer.append(numpy_helper.from_array(np.array(o8, np.int8), f"{name}.pad_value"))
         pads = list(m["pad"].input[1:2]) + [f"{name}.pad_value"] + list(m["pad"].input[3:4])
-        pad_nodes = [helper.make_node("Pad", [x_int8, *pads], [f"{name}.x_int8_padded"], name=f"{name}.pad", mode="constant")]
+        pad_nodes = [
+            helper.make_node("Pad", [x_int8, *pads], [f"{name}.x_int8_padded"], name=f"{name}.pad", mode="constant")
+        ]
         x_int8 = f"{name}.x_int8_padded"
     inputs = [x_int8, f"{name}.weight"]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -125,8 +152,18 @@ def _rewrite(node, m, graph, index):
         extra = [helper.make_node("Add", [f"{name}.acc", f"{name}.quant_bias"], [f"{name}.acc_b"], name=f"{name}.bias")]
         acc = f"{name}.acc_b"
     else:
-        compute = helper.make_node(node.op_type, inputs + [f"{name}.quant_bias"], [f"{name}.acc"], name=f"{name}.int", **attrs)
+        compute = helper.make_node(
+            node.op_type, inputs + [f"{name}.quant_bias"], [f"{name}.acc"], name=f"{name}.int", **attrs
+        )
         extra, acc = [], f"{name}.acc"
-    dequant = helper.make_node("AscendDequant", [acc, f"{name}.deq_scale"], list(node.output), name=f"{name}.dequant",
-                               domain=ASCEND_DOMAIN, sqrt_mode=0, relu_flag=0, dtype=0)
+    dequant = helper.make_node(
+        "AscendDequant",
+        [acc, f"{name}.deq_scale"],
+        list(node.output),
+        name=f"{name}.dequant",
+        domain=ASCEND_DOMAIN,
+        sqrt_mode=0,
+        relu_flag=0,
+        dtype=0,
+    )
     return [quant, *pad_nodes, compute, *extra, dequant]

@@ -5,6 +5,7 @@ parameter records.
     export_w8a8   msModelSlim's W8A8 deployment layout                  `bridge.export.w8a8`
     export_onnx   ONNX QDQ (or Ascend) graph                            `bridge.export.onnx`
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,16 @@ def fingerprint_of(cal: Calibrated) -> str:
 def export_param(cal: Calibrated, path, legacy: bool = False) -> list:
     params = cal.params()
     floats = float_state(cal.model)
-    return write_params(path, params, cal.layer_descriptions(), config_dict(cal.cfg), legacy=legacy, fused=cal.fused,
-                        float_tensors=floats, model=model_fingerprint(cal.records, floats))
+    return write_params(
+        path,
+        params,
+        cal.layer_descriptions(),
+        config_dict(cal.cfg),
+        legacy=legacy,
+        fused=cal.fused,
+        float_tensors=floats,
+        model=model_fingerprint(cal.records, floats),
+    )
 
 
 def _float_tensors(model, layers) -> dict:
@@ -70,14 +79,23 @@ def export_w8a8(cal: Calibrated, output_path, safetensors_name: str | None, json
     safetensors_name = safetensors_name or "quant_model_weight_w8a8.safetensors"
     json_name = json_name or "quant_model_description_w8a8.json"
     if safetensors_name == json_name:
-        raise ExportError(f"safetensors_name and json_name are both {json_name!r}; the JSON would overwrite the weights")
+        raise ExportError(
+            f"safetensors_name and json_name are both {json_name!r}; the JSON would overwrite the weights"
+        )
     records, layers = cal.records, cal.quantizers
     tensors, kinds = {}, {}
     for name, q in layers.items():
         rec = records[name]
         bias = q.corrected_bias()
-        t = layer_tensors(name, rec.codes, rec.weight_scale, None if bias is None else bias.detach().float().cpu().numpy(),
-                          float(rec.input_scale), int(rec.input_offset), cfg.a_signed)
+        t = layer_tensors(
+            name,
+            rec.codes,
+            rec.weight_scale,
+            None if bias is None else bias.detach().float().cpu().numpy(),
+            float(rec.input_scale),
+            int(rec.input_offset),
+            cfg.a_signed,
+        )
         tensors.update(t)
         kinds.update({k: "W8A8" for k in t})
     for key, value in _float_tensors(cal.model, layers).items():
@@ -92,30 +110,40 @@ def check_uniform_8bit(cal: Calibrated, what: str) -> None:
     other = {n: cal.cfg.weight_bits_for(n) for n in cal.quantizers if cal.cfg.weight_bits_for(n) != 8}
     if other:
         shown = ", ".join(f"{n!r}: {b}" for n, b in list(other.items())[:4])
-        raise ExportError(f"{what} holds 8-bit weight codes; layer_bits gives {len(other)} layer(s) other widths "
-                          f"({shown}{'…' if len(other) > 4 else ''}); use export_param for mixed precision")
+        raise ExportError(
+            f"{what} holds 8-bit weight codes; layer_bits gives {len(other)} layer(s) other widths "
+            f"({shown}{'…' if len(other) > 4 else ''}); use export_param for mixed precision"
+        )
 
 
 def check_unsmoothed(cal: Calibrated, what: str) -> None:
     """`ExportError` naming the layers with SmoothQuant factors (formats with no place for them)."""
     smoothed = [n for n, r in cal.records.items() if r.smoothing is not None]
     if smoothed:
-        raise ExportError(f"{what} has no place for SmoothQuant factors; {len(smoothed)} layer(s) have them "
-                          f"({smoothed[:3]}{'…' if len(smoothed) > 3 else ''}); use export_param or the standard ONNX "
-                          "QDQ export (the division by s is a node before the input's QuantizeLinear), or calibrate "
-                          "with smooth_quant=None")
+        raise ExportError(
+            f"{what} has no place for SmoothQuant factors; {len(smoothed)} layer(s) have them "
+            f"({smoothed[:3]}{'…' if len(smoothed) > 3 else ''}); use export_param or the standard ONNX "
+            "QDQ export (the division by s is a node before the input's QuantizeLinear), or calibrate "
+            "with smooth_quant=None"
+        )
 
 
 def check_onnx_exportable(cfg, opset_version) -> None:
     if cfg.w_bit != 8 or (cfg.act_quant and cfg.a_bit != 8):
-        raise ExportError(f"ONNX QuantizeLinear holds 8-bit codes; this calibration has w_bit={cfg.w_bit}, "
-                          f"a_bit={cfg.a_bit} (use export_param for other widths)")
+        raise ExportError(
+            f"ONNX QuantizeLinear holds 8-bit codes; this calibration has w_bit={cfg.w_bit}, "
+            f"a_bit={cfg.a_bit} (use export_param for other widths)"
+        )
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or not 13 <= opset_version <= 23:
-        raise ExportError(f"opset_version={opset_version!r}: the QDQ export needs an ONNX opset from 13 to 23 "
-                          "(per-channel DequantizeLinear); 18 is the default")
+        raise ExportError(
+            f"opset_version={opset_version!r}: the QDQ export needs an ONNX opset from 13 to 23 "
+            "(per-channel DequantizeLinear); 18 is the default"
+        )
 
 
-def export_onnx(cal: Calibrated, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend) -> list:
+def export_onnx(
+    cal: Calibrated, model_arch, save_path, input_names, output_names, opset_version, example_batch, ascend
+) -> list:
     from bridge.export.onnx import export_qdq
 
     check_onnx_exportable(cal.cfg, opset_version)
@@ -125,6 +153,14 @@ def export_onnx(cal: Calibrated, model_arch, save_path, input_names, output_name
     if ascend:
         check_unsmoothed(cal, "the Ascend ONNX form")
     batch = as_batch(example_batch if example_batch is not None else next(iter(cal.calib_data)), 0)
-    return export_qdq(cal.model, batch, model_arch, save_path, input_names, output_names, opset_version, ascend=ascend,
-                      model_id=fingerprint_of(cal))
-
+    return export_qdq(
+        cal.model,
+        batch,
+        model_arch,
+        save_path,
+        input_names,
+        output_names,
+        opset_version,
+        ascend=ascend,
+        model_id=fingerprint_of(cal),
+    )

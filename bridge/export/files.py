@@ -22,6 +22,7 @@ A failure at any point leaves the earlier export whole; files of an earlier expo
 another model are not carried over; a reader refuses a directory whose manifest is
 missing, does not list its files or does not match them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,16 +78,20 @@ def atomic_directory(path: str | os.PathLike, export: str = "files", model: str 
         raise ExportError(f"export target {str(target)!r} exists and is not a directory")
     cwd = Path.cwd().resolve()
     if target.exists() and (cwd == target.resolve() or target.resolve() in cwd.parents):
-        raise ExportError(f"export target {str(target)!r} is the working directory or holds it; an export replaces its "
-                          "directory as a whole — give it a directory of its own (e.g. 'params')")
+        raise ExportError(
+            f"export target {str(target)!r} is the working directory or holds it; an export replaces its "
+            "directory as a whole — give it a directory of its own (e.g. 'params')"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"cannot create export directory {str(target)!r}: {e.strerror or e}") from e
     for d in (target.parent, target):
         if d.exists() and not os.access(d, os.W_OK | os.X_OK):
-            raise ExportError(f"export directory {str(d)!r} is not writable (an export is published by a rename in "
-                              f"{str(target.parent)!r})")
+            raise ExportError(
+                f"export directory {str(d)!r} is not writable (an export is published by a rename in "
+                f"{str(target.parent)!r})"
+            )
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.jaxq-", dir=target.parent))
     except OSError as e:
@@ -100,15 +105,20 @@ def atomic_directory(path: str | os.PathLike, export: str = "files", model: str 
         files.update({n: old["files"][n] for n in kept})
         exports = {k: v for k, v in old.get("exports", {}).items() if k != export and set(v) <= set(kept)}
         exports[export] = written
-        manifest = {"format": "jaxq", "model": model, "exports": dict(sorted(exports.items())),
-                    "files": dict(sorted(files.items()))}
+        manifest = {
+            "format": "jaxq",
+            "model": model,
+            "exports": dict(sorted(exports.items())),
+            "files": dict(sorted(files.items())),
+        }
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _publish(staging, target)
     except OSError as e:
         if isinstance(e, ExportError):
             raise
-        raise ExportError(f"cannot write the export into {str(target)!r}: {e.strerror or e}; the directory is as it "
-                          "was") from e
+        raise ExportError(
+            f"cannot write the export into {str(target)!r}: {e.strerror or e}; the directory is as it was"
+        ) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -121,7 +131,9 @@ def _old_manifest(target: Path) -> dict:
         return {}
 
 
-def _carry_over(target: Path, staging: Path, old: dict, written: list[str], export: str, model: str | None) -> list[str]:
+def _carry_over(
+    target: Path, staging: Path, old: dict, written: list[str], export: str, model: str | None
+) -> list[str]:
     """Hard-link into `staging` what the new export keeps of `target`; return the kept jaxq files."""
     if not target.is_dir():
         return []
@@ -193,9 +205,16 @@ def _save_tensors(tensors: dict, path: str, metadata: dict) -> None:
     os.chmod(path, 0o666 & ~umask)  # the writer creates 0600 files; honour the umask like open() does
 
 
-def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[str, dict], config: dict,
-                 legacy: bool = False, fused=(), float_tensors: dict[str, np.ndarray] | None = None,
-                 model: str | None = None) -> list[Path]:
+def write_params(
+    path,
+    params: dict[str, dict[str, np.ndarray]],
+    layers: dict[str, dict],
+    config: dict,
+    legacy: bool = False,
+    fused=(),
+    float_tensors: dict[str, np.ndarray] | None = None,
+    model: str | None = None,
+) -> list[Path]:
     """Write `params` (the dicts of `get_quant_params`) and `float_tensors` atomically;
     return the files.
 
@@ -207,12 +226,19 @@ def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[st
     for key, per_layer in params.items():
         for name, arr in per_layer.items():
             tensors[f"{name}.{key}"] = np.array(arr, order="C")  # ascontiguousarray would make 0-d arrays 1-d
-    description = {"format_version": FORMAT_VERSION, "config": config, "layers": layers,
-                   "fused": [list(p) for p in fused]}
+    description = {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "layers": layers,
+        "fused": [list(p) for p in fused],
+    }
     if float_tensors is not None:
         description["float_params"] = FLOAT_NAME
-    names = [SAFETENSORS_NAME, JSON_NAME] + ([FLOAT_NAME] if float_tensors is not None else []) + \
-        ([f"{k}.npy" for k in LEGACY_KEYS] if legacy else [])
+    names = (
+        [SAFETENSORS_NAME, JSON_NAME]
+        + ([FLOAT_NAME] if float_tensors is not None else [])
+        + ([f"{k}.npy" for k in LEGACY_KEYS] if legacy else [])
+    )
     try:
         text = json.dumps(description, indent=2, sort_keys=True, allow_nan=False)
     except ValueError as e:
@@ -222,8 +248,11 @@ def write_params(path, params: dict[str, dict[str, np.ndarray]], layers: dict[st
         _save_tensors(dict(sorted(tensors.items())), str(staging / SAFETENSORS_NAME), metadata={"format": "jaxq"})
         (staging / JSON_NAME).write_text(text)
         if float_tensors is not None:
-            _save_tensors({k: np.ascontiguousarray(v) for k, v in sorted(float_tensors.items())},
-                          str(staging / FLOAT_NAME), metadata={"format": "jaxq"})
+            _save_tensors(
+                {k: np.ascontiguousarray(v) for k, v in sorted(float_tensors.items())},
+                str(staging / FLOAT_NAME),
+                metadata={"format": "jaxq"},
+            )
         if legacy:
             for key in LEGACY_KEYS:
                 np.save(staging / f"{key}.npy", dict(params.get(key, {})), allow_pickle=True)
@@ -235,8 +264,9 @@ def verify_manifest(path) -> dict:
     path = Path(path).expanduser()
     mpath = path / MANIFEST_NAME
     if not mpath.is_file():
-        raise ValueError(f"{str(path)!r} has no {MANIFEST_NAME}: the export is incomplete (interrupted?) or not jaxq's; "
-                         "export again")
+        raise ValueError(
+            f"{str(path)!r} has no {MANIFEST_NAME}: the export is incomplete (interrupted?) or not jaxq's; export again"
+        )
     try:
         manifest = json.loads(mpath.read_text())
         files = dict(manifest["files"])
@@ -245,20 +275,30 @@ def verify_manifest(path) -> dict:
     listed = [n for n in (SAFETENSORS_NAME, JSON_NAME) if n not in files]
     unlisted = [n for n in PARAM_FILES if n not in files and (path / n).exists()]
     if listed or unlisted:
-        raise ValueError(f"{str(mpath)!r} does not list {listed + unlisted}: the manifest was edited or belongs to "
-                         "another export; export again")
+        raise ValueError(
+            f"{str(mpath)!r} does not list {listed + unlisted}: the manifest was edited or belongs to "
+            "another export; export again"
+        )
     for name, digest in files.items():
         f = path / name
         if not f.is_file():
             raise ValueError(f"{str(f)!r} listed in {MANIFEST_NAME} is missing")
         if sha256(f) != digest:
-            raise ValueError(f"{str(f)!r} does not match its SHA-256 in {MANIFEST_NAME}: the file was changed or "
-                             "belongs to another export")
+            raise ValueError(
+                f"{str(f)!r} does not match its SHA-256 in {MANIFEST_NAME}: the file was changed or "
+                "belongs to another export"
+            )
     return manifest
 
 
-def write_w8a8(path, tensors: dict[str, np.ndarray], description: dict, safetensors_name: str, json_name: str,
-               model: str | None = None) -> list[Path]:
+def write_w8a8(
+    path,
+    tensors: dict[str, np.ndarray],
+    description: dict,
+    safetensors_name: str,
+    json_name: str,
+    model: str | None = None,
+) -> list[Path]:
     """Write msModelSlim's W8A8 safetensors + description JSON atomically."""
     for name in (safetensors_name, json_name):
         if not name or "/" in name or name in (".", ".."):
@@ -266,7 +306,10 @@ def write_w8a8(path, tensors: dict[str, np.ndarray], description: dict, safetens
     if safetensors_name == json_name:
         raise ExportError(f"safetensors and JSON file names are both {json_name!r}; one would overwrite the other")
     with atomic_directory(path, "w8a8", model) as staging:
-        _save_tensors({k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}, str(staging / safetensors_name),
-                      metadata={"format": "pt"})
+        _save_tensors(
+            {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())},
+            str(staging / safetensors_name),
+            metadata={"format": "pt"},
+        )
         (staging / json_name).write_text(json.dumps(description, indent=2))
     return [Path(path) / safetensors_name, Path(path) / json_name]

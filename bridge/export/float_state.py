@@ -7,6 +7,7 @@ The weights of quantized layers are carried by their codes instead. A reload wri
 into the model, so it computes what the calibrated model computed when it was exported,
 after fine-tuning or not; the values it replaced are logged for `restore_model`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,13 @@ def live_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     named as in the model without quantizers (the tensors themselves, not copies)."""
     out: dict[str, torch.Tensor] = {}
     # jaxq's parametrization lists: the weight travels as codes, the bias under its own name
-    ours = {id(m.parametrizations[t]) for m in model.modules() if (q := quantizer_of(m)) is not None
-            for t in (q.param, q.bias_param) if has_ours(m, t)}
+    ours = {
+        id(m.parametrizations[t])
+        for m in model.modules()
+        if (q := quantizer_of(m)) is not None
+        for t in (q.param, q.bias_param)
+        if has_ours(m, t)
+    }
     for mname, module in model.named_modules():
         prefix = f"{mname}." if mname else ""
         if id(module) in ours:
@@ -34,7 +40,11 @@ def live_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if q is not None and has_ours(module, q.bias_param) and q.float_bias is not None:
             out[prefix + q.bias_param] = q.float_bias
         for bname, b in module._buffers.items():
-            if b is not None and not (q is not None and bname in BUFFERS) and bname not in module._non_persistent_buffers_set:
+            if (
+                b is not None
+                and not (q is not None and bname in BUFFERS)
+                and bname not in module._non_persistent_buffers_set
+            ):
                 out[prefix + bname] = b
     return out
 
@@ -54,17 +64,22 @@ def check_float_state(model: nn.Module, stored: dict[str, np.ndarray], source: s
     live = live_float_tensors(model)
     missing, extra = sorted(set(stored) - set(live)), sorted(set(live) - set(stored))
     if missing or extra:
-        raise ValueError(f"{source} was exported from a model with other tensors: the model lacks {missing[:4]}"
-                         f"{'…' if len(missing) > 4 else ''} and has {extra[:4]}{'…' if len(extra) > 4 else ''} "
-                         "that the export does not carry; load it into the architecture that was calibrated")
+        raise ValueError(
+            f"{source} was exported from a model with other tensors: the model lacks {missing[:4]}"
+            f"{'…' if len(missing) > 4 else ''} and has {extra[:4]}{'…' if len(extra) > 4 else ''} "
+            "that the export does not carry; load it into the architecture that was calibrated"
+        )
     for name, arr in stored.items():
         if tuple(live[name].shape) != tuple(arr.shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, the model's has "
-                             f"{tuple(live[name].shape)}")
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, the model's has {tuple(live[name].shape)}"
+            )
     return live
 
 
-def write_float_state(live: dict[str, torch.Tensor], stored: dict[str, np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def write_float_state(
+    live: dict[str, torch.Tensor], stored: dict[str, np.ndarray]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Copy `stored` into the model's tensors; returns `(tensor, value before)` of the changed ones."""
     replaced = []
     with torch.no_grad():

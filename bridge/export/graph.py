@@ -1,4 +1,5 @@
 """Constant folding and dead-node pruning on ONNX graphs (shared by the QDQ and Ascend exports)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ fake-tensor kernels for the fake-quantize ops that export traces through, so
 bool). The TorchScript exporter is not used: it traces transformers 5 models
 unfaithfully even in float.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,16 +72,27 @@ def _dict_output_names(model: nn.Module, batch: Batch) -> list[str] | None:
         with torch.no_grad():
             out = model(*batch.args, **batch.kwargs)
     except Exception as e:  # the user's model rejected the batch: say which
-        raise ExportError(f"the model rejected the example batch ({_shapes(batch)}): {type(e).__name__}: "
-                          f"{_first_line(e)}; give example_batch= a batch the model accepts") from e
+        raise ExportError(
+            f"the model rejected the example batch ({_shapes(batch)}): {type(e).__name__}: "
+            f"{_first_line(e)}; give example_batch= a batch the model accepts"
+        ) from e
     if hasattr(out, "keys") and all(isinstance(v, torch.Tensor) for v in out.values()):
         return [str(k) for k in out.keys()]
     return None
 
 
-def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input_names=None, output_names=None,
-               opset_version: int = 18, dynamic_axes: dict[int, str] | None = None, ascend: bool = False,
-               model_id: str | None = None) -> list[Path]:
+def export_qdq(
+    model: nn.Module,
+    batch: Batch,
+    model_arch: str,
+    save_path,
+    input_names=None,
+    output_names=None,
+    opset_version: int = 18,
+    dynamic_axes: dict[int, str] | None = None,
+    ascend: bool = False,
+    model_id: str | None = None,
+) -> list[Path]:
     """Trace `model` on `batch` and write `<save_path>/<model_arch>.onnx` atomically.
 
     `dynamic_axes` maps axis → name for every input (default: axis 0 "batch"; keyword
@@ -108,13 +120,21 @@ def export_qdq(model: nn.Module, batch: Batch, model_arch: str, save_path, input
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                opset_version=opset_version, dynamic_shapes=(tuple(dims["shapes"]),) if batch.kwargs else tuple(dims["shapes"]),
-                optimize=False, verbose=False,
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset_version,
+                dynamic_shapes=(tuple(dims["shapes"]),) if batch.kwargs else tuple(dims["shapes"]),
+                optimize=False,
+                verbose=False,
             )
         except Exception as e:  # torch.export's errors run to pages; the cause is chained
-            raise ExportError(f"torch's exporter could not trace the model on the example batch ({_shapes(batch)}): "
-                              f"{type(e).__name__}: {_first_line(e)}") from e
+            raise ExportError(
+                f"torch's exporter could not trace the model on the example batch ({_shapes(batch)}): "
+                f"{type(e).__name__}: {_first_line(e)}"
+            ) from e
     proto = fold_weight_quantizers(program.model_proto)
     if ascend:
         from bridge.export.ascend import to_ascend

@@ -5,6 +5,7 @@ the JSON, the stored config (against the calibrator's, for `load_param`), layer 
 shapes, dtypes, code ranges and finiteness. Errors name the file and the layer; a failed
 load leaves the model exactly as it was.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,7 +49,9 @@ def read_params(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise ParamFileError(f"{str(path / JSON_NAME)!r} is not valid JSON: {e}") from None
     if not isinstance(description, dict) or description.get("format_version") != FORMAT_VERSION:
         version = description.get("format_version") if isinstance(description, dict) else None
-        raise ParamFileError(f"{str(path / JSON_NAME)!r} has format_version {version!r}; this jaxq reads {FORMAT_VERSION}")
+        raise ParamFileError(
+            f"{str(path / JSON_NAME)!r} has format_version {version!r}; this jaxq reads {FORMAT_VERSION}"
+        )
     for key in ("config", "layers"):
         if not isinstance(description.get(key), dict):
             raise ParamFileError(f"{str(path / JSON_NAME)!r} has no {key!r} section")
@@ -104,8 +107,10 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
             kinds = "iu" if key in INTEGER_KEYS else "f"
             t = tensors.get(f"{name}.{key}")
             if t is not None and t.dtype.kind not in kinds:
-                raise ParamFileError(f"{source}: layer {name!r}: {key} has dtype {t.dtype}, expected "
-                                     f"{'an integer' if kinds == 'iu' else 'a float'} type")
+                raise ParamFileError(
+                    f"{source}: layer {name!r}: {key} has dtype {t.dtype}, expected "
+                    f"{'an integer' if kinds == 'iu' else 'a float'} type"
+                )
         try:
             record = record_from_tensors(name, tensors, custom=False)
         except KeyError as e:
@@ -115,13 +120,16 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
         except ValueError as e:
             raise ParamFileError(str(e)) from None
         weight = weights[name] if record.smoothing is None else weights[name].astype(np.float32) * record.smoothing
-        custom = not is_nearest(weight, record.weight_scale, record.weight_offset, cfg.weight_scheme_for(name),
-                                record.codes)
+        custom = not is_nearest(
+            weight, record.weight_scale, record.weight_offset, cfg.weight_scheme_for(name), record.codes
+        )
         records[name] = dataclasses.replace(record, custom_codes=custom)
     return records
 
 
-def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer], fused) -> tuple[dict[str, LayerRecord], dict]:
+def read_records(
+    path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer], fused
+) -> tuple[dict[str, LayerRecord], dict]:
     """Records for `Calibrator.load_param` and the export's description: the files must
     come from the same model and config."""
     description, tensors = read_params(path)
@@ -130,28 +138,36 @@ def read_records(path, cfg: jaxq.QuantConfig, layers: dict[str, LayerQuantizer],
         stored = dataclasses.replace(stored, amp_metric=cfg.amp_metric)
     if stored != cfg:
         diff = [f.name for f in dataclasses.fields(cfg) if getattr(stored, f.name) != getattr(cfg, f.name)]
-        raise ParamFileError(f"{str(Path(path) / JSON_NAME)!r} was calibrated with another config "
-                             f"(differs in {diff or 'other fields'}); build the Calibrator with the stored config: "
-                             "bridge.export.reload.stored_config(...) or load_quantized(model, path)")
+        raise ParamFileError(
+            f"{str(Path(path) / JSON_NAME)!r} was calibrated with another config "
+            f"(differs in {diff or 'other fields'}); build the Calibrator with the stored config: "
+            "bridge.export.reload.stored_config(...) or load_quantized(model, path)"
+        )
     names = set(description["layers"])
     if names != set(layers):
-        raise ParamFileError(f"{str(path)!r} holds layers that differ from this calibrator's quantized layers: "
-                             f"{sorted(names ^ set(layers))[:5]}; build it with the same model and config")
+        raise ParamFileError(
+            f"{str(path)!r} holds layers that differ from this calibrator's quantized layers: "
+            f"{sorted(names ^ set(layers))[:5]}; build it with the same model and config"
+        )
     if [list(p) for p in fused] != description.get("fused", []):
         raise ParamFileError(f"{str(path)!r} records other Conv+BN folds than this calibrator made")
     weights = {n: q.original_weight.detach().float().cpu().numpy() for n, q in layers.items()}
     return _records(path, description, tensors, cfg, weights), description
 
 
-def _folded_weights(model: nn.Module, description: dict, candidates: dict[str, nn.Module], path) -> dict[str, np.ndarray]:
+def _folded_weights(
+    model: nn.Module, description: dict, candidates: dict[str, nn.Module], path
+) -> dict[str, np.ndarray]:
     """The float weight each layer will have after the recorded folds (computed, not applied)."""
     modules = dict(model.named_modules())
     out = {}
     folds = {conv: bn for conv, bn in description.get("fused", [])}
     for conv, bn in folds.items():
         if conv not in modules or bn not in modules or not isinstance(modules[bn], (nn.BatchNorm1d, nn.BatchNorm2d)):
-            raise ParamFileError(f"the model has no conv {conv!r} followed by a BatchNorm {bn!r}, recorded as fused in "
-                                 f"{str(path)!r} (already folded, or another model?)")
+            raise ParamFileError(
+                f"the model has no conv {conv!r} followed by a BatchNorm {bn!r}, recorded as fused in "
+                f"{str(path)!r} (already folded, or another model?)"
+            )
     for name in description["layers"]:
         if name not in candidates:
             raise ParamFileError(f"the model has no quantizable layer {name!r} listed in {str(path)!r}")
@@ -181,7 +197,9 @@ def load_quantized(model: nn.Module, path) -> nn.Module:
         for conv, bn in description.get("fused", []):
             edit.folds.append(fold(model, conv, bn))
         layers = {n: candidates[n] for n in description["layers"]}
-        attach_quantizers(model, layers, {n for n, d in description["layers"].items() if d.get("functional")}, cfg, edit)
+        attach_quantizers(
+            model, layers, {n for n, d in description["layers"].items() if d.get("functional")}, cfg, edit
+        )
         load_float_params(model, path, description, edit)
         apply_records(edit.quantizers, records)
         set_quantization(edit.quantizers, True)

@@ -18,6 +18,7 @@ Any other channel whose `quant_bias` does not fit int32 (tiny but non-zero weigh
 a normal bias) cannot be expressed: it is saturated to the int32 range with a
 `W8A8OverflowWarning` naming the layer and channels (msModelSlim casts it, wrapping around).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -42,8 +43,15 @@ def activation_shift(signed: bool) -> int:
     return 0 if signed else 128
 
 
-def layer_tensors(name: str, q_weight: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray | None,
-                  input_scale: float, input_offset: int, act_signed: bool) -> dict[str, np.ndarray]:
+def layer_tensors(
+    name: str,
+    q_weight: np.ndarray,
+    weight_scale: np.ndarray,
+    bias: np.ndarray | None,
+    input_scale: float,
+    input_offset: int,
+    act_signed: bool,
+) -> dict[str, np.ndarray]:
     """The W8A8 tensors of one layer (see module docstring)."""
     o8 = int(input_offset) - activation_shift(act_signed)
     deq = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
@@ -61,8 +69,9 @@ def layer_tensors(name: str, q_weight: np.ndarray, weight_scale: np.ndarray, bia
     return out
 
 
-def integer_bias(name: str, bias: np.ndarray | None, deq: np.ndarray, w_q: np.ndarray,
-                 o8: int) -> tuple[np.ndarray, np.ndarray]:
+def integer_bias(
+    name: str, bias: np.ndarray | None, deq: np.ndarray, w_q: np.ndarray, o8: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`(quant_bias, deq_scale)` per output channel; `w_q: [out, in]` integer codes (see
     the module docstring for dead channels)."""
     b = np.zeros(w_q.shape[0], np.float64) if bias is None else np.asarray(bias, np.float64)
@@ -72,9 +81,12 @@ def integer_bias(name: str, bias: np.ndarray | None, deq: np.ndarray, w_q: np.nd
     limit = np.iinfo(np.int32)
     bad = np.flatnonzero(~np.isfinite(exact) | (np.abs(exact) > limit.max))
     if bad.size:
-        warnings.warn(f"{name}: quant_bias of output channel(s) {bad[:8].tolist()} does not fit int32 "
-                      f"(bias / deq_scale = {exact[bad[0]]:.3g}: weights tiny next to the bias); saturated",
-                      W8A8OverflowWarning, stacklevel=3)
+        warnings.warn(
+            f"{name}: quant_bias of output channel(s) {bad[:8].tolist()} does not fit int32 "
+            f"(bias / deq_scale = {exact[bad[0]]:.3g}: weights tiny next to the bias); saturated",
+            W8A8OverflowWarning,
+            stacklevel=3,
+        )
     exact = np.clip(np.nan_to_num(exact), limit.min, limit.max)
     return np.round(exact).astype(np.int32), deq
 
@@ -93,13 +105,22 @@ def check_exportable(w_sym: bool, w_bit: int, a_bit: int, act_quant: bool, w_sig
         raise W8A8Error("export_quant_safetensor cannot express this calibration: " + "; ".join(problems))
 
 
-def integer_forward(spec: LayerSpec, t: dict[str, np.ndarray], name: str, x: torch.Tensor,
-                    act_qmin: int, act_qmax: int, act_signed: bool) -> torch.Tensor:
+def integer_forward(
+    spec: LayerSpec,
+    t: dict[str, np.ndarray],
+    name: str,
+    x: torch.Tensor,
+    act_qmin: int,
+    act_qmax: int,
+    act_signed: bool,
+) -> torch.Tensor:
     """Reference integer evaluation of one exported layer on float input `x` (float64 exact ints)."""
     s = float(t[f"{name}.input_scale"][0])
     o8 = int(t[f"{name}.input_offset"][0])
     shift = activation_shift(act_signed)
-    q = torch.clamp(torch.round(x.float() * (1.0 / torch.tensor(s, dtype=torch.float32))) + (o8 + shift), act_qmin, act_qmax)
+    q = torch.clamp(
+        torch.round(x.float() * (1.0 / torch.tensor(s, dtype=torch.float32))) + (o8 + shift), act_qmin, act_qmax
+    )
     xq8 = (q - shift).double()
     w = torch.from_numpy(t[f"{name}.weight"].astype(np.float64))
     if spec.kind == "linear":

@@ -18,6 +18,7 @@ The user's module stays where it is, with its class, attributes and `forward`
 `detach()` undoes all of it and leaves the module exactly as it was. Only
 `bridge.inplace.record.apply_records` writes the buffers (one parameter record).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,8 @@ class _FakeQuantWeight(_Owned):
             source = owner.smoothed_weight(w.float()) if owner.weight_codes is None else owner.dequantized_codes()
             # float32 scales whatever `model.half()` / `.double()` made of the buffers
             out = torch.fake_quantize_per_channel_affine(
-                source.float(), owner.weight_scale.float(), owner.weight_offset.int(), 0, scheme.qmin,
-                scheme.qmax).to(w.dtype)
+                source.float(), owner.weight_scale.float(), owner.weight_offset.int(), 0, scheme.qmin, scheme.qmax
+            ).to(w.dtype)
         owner.note_weight(out)
         return out
 
@@ -89,15 +90,26 @@ class LayerQuantizer:
         with a forward pre-hook.
     """
 
-    def __init__(self, module: nn.Module, name: str, weight_scheme: QScheme, act_scheme: QScheme | None,
-                 param: str = "weight", functional: bool = False):
+    def __init__(
+        self,
+        module: nn.Module,
+        name: str,
+        weight_scheme: QScheme,
+        act_scheme: QScheme | None,
+        param: str = "weight",
+        functional: bool = False,
+    ):
         if getattr(module, MARKER, None) is not None:
-            raise QuantizerConflictError(f"layer {name!r} already carries a jaxq quantizer; call restore() on the "
-                                         "Calibrator that made it, or start from a fresh model")
+            raise QuantizerConflictError(
+                f"layer {name!r} already carries a jaxq quantizer; call restore() on the "
+                "Calibrator that made it, or start from a fresh model"
+            )
         taken = [b for b in BUFFERS if b in dir(module)]
         if taken:
-            raise QuantizerConflictError(f"layer {name!r} ({type(module).__name__}) already has attributes {taken}; "
-                                         "jaxq stores its buffers under these names — keep it float (disable_names)")
+            raise QuantizerConflictError(
+                f"layer {name!r} ({type(module).__name__}) already has attributes {taken}; "
+                "jaxq stores its buffers under these names — keep it float (disable_names)"
+            )
         self.module, self.name, self.param = module, name, param
         self.bias_param = "in_proj_bias" if param == "in_proj_weight" else "bias"
         self.weight_scheme, self.act_scheme, self.functional = weight_scheme, act_scheme, functional
@@ -106,7 +118,9 @@ class LayerQuantizer:
         self.smoothing: torch.Tensor | None = None  # SmoothQuant factors s [in]; None = none
         self.listeners: list[Callable[[torch.Tensor], None]] = []
         self.weight_watch: Callable[[torch.Tensor], None] | None = None
-        self.recorded_weight: tuple | None = None  # stamp of the weight its record was made from (bridge.inplace.record)
+        self.recorded_weight: tuple | None = (
+            None  # stamp of the weight its record was made from (bridge.inplace.record)
+        )
         self._added_bias = False
         self._input_qparams = (1.0, 0)  # Python copy of (input_scale, input_offset), see fake_quant_input
         self._param_order = list(module._parameters)  # restored by detach (state_dict key order)
@@ -162,8 +176,10 @@ class LayerQuantizer:
             return
         codes = torch.as_tensor(codes).to(device=self.weight_scale.device, dtype=torch.int32)
         if codes.shape != self.float_weight.shape:
-            raise ValueError(f"layer {self.name!r}: weight codes of shape {tuple(codes.shape)} do not match the "
-                             f"weight {tuple(self.float_weight.shape)}")
+            raise ValueError(
+                f"layer {self.name!r}: weight codes of shape {tuple(codes.shape)} do not match the "
+                f"weight {tuple(self.float_weight.shape)}"
+            )
         self.weight_codes = codes.clone()
 
     @property
@@ -183,8 +199,10 @@ class LayerQuantizer:
             return
         delta = torch.as_tensor(delta).to(device=self.weight_scale.device, dtype=torch.float32).reshape(-1)
         if delta.numel() != self.weight_scale.numel():
-            raise ValueError(f"layer {self.name!r}: bias correction of {delta.numel()} values does not match "
-                             f"{self.weight_scale.numel()} output channels")
+            raise ValueError(
+                f"layer {self.name!r}: bias correction of {delta.numel()} values does not match "
+                f"{self.weight_scale.numel()} output channels"
+            )
         if not torch.isfinite(delta).all():
             raise FloatingPointError(f"layer {self.name!r}: bias correction is not finite")
         self.carry_bias_correction()
@@ -202,8 +220,11 @@ class LayerQuantizer:
         m.register_buffer(DELTA, torch.zeros(out, dtype=torch.float32, device=self.weight_scale.device))
         if getattr(m, self.bias_param) is None:
             w = self.original_weight
-            setattr(m, self.bias_param, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                                     requires_grad=False))
+            setattr(
+                m,
+                self.bias_param,
+                nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False),
+            )
             self._added_bias = True
         parametrize.register_parametrization(m, self.bias_param, _CorrectedBias(self), unsafe=True)
 
@@ -215,12 +236,16 @@ class LayerQuantizer:
             return
         w = self.original_weight
         if w.dim() != 2 or self.functional or self.act_scheme is None:
-            raise ValueError(f"layer {self.name!r}: SmoothQuant factors need a Linear layer with a quantized input "
-                             f"(weight {tuple(w.shape)}, functional={self.functional}, "
-                             f"input quantized={self.act_scheme is not None})")
+            raise ValueError(
+                f"layer {self.name!r}: SmoothQuant factors need a Linear layer with a quantized input "
+                f"(weight {tuple(w.shape)}, functional={self.functional}, "
+                f"input quantized={self.act_scheme is not None})"
+            )
         factors = torch.as_tensor(factors).to(device=w.device, dtype=torch.float32).reshape(-1)
         if factors.numel() != w.shape[1]:
-            raise ValueError(f"layer {self.name!r}: {factors.numel()} smoothing factors for {w.shape[1]} input channels")
+            raise ValueError(
+                f"layer {self.name!r}: {factors.numel()} smoothing factors for {w.shape[1]} input channels"
+            )
         if not (torch.isfinite(factors).all() and (factors > 0).all()):
             raise ValueError(f"layer {self.name!r}: smoothing factors must be finite and positive")
         self.smoothing = factors.clone()
@@ -272,7 +297,9 @@ class LayerQuantizer:
         """`(q − o)·s` of the stored codes: fake-quantizing it returns it unchanged, so
         exported graphs keep their weight QuantizeLinear/DequantizeLinear pair."""
         shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
-        return (self.weight_codes - self.weight_offset.reshape(shape)).float() * self.weight_scale.float().reshape(shape)
+        return (self.weight_codes - self.weight_offset.reshape(shape)).float() * self.weight_scale.float().reshape(
+            shape
+        )
 
     def fake_quant_weight(self) -> torch.Tensor:
         """`Ŵ` (the float weight when quantization is off)."""
@@ -318,9 +345,11 @@ class LayerQuantizer:
         return xq.to(x.dtype)
 
     def _refuse_script(self):
-        raise TypeError(f"torch.jit.script cannot compile layer {self.name!r}: it carries a jaxq fake quantizer (a torch "
-                        "parametrization and hooks, which TorchScript does not support). Use torch.export or "
-                        "Calibrator.export_quant_onnx for a graph, export_param + bridge.load_quantized to save it")
+        raise TypeError(
+            f"torch.jit.script cannot compile layer {self.name!r}: it carries a jaxq fake quantizer (a torch "
+            "parametrization and hooks, which TorchScript does not support). Use torch.export or "
+            "Calibrator.export_quant_onnx for a graph, export_param + bridge.load_quantized to save it"
+        )
 
     # -- undo --------------------------------------------------------------------------
     def detach(self) -> nn.Module:
@@ -346,7 +375,6 @@ class LayerQuantizer:
         self.smoothing = None
         return m
 
-
     def extra_repr(self) -> str:
         a = "float" if self.act_scheme is None else f"int{self.act_scheme.bits}"
         smooth = ", smoothed" if self.smoothing is not None else ""
@@ -354,8 +382,6 @@ class LayerQuantizer:
 
     def __repr__(self) -> str:
         return f"LayerQuantizer({self.name!r}, {self.extra_repr()})"
-
-
 
 
 def set_quantization(quantizers: dict, enabled) -> None:
@@ -391,8 +417,6 @@ def model_quantizers(model: nn.Module) -> dict[str, LayerQuantizer]:
     return out
 
 
-
-
 def _ours(module: nn.Module, name: str) -> int | None:
     """Index of jaxq's parametrization in `module.parametrizations[name]` (None: none).
     By type, so a deep copy's (a copy of ours) is found too."""
@@ -416,7 +440,11 @@ def _input_of_ours(module: nn.Module, name: str) -> torch.Tensor:
     index = _ours(module, name)
     if index == 0 and plist.is_tensor:
         return plist.original
-    x = plist[0](plist.original) if plist.is_tensor else plist[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
+    x = (
+        plist[0](plist.original)
+        if plist.is_tensor
+        else plist[0](*(getattr(plist, f"original{i}") for i in range(plist.ntensors)))
+    )
     for i in range(1, index):
         x = plist[i](x)
     return x
@@ -455,15 +483,23 @@ def remove_hooks_of(module: nn.Module, owner_type: type, owner=None) -> None:
             bound = getattr(fn, "__self__", None)
             if isinstance(bound, owner_type) and (owner is None or bound is owner):
                 del hooks[key]
-                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                for extra in (
+                    "_forward_pre_hooks_with_kwargs",
+                    "_forward_hooks_with_kwargs",
+                    "_forward_hooks_always_called",
+                ):
                     getattr(module, extra, {}).pop(key, None)
 
 
 def _eager_cpu_inference(x: torch.Tensor) -> bool:
     """A plain CPU tensor, no gradient, not being traced (export, compile, jit)."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu"
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    return (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
 
 
 def fake_quant_per_tensor_cpu(x: torch.Tensor, scale: float, offset: int, qmin: int, qmax: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ is applied to the fake-quantized result here.
 
 `find_functional_layers` runs one forward to find which layers need this.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,14 @@ from bridge.capture.data import Batch, run_model
 _LINEAR_CONV = {F.linear, torch._C._nn.linear, F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 # modules whose forward may take a fused path that skips their submodules
-_FUSED_PATH_OWNERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
-                      nn.TransformerDecoderLayer, nn.TransformerDecoder, nn.Transformer)
+_FUSED_PATH_OWNERS = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoderLayer,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
 
 
 def _weight_arg(args, kwargs):
@@ -181,7 +188,9 @@ def find_functional_layers(model: nn.Module, layers: dict[str, nn.Module], batch
     plain = {n: m for n, m in layers.items() if n not in out}
     weights = {id(m.weight): n for n, m in plain.items()}
     calls = dict.fromkeys(plain, 0)
-    handles = [m.register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1)) for n, m in plain.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1)) for n, m in plain.items()
+    ]
     counter = _UseCounter(weights)
     try:
         with torch.no_grad(), counter:

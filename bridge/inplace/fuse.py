@@ -15,6 +15,7 @@ record that `unfold` undoes bit for bit — or, when the folded conv was trained
 The data flow is keyed on the conv outputs themselves (weak references), not on
 `id()` alone: a freed output's id may be reused by a later tensor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,6 +43,7 @@ def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, 
         def hook(_m, _inp, out):
             if isinstance(out, torch.Tensor):
                 producer[id(out)] = (name, weakref.ref(out))
+
         return hook
 
     def bn_hook(name):
@@ -51,6 +53,7 @@ def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, 
             entry = producer.get(id(inp[0]))
             if entry is not None and entry[1]() is inp[0] and (entry[0], name) not in pairs:
                 pairs.append((entry[0], name))
+
         return hook
 
     for name, m in model.named_modules():
@@ -91,8 +94,9 @@ class Fold:
 def fold(model: nn.Module, conv_name: str, bn_name: str) -> Fold:
     """Fold BN `bn_name` into conv `conv_name` in place and replace it by `nn.Identity`."""
     conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-    record = Fold(conv_name, bn_name, bn, conv.weight.detach().clone(),
-                  None if conv.bias is None else conv.bias.detach().clone())
+    record = Fold(
+        conv_name, bn_name, bn, conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone()
+    )
     fold_bn_into_conv(conv, bn)
     set_module(model, bn_name, nn.Identity())
     return record
@@ -133,8 +137,11 @@ def _unfold_trained(conv: nn.Module, record: Fold) -> None:
         shape = (-1,) + (1,) * (conv.weight.dim() - 1)
         safe = torch.where(k == 0, torch.ones_like(k), k)
         w = torch.where((k == 0).reshape(shape), record.weight.double(), conv.weight.double() / safe.reshape(shape))
-        b = torch.where(k == 0, torch.zeros_like(k) if record.bias is None else record.bias.double(),
-                        (conv.bias.double() - beta) / safe + bn.running_mean.double())
+        b = torch.where(
+            k == 0,
+            torch.zeros_like(k) if record.bias is None else record.bias.double(),
+            (conv.bias.double() - beta) / safe + bn.running_mean.double(),
+        )
         conv.weight.copy_(w.to(conv.weight.dtype))
         if record.bias is None and not bool(b.any()):
             conv.bias = None

@@ -1,4 +1,5 @@
 """Finding quantizable layers and describing them as `jaxq.LayerSpec`."""
+
 from __future__ import annotations
 
 import difflib
@@ -67,7 +68,7 @@ def layer_spec(name: str, module: nn.Module) -> LayerSpec:
     static = getattr(module, "static_padding", None)  # TF-"same" convs that pad in forward
     if isinstance(static, (nn.ZeroPad1d, nn.ZeroPad2d)):
         pads = static.padding  # (left, right[, top, bottom]): last spatial dim first
-        extra = [tuple(pads[i:i + 2]) for i in range(0, len(pads), 2)][::-1]
+        extra = [tuple(pads[i : i + 2]) for i in range(0, len(pads), 2)][::-1]
         padding = [(lo + a, hi + b) for (lo, hi), (a, b) in zip(padding, extra)]
     return LayerSpec(
         name,
@@ -113,8 +114,9 @@ def check_layer_bits(layer_names: list[str], layer_bits) -> None:
         matching_layers(layer_names, pattern, "layer_bits")
 
 
-def resolve_disabled(layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool,
-                     last: list[str] | None = None) -> set[str]:
+def resolve_disabled(
+    layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool, last: list[str] | None = None
+) -> set[str]:
     """Names kept in float (docs/design.md §4).
 
     Entries are exact layer names or glob patterns (`"blocks.0.*"`, `fnmatch` rules).

@@ -3,6 +3,7 @@
 Every change goes through the `ModelEdit` log, so the caller can undo all of it.
 Disabled layers are never inspected beyond their names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,14 @@ from bridge.inplace.fakequant import LayerQuantizer
 from bridge.inplace.functional import FunctionalTaps, find_functional_layers
 from bridge.capture.memory import release_freed_memory
 from bridge.inplace.fuse import fuse_conv_bn
-from bridge.inplace.modules import check_layer_bits, layer_spec, quantizable_layers, resolve_disabled, unsupported_layers, weight_name
+from bridge.inplace.modules import (
+    check_layer_bits,
+    layer_spec,
+    quantizable_layers,
+    resolve_disabled,
+    unsupported_layers,
+    weight_name,
+)
 from bridge.capture.synthetic import distill_bn_batches
 from bridge.capture.tensors import tensors_in
 from bridge.inplace.transaction import ModelEdit
@@ -66,8 +74,10 @@ def calibration_data(model: nn.Module, cfg: jaxq.QuantConfig, calib_data, device
     if cfg.quant_mode == 1:
         raise CalibrationDataError("QuantConfig.quant_mode=1 (label-free) needs real calib_data: a list of batches")
     if cfg.input_shape is None:
-        raise CalibrationDataError("data-free mode (quant_mode=0) without calib_data needs QuantConfig.input_shape, "
-                                   "e.g. input_shape=[1, 3, 224, 224]")
+        raise CalibrationDataError(
+            "data-free mode (quant_mode=0) without calib_data needs QuantConfig.input_shape, "
+            "e.g. input_shape=[1, 3, 224, 224]"
+        )
     model.eval().to(device)
     check_input_shape(model, cfg.input_shape, device)
     if cfg.virtual_data == "bn_stats":
@@ -76,7 +86,9 @@ def calibration_data(model: nn.Module, cfg: jaxq.QuantConfig, calib_data, device
         "data-free mode feeds torch.rand(input_shape): uniform values in [0, 1). If the model's real inputs are "
         "scaled otherwise (normalised images, audio in [-1, 1]), the activation ranges will be poor: give a few "
         "real batches as calib_data, or QuantConfig(virtual_data='bn_stats') for BatchNorm models",
-        DataFreeRangeWarning, stacklevel=4)
+        DataFreeRangeWarning,
+        stacklevel=4,
+    )
     return virtual_batch(cfg.input_shape, cfg.seed)
 
 
@@ -99,6 +111,7 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
         def hook(_m, _a, out):
             if isinstance(out, torch.Tensor) and out.grad_fn is not None:
                 produced[out.grad_fn] = name
+
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
@@ -125,8 +138,10 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
 def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict]:
     layers = quantizable_layers(model)
     if not layers:
-        raise EmptyModelError(f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, "
-                              "nn.MultiheadAttention); nothing to calibrate")
+        raise EmptyModelError(
+            f"{type(model).__name__} has no quantizable layer (nn.Linear, nn.Conv1d, nn.Conv2d, "
+            "nn.MultiheadAttention); nothing to calibrate"
+        )
     if "" in layers:
         raise EmptyModelError("the model is itself a single layer; wrap it, e.g. nn.Sequential(model)")
     default_float = not cfg.disable_names and not cfg.quantize_first_last and batch is not None
@@ -137,24 +152,36 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, 
         raise EmptyModelError(
             f"every quantizable layer of {type(model).__name__} would stay float ({sorted(disabled)[:4]}): "
             "by default the first and last layer are kept float; use QuantConfig(quantize_first_last=True) "
-            "or name fewer layers in disable_names")
+            "or name fewer layers in disable_names"
+        )
     return layers, disabled, unsupported_layers(model)
 
 
-def prepare(model: nn.Module, cfg: jaxq.QuantConfig, data: Iterable, device, fuse_module_call_back: Callable | None,
-            edit: ModelEdit) -> Prepared:
+def prepare(
+    model: nn.Module,
+    cfg: jaxq.QuantConfig,
+    data: Iterable,
+    device,
+    fuse_module_call_back: Callable | None,
+    edit: ModelEdit,
+) -> Prepared:
     """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`."""
     model.eval().to(device)
     batch = first_batch(data, device)
     layers, disabled, unsupported = _layers(model, cfg, batch)
     if unsupported:
-        warnings.warn("jaxq leaves these layers in float: " + "; ".join(f"{n} ({why})" for n, why in unsupported.items()),
-                      UnquantizedLayersWarning, stacklevel=3)
+        warnings.warn(
+            "jaxq leaves these layers in float: " + "; ".join(f"{n} ({why})" for n, why in unsupported.items()),
+            UnquantizedLayersWarning,
+            stacklevel=3,
+        )
     if fuse_module_call_back is not None:
         fused = fuse_module_call_back(model)
         if fused is not None and fused is not model:
-            raise TypeError("fuse_module_call_back must fuse the model in place and return it (or None), got "
-                            f"{type(fused).__name__}")
+            raise TypeError(
+                "fuse_module_call_back must fuse the model in place and return it (or None), got "
+                f"{type(fused).__name__}"
+            )
         layers, disabled, unsupported = _layers(model, cfg, batch)
     else:
         edit.folds.extend(fuse_conv_bn(model, batch))
@@ -166,17 +193,19 @@ def prepare(model: nn.Module, cfg: jaxq.QuantConfig, data: Iterable, device, fus
     return Prepared(layers, disabled, unsupported, specs)
 
 
-def attach_quantizers(model: nn.Module, layers: dict[str, nn.Module], functional: set[str], cfg: jaxq.QuantConfig,
-                      edit: ModelEdit) -> None:
+def attach_quantizers(
+    model: nn.Module, layers: dict[str, nn.Module], functional: set[str], cfg: jaxq.QuantConfig, edit: ModelEdit
+) -> None:
     """A `LayerQuantizer` on each of `layers` (tapped at the functional call for the names
     in `functional`), and the taps installed on `model` if any needs them; logged in `edit`."""
     act_scheme = cfg.act_scheme if cfg.act_quant else None
     for name, module in layers.items():
-        quantizer = LayerQuantizer(module, name, cfg.weight_scheme_for(name), act_scheme, weight_name(module), name in functional)
+        quantizer = LayerQuantizer(
+            module, name, cfg.weight_scheme_for(name), act_scheme, weight_name(module), name in functional
+        )
         edit.attach(quantizer)
         if cfg.bias_correction and name not in functional:
             quantizer.carry_bias_correction()
     tapped = [q for q in edit.quantizers.values() if q.functional]
     if tapped:
         edit.taps = FunctionalTaps(tapped).install(model)
-

@@ -4,6 +4,7 @@
 read or write records; `apply_records` is the only code that writes the modules'
 buffers. Numerics: `jaxq.numerics` (`x̂ = (q − o)·s`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,15 @@ import torch
 from jaxq import QParams, QScheme, quantize
 
 # msModelSlim's five dicts (`get_quant_params`), then jaxq's bias corrections and SmoothQuant factors
-PARAM_KEYS = ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight", "bias_correction",
-              "smooth_scale")
+PARAM_KEYS = (
+    "input_scale",
+    "input_offset",
+    "weight_scale",
+    "weight_offset",
+    "quant_weight",
+    "bias_correction",
+    "smooth_scale",
+)
 LEGACY_KEYS = PARAM_KEYS[:5]  # msModelSlim's `.npy` dicts
 INTEGER_KEYS = ("quant_weight", "weight_offset", "input_offset")  # the rest are float
 
@@ -49,30 +57,51 @@ class LayerRecord:
         """Raise `ValueError` naming `source` and the layer if shapes, ranges or values are wrong."""
         where = f"{source}: layer {name!r}"
         out = weight_shape[0]
-        _expect(self.weight_scale.shape == (out,), f"{where}: weight_scale has shape {self.weight_scale.shape}, expected ({out},)")
-        _expect(self.weight_offset.shape == (out,), f"{where}: weight_offset has shape {self.weight_offset.shape}, expected ({out},)")
-        _expect(tuple(self.codes.shape) == tuple(weight_shape),
-                f"{where}: quant_weight has shape {self.codes.shape}, expected {tuple(weight_shape)}")
-        _expect(bool(np.all(np.isfinite(self.weight_scale)) and np.all(self.weight_scale > 0)),
-                f"{where}: weight_scale has non-finite or non-positive values")
-        _expect(bool(np.all((self.codes >= scheme.qmin) & (self.codes <= scheme.qmax))),
-                f"{where}: quant_weight has codes outside [{scheme.qmin}, {scheme.qmax}] of its {scheme.bits}-bit grid")
+        _expect(
+            self.weight_scale.shape == (out,),
+            f"{where}: weight_scale has shape {self.weight_scale.shape}, expected ({out},)",
+        )
+        _expect(
+            self.weight_offset.shape == (out,),
+            f"{where}: weight_offset has shape {self.weight_offset.shape}, expected ({out},)",
+        )
+        _expect(
+            tuple(self.codes.shape) == tuple(weight_shape),
+            f"{where}: quant_weight has shape {self.codes.shape}, expected {tuple(weight_shape)}",
+        )
+        _expect(
+            bool(np.all(np.isfinite(self.weight_scale)) and np.all(self.weight_scale > 0)),
+            f"{where}: weight_scale has non-finite or non-positive values",
+        )
+        _expect(
+            bool(np.all((self.codes >= scheme.qmin) & (self.codes <= scheme.qmax))),
+            f"{where}: quant_weight has codes outside [{scheme.qmin}, {scheme.qmax}] of its {scheme.bits}-bit grid",
+        )
         if act_scheme is None:
             _expect(self.input_scale is None, f"{where}: has input_scale but the config quantizes no activations")
         else:
-            _expect(self.input_scale is not None and self.input_offset is not None,
-                    f"{where}: input_scale/input_offset missing but the config quantizes activations")
+            _expect(
+                self.input_scale is not None and self.input_offset is not None,
+                f"{where}: input_scale/input_offset missing but the config quantizes activations",
+            )
             s = float(np.asarray(self.input_scale).reshape(()))
             _expect(np.isfinite(s) and s > 0, f"{where}: input_scale {s} is not a finite positive number")
         if self.smoothing is not None:
             inner = weight_shape[1] if len(weight_shape) == 2 else None
-            _expect(len(weight_shape) == 2 and act_scheme is not None,
-                    f"{where}: smooth_scale needs a Linear weight with a quantized input")
-            _expect(self.smoothing.shape == (inner,) and bool(np.all(np.isfinite(self.smoothing)) and np.all(self.smoothing > 0)),
-                    f"{where}: smooth_scale must be {inner} finite positive values, got shape {self.smoothing.shape}")
+            _expect(
+                len(weight_shape) == 2 and act_scheme is not None,
+                f"{where}: smooth_scale needs a Linear weight with a quantized input",
+            )
+            _expect(
+                self.smoothing.shape == (inner,)
+                and bool(np.all(np.isfinite(self.smoothing)) and np.all(self.smoothing > 0)),
+                f"{where}: smooth_scale must be {inner} finite positive values, got shape {self.smoothing.shape}",
+            )
         if self.bias_correction is not None:
-            _expect(self.bias_correction.shape == (out,) and bool(np.all(np.isfinite(self.bias_correction))),
-                    f"{where}: bias_correction must be {out} finite values")
+            _expect(
+                self.bias_correction.shape == (out,) and bool(np.all(np.isfinite(self.bias_correction))),
+                f"{where}: bias_correction must be {out} finite values",
+            )
 
 
 def _expect(ok: bool, message: str) -> None:
@@ -91,12 +120,16 @@ def apply_records(quantizers: dict, records: dict[str, LayerRecord]) -> None:
     for name, rec in records.items():
         q = quantizers[name]
         q.set_smoothing(None if rec.smoothing is None else torch.from_numpy(np.array(rec.smoothing, np.float32)))
-        q.set_qparams(torch.from_numpy(np.array(rec.weight_scale, np.float32)),
-                      torch.from_numpy(np.array(rec.weight_offset, np.int32)),
-                      None if rec.input_scale is None else torch.from_numpy(np.array(rec.input_scale, np.float32)),
-                      None if rec.input_offset is None else torch.from_numpy(np.array(rec.input_offset, np.int32)))
+        q.set_qparams(
+            torch.from_numpy(np.array(rec.weight_scale, np.float32)),
+            torch.from_numpy(np.array(rec.weight_offset, np.int32)),
+            None if rec.input_scale is None else torch.from_numpy(np.array(rec.input_scale, np.float32)),
+            None if rec.input_offset is None else torch.from_numpy(np.array(rec.input_offset, np.int32)),
+        )
         q.set_weight_codes(torch.from_numpy(np.array(rec.codes, np.int32)) if rec.custom_codes else None)
-        q.set_bias_correction(None if rec.bias_correction is None else torch.from_numpy(np.array(rec.bias_correction, np.float32)))
+        q.set_bias_correction(
+            None if rec.bias_correction is None else torch.from_numpy(np.array(rec.bias_correction, np.float32))
+        )
         q.recorded_weight = weight_stamp(q)
 
 
@@ -153,8 +186,16 @@ def record_from_tensors(name: str, tensors: dict[str, np.ndarray], custom: bool)
         weight_offset=np.asarray(tensors[f"{name}.weight_offset"]).astype(np.int32).reshape(-1),
         codes=np.asarray(tensors[f"{name}.quant_weight"]).astype(np.int32),
         custom_codes=custom,
-        input_scale=None if get(f"{name}.input_scale") is None else np.asarray(tensors[f"{name}.input_scale"], np.float32),
-        input_offset=None if get(f"{name}.input_offset") is None else np.asarray(tensors[f"{name}.input_offset"]).astype(np.int32),
-        bias_correction=None if get(f"{name}.bias_correction") is None else np.asarray(tensors[f"{name}.bias_correction"], np.float32),
-        smoothing=None if get(f"{name}.smooth_scale") is None else np.asarray(tensors[f"{name}.smooth_scale"], np.float32),
+        input_scale=None
+        if get(f"{name}.input_scale") is None
+        else np.asarray(tensors[f"{name}.input_scale"], np.float32),
+        input_offset=None
+        if get(f"{name}.input_offset") is None
+        else np.asarray(tensors[f"{name}.input_offset"]).astype(np.int32),
+        bias_correction=None
+        if get(f"{name}.bias_correction") is None
+        else np.asarray(tensors[f"{name}.bias_correction"], np.float32),
+        smoothing=None
+        if get(f"{name}.smooth_scale") is None
+        else np.asarray(tensors[f"{name}.smooth_scale"], np.float32),
     )

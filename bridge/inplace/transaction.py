@@ -7,6 +7,7 @@ bit-identical `state_dict`), and a failure in `Calibrator(...)` or `run()` rolls
 `float_copy()` builds a float copy on demand, so no second copy of a large model is kept
 when nothing needs it.
 """
+
 from __future__ import annotations
 
 import copy

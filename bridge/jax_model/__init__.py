@@ -11,10 +11,20 @@ forward with `jaxq`'s numerics, the Flax NNX module, and model-level studies.
 
 `Calibrator.jax_forward()` / `jax_model()` / `sensitivity(engine="jax")` are the facade.
 """
+
 from bridge.jax_model.compat import JaxModelUnavailableError, torchax_env
 from bridge.jax_model.lower import LoweredModel, LoweringError, lower
 from bridge.jax_model.quantized import JaxLayer, QuantizedForward, quantized_forward
 from bridge.jax_model.studies import isolated_sensitivity
 
-__all__ = ["JaxLayer", "JaxModelUnavailableError", "LoweredModel", "LoweringError", "QuantizedForward",
-           "isolated_sensitivity", "lower", "quantized_forward", "torchax_env"]
+__all__ = [
+    "JaxLayer",
+    "JaxModelUnavailableError",
+    "LoweredModel",
+    "LoweringError",
+    "QuantizedForward",
+    "isolated_sensitivity",
+    "lower",
+    "quantized_forward",
+    "torchax_env",
+]

@@ -1,6 +1,7 @@
 """`AsTorch(qf)`: the JAX quantized forward behind a torch module's call, so evaluation
 code written for torch models (the protocols of `bridge.evaluation`) scores it as is.
 Inputs go to JAX, outputs come back as CPU tensors (dict outputs also by attribute)."""
+
 from __future__ import annotations
 
 import jax

@@ -14,6 +14,7 @@ Blocks: the items of the outermost `nn.ModuleList`/`nn.Sequential` whose items e
 quantized layers (EfficientNet's MBConv blocks, a BERT encoder's layers); every quantized
 layer outside them is a block of its own. `blocks=[names]` overrides.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,11 +60,15 @@ def named_blocks(model: nn.Module, layer_names, named) -> list[str]:
     for i, b in enumerate(named):
         if b not in modules:
             near = difflib.get_close_matches(b, list(modules), n=3)
-            raise BlockNameError(f"QuantConfig.recon_blocks[{i}]={b!r} is not a module of the model"
-                                 + (f"; nearest names: {near}" if near else ""))
+            raise BlockNameError(
+                f"QuantConfig.recon_blocks[{i}]={b!r} is not a module of the model"
+                + (f"; nearest names: {near}" if near else "")
+            )
         if not _holds(names, b):
-            raise BlockNameError(f"QuantConfig.recon_blocks[{i}]={b!r} holds no quantized layer; name a module that "
-                                 "contains quantized Linear/Conv layers")
+            raise BlockNameError(
+                f"QuantConfig.recon_blocks[{i}]={b!r} holds no quantized layer; name a module that "
+                "contains quantized Linear/Conv layers"
+            )
         for other in named[:i]:
             if b == other or b.startswith(other + ".") or other.startswith(b + "."):
                 raise BlockNameError(f"QuantConfig.recon_blocks: {b!r} and {other!r} overlap; name disjoint modules")
@@ -104,8 +109,10 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
 def _called(model: nn.Module, blocks: list[str], batch) -> tuple[list[str], list[str]]:
     """`(blocks in the order the model first calls them on batch, blocks it never calls)`."""
     seen: list[str] = []
-    handles = [model.get_submodule(b).register_forward_pre_hook(lambda *_, b=b: seen.append(b) if b not in seen else None)
-               for b in blocks]
+    handles = [
+        model.get_submodule(b).register_forward_pre_hook(lambda *_, b=b: seen.append(b) if b not in seen else None)
+        for b in blocks
+    ]
     try:
         with torch.no_grad():
             run_model(model, batch, 0)
@@ -121,8 +128,12 @@ def _capture(model: nn.Module, block: str, batches) -> tuple[list, list, list]:
 
     def hook(_m, args, kwargs, out):
         if len(ins) == len(outs) == n_done[0]:
-            ins.append((tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+            ins.append(
+                (
+                    tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                    {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+                )
+            )
             outs.append(primary(out).detach().clone())
 
     n_done = [0]
@@ -162,18 +173,31 @@ def _block_apply(qf, layers, soft, static, keep: float):
         params = dict(qf.lowered.params)
         for layer in layers:
             params[layer.weight_key] = br.soft_weight(soft[layer.weight_key], learned.v[layer.weight_key])
-        state = {n: s._replace(a_scale=s.a_scale * jnp.exp(learned.u[n]), bias_delta=jnp.zeros_like(s.bias_delta))
-                 for n, s in qf.state.items()}
+        state = {
+            n: s._replace(a_scale=s.a_scale * jnp.exp(learned.u[n]), bias_delta=jnp.zeros_like(s.bias_delta))
+            for n, s in qf.state.items()
+        }
         drop = None if key is None else (key, keep)
-        out = qf.fn(params, qf.lowered.buffers, state, Switches(off, base_in), args, {**static_kwargs, **t_kwargs}, drop=drop)
+        out = qf.fn(
+            params, qf.lowered.buffers, state, Switches(off, base_in), args, {**static_kwargs, **t_kwargs}, drop=drop
+        )
         return primary(out)
 
     return apply
 
 
-def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: dict[str, LayerRecord], batches,
-                      params: br.ReconParams, set_quant, seed: int = 0, mesh=None, token_mask=None,
-                      ) -> tuple[dict[str, LayerRecord], BlockReport]:
+def reconstruct_block(
+    model: nn.Module,
+    block: str,
+    quantizers: dict,
+    records: dict[str, LayerRecord],
+    batches,
+    params: br.ReconParams,
+    set_quant,
+    seed: int = 0,
+    mesh=None,
+    token_mask=None,
+) -> tuple[dict[str, LayerRecord], BlockReport]:
     """New records of the layers in `block` (names relative to the model); `set_quant(on)`
     switches the torch model's quantization (inputs are captured quantized, targets float).
     `mesh`: the captured samples split over its devices, the learned values replicated.
@@ -183,7 +207,7 @@ def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: d
     t0 = time.perf_counter()
     prefix = "" if block in quantizers else block + "."
     names = [block] if block in quantizers else [n for n in quantizers if n.startswith(prefix)]
-    rel = {n: (n[len(prefix):] if prefix else "") for n in names}
+    rel = {n: (n[len(prefix) :] if prefix else "") for n in names}
     set_quant(True)
     args_l, kwargs_l, _ = _capture(model, block, batches)
     set_quant(False)
@@ -198,8 +222,9 @@ def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: d
     soft, v0 = {}, {}
     for layer in qf.layers:
         s = qf.state[layer.name]
-        soft[layer.weight_key], v0[layer.weight_key] = br.soft_weight_init(qf.float_weights[layer.weight_key], s.w_scale,
-                                                                             s.w_offset, s.w_qmin, s.w_qmax)
+        soft[layer.weight_key], v0[layer.weight_key] = br.soft_weight_init(
+            qf.float_weights[layer.weight_key], s.w_scale, s.w_offset, s.w_qmin, s.w_qmax
+        )
     learned = br.Learned(v0, {layer.name: jnp.float32(0.0) for layer in qf.layers})
     apply = _block_apply(qf, qf.layers, soft, static, params.keep)
     inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
@@ -222,13 +247,19 @@ def reconstruct_block(model: nn.Module, block: str, quantizers: dict, records: d
         q = quantizers[full]
         rec = records[full]
         codes = np.asarray(br.hard_codes(soft[layer.weight_key], learned.v[layer.weight_key]))
-        custom = not is_nearest(np.asarray(q.float_weight.detach().float().cpu()), rec.weight_scale, rec.weight_offset,
-                                q.weight_scheme, codes)
+        custom = not is_nearest(
+            np.asarray(q.float_weight.detach().float().cpu()),
+            rec.weight_scale,
+            rec.weight_offset,
+            q.weight_scheme,
+            codes,
+        )
         scale = rec.input_scale
         if scale is not None and layer.quantize_input:
             scale = np.asarray(np.asarray(scale, np.float32) * np.exp(np.float32(learned.u[layer.name])), np.float32)
-        new[full] = dataclasses.replace(rec, codes=codes.astype(np.int32), custom_codes=custom, input_scale=scale,
-                                        bias_correction=None)
+        new[full] = dataclasses.replace(
+            rec, codes=codes.astype(np.int32), custom_codes=custom, input_scale=scale, bias_correction=None
+        )
     apply_records({n: quantizers[n] for n in new}, new)
     return new, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
 
@@ -238,29 +269,46 @@ def _equal_shapes(batches: list, size: int = 8):
     regrouped `size` at a time, so every block sees inputs of one shape; their token mask.
     Other batches as they are."""
     plain = [b for _, b in batches]
-    if len(plain) < 2 or not all(is_token_batch(b) for b in plain) or \
-            len({b.kwargs["attention_mask"].shape[1] for b in plain}) == 1:
+    if (
+        len(plain) < 2
+        or not all(is_token_batch(b) for b in plain)
+        or len({b.kwargs["attention_mask"].shape[1] for b in plain}) == 1
+    ):
         return batches, None
     merged = pad_tokens(plain)
     n = merged.token_mask.shape[0]
-    out = [(i // size, Batch((), {k: v[i:i + size] for k, v in merged.batch.kwargs.items()})) for i in range(0, n, size)]
+    out = [
+        (i // size, Batch((), {k: v[i : i + size] for k, v in merged.batch.kwargs.items()})) for i in range(0, n, size)
+    ]
     return out, merged.token_mask
 
 
-def reconstruct_blocks(model: nn.Module, quantizers: dict, records: dict[str, LayerRecord], calib_data, device,
-                       params: br.ReconParams, set_quant, blocks: list[str] | None = None, bar=None, mesh=None,
-                       ) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
+def reconstruct_blocks(
+    model: nn.Module,
+    quantizers: dict,
+    records: dict[str, LayerRecord],
+    calib_data,
+    device,
+    params: br.ReconParams,
+    set_quant,
+    blocks: list[str] | None = None,
+    bar=None,
+    mesh=None,
+) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
     """Every block reconstructed in call order; returns all records and a report per block."""
     batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
     blocks = blocks or find_blocks(model, quantizers)
     blocks, missing = _called(model, blocks, batches[0][1])
     if missing:
-        raise BlockNameError(f"blocks {missing[:3]} are never called by the model's forward (a ModuleList itself is "
-                             "not called; name its items), so there is no input to reconstruct them from")
+        raise BlockNameError(
+            f"blocks {missing[:3]} are never called by the model's forward (a ModuleList itself is "
+            "not called; name its items), so there is no input to reconstruct them from"
+        )
     records, reports = dict(records), []
     for block in blocks:
-        new, report = reconstruct_block(model, block, quantizers, records, batches, params, set_quant, mesh=mesh,
-                                        token_mask=token_mask)
+        new, report = reconstruct_block(
+            model, block, quantizers, records, batches, params, set_quant, mesh=mesh, token_mask=token_mask
+        )
         records.update(new)
         reports.append(report)
         if bar is not None:

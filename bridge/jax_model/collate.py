@@ -6,6 +6,7 @@ with an `attention_mask` (transformers' convention) are grouped by length (next 
 two) and right-padded to it (pad id 0, mask 0), and the mask travels with the result so
 metrics skip padded tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,14 +26,20 @@ class Merged:
 
 
 def _shape_key(b: Batch):
-    return (tuple(None if not isinstance(t, torch.Tensor) else tuple(t.shape[1:]) for t in b.args),
-            tuple(sorted((k, tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else repr(v)) for k, v in b.kwargs.items())))
+    return (
+        tuple(None if not isinstance(t, torch.Tensor) else tuple(t.shape[1:]) for t in b.args),
+        tuple(sorted((k, tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else repr(v)) for k, v in b.kwargs.items())),
+    )
 
 
 def is_token_batch(b: Batch) -> bool:
     mask = b.kwargs.get("attention_mask")
-    return (not b.args and isinstance(mask, torch.Tensor) and mask.dim() == 2
-            and all(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape for v in b.kwargs.values()))
+    return (
+        not b.args
+        and isinstance(mask, torch.Tensor)
+        and mask.dim() == 2
+        and all(isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape for v in b.kwargs.values())
+    )
 
 
 def _bucket_length(n: int) -> int:
@@ -44,7 +51,9 @@ def pad_tokens(batches: list[Batch]) -> Merged:
     length = _bucket_length(max(b.kwargs["attention_mask"].shape[1] for b in batches))
     out = {}
     for key in batches[0].kwargs:
-        out[key] = torch.cat([torch.nn.functional.pad(b.kwargs[key], (0, length - b.kwargs[key].shape[1])) for b in batches])
+        out[key] = torch.cat(
+            [torch.nn.functional.pad(b.kwargs[key], (0, length - b.kwargs[key].shape[1])) for b in batches]
+        )
     return Merged(Batch((), out), out["attention_mask"].bool())
 
 
@@ -73,9 +82,13 @@ def merge_batches(batches: list[Batch]) -> list[Merged]:
         groups.setdefault(_shape_key(b), []).append(b)
     merged = []
     for group in groups.values():
-        args = tuple(torch.cat([b.args[i] for b in group]) if isinstance(group[0].args[i], torch.Tensor) else group[0].args[i]
-                     for i in range(len(group[0].args)))
-        kwargs = {k: torch.cat([b.kwargs[k] for b in group]) if isinstance(v, torch.Tensor) else v
-                  for k, v in group[0].kwargs.items()}
+        args = tuple(
+            torch.cat([b.args[i] for b in group]) if isinstance(group[0].args[i], torch.Tensor) else group[0].args[i]
+            for i in range(len(group[0].args))
+        )
+        kwargs = {
+            k: torch.cat([b.kwargs[k] for b in group]) if isinstance(v, torch.Tensor) else v
+            for k, v in group[0].kwargs.items()
+        }
         merged.append(Merged(Batch(args, kwargs)))
     return merged

@@ -16,6 +16,7 @@ it). The slot is also the one `torch_npu` uses: in a process that already runs o
 Ascend NPU the JAX model is refused with a clear error, and the reverse is refused by
 `bridge.devices`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,15 +24,31 @@ import importlib.metadata
 
 TORCHAX_VERSION = "0.0.13"
 
-REMOVED_OVERLOADS = frozenset({
-    "aten::prod.dim_Dimname", "aten::all.dimname", "aten::all.dimname_out", "aten::index_add.dimname",
-    "aten::index_copy.dimname", "aten::index_copy_.dimname", "aten::index_fill.Dimname_Scalar",
-    "aten::index_fill.Dimname_Tensor", "aten::index_fill_.Dimname_Scalar", "aten::index_fill_.Dimname_Tensor",
-    "aten::norm.names_ScalarOpt_dim", "aten::norm.names_ScalarOpt_dim_dtype", "aten::norm.names_dtype_out",
-    "aten::norm.names_out", "aten::std.names_dim", "aten::std.names_out", "aten::std.correction_names",
-    "aten::std.correction_names_out", "aten::std_mean.names_dim", "aten::std_mean.correction_names",
-    "aten::unbind.Dimname",
-})
+REMOVED_OVERLOADS = frozenset(
+    {
+        "aten::prod.dim_Dimname",
+        "aten::all.dimname",
+        "aten::all.dimname_out",
+        "aten::index_add.dimname",
+        "aten::index_copy.dimname",
+        "aten::index_copy_.dimname",
+        "aten::index_fill.Dimname_Scalar",
+        "aten::index_fill.Dimname_Tensor",
+        "aten::index_fill_.Dimname_Scalar",
+        "aten::index_fill_.Dimname_Tensor",
+        "aten::norm.names_ScalarOpt_dim",
+        "aten::norm.names_ScalarOpt_dim_dtype",
+        "aten::norm.names_dtype_out",
+        "aten::norm.names_out",
+        "aten::std.names_dim",
+        "aten::std.names_out",
+        "aten::std.correction_names",
+        "aten::std.correction_names_out",
+        "aten::std_mean.names_dim",
+        "aten::std_mean.correction_names",
+        "aten::unbind.Dimname",
+    }
+)
 
 
 class JaxModelUnavailableError(ImportError):
@@ -86,14 +103,16 @@ def torchax_env():
         version = importlib.metadata.version("torchax")
     except importlib.metadata.PackageNotFoundError as e:
         raise JaxModelUnavailableError(
-            "the JAX model needs torchax: pip install 'jaxq[jax]' (or pip install torchax==0.0.13 flax)") from e
+            "the JAX model needs torchax: pip install 'jaxq[jax]' (or pip install torchax==0.0.13 flax)"
+        ) from e
     import torch
 
     holder = torch._C._get_privateuse1_backend_name()
     if holder not in ("privateuseone", "jax"):
         raise JaxModelUnavailableError(
-            f"torch's out-of-tree device slot is taken by {holder!r} (torch_npu) in this process, and torchax needs it; "
-            "use the JAX model in a process that does not run on the NPU")
+            f"torch's out-of-tree device slot is taken by {holder!r} (torch_npu) in this process, "
+            "and torchax needs it; use the JAX model in a process that does not run on the NPU"
+        )
     step = removed_overloads_as_placeholders() if version == TORCHAX_VERSION else contextlib.nullcontext()
     try:
         with step:
@@ -103,7 +122,8 @@ def torchax_env():
     except AttributeError as e:
         raise JaxModelUnavailableError(
             f"torchax {version} does not import on this torch ({e}); jaxq's compatibility step is written for "
-            f"torchax {TORCHAX_VERSION}: pip install torchax=={TORCHAX_VERSION}") from e
+            f"torchax {TORCHAX_VERSION}: pip install torchax=={TORCHAX_VERSION}"
+        ) from e
     import torchax.device_module
 
     torchax.device_module.is_available = lambda: False  # not the process's accelerator (torch.compile, DataLoader)

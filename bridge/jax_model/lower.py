@@ -7,6 +7,7 @@ statistics, integer counters). The module is checked against torch on the exampl
 batch; a module torchax cannot run raises `LoweringError` naming the operator, and
 the torch path of jaxq is unaffected.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,10 @@ def lower(module: nn.Module, example=None, check: bool = True) -> LoweredModel:
     dropped = {n for names in tied.values() for n in names}
     params = {n: p for n, p in module.named_parameters(remove_duplicate=False) if n not in dropped}
     buffers = dict(module.named_buffers())
-    jparams = {n: jnp.asarray(p.detach().cpu().float().numpy() if p.is_floating_point() else p.detach().cpu().numpy())
-               for n, p in params.items()}
+    jparams = {
+        n: jnp.asarray(p.detach().cpu().float().numpy() if p.is_floating_point() else p.detach().cpu().numpy())
+        for n, p in params.items()
+    }
     jbuffers = {n: jnp.asarray(b.detach().cpu().numpy()) for n, b in buffers.items()}
     from torch.nn.utils import stateless
 
@@ -115,8 +118,14 @@ def _plain(out):
     if isinstance(out, dict):
         return {k: _plain(v) for k, v in out.items()}
     if isinstance(out, (tuple, list)):
-        return type(out)(_plain(v) for v in out) if isinstance(out, tuple) and not hasattr(out, "_fields") else [_plain(v) for v in out]
-    raise LoweringError(f"the module returns a {type(out).__name__}; the JAX model supports tensors, tuples, lists and dicts")
+        return (
+            type(out)(_plain(v) for v in out)
+            if isinstance(out, tuple) and not hasattr(out, "_fields")
+            else [_plain(v) for v in out]
+        )
+    raise LoweringError(
+        f"the module returns a {type(out).__name__}; the JAX model supports tensors, tuples, lists and dicts"
+    )
 
 
 def run_lowered(lowered: LoweredModel, batch) -> Any:
@@ -140,12 +149,16 @@ def check_parity(lowered: LoweredModel, example) -> float:
     try:
         out = run_lowered(lowered, example)
     except Exception as e:  # torchax raises OperatorNotFound, TypeError, ConcretizationTypeError, …
-        raise LoweringError(f"{type(lowered.module).__name__} cannot run as a JAX function: "
-                            f"{type(e).__name__}: {_first_line(e)}") from e
+        raise LoweringError(
+            f"{type(lowered.module).__name__} cannot run as a JAX function: {type(e).__name__}: {_first_line(e)}"
+        ) from e
     with torch.no_grad():
         ref = _plain(lowered.module(*args, **kwargs))
-    ref_leaves = [np.asarray(t.detach().float().cpu().numpy()) for t in jax.tree.leaves(ref, is_leaf=lambda t: isinstance(t, torch.Tensor))
-                  if isinstance(t, torch.Tensor)]
+    ref_leaves = [
+        np.asarray(t.detach().float().cpu().numpy())
+        for t in jax.tree.leaves(ref, is_leaf=lambda t: isinstance(t, torch.Tensor))
+        if isinstance(t, torch.Tensor)
+    ]
     out_leaves = [np.asarray(t, np.float32) for t in jax.tree.leaves(out)]
     if len(ref_leaves) != len(out_leaves):
         raise LoweringError(f"the JAX function returns {len(out_leaves)} arrays, torch {len(ref_leaves)}")

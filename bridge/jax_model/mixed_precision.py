@@ -11,6 +11,7 @@ for a size budget, and the measured size ↔ distance front.
 
 Use an allocation with `QuantConfig(layer_bits=front.layer_bits(avg_bits))`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,9 @@ class MixedPrecisionFront:
         """The measured allocation with the lowest distance whose size is within `avg_bits`."""
         ok = [i for i in range(len(self.avg_bits)) if self.avg_bits[i] <= avg_bits + 1e-9]
         if not ok:
-            raise ValueError(f"no measured allocation fits {avg_bits} bits per weight (smallest: {self.avg_bits.min():.3f})")
+            raise ValueError(
+                f"no measured allocation fits {avg_bits} bits per weight (smallest: {self.avg_bits.min():.3f})"
+            )
         return self.allocations[min(ok, key=lambda i: self.distance[i])]
 
     def layer_bits(self, avg_bits: float) -> dict[str, int]:
@@ -59,8 +62,10 @@ class MixedPrecisionFront:
         lines = [f"{'bits/weight':>11}  {'distance':>10}  allocation"]
         for i in self.front:
             counts = {b: sum(1 for v in self.allocations[i].values() if v == b) for b in self.bits}
-            lines.append(f"{self.avg_bits[i]:>11.3f}  {self.distance[i]:>10.5g}  {self.labels[i]}: "
-                         + ", ".join(f"{n}×W{b}" for b, n in counts.items() if n))
+            lines.append(
+                f"{self.avg_bits[i]:>11.3f}  {self.distance[i]:>10.5g}  {self.labels[i]}: "
+                + ", ".join(f"{n}×W{b}" for b, n in counts.items() if n)
+            )
         return "\n".join(lines)
 
 
@@ -105,7 +110,9 @@ def _programs(qf: QuantizedForward, chunk: int):
         return jax.lax.map(one, (layer_onehots, bit_indices), batch_size=chunk)
 
     def measure(tables, args, kwargs, fp, mask, allocations, switches):
-        return jax.lax.map(lambda a: distance(tables, a, switches, args, kwargs, fp, mask), allocations, batch_size=chunk)
+        return jax.lax.map(
+            lambda a: distance(tables, a, switches, args, kwargs, fp, mask), allocations, batch_size=chunk
+        )
 
     def float_out(args, kwargs):
         n = len(qf.layers)
@@ -116,7 +123,9 @@ def _programs(qf: QuantizedForward, chunk: int):
     return qf.programs[key]
 
 
-def mixed_precision_front(qf: QuantizedForward, batches, bits=(4, 6, 8), budgets=None, chunk: int = 4) -> MixedPrecisionFront:
+def mixed_precision_front(
+    qf: QuantizedForward, batches, bits=(4, 6, 8), budgets=None, chunk: int = 4
+) -> MixedPrecisionFront:
     """Costs, allocations for `budgets` (average bits per weight; default 16 steps from
     `min(bits)` to `max(bits)` and each width in `bits`) and their measured front over `batches`."""
     batches = as_batches(batches)
@@ -131,8 +140,14 @@ def mixed_precision_front(qf: QuantizedForward, batches, bits=(4, 6, 8), budgets
     budgets = np.asarray(budgets, np.float64)
     tables = _tables(qf, bits)
     float_out, costs_fn, measure_fn = _programs(qf, chunk)
-    merged = [(to_jax_tree(m.batch.args), to_jax_tree(m.batch.kwargs),
-               None if m.token_mask is None else jnp.asarray(m.token_mask.numpy())) for m in merge_batches(batches)]
+    merged = [
+        (
+            to_jax_tree(m.batch.args),
+            to_jax_tree(m.batch.kwargs),
+            None if m.token_mask is None else jnp.asarray(m.token_mask.numpy()),
+        )
+        for m in merge_batches(batches)
+    ]
     fps = [float_out(a, k) for a, k, _ in merged]
     weights = [float(fp.shape[0]) for fp in fps]
 
@@ -140,8 +155,12 @@ def mixed_precision_front(qf: QuantizedForward, batches, bits=(4, 6, 8), budgets
         return sum(w * np.asarray(run(a, k, fp, m)) for (a, k, m), fp, w in zip(merged, fps, weights)) / sum(weights)
 
     onehots = np.repeat(np.eye(n_layers, dtype=np.float32), len(bits), axis=0)
-    bit_idx = np.tile(np.repeat(np.arange(len(bits))[None, :], n_layers, axis=0).reshape(-1, 1), (1, n_layers)).astype(np.int32)
-    costs = mean_over_batches(lambda a, k, fp, m: costs_fn(tables, a, k, fp, m, jnp.asarray(onehots), jnp.asarray(bit_idx)))
+    bit_idx = np.tile(np.repeat(np.arange(len(bits))[None, :], n_layers, axis=0).reshape(-1, 1), (1, n_layers)).astype(
+        np.int32
+    )
+    costs = mean_over_batches(
+        lambda a, k, fp, m: costs_fn(tables, a, k, fp, m, jnp.asarray(onehots), jnp.asarray(bit_idx))
+    )
     costs = costs.reshape(n_layers, len(bits))
     chosen = allocate(sizes, costs, bits, budgets * sizes.sum())
     rows, labels = [], []
@@ -158,5 +177,6 @@ def mixed_precision_front(qf: QuantizedForward, batches, bits=(4, 6, 8), budgets
     bit_values = np.asarray(bits)[rows]
     avg = (bit_values * sizes[None, :]).sum(1) / sizes.sum()
     allocations = [dict(zip(names, map(int, r))) for r in bit_values]
-    return MixedPrecisionFront(bits, names, sizes, costs, avg, np.asarray(dist, np.float64), allocations, labels,
-                               pareto(avg, np.asarray(dist)))
+    return MixedPrecisionFront(
+        bits, names, sizes, costs, avg, np.asarray(dist, np.float64), allocations, labels, pareto(avg, np.asarray(dist))
+    )

@@ -7,6 +7,7 @@ per-layer switches `QuantSwitch`es, so a JAX user can `nnx.split` / `nnx.merge` 
 kind of `QuantizerState`; offsets and grids stay fixed) with optax through the
 straight-through fake quant.
 """
+
 from __future__ import annotations
 
 from flax import nnx
@@ -42,8 +43,9 @@ class QuantizedModel(nnx.Module):
         self.weights = nnx.Dict({k: nnx.Param(v) for k, v in lw.params.items()})
         self.buffers = nnx.Dict({k: TorchBuffer(v) for k, v in lw.buffers.items()})
         kind = lambda f: QuantScale if f in SCALES else QuantizerState  # noqa: E731
-        self.quantizers = nnx.Dict({name: nnx.Dict({f: kind(f)(getattr(s, f)) for f in LayerQState._fields})
-                                    for name, s in qf.state.items()})
+        self.quantizers = nnx.Dict(
+            {name: nnx.Dict({f: kind(f)(getattr(s, f)) for f in LayerQState._fields}) for name, s in qf.state.items()}
+        )
         base = qf.default_switches()
         self.weight_switch = QuantSwitch(base.weight)
         self.input_switch = QuantSwitch(base.input)
@@ -51,7 +53,10 @@ class QuantizedModel(nnx.Module):
         self._fn = nnx.static(qf.fn)
 
     def state_tree(self) -> dict[str, LayerQState]:
-        return {name: LayerQState(*(self.quantizers[name][f][...] for f in LayerQState._fields)) for name in self.layer_names}
+        return {
+            name: LayerQState(*(self.quantizers[name][f][...] for f in LayerQState._fields))
+            for name in self.layer_names
+        }
 
     def __call__(self, *args, **kwargs):
         params = {k: v[...] for k, v in self.weights.items()}

@@ -12,6 +12,7 @@ the one-device run exactly; moments differ by the float summation order.
 A layer's input is flattened and padded to a multiple of `ROW` with its first value
 (the observers' padding contract, `jaxq.observers`).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -47,8 +48,15 @@ class InputObserver:
     """The float model (quantizers removed, BN folds kept) as a JAX function that returns
     the updated observer states of the layers `names` after one batch."""
 
-    def __init__(self, model: nn.Module, names: list[str], example, observer: jaxq.Observer, mesh=None,
-                 smoothing: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        example,
+        observer: jaxq.Observer,
+        mesh=None,
+        smoothing: dict | None = None,
+    ):
         """`smoothing`: layer → SmoothQuant factors `s`; that layer's quantizer sees `x / s`."""
         self.names, self.observer = list(names), observer
         self._smoothing = {n: np.asarray(s, np.float32) for n, s in (smoothing or {}).items()}
@@ -74,6 +82,7 @@ class InputObserver:
                 if name in self._smoothing:
                     x = (x.astype(jnp.float32) / self._smoothing[name]).astype(x.dtype)
                 self._tap.observe(name, x)
+
         return hook
 
     def _update(self, params, buffers, states, args, kwargs):
@@ -104,19 +113,24 @@ class InputObserver:
         return self._step(*self._params, states, args, kwargs)
 
 
-def observe_inputs(model: nn.Module, quantizers: dict, batches, observer: jaxq.Observer, mesh=None,
-                   progress: Callable | None = None) -> dict:
+def observe_inputs(
+    model: nn.Module, quantizers: dict, batches, observer: jaxq.Observer, mesh=None, progress: Callable | None = None
+) -> dict:
     """Observer state of every layer in `quantizers` over `batches` (pairs `(index, batch)`),
     computed by the lowered model, data-parallel over `mesh` when given."""
     functional = [n for n, q in quantizers.items() if getattr(q, "functional", False)]
     if functional:
-        raise LoweringError(f"layers {functional[:3]} are used functionally (attention's packed projections); the JAX "
-                            "model taps module inputs only — calibrate without a mesh, or keep them float (disable_names)")
+        raise LoweringError(
+            f"layers {functional[:3]} are used functionally (attention's packed projections); the JAX "
+            "model taps module inputs only — calibrate without a mesh, or keep them float (disable_names)"
+        )
     run: InputObserver | None = None
     states = None
     for index, batch in batches:
         if run is None:
-            smoothing = {n: q.smoothing.cpu().numpy() for n, q in quantizers.items() if getattr(q, "smoothing", None) is not None}
+            smoothing = {
+                n: q.smoothing.cpu().numpy() for n, q in quantizers.items() if getattr(q, "smoothing", None) is not None
+            }
             run = InputObserver(model, list(quantizers), batch, observer, mesh, smoothing)
             states = run.init()
         states = run.update(states, batch, index)

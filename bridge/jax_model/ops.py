@@ -11,6 +11,7 @@
 
 Other convolutions keep torchax's lowering.
 """
+
 from __future__ import annotations
 
 import jax
@@ -23,8 +24,14 @@ def _pairs(v, n: int) -> tuple:
 
 
 def is_depthwise(x_shape, w_shape, groups, dilation, transposed) -> bool:
-    return (not transposed and len(w_shape) == 4 and len(x_shape) == 4 and w_shape[1] == 1
-            and groups == x_shape[1] == w_shape[0] and all(d == 1 for d in _pairs(dilation, 2)))
+    return (
+        not transposed
+        and len(w_shape) == 4
+        and len(x_shape) == 4
+        and w_shape[1] == 1
+        and groups == x_shape[1] == w_shape[0]
+        and all(d == 1 for d in _pairs(dilation, 2))
+    )
 
 
 def depthwise_conv2d(x, w, stride, padding):
@@ -37,16 +44,27 @@ def depthwise_conv2d(x, w, stride, padding):
     out = None
     for i in range(kh):
         for j in range(kw):
-            window = jax.lax.slice(xp, (0, 0, i, j), (xp.shape[0], xp.shape[1], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
-                                   (1, 1, sh, sw))
+            window = jax.lax.slice(
+                xp,
+                (0, 0, i, j),
+                (xp.shape[0], xp.shape[1], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
+                (1, 1, sh, sw),
+            )
             term = window * w[:, 0, i, j][None, :, None, None]
             out = term if out is None else out + term
     return out
 
 
 def is_pointwise(x_shape, w_shape, groups, padding, dilation, transposed) -> bool:
-    return (not transposed and len(w_shape) == 4 and len(x_shape) == 4 and tuple(w_shape[2:]) == (1, 1) and groups == 1
-            and all(p == 0 for p in _pairs(padding, 2)) and all(d == 1 for d in _pairs(dilation, 2)))
+    return (
+        not transposed
+        and len(w_shape) == 4
+        and len(x_shape) == 4
+        and tuple(w_shape[2:]) == (1, 1)
+        and groups == 1
+        and all(p == 0 for p in _pairs(padding, 2))
+        and all(d == 1 for d in _pairs(dilation, 2))
+    )
 
 
 def pointwise_conv2d(x, w, stride):
@@ -80,5 +98,6 @@ def install(env) -> None:
 
     for op, impl in ((torch.ops.aten.convolution, convolution), (torch.ops.aten.conv2d, conv2d)):
         for key in (op, op.default):
-            env._ops[key] = ops_registry.Operator(key, impl, is_jax_function=True, is_user_defined=True,
-                                                  needs_env=False, is_view_op=False)
+            env._ops[key] = ops_registry.Operator(
+                key, impl, is_jax_function=True, is_user_defined=True, needs_env=False, is_view_op=False
+            )

@@ -7,6 +7,7 @@ forward pre-hook that runs inside the lowered function. Per-layer quantizer stat
 enable switches and bit widths are arguments (`LayerQState`, `Switches`), so studies
 that vary them — one-hot switches under `vmap`, bit allocations — compile once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +58,9 @@ class QuantizedForward:
     state: dict[str, LayerQState]
     fn: Callable = dataclasses.field(init=False)
     programs: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted studies, see bridge.jax_model.studies
-    float_weights: dict = dataclasses.field(default_factory=dict, repr=False)  # weight key → float weight (before chosen codes)
+    float_weights: dict = dataclasses.field(
+        default_factory=dict, repr=False
+    )  # weight key → float weight (before chosen codes)
     weight_scheme: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → its calibrated QScheme
     smoothing: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → SmoothQuant factors (numpy)
 
@@ -126,10 +129,12 @@ def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot, smoot
                 key = "input" if "input" in kwargs else next(iter(kwargs))
                 return args, {**kwargs, key: quant(kwargs[key])}
             return None
+
         return hook
 
     def bias_hook(layer):
         """Bias correction of a layer without a bias: `y + δ` along its output channels."""
+
         def hook(_m, _args, out):
             if slot.state is None:
                 return None
@@ -139,6 +144,7 @@ def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot, smoot
             shape[layer.out_axis % y.ndim] = -1
             delta = jnp.where(on > 0, s.bias_delta, 0.0).reshape(shape).astype(y.dtype)
             return interop.torch_view(y + delta)
+
         return hook
 
     for layer in layers:
@@ -162,22 +168,37 @@ def layer_state(record: LayerRecord | None, q: LayerQuantizer) -> LayerQState:
         a_scale = record.input_scale if record.input_scale is not None else 1.0
         a_offset = record.input_offset if record.input_offset is not None else 0.0
     a_grid = (a.qmin, a.qmax) if a is not None else (-128, 127)
-    return LayerQState(f32(w_scale), f32(w_offset), f32(ws.qmin), f32(ws.qmax), f32(a_scale).reshape(()),
-                       f32(a_offset).reshape(()), f32(a_grid[0]), f32(a_grid[1]), f32(delta))
+    return LayerQState(
+        f32(w_scale),
+        f32(w_offset),
+        f32(ws.qmin),
+        f32(ws.qmax),
+        f32(a_scale).reshape(()),
+        f32(a_offset).reshape(()),
+        f32(a_grid[0]),
+        f32(a_grid[1]),
+        f32(delta),
+    )
 
 
 def _out_axis(module: nn.Module) -> int:
     return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
 
 
-def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example, quantized_layers: dict[str, LayerQuantizer],
-                      ) -> QuantizedForward:
+def quantized_forward(
+    model: nn.Module,
+    records: dict[str, LayerRecord],
+    example,
+    quantized_layers: dict[str, LayerQuantizer],
+) -> QuantizedForward:
     """The quantized forward of a calibrated `model` (its quantizers, `records`) as a JAX function."""
     functional = [n for n, q in quantized_layers.items() if q.functional]
     if functional:
-        raise LoweringError(f"layers {functional[:3]} are used functionally (attention's packed projections, "
-                            "F.linear on a module's weight); the JAX model taps module inputs only — keep them float "
-                            "(disable_names) to use the JAX model, or use the torch path")
+        raise LoweringError(
+            f"layers {functional[:3]} are used functionally (attention's packed projections, "
+            "F.linear on a module's weight); the JAX model taps module inputs only — keep them float "
+            "(disable_names) to use the JAX model, or use the torch path"
+        )
     clone = quantizer_free_copy(model)  # BN folds kept
     layers, weight_codes, smoothing = [], {}, {}
     tied = tied_parameters(clone)
@@ -192,12 +213,15 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
         rec = records.get(name)
         if q.smoothing is not None:
             if wkey in tied or wkey in tied_to.values() or f"{name}.{q.param}" in tied_to:
-                raise LoweringError(f"layer {name!r} has SmoothQuant factors and a weight tied to another "
-                                    "parameter; the JAX model cannot scale one use of it")
+                raise LoweringError(
+                    f"layer {name!r} has SmoothQuant factors and a weight tied to another "
+                    "parameter; the JAX model cannot scale one use of it"
+                )
             smoothing[name] = q.smoothing.cpu().numpy().astype(np.float32)
         if rec is not None and rec.custom_codes:
-            weight_codes[wkey] = (rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))) \
-                * rec.weight_scale.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
+            weight_codes[wkey] = (
+                rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
+            ) * rec.weight_scale.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
     lowered = lower(clone, example)
     for layer in layers:  # the weight quantizer of a smoothed layer sees W·diag(s)
         if layer.name in smoothing:
@@ -206,5 +230,11 @@ def quantized_forward(model: nn.Module, records: dict[str, LayerRecord], example
     for key, dq in weight_codes.items():  # chosen codes: Ŵ itself (fake quant leaves it unchanged)
         lowered.params[key] = jnp.asarray(dq.astype(np.float32))
     state = {name: layer_state(records.get(name), q) for name, q in quantized_layers.items()}
-    return QuantizedForward(lowered, layers, state, float_weights=float_weights,
-                            weight_scheme={n: q.weight_scheme for n, q in quantized_layers.items()}, smoothing=smoothing)
+    return QuantizedForward(
+        lowered,
+        layers,
+        state,
+        float_weights=float_weights,
+        weight_scheme={n: q.weight_scheme for n, q in quantized_layers.items()},
+        smoothing=smoothing,
+    )

@@ -5,6 +5,7 @@ path: each subset's statistics need its own pass), then all `k` quantizer states
 scored on the evaluation batches in one `vmap`ped program of the JAX model: the
 distance from float (KL for logits, `1 − cos` otherwise) as mean ± std and worst.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,19 +44,24 @@ class Robustness:
         return float(np.max(self.distances))
 
     def __str__(self) -> str:
-        return f"{self.mean:.5g} ± {self.std:.2g} (worst {self.worst:.5g}) over {len(self.distances)} calibration subsets"
+        return (
+            f"{self.mean:.5g} ± {self.std:.2g} (worst {self.worst:.5g}) over {len(self.distances)} calibration subsets"
+        )
 
 
-def calibration_robustness(calibrate: Callable, calib_batches: list, eval_batches: list, k: int = 5,
-                           fraction: float = 0.5, seed: int = 0) -> Robustness:
+def calibration_robustness(
+    calibrate: Callable, calib_batches: list, eval_batches: list, k: int = 5, fraction: float = 0.5, seed: int = 0
+) -> Robustness:
     """`calibrate(batches) -> bridge.calibrated.Calibrated` on `k` random subsets (`fraction`
     of the batches each), every result scored on `eval_batches` in one program:
 
         calibrate = lambda b: Calibrator(make_model(), cfg, b, progress=False).run().calibrated()
     """
     if not callable(calibrate):
-        raise TypeError(f"calibrate must be a function of the calibration batches returning a Calibrated "
-                        f"(Calibrator(...).run().calibrated()), got {type(calibrate).__name__}")
+        raise TypeError(
+            f"calibrate must be a function of the calibration batches returning a Calibrated "
+            f"(Calibrator(...).run().calibrated()), got {type(calibrate).__name__}"
+        )
     if not 1 <= k <= 64:
         raise ValueError(f"k={k!r}: expected 1 to 64 calibration subsets")
     n = len(calib_batches)
@@ -69,12 +75,16 @@ def calibration_robustness(calibrate: Callable, calib_batches: list, eval_batche
     states = []
     for cal in cals:
         if any(r.custom_codes for r in cal.records.values()):
-            raise ValueError("calibration_robustness scores quantizer states on one set of weights; rounding "
-                             "algorithms (round_opt, adaround) choose other weights per subset — leave them out here")
+            raise ValueError(
+                "calibration_robustness scores quantizer states on one set of weights; rounding "
+                "algorithms (round_opt, adaround) choose other weights per subset — leave them out here"
+            )
         layers = cal.quantizers
         if list(layers) != qf.names:
-            raise RuntimeError("calibrations on different subsets quantized different layers "
-                               f"({sorted(set(layers) ^ set(qf.names))[:3]}); set disable_names explicitly")
+            raise RuntimeError(
+                "calibrations on different subsets quantized different layers "
+                f"({sorted(set(layers) ^ set(qf.names))[:3]}); set disable_names explicitly"
+            )
         states.append({name: layer_state(cal.records.get(name), q) for name, q in layers.items()})
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     lw, sw = qf.lowered, qf.default_switches()
@@ -84,7 +94,9 @@ def calibration_robustness(calibrate: Callable, calib_batches: list, eval_batche
     @jax.jit
     def score(stacked, args, kwargs, mask):
         fp = primary(qf.fn(lw.params, lw.buffers, qf.state, off, args, kwargs))
-        one = lambda state: jnp.mean(sample_distances(fp, primary(qf.fn(lw.params, lw.buffers, state, sw, args, kwargs)), mask))  # noqa: E731
+        one = lambda state: jnp.mean(
+            sample_distances(fp, primary(qf.fn(lw.params, lw.buffers, state, sw, args, kwargs)), mask)
+        )  # noqa: E731
         return jax.lax.map(one, stacked), fp.shape[0]
 
     total, count = np.zeros(k), 0
@@ -100,6 +112,8 @@ def _checked(calibrated):
     from bridge.calibrated import Calibrated
 
     if not isinstance(calibrated, Calibrated):
-        raise TypeError(f"calibrate(batches) returned {type(calibrated).__name__}; return a bridge.calibrated.Calibrated "
-                        "(Calibrator(...).run().calibrated())")
+        raise TypeError(
+            f"calibrate(batches) returned {type(calibrated).__name__}; return a bridge.calibrated.Calibrated "
+            "(Calibrator(...).run().calibrated())"
+        )
     return calibrated

@@ -5,6 +5,7 @@
   layer quantized, in one program: the float forward once, then the layers in groups of
   consecutive ones, each group's variants under one `vmap` of one-hot switches.
 """
+
 from __future__ import annotations
 
 import jax

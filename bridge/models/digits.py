@@ -4,6 +4,7 @@ Data: `sklearn.datasets.load_digits()` (1,797 real handwritten digits), pixels /
 stratified 75/25 split with `random_state=0`. The weights (`digits_cnn.safetensors`)
 were produced by `python -m bridge.models.digits` (fixed seed) and ship in the package.
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -21,10 +22,16 @@ class DigitsCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 2 * 2, 48), nn.ReLU(), nn.Linear(48, 10))
@@ -59,7 +66,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Top-1 accuracy of `model` on `(x, y)`."""
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     return correct / len(x)
 
 
@@ -74,7 +81,7 @@ def train(seed: int = 0, epochs: int = 40) -> DigitsCNN:
         model.train()
         perm = torch.randperm(len(xtr))
         for i in range(0, len(xtr), 64):
-            idx = perm[i:i + 64]
+            idx = perm[i : i + 64]
             loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
             opt.zero_grad()
             loss.backward()

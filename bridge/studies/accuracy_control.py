@@ -6,6 +6,7 @@ the drop taken as non-increasing in the number of fallen-back layers, the fewest
 meet `max_drop` are found by bisection: about `log₂(layers) + 2` calls of `validate`,
 each on the torch model with quantization switched off for the fallen-back layers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,10 @@ class AccuracyControlReport:
         return self.reference - s if self.higher_is_better else s - self.reference
 
     def __str__(self) -> str:
-        lines = [f"float score {self.reference:.5g}, allowed drop {self.max_drop:g}",
-                 f"{'k':>4}  {'score':>10}  {'drop':>10}  last layer in float"]
+        lines = [
+            f"float score {self.reference:.5g}, allowed drop {self.max_drop:g}",
+            f"{'k':>4}  {'score':>10}  {'drop':>10}  last layer in float",
+        ]
         for k in sorted(self.scores):
             mark = "  ← chosen" if k == self.chosen else ""
             name = "-" if k == 0 else self.order[k - 1]
@@ -47,15 +50,20 @@ def _score(validate: Callable, model: nn.Module, where: str) -> float:
     try:
         score = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"validate(model) must return a number (the model's score); it returned {value!r} {where}") from None
+        raise TypeError(
+            f"validate(model) must return a number (the model's score); it returned {value!r} {where}"
+        ) from None
     if score != score or score in (float("inf"), float("-inf")):
-        raise ValueError(f"validate(model) returned {score} {where}; a score must be finite (a NaN usually means the "
-                         "validation data or the metric divides by zero)")
+        raise ValueError(
+            f"validate(model) returned {score} {where}; a score must be finite (a NaN usually means the "
+            "validation data or the metric divides by zero)"
+        )
     return score
 
 
-def accuracy_control(model: nn.Module, layers: dict, validate: Callable, max_drop: float, order: list[str],
-                     higher_is_better: bool = True) -> AccuracyControlReport:
+def accuracy_control(
+    model: nn.Module, layers: dict, validate: Callable, max_drop: float, order: list[str], higher_is_better: bool = True
+) -> AccuracyControlReport:
     """Scores of `model` with its quantized `layers` switched as the search needs (each
     layer's `quant_enabled` is restored afterwards)."""
     if not isinstance(max_drop, (int, float)) or not max_drop >= 0:
@@ -68,8 +76,9 @@ def accuracy_control(model: nn.Module, layers: dict, validate: Callable, max_dro
 
     with quantization(layers, before.__getitem__):
         with_float(layers)
-        report = AccuracyControlReport(_score(validate, model, "on the float model"), float(max_drop),
-                                       higher_is_better, list(order), {}, -1)
+        report = AccuracyControlReport(
+            _score(validate, model, "on the float model"), float(max_drop), higher_is_better, list(order), {}, -1
+        )
 
         def ok(k: int) -> bool:
             if k not in report.scores:

@@ -6,6 +6,7 @@
 - `isolated_sensitivity`: only one layer quantized at a time; the distance of the model
   output from float (KL for logits, 1 − cosine otherwise).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,6 +78,7 @@ def layer_output_errors(model, layers: dict, batches: list[Batch]) -> dict[str, 
                 f, n = _padded(fp[name][k])
                 q, _ = _padded(out)
                 stats[name] = js.update_stats(stats[name], f, q, n)
+
         return hook
 
     modular = {n: w for n, w in layers.items() if not w.functional}
@@ -94,9 +96,13 @@ def layer_output_errors(model, layers: dict, batches: list[Batch]) -> dict[str, 
                 v.clear()
             seen.clear()
     names = list(layers)
-    stacked = js.ErrorStats(*(np.stack([np.asarray(getattr(stats[n], f)) for n in names]) for f in js.ErrorStats._fields))
+    stacked = js.ErrorStats(
+        *(np.stack([np.asarray(getattr(stats[n], f)) for n in names]) for f in js.ErrorStats._fields)
+    )
     metrics = {k: np.asarray(v) for k, v in js.finalize_metrics(stacked).items()}
-    return {n: {k: float(metrics[k][i]) if n in modular else float("nan") for k in metrics} for i, n in enumerate(names)}
+    return {
+        n: {k: float(metrics[k][i]) if n in modular else float("nan") for k in metrics} for i, n in enumerate(names)
+    }
 
 
 def output_distance(fp: torch.Tensor, q: torch.Tensor) -> float:
@@ -109,7 +115,10 @@ def output_distance(fp: torch.Tensor, q: torch.Tensor) -> float:
 def model_distance(model, layers, batches, fp_outputs, enabled: Callable[[str], bool]) -> float:
     """Mean output distance from float over `batches` with the `enabled` layers quantized."""
     with quantization(layers, enabled), torch.no_grad():
-        dists = [output_distance(f, primary_output(run_model(model, b, i))) for i, (b, f) in enumerate(zip(batches, fp_outputs))]
+        dists = [
+            output_distance(f, primary_output(run_model(model, b, i)))
+            for i, (b, f) in enumerate(zip(batches, fp_outputs))
+        ]
     return float(np.mean(dists))
 
 
@@ -192,8 +201,15 @@ def check_count(name: str, value, allow_none: bool = True, minimum: int = 1):
     return int(value)
 
 
-def sensitivity_table(model, layers: dict, specs: dict, all_layers: dict, batches: list[Batch], metrics,
-                      isolated_by: Callable | None = None) -> SensitivityTable:
+def sensitivity_table(
+    model,
+    layers: dict,
+    specs: dict,
+    all_layers: dict,
+    batches: list[Batch],
+    metrics,
+    isolated_by: Callable | None = None,
+) -> SensitivityTable:
     """The table of `Calibrator.sensitivity` (quantized layers, then the float ones as NaN rows).
     `isolated_by(batches)`: computes the isolated column instead of the torch loop (the JAX model)."""
     errors = layer_output_errors(model, layers, batches) if set(metrics) - {"isolated"} else {}
@@ -212,8 +228,15 @@ def sensitivity_table(model, layers: dict, specs: dict, all_layers: dict, batche
     for name, module in all_layers.items():
         if name not in layers:
             shape = tuple(getattr(module, weight_name(module)).shape)
-            rows.append({"name": name, "kind": specs[name].kind if name in specs else "linear", "weight_shape": shape,
-                         **{m: float("nan") for m in metrics}, "quantized": False})
+            rows.append(
+                {
+                    "name": name,
+                    "kind": specs[name].kind if name in specs else "linear",
+                    "weight_shape": shape,
+                    **{m: float("nan") for m in metrics},
+                    "quantized": False,
+                }
+            )
     return SensitivityTable(rows)
 
 

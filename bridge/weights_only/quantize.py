@@ -15,6 +15,7 @@ the budget plus the process itself. Resumable: a shard appears only when complet
 tensors' bytes; running again with the same checkpoint and options skips a finished
 shard only when its source is unchanged (a checkpoint rewritten in place is quantized again).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,13 @@ import numpy as np
 
 from bridge.capture.memory import budget_bytes
 from bridge.weights_only.safetensors_io import (
-    CheckpointError, OutTensor, ShardFile, TensorInfo, copy_raw, open_checkpoint, read_rows,
+    CheckpointError,
+    OutTensor,
+    ShardFile,
+    TensorInfo,
+    copy_raw,
+    open_checkpoint,
+    read_rows,
 )
 from jaxq.padding import power_of_two
 from jaxq.scheme import ALLOWED_BITS, QScheme
@@ -63,8 +70,9 @@ class WeightOnlyConfig:
             raise ValueError(f"bits={self.bits!r}: weight-only quantization supports 2 to 8 bits")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: choose one of {METHODS}")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                                            or self.group_size < 2):
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2
+        ):
             raise ValueError(f"group_size={self.group_size!r}: an int ≥ 2, or None for per-channel")
         for field in ("include", "exclude"):
             value = getattr(self, field)
@@ -74,7 +82,9 @@ class WeightOnlyConfig:
             object.__setattr__(self, field, value)
         if not isinstance(self.iters, int) or not 1 <= self.iters <= 10000:
             raise ValueError(f"iters={self.iters!r}: an int in [1, 10000]")
-        if self.memory_budget_mib is not None and (not isinstance(self.memory_budget_mib, int) or self.memory_budget_mib < 16):
+        if self.memory_budget_mib is not None and (
+            not isinstance(self.memory_budget_mib, int) or self.memory_budget_mib < 16
+        ):
             raise ValueError(f"memory_budget_mib={self.memory_budget_mib!r}: an int ≥ 16, or None (auto)")
         if not isinstance(self.shard_size_mib, int) or self.shard_size_mib < 1:
             raise ValueError(f"shard_size_mib={self.shard_size_mib!r}: an int ≥ 1")
@@ -84,9 +94,13 @@ class WeightOnlyConfig:
         return QScheme(bits=self.bits, signed=True, symmetric=self.symmetric, axis=0)
 
     def selects(self, info: TensorInfo) -> bool:
-        return (info.dtype in FLOATS and len(info.shape) >= 2 and info.shape[0] > 0
-                and any(fnmatch.fnmatchcase(info.name, p) for p in self.include)
-                and not any(fnmatch.fnmatchcase(info.name, p) for p in self.exclude))
+        return (
+            info.dtype in FLOATS
+            and len(info.shape) >= 2
+            and info.shape[0] > 0
+            and any(fnmatch.fnmatchcase(info.name, p) for p in self.include)
+            and not any(fnmatch.fnmatchcase(info.name, p) for p in self.exclude)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +120,15 @@ def plan(tensors: dict[str, TensorInfo], cfg: WeightOnlyConfig) -> list[list[Ite
             try:
                 width = row_width(info.shape, cfg.group_size)
             except ValueError as e:
-                raise CheckpointError(f"tensor {name!r} {list(info.shape)}: {e}; exclude it (exclude=...) or choose "
-                                      "another group_size") from None
+                raise CheckpointError(
+                    f"tensor {name!r} {list(info.shape)}: {e}; exclude it (exclude=...) or choose another group_size"
+                ) from None
             groups = int(np.prod(info.shape[1:])) // width
-            outs = (OutTensor(name, "I8", info.shape), OutTensor(f"{name}_scale", "F32", (info.shape[0], groups)),
-                    OutTensor(f"{name}_offset", "I32", (info.shape[0], groups)))
+            outs = (
+                OutTensor(name, "I8", info.shape),
+                OutTensor(f"{name}_scale", "F32", (info.shape[0], groups)),
+                OutTensor(f"{name}_offset", "I32", (info.shape[0], groups)),
+            )
             items.append(Item(info, True, outs))
         else:
             items.append(Item(info, False, (OutTensor(info.name, info.dtype, info.shape),)))
@@ -168,7 +186,9 @@ def _quantize_into(item: Item, shard: ShardFile, cfg: WeightOnlyConfig, budget: 
         rows = read_rows(info, start, stop).reshape(-1, width)
         n = rows.shape[0]
         if not np.isfinite(rows).all():
-            raise CheckpointError(f"tensor {info.name!r} has NaN or Inf in rows {start}…{stop - 1}; nothing was written for it")
+            raise CheckpointError(
+                f"tensor {info.name!r} has NaN or Inf in rows {start}…{stop - 1}; nothing was written for it"
+            )
         block = np.zeros((padded, width), np.float32)
         block[:n] = rows
         codes, scale, offset = quantize_block(jnp.asarray(block), cfg.scheme, cfg.method, cfg.iters, CHUNK_ROWS)
@@ -192,8 +212,10 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if state.get("fingerprint") != fingerprint:
-            raise CheckpointError(f"{str(out)!r} holds an unfinished run of another checkpoint or other options "
-                                  f"({state.get('options')}); use another directory or delete {PROGRESS} there")
+            raise CheckpointError(
+                f"{str(out)!r} holds an unfinished run of another checkpoint or other options "
+                f"({state.get('options')}); use another directory or delete {PROGRESS} there"
+            )
         done = state["done"] if isinstance(state.get("done"), dict) else {}
     elif (out / INDEX).exists():
         raise CheckpointError(f"{str(out)!r} already holds a quantized checkpoint; use another directory")
@@ -208,11 +230,17 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
                 if _source_digest(items) == done[name]:
                     bar.update(sum(it.source.nbytes for it in items))
                     continue
-                warnings.warn(f"{name}: the source tensors of this finished shard changed since it was written "
-                              f"(the checkpoint was rewritten in place); quantizing it again", stacklevel=2)
+                warnings.warn(
+                    f"{name}: the source tensors of this finished shard changed since it was written "
+                    f"(the checkpoint was rewritten in place); quantizing it again",
+                    stacklevel=2,
+                )
                 del done[name]
-            shard = ShardFile(out / name, [o for it in items for o in it.outputs],
-                              {"format": "pt", "quantization": f"W{cfg.bits} {cfg.method}"})
+            shard = ShardFile(
+                out / name,
+                [o for it in items for o in it.outputs],
+                {"format": "pt", "quantization": f"W{cfg.bits} {cfg.method}"},
+            )
             try:
                 for item in items:
                     if item.quantized:
@@ -233,8 +261,13 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
             for o in it.outputs:
                 description[o.name] = f"W{cfg.bits}" if it.quantized else "FLOAT"
     _write_json(out / DESCRIPTION, description)
-    _write_json(out / INDEX, {"metadata": {"total_size": sum(o.nbytes for s in shards for it in s for o in it.outputs)},
-                              "weight_map": weight_map})
+    _write_json(
+        out / INDEX,
+        {
+            "metadata": {"total_size": sum(o.nbytes for s in shards for it in s for o in it.outputs)},
+            "weight_map": weight_map,
+        },
+    )
     state_path.unlink()
     return description
 

@@ -6,6 +6,7 @@ of a tensor (slices of its first axis) are contiguous, so a row block is one rea
 (which NumPy cannot name) is widened to float32 on read and copied as bytes when passed
 through.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 class CheckpointError(ValueError):
@@ -45,8 +56,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         with open(path, "rb") as f:
             head = f.read(8)
             if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-                raise CheckpointError(f"{str(path)!r} is a torch.save / pickle file, not safetensors (jaxq never "
-                                      "unpickles files); convert it with safetensors.torch.save_file(state_dict, ...)")
+                raise CheckpointError(
+                    f"{str(path)!r} is a torch.save / pickle file, not safetensors (jaxq never "
+                    "unpickles files); convert it with safetensors.torch.save_file(state_dict, ...)"
+                )
             (length,) = struct.unpack("<Q", head)
             if length > size - 8:
                 raise CheckpointError(f"{str(path)!r}: header length {length} exceeds the file ({size} bytes)")
@@ -60,15 +73,24 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if not (isinstance(meta, dict) and {"dtype", "shape", "data_offsets"} <= set(meta)
-                and len(meta["data_offsets"]) == 2):
-            raise CheckpointError(f"{str(path)!r}: the header entry of tensor {name!r} is corrupt ({str(meta)[:80]}); "
-                                  "expected dtype, shape and data_offsets")
+        if not (
+            isinstance(meta, dict)
+            and {"dtype", "shape", "data_offsets"} <= set(meta)
+            and len(meta["data_offsets"]) == 2
+        ):
+            raise CheckpointError(
+                f"{str(path)!r}: the header entry of tensor {name!r} is corrupt ({str(meta)[:80]}); "
+                "expected dtype, shape and data_offsets"
+            )
         if meta.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has dtype {meta.get('dtype')!r}; supported: {sorted(DTYPES)}")
+            raise CheckpointError(
+                f"{str(path)!r}: tensor {name!r} has dtype {meta.get('dtype')!r}; supported: {sorted(DTYPES)}"
+            )
         b, e = meta["data_offsets"]
         if start + e > size:
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} ends at byte {start + e}, past the end ({size}): truncated?")
+            raise CheckpointError(
+                f"{str(path)!r}: tensor {name!r} ends at byte {start + e}, past the end ({size}): truncated?"
+            )
         out[name] = TensorInfo(name, path, meta["dtype"], tuple(meta["shape"]), start + b, e - b)
     return out
 
@@ -85,7 +107,9 @@ def open_checkpoint(source) -> dict[str, TensorInfo]:
         elif len(files) == 1:
             source = files[0]
         else:
-            raise CheckpointError(f"{str(source)!r} holds {len(files)} .safetensors files and no index; pass one file or the index")
+            raise CheckpointError(
+                f"{str(source)!r} holds {len(files)} .safetensors files and no index; pass one file or the index"
+            )
     if source.name.endswith(".index.json"):
         try:
             weight_map = json.loads(source.read_text())["weight_map"]

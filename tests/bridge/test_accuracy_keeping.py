@@ -1,5 +1,6 @@
 """keep_acc through the Calibrator on the digits CNN: every algorithm runs, the simulated
 weights are the exported codes, and reloads reproduce them."""
+
 import copy
 
 import numpy as np
@@ -30,8 +31,10 @@ def _weight_error(cal):
 def _simulated_codes_are_exported(cal):
     codes = cal.get_quant_params()[4]
     for name, w in model_quantizers(cal.model).items():
-        deq = (torch.from_numpy(codes[name].astype(np.float32)) - w.weight_offset.reshape(-1, *[1] * (w.float_weight.dim() - 1))) \
-            * w.weight_scale.reshape(-1, *[1] * (w.float_weight.dim() - 1))
+        deq = (
+            torch.from_numpy(codes[name].astype(np.float32))
+            - w.weight_offset.reshape(-1, *[1] * (w.float_weight.dim() - 1))
+        ) * w.weight_scale.reshape(-1, *[1] * (w.float_weight.dim() - 1))
         torch.testing.assert_close(w.fake_quant_weight().detach(), deq, rtol=0, atol=0)
 
 
@@ -49,9 +52,16 @@ def test_admm_lowers_weight_error(rtn, digits_calib):
     assert not any(w.weight_codes is not None for w in model_quantizers(cal.model).values())
 
 
-@pytest.mark.parametrize("keep_acc", [dict(round_opt=True), dict(adaround=[True, 200]),
-                                      dict(admm=[True, 50], round_opt=True), dict(gptq={"block_size": 32})],
-                         ids=["squant", "adaround", "admm+squant", "gptq"])
+@pytest.mark.parametrize(
+    "keep_acc",
+    [
+        dict(round_opt=True),
+        dict(adaround=[True, 200]),
+        dict(admm=[True, 50], round_opt=True),
+        dict(gptq={"block_size": 32}),
+    ],
+    ids=["squant", "adaround", "admm+squant", "gptq"],
+)
 def test_rounding_algorithms_simulate_and_export_their_codes(digits_calib, digits, keep_acc, tmp_path):
     from bridge.models.digits import load_digits_cnn
 
@@ -65,7 +75,9 @@ def test_rounding_algorithms_simulate_and_export_their_codes(digits_calib, digit
     reloaded = load_quantized(load_digits_cnn(), tmp_path / "p")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x_test), expected, rtol=0, atol=0)
-    again = Calibrator(load_digits_cnn(), W4.replace(keep_acc=keep_acc), digits_calib, progress=False).load_param(tmp_path / "p")
+    again = Calibrator(load_digits_cnn(), W4.replace(keep_acc=keep_acc), digits_calib, progress=False).load_param(
+        tmp_path / "p"
+    )
     with torch.no_grad():
         torch.testing.assert_close(again.model(x_test), expected, rtol=0, atol=0)
 
@@ -99,8 +111,9 @@ def test_easy_quant_raises_layer_cosine_and_keeps_accuracy(digits_model, digits_
 
 @pytest.mark.slow
 def test_weight_only_easy_quant(digits_model, digits_calib):
-    cal = Calibrator(digits_model, W4.replace(act_quant=False, keep_acc={"easy_quant": [True, 8]}), digits_calib,
-                     progress=False).run()
+    cal = Calibrator(
+        digits_model, W4.replace(act_quant=False, keep_acc={"easy_quant": [True, 8]}), digits_calib, progress=False
+    ).run()
     assert all(after >= before for before, after in cal.reports["easy_quant"].values())
 
 
@@ -112,7 +125,9 @@ class DynamicPadConv(nn.Conv2d):
 
 
 def test_a_layer_its_spec_does_not_describe_is_named():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), DynamicPadConv(4, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), DynamicPadConv(4, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(3)
+    )
     data = [torch.randn(4, 1, 12, 12) for _ in range(2)]
     model(data[0])
     fresh = copy.deepcopy(model)
@@ -138,7 +153,9 @@ def test_second_run_compiles_nothing(digits_model, digits_calib):
 def test_adaround_on_65536_wide_rows_completes_and_never_loses_to_nearest():
     """A conv whose rows are 65,536 wide: Ĥ would be a 16 GiB matrix; its row factor is not."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(16, 4096, 1), nn.ReLU(), nn.Conv2d(4096, 8, 4), nn.Flatten(), nn.Linear(8, 2)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(16, 4096, 1), nn.ReLU(), nn.Conv2d(4096, 8, 4), nn.Flatten(), nn.Linear(8, 2)
+    ).eval()
     data = [torch.randn(16, 16, 4, 4) for _ in range(4)]
     cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, keep_acc={"adaround": [True, 50]})
     cal = Calibrator(model, cfg, data, progress=False).run()
@@ -172,7 +189,8 @@ def test_a_layer_too_wide_for_the_budget_samples_fewer_rows():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1 << 16, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     data = [torch.randn(64, 1 << 16) for _ in range(2)]
-    cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, memory_budget=16,
-                           keep_acc={"adaround": [True, 10]})
+    cfg = jaxq.QuantConfig(
+        quant_mode=1, act_method=1, quantize_first_last=True, memory_budget=16, keep_acc={"adaround": [True, 10]}
+    )
     with pytest.warns(ReducedRowsWarning, match="'0'|0 \\("):
         Calibrator(model, cfg, data, progress=False).run()

@@ -1,5 +1,6 @@
 """`bias_correction=True` through the Calibrator: the mean output it restores, float when
 switched off, export and reload, fallback, layers without a bias."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,9 @@ from bridge.inplace.fakequant import model_quantizers
 from bridge.models.digits import load_digits_cnn
 
 # 4-bit weights: a visible shift; weight-only so the first layer sees the float input
-W4 = jaxq.QuantConfig(w_bit=4, quant_mode=1, act_method=1, act_quant=False, quantize_first_last=True,
-                      bias_correction=False)
+W4 = jaxq.QuantConfig(
+    w_bit=4, quant_mode=1, act_method=1, act_quant=False, quantize_first_last=True, bias_correction=False
+)
 
 
 def _first_layer_outputs(model, calib):
@@ -57,8 +59,20 @@ def test_improves_the_w4_model(digits_calib, digits):
     x = digits[2]
     with torch.no_grad():
         ref = load_digits_cnn()(x)
-        errs = [float(((Calibrator(load_digits_cnn(), cfg.replace(bias_correction=bc), digits_calib,
-                                   progress=False).run().model(x) - ref) ** 2).mean()) for bc in (False, True)]
+        errs = [
+            float(
+                (
+                    (
+                        Calibrator(load_digits_cnn(), cfg.replace(bias_correction=bc), digits_calib, progress=False)
+                        .run()
+                        .model(x)
+                        - ref
+                    )
+                    ** 2
+                ).mean()
+            )
+            for bc in (False, True)
+        ]
     assert errs[1] < errs[0]
 
 
@@ -120,10 +134,13 @@ def test_config_rejects_non_bool():
 def test_default_is_on_with_calibration_data_and_off_data_free(digits_calib):
     assert jaxq.QuantConfig().bias_correction is None
     with_data = Calibrator(load_digits_cnn(), jaxq.QuantConfig(w_bit=4), digits_calib, progress=False)
-    data_free = Calibrator(load_digits_cnn(), jaxq.QuantConfig(w_bit=4, quant_mode=0, input_shape=[1, 1, 8, 8]), None,
-                           progress=False)
+    data_free = Calibrator(
+        load_digits_cnn(), jaxq.QuantConfig(w_bit=4, quant_mode=0, input_shape=[1, 1, 8, 8]), None, progress=False
+    )
     assert with_data.cfg.bias_correction is True and data_free.cfg.bias_correction is False
-    explicit = Calibrator(load_digits_cnn(), jaxq.QuantConfig(w_bit=4, bias_correction=False), digits_calib, progress=False)
+    explicit = Calibrator(
+        load_digits_cnn(), jaxq.QuantConfig(w_bit=4, bias_correction=False), digits_calib, progress=False
+    )
     assert explicit.cfg.bias_correction is False
 
 

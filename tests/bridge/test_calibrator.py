@@ -51,7 +51,7 @@ def _kw_data(n=3):
 def test_digits_label_free_w8a8_within_half_point(digits, digits_model):
     x_train, _, x_test, y_test = digits
     fp = accuracy(digits_model, x_test, y_test)
-    calib = [x_train[i:i + 32] for i in range(0, 256, 32)]
+    calib = [x_train[i : i + 32] for i in range(0, 256, 32)]
     cal = Calibrator(digits_model, LABEL_FREE, calib, progress=False)
     cal.run()
     q = accuracy(cal.model, x_test, y_test)
@@ -104,7 +104,11 @@ def test_quant_params_match_buffers_and_weights(digits_model, digits_calib):
     input_scale, input_offset, weight_scale, weight_offset, quant_weight = cal.get_quant_params()
     assert set(input_scale) == set(weight_scale) == set(quant_weight) == set(cal.quantized_names)
     layers = model_quantizers(cal.model)
-    assert set(layers) == set(cal.quantized_names) == {"features.0", "features.3", "features.7", "classifier.1", "classifier.3"}
+    assert (
+        set(layers)
+        == set(cal.quantized_names)
+        == {"features.0", "features.3", "features.7", "classifier.1", "classifier.3"}
+    )
     for name, wrapper in layers.items():
         assert quant_weight[name].dtype == np.int8
         np.testing.assert_array_equal(wrapper.weight_scale.numpy(), weight_scale[name])
@@ -141,7 +145,9 @@ def test_batch_forms(kind):
     elif kind == "generator":
         data = (b for b in raw)
     else:
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat([b["x"] for b in raw])), batch_size=4)
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.cat([b["x"] for b in raw])), batch_size=4
+        )
     cal = Calibrator(model, LABEL_FREE, data, progress=False).run()
     assert set(cal.get_quant_params()[0]) == {"a", "b"}
 
@@ -183,7 +189,9 @@ def test_unused_model_is_not_touched_by_fp_copy(digits_model, digits_calib):
 
 def test_fuse_module_call_back_replaces_auto_fusion(digits_model, digits_calib):
     seen = []
-    cal = Calibrator(digits_model, LABEL_FREE, digits_calib, fuse_module_call_back=lambda m: seen.append(m), progress=False)
+    cal = Calibrator(
+        digits_model, LABEL_FREE, digits_calib, fuse_module_call_back=lambda m: seen.append(m), progress=False
+    )
     assert seen == [cal.model] and cal.fused == []
     assert isinstance(cal.model.features[1], nn.BatchNorm2d)
 
@@ -309,7 +317,9 @@ def test_several_inputs_from_a_list_of_shapes():
         def forward(self, x, y):
             return self.a(x) + self.b(y)
 
-    cal = Calibrator(TwoInputs(), QuantConfig(input_shape=[[2, 3], [2, 5]], quantize_first_last=True), progress=False).run()
+    cal = Calibrator(
+        TwoInputs(), QuantConfig(input_shape=[[2, 3], [2, 5]], quantize_first_last=True), progress=False
+    ).run()
     assert set(cal.quantized_names) == {"a", "b"}
     assert [t.shape for t in cal.calib_data[0]] == [(2, 3), (2, 5)]
 

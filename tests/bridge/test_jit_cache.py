@@ -1,5 +1,6 @@
 """The persistent compilation cache: on by default, configurable, off with one switch,
 shared by processes."""
+
 import os
 import subprocess
 import sys
@@ -43,8 +44,10 @@ def test_directory_and_off_switch(tmp_path):
 def test_processes_share_it(tmp_path, n):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION", "JAXQ_"))}
     env["JAXQ_COMPILATION_CACHE"] = str(tmp_path / "shared")
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(n)
+    ]
     for p in procs:
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()[-2000:]

@@ -1,4 +1,5 @@
 """Per-layer weight bit widths (`QuantConfig.layer_bits`): calibration, exports, reload."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,14 +12,16 @@ from bridge.export.reload import load_quantized
 
 
 def _cal(digits_calib_batches, **kw):
-    cfg = jaxq.QuantConfig(w_bit=8, a_bit=8, quantize_first_last=True, layer_bits={"features.3": 4, "classifier.*": 6}, **kw)
+    cfg = jaxq.QuantConfig(
+        w_bit=8, a_bit=8, quantize_first_last=True, layer_bits={"features.3": 4, "classifier.*": 6}, **kw
+    )
     return Calibrator(load_digits_cnn(), cfg, digits_calib_batches, progress=False).run()
 
 
 @pytest.fixture(scope="module")
 def calib(digits):
     x_train = digits[0]
-    return [x_train[i:i + 32] for i in range(0, 128, 32)]
+    return [x_train[i : i + 32] for i in range(0, 128, 32)]
 
 
 def test_each_layer_gets_its_grid(calib):

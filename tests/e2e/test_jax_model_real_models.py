@@ -1,6 +1,7 @@
 """The model as a JAX function on the real models (issue #18): lowering parity, the
 quantized forward against the torch fake-quant model on the protocols' metrics, and the
 vectorised isolated sensitivity against the torch loop."""
+
 import importlib.util
 
 import numpy as np
@@ -12,8 +13,13 @@ from bridge import Calibrator
 from bridge.studies import sensitivity as sens
 from bridge.evaluation import protocols
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(importlib.util.find_spec("torchax") is None, reason="needs the jax extra")]
-W8A8 = jaxq.QuantConfig(w_bit=8, a_bit=8, bias_correction=False)  # the figures of benchmarks/README.md (msModelSlim arithmetic)
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(importlib.util.find_spec("torchax") is None, reason="needs the jax extra"),
+]
+W8A8 = jaxq.QuantConfig(
+    w_bit=8, a_bit=8, bias_correction=False
+)  # the figures of benchmarks/README.md (msModelSlim arithmetic)
 
 
 def _check(p, metric_keys, calib=None):

@@ -3,6 +3,7 @@ improves its target case over round-to-nearest. Iteration counts and held-out se
 for CI (the assertions compare algorithms on the same samples; the notebooks' quick runs
 share these protocols); the benchmark (`benchmarks/accuracy_keeping.py`) runs the
 defaults on the full sets."""
+
 import pytest
 
 import jaxq
@@ -33,7 +34,9 @@ def efficientnet():
 def test_minilm_w4a8_admm_and_adaround_beat_round_to_nearest(minilm):
     rtn = _metric(minilm, w_bit=4)["mean_cos"]
     admm = _metric(minilm, w_bit=4, keep_acc={"admm": [True, 100]})["mean_cos"]
-    both = _metric(minilm, w_bit=4, recon_rows=1024, keep_acc={"admm": [True, 100], "adaround": [True, 150]})["mean_cos"]
+    both = _metric(minilm, w_bit=4, recon_rows=1024, keep_acc={"admm": [True, 100], "adaround": [True, 150]})[
+        "mean_cos"
+    ]
     assert rtn < admm - 0.01 and admm < both - 0.01, (rtn, admm, both)
     print(f"W4A8 mean cosine: round-to-nearest {rtn:.4f}, ADMM {admm:.4f}, ADMM + AdaRound {both:.4f}")
 

@@ -6,6 +6,7 @@ difference that lands on a rounding boundary flips a code by one step; deep quan
 networks amplify these flips (MiniLM: ~1 % of the hidden-state norm after 6 layers),
 so whole-model comparisons use model-level tolerances.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from bridge.evaluation import protocols, zoo
 pytestmark = pytest.mark.e2e
 ort = pytest.importorskip("onnxruntime")
 from bridge.export.onnx import onnx_session  # noqa: E402
+
 CFG = jaxq.QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True)
 
 

@@ -1,4 +1,5 @@
 """End-to-end label-free W8A8 on the real models of docs/evaluation.md (issue #2 acceptance)."""
+
 import pytest
 
 import jaxq

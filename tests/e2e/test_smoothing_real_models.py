@@ -1,5 +1,6 @@
 """SmoothQuant on MiniLM (issue #19): every layer W8A8, the α grid searched per layer
 group, on the full protocol (64 calibration passages, 256 held-out)."""
+
 import pytest
 
 import jaxq

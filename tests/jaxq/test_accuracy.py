@@ -1,4 +1,5 @@
 """Memory-lean multi-layer glue of `jaxq.accuracy`: the same numbers as the whole-row forms."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,9 +34,9 @@ def test_layer_moment_keeps_the_factor_of_wide_rows():
 
 def test_layer_moment_compiles_one_chunk_program_for_any_row_count():
     rows = np.random.default_rng(1).normal(size=(4 * MOMENT_CHUNK, 2, 9)).astype(np.float32)
-    layer_moment(rows[:MOMENT_CHUNK + 5], None)
+    layer_moment(rows[: MOMENT_CHUNK + 5], None)
     with jaxq.compile_count() as c:
-        layer_moment(rows[:3 * MOMENT_CHUNK + 11], None)
+        layer_moment(rows[: 3 * MOMENT_CHUNK + 11], None)
         layer_moment(rows, None)
     assert c.count == 0
 

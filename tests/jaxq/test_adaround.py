@@ -36,8 +36,13 @@ def test_learned_codes_beat_nearest_and_stay_on_floor_or_ceil():
     x = np.asarray(w) / np.asarray(qw.qparams.scale)[:, None]
     q = np.asarray(res.q)
     assert np.all((q == np.floor(x)) | (q == np.floor(x) + 1) | (q == W4.qmin) | (q == W4.qmax))
-    direct = float(output_error(jnp.asarray(jaxq.dequantize(res.q, qw.qparams)).reshape(1, 16, 32),
-                                w.reshape(1, 16, 32), row_moments(rows, None)))
+    direct = float(
+        output_error(
+            jnp.asarray(jaxq.dequantize(res.q, qw.qparams)).reshape(1, 16, 32),
+            w.reshape(1, 16, 32),
+            row_moments(rows, None),
+        )
+    )
     np.testing.assert_allclose(direct, float(res.error_after), rtol=1e-4)
 
 
@@ -53,8 +58,11 @@ def test_wide_rows_use_the_factor_and_give_the_same_codes():
     assert isinstance(factor, RowFactor) and factor.r.shape == (1, 24, 40)
     full = Moments(jnp.einsum("mgd,mge->gde", rows, rows) / 24)
     w_tilde = jnp.asarray(jaxq.dequantize(qw.q, qw.qparams)).reshape(1, 8, 40)
-    np.testing.assert_allclose(float(output_error(w_tilde, w.reshape(1, 8, 40), factor)),
-                               float(output_error(w_tilde, w.reshape(1, 8, 40), full)), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(output_error(w_tilde, w.reshape(1, 8, 40), factor)),
+        float(output_error(w_tilde, w.reshape(1, 8, 40), full)),
+        rtol=1e-4,
+    )
     p = AdaRoundParams(steps=200)
     a = adaround(w, (1, 8, 40), qw.qparams, factor, p)
     b = adaround(w, (1, 8, 40), qw.qparams, full, p)

@@ -13,8 +13,11 @@ def numpy_admm(w, bits, signed, iters):
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     out = []
     for row in w.reshape(w.shape[0], -1).astype(np.float32):
-        s = np.float32(max(np.abs(row).max() / qmax, np.finfo(np.float32).eps)) if signed else \
-            np.float32(max(row.max(), 0) / qmax)
+        s = (
+            np.float32(max(np.abs(row).max() / qmax, np.finfo(np.float32).eps))
+            if signed
+            else np.float32(max(row.max(), 0) / qmax)
+        )
         s = max(s, np.float32(np.finfo(np.float32).eps))
         quant = lambda s: np.clip(np.round(row * (np.float32(1) / np.float32(s))), qmin, qmax)  # noqa: E731
         err = lambda s: float(np.sum((quant(s) * np.float32(s) - row) ** 2))  # noqa: E731
@@ -78,12 +81,16 @@ def test_improves_w4_weight_error_overall():
 
 def test_bucketed_glue_equals_single_and_compiles_nothing_twice():
     rng = np.random.default_rng(2)
-    ws = {f"l{i}": jnp.asarray(rng.standard_normal(s).astype(np.float32)) for i, s in
-          enumerate([(8, 4, 3, 3), (8, 4, 3, 3), (10, 16)])}
+    ws = {
+        f"l{i}": jnp.asarray(rng.standard_normal(s).astype(np.float32))
+        for i, s in enumerate([(8, 4, 3, 3), (8, 4, 3, 3), (10, 16)])
+    }
     scheme = QScheme(5, True, True, 0)
     out = jaxq.accuracy.admm_weights(ws, scheme, 20)
     for n, w in ws.items():
-        np.testing.assert_allclose(out[n].qparams.scale, np.asarray(admm_quantize(w, scheme, 20).qparams.scale), rtol=1e-6)
+        np.testing.assert_allclose(
+            out[n].qparams.scale, np.asarray(admm_quantize(w, scheme, 20).qparams.scale), rtol=1e-6
+        )
     with jaxq.compile_count() as again:
         jaxq.accuracy.admm_weights(ws, scheme, 20)
     assert again.count == 0

@@ -1,4 +1,5 @@
 """Bias correction: δ = (W − Ŵ)·E[row] against NumPy, and the mean output it restores."""
+
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -23,7 +24,11 @@ def test_matches_numpy_reference_grouped():
 
 
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]), shift=st.floats(-2, 2, allow_subnormal=False, width=32))
+@given(
+    seed=st.integers(0, 2**16),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    shift=st.floats(-2, 2, allow_subnormal=False, width=32),
+)
 def test_corrected_layer_has_the_float_mean_output(seed, bits, shift):
     """On the rows it was computed from, E[Ŵx + b + δ] = E[Wx + b] (to float rounding)."""
     rng = np.random.default_rng(seed)
@@ -50,7 +55,9 @@ def test_bucket_is_vmapped_and_compiles_once():
     mean = rng.normal(size=(3, 1, 6)).astype(np.float32)
     out = bias_shift_bucket(mean, *args)
     for i in range(3):
-        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(bias_shift(mean[i], args[0][i], args[1][i])), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(out[i]), np.asarray(bias_shift(mean[i], args[0][i], args[1][i])), rtol=1e-6
+        )
     with jaxq.compile_count() as c:
         bias_shift_bucket(mean + 1, *args).block_until_ready()
     assert c.count == 0
@@ -58,8 +65,11 @@ def test_bucket_is_vmapped_and_compiles_once():
 
 def test_accuracy_bias_corrections_over_buckets():
     rng = np.random.default_rng(2)
-    weights = {"a": rng.normal(size=(4, 6)).astype(np.float32), "b": rng.normal(size=(4, 6)).astype(np.float32),
-               "c": rng.normal(size=(8, 2, 3, 3)).astype(np.float32)}
+    weights = {
+        "a": rng.normal(size=(4, 6)).astype(np.float32),
+        "b": rng.normal(size=(4, 6)).astype(np.float32),
+        "c": rng.normal(size=(8, 2, 3, 3)).astype(np.float32),
+    }
     scheme = jaxq.QScheme(bits=4, signed=True, symmetric=True, axis=0)
     quantized = jaxq.quantize_weights({n: jnp.asarray(w) for n, w in weights.items()}, scheme)
     grouped = {n: np.reshape(w, (1, w.shape[0], -1)) for n, w in weights.items()}

@@ -33,8 +33,9 @@ def test_hard_codes_round_h_at_one_half_and_match_the_hard_weight():
     codes = np.asarray(br.hard_codes(sw, v0))
     np.testing.assert_array_equal(codes, np.asarray(qw.q))  # h(V₀) = fractional part → round to nearest
     hard = np.asarray(br.soft_weight(sw, v0, hard=True))
-    np.testing.assert_allclose(hard, (codes - np.asarray(qw.qparams.offset)[:, None]) * np.asarray(qw.qparams.scale)[:, None],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        hard, (codes - np.asarray(qw.qparams.offset)[:, None]) * np.asarray(qw.qparams.scale)[:, None], rtol=1e-6
+    )
 
 
 def test_rounding_reg_is_zero_only_at_hard_values_and_beta_anneals():
@@ -66,7 +67,8 @@ def test_optimise_lowers_the_output_error_of_a_two_layer_block():
     for keep in (1.0, 0.5):
         p = br.ReconParams(steps=300, batch=32, keep=keep)
         out, before, after = jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, p))(
-            learned, x, target, jax.random.PRNGKey(0))
+            learned, x, target, jax.random.PRNGKey(0)
+        )
         assert float(after) < 0.8 * float(before)
         for k in ("a", "b"):
             h = np.asarray(jax.nn.sigmoid(out.v[k]) * 1.2 - 0.1)

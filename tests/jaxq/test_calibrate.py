@@ -66,8 +66,11 @@ def test_finalize_activations_finalizes_a_shared_state_once(monkeypatch):
     states = {"q": shared, "k": shared, "o": other, "v": shared}
     sizes = []
     bucket = jaxq.calibrate.finalize_activation_bucket
-    monkeypatch.setattr(jaxq.calibrate, "finalize_activation_bucket",
-                        lambda st, *a, **k: sizes.append(st.lo.shape[0]) or bucket(st, *a, **k))
+    monkeypatch.setattr(
+        jaxq.calibrate,
+        "finalize_activation_bucket",
+        lambda st, *a, **k: sizes.append(st.lo.shape[0]) or bucket(st, *a, **k),
+    )
     out = jaxq.finalize_activations(states, obs, QScheme(8, False, False))
     assert sizes == [2] and list(out) == ["q", "k", "o", "v"]
     assert float(out["v"].hi) == float(out["q"].hi) == 1023.0 and float(out["o"].lo) == -1.0
@@ -80,9 +83,14 @@ _quantize_weight_jit = jax.jit(quantize_weight, static_argnums=1)
 
 
 @settings(max_examples=25, deadline=None)
-@given(shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9), st.integers(1, 3)), min_size=1, max_size=5),
-       bits=st.sampled_from([2, 4, 8]), signed=st.booleans(), symmetric=st.booleans(),
-       positive=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9), st.integers(1, 3)), min_size=1, max_size=5),
+    bits=st.sampled_from([2, 4, 8]),
+    signed=st.booleans(),
+    symmetric=st.booleans(),
+    positive=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 @pytest.mark.slow
 def test_padded_buckets_equal_one_at_a_time(shapes, bits, signed, symmetric, positive, seed):
     """Zero padding to shared size buckets changes no scale, offset or code."""

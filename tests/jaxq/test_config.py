@@ -21,8 +21,14 @@ def test_defaults_match_the_seed_page():
     assert (c.w_bit, c.a_bit, c.w_signed, c.a_signed, c.w_sym, c.a_sym) == (8, 8, True, False, True, False)
     assert (c.input_shape, c.act_quant, c.act_method, c.quant_mode) == (None, True, 0, 0)
     assert (c.disable_names, c.amp_num, c.sigma, c.device) == ((), 0, 25, "cpu")
-    assert c.keep_acc.as_dict() == {"admm": [False, 1000], "easy_quant": [False, 1000], "round_opt": False,
-                                    "adaround": [False, 1000], "brecq": [False, 300], "qdrop": [False, 300]}
+    assert c.keep_acc.as_dict() == {
+        "admm": [False, 1000],
+        "easy_quant": [False, 1000],
+        "round_opt": False,
+        "adaround": [False, 1000],
+        "brecq": [False, 300],
+        "qdrop": [False, 300],
+    }
 
 
 def test_frozen_hashable_pytree_and_static_arg():
@@ -71,7 +77,9 @@ def test_bad_values_name_field_value_and_allowed(kwargs, words):
         assert w in str(e.value)
 
 
-@pytest.mark.parametrize("kwargs", [dict(w_sym=1), dict(act_quant="yes"), dict(disable_names="conv1"), dict(keep_acc=[1])])
+@pytest.mark.parametrize(
+    "kwargs", [dict(w_sym=1), dict(act_quant="yes"), dict(disable_names="conv1"), dict(keep_acc=[1])]
+)
 def test_wrong_types(kwargs):
     with pytest.raises(TypeError, match=next(iter(kwargs))):
         QuantConfig(**kwargs)
@@ -100,13 +108,16 @@ def test_keep_acc_is_typed_records_and_writes_back_the_list_form():
     assert QuantConfig(keep_acc={"gptq": {"block_size": 32, "act_order": False}}).keep_acc.gptq == Gptq(32, 0.01, False)
 
 
-@pytest.mark.parametrize("keep_acc, words", [
-    (KeepAcc(admm=(True, 5)), ["keep_acc.admm", "Admm"]),
-    (KeepAcc(adaround=AdaRound(0)), ["adaround", "iterations=0"]),
-    ({"gptq": {"damp": 2.0}}, ["gptq", "damp=2.0"]),
-    ({"gptq": {"blocksize": 8}}, ["gptq", "blocksize", "block_size"]),
-    ({"gptq": "yes"}, ["gptq", "'yes'"]),
-])
+@pytest.mark.parametrize(
+    "keep_acc, words",
+    [
+        (KeepAcc(admm=(True, 5)), ["keep_acc.admm", "Admm"]),
+        (KeepAcc(adaround=AdaRound(0)), ["adaround", "iterations=0"]),
+        ({"gptq": {"damp": 2.0}}, ["gptq", "damp=2.0"]),
+        ({"gptq": {"blocksize": 8}}, ["gptq", "blocksize", "block_size"]),
+        ({"gptq": "yes"}, ["gptq", "'yes'"]),
+    ],
+)
 def test_bad_keep_acc_settings_are_named(keep_acc, words):
     with pytest.raises((TypeError, ValueError)) as e:
         QuantConfig(keep_acc=keep_acc)

@@ -23,7 +23,7 @@ def _layer(seed=0, out=12, d=24, m=256):
 def _fq(a, scale, offset, scheme, axis=None):
     """NumPy fake-quant with torch's `x · (1/s)` rounding."""
     a = np.asarray(a, np.float32)
-    inv = (np.float32(1) / np.asarray(scale, np.float32))
+    inv = np.float32(1) / np.asarray(scale, np.float32)
     off = np.asarray(offset, np.float32)
     if axis is not None:
         inv, off, scale = inv[:, None], off[:, None], np.asarray(scale)[:, None]
@@ -51,7 +51,9 @@ def numpy_easy_quant(x_q, x, w, b, act, weight, n, rounds=2):
             a_s = np.float32(a_s * grid[int(np.argmax(scores))])
         x_hat = _fq(x_q, a_s, a_o, ACT)
         for c in range(w.shape[0]):
-            sc = lambda f: _cos(y[:, c], x_hat @ _fq(w[c:c + 1], np.float32([w_s[c] * f]), w_o[c:c + 1], W4, 0)[0] + b[c])  # noqa: E731
+            sc = lambda f: _cos(
+                y[:, c], x_hat @ _fq(w[c : c + 1], np.float32([w_s[c] * f]), w_o[c : c + 1], W4, 0)[0] + b[c]
+            )  # noqa: E731
             scores = [sc(f) for f in grid]
             if max(scores) > sc(np.float32(1)):
                 w_s[c] = np.float32(w_s[c] * grid[int(np.argmax(scores))])

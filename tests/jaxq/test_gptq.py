@@ -1,4 +1,5 @@
 """GPTQ (`jaxq.gptq`) against a straightforward NumPy port of the paper's algorithm."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ def numpy_gptq(w, h, scale, offset, qmin, qmax, block_size, damp, act_order):
             col = w1[:, i]
             qc = np.clip(np.round(col / s[:, i1 + i]) + o[:, i1 + i], qmin, qmax)
             err = (col - (qc - o[:, i1 + i]) * s[:, i1 + i]) / u[i1 + i, i1 + i]
-            w1[:, i:] -= np.outer(err, u[i1 + i, i1 + i:i2])
+            w1[:, i:] -= np.outer(err, u[i1 + i, i1 + i : i2])
             q[:, i1 + i], e1[:, i] = qc, err
         w[:, i2:] -= e1 @ u[i1:i2, i2:]
     out = np.zeros_like(q)
@@ -47,7 +48,7 @@ def _problem(seed, o, d, m, groups, asym):
     qmin, qmax = (0, 15) if asym else (-8, 7)
     s, off = np.zeros((o, d), np.float32), np.zeros((o, d), np.float32)
     for k in range(groups):
-        part = w[:, k * size:(k + 1) * size] if k < groups - 1 else w[:, k * size:]
+        part = w[:, k * size : (k + 1) * size] if k < groups - 1 else w[:, k * size :]
         cols = slice(k * size, (k + 1) * size if k < groups - 1 else d)
         if asym:
             lo, hi = np.minimum(part.min(1), 0), np.maximum(part.max(1), 0)
@@ -64,8 +65,17 @@ def _problem(seed, o, d, m, groups, asym):
 def test_equals_the_numpy_reference(o, d, block, groups, act_order, asym):
     w, h, s, off, qmin, qmax = _problem(d * 7 + o, o, d, 4 * d, groups, asym)
     expected = numpy_gptq(w, h, s, off, qmin, qmax, block, 0.01, act_order)
-    got = np.asarray(gptq_codes(jnp.asarray(w), jnp.asarray(h), jnp.asarray(s), jnp.asarray(off), qmin, qmax,
-                                GptqParams(block, 0.01, act_order)))
+    got = np.asarray(
+        gptq_codes(
+            jnp.asarray(w),
+            jnp.asarray(h),
+            jnp.asarray(s),
+            jnp.asarray(off),
+            qmin,
+            qmax,
+            GptqParams(block, 0.01, act_order),
+        )
+    )
     # float32 against float64: a code may differ where a value sits on a rounding boundary
     assert np.mean(got == expected) >= 0.99, np.argwhere(got != expected)[:5]
     assert got.min() >= qmin and got.max() <= qmax
@@ -81,8 +91,17 @@ def _error(w, h, s, off, q):
 def test_never_much_worse_than_round_to_nearest_and_usually_better(seed, act_order, block):
     w, h, s, off, qmin, qmax = _problem(seed, 6, 32, 96, 1, False)
     rtn = np.clip(np.round(w / s) + off, qmin, qmax)
-    q = np.asarray(gptq_codes(jnp.asarray(w), jnp.asarray(h), jnp.asarray(s), jnp.asarray(off), qmin, qmax,
-                              GptqParams(block, 0.01, act_order)))
+    q = np.asarray(
+        gptq_codes(
+            jnp.asarray(w),
+            jnp.asarray(h),
+            jnp.asarray(s),
+            jnp.asarray(off),
+            qmin,
+            qmax,
+            GptqParams(block, 0.01, act_order),
+        )
+    )
     assert _error(w, h, s, off, q) <= 1.05 * _error(w, h, s, off, rtn)
 
 

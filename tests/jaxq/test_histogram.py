@@ -17,7 +17,6 @@ def model_errors(hist: jax.Array, levels: int) -> jax.Array:
     return modelled_error(hist, levels)(idx[:, None], idx[None, :])
 
 
-
 def _padded(x: np.ndarray, size: int = 1 << 14):
     buf = np.full(size, x.reshape(-1)[0], np.float32)
     buf[: x.size] = x.reshape(-1)
@@ -48,8 +47,8 @@ def test_sampled_histogram_weights_rows_back_to_the_full_count(phase):
     lo, hi = jnp.float32(0.0), jnp.float32(x.max())
     full = np.asarray(batch_histogram(buf, n, lo, hi, 32))
     sampled = np.asarray(batch_histogram(buf, n, lo, hi, 32, max_rows=16, phase=phase))  # stride 4
-    rows = np.arange(64)[phase % 4::4]
-    kept = np.concatenate([x[r * 1024:(r + 1) * 1024] for r in rows])
+    rows = np.arange(64)[phase % 4 :: 4]
+    kept = np.concatenate([x[r * 1024 : (r + 1) * 1024] for r in rows])
     ref, _ = np.histogram(kept, bins=32, range=(0.0, float(x.max())))
     assert np.abs(sampled - 4 * ref).sum() <= 4 * 4  # exactly the rows r ≡ phase (mod 4), weighted 4
     np.testing.assert_allclose(sampled.sum(), full.sum(), rtol=0.05)  # 15 of 59 valid rows, ×4
@@ -67,20 +66,30 @@ def test_sampled_observer_keeps_the_exact_extremes():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=8, max_size=8),
-       st.floats(-5, 5, allow_subnormal=False, width=32), st.floats(0.1, 5), st.floats(0, 5, allow_subnormal=False, width=32),
-       st.floats(0, 5, allow_subnormal=False, width=32))
+@given(
+    st.lists(st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=8, max_size=8),
+    st.floats(-5, 5, allow_subnormal=False, width=32),
+    st.floats(0.1, 5),
+    st.floats(0, 5, allow_subnormal=False, width=32),
+    st.floats(0, 5, allow_subnormal=False, width=32),
+)
 def test_rebin_conserves_mass(counts, lo, width, grow_lo, grow_hi):
     hist = jnp.asarray(np.array(counts, np.float32))
-    new = rebin(hist, jnp.float32(lo), jnp.float32(lo + width), jnp.float32(lo - grow_lo), jnp.float32(lo + width + grow_hi))
+    new = rebin(
+        hist, jnp.float32(lo), jnp.float32(lo + width), jnp.float32(lo - grow_lo), jnp.float32(lo + width + grow_hi)
+    )
     np.testing.assert_allclose(float(new.sum()), float(hist.sum()), rtol=1e-4, atol=1e-3)
     assert float(new.min()) >= -1e-3
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=16, max_size=16),
-       st.floats(-5, 5, allow_subnormal=False, width=32), st.floats(0.1, 5), st.floats(0, 5, allow_subnormal=False, width=32),
-       st.floats(0, 5, allow_subnormal=False, width=32))
+@given(
+    st.lists(st.floats(0, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=16, max_size=16),
+    st.floats(-5, 5, allow_subnormal=False, width=32),
+    st.floats(0.1, 5),
+    st.floats(0, 5, allow_subnormal=False, width=32),
+    st.floats(0, 5, allow_subnormal=False, width=32),
+)
 def test_rebin_interpolates_the_cumulative_distribution(counts, lo, width, grow_lo, grow_hi):
     hist = np.array(counts, np.float32)
     hi, new_lo, new_hi = lo + width, lo - grow_lo, lo + width + grow_hi
@@ -129,10 +138,13 @@ def test_model_is_exact_for_clipping_and_close_inside():
 def test_search_finds_the_exhaustive_optimum_on_small_histograms(kind):
     rng = np.random.default_rng(7)
     bins, levels = 96, 8
-    x = {"normal": rng.standard_normal(20000), "relu": np.maximum(rng.standard_normal(20000), 0),
-         "heavy": rng.standard_t(2, 20000),
-         "bimodal": np.concatenate([rng.standard_normal(10000) * 0.2 - 3, rng.standard_normal(10000) * 0.2 + 5]),
-         "spiky": np.concatenate([np.zeros(15000), rng.exponential(1, 5000)])}[kind]
+    x = {
+        "normal": rng.standard_normal(20000),
+        "relu": np.maximum(rng.standard_normal(20000), 0),
+        "heavy": rng.standard_t(2, 20000),
+        "bimodal": np.concatenate([rng.standard_normal(10000) * 0.2 - 3, rng.standard_normal(10000) * 0.2 + 5]),
+        "spiky": np.concatenate([np.zeros(15000), rng.exponential(1, 5000)]),
+    }[kind]
     hist, _ = np.histogram(x, bins=bins)
     hist = jnp.asarray(hist.astype(np.float32))
     s, e, err = jax.jit(lambda h: l2_optimal_bins(h, levels))(hist)

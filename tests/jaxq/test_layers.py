@@ -1,4 +1,5 @@
 """jaxq.layers.apply against the torch modules it describes."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

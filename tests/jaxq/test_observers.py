@@ -23,7 +23,9 @@ def _run(observer, batches):
 
 
 batch_lists = st.lists(
-    st.lists(st.floats(-100, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=50), min_size=1, max_size=12
+    st.lists(st.floats(-100, 100, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=50),
+    min_size=1,
+    max_size=12,
 )
 
 
@@ -57,7 +59,9 @@ def test_one_batch_percentile_is_plain_minmax():
 def test_sorted_percentile_linear_interpolation():
     v = jnp.array([1.0, 2.0, 4.0, 8.0, jnp.inf, jnp.inf])
     for q in (0, 40, 60, 100):
-        np.testing.assert_allclose(float(sorted_percentile(v, jnp.int32(4), q)), np.percentile([1, 2, 4, 8], q), rtol=1e-6)
+        np.testing.assert_allclose(
+            float(sorted_percentile(v, jnp.int32(4), q)), np.percentile([1, 2, 4, 8], q), rtol=1e-6
+        )
 
 
 def _sigma_reference(x: np.ndarray, sigma: float):
@@ -99,7 +103,9 @@ def test_sigma_range_never_wider_than_observed(lo, span, std_all, std_pos, sigma
     assert float(rlo) >= np.float32(lo) and float(rhi) <= np.float32(hi)
 
 
-@pytest.mark.parametrize("observer", [jaxq.running_minmax(), jaxq.batch_percentile_minmax(16), jaxq.sigma_statistic(25.0)])
+@pytest.mark.parametrize(
+    "observer", [jaxq.running_minmax(), jaxq.batch_percentile_minmax(16), jaxq.sigma_statistic(25.0)]
+)
 def test_first_non_finite_batch_is_recorded(observer):
     good = np.ones(100, np.float32)
     bad = good.copy()
@@ -137,14 +143,25 @@ def test_channel_minmax():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=3000), st.floats(-5, 5, allow_subnormal=False, width=32))
+@given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False, width=32), min_size=1, max_size=3000),
+    st.floats(-5, 5, allow_subnormal=False, width=32),
+)
 def test_buffer_moments_ignore_padding(values, offset):
     from jaxq.observers import buffer_moments
 
     x = np.array(values, np.float32) + np.float32(offset)
     everything, positives = buffer_moments(*_padded(x))
-    np.testing.assert_allclose(np.asarray(everything), [x.size, x.mean(dtype=np.float64), x.var(dtype=np.float64) * x.size],
-                               rtol=2e-3, atol=1e-2 * (1 + np.abs(x).max()))
+    np.testing.assert_allclose(
+        np.asarray(everything),
+        [x.size, x.mean(dtype=np.float64), x.var(dtype=np.float64) * x.size],
+        rtol=2e-3,
+        atol=1e-2 * (1 + np.abs(x).max()),
+    )
     pos = x[x > 0]
-    ref = [pos.size, pos.mean(dtype=np.float64) if pos.size else 0.0, pos.var(dtype=np.float64) * pos.size if pos.size else 0.0]
+    ref = [
+        pos.size,
+        pos.mean(dtype=np.float64) if pos.size else 0.0,
+        pos.var(dtype=np.float64) * pos.size if pos.size else 0.0,
+    ]
     np.testing.assert_allclose(np.asarray(positives), ref, rtol=2e-3, atol=1e-2 * (1 + np.abs(x).max()))

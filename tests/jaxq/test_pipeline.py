@@ -1,4 +1,5 @@
 """`plan(cfg)`: the one place the order of the algorithms is written."""
+
 import pytest
 
 from jaxq import QuantConfig
@@ -10,30 +11,48 @@ def names(cfg):
     return [s.name for s in plan(cfg.resolved(representative_data=True))]
 
 
-@pytest.mark.parametrize("cfg, expected", [
-    (QuantConfig(), ["activations", "weights", "bias_correction"]),
-    (QuantConfig(act_quant=False, bias_correction=False), ["weights"]),
-    (QuantConfig(keep_acc={"admm": [True, 5], "easy_quant": [True, 10], "round_opt": True, "adaround": [True, 9]}),
-     ["activations", "weights", "easy_quant", "round_opt", "adaround", "bias_correction"]),
-    (QuantConfig(smooth_quant=0.5, keep_acc={"gptq": True, "qdrop": [True, 3]}, amp_num=2),
-     ["smooth_quant", "activations", "weights", "gptq", "blocks", "bias_correction", "fallback"]),
-    (QuantConfig(keep_acc={"brecq": [True, 3], "qdrop": [True, 4]}, bias_correction=False),
-     ["activations", "weights", "blocks"]),
-])
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        (QuantConfig(), ["activations", "weights", "bias_correction"]),
+        (QuantConfig(act_quant=False, bias_correction=False), ["weights"]),
+        (
+            QuantConfig(
+                keep_acc={"admm": [True, 5], "easy_quant": [True, 10], "round_opt": True, "adaround": [True, 9]}
+            ),
+            ["activations", "weights", "easy_quant", "round_opt", "adaround", "bias_correction"],
+        ),
+        (
+            QuantConfig(smooth_quant=0.5, keep_acc={"gptq": True, "qdrop": [True, 3]}, amp_num=2),
+            ["smooth_quant", "activations", "weights", "gptq", "blocks", "bias_correction", "fallback"],
+        ),
+        (
+            QuantConfig(keep_acc={"brecq": [True, 3], "qdrop": [True, 4]}, bias_correction=False),
+            ["activations", "weights", "blocks"],
+        ),
+    ],
+)
 def test_plan_orders_the_steps(cfg, expected):
     steps = plan(cfg.resolved(representative_data=True))
     print(describe(steps))
     assert [s.name for s in steps] == expected
     assert steps[-1].name in ("weights", "bias_correction", "fallback", "blocks")
     if "bias_correction" in expected:  # after every step that changes the weights
-        last_weight_step = max(i for i, s in enumerate(steps) if s.name in ("weights", "easy_quant", "round_opt",
-                                                                              "adaround", "gptq", "blocks"))
+        last_weight_step = max(
+            i
+            for i, s in enumerate(steps)
+            if s.name in ("weights", "easy_quant", "round_opt", "adaround", "gptq", "blocks")
+        )
         assert expected.index("bias_correction") > last_weight_step
 
 
 def test_steps_carry_their_settings_and_reads():
-    steps = {s.name: s for s in plan(QuantConfig(keep_acc={"admm": [True, 5], "qdrop": [True, 4]}, amp_num=3)
-                                     .resolved(representative_data=False))}
+    steps = {
+        s.name: s
+        for s in plan(
+            QuantConfig(keep_acc={"admm": [True, 5], "qdrop": [True, 4]}, amp_num=3).resolved(representative_data=False)
+        )
+    }
     assert steps["weights"].settings == Admm(5) and steps["blocks"].settings == Blocks(4, 0.5)
     assert steps["fallback"].settings == 3 and steps["fallback"].reads == ("outputs",)
     assert "bias_correction" not in steps  # data-free: bias correction off by default
@@ -41,6 +60,7 @@ def test_steps_carry_their_settings_and_reads():
 
 
 def test_layer_local_steps_are_the_row_and_rounding_steps():
-    steps = plan(QuantConfig(keep_acc={"easy_quant": [True, 10], "round_opt": True, "adaround": [True, 9],
-                                       "gptq": True}))
+    steps = plan(
+        QuantConfig(keep_acc={"easy_quant": [True, 10], "round_opt": True, "adaround": [True, 9], "gptq": True})
+    )
     assert [s.name for s in steps if layer_local(s)] == ["easy_quant", "round_opt", "adaround", "gptq"]

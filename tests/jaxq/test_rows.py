@@ -25,7 +25,6 @@ def layer_output_at(spec: LayerSpec, y: jax.Array, index: jax.Array) -> jax.Arra
     return jnp.reshape(moved, (-1, y.shape[1]))[index]
 
 
-
 @pytest.mark.parametrize("spec,x_shape,w_shape", SPECS, ids=[s[0].name for s in SPECS])
 def test_rows_reproduce_the_layer_output_at_every_position(spec, x_shape, w_shape):
     rng = np.random.default_rng(0)

@@ -34,4 +34,3 @@ def test_logits_kl_and_cosine_distance():
     assert float(js.logits_kl(p, p)) == 0.0
     assert float(js.logits_kl(p, p[:, ::-1])) > 0.5
     assert abs(float(js.cosine_distance(p, 2 * p))) < 1e-6
-

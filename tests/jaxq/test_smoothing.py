@@ -1,4 +1,5 @@
 """SmoothQuant factors and the α search (`jaxq.smoothing`)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def test_factors_follow_the_formula_and_leave_dead_channels_alone():
     a = np.array([4.0, 1.0, 0.0, 9.0], np.float32)
     w = np.array([1.0, 4.0, 2.0, 0.0], np.float32)
     s = np.asarray(smoothing_factors(a, w, 0.5))
-    np.testing.assert_allclose(s[:2], [4.0 ** 0.5 / 1.0 ** 0.5, 1.0 / 4.0 ** 0.5], rtol=1e-6)
+    np.testing.assert_allclose(s[:2], [4.0**0.5 / 1.0**0.5, 1.0 / 4.0**0.5], rtol=1e-6)
     np.testing.assert_array_equal(s[2:], [1.0, 1.0])
     np.testing.assert_allclose(np.asarray(smoothing_factors(a, w, 1.0))[:2], a[:2], rtol=1e-6)
 
@@ -46,13 +47,15 @@ def test_search_compares_with_no_smoothing_and_picks_the_least_error():
     s, errors = search_alpha(jnp.asarray(x), r, jnp.asarray(w), alphas, W8, A8)
     errors = np.asarray(errors)
     assert errors.shape == (4,)
-    np.testing.assert_allclose(errors[0], float(smoothed_error(jnp.asarray(x), r, jnp.asarray(w), jnp.ones(32), W8, A8)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        errors[0], float(smoothed_error(jnp.asarray(x), r, jnp.asarray(w), jnp.ones(32), W8, A8)), rtol=1e-6
+    )
     best = int(np.argmin(errors))
     assert best > 0 and errors[best] < 0.5 * errors[0]  # the outlier channel makes smoothing pay
     a_max = np.maximum(np.abs(x.min(0)), np.abs(x.max(0)))
-    np.testing.assert_allclose(np.asarray(s), np.asarray(smoothing_factors(a_max, np.abs(w).max(0), alphas[best - 1])),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(s), np.asarray(smoothing_factors(a_max, np.abs(w).max(0), alphas[best - 1])), rtol=1e-6
+    )
 
 
 def test_search_keeps_no_smoothing_when_nothing_is_gained():
@@ -76,8 +79,10 @@ def test_a_second_search_of_the_same_shapes_compiles_nothing():
     assert compiles.count == 0
 
 
-@pytest.mark.parametrize("value, expected", [(None, ()), (False, ()), ([], ()), (0.5, (0.5,)), ([0.2, 0.8], (0.2, 0.8)),
-                                             (True, jaxq.config.SMOOTH_ALPHAS)])
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, ()), (False, ()), ([], ()), (0.5, (0.5,)), ([0.2, 0.8], (0.2, 0.8)), (True, jaxq.config.SMOOTH_ALPHAS)],
+)
 def test_config_normalises_smooth_quant(value, expected):
     assert jaxq.QuantConfig(smooth_quant=value).smooth_quant == expected
 

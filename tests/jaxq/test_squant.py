@@ -52,8 +52,12 @@ def test_matches_numpy_reference_conv_and_linear():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 4, 6, 8]), symmetric=st.booleans(),
-       kernel=st.sampled_from([1, 3]))
+@given(
+    seed=st.integers(0, 2**16),
+    bits=st.sampled_from([2, 4, 6, 8]),
+    symmetric=st.booleans(),
+    kernel=st.sampled_from([1, 3]),
+)
 def test_channel_error_sums_within_half_and_values_move_less_than_one(seed, bits, symmetric, kernel):
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((6, 5, kernel, kernel)).astype(np.float32))

@@ -1,5 +1,6 @@
 """Shared by the reliability tests: the digits CNN with its float outputs, and the check
 that a user's model is exactly as it was (state_dict, module types, parameter objects, outputs)."""
+
 import pytest
 import torch
 
@@ -8,8 +9,11 @@ from bridge.models.digits import load_digits_cnn
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()],
-            [id(p) for p in model.parameters()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        [id(p) for p in model.parameters()],
+    )
 
 
 def _assert_unchanged(model, before, x, ref):

@@ -1,5 +1,6 @@
 """Reliability: the quantized model stays true while the user keeps working with it —
 fine-tuning, copying, reloading, restoring and re-exporting after `run()`."""
+
 import copy
 import json
 import os
@@ -126,8 +127,14 @@ class _Scale(nn.Module):
 
 def _parametrized_model():
     torch.manual_seed(0)
-    m = nn.Sequential(parametrizations.weight_norm(nn.Conv1d(4, 8, 3)), nn.ReLU(), nn.Flatten(),
-                      parametrizations.spectral_norm(nn.Linear(48, 16)), nn.ReLU(), nn.Linear(16, 3))
+    m = nn.Sequential(
+        parametrizations.weight_norm(nn.Conv1d(4, 8, 3)),
+        nn.ReLU(),
+        nn.Flatten(),
+        parametrizations.spectral_norm(nn.Linear(48, 16)),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    )
     parametrize.register_parametrization(m[5], "weight", _Scale())
     return m.eval()
 

@@ -1,4 +1,5 @@
 """Reliability: calibration data — empty, one-shot, NaN, and layers it never reaches."""
+
 import copy
 
 import numpy as np

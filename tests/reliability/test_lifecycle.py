@@ -1,4 +1,5 @@
 """Reliability: a calibration is a transaction on the user's model."""
+
 import copy
 
 import pytest
@@ -89,8 +90,16 @@ def test_one_layer_model_default_config_is_an_error():
 def test_fusion_never_pairs_a_bn_after_relu():
     """Conv → ReLU → BN: nothing may fold, however the allocator reuses tensor ids."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.BatchNorm2d(16), nn.Conv2d(16, 32, 3), nn.ReLU(),
-                          nn.BatchNorm2d(32), nn.Flatten(), nn.LazyLinear(2)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        nn.ReLU(),
+        nn.BatchNorm2d(16),
+        nn.Conv2d(16, 32, 3),
+        nn.ReLU(),
+        nn.BatchNorm2d(32),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    ).eval()
     x = torch.randn(2, 1, 9, 9)
     with torch.no_grad():
         model(x)
@@ -158,6 +167,8 @@ def test_sensitivity_compares_call_with_call():
         with torch.no_grad(), cal.quantization(on):
             cal.model(data[0])
         h.remove()
-    expected = sum(float(((f - q) ** 2).sum()) for f, q in zip(outs[False], outs[True])) / sum(f.numel() for f in outs[False])
+    expected = sum(float(((f - q) ** 2).sum()) for f, q in zip(outs[False], outs[True])) / sum(
+        f.numel() for f in outs[False]
+    )
     row = next(r for r in cal.sensitivity(metrics=("mse",), samples=8).rows if r["name"] == "a")
     assert row["mse"] == pytest.approx(expected, rel=1e-4)

@@ -1,4 +1,5 @@
 """Reliability: exports publish whole or not at all; loads check everything before touching the model."""
+
 import json
 
 import numpy as np
@@ -50,7 +51,8 @@ def test_w8a8_refuses_unsigned_weights(digits_calib, tmp_path):
         cal.export_quant_safetensor(tmp_path)
     with pytest.raises(bridge.ExportError, match="overwrite"):
         Calibrator(load_digits_cnn(), W8A8, digits_calib, progress=False).run().export_quant_safetensor(
-            tmp_path, "a.bin", "a.bin")
+            tmp_path, "a.bin", "a.bin"
+        )
 
 
 @pytest.fixture
@@ -62,7 +64,9 @@ def exported(digits_calib, tmp_path):
 
 def test_stale_files_are_removed_and_manifest_names_every_file(exported, digits_calib):
     cal, path = exported
-    Calibrator(load_digits_cnn(), W8A8.replace(w_bit=4), digits_calib, progress=False).run().export_param(path, legacy=True)
+    Calibrator(load_digits_cnn(), W8A8.replace(w_bit=4), digits_calib, progress=False).run().export_param(
+        path, legacy=True
+    )
     cal.export_param(path)  # no legacy this time: the W4 .npy files must go
     files = {"quant_params.json", "quant_params.safetensors", "float_params.safetensors"}
     assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST_NAME, *files])
@@ -106,14 +110,22 @@ def _rewrite(path, mutate):
     (path / MANIFEST_NAME).write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda t: t.pop("features.3.weight_scale"), r"'features.3'.*weight_scale"),
-    (lambda t: t.__setitem__("features.3.weight_scale", np.ones(10, np.float32)), r"'features.3'.*shape"),
-    (lambda t: t.__setitem__("features.3.weight_scale", -t["features.3.weight_scale"]), r"'features.3'.*non-positive"),
-    (lambda t: t.__setitem__("features.3.input_scale", np.array(np.nan, np.float32)), r"'features.3'.*input_scale"),
-    (lambda t: t.__setitem__("features.3.quant_weight", t["features.3.quant_weight"].astype(np.float32)),
-     r"'features.3'.*quant_weight.*dtype"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda t: t.pop("features.3.weight_scale"), r"'features.3'.*weight_scale"),
+        (lambda t: t.__setitem__("features.3.weight_scale", np.ones(10, np.float32)), r"'features.3'.*shape"),
+        (
+            lambda t: t.__setitem__("features.3.weight_scale", -t["features.3.weight_scale"]),
+            r"'features.3'.*non-positive",
+        ),
+        (lambda t: t.__setitem__("features.3.input_scale", np.array(np.nan, np.float32)), r"'features.3'.*input_scale"),
+        (
+            lambda t: t.__setitem__("features.3.quant_weight", t["features.3.quant_weight"].astype(np.float32)),
+            r"'features.3'.*quant_weight.*dtype",
+        ),
+    ],
+)
 def test_bad_tensors_name_file_and_layer_and_leave_the_model(exported, mutate, match):
     _cal, path = exported
     _rewrite(path, mutate)

@@ -1,4 +1,5 @@
 """Reliability: misuse after (or around) calibration gets one clear message naming what to change."""
+
 import threading
 
 import pytest
@@ -56,7 +57,9 @@ def test_accuracy_control_with_a_nan_score_says_so(cal):
 def test_diverging_virtual_data_names_virtual_lr():
     from bridge.capture.synthetic import SyntheticDataError
 
-    cfg = QuantConfig(quant_mode=0, virtual_data="bn_stats", virtual_lr=1e30, virtual_steps=20, input_shape=[1, 1, 8, 8])
+    cfg = QuantConfig(
+        quant_mode=0, virtual_data="bn_stats", virtual_lr=1e30, virtual_steps=20, input_shape=[1, 1, 8, 8]
+    )
     with pytest.raises(SyntheticDataError, match="virtual_lr"):
         Calibrator(load_digits_cnn(), cfg, progress=False).run()
 
@@ -106,7 +109,9 @@ def test_keyword_called_layers_calibrate_with_rows():
         def forward(self, x):
             return self.b(input=torch.relu(self.a(input=x)))
 
-    cal = Calibrator(Keyword().eval(), W8A8.replace(bias_correction=True), [torch.randn(8, 4)] * 2, progress=False).run()
+    cal = Calibrator(
+        Keyword().eval(), W8A8.replace(bias_correction=True), [torch.randn(8, 4)] * 2, progress=False
+    ).run()
     assert set(cal.quantized_names) == {"a", "b"} and cal.records["b"].bias_correction is not None
 
 

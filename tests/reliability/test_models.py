@@ -1,5 +1,6 @@
 """Reliability: models a new user brings — every quantizable weight and input is quantized
 (checked against a reference fake-quant computation) and the output stays close to float."""
+
 import warnings
 
 import pytest
@@ -25,7 +26,9 @@ def _fq_input(q, x):
 
 def _fq_weight(q):
     s = q.weight_scheme
-    return torch.fake_quantize_per_channel_affine(q.float_weight.detach(), q.weight_scale, q.weight_offset, 0, s.qmin, s.qmax)
+    return torch.fake_quantize_per_channel_affine(
+        q.float_weight.detach(), q.weight_scale, q.weight_offset, 0, s.qmin, s.qmax
+    )
 
 
 def _calibrate(model, data, cfg=W8A8):
@@ -52,13 +55,19 @@ def _every_input_seen_quantized(cal, data):
 def test_transformer_encoder_fast_path_is_quantized():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.TransformerEncoder(layer, 4, enable_nested_tensor=False), nn.Linear(32, 8)).eval()
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.TransformerEncoder(layer, 4, enable_nested_tensor=False), nn.Linear(32, 8)
+    ).eval()
     data = [torch.randn(4, 10, 16) for _ in range(8)]
     cal, ref, out = _calibrate(model, data)
     names = set(cal.quantized_names)
     for i in range(4):  # attention's input projection and out_proj, both FFN linears of every layer
-        assert {f"1.layers.{i}.self_attn", f"1.layers.{i}.self_attn.out_proj", f"1.layers.{i}.linear1",
-                f"1.layers.{i}.linear2"} <= names
+        assert {
+            f"1.layers.{i}.self_attn",
+            f"1.layers.{i}.self_attn.out_proj",
+            f"1.layers.{i}.linear1",
+            f"1.layers.{i}.linear2",
+        } <= names
     seen = _every_input_seen_quantized(cal, data)
     assert set(seen) == names  # every quantized layer's input passed through its quantizer
     for r, o in zip(ref, out):
@@ -90,8 +99,11 @@ def test_multihead_attention_matches_a_reference_fake_quant_computation():
     x = data[-1]
     with torch.no_grad():  # the same computation written out with torch's fake-quant ops
         xq = _fq_input(mha, x)
-        qkv = F.linear(xq, _fq_weight(mha), model.mha.parametrizations.in_proj_weight.original.new_tensor(0) * 0
-                       + mha.module.in_proj_bias)
+        qkv = F.linear(
+            xq,
+            _fq_weight(mha),
+            model.mha.parametrizations.in_proj_weight.original.new_tensor(0) * 0 + mha.module.in_proj_bias,
+        )
         q, k, v = qkv.chunk(3, -1)
         split = lambda t: t.reshape(3, 5, 2, 8).transpose(1, 2)  # noqa: E731
         attn = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(3, 5, 16)
@@ -133,8 +145,15 @@ def test_vit_style_block_from_torch_nn():
 
 def test_conv_padding_same_and_valid():
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same"), nn.ReLU(), nn.Conv2d(8, 8, 5, padding="same", dilation=2),
-                          nn.ReLU(), nn.Conv2d(8, 4, 3, padding="valid"), nn.Flatten(), nn.LazyLinear(5)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding="same"),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 5, padding="same", dilation=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, padding="valid"),
+        nn.Flatten(),
+        nn.LazyLinear(5),
+    ).eval()
     data = [torch.randn(2, 3, 12, 12) for _ in range(8)]
     with torch.no_grad():
         model(data[0])
@@ -250,7 +269,9 @@ def test_default_keeps_every_output_head_float():
             h = torch.relu(self.mid(torch.relu(self.body(x))))
             return self.prob(h).softmax(1), self.box(h)
 
-    cal = Calibrator(TwoHeads().eval(), QuantConfig(quant_mode=1, act_method=1), [torch.randn(2, 3, 8, 8)], progress=False)
+    cal = Calibrator(
+        TwoHeads().eval(), QuantConfig(quant_mode=1, act_method=1), [torch.randn(2, 3, 8, 8)], progress=False
+    )
     assert cal.disabled == {"body", "prob", "box"} and cal.quantized_names == ["mid"]
 
 

@@ -25,8 +25,10 @@ class Twice(nn.Module):
 def _reference_states(model, batches, observer):
     """Every input of every call fed to the observer one at a time, in call order."""
     inputs = {n: [] for n in ("a", "b")}
-    hooks = [getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].detach().clone()))
-             for n in inputs]
+    hooks = [
+        getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].detach().clone()))
+        for n in inputs
+    ]
     with torch.no_grad():
         for x in batches:
             model(x)

@@ -1,5 +1,6 @@
 """Row capture for EasyQuant, AdaRound and bias correction: torch gathers agree with
 `jaxq.rows`, exact mean rows, stratified sampling, the geometry check."""
+
 import copy
 
 import jax.numpy as jnp
@@ -70,7 +71,9 @@ def test_mean_rows_alone_keep_no_rows():
 
 
 def test_bias_correction_alone_still_checks_the_geometry():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), DynamicPadConv(4, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), DynamicPadConv(4, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(3)
+    )
     data = [torch.randn(4, 1, 12, 12) for _ in range(2)]
     model(data[0])
     cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=True)

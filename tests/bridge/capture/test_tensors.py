@@ -10,7 +10,6 @@ def to_torch(x, device: torch.device | str = "cpu", dtype: torch.dtype | None = 
     return out.to(device=device, dtype=dtype) if dtype is not None else out.to(device)
 
 
-
 def test_to_jax_is_zero_copy_on_cpu():
     t = torch.arange(4096, dtype=torch.float32)
     a = to_jax(t)

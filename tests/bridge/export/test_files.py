@@ -19,8 +19,12 @@ def calibrated(digits_model, digits_calib):
 
 def test_safetensors_and_json_hold_every_parameter(calibrated, tmp_path):
     files = calibrated.export_param(tmp_path / "out")
-    assert [f.name for f in files] == ["quant_params.safetensors", "quant_params.json", "float_params.safetensors",
-                                      "jaxq_manifest.json"]
+    assert [f.name for f in files] == [
+        "quant_params.safetensors",
+        "quant_params.json",
+        "float_params.safetensors",
+        "jaxq_manifest.json",
+    ]
     tensors = load_file(str(tmp_path / "out" / "quant_params.safetensors"))
     names = ("input_scale", "input_offset", "weight_scale", "weight_offset", "quant_weight")
     for key, per_layer in zip(names, calibrated.get_quant_params()):

@@ -88,8 +88,12 @@ def calibrated_digits():
     from bridge.models.digits import digits_split, load_digits_cnn
 
     x = digits_split()[0]
-    return Calibrator(load_digits_cnn(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                      [x[i:i + 32] for i in range(0, 128, 32)], progress=False).run()
+    return Calibrator(
+        load_digits_cnn(),
+        QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+        [x[i : i + 32] for i in range(0, 128, 32)],
+        progress=False,
+    ).run()
 
 
 @pytest.mark.parametrize("kind", list(EXPORTS))
@@ -122,8 +126,12 @@ def test_qdq_onnx_stores_the_squant_codes_as_int8_weights(digits, digits_model, 
     the int32 codes nor the arithmetic that dequantized them stays in the graph."""
     from onnx import numpy_helper
 
-    cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True,
-                                               keep_acc={"round_opt": True}), digits_calib, progress=False).run()
+    cal = Calibrator(
+        digits_model,
+        QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, keep_acc={"round_opt": True}),
+        digits_calib,
+        progress=False,
+    ).run()
     (path,) = cal.export_quant_onnx("digits", tmp_path, input_names=["image"])
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -155,16 +163,21 @@ def test_dict_outputs_keep_their_names(tmp_path):
             h = torch.relu(self.a(x))
             return {"prob": self.prob(h), "box": self.box(h)}
 
-    cal = Calibrator(Heads().eval(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                     [torch.randn(3, 4)], progress=False).run()
+    cal = Calibrator(
+        Heads().eval(),
+        QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+        [torch.randn(3, 4)],
+        progress=False,
+    ).run()
     (path,) = cal.export_quant_onnx("heads", tmp_path)
     assert [o.name for o in onnx_lib.load(str(path)).graph.output] == ["prob", "box"]
 
 
 def test_wrong_example_batch_is_one_clear_error(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
-    cal = Calibrator(model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                     [torch.randn(3, 4)], progress=False).run()
+    cal = Calibrator(
+        model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True), [torch.randn(3, 4)], progress=False
+    ).run()
     with pytest.raises(ExportError, match=r"example batch \(input shapes \[\(3, 5\)\]\)") as info:
         cal.export_quant_onnx("m", tmp_path, example_batch=torch.randn(3, 5))
     assert len(str(info.value).splitlines()) == 1 and not list(tmp_path.iterdir())

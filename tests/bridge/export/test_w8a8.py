@@ -28,8 +28,10 @@ class Mixed(nn.Module):
         return self.fc_nobias(torch.tanh(self.fc(h.flatten(1))))
 
 
-@pytest.mark.parametrize("a_signed,dead_channels,bias_correction",
-                         [(False, False, False), (True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize(
+    "a_signed,dead_channels,bias_correction",
+    [(False, False, False), (True, False, False), (False, True, False), (False, False, True)],
+)
 def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, bias_correction, tmp_path):
     torch.manual_seed(0)
     model = Mixed().eval()
@@ -38,11 +40,19 @@ def test_integer_path_reproduces_fake_quant_layers(a_signed, dead_channels, bias
             model.conv.weight[2], model.conv.bias[2] = 0.0, 50.0
             model.fc.weight[1], model.fc.bias[1] = 0.0, -30.0
     data = [torch.randn(4, 3, 6, 6) for _ in range(3)]
-    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, a_signed=a_signed,
-                      bias_correction=bias_correction, recon_rows=64)
+    cfg = QuantConfig(
+        quant_mode=1,
+        act_method=1,
+        quantize_first_last=True,
+        a_signed=a_signed,
+        bias_correction=bias_correction,
+        recon_rows=64,
+    )
     cal = Calibrator(model, cfg, data, progress=False).run()
     if bias_correction:  # bias-less layers carry δ in a bias of their own
-        assert all(w.bias_correction is not None and w.module.bias is not None for w in model_quantizers(cal.model).values())
+        assert all(
+            w.bias_correction is not None and w.module.bias is not None for w in model_quantizers(cal.model).values()
+        )
     cal.export_quant_safetensor(tmp_path)
     t = load_file(str(tmp_path / "quant_model_weight_w8a8.safetensors"))
     desc = json.loads((tmp_path / "quant_model_description_w8a8.json").read_text())
@@ -96,29 +106,40 @@ def test_float_tensors_are_marked_float(digits_model, digits_calib, tmp_path):
 
 
 def test_w8a8_refuses_what_it_cannot_express(digits_model, digits_calib, tmp_path):
-    cal = Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1, w_sym=False), digits_calib, progress=False).run()
+    cal = Calibrator(
+        digits_model, QuantConfig(quant_mode=1, act_method=1, w_sym=False), digits_calib, progress=False
+    ).run()
     with pytest.raises(W8A8Error, match="w_sym=False"):
         cal.export_quant_safetensor(tmp_path)
     cal.restore()
     with pytest.raises(ExportError, match="plain file name"):
-        Calibrator(digits_model, QuantConfig(quant_mode=1, act_method=1), digits_calib, progress=False).run() \
-            .export_quant_safetensor(tmp_path, "a/b.safetensors")
+        Calibrator(
+            digits_model, QuantConfig(quant_mode=1, act_method=1), digits_calib, progress=False
+        ).run().export_quant_safetensor(tmp_path, "a/b.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_reload_is_bit_identical_without_data(digits_calib, tmp_path):
     from bridge.models.digits import load_digits_cnn
 
-    cal = Calibrator(load_digits_cnn(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                     digits_calib, progress=False).run()
+    cal = Calibrator(
+        load_digits_cnn(),
+        QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+        digits_calib,
+        progress=False,
+    ).run()
     cal.export_param(tmp_path)
     fresh = load_quantized(load_digits_cnn(), tmp_path)
     x = torch.randn(16, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(fresh(x), cal.model(x))
     # and into a calibrator that never ran
-    other = Calibrator(load_digits_cnn(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
-                       digits_calib, progress=False).load_param(tmp_path)
+    other = Calibrator(
+        load_digits_cnn(),
+        QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True),
+        digits_calib,
+        progress=False,
+    ).load_param(tmp_path)
     with torch.no_grad():
         assert torch.equal(other.model(x), cal.model(x))
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(other.get_quant_params(), cal.get_quant_params()) for k in a)

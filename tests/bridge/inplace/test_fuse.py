@@ -31,8 +31,13 @@ class Branchy(nn.Module):
 
 def test_fusion_preserves_outputs_and_removes_bn():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), _trained_bn(nn.BatchNorm2d(8)), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1), _trained_bn(nn.BatchNorm2d(4))).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        _trained_bn(nn.BatchNorm2d(8)),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+        _trained_bn(nn.BatchNorm2d(4)),
+    ).eval()
     x = torch.randn(2, 3, 10, 10)
     with torch.no_grad():
         ref = model(x)

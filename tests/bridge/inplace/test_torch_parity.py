@@ -1,4 +1,5 @@
 """Bit-exact parity of jaxq's fake-quant with torch.fake_quantize_* (docs/design.md §3)."""
+
 import itertools
 
 import jax
@@ -52,8 +53,12 @@ def test_per_channel_bit_exact(scheme):
     w = np.concatenate([w, ties], axis=1)
     ours = np.asarray(fq(w, qp))
     ref = torch.fake_quantize_per_channel_affine(
-        torch.from_numpy(w), torch.from_numpy(s.copy()), torch.from_numpy(np.asarray(qp.offset).copy()), 0,
-        scheme.qmin, scheme.qmax,
+        torch.from_numpy(w),
+        torch.from_numpy(s.copy()),
+        torch.from_numpy(np.asarray(qp.offset).copy()),
+        0,
+        scheme.qmin,
+        scheme.qmax,
     ).numpy()
     assert w.size >= 100_000
     np.testing.assert_array_equal(ours, ref)
@@ -83,7 +88,9 @@ def test_wrapper_cpu_fast_path_is_bit_exact(scheme):
     for lo, hi in [(-1.3, 2.7), (0.0, 6.0), (-0.013, 0.004), (-350.0, 20.0)]:
         qp = qparams_from_range(lo, hi, scheme)
         s, o = float(qp.scale), int(qp.offset)
-        x = torch.from_numpy(np.concatenate([_values(rng, s, o, scheme.qmin, scheme.qmax), np.float32([np.inf, -np.inf])]))
+        x = torch.from_numpy(
+            np.concatenate([_values(rng, s, o, scheme.qmin, scheme.qmax), np.float32([np.inf, -np.inf])])
+        )
         ref = torch.fake_quantize_per_tensor_affine(x, s, o, scheme.qmin, scheme.qmax)
         ours = fake_quant_per_tensor_cpu(x, s, o, scheme.qmin, scheme.qmax)
         assert torch.equal(ours.view(torch.int32), ref.view(torch.int32))

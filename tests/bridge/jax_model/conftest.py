@@ -10,13 +10,16 @@ if importlib.util.find_spec("torchax") is None or importlib.util.find_spec("flax
 
 @pytest.fixture(scope="module")
 def digits_w8a8():
-    """A calibrated digits CNN (W8A8 min-max, msModelSlim arithmetic: no bias correction) and its calibration batches."""
+    """A calibrated digits CNN (W8A8 min-max, msModelSlim arithmetic: no bias correction) and its
+    calibration batches."""
     import jaxq
     from bridge import Calibrator
     from bridge.evaluation import protocols
 
     p = protocols.digits()
-    cal = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, bias_correction=False), p.calib_data, progress=False).run()
+    cal = Calibrator(
+        p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, bias_correction=False), p.calib_data, progress=False
+    ).run()
     return cal, p
 
 

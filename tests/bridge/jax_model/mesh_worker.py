@@ -5,6 +5,7 @@ and `jax.distributed` must be set before JAX starts).
     python mesh_worker.py ref OUT                   one device, the whole batches
     python mesh_worker.py process I PORT OUT        process I of 2 (2 devices each), half of each batch
 """
+
 import os
 import sys
 
@@ -14,8 +15,9 @@ import jax  # noqa: E402
 
 if mode == "process":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[3]}", num_processes=2,
-                               process_id=int(sys.argv[2]))
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{sys.argv[3]}", num_processes=2, process_id=int(sys.argv[2])
+    )
 
 import numpy as np  # noqa: E402
 
@@ -30,8 +32,9 @@ METHODS = (0, 1, 2)  # sigma, min-max, histogram
 def records(calib, mesh, method, **cfg):
     p = protocols.digits()
     cfg = {"w_bit": 8, **cfg}
-    cal = Calibrator(p.make_model(), jaxq.QuantConfig(a_bit=8, act_method=method, **cfg), calib,
-                     progress=False, mesh=mesh)
+    cal = Calibrator(
+        p.make_model(), jaxq.QuantConfig(a_bit=8, act_method=method, **cfg), calib, progress=False, mesh=mesh
+    )
     return cal.run().records
 
 
@@ -78,8 +81,9 @@ def main():
         with layers_over(four):
             sharded = over_layers(bind(quantize_weight_bucket, scheme=scheme), ws)
         direct = quantize_weight_bucket(ws, scheme)
-        out["over_layers_equal"] = np.array(np.array_equal(sharded.q, direct.q)
-                                            and np.array_equal(sharded.qparams.scale, direct.qparams.scale))
+        out["over_layers_equal"] = np.array(
+            np.array_equal(sharded.q, direct.q) and np.array_equal(sharded.qparams.scale, direct.qparams.scale)
+        )
         out["sharded_programs"] = np.array(_sharded_cached.cache_info().currsize)
         try:
             records([b[:6] for b in data], four, 1)
@@ -92,7 +96,7 @@ def main():
             out.update(flat(records(data, mesh, method), method))
     else:
         i = jax.process_index()
-        half = [b[i * (len(b) // 2):(i + 1) * (len(b) // 2)] for b in data]
+        half = [b[i * (len(b) // 2) : (i + 1) * (len(b) // 2)] for b in data]
         mesh = data_mesh()
         assert mesh.size == 4 and len(mesh.local_devices) == 2
         for method in METHODS:

@@ -16,7 +16,6 @@ def call_order(model: nn.Module, blocks: list[str], batch) -> list[str]:
     return seen + missing
 
 
-
 class Residual(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -59,7 +58,11 @@ def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
     cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={key: [True, 150]})
     cal = Calibrator(net, cfg, data, progress=False).run()
     reports = cal.reports["blocks"]
-    assert [r.name for r in reports] == ["blocks.0", "blocks.1", "blocks.2"]  # first and last layer stay float by default
+    assert [r.name for r in reports] == [
+        "blocks.0",
+        "blocks.1",
+        "blocks.2",
+    ]  # first and last layer stay float by default
     improved = [r for r in reports if r.error_after < r.error_before]
     assert len(improved) >= 2
     assert all(r.compiles >= 1 for r in reports)
@@ -68,8 +71,9 @@ def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
     params = cal.params()
     for n in custom:
         np.testing.assert_array_equal(params["quant_weight"][n].astype(np.int32), cal.records[n].codes)
-    rtn = Calibrator(_net_and_data()[0], jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False), data,
-                     progress=False).run()
+    rtn = Calibrator(
+        _net_and_data()[0], jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False), data, progress=False
+    ).run()
     x = torch.cat(data)
     with torch.no_grad():
         ref = cal.fp_model(x)
@@ -81,16 +85,24 @@ def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
 def test_digits_w3a4_qdrop_is_not_worse_than_round_to_nearest():
     p = protocols.digits(held_out=200)
     rtn = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=3, a_bit=4), p.calib_data, progress=False).run()
-    qd = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=3, a_bit=4, keep_acc={"qdrop": [True, 200]}),
-                    p.calib_data, progress=False).run()
+    qd = Calibrator(
+        p.make_model(),
+        jaxq.QuantConfig(w_bit=3, a_bit=4, keep_acc={"qdrop": [True, 200]}),
+        p.calib_data,
+        progress=False,
+    ).run()
     assert p.evaluate(qd.model)["top1"] >= p.evaluate(rtn.model)["top1"] - 0.005
 
 
 def test_a_block_that_cannot_lower_fails_clearly_and_restores_the_model(data_dependent_blocks):
     net = data_dependent_blocks
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    cal = Calibrator(net, jaxq.QuantConfig(w_bit=4, a_bit=8, quantize_first_last=True, keep_acc={"brecq": [True, 10]}),
-                     [torch.randn(4, 4) for _ in range(2)], progress=False)
+    cal = Calibrator(
+        net,
+        jaxq.QuantConfig(w_bit=4, a_bit=8, quantize_first_last=True, keep_acc={"brecq": [True, 10]}),
+        [torch.randn(4, 4) for _ in range(2)],
+        progress=False,
+    )
     with pytest.raises(Exception, match="DataDependent cannot run as a JAX function"):
         cal.run()
     after = net.state_dict()
@@ -102,7 +114,9 @@ def test_default_bias_correction_is_applied_to_the_learned_weights():
     """Reconstruction learns without δ; the default bias correction is recomputed on the
     learned codes afterwards, not dropped."""
     net, data = _net_and_data()
-    cal = Calibrator(net, jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={"brecq": [True, 20]}), data, progress=False).run()
+    cal = Calibrator(
+        net, jaxq.QuantConfig(w_bit=3, a_bit=8, keep_acc={"brecq": [True, 20]}), data, progress=False
+    ).run()
     assert cal.cfg.bias_correction is True
     learned = [n for n, r in cal.records.items() if r.custom_codes]
     assert learned
@@ -116,8 +130,14 @@ def test_named_blocks_and_the_layers_outside_them_alone():
 
     net, _ = _net_and_data()
     layers = ["stem", "blocks.0.a", "blocks.0.b", "blocks.1.a", "blocks.1.b", "blocks.2.a", "blocks.2.b", "head"]
-    assert named_blocks(net, layers, ("blocks.0", "blocks.1")) == \
-        ["blocks.0", "blocks.1", "stem", "blocks.2.a", "blocks.2.b", "head"]
+    assert named_blocks(net, layers, ("blocks.0", "blocks.1")) == [
+        "blocks.0",
+        "blocks.1",
+        "stem",
+        "blocks.2.a",
+        "blocks.2.b",
+        "head",
+    ]
     with pytest.raises(BlockNameError, match=r"recon_blocks\[0\]='block\.0' is not a module.*'blocks\.0'"):
         named_blocks(net, layers, ("block.0",))
     with pytest.raises(BlockNameError, match="overlap"):

@@ -2,6 +2,7 @@
 
 Several devices and processes need their own Python processes (`mesh_worker.py`): the
 device count and `jax.distributed` are fixed when JAX starts."""
+
 import os
 import socket
 import subprocess
@@ -22,8 +23,14 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def _worker(*args, timeout=600):
-    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def _finish(proc, timeout=600):

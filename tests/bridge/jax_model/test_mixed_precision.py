@@ -38,7 +38,9 @@ def test_the_allocation_calibrates_through_layer_bits(digits_w8a8, front):
     cal, p = digits_w8a8
     bits = front.layer_bits(5.0)
     assert set(bits.values()) <= {4, 6, 8} and bits
-    mixed = Calibrator(p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, layer_bits=bits), p.calib_data, progress=False).run()
+    mixed = Calibrator(
+        p.make_model(), jaxq.QuantConfig(w_bit=8, a_bit=8, layer_bits=bits), p.calib_data, progress=False
+    ).run()
     assert {n: q.weight_scheme.bits for n, q in mixed.quantizers.items()} == bits
     with pytest.raises(ValueError, match="no measured allocation fits"):
         front.allocation(3.0)

@@ -43,6 +43,8 @@ def test_optax_fine_tune_of_weights_and_scales_lowers_the_loss(digits_w8a8):
     for _ in range(5):
         last = float(step(model, opt))
     assert last < first
-    offsets = [float(v[...].sum()) for name in model.layer_names for f, v in model.quantizers[name].items() if f == "w_offset"]
+    offsets = [
+        float(v[...].sum()) for name in model.layer_names for f, v in model.quantizers[name].items() if f == "w_offset"
+    ]
     assert all(o == 0.0 for o in offsets)  # symmetric weights: offsets untouched by training scales
     assert isinstance(QuantizedModel, type)

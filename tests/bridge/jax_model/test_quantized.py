@@ -91,10 +91,18 @@ def test_chosen_codes_and_bias_correction_match_torch():
     from bridge.evaluation import protocols
 
     p = protocols.digits()
-    cfg = jaxq.QuantConfig(w_bit=4, quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=True,
-                           keep_acc={"round_opt": True})
+    cfg = jaxq.QuantConfig(
+        w_bit=4,
+        quant_mode=1,
+        act_method=1,
+        quantize_first_last=True,
+        bias_correction=True,
+        keep_acc={"round_opt": True},
+    )
     cal = Calibrator(p.make_model(), cfg, p.calib_data, progress=False).run()
-    assert any(r.custom_codes for r in cal.records.values()) and any(r.bias_correction is not None for r in cal.records.values())
+    assert any(r.custom_codes for r in cal.records.values()) and any(
+        r.bias_correction is not None for r in cal.records.values()
+    )
     x = p.calib_data[2]
     out = _run(cal.jax_forward(), x)
     with torch.no_grad():
@@ -118,7 +126,9 @@ def test_functional_layers_are_refused_with_a_clear_error():
 
     torch.manual_seed(0)
     data = [torch.randn(2, 5, 8) for _ in range(2)]
-    cal = Calibrator(Attn().eval(), jaxq.QuantConfig(w_bit=8, a_bit=8, quantize_first_last=True), data, progress=False).run()
+    cal = Calibrator(
+        Attn().eval(), jaxq.QuantConfig(w_bit=8, a_bit=8, quantize_first_last=True), data, progress=False
+    ).run()
     with pytest.raises(LoweringError, match="used functionally"):
         cal.jax_forward()
     cal.model(data[0])  # the torch path still runs
@@ -127,8 +137,9 @@ def test_functional_layers_are_refused_with_a_clear_error():
 def test_a_calibrated_model_that_cannot_lower_says_why_and_stays_usable(data_dependent_model):
     torch.manual_seed(0)
     data = [torch.randn(4, 4) for _ in range(3)]
-    cal = Calibrator(data_dependent_model, jaxq.QuantConfig(w_bit=8, a_bit=8, quantize_first_last=True), data,
-                     progress=False).run()
+    cal = Calibrator(
+        data_dependent_model, jaxq.QuantConfig(w_bit=8, a_bit=8, quantize_first_last=True), data, progress=False
+    ).run()
     with pytest.raises(LoweringError, match="DataDependent cannot run as a JAX function"):
         cal.sensitivity(metrics=("isolated",), engine="jax")
     table = cal.sensitivity(metrics=("isolated",))  # the torch path

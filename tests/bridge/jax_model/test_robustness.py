@@ -36,5 +36,6 @@ def test_calibrate_must_return_a_calibrated_model():
     p = protocols.digits()
     cfg = jaxq.QuantConfig(act_method=1, quantize_first_last=True)
     with pytest.raises(TypeError, match="Calibrated"):
-        calibration_robustness(lambda b: Calibrator(p.make_model(), cfg, b, progress=False).run(), p.calib_data[:2],
-                               p.calib_data[-1:], k=2)
+        calibration_robustness(
+            lambda b: Calibrator(p.make_model(), cfg, b, progress=False).run(), p.calib_data[:2], p.calib_data[-1:], k=2
+        )

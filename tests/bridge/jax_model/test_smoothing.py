@@ -1,5 +1,6 @@
 """SmoothQuant in the JAX model: the quantized forward, data-parallel observers and block
 reconstruction divide the input by `s` as the torch quantizer does."""
+
 import importlib.util
 
 import jax
@@ -13,8 +14,9 @@ from jaxq.model_quant import Switches
 
 from bridge import Calibrator
 
-_spec = importlib.util.spec_from_file_location("bridge_smoothing_tests", __file__.replace("jax_model/test_smoothing.py",
-                                                                                          "test_smoothing.py"))
+_spec = importlib.util.spec_from_file_location(
+    "bridge_smoothing_tests", __file__.replace("jax_model/test_smoothing.py", "test_smoothing.py")
+)
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
 OutlierBlock, CFG, D = _mod.OutlierBlock, _mod.CFG, _mod.D
@@ -41,7 +43,16 @@ def test_the_jax_model_computes_the_smoothed_layers():
     lw = qf.lowered
     run = jax.jit(qf.fn)
     out = np.asarray(run(lw.params, lw.buffers, qf.state, qf.default_switches(), to_jax_tree((x,)), {}))
-    off = np.asarray(run(lw.params, lw.buffers, qf.state, Switches(jnp.zeros(len(qf.layers)), jnp.zeros(len(qf.layers))), to_jax_tree((x,)), {}))
+    off = np.asarray(
+        run(
+            lw.params,
+            lw.buffers,
+            qf.state,
+            Switches(jnp.zeros(len(qf.layers)), jnp.zeros(len(qf.layers))),
+            to_jax_tree((x,)),
+            {},
+        )
+    )
     tq = _out(m, x)
     with cal.quantization(False):
         tf = _out(m, x)
@@ -57,9 +68,14 @@ def test_observers_over_a_mesh_see_the_smoothed_input(monkeypatch):
 
     seen = []
     real = observe.InputObserver.__init__
-    monkeypatch.setattr(observe.InputObserver, "__init__",
-                        lambda self, *a, **k: (seen.append(dict(a[5] if len(a) > 5 else k.get("smoothing") or {})),
-                                               real(self, *a, **k))[1])
+    monkeypatch.setattr(
+        observe.InputObserver,
+        "__init__",
+        lambda self, *a, **k: (
+            seen.append(dict(a[5] if len(a) > 5 else k.get("smoothing") or {})),
+            real(self, *a, **k),
+        )[1],
+    )
     calib = _calib()
     plain = Calibrator(OutlierBlock(), CFG.replace(smooth_quant=0.5), calib, progress=False).run()
     meshed = Calibrator(OutlierBlock(), CFG.replace(smooth_quant=0.5), calib, progress=False, mesh=data_mesh()).run()
@@ -72,8 +88,9 @@ def test_observers_over_a_mesh_see_the_smoothed_input(monkeypatch):
 def test_block_reconstruction_keeps_the_factors_and_lowers_the_error():
     calib = _calib()
     m = OutlierBlock()
-    cal = Calibrator(m, CFG.replace(w_bit=4, smooth_quant=0.5, keep_acc={"qdrop": [True, 20]}), calib,
-                     progress=False).run()
+    cal = Calibrator(
+        m, CFG.replace(w_bit=4, smooth_quant=0.5, keep_acc={"qdrop": [True, 20]}), calib, progress=False
+    ).run()
     smoothed = [n for n, r in cal.records.items() if r.smoothing is not None]
     assert {"q", "k", "v", "fc1", "fc2"} <= set(smoothed)
     reports = cal.reports["blocks"]

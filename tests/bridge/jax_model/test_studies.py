@@ -57,6 +57,10 @@ def test_token_batches_are_padded_into_one_with_a_mask():
 
 
 def test_image_batches_of_equal_shape_are_concatenated_others_kept_apart():
-    xs = [Batch((torch.zeros(2, 3, 8, 8),), {}), Batch((torch.ones(3, 3, 8, 8),), {}), Batch((torch.ones(1, 3, 4, 4),), {})]
+    xs = [
+        Batch((torch.zeros(2, 3, 8, 8),), {}),
+        Batch((torch.ones(3, 3, 8, 8),), {}),
+        Batch((torch.ones(1, 3, 4, 4),), {}),
+    ]
     merged = merge_batches(xs)
     assert [m.batch.args[0].shape[0] for m in merged] == [5, 1]

@@ -24,8 +24,9 @@ def test_fewest_layers_meeting_the_drop_and_the_report(digits_w2):
     quantized = top1(cal.model)
     reference = p.reference["top1"]
     assert reference - quantized > 0.02  # W2A4 hurts: there is something to control
-    report = accuracy_control(cal.model, cal.quantizers, top1, 0.01,
-                              cal.sensitivity(metrics=("isolated",)).ranked("isolated"))
+    report = accuracy_control(
+        cal.model, cal.quantizers, top1, 0.01, cal.sensitivity(metrics=("isolated",)).ranked("isolated")
+    )
     assert report.chosen >= 1 and report.drop(report.chosen) <= 0.01
     assert report.chosen - 1 in report.scores and report.drop(report.chosen - 1) > 0.01  # one fewer misses
     assert abs(report.reference - reference) < 1e-9

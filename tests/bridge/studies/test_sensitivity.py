@@ -29,10 +29,15 @@ def test_table_has_every_layer_and_prints(calibrated):
 
 @pytest.mark.parametrize("metric", ["mse", "relative_mse", "isolated"])
 def test_amp_num_falls_back_the_top_ranked_layers_to_float(digits_calib, metric):
-    ranking = Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT), digits_calib, progress=False).run() \
-        .sensitivity(metrics=(metric,)).ranked(metric)
-    cal = Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT, amp_num=2, amp_metric=metric), digits_calib,
-                     progress=False).run()
+    ranking = (
+        Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT), digits_calib, progress=False)
+        .run()
+        .sensitivity(metrics=(metric,))
+        .ranked(metric)
+    )
+    cal = Calibrator(
+        load_digits_cnn(), QuantConfig(**LOW_BIT, amp_num=2, amp_metric=metric), digits_calib, progress=False
+    ).run()
     assert cal.fallen_back == ranking[:2]
     float_model = load_digits_cnn()
     for name in cal.fallen_back:
@@ -77,8 +82,9 @@ def test_transformer_outputs_use_cosine_distance():
 
     torch.manual_seed(0)
     data = [torch.randn(2, 5, 8) for _ in range(3)]
-    cal = Calibrator(Tiny(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, w_bit=2), data,
-                     progress=False).run()
+    cal = Calibrator(
+        Tiny(), QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, w_bit=2), data, progress=False
+    ).run()
     curve = cal.fallback_search(target=1e-6)  # float32 cosine of equal outputs is ~5e-8 from 1
     assert curve.metric == "1 - cosine" and curve.chosen == 2
 

@@ -6,7 +6,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import jaxq
-from bridge.weights_only import CheckpointError, WeightOnlyConfig, dequantize, open_checkpoint, quantize_checkpoint, read_rows
+from bridge.weights_only import (
+    CheckpointError,
+    WeightOnlyConfig,
+    dequantize,
+    open_checkpoint,
+    quantize_checkpoint,
+    read_rows,
+)
 from bridge.weights_only import quantize as wq
 
 
@@ -52,7 +59,9 @@ def test_rtn_equals_jaxq_per_row_and_everything_else_is_copied(tmp_path, group_s
     path, tensors = _checkpoint(tmp_path, sharded)
     out = tmp_path / "out"
     exclude = ("*embed*", "*norm*") + (("*conv*",) if group_size else ())  # 36 values per conv channel
-    desc = quantize_checkpoint(path, out, bits=4, group_size=group_size, shard_size_mib=1, progress=False, exclude=exclude)
+    desc = quantize_checkpoint(
+        path, out, bits=4, group_size=group_size, shard_size_mib=1, progress=False, exclude=exclude
+    )
     got = _load_out(out)
     for name, t in tensors.items():
         if desc[name] == "FLOAT":
@@ -73,10 +82,19 @@ def test_rtn_equals_jaxq_per_row_and_everything_else_is_copied(tmp_path, group_s
 
 def test_small_memory_budget_gives_the_same_bytes(tmp_path, monkeypatch):
     path, _ = _checkpoint(tmp_path)
-    quantize_checkpoint(path, tmp_path / "big", bits=4, group_size=None, progress=False, exclude=("*embed*", "*norm*", "*conv*"))
+    quantize_checkpoint(
+        path, tmp_path / "big", bits=4, group_size=None, progress=False, exclude=("*embed*", "*norm*", "*conv*")
+    )
     monkeypatch.setattr(wq, "CHUNK_ROWS", 8)
-    quantize_checkpoint(path, tmp_path / "small", bits=4, group_size=None, progress=False, memory_budget_mib=16,
-                        exclude=("*embed*", "*norm*", "*conv*"))
+    quantize_checkpoint(
+        path,
+        tmp_path / "small",
+        bits=4,
+        group_size=None,
+        progress=False,
+        memory_budget_mib=16,
+        exclude=("*embed*", "*norm*", "*conv*"),
+    )
     a, b = _load_out(tmp_path / "big"), _load_out(tmp_path / "small")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -84,13 +102,25 @@ def test_small_memory_budget_gives_the_same_bytes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("method", ["admm", "squant"])
 def test_other_methods_lower_or_keep_the_error_and_stay_on_the_grid(tmp_path, method):
     path, tensors = _checkpoint(tmp_path, dtype=torch.float32)
-    quantize_checkpoint(path, tmp_path / "rtn", bits=3, group_size=32, progress=False, exclude=("*embed*", "*norm*", "*conv*"))
-    quantize_checkpoint(path, tmp_path / method, bits=3, group_size=32, method=method, iters=20, progress=False,
-                        exclude=("*embed*", "*norm*", "*conv*"))
+    quantize_checkpoint(
+        path, tmp_path / "rtn", bits=3, group_size=32, progress=False, exclude=("*embed*", "*norm*", "*conv*")
+    )
+    quantize_checkpoint(
+        path,
+        tmp_path / method,
+        bits=3,
+        group_size=32,
+        method=method,
+        iters=20,
+        progress=False,
+        exclude=("*embed*", "*norm*", "*conv*"),
+    )
     rtn, other = _load_out(tmp_path / "rtn"), _load_out(tmp_path / method)
     name = "model.layers.0.mlp.up_proj.weight"
     w = tensors[name].numpy()
-    err = lambda o: np.mean((dequantize(o[name].numpy(), o[f"{name}_scale"].numpy(), o[f"{name}_offset"].numpy()) - w) ** 2)  # noqa: E731
+    err = lambda o: np.mean(
+        (dequantize(o[name].numpy(), o[f"{name}_scale"].numpy(), o[f"{name}_offset"].numpy()) - w) ** 2
+    )  # noqa: E731
     assert other[name].min() >= -4 and other[name].max() <= 3
     if method == "admm":
         assert err(other) <= err(rtn)
@@ -159,8 +189,22 @@ def test_command_line(tmp_path, capsys):
     from bridge.cli.main import main
 
     path, _ = _checkpoint(tmp_path)
-    assert main(["quantize-weights", str(path), "--out", str(tmp_path / "o"), "--bits", "4", "--group-size", "0",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "quantize-weights",
+                str(path),
+                "--out",
+                str(tmp_path / "o"),
+                "--bits",
+                "4",
+                "--group-size",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "4 tensors quantized to W4 (rtn, per channel)" in capsys.readouterr().out
     assert main(["quantize-weights", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "p")]) == 2
     assert "does not exist" in capsys.readouterr().err
