@@ -33,6 +33,11 @@ SEED_RANGE = (0, 2**32 - 1)
 RECON_INPUTS = ("quantized", "float")
 
 
+def _check_one_of(field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
+
+
 def _normalise_layer_bits(value) -> tuple:
     if value is None:
         return ()
@@ -272,10 +277,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.hist_bins={self.hist_bins!r} must be an int in [16, 65536]")
         if not is_int(self.hist_samples) or self.hist_samples < 0:
             raise ValueError(f"QuantConfig.hist_samples={self.hist_samples!r} must be an int ≥ 0 (0 = every value)")
-        if self.virtual_data not in VIRTUAL_DATA:
-            raise ValueError(
-                f"QuantConfig.virtual_data={self.virtual_data!r} is not allowed; choose one of {VIRTUAL_DATA}"
-            )
+        _check_one_of("virtual_data", self.virtual_data, VIRTUAL_DATA)
         if not is_int(self.virtual_steps) or self.virtual_steps < 1:
             raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps!r} must be an int ≥ 1")
         if (
@@ -284,16 +286,12 @@ class QuantConfig:
             or not self.virtual_lr > 0
         ):
             raise ValueError(f"QuantConfig.virtual_lr={self.virtual_lr!r} must be a number > 0")
-        if self.amp_metric not in AMP_METRICS:
-            raise ValueError(f"QuantConfig.amp_metric={self.amp_metric!r} is not allowed; choose one of {AMP_METRICS}")
+        _check_one_of("amp_metric", self.amp_metric, AMP_METRICS)
         if not is_int(self.amp_samples) or self.amp_samples < 1:
             raise ValueError(f"QuantConfig.amp_samples={self.amp_samples!r} must be an int ≥ 1")
         if not is_int(self.recon_rows) or self.recon_rows < 16:
             raise ValueError(f"QuantConfig.recon_rows={self.recon_rows!r} must be an int ≥ 16")
-        if self.recon_inputs not in RECON_INPUTS:
-            raise ValueError(
-                f"QuantConfig.recon_inputs={self.recon_inputs!r} is not allowed; choose one of {RECON_INPUTS}"
-            )
+        _check_one_of("recon_inputs", self.recon_inputs, RECON_INPUTS)
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(
                 f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)"

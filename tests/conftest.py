@@ -1,5 +1,6 @@
 import json
 import os
+import pathlib
 import shutil
 import tempfile
 import textwrap
@@ -76,3 +77,17 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "cfg.json").write_text(json.dumps({"quant_mode": 1, "act_method": 2}))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+SLOW_TESTS = {
+    line.strip()
+    for line in (pathlib.Path(__file__).parent / "slow_tests.txt").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests listed in `slow_tests.txt` get the `slow` marker (out of the fast tier)."""
+    for item in items:
+        if item.nodeid in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

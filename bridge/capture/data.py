@@ -102,6 +102,17 @@ def check_input_shape(model: torch.nn.Module, input_shape, device) -> None:
         ) from e
 
 
+def run_hooked(model: torch.nn.Module, batch: Batch, handles: list, grad: bool = False):
+    """`run_model` on `batch` (as batch 0) with autograd on or off, then remove the hook
+    `handles` (also on error)."""
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            return run_model(model, batch, 0)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_model(model: torch.nn.Module, batch: Batch, index: int):
     """Forward one batch; a failure names the batch."""
     try:

@@ -109,10 +109,7 @@ def export_qdq(
     input_names = list(input_names or names)
     if len(input_names) != len(args):
         raise ExportError(f"input_names={input_names!r} has {len(input_names)} names for {len(args)} model inputs")
-    dims = {}
-    for a in args:
-        axes = dynamic_axes or ({0: "batch", 1: "sequence"} if batch.kwargs and a.dim() == 2 else {0: "batch"})
-        dims.setdefault("shapes", []).append({ax: torch.export.Dim(f"{n}") for ax, n in axes.items() if ax < a.dim()})
+    shapes = _dynamic_shapes(args, batch, dynamic_axes)
     if output_names is None:
         output_names = _dict_output_names(model, batch)
     register_fake_quant_kernels()
@@ -126,7 +123,7 @@ def export_qdq(
                 input_names=input_names,
                 output_names=output_names,
                 opset_version=opset_version,
-                dynamic_shapes=(tuple(dims["shapes"]),) if batch.kwargs else tuple(dims["shapes"]),
+                dynamic_shapes=(shapes,) if batch.kwargs else shapes,
                 optimize=False,
                 verbose=False,
             )
@@ -143,6 +140,16 @@ def export_qdq(
     with atomic_directory(save_path, "onnx", model_id) as staging:
         onnx.save(proto, str(staging / f"{model_arch}.onnx"))
     return [Path(save_path) / f"{model_arch}.onnx"]
+
+
+def _dynamic_shapes(args: tuple, batch: Batch, dynamic_axes: dict[int, str] | None) -> tuple:
+    """Per input, its dynamic axes as `torch.export.Dim`s (default: axis 0 "batch"; keyword
+    inputs of rank 2, token ids, also axis 1 "sequence")."""
+    shapes = []
+    for a in args:
+        axes = dynamic_axes or ({0: "batch", 1: "sequence"} if batch.kwargs and a.dim() == 2 else {0: "batch"})
+        shapes.append({ax: torch.export.Dim(f"{n}") for ax, n in axes.items() if ax < a.dim()})
+    return tuple(shapes)
 
 
 def fold_weight_quantizers(model: "onnx.ModelProto") -> "onnx.ModelProto":

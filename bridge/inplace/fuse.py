@@ -24,7 +24,7 @@ import weakref
 import torch
 from torch import nn
 
-from bridge.capture.data import Batch, run_model
+from bridge.capture.data import Batch, run_hooked, run_model
 from bridge.inplace.fakequant import set_module
 from bridge.capture.tensors import tensors_in
 
@@ -61,12 +61,7 @@ def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, 
             handles.append(m.register_forward_hook(conv_hook(name)))
         elif isinstance(m, _BN):
             handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    try:
-        with torch.no_grad():
-            outputs = run_model(model, batch, 0)
-    finally:
-        for h in handles:
-            h.remove()
+    outputs = run_hooked(model, batch, handles)
     convs = [c for c, _ in pairs]
     modules = dict(model.named_modules())
     return [(c, b) for c, b in pairs if convs.count(c) == 1 and _channels_match(modules[c], modules[b])], outputs

@@ -19,7 +19,7 @@ from bridge.capture.data import (
     as_batch,
     check_input_shape,
     reiterable,
-    run_model,
+    run_hooked,
     to_device,
     virtual_batch,
 )
@@ -114,13 +114,7 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
-    try:
-        with torch.enable_grad():
-            out = run_model(model, batch, 0)
-    finally:
-        for h in handles:
-            h.remove()
+    out = run_hooked(model, batch, [m.register_forward_hook(record(n)) for n, m in layers.items()], grad=True)
     stack = [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None]
     found, seen = set(), set()
     while stack:

@@ -241,6 +241,14 @@ def reconstruct_block(
         learned = jax.block_until_ready(learned)
     if not float(after) < float(before):  # never worse than round to nearest on the block's output
         return {}, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
+    new = _learned_records(qf, soft, learned, names, rel, quantizers, records)
+    apply_records({n: quantizers[n] for n in new}, new)
+    return new, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
+
+
+def _learned_records(qf, soft, learned, names, rel, quantizers, records) -> dict[str, LayerRecord]:
+    """The block's records with the learned codes and input step sizes (δ dropped: bias
+    correction runs again after the blocks)."""
     new = {}
     for layer in qf.layers:
         full = names[list(rel.values()).index(layer.name)]
@@ -260,8 +268,7 @@ def reconstruct_block(
         new[full] = dataclasses.replace(
             rec, codes=codes.astype(np.int32), custom_codes=custom, input_scale=scale, bias_correction=None
         )
-    apply_records({n: quantizers[n] for n in new}, new)
-    return new, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
+    return new
 
 
 def _equal_shapes(batches: list, size: int = 8):

@@ -208,17 +208,7 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(tensors, cfg)
     state_path = out / PROGRESS
-    done: dict[str, str] = {}  # finished shard → digest of its source tensors
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("fingerprint") != fingerprint:
-            raise CheckpointError(
-                f"{str(out)!r} holds an unfinished run of another checkpoint or other options "
-                f"({state.get('options')}); use another directory or delete {PROGRESS} there"
-            )
-        done = state["done"] if isinstance(state.get("done"), dict) else {}
-    elif (out / INDEX).exists():
-        raise CheckpointError(f"{str(out)!r} already holds a quantized checkpoint; use another directory")
+    done = _finished_shards(out, fingerprint)  # finished shard → digest of its source tensors
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     budget = budget_bytes(cfg.memory_budget_mib)
     from tqdm.auto import tqdm
@@ -254,6 +244,30 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
                 raise
             done[name] = _source_digest(items)
             _write_json(state_path, {"fingerprint": fingerprint, "options": dataclasses.asdict(cfg), "done": done})
+    description = _write_index(out, names, shards, cfg)
+    state_path.unlink()
+    return description
+
+
+def _finished_shards(out: Path, fingerprint: str) -> dict[str, str]:
+    """The shards an earlier, interrupted run of the same job finished (empty for a new
+    job); `CheckpointError` when `out` holds another job or a finished checkpoint."""
+    state_path = out / PROGRESS
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"{str(out)!r} holds an unfinished run of another checkpoint or other options "
+                f"({state.get('options')}); use another directory or delete {PROGRESS} there"
+            )
+        return state["done"] if isinstance(state.get("done"), dict) else {}
+    if (out / INDEX).exists():
+        raise CheckpointError(f"{str(out)!r} already holds a quantized checkpoint; use another directory")
+    return {}
+
+
+def _write_index(out: Path, names: list[str], shards, cfg: WeightOnlyConfig) -> dict:
+    """`quant_model_description.json` and the safetensors index; returns the description."""
     weight_map = {o.name: name for name, items in zip(names, shards) for it in items for o in it.outputs}
     description = {"model_quant_type": f"W{cfg.bits}A16", "method": cfg.method, "group_size": cfg.group_size or 0}
     for items in shards:
@@ -261,14 +275,8 @@ def quantize_checkpoint(source, out, cfg: WeightOnlyConfig | None = None, progre
             for o in it.outputs:
                 description[o.name] = f"W{cfg.bits}" if it.quantized else "FLOAT"
     _write_json(out / DESCRIPTION, description)
-    _write_json(
-        out / INDEX,
-        {
-            "metadata": {"total_size": sum(o.nbytes for s in shards for it in s for o in it.outputs)},
-            "weight_map": weight_map,
-        },
-    )
-    state_path.unlink()
+    total = sum(o.nbytes for s in shards for it in s for o in it.outputs)
+    _write_json(out / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return description
 
 

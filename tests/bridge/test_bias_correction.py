@@ -1,6 +1,7 @@
 """`bias_correction=True` through the Calibrator: the mean output it restores, float when
 switched off, export and reload, fallback, layers without a bias."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -174,3 +175,39 @@ def test_default_is_skipped_with_a_warning_where_rows_cannot_be_sampled():
     assert "bias_correction" not in cal.reports and all(r.bias_correction is None for r in cal.records.values())
     with pytest.raises(Exception, match="functional"):  # asked for explicitly: an error, not a silent skip
         Calibrator(_Attention().eval(), cfg.replace(bias_correction=True), data, progress=False).run()
+
+
+def _forwards_during_run(cfg, calib) -> tuple[int, Calibrator]:
+    model = load_digits_cnn()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    cal = Calibrator(model, cfg, calib, progress=False)
+    before = len(calls)
+    cal.run()
+    handle.remove()
+    return len(calls) - before, cal
+
+
+def test_bias_correction_costs_no_forward_beyond_the_activation_pass(digits_calib):
+    """Its mean rows are summed in the observers' forwards (W8A8, no row step) and equal the
+    ones a separate float pass gives: the same δ, bit for bit."""
+    from bridge.capture.context import Context
+    from bridge.capture.rows import mean_rows_of
+
+    cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)
+    plain, _ = _forwards_during_run(cfg.replace(bias_correction=False), digits_calib)
+    fused, cal = _forwards_during_run(cfg.replace(bias_correction=True), digits_calib)
+    assert fused == plain == len(digits_calib)
+    ctx = Context(cal.model, cal.quantizers, cal.specs, cal.cfg, digits_calib, torch.device("cpu"), progress=False)
+    separate = mean_rows_of(ctx)  # one more float pass, quantization off
+    assert set(separate) == set(cal.records)
+    for name, rec in cal.records.items():
+        q = cal.quantizers[name]
+        qp = jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme)
+        w = jnp.asarray(q.float_weight.detach().float().numpy())
+        expected = jaxq.accuracy.bias_corrections(
+            {name: separate[name]},
+            {name: jaxq.rows.grouped_weight(cal.specs[name], w)},
+            {name: jaxq.QuantizedWeight(qp, jnp.asarray(rec.codes))},
+        )[name]
+        np.testing.assert_array_equal(np.asarray(expected, np.float32), rec.bias_correction)

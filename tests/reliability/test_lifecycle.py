@@ -60,9 +60,17 @@ def test_quantized_model_is_refused_then_recalibrated_cleanly(model_and_ref, dig
 
 def test_fp_model_is_lazy_and_bit_identical(model_and_ref, digits_calib):
     model, x, ref, before = model_and_ref
+    import gc
+
+    def copies() -> int:
+        gc.collect()
+        return sum(type(o) is type(model) for o in gc.get_objects())
+
+    before_run = copies()
     cal = Calibrator(model, W8A8, digits_calib, progress=False).run()
-    assert cal._fp_model is None  # no second copy until asked for
+    assert copies() == before_run  # no second copy until asked for
     fp = cal.fp_model
+    assert copies() > before_run
     assert fp is not model and not model_quantizers(fp)
     assert [type(m) for m in fp.modules()] == [t for _, t in before[1]]
     with torch.no_grad():
