@@ -11,6 +11,7 @@ inside their steps; the facade applies the records (`PipelineResult`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 
@@ -20,7 +21,7 @@ import numpy as np
 import jaxq
 from bridge.capture.observers import activation_qparams
 from bridge.capture.context import Context
-from bridge.inplace.fakequant import quantization
+from bridge.inplace.fakequant import quantization, set_quantization
 from bridge.capture.memory import (
     COPIES_FLOAT_INPUTS,
     COPIES_QUANTIZED_INPUTS,
@@ -144,7 +145,7 @@ def _weights(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     state.float_weights = {n: to_jax(q.float_weight.float()) for n, q in ctx.quantizers.items()}
     _check_weights(state.float_weights)
     weights = {}
-    with ctx.bar("jaxq admm", len(state.float_weights)) if step.settings else _no_bar() as bar:
+    with ctx.bar("jaxq admm", len(state.float_weights), disable=step.settings is None) as bar:
         for scheme, names in _by_scheme(ctx).items():  # one group unless cfg.layer_bits sets other widths
             group = {n: state.float_weights[n] for n in names}
             if step.settings is not None:
@@ -215,11 +216,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     named = ctx.cfg.recon_blocks
     blocks = named_blocks(ctx.model, ctx.quantizers, named) if named else find_blocks(ctx.model, ctx.quantizers)
 
-    def set_quant(on: bool) -> None:
-        from bridge.inplace.fakequant import set_quantization
-
-        set_quantization(ctx.quantizers, on)
-
+    set_quant = functools.partial(set_quantization, ctx.quantizers)
     with quantization(ctx.quantizers, True), ctx.bar("jaxq blocks", len(blocks), unit="block") as bar:
         state.records, reports = reconstruct_blocks(
             ctx.model,
@@ -351,17 +348,6 @@ def _check_weights(float_weights: dict) -> None:
             raise FloatingPointError(
                 f"layer {name!r}: its weight contains NaN or Inf; fix the model or keep it in float (disable_names)"
             )
-
-
-class _no_bar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int = 1) -> None:
-        pass
 
 
 __all__ = ["BiasCorrectionSkipped", "PipelineResult", "StepReport", "plan", "run_pipeline"]

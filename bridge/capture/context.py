@@ -40,8 +40,8 @@ class Context:
         except TypeError:
             return None
 
-    def bar(self, desc: str, total: int | None, unit: str = "layer"):
-        return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress)
+    def bar(self, desc: str, total: int | None, unit: str = "layer", disable: bool = False):
+        return tqdm(total=total, desc=desc, unit=unit, disable=disable or not self.progress)
 
     def forward_all(self, hooks, desc: str, after_batch=None) -> int:
         """Run the model over every batch with `hooks` (a context manager) active; returns the batch count."""

@@ -59,23 +59,18 @@ def _problem(seed, o, d, m, groups, asym):
     return w, h, s, off, qmin, qmax
 
 
+def _codes(w, h, s, off, qmin, qmax, params=GptqParams()):
+    arrays = (jnp.asarray(a) for a in (w, h, s, off))
+    return np.asarray(gptq_codes(*arrays, qmin, qmax, params))
+
+
 @pytest.mark.parametrize("o, d, block, groups", [(4, 16, 16, 1), (8, 24, 8, 3), (5, 37, 16, 1), (3, 64, 128, 4)])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("asym", [False, True])
 def test_equals_the_numpy_reference(o, d, block, groups, act_order, asym):
     w, h, s, off, qmin, qmax = _problem(d * 7 + o, o, d, 4 * d, groups, asym)
     expected = numpy_gptq(w, h, s, off, qmin, qmax, block, 0.01, act_order)
-    got = np.asarray(
-        gptq_codes(
-            jnp.asarray(w),
-            jnp.asarray(h),
-            jnp.asarray(s),
-            jnp.asarray(off),
-            qmin,
-            qmax,
-            GptqParams(block, 0.01, act_order),
-        )
-    )
+    got = _codes(w, h, s, off, qmin, qmax, GptqParams(block, 0.01, act_order))
     # float32 against float64: a code may differ where a value sits on a rounding boundary
     assert np.mean(got == expected) >= 0.99, np.argwhere(got != expected)[:5]
     assert got.min() >= qmin and got.max() <= qmax
@@ -91,24 +86,14 @@ def _error(w, h, s, off, q):
 def test_never_much_worse_than_round_to_nearest_and_usually_better(seed, act_order, block):
     w, h, s, off, qmin, qmax = _problem(seed, 6, 32, 96, 1, False)
     rtn = np.clip(np.round(w / s) + off, qmin, qmax)
-    q = np.asarray(
-        gptq_codes(
-            jnp.asarray(w),
-            jnp.asarray(h),
-            jnp.asarray(s),
-            jnp.asarray(off),
-            qmin,
-            qmax,
-            GptqParams(block, 0.01, act_order),
-        )
-    )
+    q = _codes(w, h, s, off, qmin, qmax, GptqParams(block, 0.01, act_order))
     assert _error(w, h, s, off, q) <= 1.05 * _error(w, h, s, off, rtn)
 
 
 def test_lowers_the_output_error_on_correlated_inputs():
     w, h, s, off, qmin, qmax = _problem(1, 16, 64, 256, 1, False)
     rtn = np.clip(np.round(w / s) + off, qmin, qmax)
-    q = np.asarray(gptq_codes(jnp.asarray(w), jnp.asarray(h), jnp.asarray(s), jnp.asarray(off), qmin, qmax))
+    q = _codes(w, h, s, off, qmin, qmax)
     assert _error(w, h, s, off, q) < 0.8 * _error(w, h, s, off, rtn)
 
 
