@@ -107,8 +107,9 @@ def gptq_codes(
 
 
 class Problem(NamedTuple):
-    """One GPTQ problem on the host: weight `[o, d]`, second moment `[d, d]`, per-row scale
-    and offset `[o]`, the codes it starts from `[o, d]` (the error before)."""
+    """One GPTQ problem on the host: weight `[o, d]`, second moment `[d, d]`, scale and
+    offset per row `[o]` or per column `[o, d]` (groups: `jaxq.groupwise.per_column`), the
+    codes it starts from `[o, d]` (the error before)."""
 
     w: np.ndarray
     h: np.ndarray
@@ -122,6 +123,7 @@ def _padded(p: Problem, o: int, d: int) -> Problem:
     are zero weights whose `H_jj` is the mean of the real diagonal (dead columns counted as
     1, as `gptq_codes` does), so the damping and every real column's result are unchanged."""
     po, pd = o - p.w.shape[0], d - p.w.shape[1]
+    scale, offset = (np.broadcast_to(np.reshape(v, (len(v), -1)), p.w.shape) for v in (p.scale, p.offset))
     diag = np.diag(p.h).copy()
     diag[diag == 0] = 1.0
     h = np.pad(p.h, ((0, pd), (0, pd)))
@@ -129,23 +131,21 @@ def _padded(p: Problem, o: int, d: int) -> Problem:
     return Problem(
         np.pad(p.w, ((0, po), (0, pd))),
         h,
-        np.pad(p.scale, (0, po), constant_values=1.0),
-        np.pad(p.offset, (0, po)),
+        np.pad(scale, ((0, po), (0, pd)), constant_values=1.0),
+        np.pad(offset, ((0, po), (0, pd))),
         np.pad(p.start, ((0, po), (0, pd))),
     )
 
 
 def _error(w, q, h, s, z):
-    delta = (q.astype(jnp.float32) - z[:, None]) * s[:, None] - w
+    delta = (q.astype(jnp.float32) - z) * s - w
     return jnp.einsum("od,de,oe->", delta, h, delta, precision=lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames=("qmin", "qmax", "params"))
 def _solve_bucket(stacked: Problem, qmin: int, qmax: int, params: GptqParams):
     def one(p: Problem):
-        o, d = p.w.shape
-        per_col = lambda v: jnp.broadcast_to(v[:, None], (o, d))  # noqa: E731
-        codes = gptq_codes(p.w, p.h, per_col(p.scale), per_col(p.offset), qmin, qmax, params)
+        codes = gptq_codes(p.w, p.h, p.scale, p.offset, qmin, qmax, params)
         return codes, _error(p.w, p.start, p.h, p.scale, p.offset), _error(p.w, codes, p.h, p.scale, p.offset)
 
     return jax.vmap(one)(stacked)
