@@ -30,11 +30,13 @@ from jaxq.scheme import QScheme
 
 def candidate_scales(mean_abs: jax.Array, grid: int) -> jax.Array:
     """`s(α)` `[grid, d]` for `α = k/grid` (module docstring); channels never active get `s = 1`."""
-    m = jnp.maximum(mean_abs.astype(jnp.float32), 1e-8)
+    active = mean_abs[None, :] > 0
+    m = jnp.where(active, mean_abs.astype(jnp.float32), 1.0)
     alphas = jnp.arange(grid, dtype=jnp.float32) / grid
-    s = m[None, :] ** alphas[:, None]
-    s = s / jnp.sqrt(jnp.max(s, axis=1, keepdims=True) * jnp.min(s, axis=1, keepdims=True))
-    return jnp.where(mean_abs[None, :] > 0, s, 1.0)
+    s = m ** alphas[:, None]
+    hi = jnp.max(jnp.where(active, s, 0.0), axis=1, keepdims=True)
+    lo = jnp.min(jnp.where(active, s, jnp.inf), axis=1, keepdims=True)
+    return jnp.where(active, s / jnp.sqrt(hi * lo), 1.0)
 
 
 def scaled_error(w: jax.Array, x: jax.Array, s: jax.Array, scheme: QScheme, group_size: int | None) -> jax.Array:
@@ -46,7 +48,9 @@ def scaled_error(w: jax.Array, x: jax.Array, s: jax.Array, scheme: QScheme, grou
 
 
 @functools.partial(jax.jit, static_argnames=("scheme", "group_size", "grid"))
-def search_scales(w: jax.Array, x: jax.Array, mean_abs: jax.Array, scheme: QScheme, group_size: int | None, grid: int = 20):
+def search_scales(
+    w: jax.Array, x: jax.Array, mean_abs: jax.Array, scheme: QScheme, group_size: int | None, grid: int = 20
+):
     """`(s [d], err [grid])`: the best input-channel scales for `w [o, d]` (every layer
     reading the input, stacked along `o`) and each candidate's error."""
     cands = candidate_scales(mean_abs, grid)

@@ -1,8 +1,13 @@
 """What layer-by-layer quantization of a decoder language model does, as data.
 
 `LlmConfig` names the weight method, the weight grid (bits, group size, symmetry) and
-the activation quantizer; `plan(cfg)` is the order of the steps applied to each decoder
-layer in turn (`bridge.llm.sequential` runs it):
+the activation quantizer; `plan(cfg)` is the order of the steps (`bridge.llm.sequential`
+runs it): with `rotate`, once before the first layer,
+
+    rotate    QuaRot-style randomized Hadamard rotation of the residual stream, the value
+              heads and (online) the MLP's inner activations (`jaxq.rotation`)
+
+then, for each decoder layer in turn:
 
     capture   the layer's inputs (the previous layer's quantized outputs) through its
               Linear layers: second moment `H = E[xxᵀ]`, `mean|x|`, `max|x|`, sampled rows
@@ -38,9 +43,14 @@ class LlmConfig:
           (one symmetric per-tensor scale from the calibration inputs' max|x|); with `a_bit`.
       gptq: GPTQ's block size, damping and activation order (`jaxq.keep_acc.Gptq`).
       awq_grid: candidates of AWQ's α search.
+      rotate: rotate the model before quantizing it (`jaxq.rotation`); its float function
+          is unchanged.
+      online_hadamard: with `rotate`, also rotate the MLP's inner activations, which needs
+          one matrix product per layer at run time (a forward hook; compressed-tensors
+          checkpoints cannot carry it).
       awq_rows: input rows per layer group kept for AWQ's error.
       ignore: Linear layers left float, by module name (the LM head is always left float).
-      seed: the row sample.
+      seed: the rotation's random signs and the row sample.
     """
 
     method: str = "gptq"
@@ -51,6 +61,8 @@ class LlmConfig:
     activations: str | None = None
     gptq: Gptq = Gptq()
     awq_grid: int = 20
+    rotate: bool = False
+    online_hadamard: bool = True
     awq_rows: int = 4096
     ignore: tuple = ()
     seed: int = 0
@@ -77,6 +89,9 @@ class LlmConfig:
             raise ValueError(f"LlmConfig.gptq={self.gptq!r}: a jaxq.keep_acc.Gptq")
         if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or self.awq_grid < 1:
             raise ValueError(f"LlmConfig.awq_grid={self.awq_grid!r}: an int ≥ 1")
+        for field in ("w_sym", "rotate", "online_hadamard"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"LlmConfig.{field}={getattr(self, field)!r}: True or False")
         object.__setattr__(self, "ignore", tuple(self.ignore))
 
     @property
@@ -91,12 +106,13 @@ class LlmConfig:
         """`W4A16 g128 gptq` and the like."""
         acts = "16" if self.a_bit is None else f"{self.a_bit}{'' if self.activations == 'static' else ' dynamic'}"
         group = f" g{self.group_size}" if self.group_size else ""
-        return f"W{self.w_bit}A{acts}{group} {self.method}"
+        return f"W{self.w_bit}A{acts}{group} {self.method}{' + rotation' if self.rotate else ''}"
 
 
 def plan(cfg: LlmConfig) -> tuple[str, ...]:
-    """The steps applied to every decoder layer, in order (module docstring)."""
-    steps = ["capture"]
+    """The steps, in order (module docstring): `rotate` once, the rest per decoder layer."""
+    steps = ["rotate"] if cfg.rotate else []
+    steps.append("capture")
     if cfg.method.startswith("awq"):
         steps.append("awq")
     steps.append("gptq" if cfg.method.endswith("gptq") else "rtn")

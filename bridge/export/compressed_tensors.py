@@ -111,7 +111,9 @@ def _linear_tensors(name: str, rec, cfg, dtype: torch.dtype) -> dict:
     if not cfg.w_sym:
         zp = rec.offset.reshape(o, -1).astype(np.int8)
         out[f"{name}.weight_zero_point"] = (
-            torch.from_numpy(zp) if cfg.w_bit == 8 else torch.from_numpy(np.ascontiguousarray(pack_int32(zp.T, cfg.w_bit).T))
+            torch.from_numpy(zp)
+            if cfg.w_bit == 8
+            else torch.from_numpy(np.ascontiguousarray(pack_int32(zp.T, cfg.w_bit).T))
         )
     if rec.input_scale is not None:
         out[f"{name}.input_scale"] = torch.tensor([rec.input_scale], dtype=dtype)
@@ -124,6 +126,11 @@ def export_compressed_tensors(result, path) -> None:
     model, cfg = result.model, result.cfg
     if not result.records:
         raise ValueError("the result quantized no Linear layer; nothing to export as compressed-tensors")
+    if result.rotation_hooks:
+        raise ValueError(
+            "this model rotates down_proj's inputs at run time (LlmConfig(rotate=True, online_hadamard=True)); "
+            "a compressed-tensors checkpoint cannot carry that hook — quantize with online_hadamard=False to export"
+        )
     dtype = next(model.parameters()).dtype
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in result.records}

@@ -26,7 +26,9 @@ class ActQuant:
     def __call__(self, _module, args):
         x = args[0]
         if self.scale is None:
-            s = (x.detach().abs().amax(dim=-1, keepdim=True) / self.half_range).clamp_min(torch.finfo(torch.float32).eps)
+            s = (x.detach().abs().amax(dim=-1, keepdim=True) / self.half_range).clamp_min(
+                torch.finfo(torch.float32).eps
+            )
         else:
             s = torch.tensor(self.scale, dtype=x.dtype)
         q = torch.clamp(torch.round(x / s), -self.qmax - 1, self.qmax)

@@ -58,7 +58,8 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     ]
     if missing:
         raise TypeError(
-            f"{type(model).__name__} is not a decoder language model in the Llama layout (missing {', '.join(missing)}); "
+            f"{type(model).__name__} is not a decoder language model in the Llama layout "
+            f"(missing {', '.join(missing)}); "
             "layer-by-layer quantization supports transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
         )
     return DecoderParts(inner.embed_tokens, inner.layers, inner.norm, model.lm_head)
@@ -109,7 +110,9 @@ def first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> list[tu
     try:
         for i, ids in enumerate(batches):
             if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.ndim != 2:
-                raise ValueError(f"calibration batch {i}: token ids [batch, sequence] of int64 expected, got {_describe(ids)}")
+                raise ValueError(
+                    f"calibration batch {i}: token ids [batch, sequence] of int64 expected, got {_describe(ids)}"
+                )
             try:
                 model(input_ids=ids, use_cache=False)
             except _Stop:

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bridge.llm import activations
+from bridge.llm.rotation import rotate_decoder
 from bridge.llm.decoder import can_fold_rows, decoder_parts, first_layer_inputs, input_groups, run_layer
 from bridge.llm.stats import capture_inputs
 from jaxq.awq import search_scales
@@ -58,6 +59,7 @@ class LlmQuantized:
     awq_scales: dict[str, np.ndarray]
     seconds: dict[str, float]
     act_hooks: list = dataclasses.field(default_factory=list, repr=False)
+    rotation_hooks: list = dataclasses.field(default_factory=list, repr=False)
 
 
 def _batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -92,7 +94,9 @@ def _awq(layer, groups, stats, cfg: LlmConfig, skip) -> dict[str, np.ndarray]:
             continue
         w = np.concatenate([layer.get_submodule(n).weight.detach().float().numpy() for n in g.linears])
         st = stats[g.producer]
-        s, _ = search_scales(w, st.rows, st.mean_abs.astype(np.float32), cfg.weight_scheme, cfg.group_size, cfg.awq_grid)
+        s, _ = search_scales(
+            w, st.rows, st.mean_abs.astype(np.float32), cfg.weight_scheme, cfg.group_size, cfg.awq_grid
+        )
         chosen[g.producer] = np.asarray(s, np.float64)
     for producer, s in chosen.items():
         g = next(g for g in groups if g.producer == producer)
@@ -148,7 +152,11 @@ def _quantize_layer(layer, prefix: str, inputs, cfg: LlmConfig, seconds: dict):
             with torch.no_grad():
                 lin.weight.copy_(torch.from_numpy(w_hat).to(lin.weight.dtype))
             records[f"{prefix}.{n}"] = LinearRecord(
-                codes.astype(np.int8), np.asarray(qp.scale, np.float32), np.asarray(qp.offset, np.int32), cfg.group_size, input_scale
+                codes.astype(np.int8),
+                np.asarray(qp.scale, np.float32),
+                np.asarray(qp.offset, np.int32),
+                cfg.group_size,
+                input_scale,
             )
             errors[f"{prefix}.{n}"] = tuple(float(e) for e in err)
             if cfg.a_bit is not None:
@@ -157,7 +165,11 @@ def _quantize_layer(layer, prefix: str, inputs, cfg: LlmConfig, seconds: dict):
 
 
 def quantize_decoder(
-    model: nn.Module, calib_tokens: torch.Tensor, cfg: LlmConfig = LlmConfig(), batch_size: int = 16, progress: bool = True
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    cfg: LlmConfig = LlmConfig(),
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> LlmQuantized:
     """Quantize `model` (a `transformers` decoder in the Llama layout) in place, layer by
     layer, on the calibration token windows `calib_tokens [samples, sequence]` (module docstring)."""
@@ -174,6 +186,10 @@ def quantize_decoder(
     result = LlmQuantized(model, cfg, {}, {}, {}, {})
     try:
         t0 = time.perf_counter()
+        if "rotate" in plan(cfg):
+            result.rotation_hooks = rotate_decoder(model, cfg.seed, online=cfg.online_hadamard)
+            result.seconds["rotate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         inputs = first_layer_inputs(model, batches)
         result.seconds["embed"] = time.perf_counter() - t0
         for i, layer in enumerate(tqdm(parts.layers, desc=f"{cfg.describe()} layers", disable=not progress)):
@@ -187,7 +203,7 @@ def quantize_decoder(
             inputs = run_layer(layer, inputs)
             result.seconds["propagate"] = result.seconds.get("propagate", 0.0) + time.perf_counter() - t0
     except BaseException:
-        for h in result.act_hooks:
+        for h in result.act_hooks + result.rotation_hooks:
             h.remove()
         model.load_state_dict(snapshot)
         for m in model.modules():

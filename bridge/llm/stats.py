@@ -26,7 +26,9 @@ class InputStats:
 
     def scaled(self, s: np.ndarray) -> "InputStats":
         """The statistics of `x / s` (an AWQ or rotation scale folded into the producer)."""
-        return InputStats(self.h / np.outer(s, s), self.mean_abs / s, self.max_abs / s, self.rows / s[None, :], self.tokens)
+        return InputStats(
+            self.h / np.outer(s, s), self.mean_abs / s, self.max_abs / s, self.rows / s[None, :], self.tokens
+        )
 
 
 class _Accumulator:

@@ -109,7 +109,8 @@ def perplexity(model, tokens: torch.Tensor, batch_size: int = 16) -> float:
     for i in range(0, len(tokens), batch_size):
         x = tokens[i : i + batch_size]
         logits = model(input_ids=x).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        targets = x[:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum")
         total, count = total + float(loss), count + x[:, 1:].numel()
     return math.exp(total / count)
 
