@@ -76,11 +76,10 @@ def _input_args(cfg) -> dict | None:
     }
 
 
-def quantization_config(result) -> dict:
-    """The `quantization_config` entry of `config.json` for a `LlmQuantized`."""
-    cfg = result.cfg
-    quantized = set(result.records)
-    linears = [n for n, m in result.model.named_modules() if isinstance(m, torch.nn.Linear)]
+def quantization_config(cfg, quantized, linears) -> dict:
+    """The `quantization_config` entry of `config.json`: `cfg` (`jaxq.llm.LlmConfig`), the
+    names of the quantized Linear layers and of all Linear layers (the others are `ignore`)."""
+    quantized = set(quantized)
     fmt = "int-quantized" if cfg.w_bit == 8 else "pack-quantized"
     return {
         "quant_method": "compressed-tensors",
@@ -100,7 +99,8 @@ def quantization_config(result) -> dict:
     }
 
 
-def _linear_tensors(name: str, rec, cfg, dtype: torch.dtype) -> dict:
+def linear_tensors(name: str, rec, cfg, dtype: torch.dtype) -> dict:
+    """The checkpoint tensors of one quantized Linear (`bridge.llm.LinearRecord`)."""
     o, d = rec.codes.shape
     out = {f"{name}.weight_scale": torch.from_numpy(rec.scale.reshape(o, -1).copy()).to(dtype)}
     if cfg.w_bit == 8:
@@ -135,9 +135,10 @@ def export_compressed_tensors(result, path) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in result.records}
     for name, rec in result.records.items():
-        tensors.update(_linear_tensors(name, rec, cfg, dtype))
+        tensors.update(linear_tensors(name, rec, cfg, dtype))
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config(result)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    config["quantization_config"] = quantization_config(cfg, result.records, linears)
     config["architectures"] = [type(model).__name__]
     with atomic_directory(path, export=FORMAT_VERSION) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
