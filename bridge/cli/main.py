@@ -88,10 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
     from bridge.cli.quantize import add_parser
+    from bridge.llm import cli as llm_cli
     from bridge.weights_only import cli as weights_only_cli
 
     add_parser(sub)
     weights_only_cli.add_parser(sub)
+    llm_cli.add_parser(sub)
     return p
 
 

@@ -54,16 +54,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+            head = f.read(9)
+            looks_safetensors = len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then JSON
+            if not looks_safetensors and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
                 raise CheckpointError(
                     f"{str(path)!r} is a torch.save / pickle file, not safetensors (jaxq never "
                     "unpickles files); convert it with safetensors.torch.save_file(state_dict, ...)"
                 )
-            (length,) = struct.unpack("<Q", head)
+            (length,) = struct.unpack("<Q", head[:8])
             if length > size - 8:
                 raise CheckpointError(f"{str(path)!r}: header length {length} exceeds the file ({size} bytes)")
-            header = json.loads(f.read(length))
+            header = json.loads(head[8:] + f.read(length - 1))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
     start = 8 + length

@@ -238,3 +238,18 @@ def test_pickle_and_corrupt_headers_name_the_file(tmp_path):
     (tmp_path / "c.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(CheckpointError, match=r"c.safetensors.*tensor 'w'.*corrupt"):
         quantize_checkpoint(tmp_path / "c.safetensors", tmp_path / "o2", progress=False)
+
+
+def test_a_header_length_ending_in_byte_0x80_is_safetensors_not_pickle(tmp_path):
+    """The first byte of the little-endian header length may be 0x80, like pickle's magic."""
+    import json
+    import struct
+
+    from bridge.weights_only.safetensors_io import read_header
+
+    data = np.arange(4, dtype=np.float32).tobytes()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    header += b" " * ((128 - len(header)) % 256)
+    assert len(header) % 256 == 128
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+    assert read_header(tmp_path / "m.safetensors")["w"].shape == (4,)
