@@ -29,9 +29,7 @@ CASES = {
     + [LlmConfig(method="gptq", rotate=True, online_hadamard=False, **W4)],
     "w3a16": [LlmConfig(method=m, **W3) for m in ("rtn", "awq", "gptq", "awq+gptq")]
     + [LlmConfig(method="gptq", rotate=True, online_hadamard=False, **W3)],
-    "w8a8": [
-        LlmConfig(method="rtn", w_bit=8, group_size=None, a_bit=8, activations=a) for a in ("static", "dynamic")
-    ],
+    "w8a8": [LlmConfig(method="rtn", w_bit=8, group_size=None, a_bit=8, activations=a) for a in ("static", "dynamic")],
     "w4a8": [LlmConfig(method=m, a_bit=8, activations="dynamic", **W4) for m in ("rtn", "gptq")],
     "w4a4": [
         LlmConfig(method=m, w_bit=4, group_size=None, a_bit=4, activations="dynamic", rotate=r)
