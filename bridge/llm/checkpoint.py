@@ -18,6 +18,7 @@ continues after the last finished layer; a source rewritten in place is quantize
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -94,22 +95,42 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _release_memory() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise, and the next
+    layer's peak would sit on top of this one's)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _layer_bytes(tensors: dict[str, TensorInfo], prefix: str) -> int:
     return sum(int(np.prod(t.shape)) * 4 for n, t in tensors.items() if n.startswith(prefix))
 
 
-def _check_budget(tensors, n_layers: int, tokens: torch.Tensor, hidden: int, budget_mib: int | None) -> None:
-    if budget_mib is None:
-        return
+def memory_estimate(tensors, config, n_layers: int, tokens: torch.Tensor, batch_size: int, keep_rows: int) -> dict:
+    """MiB the run holds besides the Python/torch/JAX runtime: the largest layer (float32,
+    three copies: module, host arrays, dequantized), the calibration hidden states (inputs
+    and outputs), each input group's statistics (`H` in float64, the row sample) and one
+    forward's activations at `batch_size` sequences."""
+    mib = 2**20
     layer = max(_layer_bytes(tensors, f"model.layers.{i}.") for i in range(n_layers))
-    states = 2 * tokens.numel() * hidden * 4
-    need = 3 * layer + states
-    if need > budget_mib * 2**20:
-        raise ValueError(
-            f"memory_budget={budget_mib} MiB is below what one layer needs: ~{need / 2**20:.0f} MiB "
-            f"(the largest layer, {layer / 2**20:.0f} MiB as float32, three times; the calibration hidden "
-            f"states, {states / 2**20:.0f} MiB); raise the budget or use fewer calibration tokens"
-        )
+    h, m = config.hidden_size, config.intermediate_size
+    states = 2 * tokens.numel() * h * 4
+    stats = sum(d * d * 8 + keep_rows * d * 4 for d in (h, h, h, m))
+    forward = batch_size * tokens.shape[1] * (4 * m + 8 * h) * 4
+    parts = {"layer": 3 * layer, "hidden states": states, "statistics": stats, "forward": forward}
+    return {k: v / mib for k, v in parts.items()}
+
+
+def _check_budget(estimate: dict, budget_mib: int | None) -> None:
+    if budget_mib is None or sum(estimate.values()) <= budget_mib:
+        return
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
+    raise ValueError(
+        f"memory_budget={budget_mib} MiB is below what one layer needs: ~{sum(estimate.values()):.0f} MiB "
+        f"({parts} MiB); raise the budget, lower batch_size or use fewer calibration tokens"
+    )
 
 
 def quantize_llm_checkpoint(
@@ -123,7 +144,8 @@ def quantize_llm_checkpoint(
 ) -> dict:
     """Quantize the decoder checkpoint directory `source` (`config.json` + safetensors)
     into a compressed-tensors checkpoint at `out`, layer by layer (module docstring).
-    Returns `{"seconds": {...}, "layers": n, "resumed_from": k}`."""
+    `memory_budget_mib` refuses up front a job whose `memory_estimate` exceeds it.
+    Returns `{"seconds": {...}, "layers": n, "resumed_from": k, "estimate_mib": {...}}`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg.rotate:
@@ -135,7 +157,8 @@ def quantize_llm_checkpoint(
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     parts = decoder_parts(model)
     batches = _batches(calib_tokens, batch_size)
-    _check_budget(tensors, len(parts.layers), calib_tokens, config.hidden_size, memory_budget_mib)
+    estimate = memory_estimate(tensors, config, len(parts.layers), calib_tokens, batch_size, cfg.awq_rows)
+    _check_budget(estimate, memory_budget_mib)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(tensors, cfg, calib_tokens.long(), batch_size)
     state = _progress(out, fingerprint)
@@ -171,6 +194,7 @@ def quantize_llm_checkpoint(
         _write_atomic(shard, out / names[i])
         _write_atomic({f"batch.{b}": x.contiguous() for b, (x, _) in enumerate(inputs)}, out / HIDDEN)
         layer.to("meta")
+        _release_memory()
         weight_map.update(dict.fromkeys(shard, names[i]))
         quantized += list(records)
         state["done"][names[i]] = _digest([t for n, t in tensors.items() if n.startswith(prefix)])
@@ -178,7 +202,7 @@ def quantize_llm_checkpoint(
         state["quantized"][names[i]] = sorted(records)
         _write_json(out / PROGRESS, state)
     _finish(out, tensors, config, model, cfg, quantized, weight_map)
-    return {"seconds": seconds, "layers": len(parts.layers), "resumed_from": start}
+    return {"seconds": seconds, "layers": len(parts.layers), "resumed_from": start, "estimate_mib": estimate}
 
 
 def _progress(out: Path, fingerprint: str) -> dict:

@@ -42,16 +42,20 @@ class _Accumulator:
         self.keep_rows, self.rng = keep_rows, generator
 
     def __call__(self, _module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        self.h += (x.T @ x).numpy()
-        self.abs_sum += x.abs().sum(0).numpy()
-        self.max_abs = np.maximum(self.max_abs, x.abs().amax(0).numpy())
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.h += (x.T @ x).double().numpy()  # float32 products of one batch, float64 sums over batches
+        a = x.abs()
+        self.abs_sum += a.sum(0, dtype=torch.float64).numpy()
+        self.max_abs = np.maximum(self.max_abs, a.amax(0).double().numpy())
         self.tokens += x.shape[0]
-        # bottom-k of a random key per row: a uniform sample of all rows in bounded memory
-        keys = np.concatenate([self.keys, self.rng.random(x.shape[0])])
+        # bottom-k of a random key per row: a uniform sample of all rows in bounded memory;
+        # only the new rows that make the cut are copied
+        new_keys = self.rng.random(x.shape[0])
+        keys = np.concatenate([self.keys, new_keys])
         keep = np.sort(np.argsort(keys, kind="stable")[: self.keep_rows])
-        rows = np.concatenate([self.rows, x.float().numpy()])
-        self.rows, self.keys = rows[keep], keys[keep]
+        old, new = keep[keep < len(self.keys)], keep[keep >= len(self.keys)] - len(self.keys)
+        self.rows = np.concatenate([self.rows[old], x[torch.from_numpy(new)].numpy()])
+        self.keys = np.concatenate([self.keys[old], new_keys[new]])
 
     def result(self) -> InputStats:
         n = max(self.tokens, 1)
