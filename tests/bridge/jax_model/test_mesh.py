@@ -71,9 +71,14 @@ def test_four_devices_equal_one_device(tmp_path):
     # block reconstruction with its samples split: float sums in another order, so a few codes may differ
     assert np.mean(d["brecq_codes_one"] == d["brecq_codes_four"]) > 0.99
     keys = [k[4:] for k in d.files if k.startswith("one/")]
-    assert len(keys) >= 4 * 4 * 3  # sigma, min-max, histogram, ADMM × layers × fields
+    assert len(keys) >= 5 * 4 * 3  # sigma, min-max, histogram, EasyQuant, ADMM × layers × fields
     differ = [k for k in keys if not np.array_equal(d["one/" + k], d["four/" + k])]
     assert differ == []
+    # against the torch path: the mesh runs the forward lowered to JAX (XLA's convolutions),
+    # so a later layer's input range can differ in the last bit; EasyQuant may then choose
+    # a neighbouring candidate (docs/jax-model.md says so)
+    for k in (k for k in keys if k.startswith("easy/") and k.endswith("input_scale")):
+        np.testing.assert_allclose(d["one/" + k], d["torch/" + k], rtol=1e-6, err_msg=k)
     np.testing.assert_allclose(d["sensitivity_four"], d["sensitivity_one"], rtol=1e-4)
     assert bool(d["over_layers_equal"]) and int(d["sharded_programs"]) >= 1
     assert "calib_data batch 0" in str(d["uneven_error"]) and "multiple of 4" in str(d["uneven_error"])
