@@ -37,10 +37,15 @@ work, bits = sys.argv[1], int(sys.argv[2])
 calib, held_out = np.load(f"{work}/calib.npy"), torch.from_numpy(np.load(f"{work}/eval.npy"))
 model = AutoModelForCausalLM.from_pretrained(f"{work}/model", dtype=torch.float32)
 ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": np.ones_like(calib).tolist()})
+from tokenizers import Tokenizer, models  # oneshot wants a processor; the dataset is tokenized already
+from transformers import PreTrainedTokenizerFast
+vocab = {f"<{i}>": i for i in range(256)}
+words = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+processor = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<0>")
 scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": bits, "type": "int", "symmetric": True,
                                                          "strategy": "group", "group_size": 128}}}
 t0 = time.perf_counter()
-oneshot(model=model, dataset=ds, recipe=GPTQModifier(config_groups=scheme, ignore=["lm_head"]),
+oneshot(model=model, dataset=ds, processor=processor, recipe=GPTQModifier(config_groups=scheme, ignore=["lm_head"]),
         max_seq_length=calib.shape[1], num_calibration_samples=len(calib))
 seconds = time.perf_counter() - t0
 total, count = 0.0, 0

@@ -14,7 +14,7 @@ and keeps the α whose quantized layer outputs are closest to the float ones,
 
 with `Q` the group-wise round to nearest of `jaxq.groupwise`. `α = 0` (`s = 1`) is plain
 round to nearest, so the chosen scales never lose to it on this measure. All `n`
-candidates are one `vmap`.
+candidates are one `vmap`. AWQ then clips each weight group's range (`search_clip`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxq.groupwise import group_fake_quant, group_qparams
+from jaxq.groupwise import check_group_size, group_fake_quant, group_qparams
+from jaxq.numerics import fake_quant
+from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
 
 
@@ -56,3 +58,30 @@ def search_scales(
     cands = candidate_scales(mean_abs, grid)
     errs = jax.vmap(lambda s: scaled_error(w.astype(jnp.float32), x.astype(jnp.float32), s, scheme, group_size))(cands)
     return cands[jnp.argmin(errs)], errs
+
+
+def _group_error(wg, xg, lo, hi, r, scheme: QScheme):
+    qp = qparams_from_range(lo * r, hi * r, scheme.with_axis(None))
+    w_hat = fake_quant(wg, QParams(qp.scale[..., None], qp.offset[..., None], qp.scheme))
+    out = jnp.einsum("ngc,ogc->nog", xg, w_hat - wg, precision=jax.lax.Precision.HIGHEST)
+    return jnp.mean(out * out, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "group_size", "grid", "max_shrink"))
+def search_clip(
+    w: jax.Array, x: jax.Array, scheme: QScheme, group_size: int | None, grid: int = 20, max_shrink: float = 0.5
+) -> QParams:
+    """AWQ's weight clipping: per output row and group, the range `[r·min, r·max]` with
+    `r ∈ {1, 1 − max_shrink/grid, …}` whose rounding moves that group's share of the
+    output least, `mean_x (Σ_{c∈group} x_c·(ŵ_c − w_c))²` over the rows `x [n, d]`.
+    Returns group parameters `[o, d/g]` (`jaxq.groupwise`); `r = 1` is plain min–max."""
+    o, d = w.shape
+    g = check_group_size(d, group_size)
+    wg = jnp.reshape(w.astype(jnp.float32), (o, d // g, g))
+    xg = jnp.reshape(x.astype(jnp.float32), (x.shape[0], d // g, g))
+    lo, hi = jnp.minimum(wg.min(-1), 0.0), jnp.maximum(wg.max(-1), 0.0)
+    ratios = 1.0 - max_shrink * jnp.arange(grid, dtype=jnp.float32) / grid
+    errs = jax.lax.map(lambda r: _group_error(wg, xg, lo, hi, r, scheme), ratios)
+    r = ratios[jnp.argmin(errs, axis=0)]
+    qp = qparams_from_range(lo * r, hi * r, scheme.with_axis(None))
+    return QParams(qp.scale, qp.offset, scheme)

@@ -12,6 +12,8 @@ then, for each decoder layer in turn:
     capture   the layer's inputs (the previous layer's quantized outputs) through its
               Linear layers: second moment `H = E[xxᵀ]`, `mean|x|`, `max|x|`, sampled rows
     awq       AWQ input-channel scales, folded into the producing op (`jaxq.awq`)
+    clip      AWQ's per-group weight range search (`jaxq.awq.search_clip`); not for
+              q_proj/k_proj, whose errors pass through the attention scores
     gptq|rtn  the codes: GPTQ (`jaxq.gptq`) or round to nearest (`jaxq.groupwise`)
     write     the dequantized weights into the model; the layer's outputs become the next
               layer's inputs
@@ -42,7 +44,9 @@ class LlmConfig:
       activations: `"dynamic"` (symmetric per token, computed on the fly) or `"static"`
           (one symmetric per-tensor scale from the calibration inputs' max|x|); with `a_bit`.
       gptq: GPTQ's block size, damping and activation order (`jaxq.keep_acc.Gptq`).
-      awq_grid: candidates of AWQ's α search.
+      awq_grid: candidates of AWQ's α search (and of its clipping ratios).
+      clip: search each weight group's range (AWQ's clipping); None: on for the AWQ
+          methods, off otherwise.
       rotate: rotate the model before quantizing it (`jaxq.rotation`); its float function
           is unchanged.
       online_hadamard: with `rotate`, also rotate the MLP's inner activations, which needs
@@ -61,6 +65,7 @@ class LlmConfig:
     activations: str | None = None
     gptq: Gptq = Gptq()
     awq_grid: int = 20
+    clip: bool | None = None
     rotate: bool = False
     online_hadamard: bool = True
     awq_rows: int = 4096
@@ -89,6 +94,8 @@ class LlmConfig:
             raise ValueError(f"LlmConfig.gptq={self.gptq!r}: a jaxq.keep_acc.Gptq")
         if isinstance(self.awq_grid, bool) or not isinstance(self.awq_grid, int) or self.awq_grid < 1:
             raise ValueError(f"LlmConfig.awq_grid={self.awq_grid!r}: an int ≥ 1")
+        if self.clip is not None and not isinstance(self.clip, bool):
+            raise ValueError(f"LlmConfig.clip={self.clip!r}: True, False or None")
         for field in ("w_sym", "rotate", "online_hadamard"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"LlmConfig.{field}={getattr(self, field)!r}: True or False")
@@ -101,6 +108,11 @@ class LlmConfig:
     @property
     def act_scheme(self) -> QScheme | None:
         return None if self.a_bit is None else QScheme(bits=self.a_bit, signed=True, symmetric=True, axis=None)
+
+    @property
+    def clips(self) -> bool:
+        """Whether weight ranges are searched (`clip`, resolved)."""
+        return self.method.startswith("awq") if self.clip is None else self.clip
 
     def describe(self) -> str:
         """`W4A16 g128 gptq` and the like."""
@@ -115,6 +127,8 @@ def plan(cfg: LlmConfig) -> tuple[str, ...]:
     steps.append("capture")
     if cfg.method.startswith("awq"):
         steps.append("awq")
+    if cfg.clips:
+        steps.append("clip")
     steps.append("gptq" if cfg.method.endswith("gptq") else "rtn")
     steps.append("write")
     return tuple(steps)

@@ -26,9 +26,10 @@ from bridge.llm import activations
 from bridge.llm.rotation import rotate_decoder
 from bridge.llm.decoder import can_fold_rows, decoder_parts, first_layer_inputs, input_groups, run_layer
 from bridge.llm.stats import capture_inputs
-from jaxq.awq import search_scales
+from jaxq.awq import search_clip, search_scales
 from jaxq.gptq import GptqParams, Problem, solve_problems
-from jaxq.groupwise import dequantize_codes, rtn
+from jaxq.groupwise import columns, dequantize_codes, rtn
+from jaxq.numerics import quantize
 from jaxq.llm import LlmConfig, plan
 from jaxq.qparams import QParams
 
@@ -105,13 +106,33 @@ def _awq(layer, groups, stats, cfg: LlmConfig, skip) -> dict[str, np.ndarray]:
     return chosen
 
 
-def _codes(layer, names_h: dict, cfg: LlmConfig, use_gptq: bool):
-    """`{name: (codes, QParams, (rtn error, final error))}` of the named Linear layers."""
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # AWQ leaves them: errors pass through the softmax
+
+
+def _clip(layer, groups, stats, cfg: LlmConfig, skipped) -> dict:
+    """`{name: group QParams}` from AWQ's range search, for every Linear but q/k."""
+    out = {}
+    for g in groups:
+        for n in g.linears:
+            if n not in NO_CLIP and not skipped(n):
+                w = layer.get_submodule(n).weight.detach().float().numpy()
+                qp = search_clip(w, stats[g.producer].rows, cfg.weight_scheme, cfg.group_size, cfg.awq_grid)
+                out[n] = jax.tree.map(np.asarray, qp)
+    return out
+
+
+def _codes(layer, names_h: dict, cfg: LlmConfig, use_gptq: bool, ranges: dict):
+    """`{name: (codes, QParams, (rtn error, final error))}` of the named Linear layers;
+    `ranges` gives searched group parameters (else min–max)."""
     scheme = cfg.weight_scheme
     out, problems = {}, {}
     for name, h in names_h.items():
         w = layer.get_submodule(name).weight.detach().float().numpy()
-        codes, qp = jax.tree.map(np.asarray, rtn(w, scheme, cfg.group_size))
+        if name in ranges:
+            qp = ranges[name]
+            codes = np.asarray(quantize(w, columns(qp, w.shape[1])))
+        else:
+            codes, qp = jax.tree.map(np.asarray, rtn(w, scheme, cfg.group_size))
         out[name] = (codes, qp)
         if use_gptq:
             d = w.shape[1]
@@ -136,8 +157,9 @@ def _quantize_layer(layer, prefix: str, inputs, cfg: LlmConfig, seconds: dict):
     scales = _awq(layer, groups, stats, cfg, ignored) if "awq" in steps else {}
     seconds["awq"] = seconds.get("awq", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
+    ranges = _clip(layer, groups, stats, cfg, skipped) if "clip" in steps else {}
     names_h = {n: stats[g.producer].h for g in groups for n in g.linears if not skipped(n)}
-    solved = _codes(layer, names_h, cfg, use_gptq="gptq" in steps)
+    solved = _codes(layer, names_h, cfg, use_gptq="gptq" in steps, ranges=ranges)
     key = "gptq" if "gptq" in steps else "rtn"
     seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
     records, errors, quantizers = {}, {}, {}

@@ -38,3 +38,19 @@ def test_search_never_loses_to_round_to_nearest():
     w, x = rng.normal(size=(16, 32)).astype(np.float32), rng.normal(size=(64, 32)).astype(np.float32)
     s, errs = search_scales(w, x, np.abs(x).mean(0), SCHEME, None, 8)
     assert float(scaled_error(w, x, s, SCHEME, None)) <= float(np.asarray(errs)[0])
+
+
+def test_clip_search_never_loses_to_min_max_per_group():
+    from jaxq.awq import _group_error, search_clip
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_t(2, size=(24, 64)).astype(np.float32)  # heavy tails: clipping pays
+    x = rng.normal(size=(256, 64)).astype(np.float32)
+    qp = search_clip(w, x, SCHEME, 32, grid=10)
+    assert qp.scale.shape == (24, 2)
+    wg, xg = w.reshape(24, 2, 32), x.reshape(256, 2, 32)
+    lo, hi = np.minimum(wg.min(-1), 0), np.maximum(wg.max(-1), 0)
+    plain = np.asarray(_group_error(wg, xg, lo, hi, 1.0, SCHEME))
+    r = np.asarray(qp.scale) / np.maximum(np.abs(lo), np.abs(hi)) * SCHEME.qmax
+    chosen = np.asarray(_group_error(wg, xg, lo * r, hi * r, 1.0, SCHEME))
+    assert (chosen <= plain * (1 + 1e-5)).all() and (chosen < plain).mean() > 0.3

@@ -9,7 +9,9 @@ from jaxq.llm import LlmConfig, plan
 def test_plan_orders_rotation_awq_and_codes():
     assert plan(LlmConfig(method="rtn")) == ("capture", "rtn", "write")
     assert plan(LlmConfig(method="gptq")) == ("capture", "gptq", "write")
-    assert plan(LlmConfig(method="awq+gptq", rotate=True)) == ("rotate", "capture", "awq", "gptq", "write")
+    assert plan(LlmConfig(method="awq+gptq", rotate=True)) == ("rotate", "capture", "awq", "clip", "gptq", "write")
+    assert plan(LlmConfig(method="rtn", clip=True)) == ("capture", "clip", "rtn", "write")
+    assert plan(LlmConfig(method="awq", clip=False)) == ("capture", "awq", "rtn", "write")
     assert LlmConfig(method="awq", w_bit=3).describe() == "W3A16 g128 awq"
     assert LlmConfig(w_bit=8, group_size=None, a_bit=8, activations="dynamic").describe() == "W8A8 dynamic gptq"
 

@@ -42,7 +42,7 @@ def test_awq_folds_scales_without_changing_the_float_function(llama, tokens, mon
     ref = _logits(llama, tokens)
     w_orig = {n: m.weight.detach().clone() for n, m in llama.named_modules() if isinstance(m, torch.nn.Linear)}
 
-    def float_codes(layer, names_h, cfg, use_gptq):
+    def float_codes(layer, names_h, cfg, use_gptq, ranges):
         out = {}
         for n in names_h:
             w = layer.get_submodule(n).weight.detach().numpy()
