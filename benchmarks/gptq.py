@@ -23,6 +23,7 @@ ALGOS = {
     "gptq": {"gptq": True},
     "gptq-no-act-order": {"gptq": {"act_order": False}},
     "adaround": {"adaround": [True, 1000]},
+    "gptq+adaround": {"gptq": True, "adaround": [True, 1000]},
 }
 CASES = {
     "efficientnet_lite0_unseen": [("W4A8", dict(w_bit=4, a_bit=8))],

@@ -91,13 +91,27 @@ def _easy_quant_bucket(layer, candidates: int, rounds: int):
 
 
 def adaround_layers(
-    weights: Mapping[str, jax.Array], layers: Mapping[str, LayerRows], params: AdaRoundParams, progress=None
+    weights: Mapping[str, jax.Array],
+    layers: Mapping[str, LayerRows],
+    params: AdaRoundParams,
+    progress=None,
+    start: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, AdaRoundResult]:
-    """AdaRound codes for many layers under their (fixed) weight and activation quantizers.
+    """AdaRound codes for many layers under their (fixed) weight and activation quantizers,
+    from the float weights or, with `start`, from those codes.
 
     Each layer's rows are reduced to their moment one layer at a time, so only the small
     moments are stacked into buckets (memory: one layer's rows, not a bucket's)."""
-    inputs = {n: (jnp.asarray(weights[n]), l.wg, l.weight, layer_moment(l.rows, l.act)) for n, l in layers.items()}
+    inputs = {
+        n: (
+            jnp.asarray(weights[n]),
+            l.wg,
+            l.weight,
+            layer_moment(l.rows, l.act),
+            None if start is None else jnp.asarray(start[n], jnp.int32),
+        )
+        for n, l in layers.items()
+    }
     return map_buckets(bind(_adaround_bucket, params=params), inputs, progress)
 
 
@@ -125,8 +139,8 @@ def layer_moment(rows, act: QParams | None) -> Moments | RowFactor:
 
 
 def _adaround_bucket(t, params: AdaRoundParams):
-    w, wg, weight, mom = t
-    return adaround_bucket(w, tuple(wg.shape[1:]), weight, mom, params)
+    w, wg, weight, mom, start = t
+    return adaround_bucket(w, tuple(wg.shape[1:]), weight, mom, params, start)
 
 
 @jax.jit
@@ -183,7 +197,9 @@ def adaround_step(float_weights, state: LayerState, settings, progress=None) -> 
     """AdaRound codes (`jaxq.keep_acc.AdaRound`) where they lower the layer's output error
     on its rows (never worse than round to nearest); report `{layer: (error before, after)}`."""
     weights = dict(state.weights)
-    found = adaround_layers(float_weights, state.layers, AdaRoundParams(steps=settings.steps), progress=progress)
+    start = {n: state.weights[n].q for n in state.layers} if settings.from_codes else None
+    params = AdaRoundParams(steps=settings.steps)
+    found = adaround_layers(float_weights, state.layers, params, progress=progress, start=start)
     report = {}
     for name, r in found.items():
         before, after = float(r.error_before), float(r.error_after)

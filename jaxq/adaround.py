@@ -144,17 +144,27 @@ def regulariser_weight(step, steps: int, s: RoundingSchedule):
 
 
 def adaround(
-    w: jax.Array, wg_shape: tuple[int, int, int], qp: QParams, mom: Moments | RowFactor, p: AdaRoundParams
+    w: jax.Array,
+    wg_shape: tuple[int, int, int],
+    qp: QParams,
+    mom: Moments | RowFactor,
+    p: AdaRoundParams,
+    start: jax.Array | None = None,
 ) -> AdaRoundResult:
-    """Learned codes for weight `w` (`[out, …]`, per-channel `qp` on axis 0)."""
+    """Learned codes for weight `w` (`[out, …]`, per-channel `qp` on axis 0). With `start`
+    (codes of `w`'s shape, e.g. GPTQ's) `V` starts at those codes, each moved to the
+    nearer of ⌊W/s⌋ and ⌈W/s⌉, and the error before is theirs."""
     w = jnp.asarray(w, jnp.float32)
     inv = _broadcastable(jnp.float32(1.0) / qp.scale, qp, w.ndim)
     off = _broadcastable(qp.offset.astype(jnp.float32), qp, w.ndim)
     scale = _broadcastable(qp.scale, qp, w.ndim)
     x = w * inv
     base = jnp.floor(x)
-    v0 = initial_logits(x - base)
     qmin, qmax = qp.scheme.qmin, qp.scheme.qmax
+    if start is None:
+        v0 = initial_logits(x - base)
+    else:
+        v0 = initial_logits(jnp.clip(start.astype(jnp.float32) - off - base, 0.0, 1.0))
 
     def weight_of(h):
         return (jnp.clip(base + off + h, qmin, qmax) - off) * scale
@@ -183,15 +193,17 @@ def adaround(
     (v, _), _ = lax.scan(step_fn, (v0, opt.init(v0)), jnp.arange(p.steps))
     hard = (rectified_sigmoid(v) >= 0.5).astype(jnp.float32)
     q = jnp.clip(base + off + hard, qmin, qmax)
-    w_rtn = fake_quant(w, qp)
+    w_before = fake_quant(w, qp) if start is None else (start.astype(jnp.float32) - off) * scale
     return AdaRoundResult(
         q.astype(jnp.int32),
-        output_error(jnp.reshape(w_rtn, wg_shape), wg, mom),
+        output_error(jnp.reshape(w_before, wg_shape), wg, mom),
         output_error(jnp.reshape(weight_of(hard), wg_shape), wg, mom),
     )
 
 
 @functools.partial(jax.jit, static_argnames=("wg_shape", "params"))
-def adaround_bucket(ws, wg_shape, qps, moms, params: AdaRoundParams) -> AdaRoundResult:
-    """`adaround` over a stacked bucket of equal-shaped layers."""
-    return jax.vmap(lambda w, qp, mom: adaround(w, wg_shape, qp, mom, params))(ws, qps, moms)
+def adaround_bucket(ws, wg_shape, qps, moms, params: AdaRoundParams, starts=None) -> AdaRoundResult:
+    """`adaround` over a stacked bucket of equal-shaped layers (`starts`: their start codes, or None)."""
+    if starts is None:
+        return jax.vmap(lambda w, qp, mom: adaround(w, wg_shape, qp, mom, params))(ws, qps, moms)
+    return jax.vmap(lambda w, qp, mom, s: adaround(w, wg_shape, qp, mom, params, s))(ws, qps, moms, starts)

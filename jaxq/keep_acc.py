@@ -35,9 +35,12 @@ class RoundOpt(NamedTuple):
 
 
 class AdaRound(NamedTuple):
-    """(jaxq extension) AdaRound learned rounding (`jaxq.adaround`), `steps` Adam steps per layer."""
+    """(jaxq extension) AdaRound learned rounding (`jaxq.adaround`), `steps` Adam steps per
+    layer; `from_codes`: start from the current codes instead of the float weight (the
+    pipeline sets it when GPTQ runs first, so AdaRound refines GPTQ's rounding)."""
 
     steps: int = 1000
+    from_codes: bool = False
 
 
 class Gptq(NamedTuple):

@@ -53,9 +53,12 @@ def plan(cfg) -> tuple[Step, ...]:
         mean_rows = ("mean_rows",) if cfg.bias_correction and not rows_steps else ()
         steps.append(Step("activations", ("activations", *mean_rows), cfg.act_method))
     steps.append(Step("weights", ("weights",), ka.admm))
-    for name, reads in (("easy_quant", "rows"), ("round_opt", "weights"), ("adaround", "rows"), ("gptq", "rows")):
+    for name, reads in (("easy_quant", "rows"), ("round_opt", "weights"), ("gptq", "rows"), ("adaround", "rows")):
         if getattr(ka, name) is not None:
-            steps.append(Step(name, (reads,), getattr(ka, name)))
+            settings = getattr(ka, name)
+            if name == "adaround" and ka.gptq is not None:  # AdaRound refines GPTQ's codes
+                settings = settings._replace(from_codes=True)
+            steps.append(Step(name, (reads,), settings))
     if ka.blocks is not None:
         steps.append(Step("blocks", ("block_io",), ka.blocks))
     if cfg.bias_correction:

@@ -67,3 +67,25 @@ def test_wide_rows_use_the_factor_and_give_the_same_codes():
     a = adaround(w, (1, 8, 40), qw.qparams, factor, p)
     b = adaround(w, (1, 8, 40), qw.qparams, full, p)
     assert np.mean(np.asarray(a.q) == np.asarray(b.q)) > 0.98
+
+
+def test_adaround_refines_gptq_codes():
+    """Started from GPTQ's codes, AdaRound reports GPTQ's error as its error before (so the
+    step keeps the better of the two) and learns codes better than nearest rounding."""
+    from jaxq.gptq import gptq_codes
+
+    rows = _correlated_rows(4)
+    w = jnp.asarray(np.random.default_rng(5).standard_normal((16, 32)).astype(np.float32) * 0.1)
+    qw = jaxq.quantize_weight(w, W4)
+    mom = row_moments(rows, None)
+    per_col = lambda v: jnp.broadcast_to(v[:, None], (16, 32))  # noqa: E731
+    start = gptq_codes(w, mom.h_hat[0], per_col(qw.qparams.scale), per_col(qw.qparams.offset), W4.qmin, W4.qmax)
+    gptq_err = float(output_error(jaxq.dequantize(start, qw.qparams).reshape(1, 16, 32), w.reshape(1, 16, 32), mom))
+    rtn = adaround(w, (1, 16, 32), qw.qparams, mom, AdaRoundParams(steps=1))
+    res = adaround(w, (1, 16, 32), qw.qparams, mom, AdaRoundParams(steps=500), start=start)
+    x = np.floor(np.asarray(w) / np.asarray(qw.qparams.scale)[:, None])
+    inside = (np.asarray(start) >= x) & (np.asarray(start) <= x + 1)
+    if inside.all():
+        np.testing.assert_allclose(float(res.error_before), gptq_err, rtol=1e-4)
+    assert float(res.error_before) < float(rtn.error_before)  # the start is GPTQ's, not nearest
+    assert float(res.error_after) < 0.8 * float(rtn.error_before)

@@ -63,4 +63,7 @@ def test_layer_local_steps_are_the_row_and_rounding_steps():
     steps = plan(
         QuantConfig(keep_acc={"easy_quant": [True, 10], "round_opt": True, "adaround": [True, 9], "gptq": True})
     )
-    assert [s.name for s in steps if layer_local(s)] == ["easy_quant", "round_opt", "adaround", "gptq"]
+    assert [s.name for s in steps if layer_local(s)] == ["easy_quant", "round_opt", "gptq", "adaround"]
+    assert next(s for s in steps if s.name == "adaround").settings.from_codes  # refines GPTQ's codes
+    alone = plan(QuantConfig(keep_acc={"adaround": [True, 9]}))
+    assert not next(s for s in alone if s.name == "adaround").settings.from_codes
