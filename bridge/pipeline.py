@@ -224,7 +224,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
             state.records,
             ctx.calib_data,
             ctx.device,
-            ReconParams(steps=step.settings.steps, keep=step.settings.keep),
+            ReconParams(steps=step.settings.steps, keep=step.settings.keep, from_codes=step.settings.from_codes),
             set_quant,
             blocks,
             bar,

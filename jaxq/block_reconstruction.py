@@ -46,6 +46,7 @@ class ReconParams(NamedTuple):
     lr_rounding: float = 1e-2
     lr_scale: float = 1e-3  # on u, the log of the step size's change
     keep: float = 1.0  # QDrop's probability of keeping an activation quantized (0.5); 1: BRECQ
+    from_codes: bool = False  # start the rounding from the records' codes (e.g. GPTQ's)
 
 
 class SoftWeight(NamedTuple):
@@ -58,16 +59,20 @@ class SoftWeight(NamedTuple):
     qmax: jax.Array
 
 
-def soft_weight_init(w: jax.Array, scale: jax.Array, offset: jax.Array, qmin, qmax) -> tuple[SoftWeight, jax.Array]:
+def soft_weight_init(
+    w: jax.Array, scale: jax.Array, offset: jax.Array, qmin, qmax, start: jax.Array | None = None
+) -> tuple[SoftWeight, jax.Array]:
     """`(SoftWeight, V₀)` of `w` (`[out, …]`, per-channel `scale`/`offset` `[out]`): `V₀`
-    puts `h(V₀)` at the fractional part, so `W̃ = W` inside the grid."""
+    puts `h(V₀)` at the fractional part, so `W̃ = W` inside the grid — or, with `start`
+    (codes of `w`'s shape), at those codes moved to the nearer of ⌊W/s⌋ and ⌈W/s⌉."""
     w = jnp.asarray(w, jnp.float32)
     shape = (-1,) + (1,) * (w.ndim - 1)
     scale = jnp.reshape(jnp.asarray(scale, jnp.float32), shape)
     offset = jnp.reshape(jnp.asarray(offset, jnp.float32), shape)
     x = w / scale
     base = jnp.floor(x)
-    v0 = initial_logits(x - base)
+    rest = x - base if start is None else jnp.clip(jnp.asarray(start, jnp.float32) - offset - base, 0.0, 1.0)
+    v0 = initial_logits(rest)
     return SoftWeight(base, scale, offset, jnp.float32(qmin), jnp.float32(qmax)), v0
 
 

@@ -59,10 +59,13 @@ class Gptq(NamedTuple):
 class Blocks(NamedTuple):
     """(jaxq extension, needs the `jax` extra) block reconstruction: every weight's rounding
     in a block and its input step sizes learned on the block's output, `steps` Adam steps
-    per block; activation quantization kept with probability `keep` (1 = BRECQ, ½ = QDrop)."""
+    per block; activation quantization kept with probability `keep` (1 = BRECQ, ½ = QDrop);
+    `from_codes`: the rounding starts from the current codes (GPTQ's: the pipeline sets it
+    when GPTQ runs first) instead of the float weight."""
 
     steps: int = 300
     keep: float = 1.0
+    from_codes: bool = False
 
 
 LIST_FORM = ("admm", "easy_quant", "adaround", "brecq", "qdrop")  # msModelSlim's [enabled, iterations]

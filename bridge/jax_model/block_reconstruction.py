@@ -220,10 +220,12 @@ def reconstruct_block(
     example = Batch(args_l[0], kwargs_l[0])
     qf = quantized_forward(module, {rel[n]: records[n] for n in names}, example, {rel[n]: quantizers[n] for n in names})
     soft, v0 = {}, {}
+    full = {r: n for n, r in rel.items()}
     for layer in qf.layers:
         s = qf.state[layer.name]
+        start = records[full[layer.name]].codes if params.from_codes else None
         soft[layer.weight_key], v0[layer.weight_key] = br.soft_weight_init(
-            qf.float_weights[layer.weight_key], s.w_scale, s.w_offset, s.w_qmin, s.w_qmax
+            qf.float_weights[layer.weight_key], s.w_scale, s.w_offset, s.w_qmin, s.w_qmax, start
         )
     learned = br.Learned(v0, {layer.name: jnp.float32(0.0) for layer in qf.layers})
     apply = _block_apply(qf, qf.layers, soft, static, params.keep)
