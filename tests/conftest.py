@@ -16,16 +16,17 @@ _CACHE_SETTINGS = {"jax_persistent_cache_min_compile_time_secs": 0, "jax_persist
 
 
 def pytest_configure(config):
-    """One persistent JAX compilation cache for the session and the notebook kernels it
-    starts (tests/test_notebooks.py): a kernel loads what the suite already compiled.
-    A load still counts in `jaxq.compile_count`, so compile-count tests are unaffected."""
+    """One persistent JAX compilation cache shared by the processes the suite starts (the
+    notebooks, tests/test_notebooks.py, load what an earlier one compiled). The suite's own
+    process writes no entries: JAX's cache write has crashed it (a segfault in
+    `put_executable_and_time`) after thousands of compilations, late in the run."""
     cache = tempfile.mkdtemp(prefix="jaxq-tests-jit-cache-")
     config._jaxq_jit_cache = cache
-    jax.config.update("jax_compilation_cache_dir", cache)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
     for name, value in _CACHE_SETTINGS.items():
-        jax.config.update(name, value)
         os.environ[name.upper()] = str(value)
+    os.environ["JAXQ_COMPILATION_CACHE"] = "off"  # `import bridge` must not turn one on here
+    jax.config.update("jax_compilation_cache_dir", None)
 
 
 def pytest_unconfigure(config):

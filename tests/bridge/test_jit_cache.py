@@ -51,3 +51,10 @@ def test_processes_share_it(tmp_path, n):
     for p in procs:
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()[-2000:]
+
+
+def test_the_suite_itself_writes_no_persistent_cache():
+    """tests/conftest.py keeps the suite's process off the cache (JAX's cache write crashed it)."""
+    from bridge import jit_cache
+
+    assert jit_cache.current() is None
