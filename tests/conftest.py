@@ -29,6 +29,16 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", None)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Every loaded CPU executable
+    holds a few memory mappings; the whole suite compiles enough of them to reach the
+    kernel's `vm.max_map_count` (65,530), and XLA then segfaults inside a compile or a
+    cache write. Tests that count compilations do so within one module."""
+    yield
+    jax.clear_caches()
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "_jaxq_jit_cache", ""), ignore_errors=True)
 
