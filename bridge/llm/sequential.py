@@ -172,7 +172,7 @@ def _quantize_layer(layer, prefix: str, inputs, cfg: LlmConfig, seconds: dict):
             lin = layer.get_submodule(n)
             w_hat = np.asarray(dequantize_codes(codes, QParams(qp.scale, qp.offset, qp.scheme)))
             with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(w_hat).to(lin.weight.dtype))
+                lin.weight.copy_(torch.tensor(w_hat, dtype=lin.weight.dtype))
             records[f"{prefix}.{n}"] = LinearRecord(
                 codes.astype(np.int8),
                 np.asarray(qp.scale, np.float32),

@@ -64,11 +64,12 @@ class _Accumulator:
 
 def capture_inputs(layer: nn.Module, groups: tuple[InputGroup, ...], run, keep_rows: int, seed: int) -> dict:
     """`{group.producer: InputStats}` gathered while `run()` feeds the layer its inputs."""
-    rng = np.random.default_rng(seed)
     accs, handles = {}, []
     try:
-        for g in groups:
+        for i, g in enumerate(groups):
             first = layer.get_submodule(g.linears[0])
+            # a random stream per group: row i gets the same key whatever the batch size
+            rng = np.random.default_rng([seed, i])
             accs[g.producer] = _Accumulator(first.in_features, keep_rows, rng)
             handles.append(first.register_forward_pre_hook(accs[g.producer]))
         with torch.no_grad():

@@ -40,7 +40,7 @@ def _logits(model, tokens):
 
 def test_streamed_checkpoint_equals_the_in_memory_result(source, llama, tokens, tmp_path):
     in_memory = copy.deepcopy(llama)
-    quantize_decoder(in_memory, tokens, CFG, progress=False)
+    quantize_decoder(in_memory, tokens, CFG, batch_size=5, progress=False)
     report = quantize_llm_checkpoint(source, tmp_path / "out", tokens, CFG, batch_size=5, progress=False)
     assert report["layers"] == 2 and report["resumed_from"] == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())

@@ -35,6 +35,20 @@ def test_gptq_lowers_every_layers_output_error(llama, tokens):
         assert gptq < rtn, name
 
 
+def test_the_result_does_not_depend_on_the_batch_size(llama, tokens):
+    """The row sample AWQ's searches use draws one key per row from a stream per input
+    group, so batching the calibration windows differently picks the same rows (GPTQ's
+    `H` sums float32 products per batch, so with GPTQ a batch size may move a near-tie
+    code; the streamed test below uses one batch size for both paths)."""
+    cfg = LlmConfig(method="awq", group_size=64, awq_rows=100)  # fewer than the 384 tokens: a sample
+    a, b = copy.deepcopy(llama), copy.deepcopy(llama)
+    ra = quantize_decoder(a, tokens, cfg, batch_size=5, progress=False)
+    rb = quantize_decoder(b, tokens, cfg, batch_size=16, progress=False)
+    for name in ra.records:
+        np.testing.assert_array_equal(ra.records[name].codes, rb.records[name].codes, err_msg=name)
+        np.testing.assert_array_equal(ra.records[name].scale, rb.records[name].scale, err_msg=name)
+
+
 def test_awq_folds_scales_without_changing_the_float_function(llama, tokens, monkeypatch):
     """With the codes step replaced by the identity, AWQ's folded model is the float model."""
     with torch.no_grad():
