@@ -68,6 +68,12 @@ def squant_weights(
     return {n: QuantizedWeight(quantized[n].qparams, codes[n]) for n in weights}
 
 
+# rows of equal-shaped layers stacked into one EasyQuant call: XLA's temporaries are a few
+# times the rows (simulated rows for the weight search, the held-out check), so a bucket of
+# the largest depthwise layers runs a few at a time
+EASY_QUANT_BUCKET_BYTES = 128 << 20
+
+
 def easy_quant_layers(
     layers: Mapping[str, LayerRows], candidates: int, rounds: int = 2, progress=None
 ) -> dict[str, EasyQuantResult]:
@@ -83,7 +89,9 @@ def easy_quant_layers(
         )
         for n, l in layers.items()
     }
-    return map_buckets(bind(_easy_quant_bucket, candidates=candidates, rounds=rounds), inputs, progress)
+    return map_buckets(
+        bind(_easy_quant_bucket, candidates=candidates, rounds=rounds), inputs, progress, EASY_QUANT_BUCKET_BYTES
+    )
 
 
 def _easy_quant_bucket(layer, candidates: int, rounds: int):
@@ -268,6 +276,16 @@ def gptq_step(float_weights, state: LayerState, settings, progress=None) -> tupl
             weights[name] = QuantizedWeight(weights[name].qparams, jnp.reshape(codes, weights[name].q.shape))
         report[name] = (before, min(before, after))
     return state._replace(weights=weights), report
+
+
+# rows a layer step reads of the `recon_rows` sampled (None: all of them)
+ROWS_READ = {"easy_quant": ROWS_USED}
+
+
+def rows_to_sample(steps: list[str], recon_rows: int) -> int:
+    """Rows per layer that one sampling must give the layer-local `steps` sharing it."""
+    caps = [ROWS_READ.get(s) for s in steps]
+    return recon_rows if any(c is None for c in caps) else min(recon_rows, max(caps))
 
 
 LAYER_STEPS = {"easy_quant": easy_quant_step, "round_opt": round_opt_step, "adaround": adaround_step, "gptq": gptq_step}

@@ -160,16 +160,24 @@ def tree_key(tree) -> Hashable:
     return treedef, tuple((tuple(np.shape(a)), str(np.asarray(a).dtype)) for a in leaves)
 
 
-def map_buckets(fn, inputs: Mapping[str, object], progress=None) -> dict[str, object]:
+def map_buckets(fn, inputs: Mapping[str, object], progress=None, max_bytes: int | None = None) -> dict[str, object]:
     """Apply a compiled, layer-vectorised `fn(stacked) -> stacked` to every bucket of
     equal-structured `inputs` and return the per-name results (input order).
 
-    `progress(n_layers)` is called after each bucket (e.g. a tqdm `update`)."""
+    `max_bytes`: a bucket whose stacked inputs would exceed it runs in slices of as many
+    layers as fit (at least one; the same slices every run, so no new compilation).
+    `progress(n_layers)` is called after each call (e.g. a tqdm `update`)."""
     out: dict[str, object] = {}
     for names in bucket_keys(inputs, tree_key).values():
-        out.update(_unstack(over_layers(fn, _stack([inputs[n] for n in names])), names))
-        if progress is not None:
-            progress(len(names))
+        per_call = len(names)
+        if max_bytes is not None:
+            layer_bytes = sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(inputs[names[0]]))
+            per_call = max(1, min(per_call, max_bytes // max(layer_bytes, 1)))
+        for i in range(0, len(names), per_call):
+            part = names[i : i + per_call]
+            out.update(_unstack(over_layers(fn, _stack([inputs[n] for n in part])), part))
+            if progress is not None:
+                progress(len(part))
     return {n: out[n] for n in inputs}
 
 

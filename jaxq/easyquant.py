@@ -57,17 +57,46 @@ def _candidates(n: int) -> jax.Array:
     return jnp.linspace(ALPHA, BETA, n, dtype=jnp.float32)
 
 
-def search_act_scale(rows, y, w_hat_g, b, act: QParams, candidates: int) -> QParams:
-    """Best per-tensor activation scale factor for the whole-layer cosine."""
+# floats of simulated rows the activation search holds at once, over all layers of a bucket
+ACT_SEARCH_FLOATS = 1 << 24
 
-    def score(factor):
-        return _cosine(y, rows_forward(w_hat_g, b, fake_quant(rows, _scaled(act, factor))))
 
-    grid = _candidates(candidates)
-    scores = jax.lax.map(score, grid, batch_size=CHUNK)
-    current = score(jnp.float32(1.0))
+def act_row_chunk(layers: int, rows: int, row_floats: int, candidates: int) -> int:
+    """Rows per step of `search_act_scale` so that every candidate's simulated rows and
+    outputs (`row_floats`: `g·d + out` per row) of every layer in a bucket stay within
+    `ACT_SEARCH_FLOATS` floats."""
+    return int(max(1, min(rows, ACT_SEARCH_FLOATS // max(1, layers * (candidates + 1) * row_floats))))
+
+
+def search_act_scale(rows, y, w_hat_g, b, act: QParams, candidates: int, row_chunk: int | None = None) -> QParams:
+    """Best per-tensor activation scale factor for the whole-layer cosine.
+
+    Every candidate (and the current scale) is scored in one pass over the rows,
+    `row_chunk` rows at a time: the cosine's sums `Σ y·ŷ` and `Σ ŷ²` accumulate per
+    candidate, so no candidate's `fq(rows)` is ever held whole."""
+    m = rows.shape[0]
+    chunk = m if row_chunk is None else min(row_chunk, m)
+    steps = -(-m // chunk)
+    pad = steps * chunk - m
+    mask = jnp.pad(jnp.ones((m,), jnp.float32), (0, pad)).reshape(steps, chunk)
+    xs = jnp.pad(rows, ((0, pad),) + ((0, 0),) * (rows.ndim - 1)).reshape(steps, chunk, *rows.shape[1:])
+    ys = jnp.pad(y, ((0, pad), (0, 0))).reshape(steps, chunk, -1)
+    factors = jnp.concatenate([jnp.ones((1,), jnp.float32), _candidates(candidates)])
+
+    def sums(carry, part):
+        x, yc, keep = part
+
+        def one(factor):
+            y_hat = rows_forward(w_hat_g, b, fake_quant(x, _scaled(act, factor))) * keep[:, None]
+            return jnp.stack([jnp.sum(yc * y_hat), jnp.sum(y_hat * y_hat)])
+
+        return carry + jax.vmap(one)(factors), None
+
+    totals, _ = jax.lax.scan(sums, jnp.zeros((factors.shape[0], 2), jnp.float32), (xs, ys, mask))
+    scores = totals[:, 0] / jnp.maximum(jnp.sqrt(totals[:, 1] * jnp.sum(y * y)), 1e-30)
+    current, scores = scores[0], scores[1:]
     best = jnp.argmax(scores)
-    factor = jnp.where(scores[best] > current, grid[best], 1.0)
+    factor = jnp.where(scores[best] > current, factors[1:][best], 1.0)
     return _scaled(act, factor)
 
 
@@ -131,7 +160,15 @@ def layer_cosine(rows, y, wg, b, act: QParams | None, weight: QParams) -> jax.Ar
 
 
 def easy_quant(
-    rows, target, wg, b, act: QParams | None, weight: QParams, candidates: int, rounds: int = 2
+    rows,
+    target,
+    wg,
+    b,
+    act: QParams | None,
+    weight: QParams,
+    candidates: int,
+    rounds: int = 2,
+    row_chunk: int | None = None,
 ) -> EasyQuantResult:
     """EasyQuant on one layer: quantized-model rows and float rows `[m, g, d]`, weight
     `[g, out/g, d]`, bias `[out]` or None.
@@ -141,7 +178,8 @@ def easy_quant(
     fits the first `ROWS` rows; when there are more, the next `ROWS` are held out and the
     found scales are kept only if they raise the layer cosine there too (else the layer
     keeps its scales: a better fit that does not generalise is noise). `target=None`: the
-    float rows are `rows` (optimising against float inputs).
+    float rows are `rows` (optimising against float inputs). `row_chunk`: rows per step of
+    the activation search (`search_act_scale`; None: all at once).
     """
     target = rows if target is None else target
     fit, fit_target = rows[:ROWS], target[:ROWS]
@@ -154,7 +192,7 @@ def easy_quant(
         act, weight = quantizers
         if act is not None:
             w_hat = fake_quant(jnp.reshape(wg, (g * o, d)), weight).reshape(g, o, d)
-            act = search_act_scale(fit, y, w_hat, b, act, candidates)
+            act = search_act_scale(fit, y, w_hat, b, act, candidates, row_chunk)
         rows_hat = fit if act is None else fake_quant(fit, act)
         return act, search_weight_scales(rows_hat, y, wg, b, weight, candidates)
 
@@ -169,7 +207,10 @@ def easy_quant(
 
 @functools.partial(jax.jit, static_argnames=("candidates", "rounds"))
 def easy_quant_bucket(rows, target, wg, b, act, weight, candidates: int, rounds: int = 2) -> EasyQuantResult:
-    """`easy_quant` over a stacked bucket of equal-shaped layers."""
-    return jax.vmap(lambda r, t, w, bb, a, q: easy_quant(r, t, w, bb, a, q, candidates, rounds))(
+    """`easy_quant` over a stacked bucket of equal-shaped layers (the activation search's
+    row chunk bounded over the whole bucket, `act_row_chunk`)."""
+    layers, m, g, d = rows.shape
+    chunk = act_row_chunk(layers, min(m, ROWS), g * d + g * wg.shape[2], candidates)
+    return jax.vmap(lambda r, t, w, bb, a, q: easy_quant(r, t, w, bb, a, q, candidates, rounds, chunk))(
         rows, target, wg, b, act, weight
     )

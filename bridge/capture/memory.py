@@ -60,8 +60,8 @@ def plan_row_groups(
             reduced.append(f"{name} ({per_layer[name]} rows)")
     if reduced:
         warnings.warn(
-            f"to fit the memory budget of {budget >> 20} MiB these layers sample fewer than recon_rows={rows} "
-            f"rows: {', '.join(reduced[:8])}{'…' if len(reduced) > 8 else ''}",
+            f"to fit the memory budget of {budget >> 20} MiB these layers sample fewer than the {rows} rows asked "
+            f"(recon_rows): {', '.join(reduced[:8])}{'…' if len(reduced) > 8 else ''}",
             ReducedRowsWarning,
             stacklevel=3,
         )

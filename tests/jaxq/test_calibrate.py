@@ -4,7 +4,7 @@ import numpy as np
 
 import jaxq
 from jaxq import QScheme
-from jaxq.calibrate import bucket_keys, quantize_weight
+from jaxq.calibrate import bucket_keys, map_buckets, quantize_weight
 
 SCHEME = QScheme(8, True, True, axis=0)
 
@@ -42,6 +42,23 @@ def test_one_compile_per_bucket_and_none_on_second_run():
     with jaxq.compile_count() as second:
         jaxq.quantize_weights(_weights(2), scheme)
     assert second.count == 0
+
+
+def test_map_buckets_runs_large_buckets_in_slices_of_what_fits():
+    ws = {f"l{i}": jnp.full((4, 8), float(i)) for i in range(5)}  # 128 bytes each
+    calls, done = [], []
+
+    def fn(stacked):
+        calls.append(stacked.shape[0])
+        return stacked * 2
+
+    out = map_buckets(fn, ws, done.append, max_bytes=300)
+    assert calls == [2, 2, 1] and done == [2, 2, 1] and list(out) == list(ws)
+    for name, w in ws.items():
+        np.testing.assert_array_equal(out[name], w * 2)
+    calls.clear()
+    map_buckets(fn, ws, max_bytes=10)  # less than one layer: one at a time
+    assert calls == [1] * 5
 
 
 def test_finalize_activations_buckets_states():

@@ -3,8 +3,9 @@ import pytest
 import jax.numpy as jnp
 
 import jaxq
+import jaxq.rows
 from jaxq import LayerSpec, QScheme
-from jaxq.easyquant import easy_quant
+from jaxq.easyquant import ACT_SEARCH_FLOATS, act_row_chunk, easy_quant, easy_quant_bucket, search_act_scale
 from jaxq.rows import grouped_weight
 
 ACT = QScheme(8, False, False, None)
@@ -104,3 +105,36 @@ def test_scales_that_do_not_help_held_out_rows_are_not_taken(held_scale, kept):
     # is clipped by the activation scale fitted to the first: the layer keeps its scales
     assert (float(res.act.scale) == float(act.scale)) == kept
     assert np.array_equal(np.asarray(res.weight.scale), np.asarray(weight.scale)) == kept
+
+
+@pytest.mark.parametrize("row_chunk", [1, 7, 64])
+def test_activation_search_in_row_chunks_picks_the_scale_of_one_pass(row_chunk):
+    """Chunks of any size (7 does not divide the rows: the padded tail is masked) give the
+    scale the whole rows give."""
+    x, w, b = _layer(seed=3, m=200)
+    rows = x[:, None, :]
+    act = jaxq.qparams_from_range(x.min(), x.max(), ACT)
+    wg = grouped_weight(LayerSpec("l", "linear", has_bias=True), w)
+    y = jaxq.rows.rows_forward(wg, b, rows)
+    whole = search_act_scale(rows, y, wg, b, act, 21)
+    chunked = search_act_scale(rows, y, wg, b, act, 21, row_chunk)
+    assert float(whole.scale) != float(act.scale)  # the search moves the scale here
+    assert float(chunked.scale) == float(whole.scale)
+
+
+def test_easy_quant_of_a_wide_depthwise_bucket_holds_a_bounded_working_set():
+    """XLA's temporaries for a bucket of two 5×5 depthwise layers: 3.0× their rows (8
+    candidates' simulated rows at a time took 4.6×)."""
+    layers, m, g, d = 2, 1024, 288, 25
+    rows = jnp.ones((layers, m, g, d))
+    wg, b = jnp.ones((layers, g, 1, d)), jnp.zeros((layers, g))
+    act = jaxq.QParams(jnp.ones((layers,)), jnp.zeros((layers,), jnp.int32), ACT)
+    weight = jaxq.QParams(jnp.ones((layers, g)), jnp.zeros((layers, g), jnp.int32), W4)
+    compiled = easy_quant_bucket.lower(rows, None, wg, b, act, weight, candidates=100).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 3.5 * rows.nbytes
+
+
+def test_act_row_chunk_bounds_rows_and_outputs_of_every_candidate():
+    chunk = act_row_chunk(layers=3, rows=512, row_floats=112 + 672, candidates=100)
+    assert 1 <= chunk <= 512 and 3 * 101 * chunk * (112 + 672) <= ACT_SEARCH_FLOATS
+    assert act_row_chunk(1, 16, 8, 10) == 16  # small layers: every row in one step
