@@ -16,19 +16,6 @@ transformers = pytest.importorskip("transformers")
 ct = pytest.importorskip("compressed_tensors")
 
 
-def _small_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
 TOKENS = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
 
 
@@ -48,8 +35,8 @@ def _load(path):
     ],
     ids=lambda c: c.describe(),
 )
-def test_transformers_loads_the_checkpoint_and_matches_the_fake_quant_model(tmp_path, cfg):
-    model = _small_llama()
+def test_transformers_loads_the_checkpoint_and_matches_the_fake_quant_model(tmp_path, cfg, make_llama):
+    model = make_llama()
     r = quantize_decoder(model, TOKENS, cfg, progress=False)
     export_compressed_tensors(r, tmp_path / "ckpt")
     qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
@@ -74,13 +61,13 @@ def test_packing_equals_compressed_tensors(bits):
     np.testing.assert_array_equal(pack_int32(codes, bits), ref)
 
 
-def test_asymmetric_weights_decompress_to_the_model_weights(tmp_path):
+def test_asymmetric_weights_decompress_to_the_model_weights(tmp_path, make_llama):
     """Zero points are packed along rows; compressed-tensors' own decompressor reads them back."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors.torch import load_file
 
-    model = _small_llama()
+    model = make_llama()
     r = quantize_decoder(model, TOKENS, LlmConfig(method="rtn", w_bit=4, group_size=32, w_sym=False), progress=False)
     export_compressed_tensors(r, tmp_path / "ckpt")
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
@@ -94,14 +81,14 @@ def test_asymmetric_weights_decompress_to_the_model_weights(tmp_path):
     torch.testing.assert_close(out["weight"], model.get_submodule(name).weight.detach(), rtol=0, atol=0)
 
 
-def test_online_rotation_cannot_be_exported(tmp_path):
-    model = _small_llama()
+def test_online_rotation_cannot_be_exported(tmp_path, make_llama):
+    model = make_llama()
     r = quantize_decoder(model, TOKENS, LlmConfig(method="rtn", rotate=True), progress=False)
     with pytest.raises(ValueError, match="online_hadamard=False"):
         export_compressed_tensors(r, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
     r = quantize_decoder(
-        _small_llama(), TOKENS, LlmConfig(method="rtn", rotate=True, online_hadamard=False), progress=False
+        make_llama(), TOKENS, LlmConfig(method="rtn", rotate=True, online_hadamard=False), progress=False
     )
     export_compressed_tensors(r, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").exists()

@@ -15,15 +15,6 @@ from jaxq.llm import LlmConfig
 transformers = pytest.importorskip("transformers")
 
 
-def _small_llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 TOKENS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
 
 
@@ -35,8 +26,8 @@ TOKENS = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1
         (LlmConfig(method="rtn", w_bit=8, group_size=None, a_bit=8, activations="dynamic"), "W8A8_DYNAMIC"),
     ],
 )
-def test_files_hold_the_quantized_model(tmp_path, cfg, kind):
-    model = _small_llama()
+def test_files_hold_the_quantized_model(tmp_path, cfg, kind, make_llama):
+    model = make_llama(layers=1)
     r = quantize_decoder(model, TOKENS, cfg, progress=False)
     st, js = export_msmodelslim(r, tmp_path / "out")
     assert st.name == f"quant_model_weight_{kind.lower()}.safetensors"
@@ -56,8 +47,8 @@ def test_files_hold_the_quantized_model(tmp_path, cfg, kind):
         np.testing.assert_array_equal(w_hat.astype(np.float32), w)
 
 
-def test_types_the_layout_lacks_are_refused(tmp_path):
-    r = quantize_decoder(_small_llama(), TOKENS, LlmConfig(method="rtn", w_bit=3), progress=False)
+def test_types_the_layout_lacks_are_refused(tmp_path, make_llama):
+    r = quantize_decoder(make_llama(layers=1), TOKENS, LlmConfig(method="rtn", w_bit=3), progress=False)
     with pytest.raises(ExportError, match="no type for W3A16 g128 rtn"):
         export_msmodelslim(r, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -1,37 +1,12 @@
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-
-def small_llama(kv_heads: int = 4, seed: int = 0):
-    """A random 2-layer Llama (hidden 128, MLP 256) with weights far from initialisation."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+pytest.importorskip("transformers")
 
 
 @pytest.fixture
-def make_llama():
-    return small_llama
-
-
-@pytest.fixture
-def llama():
-    return small_llama()
+def llama(make_llama):
+    return make_llama()
 
 
 @pytest.fixture
