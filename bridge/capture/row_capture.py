@@ -56,15 +56,23 @@ def window_rows(spec: jaxq.LayerSpec, x: torch.Tensor, index: np.ndarray) -> np.
 def row_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[np.ndarray, int]:
     """`(Σ rows [g, d] in float64, number of rows)` over every output position of `x`.
 
-    A conv's rows sum to `Σ_n x_n` summed over each tap's strided window: one pass over
-    `x`, then work of the size of one sample."""
+    The batch is summed in float32 (as exact as the forward that made `x`; a float64 sum
+    of the whole batch costs ~35× more); a conv's rows then sum, per kernel tap, over that
+    tap's strided window of the one-sample sum, one spatial dimension at a time, in float64."""
     if spec.kind == "linear":
         flat = x.reshape(-1, x.shape[-1])
-        return flat.sum(0, dtype=torch.float64)[None].cpu().numpy(), flat.shape[0]
-    per_position = _windows(spec, x.sum(0, dtype=torch.float64), 1)  # [C, *out, *kernel]
-    out_dims = tuple(range(1, 1 + len(spec.kernel)))
-    count = x.shape[0] * int(np.prod(per_position.shape[1 : 1 + len(spec.kernel)]))
-    return per_position.sum(out_dims).reshape(spec.groups, -1).cpu().numpy(), count
+        return flat.sum(0).double()[None].cpu().numpy(), flat.shape[0]
+    total = x.sum(0).double()  # [C, *spatial]
+    pad = [p for lo_hi in reversed(spec.padding) for p in lo_hi]
+    total = F.pad(total, pad) if any(pad) else total
+    out = output_positions(spec, tuple(x.shape))[1:]
+    for i, (k, s, dil, n) in enumerate(zip(spec.kernel, spec.stride, spec.dilation, out)):
+        dim = 1 + i  # this spatial dimension becomes its taps: [C, *taps so far, *spatial left]
+        window = s * (n - 1) + 1
+        every = (slice(None),) * dim + (slice(None, None, s),)
+        total = torch.stack([total.narrow(dim, t * dil, window)[every].sum(dim) for t in range(k)], dim)
+    count = x.shape[0] * int(np.prod(out))
+    return total.reshape(spec.groups, -1).cpu().numpy(), count
 
 
 def _output_rows(spec: jaxq.LayerSpec, y: torch.Tensor, index: np.ndarray) -> np.ndarray:

@@ -39,7 +39,8 @@ def test_row_sum_is_the_sum_of_every_row(spec, x_shape, w_shape, seed):
     every = np.asarray(take_rows(spec, jnp.asarray(x), jnp.arange(n, dtype=jnp.int32)), np.float64)
     total, count = row_sum(spec, torch.from_numpy(x))
     assert count == n
-    np.testing.assert_allclose(total, every.sum(0), rtol=1e-9, atol=1e-9)
+    # the batch is summed in float32: within a few float32 roundings of Σ|row|
+    assert np.all(np.abs(total - every.sum(0)) <= 1e-6 * np.abs(every).sum(0) + 1e-12)
 
 
 def _capture(model, data, **kw):
