@@ -171,8 +171,7 @@ def _run_layer_chain(
     """The layer-local `chain` on one sampling of rows per layer group (memory budget)."""
     cfg = ctx.cfg
     copies = COPIES_QUANTIZED_INPUTS if cfg.recon_inputs == "quantized" else COPIES_FLOAT_INPUTS
-    rows = jaxq.accuracy.rows_to_sample([s.name for s in chain], cfg.recon_rows)
-    groups, per_layer = plan_row_groups(row_floats(ctx), rows, copies, budget_bytes(cfg.memory_budget))
+    groups, per_layer = plan_row_groups(row_floats(ctx), cfg.recon_rows, copies, budget_bytes(cfg.memory_budget))
     reports = {s.name: StepReport(s.name) for s in chain}
     all_mean_rows = {}
     for names in groups:

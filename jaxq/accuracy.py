@@ -278,14 +278,4 @@ def gptq_step(float_weights, state: LayerState, settings, progress=None) -> tupl
     return state._replace(weights=weights), report
 
 
-# rows a layer step reads of the `recon_rows` sampled (None: all of them)
-ROWS_READ = {"easy_quant": ROWS_USED}
-
-
-def rows_to_sample(steps: list[str], recon_rows: int) -> int:
-    """Rows per layer that one sampling must give the layer-local `steps` sharing it."""
-    caps = [ROWS_READ.get(s) for s in steps]
-    return recon_rows if any(c is None for c in caps) else min(recon_rows, max(caps))
-
-
 LAYER_STEPS = {"easy_quant": easy_quant_step, "round_opt": round_opt_step, "adaround": adaround_step, "gptq": gptq_step}

@@ -151,8 +151,7 @@ class QuantConfig:
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
       amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
-          the calibration data for AdaRound and GPTQ; EasyQuant reads at most 1,024 of them
-          (and a sampling for EasyQuant alone takes only those).
+          the calibration data for AdaRound and GPTQ; EasyQuant reads at most 1,024 of them.
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass

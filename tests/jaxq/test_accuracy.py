@@ -56,12 +56,3 @@ def test_easy_quant_reads_only_the_rows_it_uses_and_float_rows_once():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     np.testing.assert_array_equal(np.asarray(full.act.scale), np.asarray(cut.act.scale))
     assert float(full.cosine_after) == pytest.approx(float(cut.cosine_after), rel=1e-6)
-
-
-def test_a_sampling_for_easy_quant_alone_gives_it_the_rows_it_reads():
-    from jaxq.accuracy import rows_to_sample
-
-    assert rows_to_sample(["easy_quant"], 2048) == ROWS_USED
-    assert rows_to_sample(["easy_quant"], 300) == 300
-    assert rows_to_sample(["easy_quant", "adaround"], 2048) == 2048  # AdaRound reads them all
-    assert rows_to_sample(["gptq"], 4096) == 4096
