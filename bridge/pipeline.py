@@ -43,7 +43,7 @@ from bridge.capture.rows import (
 from bridge.smoothing import smooth
 from bridge.capture.tensors import to_jax
 from jaxq.accuracy import LAYER_STEPS, LayerState
-from jaxq.pipeline import Step, layer_local, plan
+from jaxq.pipeline import Step, layer_local, plan, rows_read
 
 
 class BiasCorrectionSkipped(UserWarning):
@@ -183,6 +183,7 @@ def _run_layer_chain(
             {n: state.weights[n] for n in names},
             {n: state.act[n] for n in names if n in state.act},
             {n: per_layer[n] for n in names},
+            rows_read=rows_read(chain, cfg.recon_rows),
         )
         timings["sample_rows_s"] = timings.get("sample_rows_s", 0.0) + time.perf_counter() - t
         all_mean_rows.update(group_mean_rows)
@@ -195,10 +196,10 @@ def _run_layer_chain(
                 layers, report = LAYER_STEPS[step.name](state.float_weights, layers, step.settings, bar.update)
             reports[step.name].layers.update(report)
             reports[step.name].seconds += time.perf_counter() - t
-        del rows
-        release_freed_memory()  # the group's rows are gone
         state.weights.update(layers.weights)
         state.act.update(layers.act)
+        del rows, layers  # the group's rows (held by `layers` too) go before the next group samples its own
+        release_freed_memory()
     state.custom_codes |= any(s.name in ("round_opt", "adaround", "gptq") for s in chain)
     if mean_rows:
         state.mean_rows = all_mean_rows

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from jaxq.easyquant import ROWS_USED
+
 READS = ("activations", "weights", "rows", "mean_rows", "block_io", "outputs")
 WEIGHT_STEPS = ("weights", "easy_quant", "round_opt", "adaround", "gptq", "blocks")  # steps that change Ŵ
 
@@ -71,6 +73,16 @@ def plan(cfg) -> tuple[Step, ...]:
 def describe(steps) -> str:
     """The plan as lines, one per step."""
     return "\n".join(str(s) for s in steps)
+
+
+# of the rows sampled per layer, how many a row step reads (the first ones); others read all
+ROWS_READ = {"easy_quant": ROWS_USED}
+
+
+def rows_read(chain, sampled: int) -> int:
+    """How many of a layer's `sampled` rows (the first, in sampled order) the row steps of
+    `chain` read: the runner keeps no more than that once they are sampled."""
+    return max((min(sampled, ROWS_READ.get(s.name, sampled)) for s in chain if "rows" in s.reads), default=0)
 
 
 def layer_local(step: Step) -> bool:

@@ -73,10 +73,11 @@ def check_rows_finite(rows: dict, what: str) -> None:
             )
 
 
-def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, needs_rows: bool = True):
+def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, needs_rows: bool = True, rows_read=None):
     """`({name: LayerRows}, {name: E[row]})` for the data-driven algorithms
     (`rows_per_layer`: row counts, default `cfg.recon_rows` each; `needs_rows=False`: the
-    mean rows only, `LayerRows.rows` None)."""
+    mean rows only, `LayerRows.rows` None; `rows_read`: keep only the first that many of
+    each layer's sampled rows — the same rows the steps would read of them all)."""
     count = rows_per_layer or ctx.cfg.recon_rows
     functional = [n for n, q in ctx.quantizers.items() if q.functional]
     if functional:
@@ -91,7 +92,7 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
     except RuntimeError as e:  # a layer never called
         raise UncalibratedLayerError(str(e)) from e
     check_rows_finite(mean_rows, "mean")
-    target = float_capture.result() if needs_rows else dict.fromkeys(ctx.quantizers)
+    target = _first(float_capture.result(), rows_read) if needs_rows else dict.fromkeys(ctx.quantizers)
     check_rows_finite(target, "float")
     rows = target
     if ctx.cfg.recon_inputs == "quantized" and needs_rows:
@@ -108,7 +109,9 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
         }
         apply_records(ctx.quantizers, interim)
         with quantization(ctx.quantizers, True):
-            rows = sample_rows(ctx, count, False, "jaxq sample rows (quantized)", keep_rows=True).result()
+            rows = _first(
+                sample_rows(ctx, count, False, "jaxq sample rows (quantized)", keep_rows=True).result(), rows_read
+            )
     release_freed_memory()  # the per-batch parts of the samples
     out = {}
     for name, q in ctx.quantizers.items():
@@ -122,6 +125,13 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
             weight=weights[name].qparams,
         )
     return out, mean_rows
+
+
+def _first(rows: dict[str, np.ndarray], count: int | None) -> dict[str, np.ndarray]:
+    """The first `count` rows of each layer, copied so that the rest is freed."""
+    if count is None:
+        return rows
+    return {n: r if r.shape[0] <= count else r[:count].copy() for n, r in rows.items()}
 
 
 def row_floats(ctx: Context) -> dict[str, int]:

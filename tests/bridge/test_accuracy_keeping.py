@@ -117,6 +117,32 @@ def test_weight_only_easy_quant(digits_model, digits_calib):
     assert all(after >= before for before, after in cal.reports["easy_quant"].values())
 
 
+def test_easy_quant_keeps_only_the_rows_it_reads_and_gives_the_same_result(digits_calib, monkeypatch):
+    """The runner keeps the first `ROWS_USED` sampled rows for EasyQuant (`jaxq.pipeline.rows_read`):
+    the very parameters of keeping all `recon_rows`, in less memory."""
+    import jaxq.pipeline
+    from bridge.models.digits import load_digits_cnn
+    from jaxq.accuracy import LAYER_STEPS
+    from jaxq.easyquant import ROWS_USED
+
+    cfg = W4.replace(recon_rows=2048, keep_acc={"easy_quant": [True, 8]})
+    seen = []
+
+    def easy_quant(float_weights, layers, settings, progress):
+        seen.append({n: r.rows.shape[0] for n, r in layers.layers.items()})
+        return step(float_weights, layers, settings, progress)
+
+    step = LAYER_STEPS["easy_quant"]
+    monkeypatch.setitem(LAYER_STEPS, "easy_quant", easy_quant)
+    kept = Calibrator(load_digits_cnn(), cfg, digits_calib, progress=False).run().get_quant_params()
+    monkeypatch.setattr(jaxq.pipeline, "ROWS_READ", {})
+    every = Calibrator(load_digits_cnn(), cfg, digits_calib, progress=False).run().get_quant_params()
+    assert max(seen[0].values()) == ROWS_USED and max(seen[1].values()) > ROWS_USED
+    for a, b in zip(kept, every):
+        for n in a:
+            np.testing.assert_array_equal(a[n], b[n])
+
+
 class DynamicPadConv(nn.Conv2d):
     """Pads at run time (like timm's Conv2dSame): its LayerSpec cannot describe it."""
 

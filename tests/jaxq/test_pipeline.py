@@ -4,7 +4,8 @@ import pytest
 
 from jaxq import QuantConfig
 from jaxq.keep_acc import Admm, Blocks
-from jaxq.pipeline import describe, layer_local, plan
+from jaxq.easyquant import ROWS_USED
+from jaxq.pipeline import describe, layer_local, plan, rows_read
 
 
 def names(cfg):
@@ -67,3 +68,13 @@ def test_layer_local_steps_are_the_row_and_rounding_steps():
     assert next(s for s in steps if s.name == "adaround").settings.from_codes  # refines GPTQ's codes
     alone = plan(QuantConfig(keep_acc={"adaround": [True, 9]}))
     assert not next(s for s in alone if s.name == "adaround").settings.from_codes
+
+
+def test_rows_read_is_what_the_row_steps_of_a_chain_read():
+    def chain(**keep_acc):
+        return [s for s in plan(QuantConfig(keep_acc=keep_acc)) if layer_local(s)]
+
+    assert rows_read(chain(easy_quant=[True, 10]), 2048) == ROWS_USED < 2048
+    assert rows_read(chain(easy_quant=[True, 10]), 300) == 300
+    assert rows_read(chain(easy_quant=[True, 10], adaround=[True, 9]), 2048) == 2048  # AdaRound reads them all
+    assert rows_read(chain(round_opt=True), 2048) == 0
