@@ -3,6 +3,7 @@ default against `bias_correction=False`, and the float forward over the same dat
 
     python benchmarks/bias_correction_cost.py
     python benchmarks/bias_correction_cost.py --models efficientnet_lite0 pnet --runs 5
+    python benchmarks/bias_correction_cost.py --amp-num 5   # and the default with amp_num=5
 
 W8A8 histogram, every layer quantized. EfficientNet-Lite0 and MiniLM on their protocols;
 the random-weight architectures of `architectures.py` on their calibration batches. Each
@@ -62,9 +63,11 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*", default=["efficientnet_lite0", "minilm", "pnet", "onet", "efficientnet_260"])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--amp-num", type=int, default=0, help="also time the default with this amp_num")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"{'model':<20}{'fp fwd s':>9}{'no BC s':>9}{'default s':>10}{'default/no BC':>14}{'default/fp':>11}")
+    amp = f"{f'amp_num={args.amp_num} s':>14}{'amp/default':>12}" if args.amp_num else ""
+    print(f"{'model':<20}{'fp fwd s':>9}{'no BC s':>9}{'default s':>10}{'default/no BC':>14}{'default/fp':>11}{amp}")
     for name, make, batches in _cases(args.models):
         off = QuantConfig(quant_mode=1, act_method=2, quantize_first_last=True, bias_correction=False)
         on = off.replace(bias_correction=None)
@@ -73,7 +76,13 @@ def main(argv=None):
         fp = statistics.median(_forward(make, batches) for _ in range(args.runs))
         t_off = statistics.median(_run(make, batches, off) for _ in range(args.runs))
         t_on = statistics.median(_run(make, batches, on) for _ in range(args.runs))
-        print(f"{name:<20}{fp:>9.2f}{t_off:>9.2f}{t_on:>10.2f}{t_on / t_off:>14.2f}{t_on / fp:>11.2f}", flush=True)
+        amp = ""
+        if args.amp_num:
+            with_amp = on.replace(amp_num=args.amp_num)
+            _run(make, batches, with_amp)
+            t_amp = statistics.median(_run(make, batches, with_amp) for _ in range(args.runs))
+            amp = f"{t_amp:>14.2f}{t_amp / t_on:>12.2f}"
+        print(f"{name:<20}{fp:>9.2f}{t_off:>9.2f}{t_on:>10.2f}{t_on / t_off:>14.2f}{t_on / fp:>11.2f}{amp}", flush=True)
 
 
 if __name__ == "__main__":
