@@ -40,7 +40,6 @@ class Calibrated:
 
     def layer_descriptions(self) -> dict[str, dict]:
         """Per quantized layer: kind, geometry, weight shape and schemes (JSON-ready)."""
-        act = self.cfg.act_scheme.describe() if self.cfg.act_quant else None
         out = {}
         for name, q in self.quantizers.items():
             spec = dataclasses.asdict(self.specs[name])
@@ -52,6 +51,6 @@ class Calibrated:
                 "functional": q.functional,
                 "weight_shape": list(q.float_weight.shape),
                 "weight_scheme": self.cfg.weight_scheme_for(name).describe(),
-                "act_scheme": act,
+                "act_scheme": self.cfg.act_scheme_for(name).describe() if self.cfg.act_quant else None,
             }
         return out

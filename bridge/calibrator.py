@@ -99,6 +99,7 @@ class Calibrator:
             self._edit.restore()
             raise
         self._edit.revert_buffers()
+        self.cfg = prepared.cfg  # quantize_first_last="8bit" written out as layer names
         self.specs, self.disabled, self.unsupported = prepared.specs, prepared.disabled, prepared.unsupported
         self.all_layers = prepared.layers
         self._records: dict[str, LayerRecord] | None = None

@@ -28,6 +28,7 @@ VIRTUAL_DATA = ("uniform", "bn_stats")
 AMP_METRICS = ("mse", "relative_mse", "isolated")
 _DEVICE_RE = re.compile(r"(cpu|npu|cuda)(:\d+)?")
 SEED_RANGE = (0, 2**32 - 1)
+FIRST_LAST_8BIT = "8bit"  # quantize_first_last: the first and last layers at 8-bit weights and inputs
 
 
 RECON_INPUTS = ("quantized", "float")
@@ -38,22 +39,22 @@ def _check_one_of(field: str, value, allowed) -> None:
         raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
 
 
-def _normalise_layer_bits(value) -> tuple:
+def _normalise_layer_bits(value, field: str = "layer_bits") -> tuple:
     if value is None:
         return ()
     items = value.items() if isinstance(value, dict) else value
     try:
         pairs = [tuple(p) for p in items]
     except TypeError:
-        raise TypeError(f"QuantConfig.layer_bits={value!r} must be a dict {{layer name or glob: bits}}") from None
+        raise TypeError(f"QuantConfig.{field}={value!r} must be a dict {{layer name or glob: bits}}") from None
     out = []
     for pair in pairs:
         if len(pair) != 2 or not isinstance(pair[0], str):
-            raise TypeError(f"QuantConfig.layer_bits entry {pair!r} must be (layer name or glob, bits)")
+            raise TypeError(f"QuantConfig.{field} entry {pair!r} must be (layer name or glob, bits)")
         bits = pair[1].item() if hasattr(pair[1], "item") else pair[1]
         if not is_int(bits) or bits not in ALLOWED_BITS:
             raise ValueError(
-                f"QuantConfig.layer_bits[{pair[0]!r}]={bits!r} is not supported; allowed bit widths: {ALLOWED_BITS}"
+                f"QuantConfig.{field}[{pair[0]!r}]={bits!r} is not supported; allowed bit widths: {ALLOWED_BITS}"
             )
         out.append((pair[0], int(bits)))
     return tuple(out)
@@ -127,7 +128,11 @@ class QuantConfig:
 
     Keyword-only extensions:
       quantize_first_last: with empty `disable_names`, msModelSlim keeps the first and the
-          last quantizable layer in float; `True` quantizes them too (every layer).
+          last quantizable layer in float; `True` quantizes them too (every layer);
+          `"8bit"` quantizes them with 8-bit weights and 8-bit inputs (the convention of
+          the BRECQ/QDrop papers; layers narrower than 8 bits only), whatever
+          `disable_names` says of the others. The bridge writes the names it chose into
+          `layer_bits` / `layer_act_bits` of `Calibrator.cfg`.
       minmax_combine: how `act_method=1` combines batch extremes: `"batch_percentile"`
           (msModelSlim: 40th percentile of the batch minima, 60th of the maxima) or
           `"running"` (absolute min and max over all batches).
@@ -149,6 +154,8 @@ class QuantConfig:
       layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;
           other layers use `w_bit`), e.g. the allocation of
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
+      layer_act_bits: per-layer input (activation) bit widths, the same form; other
+          layers use `a_bit`.
       amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for AdaRound and GPTQ; EasyQuant reads at most 1,024 of them.
@@ -195,7 +202,7 @@ class QuantConfig:
     sigma: float = 25
     device: str = "cpu"
     _: dataclasses.KW_ONLY
-    quantize_first_last: bool = False
+    quantize_first_last: bool | str = False
     minmax_combine: str = "batch_percentile"
     seed: int = 0
     hist_bins: int = 2048
@@ -210,6 +217,7 @@ class QuantConfig:
     bias_correction: bool | None = None
     memory_budget: int | None = None
     layer_bits: Any = None
+    layer_act_bits: Any = None
     smooth_quant: Any = None
     recon_blocks: Any = None
 
@@ -223,8 +231,10 @@ class QuantConfig:
             v = getattr(self, field)
             if not is_int(v) or v not in ALLOWED_BITS:
                 raise ValueError(f"QuantConfig.{field}={v!r} is not supported; allowed bit widths: {ALLOWED_BITS}")
-        for field in ("w_signed", "a_signed", "w_sym", "a_sym", "act_quant", "quantize_first_last"):
+        for field in ("w_signed", "a_signed", "w_sym", "a_sym", "act_quant"):
             check_bool(field, getattr(self, field))
+        if self.quantize_first_last != FIRST_LAST_8BIT:
+            check_bool("quantize_first_last", self.quantize_first_last)
         if self.bias_correction is not None:
             check_bool("bias_correction", self.bias_correction)
         set_("act_method", _check_choice("act_method", self.act_method, tuple(ACT_METHODS)))
@@ -246,6 +256,7 @@ class QuantConfig:
             )
         self._check_extensions()
         set_("layer_bits", _normalise_layer_bits(self.layer_bits))
+        set_("layer_act_bits", _normalise_layer_bits(self.layer_act_bits, "layer_act_bits"))
         set_("smooth_quant", _normalise_smooth_quant(self.smooth_quant))
         set_("recon_blocks", _normalise_names(self.recon_blocks, "recon_blocks"))
         if self.recon_blocks and self.keep_acc.blocks is None:
@@ -318,6 +329,26 @@ class QuantConfig:
     def act_scheme(self) -> QScheme:
         """Per-tensor activation quantizer."""
         return QScheme(bits=self.a_bit, signed=self.a_signed, symmetric=self.a_sym, axis=None)
+
+    def act_bits_for(self, name: str) -> int:
+        """`a_bit`, or the bits of the first `layer_act_bits` pattern matching `name`."""
+        for pattern, bits in self.layer_act_bits:
+            if fnmatch.fnmatchcase(name, pattern):
+                return bits
+        return self.a_bit
+
+    def act_scheme_for(self, name: str) -> QScheme:
+        """The input quantizer of layer `name` (`act_scheme` with its `layer_act_bits`)."""
+        return dataclasses.replace(self.act_scheme, bits=self.act_bits_for(name))
+
+    def with_8bit_layers(self, names) -> "QuantConfig":
+        """`names` at ≥ 8-bit weights and inputs, ahead of `layer_bits` / `layer_act_bits`
+        (the `quantize_first_last="8bit"` convention, resolved by the bridge)."""
+        names = list(names)
+        w = tuple((n, max(self.weight_bits_for(n), 8)) for n in names)
+        a = tuple((n, max(self.act_bits_for(n), 8)) for n in names)
+        rest = lambda pairs: tuple(p for p in pairs if p[0] not in names)  # noqa: E731 (idempotent)
+        return self.replace(layer_bits=w + rest(self.layer_bits), layer_act_bits=a + rest(self.layer_act_bits))
 
     def resolved(self, representative_data: bool) -> "QuantConfig":
         """The config with its automatic defaults decided: `bias_correction=None` becomes

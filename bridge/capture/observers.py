@@ -56,9 +56,26 @@ def activation_qparams(ctx: Context, beside=None) -> dict[str, jaxq.QParams]:
     """Every layer's input quantizer from the observer `cfg` names (`beside`: `capture_states`)."""
     observer = observer_for(ctx.cfg, ctx.num_batches())
     states = capture_states(ctx, observer, beside=beside)
-    results = jaxq.finalize_activations(states, observer, ctx.cfg.act_scheme)
+    results = {}
+    for scheme, names in _by_act_scheme(ctx.cfg, states).items():
+        # the states do not depend on the bits; the histogram's range search does (its levels)
+        finalize = (
+            observer
+            if scheme.bits == ctx.cfg.a_bit
+            else observer_for(ctx.cfg.replace(a_bit=scheme.bits), ctx.num_batches())
+        )
+        results.update(jaxq.finalize_activations({n: states[n] for n in names}, finalize, scheme))
+    results = {n: results[n] for n in states}
     check_activations(results)
     return {n: r.qparams for n, r in results.items()}
+
+
+def _by_act_scheme(cfg, names) -> dict:
+    """Layer names grouped by their input quantizer (`layer_act_bits`)."""
+    out: dict = {}
+    for n in names:
+        out.setdefault(cfg.act_scheme_for(n), []).append(n)
+    return out
 
 
 def histograms(ctx: Context, bins: int | None) -> dict:

@@ -106,14 +106,19 @@ def export_w8a8(cal: Calibrated, output_path, safetensors_name: str | None, json
 
 
 def check_uniform_8bit(cal: Calibrated, what: str) -> None:
-    """`ExportError` naming the layers whose `layer_bits` are not 8 (8-bit-only formats)."""
-    other = {n: cal.cfg.weight_bits_for(n) for n in cal.quantizers if cal.cfg.weight_bits_for(n) != 8}
-    if other:
-        shown = ", ".join(f"{n!r}: {b}" for n, b in list(other.items())[:4])
-        raise ExportError(
-            f"{what} holds 8-bit weight codes; layer_bits gives {len(other)} layer(s) other widths "
-            f"({shown}{'…' if len(other) > 4 else ''}); use export_param for mixed precision"
-        )
+    """`ExportError` naming the layers whose `layer_bits` or `layer_act_bits` are not 8 (8-bit-only formats)."""
+    cfg = cal.cfg
+    for field, kind, bits_for in (
+        ("layer_bits", "weight", cfg.weight_bits_for),
+        ("layer_act_bits", "input", cfg.act_bits_for if cfg.act_quant else lambda n: 8),
+    ):
+        other = {n: bits_for(n) for n in cal.quantizers if bits_for(n) != 8}
+        if other:
+            shown = ", ".join(f"{n!r}: {b}" for n, b in list(other.items())[:4])
+            raise ExportError(
+                f"{what} holds 8-bit {kind} codes; {field} gives {len(other)} layer(s) other widths "
+                f"({shown}{'…' if len(other) > 4 else ''}); use export_param for mixed precision"
+            )
 
 
 def check_unsmoothed(cal: Calibrated, what: str) -> None:

@@ -100,7 +100,6 @@ def stored_config(description: dict, path) -> jaxq.QuantConfig:
 def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weights: dict[str, np.ndarray]) -> dict:
     """Checked records for every layer of `description` (weights: name → float weight)."""
     source = str(Path(path) / SAFETENSORS_NAME)
-    act_scheme = cfg.act_scheme if cfg.act_quant else None
     records: dict[str, LayerRecord] = {}
     for name in description["layers"]:
         for key in PARAM_KEYS:
@@ -116,6 +115,7 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
         except KeyError as e:
             raise ParamFileError(f"{source}: layer {name!r} has no tensor {e.args[0]!r}") from None
         try:
+            act_scheme = cfg.act_scheme_for(name) if cfg.act_quant else None
             record.check(name, weights[name].shape, cfg.weight_scheme_for(name), act_scheme, source)
         except ValueError as e:
             raise ParamFileError(str(e)) from None

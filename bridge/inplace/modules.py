@@ -108,14 +108,23 @@ def matching_layers(layer_names: list[str], entry: str, field: str) -> list[str]
     return matches
 
 
-def check_layer_bits(layer_names: list[str], layer_bits) -> None:
-    """Every `layer_bits` pattern names at least one quantizable layer (else `LayerNameError`)."""
+def check_layer_bits(layer_names: list[str], layer_bits, field: str = "layer_bits") -> None:
+    """Every pattern of `layer_bits` (or `layer_act_bits`) names at least one quantizable
+    layer (else `LayerNameError`)."""
     for pattern, _bits in layer_bits:
-        matching_layers(layer_names, pattern, "layer_bits")
+        matching_layers(layer_names, pattern, field)
+
+
+def first_and_last(layer_names: list[str], last: list[str] | None = None) -> list[str]:
+    """The first quantizable layer and the last ones (`last`: every output layer, else the
+    last in module order) — what msModelSlim keeps float by default."""
+    if not layer_names:
+        return []
+    return list(dict.fromkeys([layer_names[0], *(last or layer_names[-1:])]))
 
 
 def resolve_disabled(
-    layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last: bool, last: list[str] | None = None
+    layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last, last: list[str] | None = None
 ) -> set[str]:
     """Names kept in float (docs/design.md §4).
 
@@ -131,4 +140,4 @@ def resolve_disabled(
         disabled.update(matching_layers(layer_names, entry, "disable_names"))
     if disable_names or quantize_first_last or not layer_names:
         return disabled
-    return {layer_names[0], *(last or layer_names[-1:])}
+    return set(first_and_last(layer_names, last))

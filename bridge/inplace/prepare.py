@@ -29,6 +29,7 @@ from bridge.capture.memory import release_freed_memory
 from bridge.inplace.fuse import fuse_conv_bn
 from bridge.inplace.modules import (
     check_layer_bits,
+    first_and_last,
     layer_spec,
     quantizable_layers,
     resolve_disabled,
@@ -38,6 +39,7 @@ from bridge.inplace.modules import (
 from bridge.capture.synthetic import distill_bn_batches
 from bridge.capture.tensors import tensors_in
 from bridge.inplace.transaction import ModelEdit
+from jaxq.config import FIRST_LAST_8BIT
 
 
 class EmptyModelError(ValueError):
@@ -58,6 +60,7 @@ class Prepared:
     disabled: set[str]
     unsupported: dict[str, str]
     specs: dict[str, jaxq.LayerSpec]  # of the quantized layers
+    cfg: jaxq.QuantConfig  # with `quantize_first_last="8bit"` resolved into layer names
 
 
 def calibration_data(model: nn.Module, cfg: jaxq.QuantConfig, calib_data, device, progress: bool) -> Iterable:
@@ -129,7 +132,7 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
     return [n for n in layers if n in found]
 
 
-def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict]:
+def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict, jaxq.QuantConfig]:
     layers = quantizable_layers(model)
     if not layers:
         raise EmptyModelError(
@@ -138,17 +141,22 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, 
         )
     if "" in layers:
         raise EmptyModelError("the model is itself a single layer; wrap it, e.g. nn.Sequential(model)")
-    default_float = not cfg.disable_names and not cfg.quantize_first_last and batch is not None
-    last = output_layers(model, layers, batch) if default_float else None
+    eight_bit = cfg.quantize_first_last == FIRST_LAST_8BIT
+    default_float = not cfg.disable_names and not cfg.quantize_first_last
+    last = output_layers(model, layers, batch) if (default_float or eight_bit) and batch is not None else None
     disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last, last)
-    check_layer_bits(list(layers), cfg.layer_bits)
+    check_layer_bits(list(layers), cfg.layer_bits, "layer_bits")
+    check_layer_bits(list(layers), cfg.layer_act_bits, "layer_act_bits")
+    if eight_bit:
+        ends = [n for n in first_and_last(list(layers), last) if n not in disabled]
+        cfg = cfg.with_8bit_layers(ends)
     if len(disabled) == len(layers):
         raise EmptyModelError(
             f"every quantizable layer of {type(model).__name__} would stay float ({sorted(disabled)[:4]}): "
             "by default the first and last layer are kept float; use QuantConfig(quantize_first_last=True) "
             "or name fewer layers in disable_names"
         )
-    return layers, disabled, unsupported_layers(model)
+    return layers, disabled, unsupported_layers(model), cfg
 
 
 def prepare(
@@ -162,7 +170,7 @@ def prepare(
     """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`."""
     model.eval().to(device)
     batch = first_batch(data, device)
-    layers, disabled, unsupported = _layers(model, cfg, batch)
+    layers, disabled, unsupported, resolved = _layers(model, cfg, batch)
     if unsupported:
         warnings.warn(
             "jaxq leaves these layers in float: " + "; ".join(f"{n} ({why})" for n, why in unsupported.items()),
@@ -176,15 +184,15 @@ def prepare(
                 "fuse_module_call_back must fuse the model in place and return it (or None), got "
                 f"{type(fused).__name__}"
             )
-        layers, disabled, unsupported = _layers(model, cfg, batch)
+        layers, disabled, unsupported, resolved = _layers(model, cfg, batch)
     else:
         edit.folds.extend(fuse_conv_bn(model, batch))
     enabled = {n: m for n, m in layers.items() if n not in disabled}
     functional = find_functional_layers(model, enabled, batch)
     specs = {n: layer_spec(n, m) for n, m in enabled.items()}
-    attach_quantizers(model, enabled, functional, cfg, edit)
+    attach_quantizers(model, enabled, functional, resolved, edit)
     release_freed_memory()  # the probing forwards (one with autograd) leave freed arenas behind
-    return Prepared(layers, disabled, unsupported, specs)
+    return Prepared(layers, disabled, unsupported, specs, resolved)
 
 
 def attach_quantizers(
@@ -192,8 +200,8 @@ def attach_quantizers(
 ) -> None:
     """A `LayerQuantizer` on each of `layers` (tapped at the functional call for the names
     in `functional`), and the taps installed on `model` if any needs them; logged in `edit`."""
-    act_scheme = cfg.act_scheme if cfg.act_quant else None
     for name, module in layers.items():
+        act_scheme = cfg.act_scheme_for(name) if cfg.act_quant else None
         quantizer = LayerQuantizer(
             module, name, cfg.weight_scheme_for(name), act_scheme, weight_name(module), name in functional
         )
