@@ -94,6 +94,7 @@ def run_pipeline(ctx: Context, all_layers: dict | None = None) -> PipelineResult
     """Every step of `plan(ctx.cfg)` in order (the model left with quantization off)."""
     steps = plan(ctx.cfg)
     state, reports, timings = _State({}), [], {}
+    recon = _reconstruction_context(ctx, steps)
     i = 0
     while i < len(steps):
         chain = [steps[i]]
@@ -102,10 +103,12 @@ def run_pipeline(ctx: Context, all_layers: dict | None = None) -> PipelineResult
                 chain.append(steps[i + len(chain)])
         t = time.perf_counter()
         if "rows" in chain[0].reads:
-            later_mean_rows = any("mean_rows" in s.reads for s in steps[i + len(chain) :])
-            reports += _run_layer_chain(ctx, state, chain, later_mean_rows, timings)
+            # mean rows of augmented images are not the model's E[x]: bias correction then reads the images
+            later_mean_rows = any("mean_rows" in s.reads for s in steps[i + len(chain) :]) and recon is ctx
+            reports += _run_layer_chain(recon, state, chain, later_mean_rows, timings)
         else:
-            reports.append(RUNNERS[chain[0].name](ctx, state, chain[0], all_layers))
+            step_ctx = recon if chain[0].name == "blocks" else ctx
+            reports.append(RUNNERS[chain[0].name](step_ctx, state, chain[0], all_layers))
             reports[-1].seconds = time.perf_counter() - t
         for r in reports[-len(chain) :]:
             timings[f"{r.step}_s"] = r.seconds
@@ -113,6 +116,17 @@ def run_pipeline(ctx: Context, all_layers: dict | None = None) -> PipelineResult
     if "activations_s" in timings and "smooth_quant_s" in timings:
         timings["activations_s"] += timings.pop("smooth_quant_s")
     return PipelineResult(_records(ctx, state), reports, timings, state.fall_back)
+
+
+def _reconstruction_context(ctx: Context, steps) -> Context:
+    """`ctx` with the calibration images and `cfg.recon_augment` augmented copies of each,
+    for the steps that fit layers or blocks (`ctx` itself when there are none)."""
+    fits = any("rows" in s.reads or "block_io" in s.reads for s in steps)
+    if not ctx.cfg.recon_augment or not fits:
+        return ctx
+    from bridge.capture.augment import augmented_batches
+
+    return dataclasses.replace(ctx, calib_data=augmented_batches(ctx.calib_data, ctx.cfg.recon_augment, ctx.cfg.seed))
 
 
 # -- steps ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ VIRTUAL_DATA = ("uniform", "bn_stats")
 AMP_METRICS = ("mse", "relative_mse", "isolated")
 _DEVICE_RE = re.compile(r"(cpu|npu|cuda)(:\d+)?")
 SEED_RANGE = (0, 2**32 - 1)
+MAX_AUGMENT = 64
 FIRST_LAST_8BIT = "8bit"  # quantize_first_last: the first and last layers at 8-bit weights and inputs
 
 
@@ -159,6 +160,11 @@ class QuantConfig:
       amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for AdaRound and GPTQ; EasyQuant reads at most 1,024 of them.
+      recon_augment: augmented copies of each calibration image that the reconstruction
+          steps (EasyQuant, AdaRound, GPTQ, BRECQ/QDrop) fit on beside the images
+          themselves — random resized crops, flips, colour jitter, mixes of two images,
+          drawn from `seed` (`bridge.capture.augment`); 0 (default) fits on the images
+          only. Observers, bias correction and the fallback ranking read the images only.
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass
@@ -214,6 +220,7 @@ class QuantConfig:
     amp_samples: int = 10
     recon_rows: int = 2048
     recon_inputs: str = "float"
+    recon_augment: int = 0
     bias_correction: bool | None = None
     memory_budget: int | None = None
     layer_bits: Any = None
@@ -303,6 +310,11 @@ class QuantConfig:
         if not is_int(self.recon_rows) or self.recon_rows < 16:
             raise ValueError(f"QuantConfig.recon_rows={self.recon_rows!r} must be an int ≥ 16")
         _check_one_of("recon_inputs", self.recon_inputs, RECON_INPUTS)
+        if not is_int(self.recon_augment) or not 0 <= self.recon_augment <= MAX_AUGMENT:
+            raise ValueError(
+                f"QuantConfig.recon_augment={self.recon_augment!r} must be an int in [0, {MAX_AUGMENT}] "
+                "(augmented copies of each calibration image)"
+            )
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(
                 f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)"
