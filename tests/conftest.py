@@ -98,7 +98,8 @@ SLOW_TESTS = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests listed in `slow_tests.txt` get the `slow` marker (out of the fast tier)."""
+    """The tests listed in `slow_tests.txt` get the `slow` marker (out of the fast tier); a
+    name without `[…]` marks every parametrization of that test."""
     for item in items:
-        if item.nodeid in SLOW_TESTS:
+        if item.nodeid in SLOW_TESTS or item.nodeid.split("[")[0] in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
