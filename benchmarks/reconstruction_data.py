@@ -1,0 +1,90 @@
+"""What reconstruction learns from: recon_rows and recon_augment, mean ± std over calibration subsets.
+
+    python benchmarks/reconstruction_data.py
+    python benchmarks/reconstruction_data.py --subsets 1 2 3 --cases 2048:0 2048:2 6144:0 --algo adaround
+
+EfficientNet-Lite0 W4A8 histogram, `quantize_first_last="8bit"`, bias correction on. Each
+calibration subset is 64 crops of the five calibration photos drawn with its own seed; every
+case is evaluated on 128 crops of the three other photos (agreement / KL with the float
+model) and on 128 new crops of the calibration photos, so the gap between the two shows
+what reconstruction learned of the photos rather than of the model. Rows: mean ± std over
+the subsets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import jaxq
+from bridge import Calibrator, jit_cache
+from bridge.evaluation import metrics, zoo
+
+ALGOS = {"adaround": {"adaround": [True, 1000]}, "qdrop": {"qdrop": [True, 300]}, "gptq": {"gptq": True}}
+
+
+def _evaluate(model, sets) -> dict:
+    out = {}
+    for name, (images, fp_logits) in sets.items():
+        agree, kl = metrics.agreement_and_kl(fp_logits, metrics.logits(model, images))
+        out[name] = (agree, kl)
+    return out
+
+
+def _mean_std(values) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subsets", type=int, nargs="*", default=[1, 2, 3], help="seeds of the calibration crops")
+    ap.add_argument("--cases", nargs="*", default=["2048:0", "2048:2", "6144:0"], help="recon_rows:recon_augment")
+    ap.add_argument("--algo", choices=sorted(ALGOS), default="adaround")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    jit_cache.disable()
+    float_model = zoo.efficientnet_lite0()
+    sets = {}
+    for name, which in (("unseen", zoo.UNSEEN_PHOTOS), ("calib photos", zoo.CALIBRATION_PHOTOS)):
+        images = zoo.image_crops(128, seed=2 if name == "unseen" else 1003, which=which)  # no subset seed
+        sets[name] = (images, metrics.logits(float_model, images))
+    print(f"{args.algo} W4A8, first/last 8 bit; subsets {args.subsets}", flush=True)
+    print(f"{'rows:augment':<14}{'unseen agreement':>18}{'unseen KL':>16}{'calib-photo agr.':>18}{'gap':>16}{'s':>7}")
+    for case in args.cases:
+        rows, augment = map(int, case.split(":"))
+        unseen_a, unseen_kl, seen_a, seconds = [], [], [], []
+        for subset in args.subsets:
+            crops = zoo.image_crops(64, seed=subset, which=zoo.CALIBRATION_PHOTOS)
+            calib = [crops[i : i + 8] for i in range(0, 64, 8)]
+            cfg = jaxq.QuantConfig(
+                w_bit=4,
+                a_bit=8,
+                quant_mode=1,
+                act_method=2,
+                quantize_first_last="8bit",
+                keep_acc=ALGOS[args.algo],
+                recon_rows=rows,
+                recon_augment=augment,
+            )
+            t = time.perf_counter()
+            cal = Calibrator(zoo.efficientnet_lite0(), cfg, calib, progress=False).run()
+            seconds.append(time.perf_counter() - t)
+            result = _evaluate(cal.model, sets)
+            unseen_a.append(result["unseen"][0])
+            unseen_kl.append(result["unseen"][1])
+            seen_a.append(result["calib photos"][0])
+        gaps = [s - u for s, u in zip(seen_a, unseen_a)]
+        print(
+            f"{case:<14}{_mean_std(unseen_a):>18}{_mean_std(unseen_kl):>16}{_mean_std(seen_a):>18}"
+            f"{_mean_std(gaps):>16}{statistics.mean(seconds):>7.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
