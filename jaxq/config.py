@@ -61,6 +61,11 @@ def _normalise_layer_bits(value, field: str = "layer_bits") -> tuple:
     return tuple(out)
 
 
+def _bits_for(name: str, patterns: tuple, default: int) -> int:
+    """The bits of the first `(pattern, bits)` whose glob matches `name`, else `default`."""
+    return next((bits for pattern, bits in patterns if fnmatch.fnmatchcase(name, pattern)), default)
+
+
 SMOOTH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # `smooth_quant=True`: the range the SmoothQuant paper uses
 
 
@@ -328,10 +333,7 @@ class QuantConfig:
 
     def weight_bits_for(self, name: str) -> int:
         """`w_bit`, or the bits of the first `layer_bits` pattern matching `name`."""
-        for pattern, bits in self.layer_bits:
-            if fnmatch.fnmatchcase(name, pattern):
-                return bits
-        return self.w_bit
+        return _bits_for(name, self.layer_bits, self.w_bit)
 
     def weight_scheme_for(self, name: str) -> QScheme:
         """The weight quantizer of layer `name` (`weight_scheme` with its `layer_bits`)."""
@@ -344,10 +346,7 @@ class QuantConfig:
 
     def act_bits_for(self, name: str) -> int:
         """`a_bit`, or the bits of the first `layer_act_bits` pattern matching `name`."""
-        for pattern, bits in self.layer_act_bits:
-            if fnmatch.fnmatchcase(name, pattern):
-                return bits
-        return self.a_bit
+        return _bits_for(name, self.layer_act_bits, self.a_bit)
 
     def act_scheme_for(self, name: str) -> QScheme:
         """The input quantizer of layer `name` (`act_scheme` with its `layer_act_bits`)."""
