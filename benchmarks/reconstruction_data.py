@@ -2,13 +2,16 @@
 
     python benchmarks/reconstruction_data.py
     python benchmarks/reconstruction_data.py --subsets 1 2 3 --cases 2048:0 2048:2 6144:0 --algo adaround
+    python benchmarks/reconstruction_data.py --algo qdrop --cases 2048:0:0 2048:0:0.25
 
 EfficientNet-Lite0 W4A8 histogram, `quantize_first_last="8bit"`, bias correction on. Each
 calibration subset is 64 crops of the five calibration photos drawn with its own seed; every
 case is evaluated on 128 crops of the three other photos (agreement / KL with the float
 model) and on 128 new crops of the calibration photos, so the gap between the two shows
 what reconstruction learned of the photos rather than of the model. Rows: mean ± std over
-the subsets.
+the subsets. A case is `recon_rows:recon_augment[:recon_holdout]`; for block reconstruction
+the table adds the blocks that kept learned codes and the mean share of hard rounding
+variables in the kept states (`Calibrator.reports["blocks"]`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ def _mean_std(values) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subsets", type=int, nargs="*", default=[1, 2, 3], help="seeds of the calibration crops")
-    ap.add_argument("--cases", nargs="*", default=["2048:0", "2048:2", "6144:0"], help="recon_rows:recon_augment")
+    ap.add_argument(
+        "--cases", nargs="*", default=["2048:0", "2048:2", "6144:0"], help="recon_rows:recon_augment[:recon_holdout]"
+    )
     ap.add_argument("--algo", choices=sorted(ALGOS), default="adaround")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -54,10 +59,15 @@ def main(argv=None):
         images = zoo.image_crops(128, seed=2 if name == "unseen" else 1003, which=which)  # no subset seed
         sets[name] = (images, metrics.logits(float_model, images))
     print(f"{args.algo} W4A8, first/last 8 bit; subsets {args.subsets}", flush=True)
-    print(f"{'rows:augment':<14}{'unseen agreement':>18}{'unseen KL':>16}{'calib-photo agr.':>18}{'gap':>16}{'s':>7}")
+    print(
+        f"{'case':<14}{'unseen agreement':>18}{'unseen KL':>16}{'calib-photo agr.':>18}{'gap':>16}{'s':>7}"
+        f"{'blocks kept':>13}{'hard':>7}"
+    )
     for case in args.cases:
-        rows, augment = map(int, case.split(":"))
-        unseen_a, unseen_kl, seen_a, seconds = [], [], [], []
+        parts = case.split(":")
+        rows, augment = int(parts[0]), int(parts[1])
+        holdout = float(parts[2]) if len(parts) > 2 else jaxq.QuantConfig().recon_holdout
+        unseen_a, unseen_kl, seen_a, seconds, kept, hard = [], [], [], [], [], []
         for subset in args.subsets:
             crops = zoo.image_crops(64, seed=subset, which=zoo.CALIBRATION_PHOTOS)
             calib = [crops[i : i + 8] for i in range(0, 64, 8)]
@@ -70,6 +80,7 @@ def main(argv=None):
                 keep_acc=ALGOS[args.algo],
                 recon_rows=rows,
                 recon_augment=augment,
+                recon_holdout=holdout,
             )
             t = time.perf_counter()
             cal = Calibrator(zoo.efficientnet_lite0(), cfg, calib, progress=False).run()
@@ -78,10 +89,14 @@ def main(argv=None):
             unseen_a.append(result["unseen"][0])
             unseen_kl.append(result["unseen"][1])
             seen_a.append(result["calib photos"][0])
+            blocks = cal.reports.get("blocks", [])
+            kept += [sum(b.kept for b in blocks) / max(len(blocks), 1)]
+            hard += [statistics.mean(b.hard_share for b in blocks if b.kept) if any(b.kept for b in blocks) else 1.0]
         gaps = [s - u for s, u in zip(seen_a, unseen_a)]
         print(
             f"{case:<14}{_mean_std(unseen_a):>18}{_mean_std(unseen_kl):>16}{_mean_std(seen_a):>18}"
-            f"{_mean_std(gaps):>16}{statistics.mean(seconds):>7.0f}",
+            f"{_mean_std(gaps):>16}{statistics.mean(seconds):>7.0f}"
+            + (f"{statistics.mean(kept):>13.0%}{statistics.mean(hard):>7.2f}" if kept and any(kept) else ""),
             flush=True,
         )
 

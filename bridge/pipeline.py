@@ -239,11 +239,17 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
             state.records,
             ctx.calib_data,
             ctx.device,
-            ReconParams(steps=step.settings.steps, keep=step.settings.keep, from_codes=step.settings.from_codes),
+            ReconParams(
+                steps=step.settings.steps,
+                keep=step.settings.keep,
+                from_codes=step.settings.from_codes,
+                holdout=ctx.cfg.recon_holdout,
+            ),
             set_quant,
             blocks,
             bar,
             mesh=ctx.mesh,
+            copies=ctx.cfg.recon_augment,
         )
     return StepReport(step.name, layers=reports)
 

@@ -16,7 +16,10 @@ QDrop: inside the block each input quantizer keeps its quantized value with prob
 `keep` per element and passes the float value otherwise (`keep = 1`: BRECQ).
 
 `optimise(...)` runs all steps in one `lax.scan` (one compilation per block structure);
-the final codes round `h` at ½.
+the final codes round `h` at ½. With a held-out split (`holdout_split`: whole calibration
+images and all their augmented copies set aside, never fitted) it measures the held-out
+error of the hard rounding `checks` times along the way and keeps the best of those states
+and the start — the step at which to stop is chosen on images the fit never saw.
 """
 
 from __future__ import annotations
@@ -47,6 +50,43 @@ class ReconParams(NamedTuple):
     lr_scale: float = 1e-3  # on u, the log of the step size's change
     keep: float = 1.0  # QDrop's probability of keeping an activation quantized (0.5); 1: BRECQ
     from_codes: bool = False  # start the rounding from the records' codes (e.g. GPTQ's)
+    holdout: float = 0.25  # share of the calibration images held out (`holdout_split`); 0: none
+    checks: int = 4  # held-out measurements, evenly spaced; the last at the final step
+
+
+MOST_HELD = 32  # held-out images at most (the held-out error is measured on all of them at once)
+MOST_REPORTED = 32  # fitted samples the fitted error is reported on
+
+
+class Split(NamedTuple):
+    """Sample indices of the captured pool: `fit` (steps draw their mini-batches from
+    these) and `held` (whole images, never fitted, nor any augmented copy of them)."""
+
+    fit: jax.Array
+    held: jax.Array
+
+
+def holdout_sizes(n: int, images: int, share: float) -> tuple[int, int]:
+    """`(held-out images, fitted samples)` of `holdout_split` (static sizes)."""
+    if share <= 0 or images < 2:
+        return 0, n
+    held = min(max(1, int(images * share)), images - 1, MOST_HELD)
+    return held, n - held * (n // images)
+
+
+def holdout_split(key: jax.Array, n: int, images: int, share: float) -> Split:
+    """A random `share` of the `images` calibration images held out (at least one when there
+    are two or more, at most `MOST_HELD`, never all). The pool of `n` samples is the images
+    (`0 … images−1`) followed by augmented copies in the same order, so sample `i` comes
+    from image `i mod images`; every sample of a held-out image leaves the fitted part.
+    `n`, `images`, `share` are static."""
+    if n % images:
+        raise ValueError(f"holdout_split: {n} samples are not whole copies of {images} images")
+    held_n, fit_n = holdout_sizes(n, images, share)
+    held = jnp.sort(jax.random.permutation(key, images)[:held_n])
+    is_held = jnp.zeros(images, bool).at[held].set(True)
+    fit = jnp.nonzero(~is_held[jnp.arange(n) % images], size=fit_n)[0]
+    return Split(fit, held)
 
 
 class SoftWeight(NamedTuple):
@@ -108,6 +148,17 @@ class Learned(NamedTuple):
     u: dict  # layer → log step-size change
 
 
+class ReconErrors(NamedTuple):
+    """Block-output errors (hard rounding, no drop) at the start and of the kept state."""
+
+    fitted_before: jax.Array  # on the first `MOST_REPORTED` fitted samples
+    fitted_after: jax.Array
+    held_before: jax.Array  # on the held-out images; NaN without a split
+    held_after: jax.Array
+    kept_step: jax.Array  # the step whose state was kept (0: the start)
+    hard_share: jax.Array  # share of `h(V)` exactly 0 or 1 in the kept state
+
+
 def optimise(
     apply: Callable,
     learned: Learned,
@@ -116,44 +167,82 @@ def optimise(
     key: jax.Array,
     p: ReconParams,
     mask: jax.Array | None = None,
-) -> tuple[Learned, jax.Array, jax.Array]:
+    split: Split | None = None,
+) -> tuple[Learned, ReconErrors]:
     """Minimise `L` (module docstring) over `learned` with adam; `apply(learned, batch_inputs,
     key | None)` is the block's quantized output on a batch (key: QDrop's drops, None:
     none). `inputs`: pytree of arrays with the sample axis first, `target` and `mask`
     (positions that count, e.g. real tokens; None: all) likewise.
-    Returns the learned values and the output error before and after (hard rounding, no
-    drop, first 32 samples)."""
+    `split`: mini-batches come from `split.fit`, and the state kept is the one of lowest
+    held-out error among the start and `p.checks` evenly spaced steps; None: every sample
+    is fitted and the final state is kept."""
     n = target.shape[0]
+    fit = jnp.arange(n) if split is None else split.fit
     opt = optax.multi_transform({"v": optax.adam(p.lr_rounding), "u": optax.adam(p.lr_scale)}, Learned("v", "u"))
+    take = lambda idx: (  # noqa: E731
+        jax.tree.map(lambda a: a[idx], inputs),
+        target[idx],
+        None if mask is None else mask[idx],
+    )
 
     def loss(lv, idx, step, k):
-        batch = jax.tree.map(lambda a: a[idx], inputs)
-        out = apply(lv, batch, k if p.keep < 1.0 else None)
-        rec = output_error(out, target[idx], None if mask is None else mask[idx])
+        x, y, m = take(idx)
+        rec = output_error(apply(lv, x, k if p.keep < 1.0 else None), y, m)
         reg = sum(rounding_reg(v, beta_schedule(step, p.steps, p.schedule)) for v in jax.tree.leaves(lv.v))
         return rec + regulariser_weight(step, p.steps, p.schedule) * reg
 
     def step_fn(carry, step):
-        lv, state = carry
-        k_idx, k_drop = jax.random.split(jax.random.fold_in(key, step))
-        idx = jax.random.choice(k_idx, n, (min(p.batch, n),), replace=False)
-        grads = jax.grad(loss)(lv, idx, step.astype(jnp.float32), k_drop)
-        updates, state = opt.update(grads, state, lv)
-        return (optax.apply_updates(lv, updates), state), None
+        def run(carry):
+            lv, state = carry
+            k_idx, k_drop = jax.random.split(jax.random.fold_in(key, step))
+            idx = fit[jax.random.choice(k_idx, fit.shape[0], (min(p.batch, fit.shape[0]),), replace=False)]
+            grads = jax.grad(loss)(lv, idx, step.astype(jnp.float32), k_drop)
+            updates, state = opt.update(grads, state, lv)
+            return optax.apply_updates(lv, updates), state
 
-    before = _whole_set_error(apply, _hardened(learned), inputs, target, mask)
-    (learned, _), _ = jax.lax.scan(step_fn, (learned, opt.init(learned)), jnp.arange(p.steps))
-    return learned, before, _whole_set_error(apply, _hardened(learned), inputs, target, mask)
+        return jax.lax.cond(step < p.steps, run, lambda c: c, carry), None
+
+    def error_on(lv, idx):
+        x, y, m = take(idx)
+        return output_error(apply(_hardened(lv), x, None), y, m)
+
+    reported = fit[: min(MOST_REPORTED, fit.shape[0])]
+    fitted_before = error_on(learned, reported)
+    if split is None or split.held.shape[0] == 0:
+        (kept, _), _ = jax.lax.scan(step_fn, (learned, opt.init(learned)), jnp.arange(p.steps))
+        nan = jnp.float32(jnp.nan)
+        return kept, ReconErrors(
+            fitted_before, error_on(kept, reported), nan, nan, jnp.int32(p.steps), hard_share(kept)
+        )
+    checks = max(1, min(p.checks, p.steps))
+    every = -(-p.steps // checks)
+    held_before = error_on(learned, split.held)
+
+    def segment(carry, c):
+        lv, state, kept, best, kept_step = carry
+        (lv, state), _ = jax.lax.scan(step_fn, (lv, state), c * every + jnp.arange(every))
+        err = error_on(lv, split.held)
+        better = err < best
+        kept = jax.tree.map(lambda a, b: jnp.where(better, a, b), lv, kept)
+        done = jnp.minimum((c + 1) * every, p.steps)
+        return (lv, state, kept, jnp.where(better, err, best), jnp.where(better, done, kept_step)), None
+
+    carry = (learned, opt.init(learned), learned, held_before, jnp.int32(0))
+    (_, _, kept, held_after, kept_step), _ = jax.lax.scan(segment, carry, jnp.arange(checks))
+    return kept, ReconErrors(
+        fitted_before, error_on(kept, reported), held_before, held_after, kept_step, hard_share(kept)
+    )
+
+
+def hard_share(lv: Learned) -> jax.Array:
+    """Share of the rounding variables whose `h(V)` is exactly 0 or 1."""
+    hs = [rectified_sigmoid(v) for v in jax.tree.leaves(lv.v)]
+    if not hs:
+        return jnp.float32(1.0)
+    hard = sum(jnp.sum((h == 0.0) | (h == 1.0)) for h in hs)
+    return hard / sum(h.size for h in hs)
 
 
 def _hardened(lv: Learned) -> Learned:
     """`V` pushed to ±∞ on its side of ½, so `h(V)` is exactly 0 or 1 (hard rounding)."""
     return Learned(jax.tree.map(lambda v: jnp.where(rectified_sigmoid(v) >= 0.5, 1e4, -1e4), lv.v), lv.u)
-
-
-def _whole_set_error(apply, lv, inputs, target, mask, most: int = 32):
-    """The output error on the first `most` samples (a report, not an objective)."""
-    m = min(most, target.shape[0])
-    return output_error(
-        apply(lv, jax.tree.map(lambda a: a[:m], inputs), None), target[:m], None if mask is None else mask[:m]
-    )

@@ -170,6 +170,11 @@ class QuantConfig:
           themselves — random resized crops, flips, colour jitter, mixes of two images,
           drawn from `seed` (`bridge.capture.augment`); 0 (default) fits on the images
           only. Observers, bias correction and the fallback ranking read the images only.
+      recon_holdout: share of the calibration images (at least one, at most 32) that
+          BRECQ/QDrop hold out of the fit, with all their augmented copies: each block keeps
+          the learned state of lowest error on them (measured four times during the steps,
+          and round to nearest as the start), and `reports["blocks"]` shows both errors.
+          0: every image is fitted and the final state is kept if it lowers the fitted error.
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass
@@ -226,6 +231,7 @@ class QuantConfig:
     recon_rows: int = 2048
     recon_inputs: str = "float"
     recon_augment: int = 0
+    recon_holdout: float = 0.25
     bias_correction: bool | None = None
     memory_budget: int | None = None
     layer_bits: Any = None
@@ -319,6 +325,15 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.recon_augment={self.recon_augment!r} must be an int in [0, {MAX_AUGMENT}] "
                 "(augmented copies of each calibration image)"
+            )
+        if (
+            isinstance(self.recon_holdout, bool)
+            or not isinstance(self.recon_holdout, numbers.Real)
+            or not 0 <= self.recon_holdout <= 0.5
+        ):
+            raise ValueError(
+                f"QuantConfig.recon_holdout={self.recon_holdout!r} must be a number in [0, 0.5] "
+                "(the share of calibration images block reconstruction holds out; 0: none)"
             )
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(

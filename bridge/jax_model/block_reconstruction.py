@@ -6,9 +6,12 @@ Block by block, in call order:
    its outputs in the float model are captured by torch hooks over the calibration data;
 2. the block alone is lowered to JAX with its quantizers (`quantized_forward` on the
    submodule), weights replaced by their soft-rounded `W̃(V)`, input step sizes learnable;
-3. `jaxq.block_reconstruction.optimise` learns them in one compiled program;
+3. `jaxq.block_reconstruction.optimise` learns them in one compiled program, on the
+   fitted part of a held-out split of the calibration images (`holdout_split`), keeping the
+   state of lowest held-out error;
 4. the hard codes and step sizes go into the layer records and the torch model, so the
-   next block sees this block's quantized output.
+   next block sees this block's quantized output — unless the held-out error (the fitted
+   error without a split) is not below round to nearest's: then the block keeps its records.
 
 Blocks: the items of the outermost `nn.ModuleList`/`nn.Sequential` whose items each hold
 quantized layers (EfficientNet's MBConv blocks, a BERT encoder's layers); every quantized
@@ -40,12 +43,24 @@ from jaxq.sharding import replicate, shard_batch
 
 @dataclasses.dataclass
 class BlockReport:
+    """Block-output errors with hard rounding (`jaxq.block_reconstruction.ReconErrors`)."""
+
     name: str
     layers: list[str]
-    error_before: float  # block-output error, round to nearest (first 32 samples)
-    error_after: float  # learned (hard rounding); not below error_before: the block keeps round to nearest
+    error_before: float  # on the fitted samples (first 32), round to nearest
+    error_after: float  # on the fitted samples, the kept learned state
     seconds: float
     compiles: int
+    held_before: float = float("nan")  # on the held-out images, round to nearest (NaN: no split)
+    held_after: float = float("nan")  # on the held-out images, the kept learned state
+    kept_step: int = 0  # the step whose state was kept (0: the start)
+    hard_share: float = 1.0  # share of rounding variables already 0 or 1 in the kept state
+    kept: bool = False  # the learned codes replaced round to nearest
+
+    @property
+    def gap(self) -> float:
+        """Held-out over fitted error of the kept state: how much the block overfits."""
+        return self.held_after / self.error_after if self.error_after > 0 else float("nan")
 
 
 class BlockNameError(ValueError):
@@ -197,11 +212,14 @@ def reconstruct_block(
     seed: int = 0,
     mesh=None,
     token_mask=None,
+    images: int | None = None,
 ) -> tuple[dict[str, LayerRecord], BlockReport]:
     """New records of the layers in `block` (names relative to the model); `set_quant(on)`
     switches the torch model's quantization (inputs are captured quantized, targets float).
     `mesh`: the captured samples split over its devices, the learned values replicated.
-    `token_mask` (`[samples, tokens]`): the output positions that count (padding excluded)."""
+    `token_mask` (`[samples, tokens]`): the output positions that count (padding excluded).
+    `images`: how many of the captured samples are calibration images, the rest augmented
+    copies of them in the same order (None: all are)."""
     import jaxq
 
     t0 = time.perf_counter()
@@ -237,15 +255,35 @@ def reconstruct_block(
     if mesh is not None:
         inputs, target, mask = shard_batch((inputs, target, mask), mesh, where=f"block {block!r}'s captured samples")
         learned = replicate(learned, mesh)
+    n = int(target.shape[0])
+    images = n if images is None else images
+    key_split, key_fit = jax.random.split(jax.random.PRNGKey(seed))
     with jaxq.compile_count() as compiles:
-        run = jax.jit(lambda lv, x, y, k, m: br.optimise(apply, lv, x, y, k, params, m))
-        learned, before, after = run(learned, inputs, target, jax.random.PRNGKey(seed), mask)
+        split = br.holdout_split(key_split, n, images, params.holdout) if params.holdout > 0 else None
+        run = jax.jit(lambda lv, x, y, k, m, s: br.optimise(apply, lv, x, y, k, params, m, s))
+        learned, errors = run(learned, inputs, target, key_fit, mask, split)
         learned = jax.block_until_ready(learned)
-    if not float(after) < float(before):  # never worse than round to nearest on the block's output
-        return {}, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
+    e = {k: float(v) for k, v in errors._asdict().items()}
+    held = e["held_before"] == e["held_before"]  # not NaN: there was a split
+    better = e["held_after"] < e["held_before"] if held else e["fitted_after"] < e["fitted_before"]
+    report = BlockReport(
+        block,
+        names,
+        e["fitted_before"],
+        e["fitted_after"],
+        time.perf_counter() - t0,
+        compiles.count,
+        e["held_before"],
+        e["held_after"],
+        int(e["kept_step"]),
+        e["hard_share"],
+        kept=better,
+    )
+    if not better:  # never worse than round to nearest on the block's output
+        return {}, report
     new = _learned_records(qf, soft, learned, names, rel, quantizers, records)
     apply_records({n: quantizers[n] for n in new}, new)
-    return new, BlockReport(block, names, float(before), float(after), time.perf_counter() - t0, compiles.count)
+    return new, report
 
 
 def _learned_records(qf, soft, learned, names, rel, quantizers, records) -> dict[str, LayerRecord]:
@@ -292,6 +330,12 @@ def _equal_shapes(batches: list, size: int = 8):
     return out, merged.token_mask
 
 
+def _samples(batch: Batch) -> int:
+    """Samples of a batch: the leading size of its first tensor."""
+    first = next(t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, torch.Tensor))
+    return int(first.shape[0])
+
+
 def reconstruct_blocks(
     model: nn.Module,
     quantizers: dict,
@@ -303,8 +347,11 @@ def reconstruct_blocks(
     blocks: list[str] | None = None,
     bar=None,
     mesh=None,
+    copies: int = 0,
 ) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
-    """Every block reconstructed in call order; returns all records and a report per block."""
+    """Every block reconstructed in call order; returns all records and a report per block.
+    `copies`: `calib_data` is the calibration images followed by that many augmented copies
+    of them (`bridge.capture.augment.augmented_batches`)."""
     batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
     blocks = blocks or find_blocks(model, quantizers)
     blocks, missing = _called(model, blocks, batches[0][1])
@@ -314,13 +361,28 @@ def reconstruct_blocks(
             "not called; name its items), so there is no input to reconstruct them from"
         )
     records, reports = dict(records), []
+    samples = sum(_samples(b) for _, b in batches)
     for block in blocks:
         new, report = reconstruct_block(
-            model, block, quantizers, records, batches, params, set_quant, mesh=mesh, token_mask=token_mask
+            model,
+            block,
+            quantizers,
+            records,
+            batches,
+            params,
+            set_quant,
+            mesh=mesh,
+            token_mask=token_mask,
+            images=None if not copies else samples // (1 + copies),
         )
         records.update(new)
         reports.append(report)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(f"{block}: {report.error_before:.3g} → {report.error_after:.3g}")
+            before, after = (
+                (report.held_before, report.held_after)
+                if report.held_before == report.held_before
+                else (report.error_before, report.error_after)
+            )
+            bar.set_postfix_str(f"{block}: {before:.3g} → {after:.3g}")
     return records, reports

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxq import block_reconstruction as br
@@ -66,10 +67,91 @@ def test_optimise_lowers_the_output_error_of_a_two_layer_block():
     learned = br.Learned(v0, {"a": jnp.float32(0.0)})
     for keep in (1.0, 0.5):
         p = br.ReconParams(steps=300, batch=32, keep=keep)
-        out, before, after = jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, p))(
+        out, e = jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, p))(
             learned, x, target, jax.random.PRNGKey(0)
         )
-        assert float(after) < 0.8 * float(before)
+        assert float(e.fitted_after) < 0.8 * float(e.fitted_before)
         for k in ("a", "b"):
             h = np.asarray(jax.nn.sigmoid(out.v[k]) * 1.2 - 0.1)
             assert np.mean((h < 0.01) | (h > 0.99)) > 0.3  # the regulariser pushes h to 0 or 1 (from ~2 % at V₀)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    images=st.integers(1, 40),
+    copies=st.integers(0, 3),
+    share=st.sampled_from([0.0, 0.1, 0.25, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_held_out_images_and_all_their_copies_never_meet_the_fitted_part(images, copies, share, seed):
+    n = images * (1 + copies)
+    key = jax.random.PRNGKey(seed)
+    split = br.holdout_split(key, n, images, share)
+    fit, held = np.asarray(split.fit), np.asarray(split.held)
+    held_n, fit_n = br.holdout_sizes(n, images, share)
+    assert len(held) == held_n and len(fit) == fit_n
+    if share > 0 and images >= 2:
+        assert 1 <= len(held) <= min(images - 1, br.MOST_HELD)
+    else:
+        assert len(held) == 0
+    assert set(held) <= set(range(images))  # held-out samples are images, not augmented copies
+    assert not set(fit % images) & set(held)  # no sample of a held-out image (nor a copy) is fitted
+    assert set(fit) | {h + k * images for h in held for k in range(1 + copies)} == set(range(n))
+    again = br.holdout_split(key, n, images, share)
+    np.testing.assert_array_equal(np.asarray(again.fit), fit)  # deterministic for the key
+    np.testing.assert_array_equal(np.asarray(again.held), held)
+
+
+def test_holdout_split_refuses_a_pool_that_is_not_whole_copies():
+    with pytest.raises(ValueError, match="not whole copies of 4 images"):
+        br.holdout_split(jax.random.PRNGKey(0), 10, 4, 0.25)
+
+
+def _two_layer_problem(seed=0, n=64, bits=3):
+    rng = np.random.default_rng(seed)
+    w1, w2 = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(4, 16)).astype(np.float32) / 4
+    x = jnp.asarray(rng.normal(size=(n, 8)).astype(np.float32))
+    target = jax.nn.relu(x @ w1.T) @ w2.T
+    scheme = QScheme(bits=bits, signed=True, symmetric=True, axis=0)
+    soft, v0 = {}, {}
+    for k, w in (("a", w1), ("b", w2)):
+        qw = quantize_weight(jnp.asarray(w), scheme)
+        soft[k], v0[k] = br.soft_weight_init(w, qw.qparams.scale, qw.qparams.offset, scheme.qmin, scheme.qmax)
+
+    def apply(lv, inputs, key):
+        return jax.nn.relu(inputs @ br.soft_weight(soft["a"], lv.v["a"]).T) @ br.soft_weight(soft["b"], lv.v["b"]).T
+
+    return apply, br.Learned(v0, {"a": jnp.float32(0.0)}), x, target
+
+
+def test_with_a_split_the_kept_state_is_the_checkpoint_of_lowest_held_out_error():
+    apply, learned, x, target = _two_layer_problem()
+    split = br.holdout_split(jax.random.PRNGKey(1), 64, 16, 0.25)
+    p = br.ReconParams(steps=200, batch=16, checks=4)
+    run = jax.jit(lambda lv, x, y, k, s: br.optimise(apply, lv, x, y, k, p, split=s))
+    kept, e = run(learned, x, target, jax.random.PRNGKey(0), split)
+    assert int(e.kept_step) in (0, 50, 100, 150, 200)
+    assert float(e.held_after) <= float(e.held_before)
+    held = np.asarray(split.held)
+    hard = br.Learned({k: jnp.where(br.rectified_sigmoid(v) >= 0.5, 1e4, -1e4) for k, v in kept.v.items()}, kept.u)
+    recomputed = br.output_error(apply(hard, x[held], None), target[held])
+    np.testing.assert_allclose(float(e.held_after), float(recomputed), rtol=1e-5)
+    _, e_all = run(learned, x, target, jax.random.PRNGKey(0), None)
+    assert int(e_all.kept_step) == 200 and np.isnan(float(e_all.held_after))  # no split: the final state
+
+
+def test_the_fit_with_a_split_is_the_fit_on_the_fitted_samples_alone():
+    """Mini-batches come from the fitted part only: the run equals one on those samples."""
+    apply, learned, x, target = _two_layer_problem()
+    split = br.holdout_split(jax.random.PRNGKey(1), 64, 16, 0.25)
+    p = br.ReconParams(steps=150, batch=16, checks=1)
+    with_split, e = jax.jit(lambda lv, x, y, k, s: br.optimise(apply, lv, x, y, k, p, split=s))(
+        learned, x, target, jax.random.PRNGKey(0), split
+    )
+    fit = np.asarray(split.fit)
+    alone, _ = jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, p))(
+        learned, x[fit], target[fit], jax.random.PRNGKey(0)
+    )
+    assert int(e.kept_step) == 150  # the final state was better on the held-out images than the start
+    for k in ("a", "b"):
+        np.testing.assert_allclose(np.asarray(with_split.v[k]), np.asarray(alone.v[k]), rtol=1e-6, atol=1e-6)

@@ -196,3 +196,35 @@ def test_blocks_start_from_gptq_codes_when_gptq_runs_first():
     names = [n for n in gptq.records if n.startswith("blocks.")]
     same = lambda a, b: np.mean([np.mean(a.records[n].codes == b.records[n].codes) for n in names])  # noqa: E731
     assert same(both, gptq) > 0.95 and same(both, gptq) > same(alone, gptq)
+
+
+def test_blocks_report_held_out_errors_and_keep_learned_codes_only_where_held_out_error_falls(monkeypatch):
+    from jaxq import block_reconstruction as br
+
+    splits = []
+    real_split = br.holdout_split
+    monkeypatch.setattr(br, "holdout_split", lambda *a: splits.append(a[1:]) or real_split(*a))
+    net, data = _net_and_data()
+    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_augment=1)
+    cal = Calibrator(net, cfg, data, progress=False).run()
+    assert splits and all(s == (64, 32, 0.25) for s in splits)  # 32 images + 32 augmented copies; a quarter held out
+    for r in cal.reports["blocks"]:
+        assert np.isfinite(r.held_before) and np.isfinite(r.held_after)
+        assert r.kept == (r.held_after < r.held_before)
+        assert r.kept_step in (0, 10, 20, 30, 40) and 0.0 <= r.hard_share <= 1.0
+        layers = [n for n in r.layers if n in cal.records]
+        assert r.kept or not any(cal.records[n].custom_codes for n in layers)
+    off = Calibrator(
+        _net_and_data()[0],
+        jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_holdout=0),
+        data,
+        progress=False,
+    ).run()
+    assert all(np.isnan(r.held_after) and r.kept_step == 40 for r in off.reports["blocks"])
+    assert all(r.kept == (r.error_after < r.error_before) for r in off.reports["blocks"])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.6, True, "0.25"])
+def test_recon_holdout_out_of_range_names_the_field(bad):
+    with pytest.raises(ValueError, match=r"QuantConfig.recon_holdout=.* must be a number in \[0, 0.5\]"):
+        jaxq.QuantConfig(recon_holdout=bad)
