@@ -26,6 +26,7 @@ from bridge.calibrated import Calibrated
 from bridge.capture.observers import histograms
 from bridge.capture.context import Context
 from bridge.capture.data import iter_batches
+from bridge.capture.synthetic import synthetic_images
 from bridge.devices import resolve_device
 from bridge.inplace.fakequant import quantization, set_quantization
 from bridge.inplace.functional import one_attention_path
@@ -94,6 +95,13 @@ class Calibrator:
         self._edit = ModelEdit(model)
         try:
             self.calib_data = calibration_data(model, cfg, calib_data, self.device, progress)
+            self._synthetic = (  # distilled before BN folding, from the model as it was given
+                synthetic_images(
+                    model, self.calib_data, cfg.recon_synthetic, cfg.virtual_steps, cfg.virtual_lr, cfg.seed, progress
+                )
+                if cfg.recon_synthetic
+                else []
+            )
             prepared = prepare(model, cfg, self.calib_data, self.device, fuse_module_call_back, self._edit)
         except BaseException:
             self._edit.restore()
@@ -174,6 +182,7 @@ class Calibrator:
             self.progress,
             self.mesh,
             self._default_bias_correction,
+            self._synthetic,
         )
 
     @property

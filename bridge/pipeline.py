@@ -119,14 +119,16 @@ def run_pipeline(ctx: Context, all_layers: dict | None = None) -> PipelineResult
 
 
 def _reconstruction_context(ctx: Context, steps) -> Context:
-    """`ctx` with the calibration images and `cfg.recon_augment` augmented copies of each,
-    for the steps that fit layers or blocks (`ctx` itself when there are none)."""
+    """`ctx` with the calibration images, `cfg.recon_augment` augmented copies of each and
+    then the `recon_synthetic` images, for the steps that fit layers or blocks (`ctx` itself
+    when there are none or nothing is added)."""
     fits = any("rows" in s.reads or "block_io" in s.reads for s in steps)
-    if not ctx.cfg.recon_augment or not fits:
+    if not (ctx.cfg.recon_augment or ctx.synthetic) or not fits:
         return ctx
     from bridge.capture.augment import augmented_batches
 
-    return dataclasses.replace(ctx, calib_data=augmented_batches(ctx.calib_data, ctx.cfg.recon_augment, ctx.cfg.seed))
+    batches = augmented_batches(ctx.calib_data, ctx.cfg.recon_augment, ctx.cfg.seed)
+    return dataclasses.replace(ctx, calib_data=batches + list(ctx.synthetic))
 
 
 # -- steps ------------------------------------------------------------------------------
@@ -250,6 +252,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
             bar,
             mesh=ctx.mesh,
             copies=ctx.cfg.recon_augment,
+            synthetic=sum(int(b.shape[0]) for b in ctx.synthetic),
         )
     return StepReport(step.name, layers=reports)
 

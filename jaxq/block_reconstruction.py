@@ -66,27 +66,29 @@ class Split(NamedTuple):
     held: jax.Array
 
 
-def holdout_sizes(n: int, images: int, share: float) -> tuple[int, int]:
+def holdout_sizes(n: int, images: int, share: float, extra: int = 0) -> tuple[int, int]:
     """`(held-out images, fitted samples)` of `holdout_split` (static sizes)."""
     if share <= 0 or images < 2:
         return 0, n
     held = min(max(1, int(images * share)), images - 1, MOST_HELD)
-    return held, n - held * (n // images)
+    return held, n - held * ((n - extra) // images)
 
 
-def holdout_split(key: jax.Array, n: int, images: int, share: float) -> Split:
+def holdout_split(key: jax.Array, n: int, images: int, share: float, extra: int = 0) -> Split:
     """A random `share` of the `images` calibration images held out (at least one when there
     are two or more, at most `MOST_HELD`, never all). The pool of `n` samples is the images
-    (`0 … images−1`) followed by augmented copies in the same order, so sample `i` comes
-    from image `i mod images`; every sample of a held-out image leaves the fitted part.
-    `n`, `images`, `share` are static."""
-    if n % images:
-        raise ValueError(f"holdout_split: {n} samples are not whole copies of {images} images")
-    held_n, fit_n = holdout_sizes(n, images, share)
+    (`0 … images−1`), augmented copies of them in the same order (sample `i` comes from image
+    `i mod images`), then `extra` samples that are always fitted (synthetic images); every
+    sample of a held-out image leaves the fitted part. `n`, `images`, `share`, `extra` are
+    static."""
+    if (n - extra) % images:
+        raise ValueError(f"holdout_split: {n - extra} samples are not whole copies of {images} images")
+    held_n, fit_n = holdout_sizes(n, images, share, extra)
     held = jnp.sort(jax.random.permutation(key, images)[:held_n])
     is_held = jnp.zeros(images, bool).at[held].set(True)
-    fit = jnp.nonzero(~is_held[jnp.arange(n) % images], size=fit_n)[0]
-    return Split(fit, held)
+    i = jnp.arange(n)
+    fitted = (i >= n - extra) | ~is_held[i % images]
+    return Split(jnp.nonzero(fitted, size=fit_n)[0], held)
 
 
 class SoftWeight(NamedTuple):

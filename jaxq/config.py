@@ -29,6 +29,7 @@ AMP_METRICS = ("mse", "relative_mse", "isolated")
 _DEVICE_RE = re.compile(r"(cpu|npu|cuda)(:\d+)?")
 SEED_RANGE = (0, 2**32 - 1)
 MAX_AUGMENT = 64
+MAX_SYNTHETIC = 4096
 FIRST_LAST_8BIT = "8bit"  # quantize_first_last: the first and last layers at 8-bit weights and inputs
 
 
@@ -170,6 +171,11 @@ class QuantConfig:
           themselves — random resized crops, flips, colour jitter, mixes of two images,
           drawn from `seed` (`bridge.capture.augment`); 0 (default) fits on the images
           only. Observers, bias correction and the fallback ranking read the images only.
+      recon_synthetic: images distilled from the model's BatchNorm statistics (as
+          `virtual_data="bn_stats"`, with `virtual_steps` / `virtual_lr`, before BN folding)
+          that the fitting steps read beside the calibration images and their augmented
+          copies; shaped like the calibration images, never held out, never read by the
+          observers or bias correction. 0 (default): none.
       recon_holdout: share of the calibration images (at least one, at most 32) that
           BRECQ/QDrop hold out of the fit, with all their augmented copies: each block keeps
           the learned state of lowest error on them (measured four times during the steps,
@@ -232,6 +238,7 @@ class QuantConfig:
     recon_inputs: str = "float"
     recon_augment: int = 0
     recon_holdout: float = 0.25
+    recon_synthetic: int = 0
     bias_correction: bool | None = None
     memory_budget: int | None = None
     layer_bits: Any = None
@@ -282,6 +289,12 @@ class QuantConfig:
                 f"QuantConfig.recon_blocks={list(self.recon_blocks)!r} names blocks for "
                 "keep_acc['brecq'] or keep_acc['qdrop'], which are off; switch one on or drop recon_blocks"
             )
+        if self.recon_synthetic and not self.keep_acc.fits:
+            raise ValueError(
+                f"QuantConfig.recon_synthetic={self.recon_synthetic} distils images for the steps that fit "
+                "layers or blocks (keep_acc easy_quant, adaround, gptq, brecq, qdrop), which are all off; "
+                "switch one on or set recon_synthetic=0"
+            )
         if self.smooth_quant and not self.act_quant:
             raise ValueError(
                 f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
@@ -325,6 +338,11 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.recon_augment={self.recon_augment!r} must be an int in [0, {MAX_AUGMENT}] "
                 "(augmented copies of each calibration image)"
+            )
+        if not is_int(self.recon_synthetic) or not 0 <= self.recon_synthetic <= MAX_SYNTHETIC:
+            raise ValueError(
+                f"QuantConfig.recon_synthetic={self.recon_synthetic!r} must be an int in [0, {MAX_SYNTHETIC}] "
+                "(BN-statistics images distilled for the fitting steps)"
             )
         if (
             isinstance(self.recon_holdout, bool)

@@ -162,6 +162,11 @@ class KeepAcc:
         """Block reconstruction's settings (QDrop over BRECQ), or None."""
         return self.qdrop if self.qdrop is not None else self.brecq
 
+    @property
+    def fits(self) -> bool:
+        """Some step fits layers or blocks to the calibration data (reads `recon_*` data)."""
+        return any(a is not None for a in (self.easy_quant, self.adaround, self.gptq, self.brecq, self.qdrop))
+
 
 def _from_iters(key: str, iters: int):
     if key == "admm":

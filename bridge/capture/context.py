@@ -33,6 +33,7 @@ class Context:
     default_bias_correction: bool = (
         False  # bias correction is on by default, not asked for: skip it where it cannot run
     )
+    synthetic: list = dataclasses.field(default_factory=list)  # `recon_synthetic` image batches
 
     def num_batches(self) -> int | None:
         try:

@@ -10,12 +10,15 @@
 
   where `μ_B, σ_B` are the per-channel mean and standard deviation of the BN input over
   batch and spatial axes. Needs a model with BatchNorm layers, run before fusion.
+- `synthetic_images`: the same distillation shaped like the calibration images, for the
+  fitting steps (`QuantConfig.recon_synthetic`).
 """
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -48,14 +51,16 @@ def distill_bn_batches(
     lr: float = 0.2,
     seed: int = 0,
     progress: bool = True,
+    field: str = "virtual_data='bn_stats'",
 ) -> list:
-    """One batch of inputs (shapes `input_shape`) whose BN statistics match the model's."""
-    model = copy.deepcopy(model).eval()
+    """One batch of inputs (shapes `input_shape`) whose BN statistics match the model's.
+    `field`: the option that asked for them, named in errors."""
     if not any(isinstance(m, _BN) for m in model.modules()):
+        other = "use virtual_data='uniform' or pass calib_data" if field.startswith("virtual") else "set it to 0"
         raise SyntheticDataError(
-            f"QuantConfig.virtual_data='bn_stats' needs BatchNorm layers, and {type(model).__name__} has none; "
-            "use virtual_data='uniform' or pass calib_data"
+            f"QuantConfig.{field} needs BatchNorm layers, and {type(model).__name__} has none; {other}"
         )
+    model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device
@@ -82,3 +87,30 @@ def distill_bn_batches(
             f"{steps} Adam steps; use a smaller virtual_lr (default 0.2)"
         )
     return [out[0] if len(out) == 1 else out]
+
+
+def synthetic_images(
+    model: nn.Module, calib_data, count: int, steps: int, lr: float, seed: int, progress: bool = True
+) -> list[torch.Tensor]:
+    """`count` images distilled from `model`'s BN statistics, shaped like the first
+    calibration batch's images `[N, C, H, W]` and distilled `N` at a time (batch `k` from
+    seed `(seed, k)`), on the CPU. The batches of `calib_data` must be image tensors (or
+    one-element tuples/lists of one)."""
+    first = next(iter(calib_data))
+    x = first[0] if isinstance(first, (tuple, list)) and len(first) == 1 else first
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise SyntheticDataError(
+            f"QuantConfig.recon_synthetic={count} distils images like calib_data's; batch 0 is "
+            f"{type(first).__name__} {tuple(getattr(x, 'shape', ()))}, expected a float image tensor "
+            "[N, C, H, W] as the model's only input; set recon_synthetic=0"
+        )
+    n, c, h, w = x.shape
+    out = []
+    for k, start in enumerate(range(0, count, n)):
+        batch_seed = int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint32)[0])
+        size = min(n, count - start)
+        (images,) = distill_bn_batches(
+            model, ((size, c, h, w),), steps, lr, batch_seed, progress, f"recon_synthetic={count}"
+        )
+        out.append(images.to("cpu", x.dtype))
+    return out

@@ -213,13 +213,15 @@ def reconstruct_block(
     mesh=None,
     token_mask=None,
     images: int | None = None,
+    synthetic: int = 0,
 ) -> tuple[dict[str, LayerRecord], BlockReport]:
     """New records of the layers in `block` (names relative to the model); `set_quant(on)`
     switches the torch model's quantization (inputs are captured quantized, targets float).
     `mesh`: the captured samples split over its devices, the learned values replicated.
     `token_mask` (`[samples, tokens]`): the output positions that count (padding excluded).
-    `images`: how many of the captured samples are calibration images, the rest augmented
-    copies of them in the same order (None: all are)."""
+    `images`: how many of the captured samples are calibration images, followed by augmented
+    copies of them in the same order and then `synthetic` distilled images (None: all are
+    images)."""
     import jaxq
 
     t0 = time.perf_counter()
@@ -256,10 +258,10 @@ def reconstruct_block(
         inputs, target, mask = shard_batch((inputs, target, mask), mesh, where=f"block {block!r}'s captured samples")
         learned = replicate(learned, mesh)
     n = int(target.shape[0])
-    images = n if images is None else images
+    images = n - synthetic if images is None else images
     key_split, key_fit = jax.random.split(jax.random.PRNGKey(seed))
     with jaxq.compile_count() as compiles:
-        split = br.holdout_split(key_split, n, images, params.holdout) if params.holdout > 0 else None
+        split = br.holdout_split(key_split, n, images, params.holdout, synthetic) if params.holdout > 0 else None
         run = jax.jit(lambda lv, x, y, k, m, s: br.optimise(apply, lv, x, y, k, params, m, s))
         learned, errors = run(learned, inputs, target, key_fit, mask, split)
         learned = jax.block_until_ready(learned)
@@ -348,10 +350,12 @@ def reconstruct_blocks(
     bar=None,
     mesh=None,
     copies: int = 0,
+    synthetic: int = 0,
 ) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
     """Every block reconstructed in call order; returns all records and a report per block.
-    `copies`: `calib_data` is the calibration images followed by that many augmented copies
-    of them (`bridge.capture.augment.augmented_batches`)."""
+    `copies`, `synthetic`: `calib_data` is the calibration images, then that many augmented
+    copies of them (`bridge.capture.augment.augmented_batches`), then `synthetic` distilled
+    images."""
     batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
     blocks = blocks or find_blocks(model, quantizers)
     blocks, missing = _called(model, blocks, batches[0][1])
@@ -373,7 +377,8 @@ def reconstruct_blocks(
             set_quant,
             mesh=mesh,
             token_mask=token_mask,
-            images=None if not copies else samples // (1 + copies),
+            images=(samples - synthetic) // (1 + copies),
+            synthetic=synthetic,
         )
         records.update(new)
         reports.append(report)

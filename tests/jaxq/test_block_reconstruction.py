@@ -76,28 +76,31 @@ def test_optimise_lowers_the_output_error_of_a_two_layer_block():
             assert np.mean((h < 0.01) | (h > 0.99)) > 0.3  # the regulariser pushes h to 0 or 1 (from ~2 % at V₀)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     images=st.integers(1, 40),
     copies=st.integers(0, 3),
+    extra=st.integers(0, 9),
     share=st.sampled_from([0.0, 0.1, 0.25, 0.5]),
     seed=st.integers(0, 2**16),
 )
-def test_the_held_out_images_and_all_their_copies_never_meet_the_fitted_part(images, copies, share, seed):
-    n = images * (1 + copies)
+def test_the_held_out_images_and_all_their_copies_never_meet_the_fitted_part(images, copies, extra, share, seed):
+    n = images * (1 + copies) + extra  # images, their augmented copies, then synthetic samples
     key = jax.random.PRNGKey(seed)
-    split = br.holdout_split(key, n, images, share)
+    split = br.holdout_split(key, n, images, share, extra)
     fit, held = np.asarray(split.fit), np.asarray(split.held)
-    held_n, fit_n = br.holdout_sizes(n, images, share)
+    held_n, fit_n = br.holdout_sizes(n, images, share, extra)
     assert len(held) == held_n and len(fit) == fit_n
     if share > 0 and images >= 2:
         assert 1 <= len(held) <= min(images - 1, br.MOST_HELD)
     else:
         assert len(held) == 0
-    assert set(held) <= set(range(images))  # held-out samples are images, not augmented copies
-    assert not set(fit % images) & set(held)  # no sample of a held-out image (nor a copy) is fitted
+    assert set(held) <= set(range(images))  # held-out samples are images, not copies or synthetic
+    pooled = fit[fit < n - extra]
+    assert not set(pooled % images) & set(held)  # no sample of a held-out image (nor a copy) is fitted
+    assert set(range(n - extra, n)) <= set(fit)  # synthetic samples are always fitted
     assert set(fit) | {h + k * images for h in held for k in range(1 + copies)} == set(range(n))
-    again = br.holdout_split(key, n, images, share)
+    again = br.holdout_split(key, n, images, share, extra)
     np.testing.assert_array_equal(np.asarray(again.fit), fit)  # deterministic for the key
     np.testing.assert_array_equal(np.asarray(again.held), held)
 
