@@ -182,32 +182,50 @@ def map_buckets(fn, inputs: Mapping[str, object], progress=None, max_bytes: int 
 
 
 def compile_count() -> "CompileCounter":
-    """Context manager counting XLA backend compilations inside its block."""
+    """Context manager counting the XLA compilations run inside its block (programs loaded
+    from JAX's persistent compilation cache are not compilations)."""
     return CompileCounter()
 
 
 class CompileCounter:
-    """Counts `/jax/core/compile/backend_compile_duration` events while active."""
+    """`count`: `/jax/core/compile/backend_compile_duration` events (a compilation, or a
+    load from the persistent cache) less `/jax/compilation_cache/cache_hits` (the loads)
+    while active; `loaded`: the loads."""
 
     _EVENT = "/jax/core/compile/backend_compile_duration"
+    _HIT = "/jax/compilation_cache/cache_hits"
 
     def __init__(self):
-        self.count = 0
+        self.requests = 0
+        self.loaded = 0
         self._active = False
+
+    @property
+    def count(self) -> int:
+        return self.requests - self.loaded
 
     def _listener(self, event: str, duration: float, **_):
         if self._active and event == self._EVENT:
-            self.count += 1
+            self.requests += 1
+
+    def _hit_listener(self, event: str, **_):
+        if self._active and event == self._HIT:
+            self.loaded += 1
 
     def __enter__(self):
         jax.monitoring.register_event_duration_secs_listener(self._listener)
+        jax.monitoring.register_event_listener(self._hit_listener)
         self._active = True
         return self
 
     def __exit__(self, *exc):
         self._active = False
-        try:
-            jax.monitoring.unregister_event_duration_listener(self._listener)
-        except (AttributeError, ValueError):  # older jax: listener stays, but inactive
-            pass
+        for unregister, listener in (
+            (jax.monitoring.unregister_event_duration_listener, self._listener),
+            (jax.monitoring.unregister_event_listener, self._hit_listener),
+        ):
+            try:
+                unregister(listener)
+            except (AttributeError, ValueError):  # older jax: listener stays, but inactive
+                pass
         return False

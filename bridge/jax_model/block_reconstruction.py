@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import time
 
 import jax
@@ -175,27 +176,28 @@ def _stack_inputs(args_list, kwargs_list):
     return (args, kwargs), (n_args, tensors_args, static_args, static_kwargs)
 
 
-def _block_apply(qf, layers, soft, static, keep: float):
-    """`apply(learned, (args, kwargs), key)` of `jaxq.block_reconstruction.optimise`."""
+def _block_apply(qf, layers, static, keep: float):
+    """`apply(consts, learned, (args, kwargs), key)`; `consts = (params, buffers, state, soft)`
+    are arguments rather than constants of the program, so blocks of equal shapes (and a
+    second run) lower to the same program, which JAX's compilation cache then reuses."""
     n_args, tensor_positions, static_args, static_kwargs = static
     base_in = qf.default_switches().input
     off = jnp.zeros_like(base_in)
 
-    def apply(learned, inputs, key):
+    def apply(consts, learned, inputs, key):
+        params, buffers, state, soft = consts
         t_args, t_kwargs = inputs
         it = iter(t_args)
         args = tuple(next(it) if i in tensor_positions else static_args[i] for i in range(n_args))
-        params = dict(qf.lowered.params)
+        params = dict(params)
         for layer in layers:
             params[layer.weight_key] = br.soft_weight(soft[layer.weight_key], learned.v[layer.weight_key])
         state = {
             n: s._replace(a_scale=s.a_scale * jnp.exp(learned.u[n]), bias_delta=jnp.zeros_like(s.bias_delta))
-            for n, s in qf.state.items()
+            for n, s in state.items()
         }
         drop = None if key is None else (key, keep)
-        out = qf.fn(
-            params, qf.lowered.buffers, state, Switches(off, base_in), args, {**static_kwargs, **t_kwargs}, drop=drop
-        )
+        out = qf.fn(params, buffers, state, Switches(off, base_in), args, {**static_kwargs, **t_kwargs}, drop=drop)
         return primary(out)
 
     return apply
@@ -248,7 +250,8 @@ def reconstruct_block(
             qf.float_weights[layer.weight_key], s.w_scale, s.w_offset, s.w_qmin, s.w_qmax, start
         )
     learned = br.Learned(v0, {layer.name: jnp.float32(0.0) for layer in qf.layers})
-    apply = _block_apply(qf, qf.layers, soft, static, params.keep)
+    apply = _block_apply(qf, qf.layers, static, params.keep)
+    consts = (dict(qf.lowered.params), qf.lowered.buffers, qf.state, soft)
     inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
     target = jnp.asarray(torch.cat(target_l).float().numpy())
     mask = None
@@ -256,14 +259,14 @@ def reconstruct_block(
         mask = jnp.asarray(token_mask.numpy())
     if mesh is not None:
         inputs, target, mask = shard_batch((inputs, target, mask), mesh, where=f"block {block!r}'s captured samples")
-        learned = replicate(learned, mesh)
+        learned, consts = replicate((learned, consts), mesh)
     n = int(target.shape[0])
     images = n - synthetic if images is None else images
     key_split, key_fit = jax.random.split(jax.random.PRNGKey(seed))
     with jaxq.compile_count() as compiles:
         split = br.holdout_split(key_split, n, images, params.holdout, synthetic) if params.holdout > 0 else None
-        run = jax.jit(lambda lv, x, y, k, m, s: br.optimise(apply, lv, x, y, k, params, m, s))
-        learned, errors = run(learned, inputs, target, key_fit, mask, split)
+        run = jax.jit(lambda c, lv, x, y, k, m, s: br.optimise(functools.partial(apply, c), lv, x, y, k, params, m, s))
+        learned, errors = run(consts, learned, inputs, target, key_fit, mask, split)
         learned = jax.block_until_ready(learned)
     e = {k: float(v) for k, v in errors._asdict().items()}
     held = e["held_before"] == e["held_before"]  # not NaN: there was a split

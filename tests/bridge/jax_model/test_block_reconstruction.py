@@ -228,3 +228,39 @@ def test_blocks_report_held_out_errors_and_keep_learned_codes_only_where_held_ou
 def test_recon_holdout_out_of_range_names_the_field(bad):
     with pytest.raises(ValueError, match=r"QuantConfig.recon_holdout=.* must be a number in \[0, 0.5\]"):
         jaxq.QuantConfig(recon_holdout=bad)
+
+
+_TWICE = """
+import os, sys
+sys.path.insert(0, {here!r})
+import jaxq
+from bridge import Calibrator
+from test_block_reconstruction import _net_and_data
+for run in range(2):
+    net, data = _net_and_data()
+    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={{"brecq": [True, 20]}})
+    cal = Calibrator(net, cfg, data, progress=False).run()
+    print("compiles", run, [r.compiles for r in cal.reports["blocks"]])
+"""
+
+
+@pytest.mark.slow
+def test_equal_blocks_share_one_program_and_a_second_run_compiles_nothing(tmp_path):
+    """In a fresh process with jaxq's compilation cache (the default for users): the three
+    equal residual blocks compile one program, and calibrating again compiles nothing."""
+    import ast
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAXQ_COMPILATION_CACHE": str(tmp_path / "cache")}
+    for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(k, None)
+    script = _TWICE.format(here=str(pathlib.Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split(" ", 2) for line in out.stdout.splitlines() if line.startswith("compiles")]
+    first, second = (ast.literal_eval(counts) for _, _, counts in lines)
+    assert first[0] >= 1 and first[1:] == [0, 0], first  # blocks 2 and 3 load block 1's program
+    assert second == [0, 0, 0], second
