@@ -108,11 +108,15 @@ def _layer_bytes(tensors: dict[str, TensorInfo], prefix: str) -> int:
     return sum(int(np.prod(t.shape)) * 4 for n, t in tensors.items() if n.startswith(prefix))
 
 
+RUNTIME_MIB = 512  # XLA's compiled programs and buffers, torch's workspace (measured: 450–475 MiB)
+
+
 def memory_estimate(tensors, config, n_layers: int, tokens: torch.Tensor, batch_size: int, keep_rows: int) -> dict:
-    """MiB the run holds besides the Python/torch/JAX runtime: the largest layer (float32,
-    three copies: module, host arrays, dequantized), the calibration hidden states (inputs
-    and outputs), each input group's statistics (`H` in float64, the row sample) and one
-    forward's activations at `batch_size` sequences."""
+    """MiB the run grows by after its imports: the largest layer (float32, three copies:
+    module, host arrays, dequantized), the calibration hidden states (inputs and outputs),
+    each input group's statistics (`H` in float64, the row sample), one forward's
+    activations at `batch_size` sequences, and the runtime's own (`RUNTIME_MIB`, the same
+    for any model)."""
     mib = 2**20
     layer = max(_layer_bytes(tensors, f"model.layers.{i}.") for i in range(n_layers))
     h, m = config.hidden_size, config.intermediate_size
@@ -120,7 +124,7 @@ def memory_estimate(tensors, config, n_layers: int, tokens: torch.Tensor, batch_
     stats = sum(d * d * 8 + keep_rows * d * 4 for d in (h, h, h, m))
     forward = batch_size * tokens.shape[1] * (4 * m + 8 * h) * 4
     parts = {"layer": 3 * layer, "hidden states": states, "statistics": stats, "forward": forward}
-    return {k: v / mib for k, v in parts.items()}
+    return {**{k: v / mib for k, v in parts.items()}, "runtime": float(RUNTIME_MIB)}
 
 
 def _check_budget(estimate: dict, budget_mib: int | None) -> None:
@@ -128,7 +132,7 @@ def _check_budget(estimate: dict, budget_mib: int | None) -> None:
         return
     parts = ", ".join(f"{k} {v:.0f}" for k, v in estimate.items())
     raise ValueError(
-        f"memory_budget={budget_mib} MiB is below what one layer needs: ~{sum(estimate.values()):.0f} MiB "
+        f"memory_budget={budget_mib} MiB is below what the run needs: ~{sum(estimate.values()):.0f} MiB "
         f"({parts} MiB); raise the budget, lower batch_size or use fewer calibration tokens"
     )
 
