@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +31,10 @@ from safetensors.torch import save_file
 from bridge.export.files import atomic_directory
 
 FORMAT_VERSION = "compressed-tensors"
+
+
+class AsymmetricPackedWarning(UserWarning):
+    """An asymmetric pack-quantized checkpoint, which `transformers` cannot load yet."""
 
 
 def pack_int32(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -130,6 +135,15 @@ def export_compressed_tensors(result, path) -> None:
         raise ValueError(
             "this model rotates down_proj's inputs at run time (LlmConfig(rotate=True, online_hadamard=True)); "
             "a compressed-tensors checkpoint cannot carry that hook — quantize with online_hadamard=False to export"
+        )
+    if not cfg.w_sym and cfg.w_bit < 8:
+        warnings.warn(
+            f"asymmetric {cfg.w_bit}-bit weights (LlmConfig(w_sym=False)) are written as compressed-tensors "
+            "writes them (zero points packed along rows), which its own decompressor reads, but transformers' "
+            "from_pretrained refuses them with a size mismatch on weight_zero_point (an upstream limitation, "
+            "llm-compressor issue #1618); use w_sym=True for checkpoints transformers should load",
+            AsymmetricPackedWarning,
+            stacklevel=2,
         )
     dtype = next(model.parameters()).dtype
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

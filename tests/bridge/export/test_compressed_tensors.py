@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.export.compressed_tensors import export_compressed_tensors, pack_int32
+from bridge.export.compressed_tensors import AsymmetricPackedWarning, export_compressed_tensors, pack_int32
 from bridge.llm import quantize_decoder
 from jaxq.llm import LlmConfig
 
@@ -69,7 +69,10 @@ def test_asymmetric_weights_decompress_to_the_model_weights(tmp_path, make_llama
 
     model = make_llama()
     r = quantize_decoder(model, TOKENS, LlmConfig(method="rtn", w_bit=4, group_size=32, w_sym=False), progress=False)
-    export_compressed_tensors(r, tmp_path / "ckpt")
+    with pytest.warns(AsymmetricPackedWarning, match="transformers' from_pretrained refuses them"):
+        export_compressed_tensors(r, tmp_path / "ckpt")
+    with pytest.raises(RuntimeError, match="mismatch"):  # the limitation the warning names; fails once fixed upstream
+        _load(tmp_path / "ckpt")
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
     name = "model.layers.1.mlp.down_proj"
     scheme = QuantizationScheme(
