@@ -8,6 +8,7 @@ default observer, per-channel weights. Times are the whole `Calibrator(...)` + `
 
     python benchmarks/gptq.py
     python benchmarks/gptq.py --models minilm --algos rtn gptq
+    python benchmarks/gptq.py --models minilm --algos qdrop gptq+qdrop   # GPTQ as QDrop's start
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ALGOS = {
     "gptq-no-act-order": {"gptq": {"act_order": False}},
     "adaround": {"adaround": [True, 1000]},
     "gptq+adaround": {"gptq": True, "adaround": [True, 1000]},
+    "qdrop": {"qdrop": [True, 300]},
+    "gptq+qdrop": {"gptq": True, "qdrop": [True, 300]},
 }
 CASES = {
     "efficientnet_lite0_unseen": [("W4A8", dict(w_bit=4, a_bit=8))],
@@ -47,7 +50,7 @@ def main(argv=None):
                 cfg = jaxq.QuantConfig(quant_mode=1, keep_acc=ALGOS[algo], **fields)
                 cal, seconds, _ = timed_calibration(p, cfg)
                 m = p.evaluate(cal.model)
-                step = next((s.seconds for s in cal.steps if s.step in ("gptq", "adaround")), 0.0)
+                step = next((s.seconds for s in cal.steps if s.step in ("gptq", "adaround", "blocks")), 0.0)
                 print(
                     f"{case:<16}{algo:<20}" + "".join(f"{m[k]:>11.4f}" for k in keys) + f"{seconds:>8.1f}{step:>8.1f}",
                     flush=True,
