@@ -262,7 +262,8 @@ def reconstruct_block(
         learned, consts = replicate((learned, consts), mesh)
     n = int(target.shape[0])
     images = n - synthetic if images is None else images
-    key_split, key_fit = jax.random.split(jax.random.PRNGKey(seed))
+    key_fit = jax.random.PRNGKey(seed)  # as without a split, so recon_holdout=0 repeats earlier runs
+    key_split = jax.random.fold_in(key_fit, 1)
     with jaxq.compile_count() as compiles:
         split = br.holdout_split(key_split, n, images, params.holdout, synthetic) if params.holdout > 0 else None
         run = jax.jit(lambda c, lv, x, y, k, m, s: br.optimise(functools.partial(apply, c), lv, x, y, k, params, m, s))
