@@ -158,3 +158,22 @@ def test_the_fit_with_a_split_is_the_fit_on_the_fitted_samples_alone():
     assert int(e.kept_step) == 150  # the final state was better on the held-out images than the start
     for k in ("a", "b"):
         np.testing.assert_allclose(np.asarray(with_split.v[k]), np.asarray(alone.v[k]), rtol=1e-6, atol=1e-6)
+
+
+def test_the_regulariser_makes_rounding_hard_and_the_report_counts_it():
+    """`hard_share` is the share of `h(V)` exactly 0 or 1; with the annealed regulariser the
+    variables end hard, without it they stay soft (so this test fails if rounding stays soft)."""
+    apply, learned, x, target = _two_layer_problem()
+
+    def run(reg):
+        p = br.ReconParams(steps=300, batch=16, lr_rounding=3e-2, schedule=br.RoundingSchedule(reg=reg))
+        return jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, p))(
+            learned, x, target, jax.random.PRNGKey(0)
+        )
+
+    kept, e = run(1.0)
+    h = np.concatenate([np.asarray(br.rectified_sigmoid(v)).ravel() for v in kept.v.values()])
+    np.testing.assert_allclose(float(e.hard_share), np.mean((h == 0) | (h == 1)), rtol=1e-6)
+    assert float(e.hard_share) > 0.9
+    _, soft = run(0.0)
+    assert float(soft.hard_share) < 0.6
