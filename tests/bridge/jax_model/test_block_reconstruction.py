@@ -207,7 +207,7 @@ def test_blocks_report_held_out_errors_and_keep_learned_codes_only_where_held_ou
     net, data = _net_and_data()
     cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_augment=1)
     cal = Calibrator(net, cfg, data, progress=False).run()
-    assert splits and all(s == (64, 32, 0.25) for s in splits)  # 32 images + 32 augmented copies; a quarter held out
+    assert splits and all(s == (64, 32, 0.25, 0) for s in splits)  # 32 images, 32 copies, 0 synthetic
     for r in cal.reports["blocks"]:
         assert np.isfinite(r.held_before) and np.isfinite(r.held_after)
         assert r.kept == (r.held_after < r.held_before)
