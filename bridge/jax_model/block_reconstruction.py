@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import time
 
 import jax
@@ -57,6 +58,11 @@ class BlockReport:
     kept_step: int = 0  # the step whose state was kept (0: the start)
     hard_share: float = 1.0  # share of rounding variables already 0 or 1 in the kept state
     kept: bool = False  # the learned codes replaced round to nearest
+
+    @property
+    def held_out(self) -> bool:
+        """Images were held out (the held-out errors are numbers, not NaN)."""
+        return not math.isnan(self.held_before)
 
     @property
     def gap(self) -> float:
@@ -214,16 +220,15 @@ def reconstruct_block(
     seed: int = 0,
     mesh=None,
     token_mask=None,
-    images: int | None = None,
+    copies: int = 0,
     synthetic: int = 0,
 ) -> tuple[dict[str, LayerRecord], BlockReport]:
     """New records of the layers in `block` (names relative to the model); `set_quant(on)`
     switches the torch model's quantization (inputs are captured quantized, targets float).
     `mesh`: the captured samples split over its devices, the learned values replicated.
     `token_mask` (`[samples, tokens]`): the output positions that count (padding excluded).
-    `images`: how many of the captured samples are calibration images, followed by augmented
-    copies of them in the same order and then `synthetic` distilled images (None: all are
-    images)."""
+    `copies`, `synthetic`: the captured samples are the calibration images, then `copies`
+    augmented copies of them in the same order, then `synthetic` distilled images."""
     import jaxq
 
     t0 = time.perf_counter()
@@ -261,7 +266,7 @@ def reconstruct_block(
         inputs, target, mask = shard_batch((inputs, target, mask), mesh, where=f"block {block!r}'s captured samples")
         learned, consts = replicate((learned, consts), mesh)
     n = int(target.shape[0])
-    images = n - synthetic if images is None else images
+    images = (n - synthetic) // (1 + copies)
     key_fit = jax.random.PRNGKey(seed)  # as without a split, so recon_holdout=0 repeats earlier runs
     key_split = jax.random.fold_in(key_fit, 1)
     with jaxq.compile_count() as compiles:
@@ -270,8 +275,6 @@ def reconstruct_block(
         learned, errors = run(consts, learned, inputs, target, key_fit, mask, split)
         learned = jax.block_until_ready(learned)
     e = {k: float(v) for k, v in errors._asdict().items()}
-    held = e["held_before"] == e["held_before"]  # not NaN: there was a split
-    better = e["held_after"] < e["held_before"] if held else e["fitted_after"] < e["fitted_before"]
     report = BlockReport(
         block,
         names,
@@ -283,9 +286,11 @@ def reconstruct_block(
         e["held_after"],
         int(e["kept_step"]),
         e["hard_share"],
-        kept=better,
     )
-    if not better:  # never worse than round to nearest on the block's output
+    report.kept = (
+        report.held_after < report.held_before if report.held_out else report.error_after < report.error_before
+    )
+    if not report.kept:  # never worse than round to nearest on the block's output
         return {}, report
     new = _learned_records(qf, soft, learned, names, rel, quantizers, records)
     apply_records({n: quantizers[n] for n in new}, new)
@@ -336,12 +341,6 @@ def _equal_shapes(batches: list, size: int = 8):
     return out, merged.token_mask
 
 
-def _samples(batch: Batch) -> int:
-    """Samples of a batch: the leading size of its first tensor."""
-    first = next(t for t in (*batch.args, *batch.kwargs.values()) if isinstance(t, torch.Tensor))
-    return int(first.shape[0])
-
-
 def reconstruct_blocks(
     model: nn.Module,
     quantizers: dict,
@@ -369,7 +368,6 @@ def reconstruct_blocks(
             "not called; name its items), so there is no input to reconstruct them from"
         )
     records, reports = dict(records), []
-    samples = sum(_samples(b) for _, b in batches)
     for block in blocks:
         new, report = reconstruct_block(
             model,
@@ -381,7 +379,7 @@ def reconstruct_blocks(
             set_quant,
             mesh=mesh,
             token_mask=token_mask,
-            images=(samples - synthetic) // (1 + copies),
+            copies=copies,
             synthetic=synthetic,
         )
         records.update(new)
@@ -390,7 +388,7 @@ def reconstruct_blocks(
             bar.update(1)
             before, after = (
                 (report.held_before, report.held_after)
-                if report.held_before == report.held_before
+                if report.held_out
                 else (report.error_before, report.error_after)
             )
             bar.set_postfix_str(f"{block}: {before:.3g} → {after:.3g}")
