@@ -1,11 +1,14 @@
-"""Capture of layer-input rows (`jaxq.rows`) for EasyQuant and AdaRound.
+"""Capture of layer-input rows (`jaxq.rows`) for EasyQuant and AdaRound, and of their
+exact mean for bias correction.
 
 A forward hook on each layer samples up to `rows` random output positions per batch and
-keeps the input rows that produce them (im2col at those positions). On the first batch it
-checks that the rows reproduce the module's own output there: a layer whose `forward`
-does more than its `LayerSpec` says (padding computed at run time, say) is reported by
-name instead of being optimised against the wrong function.
-"""
+keeps the input rows that produce them (im2col at those positions); every batch's input
+is also summed (`batch_sum`), and the sums become the mean row once, at the end
+(`window_sum`). On the first batch it checks the layer's geometry against its own output
+— sampled rows against the outputs at those positions, or with no rows kept the mean row
+against the mean output (`check_sums`): a layer whose `forward` does more than its
+`LayerSpec` says (padding computed at run time, say) is reported by name instead of being
+optimised or corrected against the wrong function."""
 
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from bridge.inplace.fakequant import quantizer_of
 from bridge.capture.tensors import layer_input
 
 PARITY_TOLERANCE = 1e-3
-CHECK_ROWS = 64  # rows compared with the module output when no rows are kept
 
 
 class LayerGeometryError(HookError, ValueError):
@@ -53,32 +55,59 @@ def window_rows(spec: jaxq.LayerSpec, x: torch.Tensor, index: np.ndarray) -> np.
     return patches.reshape(index.shape[0], spec.groups, -1).cpu().numpy()
 
 
-def row_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[np.ndarray, int]:
-    """`(Σ rows [g, d] in float64, number of rows)` over every output position of `x`.
-
-    The batch is summed in float32 (as exact as the forward that made `x`; a float64 sum
-    of the whole batch costs ~35× more); a conv's rows then sum, per kernel tap, over that
-    tap's strided window of the one-sample sum, one spatial dimension at a time, in float64."""
+def batch_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`(Σ over the batch, number of rows)`: a linear layer's rows summed (`[d]`), a conv's
+    input summed over its samples (`[C, *spatial]`), in float64 after a float32 sum (as exact
+    as the forward that made `x`; a float64 sum of the whole batch costs ~35× more). Sums of
+    equal-shaped batches add up before `window_sum`, which is linear."""
     if spec.kind == "linear":
         flat = x.reshape(-1, x.shape[-1])
-        return flat.sum(0).double()[None].cpu().numpy(), flat.shape[0]
-    total = x.sum(0).double()  # [C, *spatial]
+        return flat.sum(0).double(), flat.shape[0]
+    return x.sum(0).double(), x.shape[0] * int(np.prod(output_positions(spec, tuple(x.shape))[1:]))
+
+
+def window_sum(spec: jaxq.LayerSpec, total: torch.Tensor) -> np.ndarray:
+    """`Σ rows [g, d]` from a `batch_sum` total: a conv's rows sum, per kernel tap, over that
+    tap's strided window of the summed input, one spatial dimension at a time (float64)."""
+    if spec.kind == "linear":
+        return total[None].cpu().numpy()
+    shape = (1, *total.shape)
     pad = [p for lo_hi in reversed(spec.padding) for p in lo_hi]
     total = F.pad(total, pad) if any(pad) else total
-    out = output_positions(spec, tuple(x.shape))[1:]
+    out = output_positions(spec, shape)[1:]
     for i, (k, s, dil, n) in enumerate(zip(spec.kernel, spec.stride, spec.dilation, out)):
         dim = 1 + i  # this spatial dimension becomes its taps: [C, *taps so far, *spatial left]
         window = s * (n - 1) + 1
         every = (slice(None),) * dim + (slice(None, None, s),)
         total = torch.stack([total.narrow(dim, t * dil, window)[every].sum(dim) for t in range(k)], dim)
-    count = x.shape[0] * int(np.prod(out))
-    return total.reshape(spec.groups, -1).cpu().numpy(), count
+    return total.reshape(spec.groups, -1).cpu().numpy()
+
+
+def row_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[np.ndarray, int]:
+    """`(Σ rows [g, d] in float64, number of rows)` over every output position of `x`."""
+    total, count = batch_sum(spec, x)
+    return window_sum(spec, total), count
 
 
 def _output_rows(spec: jaxq.LayerSpec, y: torch.Tensor, index: np.ndarray) -> np.ndarray:
-    y = y.detach().float()
-    flat = y.reshape(-1, y.shape[-1]) if spec.kind == "linear" else y.movedim(1, -1).reshape(-1, y.shape[1])
-    return flat[torch.from_numpy(index)].cpu().numpy()
+    y = y.detach()
+    if spec.kind == "linear":
+        return y.reshape(-1, y.shape[-1])[torch.from_numpy(index)].float().cpu().numpy()
+    coords = [torch.from_numpy(c.astype(np.int64)) for c in np.unravel_index(index, (y.shape[0], *y.shape[2:]))]
+    return y[(coords[0], slice(None), *coords[1:])].float().cpu().numpy()  # [m, C]: no copy of the whole output
+
+
+def _tolerance(module: nn.Module) -> float:
+    # the module computes in its own dtype: bfloat16 rounds at 2^-8, far above float32's 1e-3 check
+    return max(PARITY_TOLERANCE, 4 * torch.finfo(module.weight.dtype).eps)
+
+
+def _geometry_error(name: str, spec: jaxq.LayerSpec, module: nn.Module, detail: str) -> LayerGeometryError:
+    return LayerGeometryError(
+        f"layer {name!r} ({type(module).__name__.removeprefix('Parametrized')}) does not compute the "
+        f"convolution its LayerSpec describes ({spec}); {detail}. Its forward probably pads or "
+        "reshapes at run time; keep it in float (disable_names) to use easy_quant, adaround or bias_correction"
+    )
 
 
 def check_rows(
@@ -100,14 +129,40 @@ def check_rows(
         pred = pred + module.bias.detach().float().cpu().numpy()
     err = np.max(np.abs(pred - y_rows)) if rows.shape[0] else 0.0
     scale = max(float(np.max(np.abs(y_rows))) if rows.shape[0] else 0.0, 1e-6)
-    # the module computes in its own dtype: bfloat16 rounds at 2^-8, far above float32's 1e-3 check
-    tolerance = max(PARITY_TOLERANCE, 4 * torch.finfo(module.weight.dtype).eps)
-    if not err <= tolerance * scale:
-        raise LayerGeometryError(
-            f"layer {name!r} ({type(module).__name__.removeprefix('Parametrized')}) does not compute the "
-            f"convolution its LayerSpec describes "
-            f"({spec}); max |Δ| {err:.3g} relative to output scale {scale:.3g}. Its forward probably pads or "
-            "reshapes at run time; keep it in float (disable_names) to use easy_quant/adaround"
+    if not err <= _tolerance(module) * scale:
+        raise _geometry_error(name, spec, module, f"max |Δ| {err:.3g} relative to output scale {scale:.3g}")
+
+
+def check_sums(
+    name: str,
+    spec: jaxq.LayerSpec,
+    module: nn.Module,
+    total: np.ndarray,
+    count: int,
+    y: torch.Tensor,
+    weight: torch.Tensor | None = None,
+) -> None:
+    """Raise `LayerGeometryError` unless the rows' mean, through the layer, is the mean of
+    its output: `E[row]·Wᵀ + b = E[y]` over every output position of one batch (`total`,
+    `count`: `row_sum`), to the parity tolerance of `E|y|`. This is exactly what bias
+    correction's `δ = (W − Ŵ)·E[row]` relies on; a shifted or resized window changes the
+    number of positions or the border terms of the sum. One reduction of `y`, no gather."""
+    y = y.detach().float()
+    positions = y.numel() // y.shape[-1 if spec.kind == "linear" else 1]
+    if positions != count:
+        raise _geometry_error(name, spec, module, f"its output has {positions} positions, the spec {count}")
+    dims = tuple(range(y.dim() - 1)) if spec.kind == "linear" else (0, *range(2, y.dim()))
+    y_mean = y.sum(dims).double().cpu().numpy() / count
+    w = (module.weight if weight is None else weight).detach().double().cpu().numpy()
+    g = total.shape[0]
+    pred = np.einsum("gd,god->go", total / count, w.reshape(g, w.shape[0] // g, -1)).reshape(-1)
+    if module.bias is not None:
+        pred = pred + module.bias.detach().double().cpu().numpy()
+    err = float(np.max(np.abs(pred - y_mean)))
+    scale = max(float(y.abs().mean()), 1e-6)
+    if not err <= _tolerance(module) * scale:
+        raise _geometry_error(
+            name, spec, module, f"its mean output differs from E[row]·Wᵀ + b by {err:.3g}, relative to E|y| {scale:.3g}"
         )
 
 
@@ -140,7 +195,7 @@ class RowCapture:
         index = index or {n: i for i, n in enumerate(modules)}  # a layer's stream: its place in the model
         self._rng = {n: np.random.default_rng([seed, index[n]]) for n in modules}
         self._parts: dict[str, list[np.ndarray]] = {n: [] for n in modules}
-        self._sums: dict[str, list] = {n: [] for n in modules}
+        self._sums: dict[str, dict] = {n: {} for n in modules}  # input shape → [Σ batch_sum, rows]
         self._handles = []
 
     def _hook(self, name: str, module: nn.Module, inputs, kwargs, output) -> None:
@@ -151,11 +206,16 @@ class RowCapture:
         if smoothed:  # rows of what the quantizer reads, x / s, to pair with W·diag(s) (quantized: fq(x / s) already)
             x = quantizer.smoothed_input(x)
         first = not self._sums[name]
-        self._sums[name].append(row_sum(spec, x))
-        if not (self.keep_rows or (self.check and first)):
+        total, count = batch_sum(spec, x)
+        acc = self._sums[name].setdefault(tuple(total.shape), [0.0, 0])
+        acc[0], acc[1] = acc[0] + total, acc[1] + count
+        if self.check and first and not self.keep_rows:
+            weight = quantizer.float_weight if smoothed else None
+            check_sums(name, spec, module, window_sum(spec, total), count, output, weight)
+        if not self.keep_rows:
             return
         total = int(np.prod(output_positions(spec, tuple(x.shape))))
-        k = min(total, self._per_batch[name] if self.keep_rows else CHECK_ROWS)
+        k = min(total, self._per_batch[name])
         index = np.sort(self._rng[name].choice(total, size=k, replace=False)).astype(np.int32)
         if spec.kind == "linear":
             rows = x.reshape(-1, x.shape[-1])[torch.from_numpy(index)].cpu().numpy()[:, None, :]
@@ -188,8 +248,9 @@ class RowCapture:
         """`E[row]` `[g, d]` per layer over every output position of every batch (float32)."""
         out = {}
         for name, sums in self._sums.items():
-            sums = self._called(name, sums)
-            out[name] = (sum(s for s, _ in sums) / sum(n for _, n in sums)).astype(np.float32)
+            sums = self._called(name, list(sums.values()))
+            total = sum(window_sum(self.specs[name], t) for t, _ in sums)
+            out[name] = (total / sum(n for _, n in sums)).astype(np.float32)
         return out
 
     @staticmethod

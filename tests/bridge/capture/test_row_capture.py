@@ -80,3 +80,48 @@ def test_bias_correction_alone_still_checks_the_geometry():
     cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=True)
     with pytest.raises(LayerGeometryError, match=r"'2'"):
         Calibrator(copy.deepcopy(model), cfg, data, progress=False).run()
+
+
+def test_mean_rows_summed_once_equal_the_per_batch_sums_bit_for_bit():
+    """Batch sums of equal shape add up before the window sum (linear), per input shape:
+    the mean rows are those of summing every batch's rows (`row_sum`) one by one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2))
+    data = [torch.randn(3, 2, 9, 9), torch.randn(2, 2, 9, 9), torch.randn(3, 2, 7, 7), torch.randn(1, 2, 9, 9)]
+    spec = {"0": jaxq.LayerSpec("0", "conv2d", (2, 2), ((1, 1), (1, 1)), (1, 1), 1, True, (3, 3))}
+    with RowCapture({"0": model[0]}, spec, rows=10, seed=0, keep_rows=False) as cap, torch.no_grad():
+        for x in data:
+            model(x)
+    parts = [row_sum(spec["0"], x) for x in data]
+    expected = (sum(t for t, _ in parts) / sum(n for _, n in parts)).astype(np.float32)
+    np.testing.assert_array_equal(cap.mean_rows()["0"], expected)
+    assert set(cap._sums["0"]) == {(2, 9, 9), (2, 7, 7)}
+
+
+class ShiftedPadConv(nn.Conv2d):
+    """Declares padding 1 but pads (0, 2) at run time: as many outputs as the spec says,
+    each from a window shifted by one pixel."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(nn.functional.pad(x, (0, 2, 0, 2)), self.weight, self.bias, self.stride)
+
+
+def test_the_mean_row_check_finds_a_shifted_window_with_the_right_output_size():
+    torch.manual_seed(0)
+    shifted = ShiftedPadConv(4, 4, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), shifted, nn.Flatten(), nn.LazyLinear(3))
+    data = [torch.randn(4, 1, 12, 12) + torch.linspace(0, 3, 12) for _ in range(2)]  # borders differ from the middle
+    model(data[0])
+    cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=True)
+    with pytest.raises(LayerGeometryError, match=r"'2' \(ShiftedPadConv\).*mean output differs"):
+        Calibrator(copy.deepcopy(model), cfg, data, progress=False).run()
+
+
+def test_the_mean_row_check_passes_linear_layers_on_sequences():
+    """A linear layer's output positions are every leading index (`[B, L, out]`), not the batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 5, 8) for _ in range(2)]
+    cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=True)
+    cal = Calibrator(model, cfg, data, progress=False).run()
+    assert set(cal.reports["bias_correction"]) == {"0", "2"}
