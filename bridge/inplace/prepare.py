@@ -104,6 +104,37 @@ def first_batch(data: Iterable, device):
     return b._replace(args=to_device(b.args, device), kwargs=to_device(b.kwargs, device))
 
 
+PROBE_SAMPLES = 2  # the structure probes run on this many samples of the first batch
+
+
+def probe_batch(model: nn.Module, batch):
+    """The first batch cut to its first `PROBE_SAMPLES` samples (every tensor whose leading
+    size is the batch's), for the forwards that only read the model's structure: output
+    layers, Conv+BN pairs and their parity, functional calls. The whole batch when it is no
+    larger, or when the model rejects the cut one (a batch size written into the model)."""
+    leading = [t.shape[0] for t in tensors_in((batch.args, batch.kwargs)) if t.dim() > 0]
+    if not leading or leading[0] <= PROBE_SAMPLES:
+        return batch
+    size = leading[0]
+
+    def cut(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj[:PROBE_SAMPLES] if obj.dim() > 0 and obj.shape[0] == size else obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(cut(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: cut(v) for k, v in obj.items()}
+        return obj
+
+    small = batch._replace(args=cut(batch.args), kwargs=cut(batch.kwargs))
+    try:
+        with torch.no_grad():
+            model(*small.args, **small.kwargs)
+    except Exception:  # noqa: BLE001 — the model's own error on the whole batch is raised by the probes
+        return batch
+    return small
+
+
 def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list[str]:
     """Layers whose output reaches a model output through no other quantizable layer
     (every head of a multi-head model), found by walking the autograd graph of one forward
@@ -169,7 +200,7 @@ def prepare(
 ) -> Prepared:
     """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`."""
     model.eval().to(device)
-    batch = first_batch(data, device)
+    batch = probe_batch(model, first_batch(data, device))
     layers, disabled, unsupported, resolved = _layers(model, cfg, batch)
     if unsupported:
         warnings.warn(
