@@ -122,13 +122,17 @@ def _reconstruction_context(ctx: Context, steps) -> Context:
     """`ctx` with the calibration images, `cfg.recon_augment` augmented copies of each and
     then the `recon_synthetic` images, for the steps that fit layers or blocks (`ctx` itself
     when there are none or nothing is added)."""
-    fits = any("rows" in s.reads or "block_io" in s.reads for s in steps)
-    if not (ctx.cfg.recon_augment or ctx.synthetic) or not fits:
+    if not (ctx.cfg.recon_augment or ctx.synthetic) or not _fits(steps):
         return ctx
     from bridge.capture.augment import augmented_batches
 
     batches = augmented_batches(ctx.calib_data, ctx.cfg.recon_augment, ctx.cfg.seed)
     return dataclasses.replace(ctx, calib_data=batches + list(ctx.synthetic))
+
+
+def _fits(steps) -> bool:
+    """Whether a step fits layers or blocks to data (and budgets its memory)."""
+    return any("rows" in s.reads or "block_io" in s.reads for s in steps)
 
 
 # -- steps ------------------------------------------------------------------------------
@@ -151,7 +155,8 @@ def _activations(ctx: Context, state: _State, step: Step, all_layers) -> StepRep
             state.act = activation_qparams(ctx)  # the bias-correction step says why it is left out
     else:
         state.act = activation_qparams(ctx)
-    release_freed_memory()  # the observed forwards' activations
+    if _fits(plan(ctx.cfg)):
+        release_freed_memory()  # the observed forwards' activations, before the steps that budget memory
     return StepReport(step.name)
 
 

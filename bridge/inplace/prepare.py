@@ -25,7 +25,6 @@ from bridge.capture.data import (
 )
 from bridge.inplace.fakequant import LayerQuantizer
 from bridge.inplace.functional import FunctionalTaps, find_functional_layers
-from bridge.capture.memory import release_freed_memory
 from bridge.inplace.fuse import fuse_conv_bn
 from bridge.inplace.modules import (
     check_layer_bits,
@@ -222,7 +221,6 @@ def prepare(
     functional = find_functional_layers(model, enabled, batch)
     specs = {n: layer_spec(n, m) for n, m in enabled.items()}
     attach_quantizers(model, enabled, functional, resolved, edit)
-    release_freed_memory()  # the probing forwards (one with autograd) leave freed arenas behind
     return Prepared(layers, disabled, unsupported, specs, resolved)
 
 
