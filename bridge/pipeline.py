@@ -277,7 +277,7 @@ def _bias_correction(ctx: Context, state: _State, step: Step, all_layers) -> Ste
             stacklevel=2,
         )
         return StepReport(step.name, skipped=str(e))
-    grouped = {n: jaxq.rows.grouped_weight(ctx.specs[n], state.float_weights[n]) for n in ctx.quantizers}
+    grouped = {n: _grouped_on_host(ctx.specs[n], state.float_weights[n]) for n in ctx.quantizers}
     corrections = jaxq.accuracy.bias_corrections(mean_rows, grouped, _final_weights(ctx, state))
     state.corrections = {n: np.asarray(d, np.float32) for n, d in corrections.items()}
     bad = [n for n, d in state.corrections.items() if not np.isfinite(d).all()]
@@ -289,6 +289,14 @@ def _bias_correction(ctx: Context, state: _State, step: Step, all_layers) -> Ste
         }
     layers = {n: (float(np.sqrt(np.mean(np.square(d)))), 0.0) for n, d in state.corrections.items()}
     return StepReport(step.name, layers=layers)
+
+
+def _grouped_on_host(spec, w) -> np.ndarray:
+    """`jaxq.rows.grouped_weight` as a NumPy view: an eager `jnp.reshape` compiles a
+    program per weight shape (tens of them in a fresh process)."""
+    w = np.asarray(w)
+    g = spec.groups if spec.kind != "linear" else 1
+    return w.reshape(g, w.shape[0] // g, -1)
 
 
 def _fallback(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
