@@ -12,6 +12,7 @@ from jaxq.calibrate import (
     quantize_weights,
     update_observer,
     update_observers,
+    update_observers_of_size,
 )
 from jaxq.config import KeepAcc, QuantConfig
 from jaxq.histogram import HistogramState, histogram_observer, l2_optimal_bins
@@ -64,4 +65,5 @@ __all__ = [
     "sweep",
     "update_observer",
     "update_observers",
+    "update_observers_of_size",
 ]

@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Hashable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxq.padding import bucket_size
@@ -113,6 +114,19 @@ def update_observers(states: tuple, xs: tuple, n_valid: jax.Array, observer: Obs
     calibration near the float forward time on models with many small layers.
     """
     return tuple(observer.update(s, x, n_valid[i]) for i, (s, x) in enumerate(zip(states, xs)))
+
+
+@functools.partial(jax.jit, static_argnames=("observer",))
+def update_observers_of_size(states: tuple, xs: tuple, n_valid: jax.Array, observer: Observer) -> tuple:
+    """`update_observers` for buffers of one size, the update traced once under `vmap`:
+    compiled once per (buffer size, number of layers), and small to trace. For batches
+    whose sizes vary (text), where one program per sequence of sizes would trace every
+    layer's update again for each new sequence."""
+    if len({x.shape for x in xs}) != 1:
+        raise ValueError(f"update_observers_of_size takes buffers of one size, got {sorted({x.shape[0] for x in xs})}")
+    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+    new = jax.vmap(observer.update)(stacked, jnp.stack(xs), n_valid)
+    return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], new) for i in range(len(xs)))
 
 
 class ActivationResult(NamedTuple):

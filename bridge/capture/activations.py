@@ -2,9 +2,12 @@
 
 Small inputs: a hook only copies its layer's input, flattened, into a power-of-two
 buffer (so batches of varying shape reuse one compilation). The observer updates of
-every layer that ran are then applied in one jitted call (`jaxq.update_observers`) at
-the end of each batch: on CPU a separate XLA call per layer costs more in thread-pool
-overhead than the reduction itself.
+every layer that ran are then applied at the end of each batch in one jitted call
+(`jaxq.update_observers`): on CPU a separate XLA call per layer costs more in thread-pool
+overhead than the reduction itself. That program is compiled for the first batch's
+sequence of buffer sizes; a batch with other sizes (text of varying length) is applied
+one call per buffer size (`jaxq.update_observers_of_size`, the update traced once under
+`vmap`), so new lengths add small programs instead of re-tracing every layer.
 
 Large inputs (more than `IN_PLACE_MIN` float32 values on CPU): the hook updates the
 layer's state at once, reading the activation in place through a zero-copy view —
@@ -127,13 +130,16 @@ class ActivationCapture:
     """Stream layer inputs into observer states (`layers`: `LayerQuantizer`s or modules).
 
     Inputs wait in the buffer pool until `flush()` (called after every batch, and on
-    exit) applies all their updates in one compiled call. A layer that runs twice in one
+    exit) applies all their updates (see the module docstring for the programs). A layer that runs twice in one
     forward pass, or pending inputs beyond `max_pending` floats, flush early.
     """
 
     def __init__(self, layers: dict[str, nn.Module], observer: jaxq.Observer, max_pending: int = MAX_PENDING):
         self.observer = observer
-        initial = observer.init()  # immutable arrays: every layer may share them
+        # immutable arrays: every layer may share them. Committed to the CPU device like the
+        # updates' results and the DLPack views, so the first batch's call compiles the very
+        # program later batches use (an uncommitted state is another cache key: two compiles)
+        initial = jax.device_put(observer.init(), jax.devices("cpu")[0])
         self.states = {name: initial for name in layers}
         self.max_pending = max_pending
         self._layers = layers
@@ -143,6 +149,7 @@ class ActivationCapture:
         self._in_place_sizes: dict[str, set[int]] = {name: set() for name in layers}
         self._last: _SharedInput | None = None
         self._followers: dict[str, str] = {}  # layer → pending leader whose state it takes
+        self._first_pattern: tuple | None = None  # the first flush's (layer, buffer size) sequence
 
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
@@ -201,16 +208,27 @@ class ActivationCapture:
         self._last = None
         self._pool.release()
 
+    def _update(self, names: list[str], update) -> None:
+        views = tuple(self._pending[n][0] for n in names)
+        n_valid = np.array([self._pending[n][1] for n in names], np.int32)
+        self.states.update(zip(names, update(tuple(self.states[n] for n in names), views, n_valid, self.observer)))
+
     def flush(self) -> None:
         """Apply every pending input to its layer's state (one jitted call); forget the
         last input (no tensor outlives its batch)."""
         if self._pending:
-            names = list(self._pending)
-            views = tuple(self._pending[n][0] for n in names)
-            n_valid = np.array([self._pending[n][1] for n in names], np.int32)
-            states = jaxq.update_observers(tuple(self.states[n] for n in names), views, n_valid, self.observer)
-            jax.block_until_ready(states)  # the pool reuses the views' memory
-            self.states.update(zip(names, states))
+            pattern = tuple((n, view.shape[0]) for n, (view, _) in self._pending.items())
+            if self._first_pattern is None:
+                self._first_pattern = pattern
+            if pattern == self._first_pattern:  # fixed shapes: one program for every batch
+                self._update(list(self._pending), jaxq.update_observers)
+            else:  # sizes vary: one small program per buffer size, not one per sequence of sizes
+                by_size: dict[int, list[str]] = {}
+                for name, size in pattern:
+                    by_size.setdefault(size, []).append(name)
+                for names in by_size.values():
+                    self._update(names, jaxq.update_observers_of_size)
+            jax.block_until_ready([self.states[n] for n in self._pending])  # the pool reuses the views' memory
             self.states.update({f: self.states[leader] for f, leader in self._followers.items()})
         self._discard()
 
