@@ -69,33 +69,71 @@ def _stack(trees: list) -> object:
     return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
 
 
-def _as_padded_matrix(w) -> np.ndarray:
-    """`w` as `[out, K]` zero-padded to `bucket_size` on both axes."""
-    w2 = np.asarray(w).reshape(np.shape(w)[0], -1)
-    out = np.zeros((bucket_size(w2.shape[0]), bucket_size(w2.shape[1])), w2.dtype)
-    out[: w2.shape[0], : w2.shape[1]] = w2
+WEIGHT_CALL_FLOATS = 1 << 22  # weight values per compiled call of `quantize_weights` (16 MiB)
+MAX_CALL_ROWS = 4096
+
+
+def weight_rows_per_call(k: int) -> int:
+    """Rows of width `k` per call: a power of two, `8 … MAX_CALL_ROWS`, within `WEIGHT_CALL_FLOATS`."""
+    fit = max(WEIGHT_CALL_FLOATS // max(k, 1), 8)
+    return int(min(1 << (fit.bit_length() - 1), MAX_CALL_ROWS))
+
+
+def map_rows(fn, inputs: Mapping[str, tuple]) -> dict[str, tuple]:
+    """`fn` over the rows of many layers with one compiled program per row width.
+
+    `inputs[name]`: a tuple of a layer's arrays with one row axis first — matrices `[R, K]`
+    and vectors `[R]`. `fn(chunk)` maps such a tuple of `[rows, …]` arrays to a pytree of
+    `[rows]` or `[rows, width]` arrays and must treat every row on its own. The rows of all
+    layers whose matrices have one padded width (`K` zero-padded to a size bucket) are
+    packed together, `weight_rows_per_call` rows per call, the last call padded with zero
+    rows (under `layers_over(mesh)` calls split over the devices); each layer gets its
+    rows back, matrices cut to its own `K`. Returns `{name: fn's leaves}`."""
+    width_of = {n: bucket_size(next(a.shape[1] for a in arrays if np.ndim(a) == 2)) for n, arrays in inputs.items()}
+    by_width: dict[int, list[str]] = defaultdict(list)
+    for n, width in width_of.items():
+        by_width[width].append(n)
+    out: dict[str, tuple] = {}
+    for width, names in by_width.items():
+        per_call = weight_rows_per_call(width)
+        counts = [np.shape(inputs[n][0])[0] for n in names]
+        starts = np.cumsum([0] + counts)
+        size = -(-int(starts[-1]) // per_call) * per_call
+        packed = []
+        for i, first in enumerate(inputs[names[0]]):
+            a = np.zeros((size, width) if np.ndim(first) == 2 else (size,), np.asarray(first).dtype)
+            for n, lo in zip(names, starts):
+                x = np.asarray(inputs[n][i])
+                a[(slice(lo, lo + x.shape[0]), *(slice(0, k) for k in x.shape[1:]))] = x
+            packed.append(a)
+        calls = [
+            jax.tree.map(lambda y: np.asarray(y)[0], over_layers(fn, tuple(a[None, i : i + per_call] for a in packed)))
+            for i in range(0, size, per_call)
+        ]
+        leaves = [np.concatenate(parts) for parts in zip(*(jax.tree.leaves(c) for c in calls))]
+        for n, lo, count in zip(names, starts, counts):
+            k = next(a.shape[1] for a in inputs[n] if np.ndim(a) == 2)
+            out[n] = tuple(x[lo : lo + count, :k] if x.ndim == 2 else x[lo : lo + count] for x in leaves)
     return out
 
 
 def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[str, QuantizedWeight]:
-    """Quantize many weights with few compiled programs: each weight is seen as its
-    `[out, K]` matrix zero-padded to a size bucket (`jaxq.padding`), so weights of many
-    shapes share one program. Zeros change no per-channel range (symmetric scales use
-    `max|w|`; asymmetric ranges include 0 anyway), so the result is that of
-    `quantize_weight` on each weight, bit for bit."""
-    matrices = {n: _as_padded_matrix(w) for n, w in weights.items()}
-    out: dict[str, QuantizedWeight] = {}
-    for names in bucket_keys(matrices).values():
-        stacked = _stack([matrices[n] for n in names])
-        done = _unstack(over_layers(bind(quantize_weight_bucket, scheme=scheme.with_axis(0)), stacked), names)
-        for n in names:
-            shape = np.shape(weights[n])
-            k = int(np.prod(shape[1:], dtype=np.int64))
-            qp = done[n].qparams
-            out[n] = QuantizedWeight(
-                QParams(qp.scale[: shape[0]], qp.offset[: shape[0]], scheme), done[n].q[: shape[0], :k].reshape(shape)
-            )
-    return {n: out[n] for n in weights}
+    """Quantize many weights with one compiled program per row width: per-channel
+    quantization treats every row of a weight's `[out, K]` matrix on its own, so rows of
+    all weights of one padded width are quantized together (`map_rows`). Zeros change no
+    per-channel range (symmetric scales use `max|w|`; asymmetric ranges include 0 anyway),
+    so the result is that of `quantize_weight` on each weight, bit for bit."""
+    fn = bind(_quantize_rows, scheme=scheme.with_axis(0))
+    done = map_rows(fn, {n: (np.asarray(w).reshape(np.shape(w)[0], -1),) for n, w in weights.items()})
+    out = {}
+    for n, w in weights.items():
+        scale, offset, q = done[n]  # the leaves of QuantizedWeight(QParams(scale, offset), q)
+        out[n] = QuantizedWeight(QParams(scale, offset, scheme), q.reshape(np.shape(w)))
+    return out
+
+
+def _quantize_rows(chunk, scheme: QScheme) -> QuantizedWeight:
+    return quantize_weight_bucket(chunk[0], scheme)
 
 
 @functools.partial(jax.jit, static_argnames=("observer",))

@@ -1,3 +1,4 @@
+import jax
 import pytest
 import jax.numpy as jnp
 import numpy as np
@@ -94,7 +95,6 @@ def test_finalize_activations_finalizes_a_shared_state_once(monkeypatch):
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
-import jax  # noqa: E402
 
 _quantize_weight_jit = jax.jit(quantize_weight, static_argnums=1)
 
@@ -127,6 +127,29 @@ def test_padded_buckets_equal_one_at_a_time(shapes, bits, signed, symmetric, pos
 def test_many_weight_shapes_compile_few_programs():
     rng = np.random.default_rng(0)
     ws = {f"l{i}": rng.standard_normal((32 + i, 3, 3, 3)).astype(np.float32) for i in range(9)}
+    ws |= {f"k{i}": rng.standard_normal((8 * i + 1, 20 + i)).astype(np.float32) for i in range(1, 4)}
     with jaxq.compile_count() as c:
-        jaxq.quantize_weights(ws, QScheme(6, True, True, axis=0))
-    assert c.count == 2  # 9 shapes, two padded buckets: [32, 28] and [40, 28]
+        out = jaxq.quantize_weights(ws, QScheme(6, True, True, axis=0))
+    assert c.count == 2  # 12 shapes, two padded row widths: 28 and 24
+    for name, w in ws.items():
+        ref = quantize_weight(jnp.asarray(w), QScheme(6, True, True, axis=0))
+        np.testing.assert_array_equal(out[name].q, np.asarray(ref.q))
+        np.testing.assert_array_equal(out[name].qparams.scale, np.asarray(ref.qparams.scale))
+
+
+def test_map_rows_packs_layers_of_one_padded_width_and_gives_each_its_rows():
+    from jaxq.calibrate import map_rows, weight_rows_per_call
+
+    rng = np.random.default_rng(0)
+    inputs = {
+        n: (rng.standard_normal((r, k)).astype(np.float32), rng.standard_normal(r).astype(np.float32))
+        for n, r, k in [("a", 3, 21), ("b", 70, 23), ("c", 5, 9)]
+    }  # widths 21 and 23 pad to 24
+    fn = jax.jit(lambda chunk: (chunk[0] * 2.0, chunk[0].sum(-1) + chunk[1]))
+    with jaxq.compile_count() as c:
+        out = map_rows(fn, inputs)
+    assert c.count == 2  # one program per padded width: 24 (a, b) and 10 (c)
+    for n, (m, v) in inputs.items():
+        np.testing.assert_array_equal(out[n][0], m * 2.0)
+        np.testing.assert_allclose(out[n][1], m.sum(-1) + v, rtol=1e-5, atol=1e-6)
+    assert weight_rows_per_call(24) == 4096 and weight_rows_per_call(1 << 20) == 8
