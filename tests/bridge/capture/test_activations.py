@@ -8,6 +8,7 @@ from torch import nn
 import jaxq
 import bridge.capture.activations as capture_module
 from bridge.capture.activations import ActivationCapture, BufferPool
+from jaxq.observer_choice import observer_for
 
 
 class Twice(nn.Module):
@@ -178,3 +179,70 @@ def test_bucket_sizes_hold_the_input_in_whole_rows_with_at_most_a_quarter_paddin
     if n > 4 * capture_module.MIN_BUCKET:
         assert size <= 1.25 * n
     assert capture_module.bucket_size(size) == size  # a bucket size is its own bucket
+
+
+class _Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _reference(model, batches, observer):
+    """Each layer's input fed to the observer one batch at a time, padded as the pool pads."""
+    inputs = {"a": [], "b": []}
+    hooks = [
+        getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].clone())) for n in inputs
+    ]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in hooks:
+        h.remove()
+    states = {}
+    for name, xs in inputs.items():
+        state = observer.init()
+        for x in xs:
+            flat = x.reshape(-1).numpy()
+            buf = np.full(capture_module.bucket_size(flat.size), flat[0], np.float32)
+            buf[: flat.size] = flat
+            state = jaxq.update_observer(state, buf, np.int32(flat.size), observer)
+        states[name] = state
+    return states
+
+
+@pytest.mark.parametrize("observer", [jaxq.running_minmax(), observer_for(jaxq.QuantConfig(act_method=2), 5)])
+def test_batches_of_other_sizes_update_one_program_per_size_with_the_same_states(observer, monkeypatch):
+    """Text of varying length: the first batch's sizes run as one call, other batches one
+    vmapped call per buffer size — the states equal one update per layer and batch."""
+    torch.manual_seed(0)
+    model = _Seq().eval()
+    batches = [torch.randn(1, L, 8) * s for L, s in ((10, 1.0), (70, 3.0), (10, 0.5), (200, 2.0), (33, 1.0))]
+    calls = []
+    one_size = jaxq.update_observers_of_size
+    monkeypatch.setattr(jaxq, "update_observers_of_size", lambda *a: calls.append(len(a[1])) or one_size(*a))
+    capture = ActivationCapture({"a": model.a, "b": model.b}, observer)
+    with capture, torch.no_grad():
+        for x in batches:
+            model(x)
+            capture.flush()
+    assert calls  # the 70-, 200- and 33-token batches have other buffer sizes than the first
+    ref = _reference(model, batches, observer)
+    for name in ("a", "b"):
+        for got, want in zip(jax.tree.leaves(capture.states[name]), jax.tree.leaves(ref[name])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_the_first_batch_compiles_the_program_later_batches_use():
+    """Initial observer states are committed like the updates' results: one program, not two."""
+    torch.manual_seed(0)
+    model = _Seq().eval()
+    observer = observer_for(jaxq.QuantConfig(act_method=2, hist_samples=3 << 10), 7)  # settings no other test uses
+    capture = ActivationCapture({"a": model.a, "b": model.b}, observer)
+    with jaxq.compile_count() as programs, capture, torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(1, 10, 8))
+            capture.flush()
+    assert programs.count + programs.loaded == 1
