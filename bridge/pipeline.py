@@ -295,8 +295,7 @@ def _grouped_on_host(spec, w) -> np.ndarray:
     """`jaxq.rows.grouped_weight` as a NumPy view: an eager `jnp.reshape` compiles a
     program per weight shape (tens of them in a fresh process)."""
     w = np.asarray(w)
-    g = spec.groups if spec.kind != "linear" else 1
-    return w.reshape(g, w.shape[0] // g, -1)
+    return w.reshape(jaxq.rows.grouped_shape(spec, w.shape))
 
 
 def _fallback(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:

@@ -89,10 +89,10 @@ def map_rows(fn, inputs: Mapping[str, tuple]) -> dict[str, tuple]:
     packed together, `weight_rows_per_call` rows per call, the last call padded with zero
     rows (under `layers_over(mesh)` calls split over the devices); each layer gets its
     rows back, matrices cut to its own `K`. Returns `{name: fn's leaves}`."""
-    width_of = {n: bucket_size(next(a.shape[1] for a in arrays if np.ndim(a) == 2)) for n, arrays in inputs.items()}
+    k_of = {n: next(a.shape[1] for a in arrays if np.ndim(a) == 2) for n, arrays in inputs.items()}
     by_width: dict[int, list[str]] = defaultdict(list)
-    for n, width in width_of.items():
-        by_width[width].append(n)
+    for n, k in k_of.items():
+        by_width[bucket_size(k)].append(n)
     out: dict[str, tuple] = {}
     for width, names in by_width.items():
         per_call = weight_rows_per_call(width)
@@ -112,8 +112,7 @@ def map_rows(fn, inputs: Mapping[str, tuple]) -> dict[str, tuple]:
         ]
         leaves = [np.concatenate(parts) for parts in zip(*(jax.tree.leaves(c) for c in calls))]
         for n, lo, count in zip(names, starts, counts):
-            k = next(a.shape[1] for a in inputs[n] if np.ndim(a) == 2)
-            out[n] = tuple(x[lo : lo + count, :k] if x.ndim == 2 else x[lo : lo + count] for x in leaves)
+            out[n] = tuple(x[lo : lo + count, : k_of[n]] if x.ndim == 2 else x[lo : lo + count] for x in leaves)
     return out
 
 

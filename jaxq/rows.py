@@ -22,10 +22,15 @@ from jax import lax
 from jaxq.layers import LayerSpec
 
 
+def grouped_shape(spec: LayerSpec, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """`[g, out/g, d]`: the shape `grouped_weight` gives a weight of `shape`."""
+    g = spec.groups if spec.kind != "linear" else 1
+    return g, shape[0] // g, int(np.prod(shape)) // shape[0]
+
+
 def grouped_weight(spec: LayerSpec, w: jax.Array) -> jax.Array:
     """`W [out, C_in/g, *kernel]` (or `[out, in]`) → `[g, out/g, d]`."""
-    g = spec.groups if spec.kind != "linear" else 1
-    return jnp.reshape(w, (g, w.shape[0] // g, -1))
+    return jnp.reshape(w, grouped_shape(spec, tuple(w.shape)))
 
 
 def output_positions(spec: LayerSpec, input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -39,9 +39,10 @@ def _reference_states(model, batches, observer):
     for name, xs in inputs.items():
         state = observer.init()
         for x in xs:
-            buf = np.full(1024, x.reshape(-1)[0].item(), np.float32)
-            buf[: x.numel()] = x.reshape(-1).numpy()
-            state = jaxq.update_observer(state, buf, np.int32(x.numel()), observer)
+            flat = x.reshape(-1).numpy()
+            buf = np.full(capture_module.bucket_size(flat.size), flat[0], np.float32)  # padded as the pool pads
+            buf[: flat.size] = flat
+            state = jaxq.update_observer(state, buf, np.int32(flat.size), observer)
         states[name] = state
     return states
 
@@ -190,29 +191,6 @@ class _Seq(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-def _reference(model, batches, observer):
-    """Each layer's input fed to the observer one batch at a time, padded as the pool pads."""
-    inputs = {"a": [], "b": []}
-    hooks = [
-        getattr(model, n).register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0].clone())) for n in inputs
-    ]
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    for h in hooks:
-        h.remove()
-    states = {}
-    for name, xs in inputs.items():
-        state = observer.init()
-        for x in xs:
-            flat = x.reshape(-1).numpy()
-            buf = np.full(capture_module.bucket_size(flat.size), flat[0], np.float32)
-            buf[: flat.size] = flat
-            state = jaxq.update_observer(state, buf, np.int32(flat.size), observer)
-        states[name] = state
-    return states
-
-
 @pytest.mark.parametrize("observer", [jaxq.running_minmax(), observer_for(jaxq.QuantConfig(act_method=2), 5)])
 def test_batches_of_other_sizes_update_one_program_per_size_with_the_same_states(observer, monkeypatch):
     """Text of varying length: the first batch's sizes run as one call, other batches one
@@ -229,7 +207,7 @@ def test_batches_of_other_sizes_update_one_program_per_size_with_the_same_states
             model(x)
             capture.flush()
     assert calls  # the 70-, 200- and 33-token batches have other buffer sizes than the first
-    ref = _reference(model, batches, observer)
+    ref = _reference_states(model, batches, observer)
     for name in ("a", "b"):
         for got, want in zip(jax.tree.leaves(capture.states[name]), jax.tree.leaves(ref[name])):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
