@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.host import aligned_stack
 from jaxq.padding import bucket_size
 
 from jaxq.numerics import quantize
@@ -65,8 +66,11 @@ def _unstack(tree, names: list[str]) -> dict[str, object]:
 
 
 def _stack(trees: list) -> object:
-    """Stack pytrees along a new leading layer axis on the host."""
-    return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
+    """Stack pytrees along a new leading layer axis on the host (one tree: a view, no copy),
+    into aligned buffers that compiled calls read in place (`jaxq.host`)."""
+    if len(trees) == 1:
+        return jax.tree_util.tree_map(lambda x: np.asarray(x)[None], trees[0])
+    return jax.tree_util.tree_map(lambda *leaves: aligned_stack(leaves), *trees)
 
 
 WEIGHT_CALL_FLOATS = 1 << 22  # weight values per compiled call of `quantize_weights` (16 MiB)

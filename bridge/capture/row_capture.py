@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import jaxq
+from jaxq.host import aligned_concatenate
 from jaxq.rows import output_positions
 from bridge.capture.data import HookError
 from bridge.inplace.fakequant import quantizer_of
@@ -276,7 +277,7 @@ class RowCapture:
                 ends = np.cumsum(sizes)
                 part = np.searchsorted(ends, keep, side="right")
                 local = keep - (ends - sizes)[part]
-                out[name] = np.concatenate([parts[i][local[part == i]] for i in range(len(parts))])
+                out[name] = aligned_concatenate([parts[i][local[part == i]] for i in range(len(parts))])
             else:
-                out[name] = np.concatenate(parts)
+                out[name] = aligned_concatenate(parts)
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import jaxq
+from jaxq.host import aligned_copy
 from bridge.capture.context import Context, UncalibratedLayerError
 from bridge.capture.memory import release_freed_memory
 from bridge.inplace.fakequant import quantization
@@ -128,10 +129,10 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
 
 
 def _first(rows: dict[str, np.ndarray], count: int | None) -> dict[str, np.ndarray]:
-    """The first `count` rows of each layer, copied so that the rest is freed."""
+    """The first `count` rows of each layer, copied (aligned, `jaxq.host`) so that the rest is freed."""
     if count is None:
         return rows
-    return {n: r if r.shape[0] <= count else r[:count].copy() for n, r in rows.items()}
+    return {n: r if r.shape[0] <= count else aligned_copy(r[:count]) for n, r in rows.items()}
 
 
 def row_floats(ctx: Context) -> dict[str, int]:

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import jaxq
+import jaxq.host
 from bridge import Calibrator
 from bridge.capture.row_capture import LayerGeometryError, RowCapture, row_sum, window_rows
 from jaxq.rows import output_positions, take_rows
@@ -57,7 +58,9 @@ def test_rows_are_stratified_over_known_batches_and_the_mean_is_exact():
     data = [torch.randn(2, 2, 6, 6) for _ in range(4)]
     cap = _capture(model, data, batches=len(data))
     assert [p.shape[0] for p in cap._parts["0"]] == [25] * 4  # ⌈100 / 4⌉ per batch
-    assert cap.result()["0"].shape == (100, 1, 18)
+    rows = cap.result()["0"]
+    assert rows.shape == (100, 1, 18)
+    assert rows.ctypes.data % jaxq.host.ALIGNMENT == 0  # the compiled steps read it without a copy
     x = torch.cat(data)
     cols = nn.functional.unfold(x, 3, padding=1)  # [N, C·9, positions]
     np.testing.assert_allclose(cap.mean_rows()["0"][0], cols.double().mean((0, 2)).numpy(), rtol=1e-5, atol=1e-6)
