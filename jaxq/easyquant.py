@@ -13,7 +13,7 @@ always a candidate and a new one is taken only when it is strictly better, so th
 the calibration rows never decreases. The search fits `ROWS` rows and a layer keeps the
 found scales only if they also raise its cosine on the next `ROWS` (held out; measured
 in `benchmarks/README.md`). The candidate axis is a `vmap`, evaluated in chunks (`lax.map`) to bound
-memory.
+memory; the layer cosines of wide layers are summed a few hundred rows at a time (`row_step`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ def _candidates(n: int) -> jax.Array:
 
 # floats of simulated rows the activation search holds at once, over all layers of a bucket
 ACT_SEARCH_FLOATS = 1 << 24
+# floats of a layer's simulated rows that a layer cosine holds at once; layers within it
+# sum all their rows in one step (as written), larger ones in steps
+ROW_STEP_FLOATS = 1 << 22
 
 
 def act_row_chunk(layers: int, rows: int, row_floats: int, candidates: int) -> int:
@@ -66,6 +69,38 @@ def act_row_chunk(layers: int, rows: int, row_floats: int, candidates: int) -> i
     outputs (`row_floats`: `g·d + out` per row) of every layer in a bucket stay within
     `ACT_SEARCH_FLOATS` floats."""
     return int(max(1, min(rows, ACT_SEARCH_FLOATS // max(1, layers * (candidates + 1) * row_floats))))
+
+
+def row_step(rows: int, row_floats: int) -> int | None:
+    """Rows per step of a layer's cosines (`layer_cosine`): None (all at once) when the
+    layer's simulated rows fit `ROW_STEP_FLOATS`, else a power of two that keeps one step
+    within it (it divides the usual row counts)."""
+    if rows * row_floats <= ROW_STEP_FLOATS:
+        return None
+    fit = max(1, ROW_STEP_FLOATS // row_floats)
+    return 1 << (fit.bit_length() - 1)
+
+
+def _sum_over_rows(fn, init, chunk: int | None, m: int, *arrays):
+    """`Σ fn(keep, *parts)` over `m` rows, `chunk` at a time: `arrays` are `(array, first
+    row)` pairs, each read in place by `dynamic_slice` (no copy of the rows); the last step
+    is shifted back to end at row `m` and `keep` masks the rows it repeats. One step
+    (`chunk` None or ≥ `m`): `fn(None, *parts)`, the sums exactly as written."""
+    if chunk is None or chunk >= m:  # one step: the plain sums (`keep` None: every row counts)
+        return fn(None, *(jax.lax.slice_in_dim(x, first, first + m) for x, first in arrays))
+    steps = -(-m // chunk)
+
+    def body(i, carry):
+        start = jnp.minimum(i * chunk, m - chunk)
+        keep = (start + jnp.arange(chunk) >= i * chunk).astype(jnp.float32)
+        parts = [jax.lax.dynamic_slice_in_dim(x, first + start, chunk) for x, first in arrays]
+        return jax.tree_util.tree_map(jnp.add, carry, fn(keep, *parts))
+
+    return jax.lax.fori_loop(0, steps, body, init)
+
+
+def _simulated(x, act: QParams | None):
+    return x if act is None else fake_quant(x, act)
 
 
 def search_act_scale(rows, y, w_hat_g, b, act: QParams, candidates: int, row_chunk: int | None = None) -> QParams:
@@ -131,6 +166,8 @@ def search_weight_scales(rows_hat, y, wg, b, weight: QParams, candidates: int) -
 
     When a row is longer than there are rows (`d > m`) the output is recomputed per
     candidate; otherwise the cosine comes from the rows' moments (`O(out·d²)` per candidate).
+    (The moments are summed in one pass: summed in steps, their rounding moved near-tied
+    channels to other scales, and the pass is not where a layer's memory peaks.)
     """
     g, o, d = wg.shape
     flat = jnp.reshape(wg, (g * o, d))
@@ -151,12 +188,21 @@ def search_weight_scales(rows_hat, y, wg, b, weight: QParams, candidates: int) -
     return _scaled(weight, factor)
 
 
-def layer_cosine(rows, y, wg, b, act: QParams | None, weight: QParams) -> jax.Array:
-    """Whole-layer `cos(Y, Ŷ)` on the rows."""
+def layer_cosine(
+    rows, y, wg, b, act: QParams | None, weight: QParams, chunk: int | None = None, first: int = 0
+) -> jax.Array:
+    """Whole-layer `cos(Y, Ŷ)` on `rows[first : first + len(y)]`, `chunk` rows at a time
+    (`Σ y·ŷ` and `Σ ŷ²` summed; the rows are read in place)."""
     g, o, d = wg.shape
     w_hat = fake_quant(jnp.reshape(wg, (g * o, d)), weight).reshape(g, o, d)
-    x_hat = rows if act is None else fake_quant(rows, act)
-    return _cosine(y, rows_forward(w_hat, b, x_hat))
+
+    def sums(keep, x, yc):
+        y_hat = rows_forward(w_hat, b, _simulated(x, act))
+        y_hat = y_hat if keep is None else y_hat * keep[:, None]
+        return jnp.stack([jnp.sum(yc * y_hat), jnp.sum(y_hat * y_hat)])
+
+    totals = _sum_over_rows(sums, jnp.zeros((2,), jnp.float32), chunk, y.shape[0], (rows, first), (y, 0))
+    return totals[0] / jnp.maximum(jnp.sqrt(totals[1] * jnp.sum(y * y)), 1e-30)
 
 
 def easy_quant(
@@ -169,6 +215,7 @@ def easy_quant(
     candidates: int,
     rounds: int = 2,
     row_chunk: int | None = None,
+    step: int | None = None,
 ) -> EasyQuantResult:
     """EasyQuant on one layer: quantized-model rows and float rows `[m, g, d]`, weight
     `[g, out/g, d]`, bias `[out]` or None.
@@ -179,30 +226,32 @@ def easy_quant(
     found scales are kept only if they raise the layer cosine there too (else the layer
     keeps its scales: a better fit that does not generalise is noise). `target=None`: the
     float rows are `rows` (optimising against float inputs). `row_chunk`: rows per step of
-    the activation search (`search_act_scale`; None: all at once).
+    the activation search (`search_act_scale`), `step`: of the layer cosines (None: all at
+    once; `row_step`).
     """
     target = rows if target is None else target
-    fit, fit_target = rows[:ROWS], target[:ROWS]
-    y = rows_forward(wg, b, fit_target)
+    # the fitted rows are `rows[:ROWS]`, sliced where each search reads them: one shared
+    # slice is materialised whole (temporaries 1.5 → 2.1× the rows of a wide bucket)
+    y = rows_forward(wg, b, target[:ROWS])
     g, o, d = wg.shape
     act0, weight0 = act, weight
-    before = layer_cosine(fit, y, wg, b, act, weight)
+    before = layer_cosine(rows, y, wg, b, act, weight, step)
 
     def one_round(_, quantizers):
         act, weight = quantizers
         if act is not None:
             w_hat = fake_quant(jnp.reshape(wg, (g * o, d)), weight).reshape(g, o, d)
-            act = search_act_scale(fit, y, w_hat, b, act, candidates, row_chunk)
-        rows_hat = fit if act is None else fake_quant(fit, act)
-        return act, search_weight_scales(rows_hat, y, wg, b, weight, candidates)
+            act = search_act_scale(rows[:ROWS], y, w_hat, b, act, candidates, row_chunk)
+        return act, search_weight_scales(_simulated(rows[:ROWS], act), y, wg, b, weight, candidates)
 
     # a loop, not unrolled rounds: one copy of the search to compile per layer shape
     act, weight = jax.lax.fori_loop(0, rounds, one_round, (act, weight))
     if rows.shape[0] > ROWS:
-        held, y_held = rows[ROWS : 2 * ROWS], rows_forward(wg, b, target[ROWS : 2 * ROWS])
-        keep = layer_cosine(held, y_held, wg, b, act, weight) > layer_cosine(held, y_held, wg, b, act0, weight0)
+        y_held = rows_forward(wg, b, target[ROWS : 2 * ROWS])
+        new = layer_cosine(rows, y_held, wg, b, act, weight, step, first=ROWS)
+        keep = new > layer_cosine(rows, y_held, wg, b, act0, weight0, step, first=ROWS)
         act, weight = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), (act, weight), (act0, weight0))
-    return EasyQuantResult(act, weight, before, layer_cosine(fit, y, wg, b, act, weight))
+    return EasyQuantResult(act, weight, before, layer_cosine(rows, y, wg, b, act, weight, step))
 
 
 @functools.partial(jax.jit, static_argnames=("candidates", "rounds"))
@@ -210,7 +259,9 @@ def easy_quant_bucket(rows, target, wg, b, act, weight, candidates: int, rounds:
     """`easy_quant` over a stacked bucket of equal-shaped layers (the activation search's
     row chunk bounded over the whole bucket, `act_row_chunk`)."""
     layers, m, g, d = rows.shape
-    chunk = act_row_chunk(layers, min(m, ROWS), g * d + g * wg.shape[2], candidates)
-    return jax.vmap(lambda r, t, w, bb, a, q: easy_quant(r, t, w, bb, a, q, candidates, rounds, chunk))(
+    row_floats = g * d + g * wg.shape[2]
+    chunk = act_row_chunk(layers, min(m, ROWS), row_floats, candidates)
+    step = row_step(min(m, ROWS), row_floats)
+    return jax.vmap(lambda r, t, w, bb, a, q: easy_quant(r, t, w, bb, a, q, candidates, rounds, chunk, step))(
         rows, target, wg, b, act, weight
     )
