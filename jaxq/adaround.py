@@ -34,7 +34,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from jaxq.numerics import _broadcastable, fake_quant
@@ -154,6 +153,8 @@ def adaround(
     """Learned codes for weight `w` (`[out, …]`, per-channel `qp` on axis 0). With `start`
     (codes of `w`'s shape, e.g. GPTQ's) `V` starts at those codes, each moved to the
     nearer of ⌊W/s⌋ and ⌈W/s⌉, and the error before is theirs."""
+    import optax  # here, not at the top: a run that learns nothing does not import it (0.3 s)
+
     w = jnp.asarray(w, jnp.float32)
     inv = _broadcastable(jnp.float32(1.0) / qp.scale, qp, w.ndim)
     off = _broadcastable(qp.offset.astype(jnp.float32), qp, w.ndim)
