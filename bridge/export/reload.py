@@ -134,8 +134,7 @@ def read_records(
     come from the same model and config."""
     description, tensors = read_params(path)
     stored = stored_config(description, path)
-    if stored.amp_num == 0 and cfg.amp_num == 0:  # the ranking is unused: files from before its default changed load
-        stored = dataclasses.replace(stored, amp_metric=cfg.amp_metric)
+    stored = _unused_as_given(stored, cfg)
     if stored != cfg:
         diff = [f.name for f in dataclasses.fields(cfg) if getattr(stored, f.name) != getattr(cfg, f.name)]
         raise ParamFileError(
@@ -153,6 +152,20 @@ def read_records(
         raise ParamFileError(f"{str(path)!r} records other Conv+BN folds than this calibrator made")
     weights = {n: q.original_weight.detach().float().cpu().numpy() for n, q in layers.items()}
     return _records(path, description, tensors, cfg, weights), description
+
+
+# fields read only by a step that a config may not run: where neither the stored nor the
+# given config runs it, the field does not count (files from before its default changed load)
+USED_ONLY_WHEN = {
+    "amp_metric": lambda c: c.amp_num > 0,
+    "recon_holdout": lambda c: c.keep_acc.brecq is not None or c.keep_acc.qdrop is not None,
+}
+
+
+def _unused_as_given(stored: jaxq.QuantConfig, cfg: jaxq.QuantConfig) -> jaxq.QuantConfig:
+    """`stored` with every field that neither config uses set to `cfg`'s value."""
+    unused = {f: getattr(cfg, f) for f, used in USED_ONLY_WHEN.items() if not used(stored) and not used(cfg)}
+    return dataclasses.replace(stored, **unused)
 
 
 def _folded_weights(

@@ -143,6 +143,17 @@ def test_load_param_checks_the_stored_config(exported, digits_calib):
         other.load_param(path)
 
 
+def test_files_from_before_the_held_out_default_changed_load_where_nothing_was_reconstructed(digits_calib, tmp_path):
+    """`recon_holdout` was 0.25 by default; it only matters to BRECQ/QDrop."""
+    Calibrator(load_digits_cnn(), W8A8.replace(recon_holdout=0.25), digits_calib, progress=False).run().export_param(
+        tmp_path / "p"
+    )
+    Calibrator(load_digits_cnn(), W8A8, digits_calib, progress=False).load_param(tmp_path / "p")
+    brecq = W8A8.replace(keep_acc={"brecq": [True, 1]})
+    with pytest.raises(ParamFileError, match=r"another config.*recon_holdout"):
+        Calibrator(load_digits_cnn(), brecq, digits_calib, progress=False).load_param(tmp_path / "p")
+
+
 def test_loading_twice_is_refused_and_restore_model_undoes_a_load(exported, digits_calib):
     _cal, path = exported
     model = load_digits_cnn()

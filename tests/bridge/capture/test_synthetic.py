@@ -81,6 +81,7 @@ def test_block_reconstruction_fits_the_synthetic_images_and_never_holds_them_out
         keep_acc={"brecq": [True, 8]},
         recon_augment=1,
         recon_synthetic=6,
+        recon_holdout=0.25,
         virtual_steps=3,
     )
     cal = Calibrator(net, cfg, data, progress=False)

@@ -205,7 +205,9 @@ def test_blocks_report_held_out_errors_and_keep_learned_codes_only_where_held_ou
     real_split = br.holdout_split
     monkeypatch.setattr(br, "holdout_split", lambda *a: splits.append(a[1:]) or real_split(*a))
     net, data = _net_and_data()
-    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_augment=1)
+    cfg = jaxq.QuantConfig(
+        w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_augment=1, recon_holdout=0.25
+    )
     cal = Calibrator(net, cfg, data, progress=False).run()
     assert splits and all(s == (64, 32, 0.25, 0) for s in splits)  # 32 images, 32 copies, 0 synthetic
     for r in cal.reports["blocks"]:
@@ -214,9 +216,9 @@ def test_blocks_report_held_out_errors_and_keep_learned_codes_only_where_held_ou
         assert r.kept_step in (0, 10, 20, 30, 40) and 0.0 <= r.hard_share <= 1.0
         layers = [n for n in r.layers if n in cal.records]
         assert r.kept or not any(cal.records[n].custom_codes for n in layers)
-    off = Calibrator(
+    off = Calibrator(  # the default: no image held out
         _net_and_data()[0],
-        jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_holdout=0),
+        jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}),
         data,
         progress=False,
     ).run()
