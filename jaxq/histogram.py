@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.observers import ROW, Observer, _note_bad, as_rows, buffer_minmax
+from jaxq.observers import ROW, Observer, _note_bad, buffer_minmax, row_count, row_parts
 
 DEFAULT_BINS = 2048
 DEFAULT_SAMPLE_ROWS = 256  # 2^18 values binned per layer and batch
@@ -91,20 +91,30 @@ def batch_histogram(x: jax.Array, n_valid, lo, hi, bins: int, max_rows: int = 0,
     unbiased estimate of the full counts). Contiguous rows keep the sample cheap; varying
     `phase` between batches keeps it from aliasing with the layout.
     """
-    rows = as_rows(x)
-    total = rows.shape[0]
+    total = row_count(x)
     stride = max(1, -(-total // max_rows)) if max_rows > 0 else 1
+    counts = jnp.zeros((bins + 1,), jnp.int32)
+    first = 0
+    for rows in row_parts(x):  # the whole rows, then a padded partial row
+        counts = counts + _sampled_counts(rows, first, n_valid, lo, hi, bins, stride, phase)
+        first += rows.shape[0]
+    return counts[:bins].astype(jnp.float32) * stride
+
+
+def _sampled_counts(rows: jax.Array, first: int, n_valid, lo, hi, bins: int, stride: int, phase) -> jax.Array:
+    """`bins + 1` counts (the last: padding and unsampled rows) of the rows `r ≡ phase (mod
+    stride)` of a block whose first row is row `first` of the buffer."""
+    count = rows.shape[0]
     # The sampled rows are gathered by index: padding `rows` to a multiple of the stride
     # and reshaping would copy the whole buffer.
-    picked = phase % stride + stride * jnp.arange(-(-total // stride), dtype=jnp.int32)
-    sample = jnp.take(rows, picked, axis=0, mode="clip") if stride > 1 else rows
-    index = picked[:, None] * ROW + jnp.arange(ROW, dtype=jnp.int32)[None, :]
-    valid = (index < n_valid) & (picked < total)[:, None]
+    local = (phase - first) % stride + stride * jnp.arange(-(-count // stride), dtype=jnp.int32)
+    sample = jnp.take(rows, local, axis=0, mode="clip") if stride > 1 else rows
+    index = (first + local)[:, None] * ROW + jnp.arange(ROW, dtype=jnp.int32)[None, :]
+    valid = (index < n_valid) & (local < count)[:, None]
     # Padding goes to an extra bin that is dropped; an int32 scatter of ones is ~1.5×
     # faster on CPU than a float scatter of mask weights.
     idx = jnp.where(valid, _bin_index(sample, lo, hi, bins), bins)
-    counts = jnp.zeros((bins + 1,), jnp.int32).at[idx.reshape(-1)].add(1, mode="promise_in_bounds")
-    return counts[:bins].astype(jnp.float32) * stride
+    return jnp.zeros((bins + 1,), jnp.int32).at[idx.reshape(-1)].add(1, mode="promise_in_bounds")
 
 
 # --- error of a candidate range -----------------------------------------------------------

@@ -6,12 +6,12 @@ An `Observer` is a NamedTuple of pure functions (optax style):
     state          = update(state, x, n_valid)   # x: 1-D buffer, first n_valid entries real
     (lo, hi), bad  = finalize(state)              # range, first non-finite batch (−1: none)
 
-`x` is a flat buffer whose length is a bucket size chosen by the caller (the bridge pads
-each activation to a power of two, at least `ROW`), so batches of different shapes reuse
-one compilation. Padding contract: entries past `n_valid` repeat a valid entry (the
-bridge writes `x[0]` there), so extremes need no mask; sums mask them out. Reductions
-run over a `[rows, ROW]` view because XLA on CPU reduces that far faster than a 1-D
-masked buffer. Every update also records the first batch whose
+`x` is a flat buffer of any length: a bucket size chosen by the caller (the bridge pads
+small activations to a few sizes, so batches of different shapes reuse one compilation)
+or a large activation read in place at its exact size. Padding contract: entries past
+`n_valid` repeat a valid entry (the bridge writes `x[0]` there), so extremes need no mask;
+sums mask them out. Reductions run over `[rows, ROW]` blocks (`row_parts`) because XLA on
+CPU reduces that far faster than a 1-D masked buffer. Every update also records the first batch whose
 values were not finite, so the caller can name the layer and batch without a host sync
 per batch.
 
@@ -46,9 +46,32 @@ def channel_minmax(w: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
 ROW = 1024
 
 
-def as_rows(x: jax.Array) -> jax.Array:
-    """View a flat buffer as `[rows, ROW]` (its length must be a multiple of `ROW`)."""
-    return jnp.reshape(x.astype(jnp.float32), (-1, ROW))
+def row_parts(x: jax.Array) -> list[jax.Array]:
+    """`x` as `[rows, ROW]` blocks without copying it: its whole rows as one view, then,
+    if its length is not a multiple of `ROW`, the partial last row padded with `x[0]` (the
+    padding contract) as a `[1, ROW]` block. Padding the whole buffer instead would make
+    XLA copy it; the slice and reshape fuse into the reductions that read them."""
+    x = x.astype(jnp.float32)
+    n = x.shape[0]
+    whole = n - n % ROW
+    parts = []
+    if whole:
+        parts.append(jnp.reshape(x[:whole] if whole < n else x, (-1, ROW)))
+    if whole < n:
+        parts.append(jnp.concatenate([x[whole:], jnp.full((ROW - n + whole,), x[0])])[None])
+    return parts
+
+
+def row_count(x: jax.Array) -> int:
+    """Rows of `ROW` values that `row_parts(x)` yields."""
+    return -(-x.shape[0] // ROW)
+
+
+def row_reduce(x: jax.Array, per_row: Callable[[jax.Array], tuple]) -> tuple:
+    """`per_row` (a `[r, ROW]` block → a tuple of `[r]` results) over `row_parts(x)`, the
+    results of the blocks concatenated: one entry per row of `x`."""
+    results = [per_row(part) for part in row_parts(x)]
+    return tuple(jnp.concatenate(r) if len(r) > 1 else r[0] for r in zip(*results))
 
 
 def buffer_minmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -59,16 +82,19 @@ def buffer_minmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     exponent field (all ones exactly for NaN and ±Inf): 2.6× faster than the three
     separate reductions it replaces, and the input is the largest thing calibration reads.
     """
-    r = as_rows(x)
-    exponent = jax.lax.bitcast_convert_type(r, jnp.int32) & _EXPONENT_BITS
-    lo, hi, top = jax.lax.reduce(
-        (r, r, exponent), (jnp.float32(jnp.inf), jnp.float32(-jnp.inf), jnp.int32(0)), _min_max_max, (1,)
-    )
+    lo, hi, top = row_reduce(x, _row_min_max_exponent)
     poison = jnp.where(jnp.max(top) == _EXPONENT_BITS, jnp.float32(jnp.nan), jnp.float32(0.0))
     return jnp.min(lo) + poison, jnp.max(hi) + poison
 
 
 _EXPONENT_BITS = 0x7F800000  # float32 exponent field; all ones: NaN or ±Inf
+
+
+def _row_min_max_exponent(r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    exponent = jax.lax.bitcast_convert_type(r, jnp.int32) & _EXPONENT_BITS
+    return jax.lax.reduce(
+        (r, r, exponent), (jnp.float32(jnp.inf), jnp.float32(-jnp.inf), jnp.int32(0)), _min_max_max, (1,)
+    )
 
 
 def _min_max_max(a, b):
@@ -216,22 +242,24 @@ def buffer_moments(x: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Arr
     `d = 0` to the sums, so no element mask is needed: only the per-row valid counts
     (and, when `c > 0`, the padded entries' count among the positives) are corrected.
     """
-    rows = as_rows(x)
-    c = rows[0, 0]
-    d = rows - c
-    positive = rows > 0
-    n_row = jnp.clip(n_valid - jnp.arange(rows.shape[0], dtype=jnp.int32) * ROW, 0, ROW).astype(jnp.float32)
+    c = x[0].astype(jnp.float32)
+    n_row = jnp.clip(n_valid - jnp.arange(row_count(x), dtype=jnp.int32) * ROW, 0, ROW).astype(jnp.float32)
     padded_row = ROW - n_row
-    d_pos = jnp.where(positive, d, 0.0)
-    # One variadic reduce: XLA on CPU reads the rows once for all five sums (~9× faster
-    # than five separate reductions).
-    zero = jnp.float32(0.0)
-    s1, s2, count_pos, p1, p2 = jax.lax.reduce(
-        (d, d * d, positive.astype(jnp.float32), d_pos, d_pos * d_pos),
-        (zero,) * 5,
-        lambda a, b: tuple(u + v for u, v in zip(a, b)),
-        (1,),
-    )
+
+    def sums(rows):
+        d = rows - c
+        positive = rows > 0
+        d_pos = jnp.where(positive, d, 0.0)
+        # One variadic reduce: XLA on CPU reads the rows once for all five sums (~9× faster
+        # than five separate reductions).
+        return jax.lax.reduce(
+            (d, d * d, positive.astype(jnp.float32), d_pos, d_pos * d_pos),
+            (jnp.float32(0.0),) * 5,
+            lambda a, b: tuple(u + v for u, v in zip(a, b)),
+            (1,),
+        )
+
+    s1, s2, count_pos, p1, p2 = row_reduce(x, sums)
     pos_n = count_pos - jnp.where(c > 0, padded_row, 0.0)
     return _row_moments(n_row, s1, s2, c), _row_moments(pos_n, p1, p2, c)
 

@@ -11,7 +11,8 @@ one call per buffer size (`jaxq.update_observers_of_size`, the update traced onc
 
 Large inputs (more than `IN_PLACE_MIN` float32 values on CPU): the hook updates the
 layer's state at once, reading the activation in place through a zero-copy view —
-copying and padding them was half the cost of calibrating a CNN. The view is exact-size,
+copying and padding them was half the cost of calibrating a CNN. The view is exact-size
+(any size: the observers read a partial last row apart, `jaxq.observers.row_parts`),
 so each size compiles its own update; a layer whose large inputs come in more than
 `IN_PLACE_SIZES` sizes (variable-length text, say) is copied into buckets from then on.
 The hook blocks until its update is done, so torch may reuse the memory afterwards.
@@ -186,7 +187,7 @@ class ActivationCapture:
         """Whether `x` is observed through a zero-copy view (see the module docstring);
         a new large size is recorded while the layer has fewer than `IN_PLACE_SIZES`."""
         n = x.numel()
-        if x.device.type != "cpu" or x.dtype != torch.float32 or n <= IN_PLACE_MIN or n % ROW:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or n <= IN_PLACE_MIN:
             return False
         sizes = self._in_place_sizes[name]
         if n not in sizes and len(sizes) < IN_PLACE_SIZES:

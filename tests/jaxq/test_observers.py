@@ -165,3 +165,27 @@ def test_buffer_moments_ignore_padding(values, offset):
         pos.var(dtype=np.float64) * pos.size if pos.size else 0.0,
     ]
     np.testing.assert_allclose(np.asarray(positives), ref, rtol=2e-3, atol=1e-2 * (1 + np.abs(x).max()))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from([1, 5, ROW - 1, ROW, ROW + 3, 3 * ROW + 700]), st.integers(0, 2**31 - 1), st.integers(0, 2))
+def test_a_buffer_of_any_length_updates_as_its_padding_to_whole_rows(n, seed, shift):
+    """An exact-size buffer (an activation read in place) gives, bit for bit, the state of
+    the same values padded with `x[0]` to a multiple of `ROW` — every observer, any length,
+    including histograms that sample rows (the partial row is one of the rows)."""
+    x = (np.random.default_rng(seed).standard_normal(n) + shift).astype(np.float32)
+    padded, n_valid = _padded(x, -(-n // ROW) * ROW)
+    for observer in (
+        jaxq.running_minmax(),
+        jaxq.batch_percentile_minmax(16),
+        jaxq.sigma_statistic(25.0),
+        jaxq.histogram_observer(bins=64, max_rows=2),
+        jaxq.histogram_observer(bins=64, max_rows=0),
+    ):
+        state = observer.init()
+        exact, whole = state, state
+        for _ in range(3):  # later batches: a histogram's sampling phase moves and its range re-bins
+            exact = jaxq.update_observer(exact, jnp.asarray(x), jnp.int32(n), observer)
+            whole = jaxq.update_observer(whole, padded, n_valid, observer)
+        for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(whole)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{observer} n={n}")

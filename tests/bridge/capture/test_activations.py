@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -141,15 +142,19 @@ def test_layers_fed_the_same_tensor_share_one_update(bump):
     assert capture.states["o"] is not capture.states["q"]
 
 
-def test_large_inputs_are_observed_in_place(monkeypatch):
+@pytest.mark.parametrize("width", [1024, 1000])  # 1000: a size that is not whole rows of `ROW`
+def test_large_inputs_are_observed_in_place(monkeypatch, width):
     torch.manual_seed(1)
-    width = 1024
     rows = capture_module.IN_PLACE_MIN // width + 1  # just above the in-place threshold
     model, names = SharedInput(width), ["q", "o"]
     batches = [torch.randn(rows, width) * s for s in (1.0, 3.0, 0.5)]
     observer = jaxq.sigma_statistic(3.0)
     capture = _capture(model, names, batches, observer)
     assert capture._in_place_sizes["q"] == {rows * width}
+    exact = observer.init()  # in place: the observer's update of each batch as it is
+    for b in batches:
+        exact = jaxq.update_observer(exact, jnp.asarray(b.numpy().reshape(-1)), np.int32(b.numel()), observer)
+    _assert_states_equal(capture.states["q"], exact)
     monkeypatch.setattr(capture_module, "IN_PLACE_MIN", 1 << 40)  # everything through the buffers
     bucketed = _capture(model, names, batches, observer)
     assert not bucketed._in_place_sizes["q"]
