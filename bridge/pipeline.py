@@ -251,6 +251,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
                 keep=step.settings.keep,
                 from_codes=step.settings.from_codes,
                 holdout=ctx.cfg.recon_holdout,
+                hard_final=ctx.cfg.recon_hard_final,
             ),
             set_quant,
             blocks,

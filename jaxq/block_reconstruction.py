@@ -16,7 +16,9 @@ QDrop: inside the block each input quantizer keeps its quantized value with prob
 `keep` per element and passes the float value otherwise (`keep = 1`: BRECQ).
 
 `optimise(...)` runs all steps in one `lax.scan` (one compilation per block structure);
-the final codes round `h` at ½. With a held-out split (`holdout_split`: whole calibration
+the final codes round `h` at ½. With `hard_final > 0` the last share of the steps holds
+the rounding at those codes and learns only the step sizes, against the hard rounding
+that will be deployed. With a held-out split (`holdout_split`: whole calibration
 images and all their augmented copies set aside, never fitted) it measures the held-out
 error of the hard rounding `checks` times along the way and keeps the best of those states
 and the start — the step at which to stop is chosen on images the fit never saw.
@@ -51,6 +53,14 @@ class ReconParams(NamedTuple):
     from_codes: bool = False  # start the rounding from the records' codes (e.g. GPTQ's)
     holdout: float = 0.0  # share of the calibration images held out (`holdout_split`); 0: none
     checks: int = 4  # held-out measurements, evenly spaced; the last at the final step
+    hard_final: float = 0.0  # share of the steps, at the end, with the rounding held hard (`soft_steps`)
+
+
+def soft_steps(p: ReconParams) -> int:
+    """Steps that learn the soft rounding; the regulariser's schedule runs over them. The
+    remaining `hard_final` share holds every `V` at its hard rounding and learns only the
+    step sizes, so the state kept is the one that was fitted (no rounding flips after)."""
+    return p.steps - int(round(p.hard_final * p.steps))
 
 
 MOST_HELD = 32  # held-out images at most (the held-out error is measured on all of them at once)
@@ -188,19 +198,25 @@ def optimise(
         None if mask is None else mask[idx],
     )
 
+    soft = soft_steps(p)
+
     def loss(lv, idx, step, k):
         x, y, m = take(idx)
         rec = output_error(apply(lv, x, k if p.keep < 1.0 else None), y, m)
-        reg = sum(rounding_reg(v, beta_schedule(step, p.steps, p.schedule)) for v in jax.tree.leaves(lv.v))
-        return rec + regulariser_weight(step, p.steps, p.schedule) * reg
+        reg = sum(rounding_reg(v, beta_schedule(step, soft, p.schedule)) for v in jax.tree.leaves(lv.v))
+        return rec + regulariser_weight(step, soft, p.schedule) * reg
 
     def step_fn(carry, step):
         def run(carry):
             lv, state = carry
+            if soft < p.steps:  # the hard phase: V held at its hard rounding (h exactly 0 or 1)
+                lv = Learned(jax.tree.map(lambda v, h: jnp.where(step >= soft, h, v), lv.v, _hardened(lv).v), lv.u)
             k_idx, k_drop = jax.random.split(jax.random.fold_in(key, step))
             idx = fit[jax.random.choice(k_idx, fit.shape[0], (min(p.batch, fit.shape[0]),), replace=False)]
             grads = jax.grad(loss)(lv, idx, step.astype(jnp.float32), k_drop)
             updates, state = opt.update(grads, state, lv)
+            if soft < p.steps:
+                updates = Learned(jax.tree.map(lambda d: jnp.where(step >= soft, 0.0, d), updates.v), updates.u)
             return optax.apply_updates(lv, updates), state
 
         return jax.lax.cond(step < p.steps, run, lambda c: c, carry), None

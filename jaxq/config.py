@@ -183,6 +183,12 @@ class QuantConfig:
           0 (default): every image is fitted and the final state is kept if it lowers the
           fitted error (holding a quarter out cost EfficientNet-Lite0 W4A8 QDrop agreement
           on unseen photos; `docs/accuracy.md`).
+      recon_hard_final: share of BRECQ/QDrop's steps, at the end, that hold every weight's
+          rounding hard and learn only the input step sizes against it, so the block that
+          is deployed is the one that was fitted and every rounding variable ends hard
+          (`reports["blocks"]` shows the hard share). The rounding regulariser's schedule
+          runs over the steps before them. 0 (default): the last step's soft rounding is
+          rounded at ½.
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass
@@ -240,6 +246,7 @@ class QuantConfig:
     recon_inputs: str = "float"
     recon_augment: int = 0
     recon_holdout: float = 0.0
+    recon_hard_final: float = 0.0
     recon_synthetic: int = 0
     bias_correction: bool | None = None
     memory_budget: int | None = None
@@ -354,6 +361,15 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.recon_holdout={self.recon_holdout!r} must be a number in [0, 0.5] "
                 "(the share of calibration images block reconstruction holds out; 0: none)"
+            )
+        if (
+            isinstance(self.recon_hard_final, bool)
+            or not isinstance(self.recon_hard_final, numbers.Real)
+            or not 0 <= self.recon_hard_final <= 0.5
+        ):
+            raise ValueError(
+                f"QuantConfig.recon_hard_final={self.recon_hard_final!r} must be a number in [0, 0.5] "
+                "(the share of block reconstruction's steps with the rounding held hard; 0: none)"
             )
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(

@@ -177,3 +177,31 @@ def test_the_regulariser_makes_rounding_hard_and_the_report_counts_it():
     assert float(e.hard_share) > 0.9
     _, soft = run(0.0)
     assert float(soft.hard_share) < 0.6
+
+
+def test_the_hard_final_steps_hold_the_rounding_hard_and_learn_only_the_step_sizes():
+    """`hard_final`: the first steps are the soft run of that length (the regulariser's
+    schedule over them), then every `V` stays at its hard rounding — the codes are that
+    run's, every variable is hard (even with no regulariser) — and the step sizes learn on."""
+    apply, learned, x, target = _two_layer_problem()
+    learned = learned._replace(u={"a": jnp.float32(0.0)})
+
+    def apply_scaled(lv, inputs, key):  # a learned step size that the loss depends on
+        return apply(lv, inputs * jnp.exp(lv.u["a"]), key)
+
+    def run(steps, hard_final, reg=0.01):
+        p = br.ReconParams(steps=steps, batch=16, hard_final=hard_final, schedule=br.RoundingSchedule(reg=reg))
+        return jax.jit(lambda lv, x, y, k: br.optimise(apply_scaled, lv, x, y, k, p))(
+            learned, x, target, jax.random.PRNGKey(0)
+        )
+
+    assert br.soft_steps(br.ReconParams(steps=200, hard_final=0.2)) == 160
+    soft_only, _ = run(160, 0.0)
+    kept, e = run(200, 0.2)
+    for k in ("a", "b"):
+        want = np.asarray(br.rectified_sigmoid(soft_only.v[k])) >= 0.5
+        np.testing.assert_array_equal(np.asarray(br.rectified_sigmoid(kept.v[k])) >= 0.5, want)
+    assert float(e.hard_share) == 1.0
+    assert float(kept.u["a"]) != float(soft_only.u["a"])  # the step size learned on
+    _, unregularised = run(200, 0.2, reg=0.0)
+    assert float(unregularised.hard_share) == 1.0

@@ -232,6 +232,21 @@ def test_recon_holdout_out_of_range_names_the_field(bad):
         jaxq.QuantConfig(recon_holdout=bad)
 
 
+def test_recon_hard_final_ends_every_block_with_hard_rounding():
+    net, data = _net_and_data()
+    cfg = jaxq.QuantConfig(
+        w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_hard_final=0.25
+    )
+    cal = Calibrator(net, cfg, data, progress=False).run()
+    assert cal.reports["blocks"] and all(float(r.hard_share) == 1.0 for r in cal.reports["blocks"])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.6, True, None])
+def test_recon_hard_final_out_of_range_names_the_field(bad):
+    with pytest.raises(ValueError, match=r"QuantConfig.recon_hard_final=.* must be a number in \[0, 0.5\]"):
+        jaxq.QuantConfig(recon_hard_final=bad)
+
+
 _TWICE = """
 import os, sys
 sys.path.insert(0, {here!r})
