@@ -11,7 +11,8 @@ one call per buffer size (`jaxq.update_observers_of_size`, the update traced onc
 
 Large inputs (more than `IN_PLACE_MIN` float32 values on CPU): the hook updates the
 layer's state at once, reading the activation in place through a zero-copy view —
-copying and padding them was half the cost of calibrating a CNN. The view is exact-size
+copying and padding them was half the cost of calibrating a CNN. Below `IN_PLACE_MIN` one
+batched call for every layer costs less than a call per layer in its hook. The view is exact-size
 (any size: the observers read a partial last row apart, `jaxq.observers.row_parts`),
 so each size compiles its own update; a layer whose large inputs come in more than
 `IN_PLACE_SIZES` sizes (variable-length text, say) is copied into buckets from then on.
@@ -44,7 +45,7 @@ from jaxq.observers import ROW
 MIN_BUCKET = 1024
 MAX_PENDING = 1 << 26  # floats (256 MiB) of captured inputs waiting for their update
 NUMPY_COPY_MAX = 1 << 18  # floats; above this torch's two-thread copy is faster
-IN_PLACE_MIN = 1 << 18  # floats; larger CPU float32 inputs are observed without a copy
+IN_PLACE_MIN = 1 << 21  # floats; larger CPU float32 inputs are observed without a copy (`docs/calibration.md`)
 IN_PLACE_SIZES = 2  # distinct in-place sizes per layer (one compile each), then buckets
 
 
