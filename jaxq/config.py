@@ -41,6 +41,12 @@ def _check_one_of(field: str, value, allowed) -> None:
         raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
 
 
+def _check_share(field: str, value, meaning: str) -> None:
+    """A share in [0, 0.5] (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 0.5:
+        raise ValueError(f"QuantConfig.{field}={value!r} must be a number in [0, 0.5] ({meaning}; 0: none)")
+
+
 def _normalise_layer_bits(value, field: str = "layer_bits") -> tuple:
     if value is None:
         return ()
@@ -353,24 +359,14 @@ class QuantConfig:
                 f"QuantConfig.recon_synthetic={self.recon_synthetic!r} must be an int in [0, {MAX_SYNTHETIC}] "
                 "(BN-statistics images distilled for the fitting steps)"
             )
-        if (
-            isinstance(self.recon_holdout, bool)
-            or not isinstance(self.recon_holdout, numbers.Real)
-            or not 0 <= self.recon_holdout <= 0.5
-        ):
-            raise ValueError(
-                f"QuantConfig.recon_holdout={self.recon_holdout!r} must be a number in [0, 0.5] "
-                "(the share of calibration images block reconstruction holds out; 0: none)"
-            )
-        if (
-            isinstance(self.recon_hard_final, bool)
-            or not isinstance(self.recon_hard_final, numbers.Real)
-            or not 0 <= self.recon_hard_final <= 0.5
-        ):
-            raise ValueError(
-                f"QuantConfig.recon_hard_final={self.recon_hard_final!r} must be a number in [0, 0.5] "
-                "(the share of block reconstruction's steps with the rounding held hard; 0: none)"
-            )
+        _check_share(
+            "recon_holdout", self.recon_holdout, "the share of calibration images block reconstruction holds out"
+        )
+        _check_share(
+            "recon_hard_final",
+            self.recon_hard_final,
+            "the share of block reconstruction's steps with the rounding held hard",
+        )
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(
                 f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)"
