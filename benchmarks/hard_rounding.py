@@ -19,8 +19,7 @@ import statistics
 import jaxq
 from bridge.evaluation import protocols
 from common import parse_args, timed_calibration
-
-KEY = {"efficientnet_lite0_unseen": ("agreement", "kl"), "minilm": ("mean_cos", "min_cos")}
+from held_out_blocks import KEY
 
 
 def main(argv=None):

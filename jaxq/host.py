@@ -40,6 +40,4 @@ def aligned_concatenate(parts, axis: int = 0) -> np.ndarray:
 
 def aligned_stack(parts) -> np.ndarray:
     """`np.stack(parts)` into an `aligned_empty` buffer."""
-    parts = [np.asarray(p) for p in parts]
-    out = aligned_empty((len(parts),) + parts[0].shape, np.result_type(*parts))
-    return np.stack(parts, out=out)
+    return aligned_concatenate([np.asarray(p)[None] for p in parts])
