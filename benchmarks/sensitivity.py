@@ -1,8 +1,9 @@
 """AMP fallback: model metric after falling back the top-k layers by each ranking.
 
 W4A8 (histogram activations, every layer quantized). Rankings from the first 10
-calibration samples: msModelSlim's raw output MSE, relative MSE, isolated sensitivity,
-and a random control (mean over 5 random draws). Fallback is simulated by switching
+calibration samples: msModelSlim's raw output MSE, relative MSE, isolated sensitivity
+(a forward per layer), its Fisher estimate (one forward and two backward passes), and a
+random control (mean over 5 random draws). Fallback is simulated by switching
 the chosen layers' quantization off, which computes exactly what falling back does.
 Then the metric-target search: the fewest layers (isolated ranking) to reach KL ≤ 2× the
 W8A8 histogram KL on EfficientNet-Lite0.
@@ -11,6 +12,7 @@ W8A8 histogram KL on EfficientNet-Lite0.
 from __future__ import annotations
 
 import random
+import time
 
 import jaxq
 from bridge.evaluation import protocols
@@ -40,14 +42,20 @@ def main(argv=None):
             quant_mode=1, act_method=2, quantize_first_last=True, w_bit=4, bias_correction=args.bias_correction
         )
         cal, _, _ = timed_calibration(p, cfg)
-        table = cal.sensitivity()
+        seconds = {}
+        for metric in ("isolated", "fisher"):
+            t0 = time.perf_counter()
+            cal.sensitivity(metrics=(metric,))
+            seconds[metric] = time.perf_counter() - t0
+        table = cal.sensitivity(metrics=("mse", "relative_mse", "isolated", "fisher"))
         bc = ", bias correction" if args.bias_correction else ""
         print(f"\n{name} W4A8 histogram{bc} — {key} after falling back k layers")
-        print(f"{'ranking':<14}" + "".join(f"{'k=' + str(k):>10}" for k in AMP))
-        for metric in ("mse", "relative_mse", "isolated"):
+        print(f"{'ranking':<14}" + "".join(f"{'k=' + str(k):>10}" for k in AMP) + f"{'seconds':>10}")
+        for metric in ("mse", "relative_mse", "isolated", "fisher"):
             order = table.ranked(metric)
             vals = [evaluate_with_float(p, cal, set(order[:k]))[key] for k in AMP]
-            print(f"{metric:<14}" + "".join(f"{v:>10.4f}" for v in vals), flush=True)
+            took = f"{seconds[metric]:>10.1f}" if metric in seconds else ""
+            print(f"{metric:<14}" + "".join(f"{v:>10.4f}" for v in vals) + took, flush=True)
         rng = random.Random(0)
         names = list(model_quantizers(cal.model))
         rand = [sum(evaluate_with_float(p, cal, set(rng.sample(names, k)))[key] for _ in range(5)) / 5 for k in AMP]

@@ -252,7 +252,8 @@ class Calibrator:
 
         `mse` / `relative_mse` / `cosine`: each layer's output in the fully quantized model
         against the float model, call by call; `isolated`: the model-output distance (KL
-        for logits, 1 − cosine otherwise) with only that layer quantized. Uses the first
+        for logits, 1 − cosine otherwise) with only that layer quantized; `fisher`: its
+        second-order estimate for every layer at once (`sens.fisher_sensitivity`). Uses the first
         `samples` (default `cfg.amp_samples`) calibration samples. `engine="jax"`: the
         isolated column from the JAX model in one compiled program (`jax_forward`).
         """

@@ -25,7 +25,7 @@ ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observ
 QUANT_MODES = {0: "data-free", 1: "label-free"}
 MINMAX_COMBINES = ("batch_percentile", "running")
 VIRTUAL_DATA = ("uniform", "bn_stats")
-AMP_METRICS = ("mse", "relative_mse", "isolated")
+AMP_METRICS = ("mse", "relative_mse", "isolated", "fisher")
 _DEVICE_RE = re.compile(r"(cpu|npu|cuda)(:\d+)?")
 SEED_RANGE = (0, 2**32 - 1)
 MAX_AUGMENT = 64
@@ -161,9 +161,10 @@ class QuantConfig:
           `input_shape` is the number of samples.
       virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
       amp_metric: how `amp_num` ranks layers: `"isolated"` (default: model-output distance
-          with only that layer quantized; `benchmarks/README.md` compares the rankings), `"mse"`
-          (msModelSlim's: raw output MSE in the fully quantized model) or
-          `"relative_mse"` (MSE / output variance).
+          with only that layer quantized, a forward per layer; `benchmarks/README.md`
+          compares the rankings), `"fisher"` (its second-order estimate for all layers
+          from one forward and two backward passes per batch), `"mse"` (msModelSlim's: raw
+          output MSE in the fully quantized model) or `"relative_mse"` (MSE / output variance).
       layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;
           other layers use `w_bit`), e.g. the allocation of
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.

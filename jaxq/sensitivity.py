@@ -13,10 +13,16 @@ turns a stacked bucket of them into
 
 Model-output distances for isolated sensitivity: `logits_kl` (mean KL(p_f ‖ p_q) over
 rows) and `cosine_distance`.
+
+Their second-order (Fisher) estimate: near the float output `f`, a distance `D` with
+`D(f) = 0` and `∇D(f) = 0` is `D(f + Δz) ≈ ½·Δzᵀ H Δz`. A random cotangent `c` with
+`Cov(c) = H` gives `E[(c·Δz)²] = Δzᵀ H Δz`, so one backward pass of `c` through the model
+scores every layer's output change `Δz` at once (`kl_cotangent`, `cosine_cotangent`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -74,3 +80,31 @@ def cosine_distance(fp: jax.Array, q: jax.Array) -> jax.Array:
     """`1 − cos(fp, q)` of the flattened outputs."""
     fp, q = fp.reshape(-1), q.reshape(-1)
     return 1.0 - jnp.dot(fp, q) / jnp.sqrt(jnp.maximum(jnp.dot(fp, fp) * jnp.dot(q, q), jnp.finfo(jnp.float32).tiny))
+
+
+@jax.jit
+def kl_cotangent(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """`c = onehot(y) − p`, `y ~ p = softmax(logits)` per row: `Cov(c) = diag(p) − ppᵀ`, the
+    Hessian of `KL(p ‖ softmax(z))` at `z = logits` (rows independent)."""
+    logits = logits.astype(jnp.float32)
+    y = jax.random.categorical(key, logits, axis=-1)
+    return jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32) - jax.nn.softmax(logits, axis=-1)
+
+
+@jax.jit
+def cosine_cotangent(key: jax.Array, out: jax.Array) -> jax.Array:
+    """`c = (I − f̂f̂ᵀ)·r / |f|`, `r ~ N(0, I)`: `Cov(c) = (I − f̂f̂ᵀ)/|f|²`, the Hessian of
+    `1 − cos(f, ·)` (flattened, as `cosine_distance`) at `f = out`."""
+    f = out.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(f * f), jnp.finfo(jnp.float32).tiny))
+    unit = f / norm
+    r = jax.random.normal(key, f.shape, jnp.float32)
+    return (r - unit * jnp.sum(unit * r)) / norm
+
+
+@functools.partial(jax.jit, static_argnames=("draws", "logits"))
+def output_cotangents(key: jax.Array, out: jax.Array, draws: int, logits: bool) -> jax.Array:
+    """`draws` independent cotangents stacked on a new first axis: `kl_cotangent` for 2-D
+    logits (`logits=True`), `cosine_cotangent` otherwise (the distances of `output_distance`)."""
+    sample = kl_cotangent if logits else cosine_cotangent
+    return jax.vmap(sample, (0, None))(jax.random.split(key, draws), out)

@@ -50,15 +50,12 @@ class _FakeQuantWeight(_Owned):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["owner"]
-        if not owner.quant_enabled:
+        if owner.probe is not None:
+            out = w + owner.probe * (owner.unsmoothed(owner.quantized_weight(w)) - w).detach()
+        elif not owner.quant_enabled:
             out = w
         else:
-            scheme = owner.weight_scheme
-            source = owner.smoothed_weight(w.float()) if owner.weight_codes is None else owner.dequantized_codes()
-            # float32 scales whatever `model.half()` / `.double()` made of the buffers
-            out = torch.fake_quantize_per_channel_affine(
-                source.float(), owner.weight_scale.float(), owner.weight_offset.int(), 0, scheme.qmin, scheme.qmax
-            ).to(w.dtype)
+            out = owner.quantized_weight(w)
         owner.note_weight(out)
         return out
 
@@ -69,6 +66,8 @@ class _CorrectedBias(_Owned):
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         owner = self.__dict__["owner"]
         delta = owner.module._buffers.get(DELTA)
+        if owner.probe is not None and delta is not None:
+            return b + owner.probe * delta
         if not owner.quant_enabled or delta is None:
             return b
         return (b.float() + delta).to(b.dtype)  # δ = 0 (none set) leaves b as it is
@@ -114,6 +113,7 @@ class LayerQuantizer:
         self.bias_param = "in_proj_bias" if param == "in_proj_weight" else "bias"
         self.weight_scheme, self.act_scheme, self.functional = weight_scheme, act_scheme, functional
         self.quant_enabled = False
+        self.probe: torch.Tensor | None = None  # ε of the first-order probe (`probing`); None = off
         self.weight_codes: torch.Tensor | None = None  # codes chosen by SQuant / AdaRound; None = nearest
         self.smoothing: torch.Tensor | None = None  # SmoothQuant factors s [in]; None = none
         self.listeners: list[Callable[[torch.Tensor], None]] = []
@@ -254,6 +254,20 @@ class LayerQuantizer:
         """`W·diag(s)` (float32), or `W` without smoothing."""
         return w if self.smoothing is None else w.float() * self.smoothing
 
+    def unsmoothed(self, w: torch.Tensor) -> torch.Tensor:
+        """`W·diag(1/s)`: a weight in the quantizer's coordinates back in the layer's."""
+        return w if self.smoothing is None else w / self.smoothing
+
+    def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """`Ŵ` of the original weight `w`, in the quantizer's coordinates (`W·diag(s)` with
+        SmoothQuant): the stored codes if a rounding algorithm chose them, else nearest."""
+        scheme = self.weight_scheme
+        source = self.smoothed_weight(w.float()) if self.weight_codes is None else self.dequantized_codes()
+        # float32 scales whatever `model.half()` / `.double()` made of the buffers
+        return torch.fake_quantize_per_channel_affine(
+            source.float(), self.weight_scale.float(), self.weight_offset.int(), 0, scheme.qmin, scheme.qmax
+        ).to(w.dtype)
+
     def smoothed_input(self, x):
         """`x / s` along the last axis (x itself without smoothing or for non-float values).
 
@@ -317,9 +331,13 @@ class LayerQuantizer:
         seen = self.smoothed_input(x)
         for listen in self.listeners:
             listen(seen)
-        if self.quant_enabled and self.act_quant and isinstance(x, torch.Tensor) and x.is_floating_point():
-            return self.fake_quant_input(seen)
-        return x
+        if not (self.act_quant and isinstance(x, torch.Tensor) and x.is_floating_point()):
+            return x
+        if self.probe is not None:
+            back = self.fake_quant_input(seen.detach()).float()
+            back = back if self.smoothing is None else back * self.smoothing
+            return x + self.probe * (back.to(x.dtype) - x.detach())
+        return self.fake_quant_input(seen) if self.quant_enabled else x
 
     def _pre_hook(self, _module, args, kwargs):
         if args:
@@ -401,6 +419,51 @@ def quantization(quantizers: dict, enabled=True):
         yield
     finally:
         set_quantization(quantizers, before.__getitem__)
+
+
+@contextlib.contextmanager
+def probing(quantizers: dict, eps: torch.Tensor):
+    """Context manager: every layer's quantization error enters the float model scaled by
+    its own `ε` (`eps`, `[layers, rows]`, zeros), so `∂(output)/∂ε` is the output change that
+    quantizing that layer alone causes, to first order (`bridge.studies.sensitivity.fisher_sensitivity`).
+
+    A module layer's output `y` becomes `y + ε·(y_q − y)`, `y_q` its output with its own
+    quantization on; with one ε per batch row when `y`'s first axis has `rows` entries
+    (`ε[i, 0]` for the whole output otherwise). A layer tapped at its functional call has
+    no output of its own: `W + ε·(Ŵ − W)`, `x + ε·(x̂ − x)`, `b + ε·δ` with `ε = ε[i, 0]`."""
+    if eps.dim() != 2 or eps.shape[0] != len(quantizers):
+        raise ValueError(f"probing needs eps of shape [{len(quantizers)}, rows], got {tuple(eps.shape)}")
+    rows, busy, handles = eps.shape[1], [False], []
+
+    def output_probe(name, q, e):
+        def hook(module, args, kwargs, out):
+            if busy[0] or not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+                return None
+            busy[0] = True
+            try:
+                with quantization({name: q}, True), torch.no_grad():
+                    quantized = module(*args, **kwargs)
+            finally:
+                busy[0] = False
+            per_row = rows > 1 and out.dim() > 0 and out.shape[0] == rows
+            scale = e.reshape((rows,) + (1,) * (out.dim() - 1)) if per_row else e[0]
+            return out + scale.to(out.dtype) * (quantized - out.detach())
+
+        return hook
+
+    try:
+        with quantization(quantizers, False):
+            for i, (name, q) in enumerate(quantizers.items()):
+                if q.functional:
+                    q.probe = eps[i, 0]
+                else:
+                    handles.append(q.module.register_forward_hook(output_probe(name, q, eps[i]), with_kwargs=True))
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        for q in quantizers.values():
+            q.probe = None
 
 
 def quantizer_of(module: nn.Module) -> LayerQuantizer | None:

@@ -114,9 +114,11 @@ class FunctionalTaps(TorchFunctionMode):
     # -- entering and leaving with the model's forward ------------------------------------
     def _enter(self, *_):
         if self._depth == 0:
-            # only when a tapped layer quantizes or is captured: otherwise the model takes
+            # only when a tapped layer quantizes, is captured or probed: otherwise the model takes
             # torch's own paths (the fused attention fast path), exactly as the float model does
-            self._active = any(layer.quant_enabled or layer.listeners for layer in self.layers)
+            self._active = any(
+                layer.quant_enabled or layer.listeners or layer.probe is not None for layer in self.layers
+            )
             if self._active:
                 self.__enter__()
         self._depth += 1

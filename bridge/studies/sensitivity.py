@@ -4,7 +4,9 @@
   every quantized layer's output is compared (`jaxq.sensitivity`: raw MSE — msModelSlim's
   ranking —, relative MSE, cosine). Errors accumulate through depth here.
 - `isolated_sensitivity`: only one layer quantized at a time; the distance of the model
-  output from float (KL for logits, 1 − cosine otherwise).
+  output from float (KL for logits, 1 − cosine otherwise). One forward per layer.
+- `fisher_sensitivity`: the second-order estimate of the isolated distance for every layer
+  at once (`jaxq.sensitivity`): one forward and `draws` backward passes per batch.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax
 import numpy as np
 import torch
 
 import jaxq.sensitivity as js
 from jaxq.padding import power_of_two
 from bridge.capture.data import Batch, run_model
-from bridge.inplace.fakequant import quantization, set_quantization
+from bridge.inplace.fakequant import probing, quantization, set_quantization
 from bridge.inplace.modules import weight_name
 from bridge.capture.tensors import to_jax
 
-METRICS = ("mse", "relative_mse", "cosine", "isolated")
+METRICS = ("mse", "relative_mse", "cosine", "isolated", "fisher")
+FISHER_DRAWS = 2  # cotangents per batch: rankings of Lite0 and MiniLM settle at 2 (benchmarks/sensitivity.py)
 
 
 def amp_batches(batches, samples: int) -> list[Batch]:
@@ -133,6 +137,47 @@ def isolated_sensitivity(model, layers: dict, batches: list[Batch]) -> dict[str,
     return {name: model_distance(model, layers, batches, fp, lambda n, name=name: n == name) for name in layers}
 
 
+def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = FISHER_DRAWS, seed: int = 0):
+    """Per layer: the second-order estimate of `isolated_sensitivity`, all layers at once.
+
+    Under `probing`, layer i's quantization error enters scaled by `εᵢⱼ` for batch row j
+    (the float model at `ε = 0`), so `tᵢⱼ = ∂⟨c, z⟩/∂εᵢⱼ = c·Δzᵢⱼ`, the first-order output
+    change of quantizing layer i alone in row j. With `c` drawn as
+    `jaxq.sensitivity.kl_cotangent` (2-D logits; KL is a mean over rows) or
+    `cosine_cotangent`, `½·E[Σⱼ tᵢⱼ²]` estimates the isolated distance (rows are
+    independent, so squaring per row drops only zero-mean cross terms). Mean of `draws`
+    cotangents per batch, then over batches (as `model_distance`)."""
+    names = list(layers)
+    if not names:
+        return {}
+    device = next(iter(layers.values())).weight_scale.device
+    key = jax.random.key(seed)
+    total = np.zeros(len(names))
+    for i, batch in enumerate(batches):
+        eps = torch.zeros(len(names), _rows(batch), device=device, requires_grad=True)
+        with probing(layers, eps), torch.enable_grad():
+            z = primary_output(run_model(model, batch, i))
+            if not z.requires_grad:  # no probed layer on the output's path
+                continue
+            key, sub = jax.random.split(key)
+            f = to_jax(z.detach().float().cpu().contiguous())
+            cotangents = np.array(js.output_cotangents(sub, f, draws, z.dim() == 2))
+            mean_over = z.shape[0] if z.dim() == 2 else 1
+            for k, c in enumerate(cotangents):
+                c = torch.from_numpy(c).to(device=z.device, dtype=z.dtype)
+                (t,) = torch.autograd.grad(z, eps, c, retain_graph=k + 1 < draws, allow_unused=True)
+                if t is not None:
+                    t = t.detach().double().cpu().numpy()
+                    total += 0.5 * np.square(t).sum(axis=1) / (draws * mean_over)
+    return {n: float(total[j] / len(batches)) for j, n in enumerate(names)}
+
+
+def _rows(batch: Batch) -> int:
+    """The batch size: the first axis of the first tensor input (1 if there is none)."""
+    first = next((t for t in list(batch.args) + list(batch.kwargs.values()) if isinstance(t, torch.Tensor)), None)
+    return 1 if first is None or first.dim() == 0 else int(first.shape[0])
+
+
 @dataclasses.dataclass
 class SensitivityTable:
     """Rows of per-layer sensitivity: name, kind, weight shape, metrics, quantized or not."""
@@ -212,7 +257,8 @@ def sensitivity_table(
 ) -> SensitivityTable:
     """The table of `Calibrator.sensitivity` (quantized layers, then the float ones as NaN rows).
     `isolated_by(batches)`: computes the isolated column instead of the torch loop (the JAX model)."""
-    errors = layer_output_errors(model, layers, batches) if set(metrics) - {"isolated"} else {}
+    errors = layer_output_errors(model, layers, batches) if set(metrics) - {"isolated", "fisher"} else {}
+    fisher = fisher_sensitivity(model, layers, batches) if "fisher" in metrics else {}
     if "isolated" not in metrics:
         isolated = {}
     elif isolated_by is not None:
@@ -223,7 +269,7 @@ def sensitivity_table(
     for name, w in layers.items():
         row = {"name": name, "kind": specs[name].kind, "weight_shape": tuple(w.float_weight.shape)}
         for m in metrics:
-            row[m] = isolated[name] if m == "isolated" else errors[name][m]
+            row[m] = isolated[name] if m == "isolated" else fisher[name] if m == "fisher" else errors[name][m]
         rows.append({**row, "quantized": True})
     for name, module in all_layers.items():
         if name not in layers:

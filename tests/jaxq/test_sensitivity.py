@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
@@ -34,3 +35,43 @@ def test_logits_kl_and_cosine_distance():
     assert float(js.logits_kl(p, p)) == 0.0
     assert float(js.logits_kl(p, p[:, ::-1])) > 0.5
     assert abs(float(js.cosine_distance(p, 2 * p))) < 1e-6
+
+
+def _draws(sample, out, n=4000):
+    keys = jax.random.split(jax.random.key(0), n)
+    return np.asarray(jax.vmap(lambda k: sample(k, out))(keys), np.float64)
+
+
+def test_kl_cotangent_covariance_is_the_hessian_of_kl():
+    """Cov(c) = diag(p) − ppᵀ, the Hessian of KL(p ‖ softmax(z)) at the float logits."""
+    logits = jnp.array([[2.0, 0.5, -1.0, 0.0], [0.0, 0.0, 3.0, -2.0]])
+    c = _draws(js.kl_cotangent, logits)
+    p = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    for row in range(2):
+        hessian = np.diag(p[row]) - np.outer(p[row], p[row])
+        np.testing.assert_allclose(np.cov(c[:, row].T), hessian, atol=0.02)
+        np.testing.assert_allclose(c[:, row].sum(-1), 0.0, atol=1e-5)  # onehot − p sums to 0
+    # second order: ½·E[(c·Δz)²] is KL for a small change of the logits
+    dz = 0.05 * np.array([[1.0, -2.0, 0.5, 0.0], [0.3, 0.0, -1.0, 2.0]])
+    estimate = 0.5 * np.mean(np.sum(np.einsum("nrc,rc->nr", c, dz) ** 2, axis=1)) / 2
+    exact = float(js.logits_kl(logits, logits + dz))
+    np.testing.assert_allclose(estimate, exact, rtol=0.1)
+
+
+def test_cosine_cotangent_is_orthogonal_to_the_output_and_estimates_the_distance():
+    f = jnp.array([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]])
+    c = _draws(js.cosine_cotangent, f)
+    flat = np.asarray(f, np.float64).reshape(-1)
+    np.testing.assert_allclose(c.reshape(len(c), -1) @ flat, 0.0, atol=1e-4)
+    dz = 0.01 * np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 0.0]])
+    estimate = 0.5 * np.mean(np.einsum("nrc,rc->n", c, dz) ** 2)
+    exact = float(js.cosine_distance(f, f + dz))
+    np.testing.assert_allclose(estimate, exact, rtol=0.1)
+
+
+def test_cotangents_are_deterministic_for_a_key():
+    f = jnp.arange(12.0).reshape(3, 4)
+    for sample in (js.kl_cotangent, js.cosine_cotangent):
+        a, b = sample(jax.random.key(3), f), sample(jax.random.key(3), f)
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert not np.array_equal(np.asarray(a), np.asarray(sample(jax.random.key(4), f)))

@@ -5,7 +5,10 @@ import torch
 from torch import nn
 
 from bridge import Calibrator, LayerQuantizer
+from bridge.inplace.fakequant import model_quantizers, probing
+from bridge.inplace.functional import one_attention_path
 from bridge.models.digits import accuracy, load_digits_cnn
+from bridge.studies import sensitivity as sens
 from jaxq import QuantConfig
 
 LOW_BIT = dict(quant_mode=1, act_method=1, quantize_first_last=True, w_bit=2, a_bit=4)
@@ -27,7 +30,7 @@ def test_table_has_every_layer_and_prints(calibrated):
     assert iso["features.0"] > iso["classifier.1"]
 
 
-@pytest.mark.parametrize("metric", ["mse", "relative_mse", "isolated"])
+@pytest.mark.parametrize("metric", ["mse", "relative_mse", "isolated", "fisher"])
 def test_amp_num_falls_back_the_top_ranked_layers_to_float(digits_calib, metric):
     ranking = (
         Calibrator(load_digits_cnn(), QuantConfig(**LOW_BIT), digits_calib, progress=False)
@@ -94,3 +97,52 @@ def test_second_run_keeps_the_fallback(digits_calib):
     first = list(cal.fallen_back)
     cal.run()
     assert cal.fallen_back == first and len(cal.quantized_names) == 4
+
+
+def _mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    return model, [torch.randn(256, 16) * 2 for _ in range(2)]
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+    return layer, [torch.randn(32, 6, 16) for _ in range(8)]  # functional layers: one ε per batch
+
+
+@pytest.mark.parametrize("make", [_mlp, _encoder], ids=["logits", "attention"])
+def test_fisher_estimates_the_isolated_distance_of_every_layer(make):
+    """½·E[(c·Δz)²] is the isolated distance to second order: with many draws the estimate
+    of every layer (module outputs, and attention's functional projections) is close."""
+    model, data = make()
+    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, w_bit=6)
+    cal = Calibrator(model, cfg, data, progress=False).run()
+    layers = model_quantizers(cal.model)
+    assert any(q.functional for q in layers.values()) == (make is _encoder)
+    isolated = {r["name"]: r["isolated"] for r in cal.sensitivity(metrics=("isolated",), samples=512).rows}
+    with one_attention_path():  # as the isolated forwards: no fused fast path
+        fisher = sens.fisher_sensitivity(cal.model, layers, cal.calibration_batches(512), draws=16)
+    for name in layers:
+        assert isolated[name] > 0
+        assert fisher[name] == pytest.approx(isolated[name], rel=0.3), name
+
+
+def test_probing_at_zero_is_the_float_model_and_leaves_no_trace():
+    model, data = _encoder()
+    cal = Calibrator(model, QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True), data, progress=False)
+    cal.run()
+    layers = model_quantizers(cal.model)
+    hooks = {n: len(q.module._forward_hooks) for n, q in layers.items()}
+    with torch.no_grad(), one_attention_path():
+        cal.disable_quant()
+        expected = cal.model(data[0])
+        cal.enable_quant()
+        eps = torch.zeros(len(layers), 32, requires_grad=True)
+        with probing(layers, eps):
+            assert torch.equal(cal.model(data[0]), expected)
+    assert all(q.quant_enabled and q.probe is None for q in layers.values())
+    assert {n: len(q.module._forward_hooks) for n, q in layers.items()} == hooks
+    with pytest.raises(ValueError, match="eps of shape"):
+        with probing(layers, torch.zeros(len(layers))):
+            pass
