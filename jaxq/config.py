@@ -160,11 +160,12 @@ class QuantConfig:
           BatchNorm sees its running statistics, ZeroQ-style). The batch dimension of
           `input_shape` is the number of samples.
       virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
-      amp_metric: how `amp_num` ranks layers: `"isolated"` (default: model-output distance
-          with only that layer quantized, a forward per layer; `benchmarks/README.md`
-          compares the rankings), `"fisher"` (its second-order estimate for all layers
-          from one forward and two backward passes per batch), `"mse"` (msModelSlim's: raw
-          output MSE in the fully quantized model) or `"relative_mse"` (MSE / output variance).
+      amp_metric: how `amp_num` ranks layers: `"fisher"` (default: the second-order
+          estimate of `"isolated"` for every layer from one forward and two backward passes
+          per batch), `"isolated"` (model-output distance with only that layer quantized, a
+          forward per layer; `benchmarks/README.md` compares the rankings and their cost),
+          `"mse"` (msModelSlim's: raw output MSE in the fully quantized model) or
+          `"relative_mse"` (MSE / output variance).
       layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;
           other layers use `w_bit`), e.g. the allocation of
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
@@ -247,7 +248,7 @@ class QuantConfig:
     virtual_data: str = "uniform"
     virtual_steps: int = 200
     virtual_lr: float = 0.2
-    amp_metric: str = "isolated"
+    amp_metric: str = "fisher"
     amp_samples: int = 10
     recon_rows: int = 2048
     recon_inputs: str = "float"

@@ -447,7 +447,7 @@ def probing(quantizers: dict, eps: torch.Tensor):
                 busy[0] = False
             per_row = rows > 1 and out.dim() > 0 and out.shape[0] == rows
             scale = e.reshape((rows,) + (1,) * (out.dim() - 1)) if per_row else e[0]
-            return out + scale.to(out.dtype) * (quantized - out.detach())
+            return torch.addcmul(out, scale.to(out.dtype), quantized.sub_(out.detach()))
 
         return hook
 

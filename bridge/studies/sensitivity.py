@@ -157,8 +157,12 @@ def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = F
         eps = torch.zeros(len(names), _rows(batch), device=device, requires_grad=True)
         with probing(layers, eps), torch.enable_grad():
             z = primary_output(run_model(model, batch, i))
-            if not z.requires_grad:  # no probed layer on the output's path
-                continue
+            if not z.requires_grad:
+                raise RuntimeError(
+                    f"amp_metric='fisher' needs gradients from the model's output (batch {i}) back to its "
+                    "quantized layers, and this model's forward computes its output without them "
+                    "(torch.no_grad or detach inside forward?); use amp_metric='isolated'"
+                )
             key, sub = jax.random.split(key)
             f = to_jax(z.detach().float().cpu().contiguous())
             cotangents = np.array(js.output_cotangents(sub, f, draws, z.dim() == 2))

@@ -146,3 +146,24 @@ def test_probing_at_zero_is_the_float_model_and_leaves_no_trace():
     with pytest.raises(ValueError, match="eps of shape"):
         with probing(layers, torch.zeros(len(layers))):
             pass
+
+
+def test_fisher_refuses_a_forward_without_gradients():
+    class NoGrad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            with torch.no_grad():
+                return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    data = [torch.randn(4, 8) for _ in range(2)]
+    cfg = QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True, amp_num=1)
+    model = NoGrad()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="amp_metric='isolated'"):
+        Calibrator(model, cfg, data, progress=False).run()
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
