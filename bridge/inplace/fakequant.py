@@ -113,7 +113,7 @@ class LayerQuantizer:
         self.bias_param = "in_proj_bias" if param == "in_proj_weight" else "bias"
         self.weight_scheme, self.act_scheme, self.functional = weight_scheme, act_scheme, functional
         self.quant_enabled = False
-        self.probe: torch.Tensor | None = None  # ε of the first-order probe (`probing`); None = off
+        self.probe: torch.Tensor | None = None  # ε of a functionally tapped layer under `probing`; None = off
         self.weight_codes: torch.Tensor | None = None  # codes chosen by SQuant / AdaRound; None = nearest
         self.smoothing: torch.Tensor | None = None  # SmoothQuant factors s [in]; None = none
         self.listeners: list[Callable[[torch.Tensor], None]] = []

@@ -34,8 +34,7 @@ def amp_batches(batches, samples: int) -> list[Batch]:
     out, seen = [], 0
     for b in batches:
         out.append(b)
-        first = next((t for t in list(b.args) + list(b.kwargs.values()) if isinstance(t, torch.Tensor)), None)
-        seen += 1 if first is None or first.dim() == 0 else first.shape[0]
+        seen += batch_rows(b)
         if seen >= samples:
             break
     return out
@@ -154,7 +153,7 @@ def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = F
     key = jax.random.key(seed)
     total = np.zeros(len(names))
     for i, batch in enumerate(batches):
-        eps = torch.zeros(len(names), _rows(batch), device=device, requires_grad=True)
+        eps = torch.zeros(len(names), batch_rows(batch), device=device, requires_grad=True)
         with probing(layers, eps), torch.enable_grad():
             z = primary_output(run_model(model, batch, i))
             if not z.requires_grad:
@@ -176,7 +175,7 @@ def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = F
     return {n: float(total[j] / len(batches)) for j, n in enumerate(names)}
 
 
-def _rows(batch: Batch) -> int:
+def batch_rows(batch: Batch) -> int:
     """The batch size: the first axis of the first tensor input (1 if there is none)."""
     first = next((t for t in list(batch.args) + list(batch.kwargs.values()) if isinstance(t, torch.Tensor)), None)
     return 1 if first is None or first.dim() == 0 else int(first.shape[0])
