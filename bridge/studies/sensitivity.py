@@ -22,7 +22,7 @@ import jaxq.sensitivity as js
 from jaxq.padding import power_of_two
 from bridge.capture.data import Batch, run_model
 from bridge.inplace.fakequant import probing, quantization, set_quantization
-from bridge.inplace.modules import weight_name
+from bridge.inplace.modules import layer_spec, weight_name
 from bridge.capture.tensors import to_jax
 
 METRICS = ("mse", "relative_mse", "cosine", "isolated", "fisher")
@@ -280,7 +280,7 @@ def sensitivity_table(
             rows.append(
                 {
                     "name": name,
-                    "kind": specs[name].kind if name in specs else "linear",
+                    "kind": (specs[name] if name in specs else layer_spec(name, module)).kind,
                     "weight_shape": shape,
                     **{m: float("nan") for m in metrics},
                     "quantized": False,

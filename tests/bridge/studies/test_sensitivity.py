@@ -70,6 +70,7 @@ def test_sensitivity_lists_float_layers_and_rejects_unknown_metrics(digits_calib
     cal = Calibrator(load_digits_cnn(), QuantConfig(quant_mode=1, act_method=1), digits_calib, progress=False).run()
     rows = {r["name"]: r for r in cal.sensitivity(metrics=("mse",)).rows}
     assert rows["features.0"]["quantized"] is False and math.isnan(rows["features.0"]["mse"])
+    assert rows["features.0"]["kind"] == "conv2d" and rows["classifier.1"]["kind"] == "linear"
     with pytest.raises(ValueError, match="not known"):
         cal.sensitivity(metrics=("psnr",))
 
