@@ -154,6 +154,15 @@ def test_files_from_before_the_held_out_default_changed_load_where_nothing_was_r
         Calibrator(load_digits_cnn(), brecq, digits_calib, progress=False).load_param(tmp_path / "p")
 
 
+def test_files_from_before_the_fisher_default_load_where_nothing_fell_back(digits_calib, tmp_path):
+    """`amp_metric` was "isolated" by default; it only matters with `amp_num > 0`."""
+    old = W8A8.replace(amp_metric="isolated")
+    Calibrator(load_digits_cnn(), old, digits_calib, progress=False).run().export_param(tmp_path / "p")
+    Calibrator(load_digits_cnn(), W8A8, digits_calib, progress=False).load_param(tmp_path / "p")
+    with pytest.raises(ParamFileError, match=r"another config.*amp_metric"):
+        Calibrator(load_digits_cnn(), W8A8.replace(amp_num=1), digits_calib, progress=False).load_param(tmp_path / "p")
+
+
 def test_loading_twice_is_refused_and_restore_model_undoes_a_load(exported, digits_calib):
     _cal, path = exported
     model = load_digits_cnn()
