@@ -26,7 +26,7 @@ from bridge.inplace.modules import layer_spec, weight_name
 from bridge.capture.tensors import to_jax
 
 METRICS = ("mse", "relative_mse", "cosine", "isolated", "fisher")
-FISHER_DRAWS = 2  # cotangents per batch: rankings of Lite0 and MiniLM settle at 2 (benchmarks/sensitivity.py)
+FISHER_DRAWS = 2  # cotangents per batch; its cost and ranking agreement: benchmarks/README.md (amp_cost.py)
 
 
 def amp_batches(batches, samples: int) -> list[Batch]:
