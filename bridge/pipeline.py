@@ -161,7 +161,7 @@ def _activations(ctx: Context, state: _State, step: Step, all_layers) -> StepRep
 
 
 def _weights(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
-    """Round to nearest under per-channel min-max scales, or ADMM's scales (`step.settings`),
+    """Round to nearest under per-channel scales of `cfg.w_range`, or ADMM's scales (`step.settings`),
     of the float weights as the earlier steps left them (SmoothQuant scales them)."""
     state.float_weights = {n: to_jax(q.float_weight.float()) for n, q in ctx.quantizers.items()}
     _check_weights(state.float_weights)
@@ -172,7 +172,7 @@ def _weights(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
             if step.settings is not None:
                 weights.update(jaxq.accuracy.admm_weights(group, scheme, step.settings.iters, bar.update))
             else:
-                weights.update(jaxq.quantize_weights(group, scheme))
+                weights.update(jaxq.quantize_weights(group, scheme, ctx.cfg.weight_range_for(scheme.bits)))
     state.weights = {n: weights[n] for n in state.float_weights}
     return StepReport(step.name)
 

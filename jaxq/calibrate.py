@@ -5,7 +5,7 @@ dtype under the same scheme. `quantize_weights` and `finalize_activations` stack
 bucket, run one compiled function over the layer axis, and split the result, so a model
 compiles about once per bucket and a second run with the same shapes compiles nothing.
 
-    weights:      (lo_c, hi_c) = per-channel min/max of W;  QParams ← range;  q = quantize(W)
+    weights:      (lo_c, hi_c) = per-channel range of W (`jaxq.weight_range`);  QParams ← range;  q = quantize(W)
     activations:  (lo, hi) = observer.finalize(state);      QParams ← range
 """
 
@@ -23,10 +23,11 @@ from jaxq.host import aligned_stack
 from jaxq.padding import bucket_size
 
 from jaxq.numerics import quantize
-from jaxq.observers import Observer, channel_minmax
+from jaxq.observers import Observer
 from jaxq.qparams import QParams, qparams_from_range
 from jaxq.scheme import QScheme
 from jaxq.sharding import bind, over_layers
+from jaxq.weight_range import channel_range
 
 
 class QuantizedWeight(NamedTuple):
@@ -46,17 +47,19 @@ def bucket_keys(
     return dict(buckets)
 
 
-def quantize_weight(w: jax.Array, scheme: QScheme) -> QuantizedWeight:
-    """Round-to-nearest per-channel quantization of one weight tensor (axis 0)."""
-    lo, hi = channel_minmax(w, axis=scheme.axis or 0)
+def quantize_weight(w: jax.Array, scheme: QScheme, weight_range: str = "minmax") -> QuantizedWeight:
+    """Round-to-nearest per-channel quantization of one weight tensor (axis `scheme.axis`,
+    default 0) on the channel ranges of `weight_range` (`jaxq.weight_range`)."""
+    moved = jnp.moveaxis(jnp.asarray(w, jnp.float32), scheme.axis or 0, 0)
+    lo, hi = channel_range(jnp.reshape(moved, (moved.shape[0], -1)), scheme, weight_range)
     qp = qparams_from_range(lo, hi, scheme)
     return QuantizedWeight(qp, quantize(w, qp))
 
 
-@functools.partial(jax.jit, static_argnames=("scheme",))
-def quantize_weight_bucket(ws: jax.Array, scheme: QScheme) -> QuantizedWeight:
+@functools.partial(jax.jit, static_argnames=("scheme", "weight_range"))
+def quantize_weight_bucket(ws: jax.Array, scheme: QScheme, weight_range: str = "minmax") -> QuantizedWeight:
     """`quantize_weight` over a stacked bucket `ws: [layers, *shape]`."""
-    return jax.vmap(lambda w: quantize_weight(w, scheme))(ws)
+    return jax.vmap(lambda w: quantize_weight(w, scheme, weight_range))(ws)
 
 
 def _unstack(tree, names: list[str]) -> dict[str, object]:
@@ -120,13 +123,17 @@ def map_rows(fn, inputs: Mapping[str, tuple]) -> dict[str, tuple]:
     return out
 
 
-def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[str, QuantizedWeight]:
+def quantize_weights(
+    weights: Mapping[str, jax.Array], scheme: QScheme, weight_range: str = "minmax"
+) -> dict[str, QuantizedWeight]:
     """Quantize many weights with one compiled program per row width: per-channel
     quantization treats every row of a weight's `[out, K]` matrix on its own, so rows of
     all weights of one padded width are quantized together (`map_rows`). Zeros change no
-    per-channel range (symmetric scales use `max|w|`; asymmetric ranges include 0 anyway),
-    so the result is that of `quantize_weight` on each weight, bit for bit."""
-    fn = bind(_quantize_rows, scheme=scheme.with_axis(0))
+    per-channel range (symmetric scales use `max|w|`; asymmetric ranges include 0 anyway)
+    and cost no rounding error (0 is on every grid), so the result is that of
+    `quantize_weight` on each weight, bit for bit under `"minmax"` (under `"mse"` the
+    error sums may round differently by an ulp, which can only matter at a tie)."""
+    fn = bind(_quantize_rows, scheme=scheme.with_axis(0), weight_range=weight_range)
     done = map_rows(fn, {n: (np.asarray(w).reshape(np.shape(w)[0], -1),) for n, w in weights.items()})
     out = {}
     for n, w in weights.items():
@@ -135,8 +142,8 @@ def quantize_weights(weights: Mapping[str, jax.Array], scheme: QScheme) -> dict[
     return out
 
 
-def _quantize_rows(chunk, scheme: QScheme) -> QuantizedWeight:
-    return quantize_weight_bucket(chunk[0], scheme)
+def _quantize_rows(chunk, scheme: QScheme, weight_range: str) -> QuantizedWeight:
+    return quantize_weight_bucket(chunk[0], scheme, weight_range)
 
 
 @functools.partial(jax.jit, static_argnames=("observer",))

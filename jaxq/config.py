@@ -20,6 +20,7 @@ import jax
 
 from jaxq.keep_acc import MAX_ITERS, KeepAcc, check_bool, is_int
 from jaxq.scheme import ALLOWED_BITS, QScheme
+from jaxq.weight_range import WEIGHT_RANGES
 
 ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observer"}
 QUANT_MODES = {0: "data-free", 1: "label-free"}
@@ -166,6 +167,12 @@ class QuantConfig:
           forward per layer; `benchmarks/README.md` compares the rankings and their cost),
           `"mse"` (msModelSlim's: raw output MSE in the fully quantized model) or
           `"relative_mse"` (MSE / output variance).
+      w_range: how each output channel's weight range is chosen before rounding
+          (`jaxq.weight_range`): `"minmax"` (msModelSlim: the channel's min and max) or
+          `"mse"` (that range shrunk by the factor, of 80 from 1 down to 0.2, of least
+          Σ(w − ŵ)², as BRECQ's and QDrop's weight start). None (default): `"mse"` for
+          layers whose weights are narrower than 8 bits, `"minmax"` at 8 bits (msModelSlim's
+          arithmetic); `benchmarks/README.md` measures both.
       layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;
           other layers use `w_bit`), e.g. the allocation of
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
@@ -258,6 +265,7 @@ class QuantConfig:
     recon_synthetic: int = 0
     bias_correction: bool | None = None
     memory_budget: int | None = None
+    w_range: str | None = None
     layer_bits: Any = None
     layer_act_bits: Any = None
     smooth_quant: Any = None
@@ -346,6 +354,8 @@ class QuantConfig:
         ):
             raise ValueError(f"QuantConfig.virtual_lr={self.virtual_lr!r} must be a number > 0")
         _check_one_of("amp_metric", self.amp_metric, AMP_METRICS)
+        if self.w_range is not None:
+            _check_one_of("w_range", self.w_range, WEIGHT_RANGES)
         if not is_int(self.amp_samples) or self.amp_samples < 1:
             raise ValueError(f"QuantConfig.amp_samples={self.amp_samples!r} must be an int ≥ 1")
         if not is_int(self.recon_rows) or self.recon_rows < 16:
@@ -383,6 +393,12 @@ class QuantConfig:
     def weight_bits_for(self, name: str) -> int:
         """`w_bit`, or the bits of the first `layer_bits` pattern matching `name`."""
         return _bits_for(name, self.layer_bits, self.w_bit)
+
+    def weight_range_for(self, bits: int) -> str:
+        """`w_range`, resolved for weights of `bits` bits (None: `"mse"` below 8 bits)."""
+        if self.w_range is not None:
+            return self.w_range
+        return "mse" if bits < 8 else "minmax"
 
     def weight_scheme_for(self, name: str) -> QScheme:
         """The weight quantizer of layer `name` (`weight_scheme` with its `layer_bits`)."""

@@ -132,3 +132,20 @@ def test_a_layer_act_bits_pattern_matching_nothing_names_the_nearest(calib):
 
     with pytest.raises(LayerNameError, match="layer_act_bits"):
         Calibrator(load_digits_cnn(), jaxq.QuantConfig(layer_act_bits={"feature.3": 4}), calib, progress=False)
+
+
+def test_layers_narrower_than_eight_bits_get_mse_ranges_and_eight_bit_layers_min_max(calib):
+    by_default, minmax = _cal(calib), _cal(calib, w_range="minmax")
+    for name, rec in by_default.records.items():
+        ref = minmax.records[name]
+        if by_default.quantizers[name].weight_scheme.bits == 8:
+            np.testing.assert_array_equal(rec.weight_scale, ref.weight_scale)
+            np.testing.assert_array_equal(rec.codes, ref.codes)
+        else:
+            assert np.all(rec.weight_scale <= ref.weight_scale) and np.any(rec.weight_scale < ref.weight_scale)
+            w = by_default.quantizers[name].float_weight.detach().numpy().reshape(len(rec.codes), -1)
+
+            def error(r):
+                return np.sum((r.codes.reshape(len(w), -1) * r.weight_scale.reshape(-1, 1) - w) ** 2)
+
+            assert error(rec) < error(ref)  # symmetric grid: ŵ = q·s
