@@ -42,9 +42,7 @@ def main(argv=None):
                 cfg = jaxq.QuantConfig(quant_mode=1, w_range=w_range, **CASES[case])
                 cal, _, _ = timed_calibration(p, cfg)  # compiles
                 m = p.evaluate(cal.model)
-                warm = statistics.median(
-                    timed_calibration(p, cfg, include_setup=False)[1] for _ in range(args.repeats)
-                )
+                warm = statistics.median(timed_calibration(p, cfg, include_setup=False)[1] for _ in range(args.repeats))
                 print(
                     f"{case:<16}{w_range:<9}" + "".join(f"{m[k]:>11.4f}" for k in keys) + f"{warm:>8.2f}",
                     flush=True,

@@ -161,7 +161,7 @@ def _activations(ctx: Context, state: _State, step: Step, all_layers) -> StepRep
 
 
 def _weights(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
-    """Round to nearest under per-channel scales of `cfg.w_range`, or ADMM's scales (`step.settings`),
+    """Round to nearest under per-channel scales of `cfg.w_range`, or ADMM's scales from there (`step.settings`),
     of the float weights as the earlier steps left them (SmoothQuant scales them)."""
     state.float_weights = {n: to_jax(q.float_weight.float()) for n, q in ctx.quantizers.items()}
     _check_weights(state.float_weights)
@@ -169,10 +169,11 @@ def _weights(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     with ctx.bar("jaxq admm", len(state.float_weights), disable=step.settings is None) as bar:
         for scheme, names in _by_scheme(ctx).items():  # one group unless cfg.layer_bits sets other widths
             group = {n: state.float_weights[n] for n in names}
+            weight_range = ctx.cfg.weight_range_for(scheme.bits)
             if step.settings is not None:
-                weights.update(jaxq.accuracy.admm_weights(group, scheme, step.settings.iters, bar.update))
+                weights.update(jaxq.accuracy.admm_weights(group, scheme, step.settings.iters, bar.update, weight_range))
             else:
-                weights.update(jaxq.quantize_weights(group, scheme, ctx.cfg.weight_range_for(scheme.bits)))
+                weights.update(jaxq.quantize_weights(group, scheme, weight_range))
     state.weights = {n: weights[n] for n in state.float_weights}
     return StepReport(step.name)
 

@@ -49,10 +49,12 @@ class LayerRows(NamedTuple):
 
 
 def admm_weights(
-    weights: Mapping[str, jax.Array], scheme: QScheme, iters: int, progress=None
+    weights: Mapping[str, jax.Array], scheme: QScheme, iters: int, progress=None, weight_range: str = "minmax"
 ) -> dict[str, QuantizedWeight]:
-    """ADMM-refined per-channel quantizers of many weights."""
-    return map_buckets(bind(admm_quantize_bucket, scheme=scheme, iters=iters), weights, progress)
+    """ADMM-refined per-channel quantizers of many weights, each from its `weight_range` start."""
+    return map_buckets(
+        bind(admm_quantize_bucket, scheme=scheme, iters=iters, weight_range=weight_range), weights, progress
+    )
 
 
 def _squant_bucket(t):

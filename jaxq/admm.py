@@ -1,13 +1,14 @@
 """ADMM weight-scale refinement (msModelSlim `keep_acc['admm']`), per output channel.
 
-Alternating least squares on each channel's quantizer, starting from the min-max one:
+Alternating least squares on each channel's quantizer, starting from the round-to-nearest
+one of `weight_range` (`jaxq.weight_range`: min-max, or the grid search of least error):
 
     symmetric:   q = clamp(round(W · (1/s)), qmin, qmax)         s ← ⟨W, q⟩ / ⟨q, q⟩
     asymmetric:  q = clamp(round(W · (1/s)) + o, qmin, qmax)     (a, c) ← argmin ‖W − (a·q + c)‖²
                                                                 s ← a,  o ← clamp(round(−c / a))
 
 Every step's quantizer is scored by the channel's weight error ‖W − (q − o)·s‖², and the
-best one seen is kept (the min-max start included), so the result is never worse than
+best one seen is kept (the start included), so the result is never worse than
 round-to-nearest on any channel. A step replaces the best only when it lowers the error by
 more than `MIN_GAIN` (relative): smaller gains are float32 summation noise, and "never
 worse" must hold however the error is summed. The loop stops after `iters` steps or as soon as the
@@ -56,11 +57,11 @@ def least_squares_step(w2: jax.Array, qp: QParams) -> QParams:
     return QParams(a, jnp.where(ok, offset, qp.offset), scheme)
 
 
-def admm_quantize(w: jax.Array, scheme: QScheme, iters: int) -> QuantizedWeight:
+def admm_quantize(w: jax.Array, scheme: QScheme, iters: int, weight_range: str = "minmax") -> QuantizedWeight:
     """Per-channel quantizer of `w` (axis 0) refined by up to `iters` alternations."""
     w = jnp.asarray(w, jnp.float32)
     w2 = jnp.reshape(w, (w.shape[0], -1))
-    start = quantize_weight(w, scheme).qparams
+    start = quantize_weight(w, scheme, weight_range).qparams
     flat_scheme = scheme.with_axis(0)  # channels are rows of w2
     start = QParams(start.scale, start.offset, flat_scheme)
 
@@ -85,7 +86,7 @@ def admm_quantize(w: jax.Array, scheme: QScheme, iters: int) -> QuantizedWeight:
     return QuantizedWeight(qp, quantize(w, qp))
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "iters"))
-def admm_quantize_bucket(ws: jax.Array, scheme: QScheme, iters: int) -> QuantizedWeight:
+@functools.partial(jax.jit, static_argnames=("scheme", "iters", "weight_range"))
+def admm_quantize_bucket(ws: jax.Array, scheme: QScheme, iters: int, weight_range: str = "minmax") -> QuantizedWeight:
     """`admm_quantize` over a stacked bucket `ws: [layers, *shape]`."""
-    return jax.vmap(lambda w: admm_quantize(w, scheme, iters))(ws)
+    return jax.vmap(lambda w: admm_quantize(w, scheme, iters, weight_range))(ws)

@@ -20,7 +20,7 @@ import jax
 
 from jaxq.keep_acc import MAX_ITERS, KeepAcc, check_bool, is_int
 from jaxq.scheme import ALLOWED_BITS, QScheme
-from jaxq.weight_range import WEIGHT_RANGES
+from jaxq.weight_range import MSE_RANGE_BITS, WEIGHT_RANGES
 
 ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observer"}
 QUANT_MODES = {0: "data-free", 1: "label-free"}
@@ -171,8 +171,9 @@ class QuantConfig:
           (`jaxq.weight_range`): `"minmax"` (msModelSlim: the channel's min and max) or
           `"mse"` (that range shrunk by the factor, of 80 from 1 down to 0.2, of least
           Σ(w − ŵ)², as BRECQ's and QDrop's weight start). None (default): `"mse"` for
-          layers whose weights are narrower than 8 bits, `"minmax"` at 8 bits (msModelSlim's
-          arithmetic); `benchmarks/README.md` measures both.
+          layers with weights of at most `MSE_RANGE_BITS` (4) bits, `"minmax"` wider
+          (msModelSlim's arithmetic at 8 bits; at 6 bits the search did not help);
+          `benchmarks/README.md` measures both.
       layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;
           other layers use `w_bit`), e.g. the allocation of
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
@@ -395,10 +396,10 @@ class QuantConfig:
         return _bits_for(name, self.layer_bits, self.w_bit)
 
     def weight_range_for(self, bits: int) -> str:
-        """`w_range`, resolved for weights of `bits` bits (None: `"mse"` below 8 bits)."""
+        """`w_range`, resolved for weights of `bits` bits (None: `"mse"` up to `MSE_RANGE_BITS`)."""
         if self.w_range is not None:
             return self.w_range
-        return "mse" if bits < 8 else "minmax"
+        return "mse" if bits <= MSE_RANGE_BITS else "minmax"
 
     def weight_scheme_for(self, name: str) -> QScheme:
         """The weight quantizer of layer `name` (`weight_scheme` with its `layer_bits`)."""

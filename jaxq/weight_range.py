@@ -2,7 +2,7 @@
 
     "minmax":  [lo_c, hi_c] = [min_k W_ck, max_k W_ck]                    (msModelSlim)
     "mse":     r_c·[lo_c, hi_c],  r_c = argmin_{r ∈ R} Σ_k |W_ck − ŵ_ck(r)|^P
-               R = {1, 1 − (1 − MIN_RATIO)/(GRID − 1), …, MIN_RATIO},  
+               R = {1, 1 − (1 − MIN_RATIO)/(GRID − 1), …, MIN_RATIO},
 `ŵ(r)` is the fake quantization (`jaxq.numerics.fake_quant`) under the scale and offset of
 `r·[lo, hi]`. Clipping a few outlying weights buys a finer step for all the others; at
 4 bits that step matters more than the clipped tails (BRECQ's and QDrop's weight start
@@ -20,6 +20,7 @@ from jaxq.qparams import qparams_from_range
 from jaxq.scheme import QScheme
 
 WEIGHT_RANGES = ("minmax", "mse")
+MSE_RANGE_BITS = 4  # `QuantConfig(w_range=None)` searches weights of at most this many bits
 GRID = 80
 MIN_RATIO = 0.2
 

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.e2e
 
 
 def _metric(p, **cfg):
-    base = dict(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=False)  # each algorithm alone
+    # each algorithm alone, against msModelSlim's round to nearest (min-max weight ranges)
+    base = dict(quant_mode=1, act_method=1, quantize_first_last=True, bias_correction=False, w_range="minmax")
     cal = Calibrator(p.make_model(), jaxq.QuantConfig(**{**base, **cfg}), p.calib_data, progress=False).run()
     return p.evaluate(cal.model)
 
@@ -37,8 +38,14 @@ def test_minilm_w4a8_admm_and_adaround_beat_round_to_nearest(minilm):
     both = _metric(minilm, w_bit=4, recon_rows=1024, keep_acc={"admm": [True, 100], "adaround": [True, 150]})[
         "mean_cos"
     ]
+    searched = _metric(minilm, w_bit=4, w_range="mse")["mean_cos"]  # the default start at 4 bits
+    searched_admm = _metric(minilm, w_bit=4, w_range="mse", keep_acc={"admm": [True, 100]})["mean_cos"]
     assert rtn < admm - 0.01 and admm < both - 0.01, (rtn, admm, both)
-    print(f"W4A8 mean cosine: round-to-nearest {rtn:.4f}, ADMM {admm:.4f}, ADMM + AdaRound {both:.4f}")
+    assert rtn < searched - 0.005 and searched_admm > searched - 0.002, (rtn, searched, searched_admm)
+    print(
+        f"W4A8 mean cosine: round-to-nearest {rtn:.4f}, ADMM {admm:.4f}, ADMM + AdaRound {both:.4f}; "
+        f"from the searched range: {searched:.4f}, + ADMM {searched_admm:.4f}"
+    )
 
 
 def test_efficientnet_w4a8_squant_beats_round_to_nearest(efficientnet):

@@ -5,6 +5,7 @@ from hypothesis import example, given, settings, strategies as st
 import jaxq
 from jaxq import QScheme
 from jaxq.admm import MIN_GAIN, admm_quantize
+from jaxq.weight_range import WEIGHT_RANGES
 
 
 def numpy_admm(w, bits, signed, iters):
@@ -56,14 +57,17 @@ def test_matches_numpy_reference_symmetric():
     signed=st.booleans(),
     symmetric=st.booleans(),
     heavy=st.booleans(),
+    weight_range=st.sampled_from(WEIGHT_RANGES),
 )
-@example(seed=0, bits=6, signed=False, symmetric=True, heavy=False)  # a float32 near-tie once broke "never worse"
-def test_never_worse_than_round_to_nearest_on_any_channel(seed, bits, signed, symmetric, heavy):
+@example(
+    seed=0, bits=6, signed=False, symmetric=True, heavy=False, weight_range="minmax"
+)  # a float32 near-tie once broke "never worse"
+def test_never_worse_than_round_to_nearest_on_any_channel(seed, bits, signed, symmetric, heavy, weight_range):
     rng = np.random.default_rng(seed)
     w = rng.standard_t(2, (8, 40)) if heavy else rng.standard_normal((8, 40))
     w = jnp.asarray(w.astype(np.float32))
     scheme = QScheme(bits, signed, symmetric, 0)
-    rtn, admm = jaxq.quantize_weight(w, scheme), admm_quantize(w, scheme, 30)
+    rtn, admm = jaxq.quantize_weight(w, scheme, weight_range), admm_quantize(w, scheme, 30, weight_range)
     assert np.all(_errors(w, admm) <= _errors(w, rtn))
     q = np.asarray(admm.q)
     assert q.min() >= scheme.qmin and q.max() <= scheme.qmax

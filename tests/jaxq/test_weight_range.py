@@ -73,8 +73,10 @@ def test_an_unknown_range_is_refused_by_name():
         channel_range(np.ones((2, 3), np.float32), SCHEMES[0], "percentile")
 
 
-def test_config_resolves_mse_below_eight_bits_and_names_a_bad_value():
+def test_config_resolves_mse_up_to_four_bits_and_names_a_bad_value():
     assert jaxq.QuantConfig(w_bit=4).weight_range_for(4) == "mse"
+    assert jaxq.QuantConfig(w_bit=3).weight_range_for(3) == "mse"
+    assert jaxq.QuantConfig(w_bit=6).weight_range_for(6) == "minmax"
     assert jaxq.QuantConfig().weight_range_for(8) == "minmax"
     assert jaxq.QuantConfig(w_range="minmax").weight_range_for(4) == "minmax"
     assert jaxq.QuantConfig(w_range="mse").weight_range_for(8) == "mse"
