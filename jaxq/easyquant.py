@@ -9,8 +9,9 @@ rows `X_q` at the same positions (`X_q = X` to optimise against float inputs), a
     weights:     S_c ← argmax_{β ∈ grid} cos(Y_c, Ŷ_c(β·S_c))   per output channel c
 
 with `grid = linspace(0.5, 2, candidates)` and the zero points kept. The current scale is
-always a candidate and a new one is taken only when it is strictly better, so the cosine on
-the calibration rows never decreases. The search fits `ROWS` rows and a layer keeps the
+always a candidate and a new one is taken only when it is strictly better; since channel
+cosines that each rise can still lower the layer's, the found scales are kept only where the
+layer cosine on the calibration rows does not decrease. The search fits `ROWS` rows and a layer keeps the
 found scales only if they also raise its cosine on the next `ROWS` (held out; measured
 in `benchmarks/README.md`). The candidate axis is a `vmap`, evaluated in chunks (`lax.map`) to bound
 memory; the layer cosines of wide layers are summed a few hundred rows at a time (`row_step`).
@@ -246,12 +247,15 @@ def easy_quant(
 
     # a loop, not unrolled rounds: one copy of the search to compile per layer shape
     act, weight = jax.lax.fori_loop(0, rounds, one_round, (act, weight))
+    # channel cosines that each rise can still lower the layer's: keep only a layer-wide gain
+    after = layer_cosine(rows, y, wg, b, act, weight, step)
+    keep = after >= before
     if rows.shape[0] > ROWS:
         y_held = rows_forward(wg, b, target[ROWS : 2 * ROWS])
         new = layer_cosine(rows, y_held, wg, b, act, weight, step, first=ROWS)
-        keep = new > layer_cosine(rows, y_held, wg, b, act0, weight0, step, first=ROWS)
-        act, weight = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), (act, weight), (act0, weight0))
-    return EasyQuantResult(act, weight, before, layer_cosine(rows, y, wg, b, act, weight, step))
+        keep &= new > layer_cosine(rows, y_held, wg, b, act0, weight0, step, first=ROWS)
+    act, weight = jax.tree_util.tree_map(lambda new, old: jnp.where(keep, new, old), (act, weight), (act0, weight0))
+    return EasyQuantResult(act, weight, before, jnp.where(keep, after, before))
 
 
 @functools.partial(jax.jit, static_argnames=("candidates", "rounds"))
