@@ -172,8 +172,8 @@ class QuantConfig:
           `"mse"` (that range shrunk by the factor, of 80 from 1 down to 0.2, of least
           Σ(w − ŵ)², as BRECQ's and QDrop's weight start). None (default): `"mse"` for
           layers with weights of at most `MSE_RANGE_BITS` (4) bits, `"minmax"` wider
-          (msModelSlim's arithmetic at 8 bits; at 6 bits the search did not help);
-          `benchmarks/README.md` measures both.
+          (msModelSlim's arithmetic at 8 bits); `benchmarks/README.md` measures both at
+          4 and 6 bits.
       layer_bits: per-layer weight bit widths, `{name or glob: bits}` (first match wins;
           other layers use `w_bit`), e.g. the allocation of
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.

@@ -1,13 +1,16 @@
 """Per-channel weight ranges: the channel's extremes, or its range shrunk to the least rounding error.
 
     "minmax":  [lo_c, hi_c] = [min_k W_ck, max_k W_ck]                    (msModelSlim)
-    "mse":     r_c·[lo_c, hi_c],  r_c = argmin_{r ∈ R} Σ_k |W_ck − ŵ_ck(r)|^P
-               R = {1, 1 − (1 − MIN_RATIO)/(GRID − 1), …, MIN_RATIO},
+    "mse":     r_c·[lo_c, hi_c],  r_c = argmin_{r ∈ R} Σ_k (W_ck − ŵ_ck(r))²
+               R = {1, 1 − (1 − MIN_RATIO)/(GRID − 1), …, MIN_RATIO}
+
 `ŵ(r)` is the fake quantization (`jaxq.numerics.fake_quant`) under the scale and offset of
 `r·[lo, hi]`. Clipping a few outlying weights buys a finer step for all the others; at
-4 bits that step matters more than the clipped tails (BRECQ's and QDrop's weight start
-uses this search with the same exponent). A zero weight (the padding of `map_rows`) costs
-nothing under any `r`: zero is on every grid of `jaxq.qparams.qparams_from_range`.
+4 bits that step matters more than the clipped tails. BRECQ and QDrop start from this
+search with the exponent 2.4 instead of 2; the square is a product where the power costs a
+logarithm and an exponential per weight (`benchmarks/README.md` compares the two). A zero
+weight (the padding of `map_rows`) costs nothing under any `r`: zero is on every grid of
+`jaxq.qparams.qparams_from_range`.
 """
 
 from __future__ import annotations
