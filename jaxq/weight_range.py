@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.numerics import fake_quant
+from jaxq.observers import channel_minmax
 from jaxq.qparams import qparams_from_range
 from jaxq.scheme import QScheme
 
@@ -53,7 +54,7 @@ def channel_range(flat: jax.Array, scheme: QScheme, method: str = "minmax") -> t
     if method not in WEIGHT_RANGES:
         raise ValueError(f"weight range {method!r} is not one of {WEIGHT_RANGES}")
     flat = jnp.asarray(flat, jnp.float32)
-    lo, hi = jnp.min(flat, axis=1), jnp.max(flat, axis=1)
+    lo, hi = channel_minmax(flat, axis=0)
     if method == "minmax":
         return lo, hi
     r = channel_ratios(flat, lo, hi, scheme)
