@@ -3,14 +3,17 @@
     python benchmarks/reconstruction_data.py
     python benchmarks/reconstruction_data.py --subsets 1 2 3 --cases 2048:0 2048:2 6144:0 --algo adaround
     python benchmarks/reconstruction_data.py --algo qdrop --cases 2048:0:0 2048:0:0.25
+    python benchmarks/reconstruction_data.py --cases 2048:0:0:0 2048:0:0:32 --w-range minmax
 
 EfficientNet-Lite0 W4A8 histogram, `quantize_first_last="8bit"`, bias correction on. Each
 calibration subset is 64 crops of the five calibration photos drawn with its own seed; every
 case is evaluated on 128 crops of the three other photos (agreement / KL with the float
 model) and on 128 new crops of the calibration photos, so the gap between the two shows
 what reconstruction learned of the photos rather than of the model. Rows: mean ± std over
-the subsets. A case is `recon_rows:recon_augment[:recon_holdout]`; for block reconstruction
-the table adds the blocks that kept learned codes and the mean share of hard rounding
+the subsets. A case is `recon_rows:recon_augment[:recon_holdout[:recon_synthetic]]`;
+`--w-range` sets `w_range` (default: the config's, the searched range at 4 bits) and
+`--recon-inputs` sets `recon_inputs`; `--algo rtn` is round to nearest. For block
+reconstruction the table adds the blocks that kept learned codes and the mean share of hard rounding
 variables in the kept states (`Calibrator.reports["blocks"]`).
 """
 
@@ -25,8 +28,9 @@ import torch
 import jaxq
 from bridge import Calibrator, jit_cache
 from bridge.evaluation import metrics, zoo
+from jaxq.weight_range import WEIGHT_RANGES
 
-ALGOS = {"adaround": {"adaround": [True, 1000]}, "qdrop": {"qdrop": [True, 300]}, "gptq": {"gptq": True}}
+ALGOS = {"rtn": {}, "adaround": {"adaround": [True, 1000]}, "qdrop": {"qdrop": [True, 300]}, "gptq": {"gptq": True}}
 
 
 def _evaluate(model, sets) -> dict:
@@ -46,9 +50,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subsets", type=int, nargs="*", default=[1, 2, 3], help="seeds of the calibration crops")
     ap.add_argument(
-        "--cases", nargs="*", default=["2048:0", "2048:2", "6144:0"], help="recon_rows:recon_augment[:recon_holdout]"
+        "--cases",
+        nargs="*",
+        default=["2048:0", "2048:2", "6144:0"],
+        help="recon_rows:recon_augment[:recon_holdout[:recon_synthetic]]",
     )
     ap.add_argument("--algo", choices=sorted(ALGOS), default="adaround")
+    ap.add_argument("--w-range", choices=WEIGHT_RANGES, default=None)
+    ap.add_argument("--recon-inputs", choices=("float", "quantized"), default="float")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -58,7 +67,8 @@ def main(argv=None):
     for name, which in (("unseen", zoo.UNSEEN_PHOTOS), ("calib photos", zoo.CALIBRATION_PHOTOS)):
         images = zoo.image_crops(128, seed=2 if name == "unseen" else 1003, which=which)  # no subset seed
         sets[name] = (images, metrics.logits(float_model, images))
-    print(f"{args.algo} W4A8, first/last 8 bit; subsets {args.subsets}", flush=True)
+    settings = f"w_range={args.w_range}, recon_inputs={args.recon_inputs}"
+    print(f"{args.algo} W4A8, first/last 8 bit, {settings}; subsets {args.subsets}", flush=True)
     print(
         f"{'case':<14}{'unseen agreement':>18}{'unseen KL':>16}{'calib-photo agr.':>18}{'gap':>16}{'s':>7}"
         f"{'blocks kept':>13}{'hard':>7}"
@@ -67,6 +77,7 @@ def main(argv=None):
         parts = case.split(":")
         rows, augment = int(parts[0]), int(parts[1])
         holdout = float(parts[2]) if len(parts) > 2 else jaxq.QuantConfig().recon_holdout
+        synthetic = int(parts[3]) if len(parts) > 3 else 0
         unseen_a, unseen_kl, seen_a, seconds, kept, hard = [], [], [], [], [], []
         for subset in args.subsets:
             crops = zoo.image_crops(64, seed=subset, which=zoo.CALIBRATION_PHOTOS)
@@ -81,6 +92,9 @@ def main(argv=None):
                 recon_rows=rows,
                 recon_augment=augment,
                 recon_holdout=holdout,
+                recon_synthetic=synthetic,
+                w_range=args.w_range,
+                recon_inputs=args.recon_inputs,
             )
             t = time.perf_counter()
             cal = Calibrator(zoo.efficientnet_lite0(), cfg, calib, progress=False).run()
