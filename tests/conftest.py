@@ -19,9 +19,14 @@ def pytest_configure(config):
     """One persistent JAX compilation cache shared by the processes the suite starts (the
     notebooks, tests/test_notebooks.py, load what an earlier one compiled). The suite's own
     process writes no entries: JAX's cache write has crashed it (a segfault in
-    `put_executable_and_time`) after thousands of compilations, late in the run."""
-    cache = tempfile.mkdtemp(prefix="jaxq-tests-jit-cache-")
-    config._jaxq_jit_cache = cache
+    `put_executable_and_time`) after thousands of compilations, late in the run. Under
+    pytest-xdist the workers share the controller's directory (its environment reaches them)."""
+    inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.path.isdir(inherited):
+        cache = inherited  # the controller made it and removes it
+    else:
+        cache = tempfile.mkdtemp(prefix="jaxq-tests-jit-cache-")
+        config._jaxq_jit_cache = cache
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
     for name, value in _CACHE_SETTINGS.items():
         os.environ[name.upper()] = str(value)
@@ -40,7 +45,8 @@ def _release_compiled_programs():
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(getattr(config, "_jaxq_jit_cache", ""), ignore_errors=True)
+    if hasattr(config, "_jaxq_jit_cache"):
+        shutil.rmtree(config._jaxq_jit_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
