@@ -179,8 +179,7 @@ class QuantConfig:
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
       layer_act_bits: per-layer input (activation) bit widths, the same form; other
           layers use `a_bit`.
-      amp_samples: calibration samples the ranking uses (msModelSlim: the first 10): whole
-          batches, the last one cut to the rows still needed where its inputs allow.
+      amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for AdaRound and GPTQ; EasyQuant reads at most 1,024 of them.
       recon_augment: augmented copies of each calibration image that the reconstruction

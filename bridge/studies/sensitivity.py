@@ -30,28 +30,14 @@ FISHER_DRAWS = 2  # cotangents per batch; its cost and ranking agreement: benchm
 
 
 def amp_batches(batches, samples: int) -> list[Batch]:
-    """The first `samples` samples (msModelSlim uses 10): whole batches, and of the last one
-    the rows still needed (`first_rows`) — a batch of 8 gives 10 samples, not 16."""
+    """The first batches holding at least `samples` samples (msModelSlim uses 10)."""
     out, seen = [], 0
     for b in batches:
-        b = first_rows(b, samples - seen)
         out.append(b)
         seen += batch_rows(b)
         if seen >= samples:
             break
     return out
-
-
-def first_rows(batch: Batch, count: int) -> Batch:
-    """`batch` cut to its first `count` rows when every input is a tensor with rows on its
-    first axis (`batch_rows` of them); any other batch (a nested or non-tensor input, a
-    tensor of another length) is kept whole, as the model may not take part of it."""
-    rows = batch_rows(batch)
-    inputs = list(batch.args) + list(batch.kwargs.values())
-    batch_major = all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows for t in inputs)
-    if count >= rows or not batch_major:
-        return batch
-    return Batch(tuple(t[:count] for t in batch.args), {k: t[:count] for k, t in batch.kwargs.items()})
 
 
 def _padded(t: torch.Tensor) -> tuple:
