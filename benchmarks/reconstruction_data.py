@@ -28,6 +28,7 @@ import torch
 import jaxq
 from bridge import Calibrator, jit_cache
 from bridge.evaluation import metrics, zoo
+from jaxq.config import RECON_INPUTS
 from jaxq.weight_range import WEIGHT_RANGES
 
 ALGOS = {"rtn": {}, "adaround": {"adaround": [True, 1000]}, "qdrop": {"qdrop": [True, 300]}, "gptq": {"gptq": True}}
@@ -57,7 +58,7 @@ def main(argv=None):
     )
     ap.add_argument("--algo", choices=sorted(ALGOS), default="adaround")
     ap.add_argument("--w-range", choices=WEIGHT_RANGES, default=None)
-    ap.add_argument("--recon-inputs", choices=("float", "quantized"), default="float")
+    ap.add_argument("--recon-inputs", choices=RECON_INPUTS, default=jaxq.QuantConfig().recon_inputs)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
