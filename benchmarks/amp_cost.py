@@ -4,6 +4,7 @@
 
     python benchmarks/amp_cost.py                          # EfficientNet-Lite0, MiniLM, three architectures
     python benchmarks/amp_cost.py --models efficientnet_lite0 --w-bit 6
+    python benchmarks/amp_cost.py --rankings fisher           # the default ranking only
 
 Default W8A8 config (`--w-bit` changes the weight bits). Each cell: median of `--runs` warm
 runs in one process (a fresh `Calibrator` on the restored model each time; one cold run of
@@ -40,6 +41,7 @@ def main(argv=None) -> None:
     def extra(ap):
         ap.add_argument("--runs", type=int, default=3)
         ap.add_argument("--w-bit", type=int, default=8)
+        ap.add_argument("--rankings", nargs="*", default=["isolated", "fisher"], choices=["isolated", "fisher"])
 
     warnings.simplefilter("ignore")
     args = parse_args(__doc__, ["efficientnet_lite0", "minilm", "pnet", "efficientnet_260", "vgg_unet"], argv, extra)
@@ -47,7 +49,8 @@ def main(argv=None) -> None:
     for name in args.models:
         model, data, protocol = _model_and_data(name)
         seconds, chosen, metric = {}, {}, {}
-        for label, fields in SETTINGS.items():
+        settings = {k: v for k, v in SETTINGS.items() if k == "amp_num=0" or k in args.rankings}
+        for label, fields in settings.items():
             cfg = jaxq.QuantConfig(w_bit=args.w_bit, **fields)
             times = []
             for run in range(args.runs + 1):
@@ -61,9 +64,11 @@ def main(argv=None) -> None:
                 cal.restore()
             seconds[label] = statistics.median(times)
         base = seconds["amp_num=0"]
-        for label in SETTINGS:
+        for label in settings:
             m = ", ".join(f"{k} {v:.4f}" for k, v in metric.get(label, {}).items())
             print(f"{name:<18} {label:<10} {seconds[label]:>7.2f} s {seconds[label] / base:>6.2f}×  {m}", flush=True)
+        if len(settings) < 3:
+            continue
         shared = set(chosen["isolated"]) & set(chosen["fisher"])
         print(f"{name:<18} both rankings fall back {len(shared)} of 5: {sorted(shared)}", flush=True)
 

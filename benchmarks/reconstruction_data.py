@@ -12,7 +12,8 @@ model) and on 128 new crops of the calibration photos, so the gap between the tw
 what reconstruction learned of the photos rather than of the model. Rows: mean ± std over
 the subsets. A case is `recon_rows:recon_augment[:recon_holdout[:recon_synthetic]]`;
 `--w-range` sets `w_range` (default: the config's, the searched range at 4 bits) and
-`--recon-inputs` sets `recon_inputs`; `--algo rtn` is round to nearest. For block
+`--recon-inputs` sets `recon_inputs` and `--virtual-steps` the distillation's Adam steps
+(`virtual_steps`); `--algo rtn` is round to nearest. For block
 reconstruction the table adds the blocks that kept learned codes and the mean share of hard rounding
 variables in the kept states (`Calibrator.reports["blocks"]`).
 """
@@ -59,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--algo", choices=sorted(ALGOS), default="adaround")
     ap.add_argument("--w-range", choices=WEIGHT_RANGES, default=None)
     ap.add_argument("--recon-inputs", choices=RECON_INPUTS, default=jaxq.QuantConfig().recon_inputs)
+    ap.add_argument("--virtual-steps", type=int, default=jaxq.QuantConfig().virtual_steps, help="distillation steps")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -68,7 +70,7 @@ def main(argv=None):
     for name, which in (("unseen", zoo.UNSEEN_PHOTOS), ("calib photos", zoo.CALIBRATION_PHOTOS)):
         images = zoo.image_crops(128, seed=2 if name == "unseen" else 1003, which=which)  # no subset seed
         sets[name] = (images, metrics.logits(float_model, images))
-    settings = f"w_range={args.w_range}, recon_inputs={args.recon_inputs}"
+    settings = f"w_range={args.w_range}, recon_inputs={args.recon_inputs}, virtual_steps={args.virtual_steps}"
     print(f"{args.algo} W4A8, first/last 8 bit, {settings}; subsets {args.subsets}", flush=True)
     print(
         f"{'case':<14}{'unseen agreement':>18}{'unseen KL':>16}{'calib-photo agr.':>18}{'gap':>16}{'s':>7}"
@@ -94,6 +96,7 @@ def main(argv=None):
                 recon_augment=augment,
                 recon_holdout=holdout,
                 recon_synthetic=synthetic,
+                virtual_steps=args.virtual_steps,
                 w_range=args.w_range,
                 recon_inputs=args.recon_inputs,
             )

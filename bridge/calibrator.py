@@ -289,7 +289,9 @@ class Calibrator:
         if self._jax_cache is None or self._jax_cache[0] != key:
             from bridge.jax_model.quantized import quantized_forward
 
-            example = example_batch if example_batch is not None else self.calibration_batches(1)[0]
+            example = (
+                example_batch if example_batch is not None else next(iter_batches(self.calib_data, self.device))[1]
+            )
             self._jax_cache = (key, quantized_forward(self.model, records, example, self._quantizers()))
         return self._jax_cache[1]
 

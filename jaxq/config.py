@@ -20,7 +20,7 @@ import jax
 
 from jaxq.keep_acc import MAX_ITERS, KeepAcc, check_bool, is_int
 from jaxq.scheme import ALLOWED_BITS, QScheme
-from jaxq.weight_range import MSE_RANGE_BITS, WEIGHT_RANGES
+from jaxq.weight_range import WEIGHT_RANGES, resolved_range
 
 ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observer"}
 QUANT_MODES = {0: "data-free", 1: "label-free"}
@@ -179,7 +179,9 @@ class QuantConfig:
           `bridge.jax_model.mixed_precision`. Stored as a tuple of `(pattern, bits)`.
       layer_act_bits: per-layer input (activation) bit widths, the same form; other
           layers use `a_bit`.
-      amp_samples: calibration samples the ranking uses (msModelSlim: the first 10).
+      amp_samples: calibration samples the ranking uses: the first 16 (msModelSlim reads
+          10; 16 ranked better on EfficientNet-Lite0 and MiniLM at W6A8, `benchmarks/README.md`)
+          — whole batches, the last one cut to the rows still needed where its inputs allow.
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for AdaRound and GPTQ; EasyQuant reads at most 1,024 of them.
       recon_augment: augmented copies of each calibration image that the reconstruction
@@ -257,7 +259,7 @@ class QuantConfig:
     virtual_steps: int = 200
     virtual_lr: float = 0.2
     amp_metric: str = "fisher"
-    amp_samples: int = 10
+    amp_samples: int = 16
     recon_rows: int = 2048
     recon_inputs: str = "float"
     recon_augment: int = 0
@@ -396,10 +398,8 @@ class QuantConfig:
         return _bits_for(name, self.layer_bits, self.w_bit)
 
     def weight_range_for(self, bits: int) -> str:
-        """`w_range`, resolved for weights of `bits` bits (None: `"mse"` up to `MSE_RANGE_BITS`)."""
-        if self.w_range is not None:
-            return self.w_range
-        return "mse" if bits <= MSE_RANGE_BITS else "minmax"
+        """`w_range`, resolved for weights of `bits` bits (`jaxq.weight_range.resolved_range`)."""
+        return resolved_range(self.w_range, bits)
 
     def weight_scheme_for(self, name: str) -> QScheme:
         """The weight quantizer of layer `name` (`weight_scheme` with its `layer_bits`)."""

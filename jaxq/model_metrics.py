@@ -3,8 +3,8 @@
     logits  [n, classes]:     KL(softmax(f) ‖ softmax(q)) per row
     hidden  [n, tokens, d]:   1 − cos(f, q) per sample over its real tokens (mask)
 
-(`jaxq.sensitivity.logits_kl` is the mean of `logits_kl_rows`; `cosine_distance` is
-`1 − cos` of a whole batch flattened.)
+A study over several batches averages them over samples, so every sample weighs the same
+whatever the size of its batch (`bridge.studies.sensitivity.model_distance`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ float input inside the grid and, as in LSQ, the scale).
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import jax
@@ -102,11 +104,13 @@ def corrected_bias(b, state: LayerQState, on) -> jax.Array:
     return jnp.where(on > 0, (b.astype(jnp.float32) + state.bias_delta).astype(b.dtype), b)
 
 
+@functools.partial(jax.jit, static_argnames=("scheme", "bits", "weight_range"))
 def weight_qparams_for_bits(
-    w: jax.Array, scheme: QScheme, bits: int
+    w: jax.Array, scheme: QScheme, bits: int, weight_range: str = "minmax"
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Round-to-nearest per-channel (scale, offset, qmin, qmax) of `w` on a `bits`-bit grid
-    of `scheme`'s kind (what `jaxq.quantize_weight` would give at that width)."""
+    of `scheme`'s kind and the channel ranges of `weight_range` (what `jaxq.quantize_weight`
+    would give at that width)."""
     s = QScheme(bits=bits, signed=scheme.signed, symmetric=scheme.symmetric, axis=0)
-    qp = quantize_weight(w, s).qparams
+    qp = quantize_weight(w, s, weight_range).qparams
     return qp.scale, qp.offset.astype(jnp.float32), jnp.float32(s.qmin), jnp.float32(s.qmax)

@@ -11,8 +11,8 @@ turns a stacked bucket of them into
     relative_mse = mse / Var(f)                      (scale-free: large layers don't dominate)
     cosine       = Σf·q / √(Σf² · Σq²)
 
-Model-output distances for isolated sensitivity: `logits_kl` (mean KL(p_f ‖ p_q) over
-rows) and `cosine_distance`.
+Model-output distances for isolated sensitivity are per sample
+(`jaxq.model_metrics.sample_distances`: KL for logits, `1 − cos` otherwise).
 
 Their second-order (Fisher) estimate: near the float output `f`, a distance `D` with
 `D(f) = 0` and `∇D(f) = 0` is `D(f + Δz) ≈ ½·Δzᵀ H Δz`. A random cotangent `c` with
@@ -27,8 +27,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from jaxq.model_metrics import logits_kl_rows
 
 
 class ErrorStats(NamedTuple):
@@ -70,19 +68,6 @@ def finalize_metrics(stats: ErrorStats) -> dict[str, jax.Array]:
 
 
 @jax.jit
-def logits_kl(fp_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
-    """Mean over rows of `KL(softmax(fp) ‖ softmax(q))` (last axis = classes)."""
-    return jnp.mean(logits_kl_rows(fp_logits, q_logits))
-
-
-@jax.jit
-def cosine_distance(fp: jax.Array, q: jax.Array) -> jax.Array:
-    """`1 − cos(fp, q)` of the flattened outputs."""
-    fp, q = fp.reshape(-1), q.reshape(-1)
-    return 1.0 - jnp.dot(fp, q) / jnp.sqrt(jnp.maximum(jnp.dot(fp, fp) * jnp.dot(q, q), jnp.finfo(jnp.float32).tiny))
-
-
-@jax.jit
 def kl_cotangent(key: jax.Array, logits: jax.Array) -> jax.Array:
     """`c = onehot(y) − p`, `y ~ p = softmax(logits)` per row: `Cov(c) = diag(p) − ppᵀ`, the
     Hessian of `KL(p ‖ softmax(z))` at `z = logits` (rows independent)."""
@@ -93,13 +78,14 @@ def kl_cotangent(key: jax.Array, logits: jax.Array) -> jax.Array:
 
 @jax.jit
 def cosine_cotangent(key: jax.Array, out: jax.Array) -> jax.Array:
-    """`c = (I − f̂f̂ᵀ)·r / |f|`, `r ~ N(0, I)`: `Cov(c) = (I − f̂f̂ᵀ)/|f|²`, the Hessian of
-    `1 − cos(f, ·)` (flattened, as `cosine_distance`) at `f = out`."""
-    f = out.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.maximum(jnp.sum(f * f), jnp.finfo(jnp.float32).tiny))
+    """Per sample (leading axis, the rest flattened) `c = (I − f̂f̂ᵀ)·r / |f|`, `r ~ N(0, I)`:
+    `Cov(c) = (I − f̂f̂ᵀ)/|f|²`, the Hessian of `1 − cos(f, ·)` (as
+    `jaxq.model_metrics.cosine_distance_samples`) at `f` = that sample of `out`."""
+    f = out.astype(jnp.float32).reshape(out.shape[0], -1)
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(f * f, -1, keepdims=True), jnp.finfo(jnp.float32).tiny))
     unit = f / norm
     r = jax.random.normal(key, f.shape, jnp.float32)
-    return (r - unit * jnp.sum(unit * r)) / norm
+    return ((r - unit * jnp.sum(unit * r, -1, keepdims=True)) / norm).reshape(out.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("draws", "logits"))

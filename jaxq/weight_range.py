@@ -29,6 +29,16 @@ GRID = 80
 MIN_RATIO = 0.2
 
 
+def resolved_range(w_range: str | None, bits: int) -> str:
+    """`w_range` for weights of `bits` bits: as given, or (None) `"mse"` up to
+    `MSE_RANGE_BITS` bits and `"minmax"` wider (`QuantConfig.w_range`'s default)."""
+    if w_range is not None:
+        if w_range not in WEIGHT_RANGES:
+            raise ValueError(f"weight range {w_range!r} is not one of {WEIGHT_RANGES}")
+        return w_range
+    return "mse" if bits <= MSE_RANGE_BITS else "minmax"
+
+
 def channel_ratios(flat: jax.Array, lo: jax.Array, hi: jax.Array, scheme: QScheme) -> jax.Array:
     """`r_c` of the module doc for the rows of `flat: [C, K]` with extremes `lo, hi: [C]`."""
     ratios = jnp.linspace(1.0, MIN_RATIO, GRID, dtype=jnp.float32)

@@ -2,7 +2,9 @@
 for a size budget, and the measured size ↔ distance front.
 
 1. `δ_k(b)`: model-output distance from float with only layer `k`'s weight quantized,
-   round to nearest at `b` bits (`vmap` over every (layer, width) pair, one program).
+   round to nearest at `b` bits on the channel ranges calibration would give that width
+   (`w_range`, `jaxq.weight_range.resolved_range`; `vmap` over every (layer, width) pair,
+   one program).
 2. For a grid of budgets (average bits per weight of the quantized layers), the
    allocation minimising `Σ δ_k(b_k)` (`jaxq.bit_allocation.allocate`).
 3. Every allocation, and each uniform width, measured on the whole quantized model
@@ -27,6 +29,7 @@ from bridge.jax_model.studies import primary
 from jaxq.bit_allocation import allocate, pareto
 from jaxq.model_metrics import sample_distances
 from jaxq.model_quant import Switches, weight_qparams_for_bits
+from jaxq.weight_range import resolved_range
 
 
 @dataclasses.dataclass
@@ -69,13 +72,13 @@ class MixedPrecisionFront:
         return "\n".join(lines)
 
 
-def _tables(qf: QuantizedForward, bits: tuple[int, ...]):
+def _tables(qf: QuantizedForward, bits: tuple[int, ...], w_range: str | None = None):
     """Per layer, the weight quantizer state at every width stacked on a leading axis."""
     tables = {}
     for layer in qf.layers:
         w = qf.float_weights[layer.weight_key]
         scheme = qf.weight_scheme[layer.name]
-        per_bits = [weight_qparams_for_bits(w, scheme, b) for b in bits]
+        per_bits = [weight_qparams_for_bits(w, scheme, b, resolved_range(w_range, b)) for b in bits]
         tables[layer.name] = tuple(jnp.stack([p[i] for p in per_bits]) for i in range(4))
     return tables
 
@@ -124,10 +127,12 @@ def _programs(qf: QuantizedForward, chunk: int):
 
 
 def mixed_precision_front(
-    qf: QuantizedForward, batches, bits=(4, 6, 8), budgets=None, chunk: int = 4
+    qf: QuantizedForward, batches, bits=(4, 6, 8), budgets=None, chunk: int = 4, w_range: str | None = None
 ) -> MixedPrecisionFront:
     """Costs, allocations for `budgets` (average bits per weight; default 16 steps from
-    `min(bits)` to `max(bits)` and each width in `bits`) and their measured front over `batches`."""
+    `min(bits)` to `max(bits)` and each width in `bits`) and their measured front over `batches`.
+    `w_range`: the weight ranges at each width, as `QuantConfig.w_range` (pass the config's,
+    so the front measures what `layer_bits` will calibrate)."""
     batches = as_batches(batches)
     bits = tuple(sorted(int(b) for b in bits))
     if len(bits) < 2 or any(b not in (2, 3, 4, 5, 6, 7, 8) for b in bits):
@@ -138,7 +143,7 @@ def mixed_precision_front(
     if budgets is None:  # 16 steps, and every uniform width's size exactly
         budgets = np.unique(np.round(np.concatenate([np.linspace(bits[0], bits[-1], 16), bits]), 6))
     budgets = np.asarray(budgets, np.float64)
-    tables = _tables(qf, bits)
+    tables = _tables(qf, bits, w_range)
     float_out, costs_fn, measure_fn = _programs(qf, chunk)
     merged = [
         (

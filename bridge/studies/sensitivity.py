@@ -24,20 +24,35 @@ from bridge.capture.data import Batch, run_model
 from bridge.inplace.fakequant import probing, quantization, set_quantization
 from bridge.inplace.modules import layer_spec, weight_name
 from bridge.capture.tensors import to_jax
+from jaxq.model_metrics import sample_distances
 
 METRICS = ("mse", "relative_mse", "cosine", "isolated", "fisher")
 FISHER_DRAWS = 2  # cotangents per batch; its cost and ranking agreement: benchmarks/README.md (amp_cost.py)
 
 
 def amp_batches(batches, samples: int) -> list[Batch]:
-    """The first batches holding at least `samples` samples (msModelSlim uses 10)."""
+    """The first `samples` samples: whole batches, and of the last one the rows still needed
+    (`first_rows`) — batches of 8 give 10 samples as 8 + 2, not 16."""
     out, seen = [], 0
     for b in batches:
+        b = first_rows(b, samples - seen)
         out.append(b)
         seen += batch_rows(b)
         if seen >= samples:
             break
     return out
+
+
+def first_rows(batch: Batch, count: int) -> Batch:
+    """`batch` cut to its first `count` rows when every input is a tensor with rows on its
+    first axis (`batch_rows` of them); any other batch (a nested or non-tensor input, a
+    tensor of another length) is kept whole, as the model may not take part of it."""
+    rows = batch_rows(batch)
+    inputs = list(batch.args) + list(batch.kwargs.values())
+    batch_major = all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows for t in inputs)
+    if count >= rows or not batch_major:
+        return batch
+    return Batch(tuple(t[:count] for t in batch.args), {k: t[:count] for k, t in batch.kwargs.items()})
 
 
 def _padded(t: torch.Tensor) -> tuple:
@@ -108,21 +123,26 @@ def layer_output_errors(model, layers: dict, batches: list[Batch]) -> dict[str, 
     }
 
 
+def sample_output_distances(fp: torch.Tensor, q: torch.Tensor) -> np.ndarray:
+    """Per sample (leading axis): KL for logits (2-D), `1 − cosine` of the sample otherwise
+    (`jaxq.model_metrics.sample_distances`, as the JAX studies)."""
+    return np.asarray(sample_distances(to_jax(fp.float()), to_jax(q.float())), np.float64)
+
+
 def output_distance(fp: torch.Tensor, q: torch.Tensor) -> float:
-    """KL for logits (2-D), `1 − cosine` otherwise."""
-    if fp.dim() == 2:
-        return float(js.logits_kl(to_jax(fp.float()), to_jax(q.float())))
-    return float(js.cosine_distance(to_jax(fp.float()), to_jax(q.float())))
+    """The mean of `sample_output_distances`."""
+    return float(np.mean(sample_output_distances(fp, q)))
 
 
 def model_distance(model, layers, batches, fp_outputs, enabled: Callable[[str], bool]) -> float:
-    """Mean output distance from float over `batches` with the `enabled` layers quantized."""
+    """Output distance from float with the `enabled` layers quantized, averaged over every
+    sample of `batches` (each sample weighs the same whatever the size of its batch)."""
+    total, count = 0.0, 0
     with quantization(layers, enabled), torch.no_grad():
-        dists = [
-            output_distance(f, primary_output(run_model(model, b, i)))
-            for i, (b, f) in enumerate(zip(batches, fp_outputs))
-        ]
-    return float(np.mean(dists))
+        for i, (b, f) in enumerate(zip(batches, fp_outputs)):
+            d = sample_output_distances(f, primary_output(run_model(model, b, i)))
+            total, count = total + float(d.sum()), count + d.size
+    return total / max(count, 1)
 
 
 def float_outputs(model, layers, batches) -> list[torch.Tensor]:
@@ -141,17 +161,16 @@ def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = F
 
     Under `probing`, layer i's quantization error enters scaled by `εᵢⱼ` for batch row j
     (the float model at `ε = 0`), so `tᵢⱼ = ∂⟨c, z⟩/∂εᵢⱼ = c·Δzᵢⱼ`, the first-order output
-    change of quantizing layer i alone in row j. With `c` drawn as
-    `jaxq.sensitivity.kl_cotangent` (2-D logits; KL is a mean over rows) or
-    `cosine_cotangent`, `½·E[Σⱼ tᵢⱼ²]` estimates the isolated distance (rows are
-    independent, so squaring per row drops only zero-mean cross terms). Mean of `draws`
-    cotangents per batch, then over batches (as `model_distance`)."""
+    change of quantizing layer i alone in row j. With `c` drawn per row as
+    `jaxq.sensitivity.kl_cotangent` (2-D logits) or `cosine_cotangent`, `½·E[tᵢⱼ²]`
+    estimates row j's isolated distance (rows are independent). Mean of `draws`
+    cotangents, averaged over every sample of `batches` (as `model_distance`)."""
     names = list(layers)
     if not names:
         return {}
     device = next(iter(layers.values())).weight_scale.device
     key = jax.random.key(seed)
-    total = np.zeros(len(names))
+    total, rows = np.zeros(len(names)), 0
     for i, batch in enumerate(batches):
         eps = torch.zeros(len(names), batch_rows(batch), device=device, requires_grad=True)
         with probing(layers, eps), torch.enable_grad():
@@ -165,14 +184,14 @@ def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = F
             key, sub = jax.random.split(key)
             f = to_jax(z.detach().float().cpu().contiguous())
             cotangents = np.array(js.output_cotangents(sub, f, draws, z.dim() == 2))
-            mean_over = z.shape[0] if z.dim() == 2 else 1
+            rows += z.shape[0]
             for k, c in enumerate(cotangents):
                 c = torch.from_numpy(c).to(device=z.device, dtype=z.dtype)
                 (t,) = torch.autograd.grad(z, eps, c, retain_graph=k + 1 < draws, allow_unused=True)
                 if t is not None:
                     t = t.detach().double().cpu().numpy()
-                    total += 0.5 * np.square(t).sum(axis=1) / (draws * mean_over)
-    return {n: float(total[j] / len(batches)) for j, n in enumerate(names)}
+                    total += 0.5 * np.square(t).sum(axis=1) / draws
+    return {n: float(total[j] / max(rows, 1)) for j, n in enumerate(names)}
 
 
 def batch_rows(batch: Batch) -> int:

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxq.sensitivity as js
+from jaxq.model_metrics import sample_distances
 
 
 def _pad(x, size=2048):
@@ -30,11 +31,13 @@ def test_streamed_metrics_match_numpy(batches, seed):
     np.testing.assert_allclose(m["cosine"], F @ Q / np.sqrt((F @ F) * (Q @ Q)), rtol=1e-4)
 
 
-def test_logits_kl_and_cosine_distance():
+def test_sample_distances_are_kl_per_row_and_cosine_per_sample():
     p = jnp.array([[2.0, 0.0, -1.0]])
-    assert float(js.logits_kl(p, p)) == 0.0
-    assert float(js.logits_kl(p, p[:, ::-1])) > 0.5
-    assert abs(float(js.cosine_distance(p, 2 * p))) < 1e-6
+    assert float(sample_distances(p, p)[0]) == 0.0
+    assert float(sample_distances(p, p[:, ::-1])[0]) > 0.5
+    h = jnp.stack([jnp.ones((2, 3)), jnp.arange(6.0).reshape(2, 3)])  # [samples, tokens, dim]
+    d = np.asarray(sample_distances(h, h.at[1].multiply(-1.0).at[0].multiply(2.0)))
+    np.testing.assert_allclose(d, [0.0, 2.0], atol=1e-6)
 
 
 def _draws(sample, out, n=4000):
@@ -54,18 +57,17 @@ def test_kl_cotangent_covariance_is_the_hessian_of_kl():
     # second order: ½·E[(c·Δz)²] is KL for a small change of the logits
     dz = 0.05 * np.array([[1.0, -2.0, 0.5, 0.0], [0.3, 0.0, -1.0, 2.0]])
     estimate = 0.5 * np.mean(np.sum(np.einsum("nrc,rc->nr", c, dz) ** 2, axis=1)) / 2
-    exact = float(js.logits_kl(logits, logits + dz))
+    exact = float(jnp.mean(sample_distances(logits, logits + dz)))
     np.testing.assert_allclose(estimate, exact, rtol=0.1)
 
 
-def test_cosine_cotangent_is_orthogonal_to_the_output_and_estimates_the_distance():
-    f = jnp.array([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]])
+def test_cosine_cotangent_is_orthogonal_to_each_sample_and_estimates_its_distance():
+    f = jnp.array([[[1.0, 2.0], [-1.0, 0.5]], [[0.5, 0.0], [3.0, 1.0]]])  # [samples, tokens, dim]
     c = _draws(js.cosine_cotangent, f)
-    flat = np.asarray(f, np.float64).reshape(-1)
-    np.testing.assert_allclose(c.reshape(len(c), -1) @ flat, 0.0, atol=1e-4)
-    dz = 0.01 * np.array([[0.5, -1.0, 2.0], [1.0, 1.0, 0.0]])
-    estimate = 0.5 * np.mean(np.einsum("nrc,rc->n", c, dz) ** 2)
-    exact = float(js.cosine_distance(f, f + dz))
+    np.testing.assert_allclose(np.einsum("nstd,std->ns", c, np.asarray(f, np.float64)), 0.0, atol=1e-4)
+    dz = 0.01 * np.array([[[0.5, -1.0], [2.0, 0.0]], [[1.0, 1.0], [0.0, -3.0]]])
+    estimate = 0.5 * np.mean(np.einsum("nstd,std->ns", c, dz) ** 2, axis=0)
+    exact = np.asarray(sample_distances(f, f + dz))
     np.testing.assert_allclose(estimate, exact, rtol=0.1)
 
 

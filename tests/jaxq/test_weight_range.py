@@ -10,7 +10,7 @@ from jaxq import QScheme
 from jaxq.calibrate import quantize_weight
 from jaxq.numerics import fake_quant
 from jaxq.qparams import qparams_from_range
-from jaxq.weight_range import MIN_RATIO, channel_range
+from jaxq.weight_range import MIN_RATIO, channel_range, resolved_range
 
 SCHEMES = [QScheme(4, True, True, axis=0), QScheme(4, True, False, axis=0), QScheme(3, False, False, axis=0)]
 
@@ -82,3 +82,6 @@ def test_config_resolves_mse_up_to_four_bits_and_names_a_bad_value():
     assert jaxq.QuantConfig(w_range="mse").weight_range_for(8) == "mse"
     with pytest.raises(ValueError, match=r"QuantConfig\.w_range='l2'.*'minmax', 'mse'"):
         jaxq.QuantConfig(w_range="l2")
+    assert [resolved_range(None, b) for b in (2, 4, 5, 8)] == ["mse", "mse", "minmax", "minmax"]
+    with pytest.raises(ValueError, match="'l2'"):
+        resolved_range("l2", 4)

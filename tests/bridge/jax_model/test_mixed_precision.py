@@ -53,3 +53,24 @@ def test_front_takes_calib_data_style_batches(digits_w8a8, front):
     np.testing.assert_array_equal(again.distance, front.distance)
     with pytest.raises(ValueError, match="batches is empty"):
         mixed_precision_front(cal.jax_forward(), [], bits=(4, 6, 8))
+
+
+def test_each_width_takes_the_weight_range_calibration_would(digits_w8a8):
+    """4-bit costs are measured on the searched range (`w_range` None resolves to "mse" at
+    4 bits), 8-bit on min-max, as `QuantConfig(layer_bits=…)` will calibrate them."""
+    from bridge.jax_model.mixed_precision import _tables
+    from jaxq.calibrate import quantize_weight
+
+    cal, _ = digits_w8a8
+    qf = cal.jax_forward()
+    default, minmax = _tables(qf, (4, 8)), _tables(qf, (4, 8), "minmax")
+    differs = False
+    for layer in qf.layers:
+        w, scheme = qf.float_weights[layer.weight_key], qf.weight_scheme[layer.name]
+        for i, (bits, rng) in enumerate(((4, "mse"), (8, "minmax"))):
+            s = jaxq.QScheme(bits=bits, signed=scheme.signed, symmetric=scheme.symmetric, axis=0)
+            expected = quantize_weight(w, s, rng).qparams
+            np.testing.assert_allclose(np.asarray(default[layer.name][0][i]), np.asarray(expected.scale), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(default[layer.name][0][1]), np.asarray(minmax[layer.name][0][1]))
+        differs |= not np.array_equal(np.asarray(default[layer.name][0][0]), np.asarray(minmax[layer.name][0][0]))
+    assert differs

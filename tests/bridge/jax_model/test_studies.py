@@ -64,3 +64,18 @@ def test_image_batches_of_equal_shape_are_concatenated_others_kept_apart():
     ]
     merged = merge_batches(xs)
     assert [m.batch.args[0].shape[0] for m in merged] == [5, 1]
+
+
+def test_every_sample_weighs_the_same_whatever_its_batch(digits_w8a8):
+    """Ten samples as batches of 8 + 2 or as one batch of 10: the same distances, on the
+    torch loop and on the JAX program (a per-batch mean would weigh the last two 4× each)."""
+    cal, _ = digits_w8a8
+    (whole,) = [Batch((torch.cat([b.args[0] for b in cal.calibration_batches(64)])[:10],), {})]
+    split = [Batch((whole.args[0][:8],), {}), Batch((whole.args[0][8:],), {})]
+    layers, qf = cal.quantizers, cal.jax_forward()
+    names = list(layers)
+    for study in (lambda b: sens.isolated_sensitivity(cal.model, layers, b), lambda b: isolated_sensitivity(qf, b)):
+        one, two = study([whole]), study(split)
+        np.testing.assert_allclose([two[n] for n in names], [one[n] for n in names], rtol=1e-4, atol=1e-8)
+    per_batch_mean = np.mean([sens.isolated_sensitivity(cal.model, layers, [b])[names[0]] for b in split])
+    assert abs(per_batch_mean - one[names[0]]) > 1e-3 * one[names[0]]  # the split does tell the two apart

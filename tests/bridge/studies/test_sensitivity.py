@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from bridge import Calibrator, LayerQuantizer
+from bridge.capture.data import Batch
 from bridge.inplace.fakequant import model_quantizers, probing
 from bridge.inplace.functional import one_attention_path
 from bridge.models.digits import accuracy, load_digits_cnn
@@ -168,3 +169,32 @@ def test_fisher_refuses_a_forward_without_gradients():
         Calibrator(model, cfg, data, progress=False).run()
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_amp_batches_take_exactly_the_first_samples():
+    x = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3)
+    batches = [Batch((x,), {}), Batch((x + 100,), {}), Batch((x + 200,), {})]
+    got = sens.amp_batches(batches, 10)
+    assert [sens.batch_rows(b) for b in got] == [8, 2]
+    assert torch.equal(got[1].args[0], (x + 100)[:2])
+    keyword = Batch((), {"input_ids": x.long(), "attention_mask": torch.ones(8, 3)})
+    cut = sens.amp_batches([keyword], 3)[0]
+    assert cut.kwargs["input_ids"].shape == (3, 3) and cut.kwargs["attention_mask"].shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        Batch((torch.zeros(8, 3), torch.zeros(5)), {}),  # an input whose first axis is not the rows
+        Batch((torch.zeros(8, 3),), {"scale": 2.0}),  # a non-tensor input
+        Batch(((torch.zeros(8, 3), torch.zeros(8, 3)),), {}),  # a nested input
+    ],
+)
+def test_amp_batches_keep_a_batch_whole_where_rows_cannot_be_cut(batch):
+    (got,) = sens.amp_batches([batch], 2)
+    assert got is batch
+
+
+def test_calibration_batches_hold_amp_samples(digits_calib):
+    cal = Calibrator(load_digits_cnn(), QuantConfig(amp_samples=40), digits_calib, progress=False)
+    assert [sens.batch_rows(b) for b in cal.calibration_batches()] == [32, 8]
