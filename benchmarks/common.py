@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmark scripts: arguments and timed calibration."""
+"""Shared pieces of the benchmark scripts: arguments, timed calibration, peak memory."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import threading
 import time
 
 import torch
@@ -50,3 +52,23 @@ def timed_calibration(protocol, cfg, include_setup: bool = True) -> tuple[Calibr
         cal.run()
         seconds = time.perf_counter() - t0
     return cal, seconds, compiles.count
+
+
+class PeakMemory:
+    """The largest resident memory (MiB) of this process, sampled every `every` seconds on a
+    thread from construction until `stop()`; `peak_mib` holds it."""
+
+    def __init__(self, every: float = 0.02):
+        self.peak_mib, self._every, self._done = 0.0, every, False
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._done:
+            with open("/proc/self/statm") as f:
+                self.peak_mib = max(self.peak_mib, int(f.read().split()[1]) * self._page / 2**20)
+            time.sleep(self._every)
+
+    def stop(self) -> float:
+        self._done = True
+        return self.peak_mib

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
 CHILD = r"""
-import json, os, sys, threading, time
+import json, sys, time
+sys.path.insert(0, sys.argv[4])
 import torch
 torch.set_num_threads(int(sys.argv[3]))
+from common import PeakMemory
 from bridge import Calibrator, jit_cache
 from bridge.evaluation import protocols
 from jaxq import QuantConfig
@@ -27,23 +30,13 @@ jit_cache.disable()
 algo, budget = sys.argv[1], int(sys.argv[2]) or None
 p = protocols.PROTOCOLS["efficientnet_lite0"]()
 model, data = p.make_model(), p.calib_data
-page = os.sysconf("SC_PAGE_SIZE")
-peak, done = [0.0], [False]
-
-def sample():
-    while not done[0]:
-        with open("/proc/self/statm") as f:
-            peak[0] = max(peak[0], int(f.read().split()[1]) * page / 2**20)
-        time.sleep(0.02)
-
-threading.Thread(target=sample, daemon=True).start()
+memory = PeakMemory()
 steps = [True, 1000] if algo == "adaround" else [True, 100]
 cfg = QuantConfig(quant_mode=1, act_method=2, memory_budget=budget, keep_acc={algo: steps})
 t = time.perf_counter()
 cal = Calibrator(model, cfg, data, progress=False).run()
 seconds = time.perf_counter() - t
-done[0] = True
-print(json.dumps({"peak_mib": peak[0], "seconds": seconds, "timings": cal.timings}))
+print(json.dumps({"peak_mib": memory.stop(), "seconds": seconds, "timings": cal.timings}))
 """
 
 
@@ -56,7 +49,7 @@ def main(argv=None):
     print(f"{'algorithm':<12}{'peak MiB':>10}{'run s':>8}  {'sample rows s':>14}{'algorithm s':>12}")
     for algo in args.algos:
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, algo, str(args.budget), str(args.threads)],
+            [sys.executable, "-c", CHILD, algo, str(args.budget), str(args.threads), os.path.dirname(__file__)],
             capture_output=True,
             text=True,
             check=True,

@@ -60,8 +60,8 @@ class Blocks(NamedTuple):
     """(jaxq extension, needs the `jax` extra) block reconstruction: every weight's rounding
     in a block and its input step sizes learned on the block's output, `steps` Adam steps
     per block; activation quantization kept with probability `keep` (1 = BRECQ, ½ = QDrop);
-    `from_codes`: the rounding starts from the current codes (GPTQ's: the pipeline sets it
-    when GPTQ runs first) instead of the float weight."""
+    `from_codes`: the rounding starts from the current codes (the pipeline sets it when
+    GPTQ or AdaRound runs first) instead of the float weight."""
 
     steps: int = 300
     keep: float = 1.0

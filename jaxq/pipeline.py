@@ -61,8 +61,9 @@ def plan(cfg) -> tuple[Step, ...]:
             if name == "adaround" and ka.gptq is not None:  # AdaRound refines GPTQ's codes
                 settings = settings._replace(from_codes=True)
             steps.append(Step(name, (reads,), settings))
-    if ka.blocks is not None:  # with GPTQ before them, blocks start from its codes
-        steps.append(Step("blocks", ("block_io",), ka.blocks._replace(from_codes=ka.gptq is not None)))
+    if ka.blocks is not None:  # after GPTQ or AdaRound, blocks refine their codes
+        from_codes = ka.gptq is not None or ka.adaround is not None
+        steps.append(Step("blocks", ("block_io",), ka.blocks._replace(from_codes=from_codes)))
     if cfg.bias_correction:
         steps.append(Step("bias_correction", ("mean_rows",)))
     if cfg.amp_num:

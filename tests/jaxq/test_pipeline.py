@@ -70,6 +70,16 @@ def test_layer_local_steps_are_the_row_and_rounding_steps():
     assert not next(s for s in alone if s.name == "adaround").settings.from_codes
 
 
+def test_blocks_refine_the_codes_of_a_rounding_step_before_them():
+    def blocks(**keep_acc):
+        return next(s for s in plan(QuantConfig(keep_acc=keep_acc)) if s.name == "blocks").settings
+
+    assert blocks(qdrop=[True, 5], adaround=[True, 9]).from_codes
+    assert blocks(brecq=[True, 5], gptq=True).from_codes
+    assert not blocks(qdrop=[True, 5]).from_codes
+    assert not blocks(qdrop=[True, 5], easy_quant=[True, 10], admm=[True, 10]).from_codes  # scales, not codes
+
+
 def test_rows_read_is_what_the_row_steps_of_a_chain_read():
     def chain(**keep_acc):
         return [s for s in plan(QuantConfig(keep_acc=keep_acc)) if layer_local(s)]

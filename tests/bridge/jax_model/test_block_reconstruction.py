@@ -173,29 +173,21 @@ def test_a_block_that_is_never_called_is_one_clear_error_and_the_model_is_restor
     assert not model_quantizers(net) and all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
 
 
-def test_blocks_start_from_gptq_codes_when_gptq_runs_first():
-    """One step barely moves the rounding: the learned codes are GPTQ's (moved onto ⌊W/s⌋ or
-    ⌈W/s⌉) rather than round to nearest's."""
+@pytest.mark.parametrize("start", [{"gptq": True}, {"adaround": [True, 20]}], ids=["gptq", "adaround"])
+def test_blocks_start_from_the_codes_of_a_rounding_step_before_them(start):
+    """One step barely moves the rounding: the learned codes are GPTQ's or AdaRound's (moved
+    onto ⌊W/s⌋ or ⌈W/s⌉) rather than round to nearest's."""
     net, data = _net_and_data()
-    gptq = Calibrator(
-        net, jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"gptq": True}), data, progress=False
-    ).run()
-    both = Calibrator(
-        _net_and_data()[0],
-        jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"gptq": True, "brecq": [True, 1]}),
-        data,
-        progress=False,
-    ).run()
-    alone = Calibrator(
-        _net_and_data()[0],
-        jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 1]}),
-        data,
-        progress=False,
-    ).run()
+
+    def run(keep_acc):
+        cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc=keep_acc)
+        return Calibrator(_net_and_data()[0], cfg, data, progress=False).run()
+
+    first, both, alone = run(start), run({**start, "brecq": [True, 1]}), run({"brecq": [True, 1]})
     assert next(s for s in both.steps if s.step == "blocks")
-    names = [n for n in gptq.records if n.startswith("blocks.")]
+    names = [n for n in first.records if n.startswith("blocks.")]
     same = lambda a, b: np.mean([np.mean(a.records[n].codes == b.records[n].codes) for n in names])  # noqa: E731
-    assert same(both, gptq) > 0.95 and same(both, gptq) > same(alone, gptq)
+    assert same(both, first) > 0.95 and same(both, first) > same(alone, first)
 
 
 def test_blocks_report_held_out_errors_and_keep_learned_codes_only_where_held_out_error_falls(monkeypatch):
