@@ -177,7 +177,7 @@ def test_a_block_that_is_never_called_is_one_clear_error_and_the_model_is_restor
 def test_blocks_start_from_the_codes_of_a_rounding_step_before_them(start):
     """One step barely moves the rounding: the learned codes are GPTQ's or AdaRound's (moved
     onto ⌊W/s⌋ or ⌈W/s⌉) rather than round to nearest's."""
-    net, data = _net_and_data()
+    data = _net_and_data()[1]
 
     def run(keep_acc):
         cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc=keep_acc)
