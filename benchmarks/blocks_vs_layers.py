@@ -94,13 +94,14 @@ def train_digits_resnet(epochs: int = 30):
 
 
 def _digits_case(make, subset: int):
+    import numpy as np
     import torch
 
     from bridge.evaluation.metrics import agreement_and_kl
     from bridge.models.digits import accuracy, digits_split
 
     xtr, _, xte, yte = digits_split()
-    chosen = torch.from_numpy(__import__("numpy").random.default_rng(subset).permutation(len(xtr))[:256])
+    chosen = torch.from_numpy(np.random.default_rng(subset).permutation(len(xtr))[:256])
     calib = [xtr[chosen[i : i + 32]] for i in range(0, 256, 32)]
     float_model = make()
     with torch.no_grad():
