@@ -567,12 +567,15 @@ def _eager_cpu_inference(x: torch.Tensor) -> bool:
 
 def fake_quant_per_tensor_cpu(x: torch.Tensor, scale: float, offset: int, qmin: int, qmax: int) -> torch.Tensor:
     """`torch.fake_quantize_per_tensor_affine` bit for bit on finite float32 input, faster
-    on CPU (torch's kernel is scalar; these in-place ops are vectorised). Same arithmetic:
+    on CPU (torch's kernel is scalar; these in-place ops are vectorised). torch computes
     `(clamp(round(x·s⁻¹) + o, qmin, qmax) − o)·s`, `s⁻¹ = 1/s` in float32, round half to
-    even. (torch maps NaN to `qmin`; this keeps NaN.)"""
+    even; adding and taking back the integer `o` is exact, so five passes give the same
+    bits: `clamp(round(x·s⁻¹), qmin − o, qmax − o)·s + 0` (the `+ 0` turns the −0 that
+    rounding gives small negative inputs into torch's +0). (torch maps NaN to `qmin`; this
+    keeps NaN.)"""
     inv = float(np.float32(1.0) / np.float32(scale))
     y = torch.mul(x, inv)
-    return y.round_().add_(offset).clamp_(qmin, qmax).sub_(offset).mul_(scale)
+    return y.round_().clamp_(qmin - offset, qmax - offset).mul_(scale).add_(0.0)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
