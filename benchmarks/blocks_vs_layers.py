@@ -3,6 +3,7 @@
     python benchmarks/blocks_vs_layers.py
     python benchmarks/blocks_vs_layers.py --models digits digits_resnet --subsets 1 2 3
     python benchmarks/blocks_vs_layers.py --models efficientnet_lite0_unseen --algos adaround qdrop --subsets 1
+    python benchmarks/blocks_vs_layers.py --models minilm --algos adaround+qdrop --config '{"recon_holdout": 0.25}'
 
 W4A8 histogram, bias correction on (the default), `quantize_first_last="8bit"` (the
 papers' convention: first and last layer's weights and the last layer's input at 8 bits).
@@ -22,7 +23,8 @@ Models, each calibrated on data it is not evaluated on:
 - `minilm`: all-MiniLM-L6-v2; 64 passages (subset 1: the protocol's first 64; others drawn by
   seed from the passages after the evaluation set), mean / min cosine on 256 other passages.
 - `efficientnet_lite0_unseen`: 64 crops of the five calibration photos (crop seed = subset),
-  agreement / KL with the float model on 128 crops of the three other photos.
+  agreement / KL with the float model on 128 crops of the three other photos; `gap`: the
+  agreement on 128 new crops of the five calibration photos minus that on the unseen ones.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ METRICS = {
     "digits": ("top1", "agreement", "kl"),
     "digits_resnet": ("top1", "agreement", "kl"),
     "minilm": ("mean_cos", "min_cos"),
-    "efficientnet_lite0_unseen": ("agreement", "kl"),
+    "efficientnet_lite0_unseen": ("agreement", "kl", "gap"),
 }
 
 
@@ -155,11 +157,13 @@ def _case(name: str, subset: int):
     if name == "efficientnet_lite0_unseen":
         crops = zoo.image_crops(64, seed=subset, which=zoo.CALIBRATION_PHOTOS)
         evaluation = zoo.image_crops(128, seed=2, which=zoo.UNSEEN_PHOTOS)
-        fp = metrics.logits(zoo.efficientnet_lite0(), evaluation)
+        seen = zoo.image_crops(128, seed=1003, which=zoo.CALIBRATION_PHOTOS)  # new crops, fitted photos
+        fp, fp_seen = (metrics.logits(zoo.efficientnet_lite0(), x) for x in (evaluation, seen))
 
         def evaluate(model):
             agree, kl = metrics.agreement_and_kl(fp, metrics.logits(model, evaluation))
-            return {"agreement": agree, "kl": kl}
+            agree_seen, _ = metrics.agreement_and_kl(fp_seen, metrics.logits(model, seen))
+            return {"agreement": agree, "kl": kl, "gap": agree_seen - agree}
 
         return zoo.efficientnet_lite0, [crops[i : i + 8] for i in range(0, 64, 8)], evaluate
     raise ValueError(f"model {name!r}: expected one of {sorted(METRICS)}")
@@ -187,6 +191,7 @@ def child(spec: dict) -> dict:
         act_method=2,
         quantize_first_last="8bit",
         keep_acc=ALGOS[spec["algo"]],
+        **spec["extra"],
     )
     t = time.perf_counter()
     cal = Calibrator(make(), cfg, calib, progress=False).run()
@@ -215,6 +220,7 @@ def main(argv=None):
     ap.add_argument("--w-bit", type=int, default=4)
     ap.add_argument("--a-bit", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", default="{}", help="more QuantConfig fields as JSON, e.g. '{\"recon_holdout\": 0.25}'")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -222,7 +228,8 @@ def main(argv=None):
         return
     for name in args.models:
         keys = METRICS[name]
-        setting = f"W{args.w_bit}A{args.a_bit}, first/last 8 bit, bias correction; subsets {args.subsets}"
+        extra = json.loads(args.config)
+        setting = f"W{args.w_bit}A{args.a_bit}, first/last 8 bit, bias correction, {extra}; subsets {args.subsets}"
         print(f"\n{name} {setting}", flush=True)
         header = "".join(f"{k:>20}" for k in keys) + f"{'run s':>8}{'peak MiB':>10}{'blocks kept':>13}"
         print(f"{'algorithm':<15}{header}")
@@ -230,7 +237,7 @@ def main(argv=None):
             runs = []
             for subset in args.subsets:
                 spec = {"model": name, "algo": algo, "subset": subset, "threads": args.threads}
-                spec.update(w_bit=args.w_bit, a_bit=args.a_bit)
+                spec.update(w_bit=args.w_bit, a_bit=args.a_bit, extra=extra)
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
                 )
