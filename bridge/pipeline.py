@@ -260,6 +260,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
             mesh=ctx.mesh,
             copies=ctx.cfg.recon_augment,
             synthetic=sum(int(b.shape[0]) for b in ctx.synthetic),
+            budget=budget_bytes(ctx.cfg.memory_budget),
         )
     return StepReport(step.name, layers=reports)
 

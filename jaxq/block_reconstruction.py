@@ -54,6 +54,17 @@ class ReconParams(NamedTuple):
     holdout: float = 0.0  # share of the calibration images held out (`holdout_split`); 0: none
     checks: int = 4  # held-out measurements, evenly spaced; the last at the final step
     hard_final: float = 0.0  # share of the steps, at the end, with the rounding held hard (`soft_steps`)
+    micro_batch: int = 0  # samples per gradient pass (`micro_batch_size`); 0: the whole mini-batch at once
+
+
+def micro_batch_size(batch: int, micro_batch: int) -> int:
+    """The largest divisor of `batch` that is at most `micro_batch` (0: `batch`). A step's
+    gradient is the sum of its parts' gradients (the same loss, a fraction of the memory:
+    a part's activations are what the program holds for the backward pass); QDrop draws
+    each part's drops from its own key."""
+    if micro_batch <= 0 or micro_batch >= batch:
+        return batch
+    return max(d for d in range(1, micro_batch + 1) if batch % d == 0)
 
 
 def soft_steps(p: ReconParams) -> int:
@@ -144,14 +155,22 @@ def output_error(pred: jax.Array, target: jax.Array, mask: jax.Array | None = No
     """`E[Σ_features (pred − target)²]`: summed over the feature axis (channels of NCHW,
     the last axis otherwise), averaged over the rest (BRECQ's reconstruction loss) or over
     the positions where `mask` (e.g. `[samples, tokens]`, padding 0) is set."""
+    total, count = output_error_sums(pred, target, mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+def output_error_sums(
+    pred: jax.Array, target: jax.Array, mask: jax.Array | None = None, weight: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`(Σ, count)` of `output_error` (its mean is `Σ / count`), so parts of a sample set
+    add up; `weight` (`[samples]`, 0 or 1) leaves samples out."""
     d = (pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
     per_position = jnp.sum(d, axis=1 if d.ndim == 4 else -1)
-    if mask is None:
-        return jnp.mean(per_position)
-    m = jnp.broadcast_to(
-        jnp.reshape(mask.astype(jnp.float32), mask.shape + (1,) * (per_position.ndim - mask.ndim)), per_position.shape
-    )
-    return jnp.sum(per_position * m) / jnp.maximum(jnp.sum(m), 1.0)
+    m = jnp.ones(per_position.shape[:1], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    if weight is not None:
+        m = m * jnp.reshape(weight, weight.shape + (1,) * (m.ndim - 1))
+    m = jnp.broadcast_to(jnp.reshape(m, m.shape + (1,) * (per_position.ndim - m.ndim)), per_position.shape)
+    return jnp.sum(per_position * m), jnp.sum(m)
 
 
 class Learned(NamedTuple):
@@ -199,12 +218,35 @@ def optimise(
     )
 
     soft = soft_steps(p)
+    batch = min(p.batch, fit.shape[0])
+    micro = micro_batch_size(batch, p.micro_batch)
+
+    def regulariser(lv, step):
+        reg = sum(rounding_reg(v, beta_schedule(step, soft, p.schedule)) for v in jax.tree.leaves(lv.v))
+        return regulariser_weight(step, soft, p.schedule) * reg
 
     def loss(lv, idx, step, k):
         x, y, m = take(idx)
-        rec = output_error(apply(lv, x, k if p.keep < 1.0 else None), y, m)
-        reg = sum(rounding_reg(v, beta_schedule(step, soft, p.schedule)) for v in jax.tree.leaves(lv.v))
-        return rec + regulariser_weight(step, soft, p.schedule) * reg
+        return output_error(apply(lv, x, k if p.keep < 1.0 else None), y, m) + regulariser(lv, step)
+
+    def gradient(lv, idx, step, k):
+        """`∇L` on the mini-batch `idx`; in parts of `micro` samples when it is smaller."""
+        if micro == batch:
+            return jax.grad(loss)(lv, idx, step, k)
+        parts = idx.reshape(batch // micro, micro)
+        _, y, m = take(idx)
+        _, count = output_error_sums(y, y, m)
+
+        def part(total, j):
+            def error_sum(lv):
+                x, y, m = take(parts[j])
+                drops = jax.random.fold_in(k, j) if p.keep < 1.0 else None
+                return output_error_sums(apply(lv, x, drops), y, m)[0] / jnp.maximum(count, 1.0)
+
+            return jax.tree.map(jnp.add, total, jax.grad(error_sum)(lv)), None
+
+        total, _ = jax.lax.scan(part, jax.grad(regulariser)(lv, step), jnp.arange(parts.shape[0]))
+        return total
 
     def step_fn(carry, step):
         def run(carry):
@@ -212,8 +254,8 @@ def optimise(
             if soft < p.steps:  # the hard phase: V held at its hard rounding (h exactly 0 or 1)
                 lv = Learned(jax.tree.map(lambda v, h: jnp.where(step >= soft, h, v), lv.v, _hardened(lv).v), lv.u)
             k_idx, k_drop = jax.random.split(jax.random.fold_in(key, step))
-            idx = fit[jax.random.choice(k_idx, fit.shape[0], (min(p.batch, fit.shape[0]),), replace=False)]
-            grads = jax.grad(loss)(lv, idx, step.astype(jnp.float32), k_drop)
+            idx = fit[jax.random.choice(k_idx, fit.shape[0], (batch,), replace=False)]
+            grads = gradient(lv, idx, step.astype(jnp.float32), k_drop)
             updates, state = opt.update(grads, state, lv)
             if soft < p.steps:
                 updates = Learned(jax.tree.map(lambda d: jnp.where(step >= soft, 0.0, d), updates.v), updates.u)
@@ -222,8 +264,22 @@ def optimise(
         return jax.lax.cond(step < p.steps, run, lambda c: c, carry), None
 
     def error_on(lv, idx):
-        x, y, m = take(idx)
-        return output_error(apply(_hardened(lv), x, None), y, m)
+        """The hard rounding's output error on samples `idx`, `p.batch` at a time (all at
+        once, the block's activations on 32 samples were most of the program's memory)."""
+        chunk = min(p.batch, idx.shape[0])
+        chunks = -(-idx.shape[0] // chunk)
+        pad = chunks * chunk - idx.shape[0]
+        valid = jnp.concatenate([jnp.ones(idx.shape, jnp.float32), jnp.zeros((pad,), jnp.float32)])
+        idx = jnp.concatenate([idx, jnp.broadcast_to(idx[:1], (pad,))])
+        hard = _hardened(lv)
+
+        def part(args):
+            i, w = args
+            x, y, m = take(i)
+            return output_error_sums(apply(hard, x, None), y, m, w)
+
+        total, count = jax.lax.map(part, (idx.reshape(chunks, chunk), valid.reshape(chunks, chunk)))
+        return jnp.sum(total) / jnp.maximum(jnp.sum(count), 1.0)
 
     reported = fit[: min(MOST_REPORTED, fit.shape[0])]
     fitted_before = error_on(learned, reported)

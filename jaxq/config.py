@@ -224,7 +224,11 @@ class QuantConfig:
       memory_budget: MiB that the sampled rows of EasyQuant / AdaRound may hold at once.
           Layers are processed in groups whose rows fit (one pass over the data per
           group); a layer whose `recon_rows` alone would not fit samples fewer rows (a
-          warning names it). None: an eighth of the machine's memory, at most 1024 MiB.
+          warning names it). Block reconstruction (BRECQ / QDrop): the most a block's
+          training program may allocate for its temporaries; above it each step's
+          gradient is taken over smaller parts of its mini-batch (the same loss;
+          `reports["blocks"]` gives each block's parts and memory). None: an eighth of
+          the machine's memory, at most 1024 MiB.
       smooth_quant: SmoothQuant (`jaxq.smoothing`) for Linear layers with quantized
           inputs: each input channel is divided by `s_j = max|X_j|^α / max|W_j|^(1−α)`
           before the activation quantizer and its weight column multiplied by it

@@ -58,6 +58,8 @@ class BlockReport:
     kept_step: int = 0  # the step whose state was kept (0: the start)
     hard_share: float = 1.0  # share of rounding variables already 0 or 1 in the kept state
     kept: bool = False  # the learned codes replaced round to nearest
+    micro_batch: int = 0  # samples per gradient pass (0: the whole mini-batch)
+    working_mib: float = float("nan")  # the step program's temporaries (XLA's memory analysis)
 
     @property
     def held_out(self) -> bool:
@@ -222,13 +224,16 @@ def reconstruct_block(
     token_mask=None,
     copies: int = 0,
     synthetic: int = 0,
+    budget: int | None = None,
 ) -> tuple[dict[str, LayerRecord], BlockReport]:
     """New records of the layers in `block` (names relative to the model); `set_quant(on)`
     switches the torch model's quantization (inputs are captured quantized, targets float).
     `mesh`: the captured samples split over its devices, the learned values replicated.
     `token_mask` (`[samples, tokens]`): the output positions that count (padding excluded).
     `copies`, `synthetic`: the captured samples are the calibration images, then `copies`
-    augmented copies of them in the same order, then `synthetic` distilled images."""
+    augmented copies of them in the same order, then `synthetic` distilled images.
+    `budget` (bytes): the most the step program's temporaries may take; above it the
+    mini-batch's gradient is taken in parts (`ReconParams.micro_batch`, halved until it fits)."""
     import jaxq
 
     t0 = time.perf_counter()
@@ -271,8 +276,9 @@ def reconstruct_block(
     key_split = jax.random.fold_in(key_fit, 1)
     with jaxq.compile_count() as compiles:
         split = br.holdout_split(key_split, n, images, params.holdout, synthetic) if params.holdout > 0 else None
-        run = jax.jit(lambda c, lv, x, y, k, m, s: br.optimise(functools.partial(apply, c), lv, x, y, k, params, m, s))
-        learned, errors = run(consts, learned, inputs, target, key_fit, mask, split)
+        args = (consts, learned, inputs, target, key_fit, mask, split)
+        run, params, working = _program_within(apply, args, params, budget)
+        learned, errors = run(*args)
         learned = jax.block_until_ready(learned)
     e = {k: float(v) for k, v in errors._asdict().items()}
     report = BlockReport(
@@ -286,6 +292,8 @@ def reconstruct_block(
         e["held_after"],
         int(e["kept_step"]),
         e["hard_share"],
+        micro_batch=params.micro_batch,
+        working_mib=working / 2**20 if working is not None else float("nan"),
     )
     report.kept = (
         report.held_after < report.held_before if report.held_out else report.error_after < report.error_before
@@ -295,6 +303,30 @@ def reconstruct_block(
     new = _learned_records(qf, soft, learned, names, rel, quantizers, records)
     apply_records({n: quantizers[n] for n in new}, new)
     return new, report
+
+
+def _program_within(apply, args, params: br.ReconParams, budget: int | None):
+    """`(compiled step program, params, its temporaries in bytes)`: micro-batches halved
+    from the whole mini-batch until the temporaries fit `budget` (None: no limit), or one
+    sample per pass. The temporaries are mostly the activations one gradient pass keeps for
+    its backward pass (16 samples of an EfficientNet block at 112 px: ~1.4 GB)."""
+    micro = params.micro_batch or params.batch
+    while True:
+        p = params._replace(micro_batch=0 if micro >= params.batch else micro)
+        fn = lambda c, lv, x, y, k, m, s, p=p: br.optimise(functools.partial(apply, c), lv, x, y, k, p, m, s)  # noqa: E731
+        compiled = jax.jit(fn).lower(*args).compile()
+        working = _temporaries(compiled)
+        if budget is None or working is None or working <= budget or micro <= 1:
+            return compiled, p, working
+        micro //= 2
+
+
+def _temporaries(compiled) -> int | None:
+    """Bytes of XLA temporaries a compiled program allocates; None where not reported."""
+    try:
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
 
 
 def _learned_records(qf, soft, learned, names, rel, quantizers, records) -> dict[str, LayerRecord]:
@@ -354,11 +386,12 @@ def reconstruct_blocks(
     mesh=None,
     copies: int = 0,
     synthetic: int = 0,
+    budget: int | None = None,
 ) -> tuple[dict[str, LayerRecord], list[BlockReport]]:
     """Every block reconstructed in call order; returns all records and a report per block.
     `copies`, `synthetic`: `calib_data` is the calibration images, then that many augmented
     copies of them (`bridge.capture.augment.augmented_batches`), then `synthetic` distilled
-    images."""
+    images. `budget`: bytes the step program's temporaries may take (`reconstruct_block`)."""
     batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
     blocks = blocks or find_blocks(model, quantizers)
     blocks, missing = _called(model, blocks, batches[0][1])
@@ -381,6 +414,7 @@ def reconstruct_blocks(
             token_mask=token_mask,
             copies=copies,
             synthetic=synthetic,
+            budget=budget,
         )
         records.update(new)
         reports.append(report)

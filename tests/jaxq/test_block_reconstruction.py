@@ -143,6 +143,45 @@ def test_with_a_split_the_kept_state_is_the_checkpoint_of_lowest_held_out_error(
     assert int(e_all.kept_step) == 200 and np.isnan(float(e_all.held_after))  # no split: the final state
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_reported_errors_are_over_every_sample_whatever_the_batch(masked):
+    """The errors are measured `batch` samples at a time (memory); a last part shorter than
+    the batch counts its samples once, and a mask's positions are weighed as in one pass."""
+    apply, learned, x, target = _two_layer_problem(n=21)
+    x3, y3 = x.reshape(21, 1, 8) * jnp.ones((1, 3, 1)), target.reshape(21, 1, 4) * jnp.arange(1.0, 4.0)[None, :, None]
+    mask = jnp.asarray(np.random.default_rng(0).random((21, 3)) < 0.6) if masked else None
+    apply3 = lambda lv, inputs, key: apply(lv, inputs.reshape(-1, 8), key).reshape(-1, 3, 4)  # noqa: E731
+    p = br.ReconParams(steps=0, batch=8)  # 21 samples: parts of 8, 8 and 5
+    _, e = jax.jit(lambda lv, x, y, k, m: br.optimise(apply3, lv, x, y, k, p, m))(
+        learned, x3, y3, jax.random.PRNGKey(0), mask
+    )
+    whole = br.output_error(apply3(br._hardened(learned), x3, None), y3, mask)
+    np.testing.assert_allclose(float(e.fitted_before), float(whole), rtol=1e-6)
+    np.testing.assert_allclose(float(e.fitted_after), float(whole), rtol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_micro_batches_give_the_whole_batch_step(masked):
+    """A mini-batch's gradient summed over micro-batches is the whole batch's (the loss of
+    `optimise`, mask and regulariser included): the learned state is the same."""
+    apply, learned, x, target = _two_layer_problem(n=48)
+    x3, y3 = x.reshape(48, 1, 8) * jnp.ones((1, 3, 1)), target.reshape(48, 1, 4) * jnp.arange(1.0, 4.0)[None, :, None]
+    mask = jnp.asarray(np.random.default_rng(1).random((48, 3)) < 0.6) if masked else None
+    apply3 = lambda lv, inputs, key: apply(lv, inputs.reshape(-1, 8), key).reshape(-1, 3, 4)  # noqa: E731
+    out = {}
+    for micro in (0, 4, 5):  # 5: the largest divisor of 16 below it, 4
+        p = br.ReconParams(steps=60, batch=16, micro_batch=micro, schedule=br.RoundingSchedule(reg=1.0, warmup=0.0))
+        out[micro], _ = jax.jit(lambda lv, x, y, k, m, p=p: br.optimise(apply3, lv, x, y, k, p, m))(
+            learned, x3, y3, jax.random.PRNGKey(0), mask
+        )
+    moved = np.abs(np.asarray(out[0].v["a"]) - np.asarray(learned.v["a"])).max()
+    assert moved > 0.1  # the steps learned something
+    for micro in (4, 5):
+        for k in ("a", "b"):
+            np.testing.assert_allclose(np.asarray(out[micro].v[k]), np.asarray(out[0].v[k]), rtol=1e-4, atol=1e-4)
+    assert br.micro_batch_size(16, 5) == 4 and br.micro_batch_size(16, 0) == 16 and br.micro_batch_size(12, 7) == 6
+
+
 def test_the_fit_with_a_split_is_the_fit_on_the_fitted_samples_alone():
     """Mini-batches come from the fitted part only: the run equals one on those samples."""
     apply, learned, x, target = _two_layer_problem()

@@ -239,6 +239,20 @@ def test_recon_hard_final_out_of_range_names_the_field(bad):
         jaxq.QuantConfig(recon_hard_final=bad)
 
 
+def test_a_memory_budget_below_a_blocks_program_takes_its_gradient_in_parts():
+    """`memory_budget` bounds a block's training program: the default budget runs the
+    whole mini-batch at once; 16 MiB, below these blocks' programs at 48 px (~18 MiB),
+    halves it until it fits, and the blocks still learn."""
+    data = [torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 30]})
+    whole = Calibrator(_net_and_data()[0], cfg, data, progress=False).run().reports["blocks"]
+    assert all(r.micro_batch == 0 and r.working_mib > 16 for r in whole)
+    small = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 30]}, memory_budget=16)
+    parts = Calibrator(_net_and_data()[0], small, data, progress=False).run().reports["blocks"]
+    assert all(1 <= r.micro_batch < 16 and r.working_mib <= 16 for r in parts)
+    assert sum(r.error_after < r.error_before for r in parts) >= 2
+
+
 _TWICE = """
 import os, sys
 sys.path.insert(0, {here!r})
