@@ -4,6 +4,8 @@
     python benchmarks/blocks_vs_layers.py --models digits digits_resnet --subsets 1 2 3
     python benchmarks/blocks_vs_layers.py --models efficientnet_lite0_unseen --algos adaround qdrop --subsets 1
     python benchmarks/blocks_vs_layers.py --models minilm --algos adaround+qdrop --config '{"recon_holdout": 0.25}'
+    python benchmarks/blocks_vs_layers.py --models efficientnet_lite0_unseen --algos qdrop --block-steps 10 \
+        --config '{"memory_budget": 65536}'   # peak memory without the block programs' budget
 
 W4A8 histogram, bias correction on (the default), `quantize_first_last="8bit"` (the
 papers' convention: first and last layer's weights and the last layer's input at 8 bits).
@@ -190,7 +192,7 @@ def child(spec: dict) -> dict:
         quant_mode=1,
         act_method=2,
         quantize_first_last="8bit",
-        keep_acc=ALGOS[spec["algo"]],
+        keep_acc={k: [True, spec["block_steps"]] if k == "qdrop" else v for k, v in ALGOS[spec["algo"]].items()},
         **spec["extra"],
     )
     t = time.perf_counter()
@@ -220,6 +222,7 @@ def main(argv=None):
     ap.add_argument("--w-bit", type=int, default=4)
     ap.add_argument("--a-bit", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--block-steps", type=int, default=300, help="QDrop's steps per block")
     ap.add_argument("--config", default="{}", help="more QuantConfig fields as JSON, e.g. '{\"recon_holdout\": 0.25}'")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -237,7 +240,7 @@ def main(argv=None):
             runs = []
             for subset in args.subsets:
                 spec = {"model": name, "algo": algo, "subset": subset, "threads": args.threads}
-                spec.update(w_bit=args.w_bit, a_bit=args.a_bit, extra=extra)
+                spec.update(w_bit=args.w_bit, a_bit=args.a_bit, extra=extra, block_steps=args.block_steps)
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
                 )
