@@ -25,6 +25,7 @@ from bridge.inplace.fakequant import quantization, set_quantization
 from bridge.capture.memory import (
     COPIES_FLOAT_INPUTS,
     COPIES_QUANTIZED_INPUTS,
+    block_program_bytes,
     budget_bytes,
     plan_row_groups,
     release_freed_memory,
@@ -260,7 +261,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
             mesh=ctx.mesh,
             copies=ctx.cfg.recon_augment,
             synthetic=sum(int(b.shape[0]) for b in ctx.synthetic),
-            budget=budget_bytes(ctx.cfg.memory_budget),
+            budget=block_program_bytes(ctx.cfg.memory_budget),
         )
     return StepReport(step.name, layers=reports)
 

@@ -40,6 +40,15 @@ def budget_bytes(memory_budget_mib: int | None) -> int:
     return min(1 << 30, physical // 8)
 
 
+def block_program_bytes(memory_budget_mib: int | None) -> int:
+    """What a block reconstruction step program's temporaries may take: the configured MiB,
+    or half the automatic budget. Rows are the whole of what row sampling adds; a step
+    program's temporaries come on top of the block's captured samples and the process's
+    floor (libraries, model, data), so by default they get half (peaks in
+    `benchmarks/README.md`)."""
+    return budget_bytes(memory_budget_mib) if memory_budget_mib is not None else budget_bytes(None) // 2
+
+
 def plan_row_groups(
     row_floats: dict[str, int], rows: int, copies: int, budget: int
 ) -> tuple[list[list[str]], dict[str, int]]:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bridge.capture.data import Batch, iter_batches, run_model
+from bridge.capture.memory import release_freed_memory
 from bridge.jax_model.collate import is_token_batch, pad_tokens
 from bridge.jax_model.lower import LoweringError, to_jax_tree
 from bridge.jax_model.quantized import quantized_forward
@@ -265,6 +266,7 @@ def reconstruct_block(
     inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
     target = jnp.asarray(torch.cat(target_l).float().numpy())
     del args_l, kwargs_l, target_l, example, t_args, t_kwargs  # the JAX copies are what the steps read
+    release_freed_memory()
     mask = None
     if token_mask is not None and target.ndim == 3 and tuple(target.shape[:2]) == tuple(token_mask.shape):
         mask = jnp.asarray(token_mask.numpy())
@@ -424,6 +426,7 @@ def reconstruct_blocks(
         # blocks; flat at 0.9 GB with this). Blocks of equal shape still share programs
         # through the persistent compilation cache.
         jax.clear_caches()
+        release_freed_memory()
         if bar is not None:
             bar.update(1)
             before, after = (

@@ -18,7 +18,6 @@ continues after the last finished layer; a source rewritten in place is quantize
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from bridge.capture.memory import release_freed_memory
 from bridge.export.compressed_tensors import linear_tensors, quantization_config
 from bridge.llm import activations
 from bridge.llm.decoder import decoder_parts, first_layer_inputs, run_layer
@@ -93,15 +93,6 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)
-
-
-def _release_memory() -> None:
-    """Hand freed heap pages back to the system (glibc keeps them otherwise, and the next
-    layer's peak would sit on top of this one's)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _layer_bytes(tensors: dict[str, TensorInfo], prefix: str) -> int:
@@ -198,7 +189,7 @@ def quantize_llm_checkpoint(
         _write_atomic(shard, out / names[i])
         _write_atomic({f"batch.{b}": x.contiguous() for b, (x, _) in enumerate(inputs)}, out / HIDDEN)
         layer.to("meta")
-        _release_memory()
+        release_freed_memory()  # the next layer's peak would sit on top of this one's freed pages
         weight_map.update(dict.fromkeys(shard, names[i]))
         quantized += list(records)
         state["done"][names[i]] = _digest([t for n, t in tensors.items() if n.startswith(prefix)])
