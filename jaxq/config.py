@@ -228,7 +228,8 @@ class QuantConfig:
           training program may allocate for its temporaries; above it each step's
           gradient is taken over smaller parts of its mini-batch (the same loss;
           `reports["blocks"]` gives each block's parts and memory). None: an eighth of
-          the machine's memory, at most 1024 MiB.
+          the machine's memory, at most 1024 MiB, for rows; half that for a block's
+          program (its temporaries come on top of the block's captured samples).
       smooth_quant: SmoothQuant (`jaxq.smoothing`) for Linear layers with quantized
           inputs: each input channel is divided by `s_j = max|X_j|^α / max|W_j|^(1−α)`
           before the activation quantizer and its weight column multiplied by it
