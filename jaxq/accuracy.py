@@ -26,6 +26,7 @@ from jaxq.admm import admm_quantize_bucket
 from jaxq.bias_correction import bias_shift_bucket
 from jaxq.calibrate import QuantizedWeight, map_buckets
 from jaxq.easyquant import ROWS_USED, EasyQuantResult, easy_quant_bucket
+from jaxq.executables import cached_jit
 from jaxq.gptq import GptqParams, Problem, solve_problems
 from jaxq.numerics import dequantize, quantize
 from jaxq.qparams import QParams
@@ -153,7 +154,7 @@ def _adaround_bucket(t, params: AdaRoundParams):
     return adaround_bucket(w, tuple(wg.shape[1:]), weight, mom, params, start)
 
 
-@jax.jit
+@cached_jit
 def _bias_correction_bucket(t) -> jax.Array:
     mean, wg, qw = t
     w_hat = jax.vmap(dequantize)(qw.q, qw.qparams).reshape(wg.shape)

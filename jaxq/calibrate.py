@@ -11,7 +11,6 @@ compiles about once per bucket and a second run with the same shapes compiles no
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from typing import Hashable, Mapping, NamedTuple
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.host import aligned_stack
+from jaxq.executables import cached_jit
 from jaxq.padding import bucket_size
 
 from jaxq.numerics import quantize
@@ -56,7 +56,7 @@ def quantize_weight(w: jax.Array, scheme: QScheme, weight_range: str = "minmax")
     return QuantizedWeight(qp, quantize(w, qp))
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "weight_range"))
+@cached_jit(static_argnames=("scheme", "weight_range"))
 def quantize_weight_bucket(ws: jax.Array, scheme: QScheme, weight_range: str = "minmax") -> QuantizedWeight:
     """`quantize_weight` over a stacked bucket `ws: [layers, *shape]`."""
     return jax.vmap(lambda w: quantize_weight(w, scheme, weight_range))(ws)
@@ -146,13 +146,13 @@ def _quantize_rows(chunk, scheme: QScheme, weight_range: str) -> QuantizedWeight
     return quantize_weight_bucket(chunk[0], scheme, weight_range)
 
 
-@functools.partial(jax.jit, static_argnames=("observer",))
+@cached_jit(static_argnames=("observer",))
 def update_observer(state, x: jax.Array, n_valid: jax.Array, observer: Observer):
     """One streaming observer step, compiled once per (observer, buffer size)."""
     return observer.update(state, x, n_valid)
 
 
-@functools.partial(jax.jit, static_argnames=("observer",))
+@cached_jit(static_argnames=("observer",))
 def update_observers(states: tuple, xs: tuple, n_valid: jax.Array, observer: Observer) -> tuple:
     """`update_observer` for many layers in one compiled call: `states[i] ← update(states[i],
     xs[i], n_valid[i])`. Compiled once per sequence of buffer sizes.
@@ -164,7 +164,7 @@ def update_observers(states: tuple, xs: tuple, n_valid: jax.Array, observer: Obs
     return tuple(observer.update(s, x, n_valid[i]) for i, (s, x) in enumerate(zip(states, xs)))
 
 
-@functools.partial(jax.jit, static_argnames=("observer",))
+@cached_jit(static_argnames=("observer",))
 def update_observers_of_size(states: tuple, xs: tuple, n_valid: jax.Array, observer: Observer) -> tuple:
     """`update_observers` for buffers of one size, the update traced once under `vmap`:
     compiled once per (buffer size, number of layers), and small to trace. For batches
@@ -184,7 +184,7 @@ class ActivationResult(NamedTuple):
     first_bad: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("observer", "scheme"))
+@cached_jit(static_argnames=("observer", "scheme"))
 def finalize_activation_bucket(states, observer: Observer, scheme: QScheme) -> ActivationResult:
     """Observer ranges → per-tensor `QParams` over a stacked bucket of states."""
 

@@ -31,14 +31,13 @@ walks a greedy path that stops at the first increase. jaxq searches every pair `
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.observers import ROW, Observer, _note_bad, buffer_minmax, row_count, row_parts
+from jaxq.observers import ROW, Observer, _note_bad, buffer_minmax, observer_factory, row_count, row_parts
 
 DEFAULT_BINS = 2048
 DEFAULT_SAMPLE_ROWS = 256  # 2^18 values binned per layer and batch
@@ -313,7 +312,7 @@ def bins_to_range(lo, hi, start, end, bins: int) -> tuple[jax.Array, jax.Array]:
 # --- the observer -------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@observer_factory
 def histogram_observer(bins: int = DEFAULT_BINS, levels: int = 256, max_rows: int = DEFAULT_SAMPLE_ROWS) -> Observer:
     """`act_method=2`: streaming histogram, then the L2-optimal range for `levels` levels.
 

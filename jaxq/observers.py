@@ -24,6 +24,7 @@ Weight ranges are not streamed: `channel_minmax` reduces one weight tensor per c
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, NamedTuple
 
 import jax
@@ -34,6 +35,29 @@ class Observer(NamedTuple):
     init: Callable[[], object]
     update: Callable[[object, jax.Array, jax.Array], object]
     finalize: Callable[[object], tuple[tuple[jax.Array, jax.Array], jax.Array]]
+    name: str = ""  # the factory and its arguments (`observer_factory`); "" for a hand-made one
+
+    def __repr__(self):  # the functions' reprs carry addresses; the name is what makes the program
+        if self.name:
+            return f"Observer({self.name})"
+        return f"Observer(init={self.init!r}, update={self.update!r}, finalize={self.finalize!r})"
+
+
+def observer_factory(factory: Callable[..., Observer]) -> Callable[..., Observer]:
+    """`factory`, cached (the same arguments give the same Observer, so jitted programs
+    that take it as a static argument compile once), its Observers named by the factory
+    and the arguments (a key that `jaxq.executables` can keep across processes)."""
+    signature = inspect.signature(factory)
+
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(factory)
+    def make(*args, **kwargs) -> Observer:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        name = f"{factory.__module__}.{factory.__qualname__}{tuple(bound.arguments.items())}"
+        return factory(*args, **kwargs)._replace(name=name)
+
+    return make
 
 
 def channel_minmax(w: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -117,7 +141,7 @@ class RunningMinMaxState(NamedTuple):
     first_bad: jax.Array
 
 
-@functools.lru_cache(maxsize=None)  # same settings → same Observer → no recompiles
+@observer_factory
 def running_minmax() -> Observer:
     """Absolute range over all batches: `lo = min_b min(x_b)`, `hi = max_b max(x_b)`."""
 
@@ -163,7 +187,7 @@ def sorted_percentile(values: jax.Array, count: jax.Array, q: float) -> jax.Arra
     return lo + frac * (hi - lo)
 
 
-@functools.lru_cache(maxsize=None)  # same settings → same Observer → no recompiles
+@observer_factory
 def batch_percentile_minmax(capacity: int, lo_q: float = 40.0, hi_q: float = 60.0) -> Observer:
     """msModelSlim's `act_method=1`: percentiles of the per-batch minima and maxima.
 
@@ -284,7 +308,7 @@ def sigma_range(lo, hi, std_all, std_pos, sigma: float) -> tuple[jax.Array, jax.
     return jnp.where(negative, signed_lo, lo), jnp.where(negative, signed_hi, pos_hi)
 
 
-@functools.lru_cache(maxsize=None)  # same settings → same Observer → no recompiles
+@observer_factory
 def sigma_statistic(sigma: float) -> Observer:
     """`act_method=0`: streaming min, max and standard deviations, then `sigma_range`."""
 

@@ -6,6 +6,7 @@ import tempfile
 import textwrap
 
 import jax
+import jaxq.executables
 import numpy as np
 import pytest
 import torch
@@ -42,6 +43,7 @@ def _release_compiled_programs():
     cache write. Tests that count compilations do so within one module."""
     yield
     jax.clear_caches()
+    jaxq.executables.clear()
 
 
 def pytest_unconfigure(config):
