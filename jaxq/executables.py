@@ -21,6 +21,7 @@ set) nothing is written and the executables are still kept for the process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -136,10 +137,14 @@ class CachedJit:
         return self.jitted.lower(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        dynamic = tuple(v for k, v in bound.arguments.items() if k not in self.static)
-        statics = {k: v for k, v in bound.arguments.items() if k in self.static}
+        if not kwargs and len(args) == len(self.signature.parameters):  # the common call, without `bind`
+            arguments = dict(zip(self.signature.parameters, args))
+        else:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+        dynamic = tuple(v for k, v in arguments.items() if k not in self.static)
+        statics = {k: v for k, v in arguments.items() if k in self.static}
         leaves, tree = jax.tree.flatten((dynamic, {}))
         device = jax.devices()[0]
         signature = tuple(_leaf_signature(leaf, device) for leaf in leaves)
@@ -165,10 +170,32 @@ class CachedJit:
             compiled = _read(path, tree)
             if compiled is not None:
                 return compiled
-        compiled = self.jitted.lower(*dynamic, **statics).compile()
-        if path is not None:
-            _write(path, compiled)
+        if path is None:
+            return self.jitted.lower(*dynamic, **statics).compile()
+        with _jax_cache_off():  # an executable JAX loaded from its cache serializes broken
+            compiled = self.jitted.lower(*dynamic, **statics).compile()
+        _write(path, compiled)
         return compiled
+
+
+@contextlib.contextmanager
+def _jax_cache_off():
+    """JAX's persistent cache off for one compilation. An executable JAX loaded from that
+    cache serializes without its kernels (a later load fails: "Function wrapped_broadcast
+    not found"), so what is kept here is always compiled afresh."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    configured = jax.config.jax_compilation_cache_dir
+    if not configured:
+        yield
+        return
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", configured)
+        compilation_cache.reset_cache()
 
 
 def cached_jit(fn=None, *, static_argnames: tuple[str, ...] = ()):

@@ -169,3 +169,29 @@ def test_a_second_process_runs_the_observers_without_tracing(tmp_path):
     assert int(first[0]) == 2 and int(second[0]) == 0
     assert first[1:] == second[1:]
     assert list((tmp_path / executables.SUBDIR).glob("*.bin"))
+
+
+def test_a_program_already_in_jaxs_cache_is_kept_in_a_form_that_loads(tmp_path):
+    """An executable that JAX loaded from its own persistent cache serializes without its
+    kernels; what is kept must be compiled afresh (a third process runs it)."""
+    script = textwrap.dedent("""
+        import sys, jax, numpy as np
+        from jaxq import executables
+        from jaxq.calibrate import quantize_weight_bucket
+        from jaxq.scheme import QScheme
+        executables.set_directory(sys.argv[1])
+        w = np.random.RandomState(0).randn(2, 16, 27).astype(np.float32)
+        out = quantize_weight_bucket(w, QScheme(bits=8, signed=True, symmetric=True, axis=0))
+        print(float(out.qparams.scale.sum()), int(out.q.sum()))
+    """)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax"), "JAXQ_COMPILATION_CACHE": "off"}
+
+    def run(kept: str) -> str:
+        command = [sys.executable, "-c", script, str(tmp_path / kept)]
+        r = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    first = run("a")  # compiles; JAX's cache and "a" filled
+    assert run("b") == first  # JAX's cache hit, "b" filled
+    assert run("b") == first  # loads "b"
