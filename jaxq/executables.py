@@ -15,8 +15,11 @@ level, no closures over values, no global state read at trace time); a change to
 jaxq module changes every key. Where a key cannot be formed without doubt — a traced
 argument (the function called inside another transformation), an array on another device
 or on several, a static argument whose `repr` carries an object address — the call is
-plain `jax.jit`. With no directory (`set_directory`, or JAX's cache directory when that is
-set) nothing is written and the executables are still kept for the process.
+plain `jax.jit`; with several processes every call is. With no directory (`set_directory`,
+or JAX's cache directory when that is set) or with several devices (a serialized executable
+names its devices) nothing is written and the executables are still kept for the process.
+What is written is compiled afresh (`_jax_cache_off`); files are replaced atomically, so
+processes may share the directory.
 """
 
 from __future__ import annotations
