@@ -173,11 +173,11 @@ class CachedJit:
             compiled = _read(path, tree)
             if compiled is not None:
                 return compiled
-        if path is None:
-            return self.jitted.lower(*dynamic, **statics).compile()
-        with _jax_cache_off():  # an executable JAX loaded from its cache serializes broken
+        # An executable JAX loaded from its own cache serializes broken: what is kept is compiled afresh.
+        with _jax_cache_off() if path is not None else contextlib.nullcontext():
             compiled = self.jitted.lower(*dynamic, **statics).compile()
-        _write(path, compiled)
+        if path is not None:
+            _write(path, compiled)
         return compiled
 
 

@@ -421,10 +421,9 @@ def reconstruct_blocks(
         )
         records.update(new)
         reports.append(report)
-        # Each block traces and compiles its own program; JAX's in-memory caches kept ~65 MB
-        # per EfficientNet-Lite0 block (the resident floor rose 1.0 → 2.2 GB over its 19
-        # blocks; flat at 0.9 GB with this). Blocks of equal shape still share programs
-        # through the persistent compilation cache.
+        # Each block traces and compiles its own program, which JAX's in-memory caches would
+        # keep for the process (the resident floor grew with every block; benchmarks/README.md).
+        # Blocks of equal shape still share programs through the persistent compilation cache.
         jax.clear_caches()
         release_freed_memory()
         if bar is not None:
