@@ -13,6 +13,7 @@ from jaxq.calibrate import (
     update_observer,
     update_observers,
     update_observers_of_size,
+    update_stacked_observers,
 )
 from jaxq.config import KeepAcc, QuantConfig
 from jaxq.histogram import HistogramState, histogram_observer, l2_optimal_bins
@@ -66,4 +67,5 @@ __all__ = [
     "update_observer",
     "update_observers",
     "update_observers_of_size",
+    "update_stacked_observers",
 ]

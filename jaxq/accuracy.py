@@ -24,11 +24,12 @@ import numpy as np
 from jaxq.adaround import AdaRoundParams, AdaRoundResult, Moments, RowFactor, adaround_bucket, moment_sum, row_moments
 from jaxq.admm import admm_quantize_bucket
 from jaxq.bias_correction import bias_shift_bucket
-from jaxq.calibrate import QuantizedWeight, map_buckets
+from jaxq.calibrate import QuantizedWeight, map_buckets, map_rows
 from jaxq.easyquant import ROWS_USED, EasyQuantResult, easy_quant_bucket
 from jaxq.executables import cached_jit
 from jaxq.gptq import GptqParams, Problem, solve_problems
 from jaxq.numerics import dequantize, quantize
+from jaxq.padding import power_of_two
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
 from jaxq.sharding import bind
@@ -161,14 +162,52 @@ def _bias_correction_bucket(t) -> jax.Array:
     return bias_shift_bucket(mean, wg, w_hat)
 
 
+@cached_jit
+def _bias_shift_rows(chunk) -> jax.Array:
+    """`δ_c = Σ_d (w − (q − o)·s)_{c,d} · E[row]_{c,d}` for packed output rows (`map_rows`):
+    `w, q, mean [1, rows, d]`, `scale, offset [1, rows]`."""
+    w, q, mean, scale, offset = chunk
+    w_hat = (q - offset[..., None]).astype(jnp.float32) * scale[..., None]
+    d = w.astype(jnp.float32) - w_hat
+    return jnp.einsum("lrd,lrd->lr", d, mean.astype(jnp.float32), precision="highest")
+
+
+def _channel_rows(mean_row, wg, qw: QuantizedWeight) -> tuple | None:
+    """One layer's bias-correction rows, one per output channel: `W`, `q` and the mean input
+    row of the channel's group `[out, d]`, and `s`, `o` `[out]`. None where the weight's
+    quantization axis is not its first (output) axis."""
+    g, per, d = np.shape(wg)
+    out = g * per
+    qp = qw.qparams
+    if qp.scheme.axis not in (None, 0) and np.size(qp.scale) != 1:
+        return None
+    scale, offset = (np.broadcast_to(np.asarray(v).reshape(-1), (out,)) for v in (qp.scale, qp.offset))
+    mean = np.repeat(np.asarray(mean_row).reshape(g, d), per, axis=0)
+    return np.asarray(wg).reshape(out, d), np.asarray(qw.q).reshape(out, d), mean, scale, offset
+
+
 def bias_corrections(
     mean_rows: Mapping[str, jax.Array],
     grouped_weights: Mapping[str, jax.Array],
     quantized: Mapping[str, QuantizedWeight],
 ) -> dict[str, jax.Array]:
-    """Per layer `δ = (W − Ŵ)·E[row]` (`[out]`), `Ŵ = (q − o)·s` the simulated weight."""
-    inputs = {n: (mean_rows[n], grouped_weights[n], quantized[n]) for n in mean_rows}
-    return map_buckets(_bias_correction_bucket, inputs)
+    """Per layer `δ = (W − Ŵ)·E[row]` (`[out]`), `Ŵ = (q − o)·s` the simulated weight.
+
+    Each output channel is its own dot product, so the channels of every layer of one
+    padded width go through one program (`map_rows`, widths padded to a power of two: a
+    dot product costs little per padded entry): a handful of programs per model instead of
+    one per weight shape. Weights quantized along another axis take one program
+    per shape bucket."""
+    rows, other = {}, {}
+    for n in mean_rows:
+        r = _channel_rows(mean_rows[n], grouped_weights[n], quantized[n])
+        if r is None:
+            other[n] = (mean_rows[n], grouped_weights[n], quantized[n])
+        else:
+            rows[n] = r
+    out = {n: v[0] for n, v in map_rows(_bias_shift_rows, rows, power_of_two).items()} if rows else {}
+    out.update(map_buckets(_bias_correction_bucket, other) if other else {})
+    return {n: out[n] for n in mean_rows}
 
 
 class LayerState(NamedTuple):

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxq.host import aligned_stack
 from jaxq.executables import cached_jit
-from jaxq.padding import bucket_size
+from jaxq.padding import bucket_size, power_of_two
 
 from jaxq.numerics import quantize
 from jaxq.observers import Observer
@@ -86,20 +86,20 @@ def weight_rows_per_call(k: int) -> int:
     return int(min(1 << (fit.bit_length() - 1), MAX_CALL_ROWS))
 
 
-def map_rows(fn, inputs: Mapping[str, tuple]) -> dict[str, tuple]:
+def map_rows(fn, inputs: Mapping[str, tuple], width_of=bucket_size) -> dict[str, tuple]:
     """`fn` over the rows of many layers with one compiled program per row width.
 
     `inputs[name]`: a tuple of a layer's arrays with one row axis first — matrices `[R, K]`
     and vectors `[R]`. `fn(chunk)` maps such a tuple of `[rows, …]` arrays to a pytree of
     `[rows]` or `[rows, width]` arrays and must treat every row on its own. The rows of all
-    layers whose matrices have one padded width (`K` zero-padded to a size bucket) are
-    packed together, `weight_rows_per_call` rows per call, the last call padded with zero
+    layers whose matrices have one padded width (`K` zero-padded to `width_of(K)`, a size
+    bucket by default) are packed together, `weight_rows_per_call` rows per call, the last call padded with zero
     rows (under `layers_over(mesh)` calls split over the devices); each layer gets its
     rows back, matrices cut to its own `K`. Returns `{name: fn's leaves}`."""
     k_of = {n: next(a.shape[1] for a in arrays if np.ndim(a) == 2) for n, arrays in inputs.items()}
     by_width: dict[int, list[str]] = defaultdict(list)
     for n, k in k_of.items():
-        by_width[bucket_size(k)].append(n)
+        by_width[width_of(k)].append(n)
     out: dict[str, tuple] = {}
     for width, names in by_width.items():
         per_call = weight_rows_per_call(width)
@@ -134,7 +134,9 @@ def quantize_weights(
     `quantize_weight` on each weight, bit for bit under `"minmax"` (under `"mse"` the
     error sums may round differently by an ulp, which can only matter at a tie)."""
     fn = bind(_quantize_rows, scheme=scheme.with_axis(0), weight_range=weight_range)
-    done = map_rows(fn, {n: (np.asarray(w).reshape(np.shape(w)[0], -1),) for n, w in weights.items()})
+    # min-max reads a padded entry once, the mse search at every step
+    width_of = power_of_two if weight_range == "minmax" else bucket_size
+    done = map_rows(fn, {n: (np.asarray(w).reshape(np.shape(w)[0], -1),) for n, w in weights.items()}, width_of)
     out = {}
     for n, w in weights.items():
         scale, offset, q = done[n]  # the leaves of QuantizedWeight(QParams(scale, offset), q)
@@ -165,16 +167,36 @@ def update_observers(states: tuple, xs: tuple, n_valid: jax.Array, observer: Obs
 
 
 @cached_jit(static_argnames=("observer",))
-def update_observers_of_size(states: tuple, xs: tuple, n_valid: jax.Array, observer: Observer) -> tuple:
-    """`update_observers` for buffers of one size, the update traced once under `vmap`:
-    compiled once per (buffer size, number of layers), and small to trace. For batches
-    whose sizes vary (text), where one program per sequence of sizes would trace every
-    layer's update again for each new sequence."""
+def update_stacked_observers(states, xs: tuple, n_valid: jax.Array, observer: Observer):
+    """`update_observers` for buffers of one size, on states stacked along a leading layer
+    axis (`stack_states`), returning them stacked: the update is traced once under `vmap`
+    and compiled once per (buffer size, number of layers). Stacked, the states are one
+    argument and one result per leaf instead of per layer and leaf, which is what made
+    compilation grow with the number of layers."""
     if len({x.shape for x in xs}) != 1:
+        raise ValueError(f"update_stacked_observers takes buffers of one size, got {sorted({x.shape[0] for x in xs})}")
+    return jax.vmap(observer.update)(states, jnp.stack(xs), n_valid)
+
+
+def stack_states(states) -> object:
+    """Layer states → one pytree stacked along a leading layer axis (on the host)."""
+    return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(a) for a in leaves]), *states)
+
+
+def unstack_states(stacked, count: int) -> list:
+    """`stack_states` undone: `count` layer states, NumPy views of the stacked arrays."""
+    host = jax.tree_util.tree_map(np.asarray, stacked)
+    return [jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i in range(count)]
+
+
+def update_observers_of_size(states: tuple, xs: tuple, n_valid, observer: Observer) -> tuple:
+    """`update_observers` for buffers of one size through `update_stacked_observers`: for
+    batches whose sizes vary (text), where one program per sequence of sizes would trace
+    every layer's update again for each new sequence. Returns the states as NumPy views."""
+    if len({np.shape(x) for x in xs}) != 1:
         raise ValueError(f"update_observers_of_size takes buffers of one size, got {sorted({x.shape[0] for x in xs})}")
-    stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
-    new = jax.vmap(observer.update)(stacked, jnp.stack(xs), n_valid)
-    return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], new) for i in range(len(xs)))
+    stacked = update_stacked_observers(stack_states(states), xs, np.asarray(n_valid, np.int32), observer)
+    return tuple(unstack_states(stacked, len(xs)))
 
 
 class ActivationResult(NamedTuple):

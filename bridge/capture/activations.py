@@ -7,7 +7,8 @@ every layer that ran are then applied at the end of each batch in one jitted cal
 overhead than the reduction itself. That program is compiled for the first batch's
 sequence of buffer sizes; a batch with other sizes (text of varying length) is applied
 one call per buffer size (`jaxq.update_observers_of_size`, the update traced once under
-`vmap`), so new lengths add small programs instead of re-tracing every layer.
+`vmap` over the layers' stacked states), so new lengths add small programs instead of
+re-tracing every layer.
 
 Large inputs (more than `IN_PLACE_MIN` float32 values on CPU): the hook updates the
 layer's state at once, reading the activation in place through a zero-copy view —

@@ -1,5 +1,6 @@
 """Bias correction: δ = (W − Ŵ)·E[row] against NumPy, and the mean output it restores."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
@@ -78,3 +79,46 @@ def test_accuracy_bias_corrections_over_buckets():
     for n in weights:
         w_hat = np.asarray(jaxq.dequantize(quantized[n].q, quantized[n].qparams)).reshape(grouped[n].shape)
         np.testing.assert_allclose(np.asarray(found[n]), (grouped[n][0] - w_hat[0]) @ means[n][0], rtol=1e-4, atol=1e-6)
+
+
+def test_bias_corrections_pack_channels_of_every_layer_and_match_bias_shift():
+    """Grouped (depthwise, two groups), per-tensor and differently wide layers: δ of each equals
+    `bias_shift`; widths 5–8 share one padded width, so one program serves them all. A
+    weight quantized along another axis takes the per-shape path with the same result."""
+    rng = np.random.default_rng(3)
+    per_channel = jaxq.QScheme(bits=4, signed=True, symmetric=False, axis=0)
+    cases = {  # name: (weight, groups, scheme)
+        "dense": (rng.normal(size=(6, 7)), 1, per_channel),
+        "narrow": (rng.normal(size=(5, 5)), 1, per_channel),
+        "depthwise": (rng.normal(size=(4, 1, 2, 4)), 4, per_channel),
+        "two_groups": (rng.normal(size=(4, 2, 1, 3)), 2, per_channel),
+        "per_tensor": (rng.normal(size=(3, 6)), 1, per_channel.with_axis(None)),
+        "axis1": (rng.normal(size=(4, 6)), 1, per_channel.with_axis(1)),
+    }
+    quantized, grouped, means = {}, {}, {}
+    for n, (w, g, scheme) in cases.items():
+        w = w.astype(np.float32)
+        if scheme.axis is None:
+            qp = jaxq.qparams_from_range(jnp.float32(w.min()), jnp.float32(w.max()), scheme)
+            quantized[n] = jaxq.QuantizedWeight(qp, jaxq.quantize(jnp.asarray(w), qp))
+        else:
+            quantized[n] = jax.jit(jaxq.quantize_weight, static_argnums=1)(jnp.asarray(w), scheme)
+        grouped[n] = w.reshape(g, w.shape[0] // g, -1)
+        means[n] = rng.normal(size=(g, grouped[n].shape[-1])).astype(np.float32)
+    jax.clear_caches()  # other tests of this module compile programs of the same widths
+    jaxq.executables.clear()
+    with jaxq.compile_count() as c:
+        found = jaxq.accuracy.bias_corrections(means, grouped, quantized)
+    assert c.count + c.loaded == 2  # packed rows of width 8, and the axis-1 layer's own bucket
+    for n, (w, _g, _scheme) in cases.items():
+        qp = quantized[n].qparams
+        w_hat = (np.asarray(quantized[n].q) - _along(qp.offset, qp, w.ndim)) * _along(qp.scale, qp, w.ndim)
+        want = np.einsum("god,gd->go", grouped[n] - w_hat.reshape(grouped[n].shape), means[n]).reshape(-1)
+        np.testing.assert_allclose(np.asarray(found[n]), want, rtol=1e-5, atol=1e-6)
+
+
+def _along(v, qp, ndim):
+    v = np.asarray(v, np.float32)
+    if qp.scheme.axis is None or v.ndim == 0:
+        return v
+    return v.reshape([-1 if i == qp.scheme.axis else 1 for i in range(ndim)])

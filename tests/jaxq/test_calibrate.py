@@ -130,7 +130,7 @@ def test_many_weight_shapes_compile_few_programs():
     ws |= {f"k{i}": rng.standard_normal((8 * i + 1, 20 + i)).astype(np.float32) for i in range(1, 4)}
     with jaxq.compile_count() as c:
         out = jaxq.quantize_weights(ws, QScheme(6, True, True, axis=0))
-    assert c.count == 2  # 12 shapes, two padded row widths: 28 and 24
+    assert c.count == 1  # 12 shapes, row widths 20–27: one padded width (32) under min-max
     for name, w in ws.items():
         ref = quantize_weight(jnp.asarray(w), QScheme(6, True, True, axis=0))
         np.testing.assert_array_equal(out[name].q, np.asarray(ref.q))
@@ -153,3 +153,27 @@ def test_map_rows_packs_layers_of_one_padded_width_and_gives_each_its_rows():
         np.testing.assert_array_equal(out[n][0], m * 2.0)
         np.testing.assert_allclose(out[n][1], m.sum(-1) + v, rtol=1e-5, atol=1e-6)
     assert weight_rows_per_call(24) == 4096 and weight_rows_per_call(1 << 20) == 8
+
+
+def test_stacked_observer_updates_equal_one_update_per_layer():
+    """Buffers of one size, states stacked: the vmapped update is each layer's own update,
+    bit for bit, and a second batch with other valid lengths compiles nothing new."""
+    from jaxq.calibrate import stack_states, unstack_states
+
+    obs = jaxq.histogram_observer(bins=64, max_rows=2)
+    rng = np.random.default_rng(0)
+    states = [obs.init() for _ in range(3)]
+    want = list(states)
+    for batch, n_valid in enumerate(([4096, 3000, 1], [2500, 4096, 4000])):
+        xs = tuple(jnp.asarray(rng.standard_normal(4096).astype(np.float32) * (i + 1)) for i in range(3))
+        with jaxq.compile_count() as c:
+            stacked = jaxq.update_stacked_observers(stack_states(states), xs, np.array(n_valid, np.int32), obs)
+        if batch:
+            assert c.count == 0
+        states = unstack_states(stacked, 3)
+        want = [jaxq.update_observer(s, x, jnp.int32(n), obs) for s, x, n in zip(want, xs, n_valid)]
+        for got, ref in zip(states, want):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="one size"):
+        jaxq.update_stacked_observers(stack_states(states[:2]), (xs[0], xs[1][:1024]), np.ones(2, np.int32), obs)
