@@ -11,6 +11,7 @@ compiles about once per bucket and a second run with the same shapes compiles no
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Hashable, Mapping, NamedTuple
 
@@ -163,7 +164,15 @@ def update_observers(states: tuple, xs: tuple, n_valid: jax.Array, observer: Obs
     reducing 50k values), so one call per batch instead of one per layer is what keeps
     calibration near the float forward time on models with many small layers.
     """
-    return tuple(observer.update(s, x, n_valid[i]) for i, (s, x) in enumerate(zip(states, xs)))
+    update = _traced_once(observer)
+    return tuple(update(s, x, n_valid[i]) for i, (s, x) in enumerate(zip(states, xs)))
+
+
+@functools.lru_cache(maxsize=64)
+def _traced_once(observer: Observer):
+    """`observer.update` under its own `jit`: inside a program, layers of one buffer size
+    share one trace and one lowering (XLA inlines the calls, so the program is the same)."""
+    return jax.jit(observer.update)
 
 
 @cached_jit(static_argnames=("observer",))
