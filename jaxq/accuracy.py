@@ -15,6 +15,7 @@ grouped float weight, bias, and the current quantizers.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping, NamedTuple
 
 import jax
@@ -193,16 +194,18 @@ def bias_corrections(
 ) -> dict[str, jax.Array]:
     """Per layer `δ = (W − Ŵ)·E[row]` (`[out]`), `Ŵ = (q − o)·s` the simulated weight.
 
-    Each output channel is its own dot product, so the channels of every layer of one
-    padded width go through one program (`map_rows`, widths padded to a power of two: a
-    dot product costs little per padded entry): a handful of programs per model instead of
-    one per weight shape. Weights quantized along another axis take one program
-    per shape bucket."""
+    Each output channel is its own dot product, so layers whose weight shape no other layer
+    has (most of a CNN's) go through one program per row width (`map_rows`, widths padded
+    to a power of two: a dot product costs little per padded entry) instead of one per
+    shape. Equal-shaped layers (a transformer's) keep their bucket's program, which packs
+    nothing on the host; so do weights quantized along another axis."""
+    inputs = {n: (mean_rows[n], grouped_weights[n], quantized[n]) for n in mean_rows}
+    layers_of_shape = Counter(np.shape(wg) for _, wg, _ in inputs.values())
     rows, other = {}, {}
-    for n in mean_rows:
-        r = _channel_rows(mean_rows[n], grouped_weights[n], quantized[n])
+    for n, (mean, wg, qw) in inputs.items():
+        r = _channel_rows(mean, wg, qw) if layers_of_shape[np.shape(wg)] == 1 else None
         if r is None:
-            other[n] = (mean_rows[n], grouped_weights[n], quantized[n])
+            other[n] = inputs[n]
         else:
             rows[n] = r
     out = {n: v[0] for n, v in map_rows(_bias_shift_rows, rows, power_of_two).items()} if rows else {}

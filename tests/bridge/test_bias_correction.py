@@ -201,13 +201,13 @@ def test_bias_correction_costs_no_forward_beyond_the_activation_pass(digits_cali
     ctx = Context(cal.model, cal.quantizers, cal.specs, cal.cfg, digits_calib, torch.device("cpu"), progress=False)
     separate = mean_rows_of(ctx)  # one more float pass, quantization off
     assert set(separate) == set(cal.records)
+    grouped, quantized = {}, {}
     for name, rec in cal.records.items():
         q = cal.quantizers[name]
         qp = jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme)
         w = jnp.asarray(q.float_weight.detach().float().numpy())
-        expected = jaxq.accuracy.bias_corrections(
-            {name: separate[name]},
-            {name: jaxq.rows.grouped_weight(cal.specs[name], w)},
-            {name: jaxq.QuantizedWeight(qp, jnp.asarray(rec.codes))},
-        )[name]
-        np.testing.assert_array_equal(np.asarray(expected, np.float32), rec.bias_correction)
+        grouped[name] = jaxq.rows.grouped_weight(cal.specs[name], w)
+        quantized[name] = jaxq.QuantizedWeight(qp, jnp.asarray(rec.codes))
+    expected = jaxq.accuracy.bias_corrections(separate, grouped, quantized)  # all layers: the run's packing
+    for name, rec in cal.records.items():
+        np.testing.assert_array_equal(np.asarray(expected[name], np.float32), rec.bias_correction)
