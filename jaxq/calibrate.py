@@ -63,18 +63,24 @@ def quantize_weight_bucket(ws: jax.Array, scheme: QScheme, weight_range: str = "
     return jax.vmap(lambda w: quantize_weight(w, scheme, weight_range))(ws)
 
 
-def _unstack(tree, names: list[str]) -> dict[str, object]:
-    """Split the layer axis on the host (eager device slicing would compile per index)."""
-    host = jax.tree_util.tree_map(np.asarray, tree)
-    return {n: jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i, n in enumerate(names)}
-
-
-def _stack(trees: list) -> object:
-    """Stack pytrees along a new leading layer axis on the host (one tree: a view, no copy),
-    into aligned buffers that compiled calls read in place (`jaxq.host`)."""
+def stack_states(trees: list) -> object:
+    """Stack pytrees (layer states, weights) along a new leading layer axis on the host (one
+    tree: a view, no copy), into aligned buffers that compiled calls read in place
+    (`jaxq.host`)."""
     if len(trees) == 1:
         return jax.tree_util.tree_map(lambda x: np.asarray(x)[None], trees[0])
     return jax.tree_util.tree_map(lambda *leaves: aligned_stack(leaves), *trees)
+
+
+def unstack_states(stacked, count: int) -> list:
+    """`stack_states` undone on the host: `count` trees of NumPy views (eager device slicing
+    would compile per index)."""
+    host = jax.tree_util.tree_map(np.asarray, stacked)
+    return [jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i in range(count)]
+
+
+def _unstack(tree, names: list[str]) -> dict[str, object]:
+    return dict(zip(names, unstack_states(tree, len(names))))
 
 
 WEIGHT_CALL_FLOATS = 1 << 22  # weight values per compiled call of `quantize_weights` (16 MiB)
@@ -94,9 +100,10 @@ def map_rows(fn, inputs: Mapping[str, tuple], width_of=bucket_size) -> dict[str,
     and vectors `[R]`. `fn(chunk)` maps such a tuple of `[rows, …]` arrays to a pytree of
     `[rows]` or `[rows, width]` arrays and must treat every row on its own. The rows of all
     layers whose matrices have one padded width (`K` zero-padded to `width_of(K)`, a size
-    bucket by default) are packed together, `weight_rows_per_call` rows per call, the last call padded with zero
-    rows (under `layers_over(mesh)` calls split over the devices); each layer gets its
-    rows back, matrices cut to its own `K`. Returns `{name: fn's leaves}`."""
+    bucket by default) are packed together, `weight_rows_per_call` rows per call, the last
+    call padded with zero rows (under `layers_over(mesh)` calls split over the devices);
+    each layer gets its rows back, matrices cut to its own `K`. Returns
+    `{name: fn's leaves}`."""
     k_of = {n: next(a.shape[1] for a in arrays if np.ndim(a) == 2) for n, arrays in inputs.items()}
     by_width: dict[int, list[str]] = defaultdict(list)
     for n, k in k_of.items():
@@ -187,17 +194,6 @@ def update_stacked_observers(states, xs: tuple, n_valid: jax.Array, observer: Ob
     return jax.vmap(observer.update)(states, jnp.stack(xs), n_valid)
 
 
-def stack_states(states) -> object:
-    """Layer states → one pytree stacked along a leading layer axis (on the host)."""
-    return jax.tree_util.tree_map(lambda *leaves: np.stack([np.asarray(a) for a in leaves]), *states)
-
-
-def unstack_states(stacked, count: int) -> list:
-    """`stack_states` undone: `count` layer states, NumPy views of the stacked arrays."""
-    host = jax.tree_util.tree_map(np.asarray, stacked)
-    return [jax.tree_util.tree_map(lambda a, i=i: a[i], host) for i in range(count)]
-
-
 def update_observers_of_size(states: tuple, xs: tuple, n_valid, observer: Observer) -> tuple:
     """`update_observers` for buffers of one size through `update_stacked_observers`: for
     batches whose sizes vary (text), where one program per sequence of sizes would trace
@@ -240,7 +236,7 @@ def finalize_activations(
     distinct = {n: states[n] for n in owner.values()}
     out: dict[str, ActivationResult] = {}
     for names in bucket_keys(distinct, tree_key).values():
-        stacked = _stack([distinct[n] for n in names])
+        stacked = stack_states([distinct[n] for n in names])
         out.update(
             _unstack(over_layers(bind(finalize_activation_bucket, observer=observer, scheme=scheme), stacked), names)
         )
@@ -268,7 +264,7 @@ def map_buckets(fn, inputs: Mapping[str, object], progress=None, max_bytes: int 
             per_call = max(1, min(per_call, max_bytes // max(layer_bytes, 1)))
         for i in range(0, len(names), per_call):
             part = names[i : i + per_call]
-            out.update(_unstack(over_layers(fn, _stack([inputs[n] for n in part])), part))
+            out.update(_unstack(over_layers(fn, stack_states([inputs[n] for n in part])), part))
             if progress is not None:
                 progress(len(part))
     return {n: out[n] for n in inputs}
