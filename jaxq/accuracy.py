@@ -15,7 +15,6 @@ grouped float weight, bias, and the current quantizers.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Mapping, NamedTuple
 
 import jax
@@ -163,6 +162,9 @@ def _bias_correction_bucket(t) -> jax.Array:
     return bias_shift_bucket(mean, wg, w_hat)
 
 
+PACKED_MAX = 1 << 16  # weight values up to which bias correction packs a layer's channels
+
+
 @cached_jit
 def _bias_shift_rows(chunk) -> jax.Array:
     """`δ_c = Σ_d (w − (q − o)·s)_{c,d} · E[row]_{c,d}` for packed output rows (`map_rows`):
@@ -194,16 +196,16 @@ def bias_corrections(
 ) -> dict[str, jax.Array]:
     """Per layer `δ = (W − Ŵ)·E[row]` (`[out]`), `Ŵ = (q − o)·s` the simulated weight.
 
-    Each output channel is its own dot product, so layers whose weight shape no other layer
-    has (most of a CNN's) go through one program per row width (`map_rows`, widths padded
-    to a power of two: a dot product costs little per padded entry) instead of one per
-    shape. Equal-shaped layers (a transformer's) keep their bucket's program, which packs
-    nothing on the host; so do weights quantized along another axis."""
+    Each output channel is its own dot product, so the channels of every small weight (at
+    most `PACKED_MAX` values: most of a CNN's many shapes) go through one program per row
+    width (`map_rows`, widths padded to a power of two: a dot product costs little per
+    padded entry) instead of one per shape. Larger weights keep one program per shape
+    bucket, which packs nothing on the host (copying them would cost more per run than
+    their program costs once); so do weights quantized along another axis."""
     inputs = {n: (mean_rows[n], grouped_weights[n], quantized[n]) for n in mean_rows}
-    layers_of_shape = Counter(np.shape(wg) for _, wg, _ in inputs.values())
     rows, other = {}, {}
     for n, (mean, wg, qw) in inputs.items():
-        r = _channel_rows(mean, wg, qw) if layers_of_shape[np.shape(wg)] == 1 else None
+        r = _channel_rows(mean, wg, qw) if np.size(wg) <= PACKED_MAX else None
         if r is None:
             other[n] = inputs[n]
         else:

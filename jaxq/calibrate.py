@@ -100,19 +100,19 @@ def map_rows(fn, inputs: Mapping[str, tuple], width_of=bucket_size) -> dict[str,
     and vectors `[R]`. `fn(chunk)` maps such a tuple of `[rows, …]` arrays to a pytree of
     `[rows]` or `[rows, width]` arrays and must treat every row on its own. The rows of all
     layers whose matrices have one padded width (`K` zero-padded to `width_of(K)`, a size
-    bucket by default) are packed together, `weight_rows_per_call` rows per call, the last
-    call padded with zero rows (under `layers_over(mesh)` calls split over the devices);
-    each layer gets its rows back, matrices cut to its own `K`. Returns
-    `{name: fn's leaves}`."""
+    bucket by default) are packed together, `weight_rows_per_call` rows per call (fewer
+    rows: the power of two that holds them), the last call padded with zero rows (under
+    `layers_over(mesh)` calls split over the devices); each layer gets its rows back,
+    matrices cut to its own `K`. Returns `{name: fn's leaves}`."""
     k_of = {n: next(a.shape[1] for a in arrays if np.ndim(a) == 2) for n, arrays in inputs.items()}
     by_width: dict[int, list[str]] = defaultdict(list)
     for n, k in k_of.items():
         by_width[width_of(k)].append(n)
     out: dict[str, tuple] = {}
     for width, names in by_width.items():
-        per_call = weight_rows_per_call(width)
         counts = [np.shape(inputs[n][0])[0] for n in names]
         starts = np.cumsum([0] + counts)
+        per_call = min(weight_rows_per_call(width), power_of_two(int(starts[-1]), 8))  # few rows: a small call
         size = -(-int(starts[-1]) // per_call) * per_call
         packed = []
         for i, first in enumerate(inputs[names[0]]):

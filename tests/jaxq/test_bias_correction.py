@@ -84,8 +84,8 @@ def test_accuracy_bias_corrections_over_buckets():
 def test_bias_corrections_pack_channels_of_every_layer_and_match_bias_shift():
     """Grouped (depthwise, two groups), per-tensor and differently wide layers: δ of each equals
     `bias_shift`; widths 5–8 share one padded width, so one program serves them all. A
-    weight quantized along another axis, and equal-shaped layers, take the per-shape path
-    with the same result."""
+    weight quantized along another axis, and weights above `PACKED_MAX` values, take the
+    per-shape path with the same result."""
     rng = np.random.default_rng(3)
     per_channel = jaxq.QScheme(bits=4, signed=True, symmetric=False, axis=0)
     cases = {  # name: (weight, groups, scheme)
@@ -95,8 +95,8 @@ def test_bias_corrections_pack_channels_of_every_layer_and_match_bias_shift():
         "two_groups": (rng.normal(size=(4, 2, 1, 3)), 2, per_channel),
         "per_tensor": (rng.normal(size=(3, 6)), 1, per_channel.with_axis(None)),
         "axis1": (rng.normal(size=(4, 6)), 1, per_channel.with_axis(1)),
-        "equal_a": (rng.normal(size=(3, 12)), 1, per_channel),
-        "equal_b": (rng.normal(size=(3, 12)), 1, per_channel),
+        "large_a": (rng.normal(size=(257, 256)), 1, per_channel),
+        "large_b": (rng.normal(size=(257, 256)), 1, per_channel),
     }
     quantized, grouped, means = {}, {}, {}
     for n, (w, g, scheme) in cases.items():
@@ -112,7 +112,7 @@ def test_bias_corrections_pack_channels_of_every_layer_and_match_bias_shift():
     jaxq.executables.clear()
     with jaxq.compile_count() as c:
         found = jaxq.accuracy.bias_corrections(means, grouped, quantized)
-    assert c.count + c.loaded == 3  # packed rows of width 8; the axis-1 layer's bucket; the equal layers' bucket
+    assert c.count + c.loaded == 3  # packed rows of width 8; the axis-1 layer's bucket; the large layers' bucket
     for n, (w, _g, _scheme) in cases.items():
         qp = quantized[n].qparams
         w_hat = (np.asarray(quantized[n].q) - _along(qp.offset, qp, w.ndim)) * _along(qp.scale, qp, w.ndim)
