@@ -10,7 +10,9 @@ with an empty compilation cache (a new directory per run) and once with the cach
 previous runs filled. torch.ao: `HistogramObserver` hooks on the same layers, then
 `PerChannelMinMaxObserver` on each weight, `calculate_qparams`, `torch.save` — no jax
 import. Each cell: median wall time of `--runs` processes and the peak resident memory
-(`ru_maxrss` of that process).
+(`ru_maxrss` of that process). Run it from the checkout it measures: each job is a
+`python -c` in the current directory, which comes first on `sys.path` (a `PYTHONPATH` to
+another checkout does not win).
 """
 
 from __future__ import annotations
