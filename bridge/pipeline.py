@@ -31,7 +31,7 @@ from bridge.capture.memory import (
     release_freed_memory,
 )
 from bridge.capture.row_capture import LayerGeometryError
-from bridge.inplace.record import LayerRecord, apply_records, is_nearest
+from bridge.inplace.record import LayerRecord, apply_records, is_nearest, smoothing_of
 from bridge.capture.rows import (
     FunctionalLayerError,
     check_mean_rows_possible,
@@ -371,7 +371,7 @@ def _record(ctx: Context, name: str, w: jaxq.QuantizedWeight, act: jaxq.QParams 
         input_scale=None if act is None else np.asarray(act.scale, np.float32),
         input_offset=None if act is None else np.asarray(act.offset, np.int32),
         bias_correction=None if correction is None else np.asarray(correction, np.float32),
-        smoothing=None if q.smoothing is None else q.smoothing.detach().cpu().numpy().astype(np.float32),
+        smoothing=smoothing_of(q),
     )
 
 

@@ -15,7 +15,7 @@ from jaxq.host import aligned_copy
 from bridge.capture.context import Context, UncalibratedLayerError
 from bridge.capture.memory import release_freed_memory
 from bridge.inplace.fakequant import quantization
-from bridge.inplace.record import LayerRecord, apply_records
+from bridge.inplace.record import LayerRecord, apply_records, smoothing_of
 
 
 class FunctionalLayerError(ValueError):
@@ -105,8 +105,9 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
                 True,
                 None if act.get(n) is None else np.asarray(act[n].scale, np.float32),
                 None if act.get(n) is None else np.asarray(act[n].offset, np.int32),
+                smoothing=smoothing_of(q),  # records replace the factors: keep the ones set
             )
-            for n in ctx.quantizers
+            for n, q in ctx.quantizers.items()
         }
         apply_records(ctx.quantizers, interim)
         with quantization(ctx.quantizers, True):

@@ -133,6 +133,11 @@ def apply_records(quantizers: dict, records: dict[str, LayerRecord]) -> None:
         q.recorded_weight = weight_stamp(q)
 
 
+def smoothing_of(q) -> np.ndarray | None:
+    """The SmoothQuant factors `s` the quantizer `q` holds now (float32 `[in]`), None without."""
+    return None if q.smoothing is None else q.smoothing.detach().cpu().numpy().astype(np.float32)
+
+
 def weight_stamp(q) -> tuple:
     """Identity and version of `q`'s float weight: changes when the weight is trained,
     loaded (`load_state_dict`) or replaced."""

@@ -192,3 +192,22 @@ def test_bias_correction_of_a_smoothed_layer_uses_its_smoothed_input(calib):
     ).double()[:, None]
     expected = (w - w_hat) @ (x / s).mean(0)
     np.testing.assert_allclose(rec.bias_correction, expected.numpy(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_acc", [{"gptq": True}, {"adaround": [True, 20]}])
+def test_rows_of_the_quantized_model_keep_the_smoothing(calib, keep_acc):
+    """`recon_inputs="quantized"` writes interim records to sample the quantized model's rows:
+    they must carry the factors, or the layers lose them and the codes of `W·diag(s)` are
+    applied to `W` (the model's output turned to noise)."""
+    fp = _out(OutlierBlock(), calib)
+    err, factors = {}, {}
+    for inputs in ("float", "quantized"):
+        m = OutlierBlock()
+        cfg = CFG.replace(w_bit=4, smooth_quant=0.5, keep_acc=keep_acc, recon_inputs=inputs)
+        cal = Calibrator(m, cfg, calib, progress=False).run()
+        factors[inputs] = {n: r.smoothing for n, r in cal.records.items()}
+        assert all(q.smoothing is not None for n, q in model_quantizers(m).items() if n != "head")
+        err[inputs] = float((_out(m, calib) - fp).pow(2).mean() / fp.pow(2).mean())
+    for n, s in factors["float"].items():
+        np.testing.assert_array_equal(factors["quantized"][n], s)
+    assert err["quantized"] < 2 * err["float"] + 1e-3, err
