@@ -8,7 +8,7 @@ run data-parallel (`bridge.jax_model.observe`). The model is read with quantizat
 from __future__ import annotations
 
 import contextlib
-
+import warnings
 
 import numpy as np
 
@@ -52,6 +52,35 @@ def check_activations(results: dict[str, jaxq.ActivationResult]) -> None:
             )
 
 
+class ClippedNegativeInputsWarning(UserWarning):
+    """Layers whose inputs go negative, quantized on an unsigned symmetric grid `[0, 2^b − 1]·s`."""
+
+
+CLIPPED_SHARE = 0.01  # a negative minimum below −1 % of the maximum is named
+
+
+def warn_clipped_negatives(results: dict[str, jaxq.ActivationResult], schemes: dict[str, jaxq.QScheme]) -> None:
+    """Warn, naming the layers, where an unsigned symmetric input grid (`a_signed=False`,
+    `a_sym=True`: offset 0) clips a negative input range to 0 — right after a ReLU, a
+    silent loss of every negative value anywhere else."""
+    clipped = {}
+    for name, r in results.items():
+        scheme = schemes[name]
+        lo, hi = float(np.asarray(r.lo)), float(np.asarray(r.hi))
+        if not scheme.signed and scheme.symmetric and lo < -CLIPPED_SHARE * max(hi, 0.0):
+            clipped[name] = lo
+    if clipped:
+        shown = ", ".join(f"{n!r} (min {lo:.3g})" for n, lo in list(clipped.items())[:5])
+        more = f" and {len(clipped) - 5} more" if len(clipped) > 5 else ""
+        warnings.warn(
+            f"{len(clipped)} of {len(results)} layers take negative inputs, which a_signed=False with a_sym=True "
+            f"quantizes to 0 (the grid is [0, 2^a_bit − 1]·scale): {shown}{more}. Use a_sym=False (an offset) "
+            "or a_signed=True, or keep these layers float (disable_names)",
+            ClippedNegativeInputsWarning,
+            stacklevel=3,
+        )
+
+
 def activation_qparams(ctx: Context, beside=None) -> dict[str, jaxq.QParams]:
     """Every layer's input quantizer from the observer `cfg` names (`beside`: `capture_states`)."""
     observer = observer_for(ctx.cfg, ctx.num_batches())
@@ -67,6 +96,7 @@ def activation_qparams(ctx: Context, beside=None) -> dict[str, jaxq.QParams]:
         results.update(jaxq.finalize_activations({n: states[n] for n in names}, finalize, scheme))
     results = {n: results[n] for n in states}
     check_activations(results)
+    warn_clipped_negatives(results, {n: ctx.cfg.act_scheme_for(n) for n in results})
     return {n: r.qparams for n, r in results.items()}
 
 
