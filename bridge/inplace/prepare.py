@@ -135,10 +135,15 @@ def probe_batch(model: nn.Module, batch):
 
 
 def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list[str]:
-    """Layers whose output reaches a model output through no other quantizable layer
-    (every head of a multi-head model), found by walking the autograd graph of one forward
-    back from the outputs; [] when the forward builds no graph."""
-    produced = {}
+    """The model's last layers: those whose output reaches a model output through no other
+    quantizable layer and is read by none (every head of a multi-head model). Found by
+    walking the autograd graph of one forward back from the outputs and from every layer's
+    input; [] when the forward builds no graph.
+
+    A residual network's blocks write into a stream that reaches the output through adds
+    and norms only; their writers feed the next block's layers, so they are not last (a
+    transformer's attention and MLP output projections)."""
+    produced, inputs = {}, []
 
     def record(name):
         def hook(_m, _a, out):
@@ -147,9 +152,22 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
 
         return hook
 
-    out = run_hooked(model, batch, [m.register_forward_hook(record(n)) for n, m in layers.items()], grad=True)
-    stack = [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None]
-    found, seen = set(), set()
+    def read(_m, args, kwargs):
+        inputs.extend(t.grad_fn for t in tensors_in((args, kwargs)) if t.grad_fn is not None)
+
+    handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
+    handles += [m.register_forward_pre_hook(read, with_kwargs=True) for m in layers.values()]
+    out = run_hooked(model, batch, handles, grad=True)
+    reaching_output = _producers_reached(produced, [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None])
+    read_by_a_layer = _producers_reached(produced, inputs)
+    last = reaching_output - read_by_a_layer
+    return [n for n in layers if n in (last or reaching_output)]
+
+
+def _producers_reached(produced: dict, starts: list) -> set[str]:
+    """Names of the layers whose output nodes the autograd walk from `starts` meets before
+    any other layer's output node."""
+    found, seen, stack = set(), set(), list(starts)
     while stack:
         fn = stack.pop()
         if fn in seen:
@@ -159,7 +177,7 @@ def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list
             found.add(produced[fn])
         else:
             stack.extend(f for f, _ in fn.next_functions if f is not None)
-    return [n for n in layers if n in found]
+    return found
 
 
 def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict, jaxq.QuantConfig]:

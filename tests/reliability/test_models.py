@@ -275,6 +275,51 @@ def test_default_keeps_every_output_head_float():
     assert cal.disabled == {"body", "prob", "box"} and cal.quantized_names == ["mid"]
 
 
+class ResidualStream(nn.Module):
+    """A transformer's shape: blocks write into a residual stream through `out` layers, a
+    norm ends it, and the model returns the stream and a head's output."""
+
+    def __init__(self, d=8, blocks=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, d)
+        self.inner = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(blocks))
+        self.out = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(blocks))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for inner, out in zip(self.inner, self.out):
+            h = h + out(torch.relu(inner(h)))
+        h = self.norm(h)
+        return h, self.head(h)
+
+
+def test_default_keeps_the_head_float_but_quantizes_the_writers_of_a_residual_stream():
+    """Every block's `out` reaches the model output through adds and the norm alone, but
+    it feeds the next block (the last one feeds the head): none of them is a last layer."""
+    cal = Calibrator(
+        ResidualStream().eval(), QuantConfig(quant_mode=1, act_method=1), [torch.randn(4, 4)], progress=False
+    )
+    assert cal.disabled == {"embed", "head"}
+    assert {"out.0", "out.1", "out.2", "inner.0"} <= set(cal.quantized_names)
+
+
+def test_a_last_layer_read_by_no_layer_is_found_even_if_its_stream_feeds_others():
+    class StreamOnly(ResidualStream):  # no head: the last block's writer is the last layer
+        def forward(self, x):
+            h = self.embed(x)
+            for inner, out in zip(self.inner, self.out):
+                h = h + out(torch.relu(inner(h)))
+            return self.norm(h)
+
+    model = StreamOnly().eval()
+    del model.head
+    cal = Calibrator(model, QuantConfig(quant_mode=1, act_method=1), [torch.randn(4, 4)], progress=False)
+    assert cal.disabled == {"embed", "out.2"}
+
+
 def test_data_free_uniform_warns_about_input_range():
     from bridge.inplace.prepare import DataFreeRangeWarning
 
