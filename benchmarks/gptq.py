@@ -9,11 +9,13 @@ default observer, per-channel weights. Times are the whole `Calibrator(...)` + `
     python benchmarks/gptq.py
     python benchmarks/gptq.py --models minilm --algos rtn gptq
     python benchmarks/gptq.py --models minilm --algos qdrop gptq+qdrop   # GPTQ as QDrop's start
+    python benchmarks/gptq.py --models minilm --algos gptq --fields '{"w_sym": false}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import jaxq
 from bridge.evaluation import protocols
@@ -38,6 +40,7 @@ KEY = {"efficientnet_lite0_unseen": ("agreement", "kl"), "minilm": ("mean_cos", 
 def main(argv=None):
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--algos", nargs="*", default=["rtn", "gptq", "adaround"])
+    extra.add_argument("--fields", type=json.loads, default={}, help="more QuantConfig fields, as JSON")
     known, rest = extra.parse_known_args(argv)
     args = parse_args(__doc__, list(CASES), rest)
     for name in args.models:
@@ -47,7 +50,7 @@ def main(argv=None):
         print(f"{'case':<16}{'algorithm':<20}" + "".join(f"{k:>11}" for k in keys) + f"{'run s':>8}{'step s':>8}")
         for case, fields in CASES[name]:
             for algo in known.algos:
-                cfg = jaxq.QuantConfig(quant_mode=1, keep_acc=ALGOS[algo], **fields)
+                cfg = jaxq.QuantConfig(quant_mode=1, keep_acc=ALGOS[algo], **{**fields, **known.fields})
                 cal, seconds, _ = timed_calibration(p, cfg)
                 m = p.evaluate(cal.model)
                 step = next((s.seconds for s in cal.steps if s.step in ("gptq", "adaround", "blocks")), 0.0)

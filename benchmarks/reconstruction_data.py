@@ -4,6 +4,7 @@
     python benchmarks/reconstruction_data.py --subsets 1 2 3 --cases 2048:0 2048:2 6144:0 --algo adaround
     python benchmarks/reconstruction_data.py --algo qdrop --cases 2048:0:0 2048:0:0.25
     python benchmarks/reconstruction_data.py --cases 2048:0:0:0 2048:0:0:32 --w-range minmax
+    python benchmarks/reconstruction_data.py --algo adaround --cases 2048:0 --fields '{"w_sym": false}'
 
 EfficientNet-Lite0 W4A8 histogram, `quantize_first_last="8bit"`, bias correction on. Each
 calibration subset is 64 crops of the five calibration photos drawn with its own seed; every
@@ -21,6 +22,7 @@ variables in the kept states (`Calibrator.reports["blocks"]`).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -61,6 +63,7 @@ def main(argv=None):
     ap.add_argument("--w-range", choices=WEIGHT_RANGES, default=None)
     ap.add_argument("--recon-inputs", choices=RECON_INPUTS, default=jaxq.QuantConfig().recon_inputs)
     ap.add_argument("--virtual-steps", type=int, default=jaxq.QuantConfig().virtual_steps, help="distillation steps")
+    ap.add_argument("--fields", type=json.loads, default={}, help="more QuantConfig fields, as JSON")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -70,7 +73,9 @@ def main(argv=None):
     for name, which in (("unseen", zoo.UNSEEN_PHOTOS), ("calib photos", zoo.CALIBRATION_PHOTOS)):
         images = zoo.image_crops(128, seed=2 if name == "unseen" else 1003, which=which)  # no subset seed
         sets[name] = (images, metrics.logits(float_model, images))
-    settings = f"w_range={args.w_range}, recon_inputs={args.recon_inputs}, virtual_steps={args.virtual_steps}"
+    settings = (
+        f"w_range={args.w_range}, recon_inputs={args.recon_inputs}, virtual_steps={args.virtual_steps} {args.fields}"
+    )
     print(f"{args.algo} W4A8, first/last 8 bit, {settings}; subsets {args.subsets}", flush=True)
     print(
         f"{'case':<14}{'unseen agreement':>18}{'unseen KL':>16}{'calib-photo agr.':>18}{'gap':>16}{'s':>7}"
@@ -99,6 +104,7 @@ def main(argv=None):
                 virtual_steps=args.virtual_steps,
                 w_range=args.w_range,
                 recon_inputs=args.recon_inputs,
+                **args.fields,
             )
             t = time.perf_counter()
             cal = Calibrator(zoo.efficientnet_lite0(), cfg, calib, progress=False).run()
