@@ -209,12 +209,9 @@ def child(spec: dict) -> dict:
     }
 
 
-def _mean_std(values) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-
-
 def main(argv=None):
+    from common import mean_std  # here: the parent process imports no torch
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(METRICS), choices=sorted(METRICS))
     ap.add_argument("--algos", nargs="*", default=list(ALGOS), choices=sorted(ALGOS))
@@ -249,7 +246,7 @@ def main(argv=None):
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(
                 f"{algo:<15}"
-                + "".join(f"{_mean_std([r[k] for r in runs]):>20}" for k in keys)
+                + "".join(f"{mean_std([r[k] for r in runs], 4):>20}" for k in keys)
                 + f"{statistics.mean(r['seconds'] for r in runs):>8.0f}{max(r['peak_mib'] for r in runs):>10.0f}"
                 + f"{' '.join(r['blocks_kept'] for r in runs):>13}",
                 flush=True,

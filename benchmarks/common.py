@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import threading
 import time
 
@@ -38,6 +39,12 @@ def parse_args(description: str, models: list[str], argv=None, extra=None) -> ar
 
         jit_cache.disable()
     return args
+
+
+def mean_std(values, digits: int = 3) -> str:
+    """`mean ± std` of `values` (std 0 for a single value), to `digits` decimals."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def timed_calibration(protocol, cfg, include_setup: bool = True) -> tuple[Calibrator, float, int]:

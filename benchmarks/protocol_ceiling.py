@@ -15,11 +15,11 @@ and near-tied crops leave any method on this protocol; rows: mean ± std over th
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 import jaxq
+from common import mean_std
 from bridge import Calibrator, jit_cache
 from bridge.evaluation import metrics, zoo
 
@@ -32,11 +32,6 @@ CASES = {
     "W4A8 w_sym=False": dict(w_bit=4, a_bit=8, w_sym=False, **EIGHT_BIT_ENDS),
     "W4A8 all 4-bit": dict(w_bit=4, a_bit=8, quantize_first_last=True),
 }
-
-
-def _mean_std(values) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def main(argv=None):
@@ -65,7 +60,7 @@ def main(argv=None):
                 agree, kl = metrics.agreement_and_kl(sets[name][1], metrics.logits(model, sets[name][0]))
                 results[key + "a"].append(agree)
                 results[key + "k"].append(kl)
-        print(f"{case:<20}" + "".join(f"{_mean_std(results[k]):>18}" for k in ("ua", "uk", "ca", "ck")), flush=True)
+        print(f"{case:<20}" + "".join(f"{mean_std(results[k]):>18}" for k in ("ua", "uk", "ca", "ck")), flush=True)
 
 
 if __name__ == "__main__":

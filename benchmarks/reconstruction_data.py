@@ -29,6 +29,7 @@ import time
 import torch
 
 import jaxq
+from common import mean_std
 from bridge import Calibrator, jit_cache
 from bridge.evaluation import metrics, zoo
 from jaxq.config import RECON_INPUTS
@@ -43,11 +44,6 @@ def _evaluate(model, sets) -> dict:
         agree, kl = metrics.agreement_and_kl(fp_logits, metrics.logits(model, images))
         out[name] = (agree, kl)
     return out
-
-
-def _mean_std(values) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def main(argv=None):
@@ -118,8 +114,8 @@ def main(argv=None):
             hard += [statistics.mean(b.hard_share for b in blocks if b.kept) if any(b.kept for b in blocks) else 1.0]
         gaps = [s - u for s, u in zip(seen_a, unseen_a)]
         print(
-            f"{case:<14}{_mean_std(unseen_a):>18}{_mean_std(unseen_kl):>16}{_mean_std(seen_a):>18}"
-            f"{_mean_std(gaps):>16}{statistics.mean(seconds):>7.0f}"
+            f"{case:<14}{mean_std(unseen_a):>18}{mean_std(unseen_kl):>16}{mean_std(seen_a):>18}"
+            f"{mean_std(gaps):>16}{statistics.mean(seconds):>7.0f}"
             + (f"{statistics.mean(kept):>13.0%}{statistics.mean(hard):>7.2f}" if kept and any(kept) else ""),
             flush=True,
         )
