@@ -115,29 +115,32 @@ def check_layer_bits(layer_names: list[str], layer_bits, field: str = "layer_bit
         matching_layers(layer_names, pattern, field)
 
 
-def first_and_last(layer_names: list[str], last: list[str] | None = None) -> list[str]:
-    """The first quantizable layer and the last ones (`last`: every output layer, else the
-    last in module order) — what msModelSlim keeps float by default."""
+def first_and_last(layer_names: list[str], ends=None) -> list[str]:
+    """The first and last layers (`ends`: `bridge.inplace.ends.Ends` from the model's data
+    flow; None: the first and last in module order) — what msModelSlim keeps float by default."""
     if not layer_names:
         return []
-    return list(dict.fromkeys([layer_names[0], *(last or layer_names[-1:])]))
+    if ends is None:
+        return list(dict.fromkeys([layer_names[0], layer_names[-1]]))
+    return [n for n in layer_names if n in ends.first or n in ends.last]
 
 
 def resolve_disabled(
-    layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last, last: list[str] | None = None
+    layer_names: list[str], disable_names: tuple[str, ...], quantize_first_last, ends=None
 ) -> set[str]:
     """Names kept in float (docs/design.md §4).
 
     Entries are exact layer names or glob patterns (`"blocks.0.*"`, `fnmatch` rules).
-    Empty `disable_names` keeps the first and last quantizable layer in float, as
-    msModelSlim does, unless `quantize_first_last`. "Last" is every layer in `last` (the
-    layers whose output reaches a model output through no other quantizable layer: each
-    head of a multi-head model), or the last in module order when `last` is not known. A name or pattern that matches no
-    layer is an error that lists the nearest layer names.
+    Empty `disable_names` keeps the first and last layers in float, as msModelSlim does,
+    unless `quantize_first_last`: those of `ends` (`bridge.inplace.ends`: the layers that
+    read the model's inputs through no other quantizable layer, and those whose output
+    nothing quantizable reads on its way to a model output), or the first and last in module
+    order when `ends` is not known. A name or pattern that matches no layer is an error that
+    lists the nearest layer names.
     """
     disabled: set[str] = set()
     for entry in disable_names:
         disabled.update(matching_layers(layer_names, entry, "disable_names"))
     if disable_names or quantize_first_last or not layer_names:
         return disabled
-    return set(first_and_last(layer_names, last))
+    return set(first_and_last(layer_names, ends))

@@ -19,10 +19,10 @@ from bridge.capture.data import (
     as_batch,
     check_input_shape,
     reiterable,
-    run_hooked,
     to_device,
     virtual_batch,
 )
+from bridge.inplace.ends import end_layers
 from bridge.inplace.fakequant import LayerQuantizer
 from bridge.inplace.functional import FunctionalTaps, find_functional_layers
 from bridge.inplace.fuse import fuse_conv_bn
@@ -134,52 +134,6 @@ def probe_batch(model: nn.Module, batch):
     return small
 
 
-def output_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> list[str]:
-    """The model's last layers: those whose output reaches a model output through no other
-    quantizable layer and is read by none (every head of a multi-head model). Found by
-    walking the autograd graph of one forward back from the outputs and from every layer's
-    input; [] when the forward builds no graph.
-
-    A residual network's blocks write into a stream that reaches the output through adds
-    and norms only; their writers feed the next block's layers, so they are not last (a
-    transformer's attention and MLP output projections)."""
-    produced, inputs = {}, []
-
-    def record(name):
-        def hook(_m, _a, out):
-            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-                produced[out.grad_fn] = name
-
-        return hook
-
-    def read(_m, args, kwargs):
-        inputs.extend(t.grad_fn for t in tensors_in((args, kwargs)) if t.grad_fn is not None)
-
-    handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
-    handles += [m.register_forward_pre_hook(read, with_kwargs=True) for m in layers.values()]
-    out = run_hooked(model, batch, handles, grad=True)
-    reaching_output = _producers_reached(produced, [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None])
-    read_by_a_layer = _producers_reached(produced, inputs)
-    last = reaching_output - read_by_a_layer
-    return [n for n in layers if n in (last or reaching_output)]
-
-
-def _producers_reached(produced: dict, starts: list) -> set[str]:
-    """Names of the layers whose output nodes the autograd walk from `starts` meets before
-    any other layer's output node."""
-    found, seen, stack = set(), set(), list(starts)
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
-        if fn in produced:
-            found.add(produced[fn])
-        else:
-            stack.extend(f for f, _ in fn.next_functions if f is not None)
-    return found
-
-
 def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict, jaxq.QuantConfig]:
     layers = quantizable_layers(model)
     if not layers:
@@ -191,13 +145,12 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, 
         raise EmptyModelError("the model is itself a single layer; wrap it, e.g. nn.Sequential(model)")
     eight_bit = cfg.quantize_first_last == FIRST_LAST_8BIT
     default_float = not cfg.disable_names and not cfg.quantize_first_last
-    last = output_layers(model, layers, batch) if (default_float or eight_bit) and batch is not None else None
-    disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last, last)
+    ends = end_layers(model, layers, batch) if (default_float or eight_bit) and batch is not None else None
+    disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last, ends)
     check_layer_bits(list(layers), cfg.layer_bits, "layer_bits")
     check_layer_bits(list(layers), cfg.layer_act_bits, "layer_act_bits")
     if eight_bit:
-        ends = [n for n in first_and_last(list(layers), last) if n not in disabled]
-        cfg = cfg.with_8bit_layers(ends)
+        cfg = cfg.with_8bit_layers([n for n in first_and_last(list(layers), ends) if n not in disabled])
     if len(disabled) == len(layers):
         raise EmptyModelError(
             f"every quantizable layer of {type(model).__name__} would stay float ({sorted(disabled)[:4]}): "

@@ -320,6 +320,58 @@ def test_a_last_layer_read_by_no_layer_is_found_even_if_its_stream_feeds_others(
     assert cal.disabled == {"embed", "out.2"}
 
 
+def test_the_first_layer_is_found_by_data_flow_not_by_module_order():
+    class HeadFirst(nn.Module):  # defines its head before its stem
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)
+            self.body = nn.Linear(8, 8)
+            self.stem = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(self.stem(x).relu().mean((2, 3)))))
+
+    cal = Calibrator(
+        HeadFirst().eval(), QuantConfig(quant_mode=1, act_method=1), [torch.randn(2, 3, 8, 8)], progress=False
+    )
+    assert cal.disabled == {"stem", "head"} and cal.quantized_names == ["body"]
+
+
+class Attention(nn.Module):
+    """Query, key and value read one normalised input; two branches meet before the head."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.side = nn.Linear(2, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x, extra):
+        h = self.norm(x)
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), -1) @ self.v(h)
+        return self.head(x + self.o(a) + self.side(extra))
+
+
+def test_every_layer_reading_a_model_input_through_float_operations_is_first():
+    """q, k and v read the model's input through a norm alone; `side` reads the second input."""
+    data = [(torch.randn(2, 5, 8), torch.randn(2, 5, 2))]
+    cal = Calibrator(Attention().eval(), QuantConfig(quant_mode=1, act_method=1), data, progress=False)
+    assert cal.disabled == {"q", "k", "v", "side", "head"} and cal.quantized_names == ["o"]
+
+
+def test_module_order_stands_in_where_the_forward_builds_no_graph():
+    class NoGraph(Attention):
+        def forward(self, x, extra):
+            with torch.no_grad():
+                return super().forward(x, extra)
+
+    data = [(torch.randn(2, 5, 8), torch.randn(2, 5, 2))]
+    cal = Calibrator(NoGraph().eval(), QuantConfig(quant_mode=1, act_method=1), data, progress=False)
+    assert cal.disabled == {"q", "head"}
+
+
 def test_data_free_uniform_warns_about_input_range():
     from bridge.inplace.prepare import DataFreeRangeWarning
 
