@@ -47,6 +47,24 @@ def mean_std(values, digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+def photo_evaluation_sets(threads: int) -> dict:
+    """Set torch's threads, switch the compilation cache off, and return EfficientNet-Lite0's
+    two evaluation sets of the unseen-photo protocol (docs/evaluation.md §1), each
+    `(crops, float logits)`: "unseen" (128 crops of the three unseen photos, seed 2) and
+    "calib photos" (128 new crops of the five calibration photos, seed 1003, no subset's seed)."""
+    from bridge import jit_cache
+    from bridge.evaluation import metrics, zoo
+
+    torch.set_num_threads(threads)
+    jit_cache.disable()
+    float_model = zoo.efficientnet_lite0()
+    sets = {}
+    for name, which, seed in (("unseen", zoo.UNSEEN_PHOTOS, 2), ("calib photos", zoo.CALIBRATION_PHOTOS, 1003)):
+        images = zoo.image_crops(128, seed=seed, which=which)
+        sets[name] = (images, metrics.logits(float_model, images))
+    return sets
+
+
 def timed_calibration(protocol, cfg, include_setup: bool = True) -> tuple[Calibrator, float, int]:
     """`(calibrator, seconds, compilations)` on the protocol's data: the time of
     `Calibrator(...)` + `run()`, or of `run()` alone (no fusion, no FP copy) if not `include_setup`."""

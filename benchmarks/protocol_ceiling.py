@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import jaxq
-from common import mean_std
-from bridge import Calibrator, jit_cache
+from common import mean_std, photo_evaluation_sets
+from bridge import Calibrator
 from bridge.evaluation import metrics, zoo
 
 EIGHT_BIT_ENDS = dict(quantize_first_last="8bit")
@@ -40,13 +38,7 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    jit_cache.disable()
-    float_model = zoo.efficientnet_lite0()
-    sets = {}
-    for name, which, seed in (("unseen", zoo.UNSEEN_PHOTOS, 2), ("calib", zoo.CALIBRATION_PHOTOS, 1003)):
-        images = zoo.image_crops(128, seed=seed, which=which)
-        sets[name] = (images, metrics.logits(float_model, images))
+    sets = photo_evaluation_sets(args.threads)
     print(f"subsets {args.subsets}; round to nearest + bias correction, histogram activations")
     print(f"{'case':<20}{'unseen agreement':>18}{'unseen KL':>18}{'calib-photo agr.':>18}{'calib-photo KL':>18}")
     for case in args.cases:
@@ -56,7 +48,7 @@ def main(argv=None):
             cfg = jaxq.QuantConfig(quant_mode=1, act_method=2, **CASES[case])
             cal = Calibrator(zoo.efficientnet_lite0(), cfg, [crops[i : i + 8] for i in range(0, 64, 8)], progress=False)
             model = cal.run().model
-            for key, name in (("u", "unseen"), ("c", "calib")):
+            for key, name in (("u", "unseen"), ("c", "calib photos")):
                 agree, kl = metrics.agreement_and_kl(sets[name][1], metrics.logits(model, sets[name][0]))
                 results[key + "a"].append(agree)
                 results[key + "k"].append(kl)

@@ -26,11 +26,10 @@ import json
 import statistics
 import time
 
-import torch
 
 import jaxq
-from common import mean_std
-from bridge import Calibrator, jit_cache
+from common import mean_std, photo_evaluation_sets
+from bridge import Calibrator
 from bridge.evaluation import metrics, zoo
 from jaxq.config import RECON_INPUTS
 from jaxq.weight_range import WEIGHT_RANGES
@@ -62,13 +61,7 @@ def main(argv=None):
     ap.add_argument("--fields", type=json.loads, default={}, help="more QuantConfig fields, as JSON")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    jit_cache.disable()
-    float_model = zoo.efficientnet_lite0()
-    sets = {}
-    for name, which in (("unseen", zoo.UNSEEN_PHOTOS), ("calib photos", zoo.CALIBRATION_PHOTOS)):
-        images = zoo.image_crops(128, seed=2 if name == "unseen" else 1003, which=which)  # no subset seed
-        sets[name] = (images, metrics.logits(float_model, images))
+    sets = photo_evaluation_sets(args.threads)
     settings = (
         f"w_range={args.w_range}, recon_inputs={args.recon_inputs}, virtual_steps={args.virtual_steps} {args.fields}"
     )
