@@ -26,6 +26,7 @@ from bridge.calibrated import Calibrated
 from bridge.capture.observers import histograms
 from bridge.capture.context import Context
 from bridge.capture.data import iter_batches
+from bridge.output_check import check_output
 from bridge.capture.synthetic import synthetic_images
 from bridge.devices import resolve_device
 from bridge.inplace.fakequant import quantization, set_quantization
@@ -116,6 +117,7 @@ class Calibrator:
         self.steps: list[StepReport] = []  # one report per step of the pipeline (`jaxq.pipeline.plan`)
         self.timings: dict[str, float] = {}
         self.fallen_back: list[str] = []
+        self.output_cosine: float | None = None  # bridge.output_check, after run()
         self._fp_model: nn.Module | None = None
         self._restored = False
 
@@ -218,6 +220,8 @@ class Calibrator:
             self.enable_quant()
             if result.fall_back:
                 self.fall_back(result.fall_back)
+            first = next(iter_batches(self.calib_data, self.device))[1]
+            self.output_cosine = check_output(self.model, self._quantizers(), first)
         except BaseException:
             self._records = None
             self.restore()
@@ -463,6 +467,8 @@ class Calibrator:
         lines += [f"  float  {n}: in disable_names (or first/last layer)" for n in sorted(self.disabled)]
         lines += [f"  float  {n}: fallen back (sensitivity)" for n in self.fallen_back]
         lines += [f"  float  {n}: {why}" for n, why in self.unsupported.items()]
+        if self.output_cosine is not None:
+            lines.append(f"output cosine with the float model (first calibration sample): {self.output_cosine:.4f}")
         return "\n".join(lines)
 
 

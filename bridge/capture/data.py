@@ -12,6 +12,8 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 
+from bridge.capture.tensors import tensors_in
+
 
 class CalibrationDataError(ValueError):
     """A calibration batch has the wrong type or makes the model fail."""
@@ -100,6 +102,26 @@ def check_input_shape(model: torch.nn.Module, input_shape, device) -> None:
             f"QuantConfig.input_shape={shapes[0] if len(shapes) == 1 else shapes} was rejected by the model "
             f"({type(e).__name__}: {e}); give the shape of one real input batch (one shape per model input)"
         ) from e
+
+
+def first_samples(batch: Batch, samples: int) -> Batch:
+    """`batch` with every tensor whose leading size is the batch's cut to its first
+    `samples` (the batch itself when it is no larger)."""
+    leading = [t.shape[0] for t in tensors_in((batch.args, batch.kwargs)) if t.dim() > 0]
+    if not leading or leading[0] <= samples:
+        return batch
+    size = leading[0]
+
+    def cut(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj[:samples] if obj.dim() > 0 and obj.shape[0] == size else obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(cut(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: cut(v) for k, v in obj.items()}
+        return obj
+
+    return batch._replace(args=cut(batch.args), kwargs=cut(batch.kwargs))
 
 
 def run_hooked(model: torch.nn.Module, batch: Batch, handles: list, grad: bool = False):

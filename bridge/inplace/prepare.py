@@ -18,6 +18,7 @@ from bridge.capture.data import (
     CalibrationDataError,
     as_batch,
     check_input_shape,
+    first_samples,
     reiterable,
     to_device,
     virtual_batch,
@@ -36,7 +37,6 @@ from bridge.inplace.modules import (
     weight_name,
 )
 from bridge.capture.synthetic import distill_bn_batches
-from bridge.capture.tensors import tensors_in
 from bridge.inplace.transaction import ModelEdit
 from jaxq.config import FIRST_LAST_8BIT
 
@@ -111,21 +111,9 @@ def probe_batch(model: nn.Module, batch):
     size is the batch's), for the forwards that only read the model's structure: output
     layers, Conv+BN pairs and their parity, functional calls. The whole batch when it is no
     larger, or when the model rejects the cut one (a batch size written into the model)."""
-    leading = [t.shape[0] for t in tensors_in((batch.args, batch.kwargs)) if t.dim() > 0]
-    if not leading or leading[0] <= PROBE_SAMPLES:
+    small = first_samples(batch, PROBE_SAMPLES)
+    if small is batch:
         return batch
-    size = leading[0]
-
-    def cut(obj):
-        if isinstance(obj, torch.Tensor):
-            return obj[:PROBE_SAMPLES] if obj.dim() > 0 and obj.shape[0] == size else obj
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(cut(o) for o in obj)
-        if isinstance(obj, dict):
-            return {k: cut(v) for k, v in obj.items()}
-        return obj
-
-    small = batch._replace(args=cut(batch.args), kwargs=cut(batch.kwargs))
     try:
         with torch.no_grad():
             model(*small.args, **small.kwargs)
