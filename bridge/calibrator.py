@@ -111,6 +111,7 @@ class Calibrator:
         self.cfg = prepared.cfg  # quantize_first_last="8bit" written out as layer names
         self.specs, self.disabled, self.unsupported = prepared.specs, prepared.disabled, prepared.unsupported
         self.all_layers = prepared.layers
+        self._why_float = prepared.why_float
         self._records: dict[str, LayerRecord] | None = None
         self._jax_cache = None
         self.reports: dict = {}  # {step: per-layer entries} of the steps that report (`steps` has them all)
@@ -464,7 +465,7 @@ class Calibrator:
     def summary(self) -> str:
         """Which layers are quantized, kept float (and why)."""
         lines = [f"quantized layers {len(self._quantizers())} of {len(self.all_layers) + len(self.unsupported)}"]
-        lines += [f"  float  {n}: in disable_names (or first/last layer)" for n in sorted(self.disabled)]
+        lines += [f"  float  {n}: {self._why_float.get(n, 'in disable_names')}" for n in sorted(self.disabled)]
         lines += [f"  float  {n}: fallen back (sensitivity)" for n in self.fallen_back]
         lines += [f"  float  {n}: {why}" for n, why in self.unsupported.items()]
         if self.output_cosine is not None:

@@ -32,10 +32,19 @@ from bridge.capture.tensors import tensors_in
 
 
 class Ends(NamedTuple):
-    """Layer names, each list in module order."""
+    """Layer names, each list in module order; `by_data_flow` False where module order stood in."""
 
     first: list[str]
     last: list[str]
+    by_data_flow: bool = True
+
+    def why(self, name: str) -> str:
+        """Why `name` is an end layer, for `Calibrator.summary()`."""
+        if not self.by_data_flow:
+            return "first or last layer in module order (the forward built no autograd graph)"
+        reasons = ["first layer: reads a model input through no quantizable layer"] if name in self.first else []
+        reasons += ["last layer: no quantizable layer reads its output"] if name in self.last else []
+        return "; ".join(reasons)
 
 
 def end_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> Ends:
@@ -63,11 +72,11 @@ def end_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> Ends:
     out = run_hooked(model, batch, handles, grad=True)
     names = list(layers)
     if not produced:
-        return Ends(names[:1], names[-1:])
+        return Ends(names[:1], names[-1:], by_data_flow=False)
     reaching_output = _producers_reached(produced, [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None])
     read_by_a_layer = _producers_reached(produced, [n for nodes in inputs.values() for n in nodes])
     last = (reaching_output - read_by_a_layer) or reaching_output
-    if ungraphed:
+    if ungraphed:  # part of the forward ran without a graph: module order for the first layer
         first = set(names[:1])
     else:
         memo: dict = {}

@@ -60,6 +60,7 @@ class Prepared:
     unsupported: dict[str, str]
     specs: dict[str, jaxq.LayerSpec]  # of the quantized layers
     cfg: jaxq.QuantConfig  # with `quantize_first_last="8bit"` resolved into layer names
+    why_float: dict[str, str] = dataclasses.field(default_factory=dict)  # disabled layer → why
 
 
 def calibration_data(model: nn.Module, cfg: jaxq.QuantConfig, calib_data, device, progress: bool) -> Iterable:
@@ -122,7 +123,7 @@ def probe_batch(model: nn.Module, batch):
     return small
 
 
-def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict, jaxq.QuantConfig]:
+def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict, jaxq.QuantConfig, dict]:
     layers = quantizable_layers(model)
     if not layers:
         raise EmptyModelError(
@@ -145,7 +146,15 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, 
             "by default the first and last layer are kept float; use QuantConfig(quantize_first_last=True) "
             "or name fewer layers in disable_names"
         )
-    return layers, disabled, unsupported_layers(model), cfg
+    return layers, disabled, unsupported_layers(model), cfg, _why_float(disabled, cfg, ends)
+
+
+def _why_float(disabled: set[str], cfg: jaxq.QuantConfig, ends) -> dict[str, str]:
+    if cfg.disable_names:
+        return {n: "in disable_names" for n in disabled}
+    if ends is None:
+        return {n: "first or last layer in module order" for n in disabled}
+    return {n: ends.why(n) for n in disabled}
 
 
 def prepare(
@@ -159,7 +168,7 @@ def prepare(
     """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`."""
     model.eval().to(device)
     batch = probe_batch(model, first_batch(data, device))
-    layers, disabled, unsupported, resolved = _layers(model, cfg, batch)
+    layers, disabled, unsupported, resolved, why_float = _layers(model, cfg, batch)
     if unsupported:
         warnings.warn(
             "jaxq leaves these layers in float: " + "; ".join(f"{n} ({why})" for n, why in unsupported.items()),
@@ -173,14 +182,14 @@ def prepare(
                 "fuse_module_call_back must fuse the model in place and return it (or None), got "
                 f"{type(fused).__name__}"
             )
-        layers, disabled, unsupported, resolved = _layers(model, cfg, batch)
+        layers, disabled, unsupported, resolved, why_float = _layers(model, cfg, batch)
     else:
         edit.folds.extend(fuse_conv_bn(model, batch))
     enabled = {n: m for n, m in layers.items() if n not in disabled}
     functional = find_functional_layers(model, enabled, batch)
     specs = {n: layer_spec(n, m) for n, m in enabled.items()}
     attach_quantizers(model, enabled, functional, resolved, edit)
-    return Prepared(layers, disabled, unsupported, specs, resolved)
+    return Prepared(layers, disabled, unsupported, specs, resolved, why_float)
 
 
 def attach_quantizers(

@@ -335,6 +335,8 @@ def test_the_first_layer_is_found_by_data_flow_not_by_module_order():
         HeadFirst().eval(), QuantConfig(quant_mode=1, act_method=1), [torch.randn(2, 3, 8, 8)], progress=False
     )
     assert cal.disabled == {"stem", "head"} and cal.quantized_names == ["body"]
+    summary = cal.summary()
+    assert "stem: first layer: reads a model input" in summary and "head: last layer: no quantizable" in summary
 
 
 class Attention(nn.Module):
@@ -370,6 +372,7 @@ def test_module_order_stands_in_where_the_forward_builds_no_graph():
     data = [(torch.randn(2, 5, 8), torch.randn(2, 5, 2))]
     cal = Calibrator(NoGraph().eval(), QuantConfig(quant_mode=1, act_method=1), data, progress=False)
     assert cal.disabled == {"q", "head"}
+    assert "q: first or last layer in module order (the forward built no autograd graph)" in cal.summary()
 
 
 def test_data_free_uniform_warns_about_input_range():
