@@ -9,6 +9,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 import jaxq
+from bridge.output_check import FORWARDS
 from bridge import Calibrator, load_quantized
 from bridge.inplace.fakequant import model_quantizers
 from bridge.models.digits import load_digits_cnn
@@ -197,7 +198,7 @@ def test_bias_correction_costs_no_forward_beyond_the_activation_pass(digits_cali
     cfg = jaxq.QuantConfig(quant_mode=1, act_method=1, quantize_first_last=True)
     plain, _ = _forwards_during_run(cfg.replace(bias_correction=False), digits_calib)
     fused, cal = _forwards_during_run(cfg.replace(bias_correction=True), digits_calib)
-    assert fused == plain == len(digits_calib)
+    assert fused == plain == len(digits_calib) + FORWARDS  # + the result check's (bridge.output_check)
     ctx = Context(cal.model, cal.quantizers, cal.specs, cal.cfg, digits_calib, torch.device("cpu"), progress=False)
     separate = mean_rows_of(ctx)  # one more float pass, quantization off
     assert set(separate) == set(cal.records)

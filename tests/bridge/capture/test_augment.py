@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import jaxq
+from bridge.output_check import FORWARDS
 from bridge import Calibrator
 from bridge.capture.augment import augment_images, augmented_batches
 from bridge.capture.data import CalibrationDataError
@@ -72,7 +73,8 @@ def test_reconstruction_reads_the_augmented_images_and_the_observers_the_real_on
         calls[name] = len(counted)
     n = len(digits_calib)
     # activations + row sampling (+ bias correction's own pass over the images when augmented)
-    assert calls["plain"] == 2 * n and calls["augmented"] == n + 3 * n + n
+    # + the result check (bridge.output_check)
+    assert calls["plain"] == 2 * n + FORWARDS and calls["augmented"] == n + 3 * n + n + FORWARDS
     for name, r in plain.records.items():
         np.testing.assert_array_equal(augmented.records[name].input_scale, r.input_scale)
     assert any(

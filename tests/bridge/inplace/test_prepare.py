@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import jaxq
+from bridge.output_check import FORWARDS, SAMPLES
 from bridge import Calibrator
 from bridge.capture.data import Batch
 from bridge.inplace.prepare import PROBE_SAMPLES, probe_batch
@@ -30,7 +31,7 @@ def test_probes_read_two_samples_and_calibration_every_sample():
     assert cal.fused  # the Conv+BN pair was found on the cut batch
     model.sizes.clear()
     cal.run()
-    assert model.sizes == [16, 16, 16]
+    assert model.sizes == [16, 16, 16] + [SAMPLES] * FORWARDS  # + the result check (bridge.output_check)
 
 
 def test_every_tensor_of_the_batch_size_is_cut_together():
