@@ -1,7 +1,7 @@
 """SmoothQuant in the bridge (`QuantConfig.smooth_quant`; math: `jaxq.smoothing`).
 
 One pass over the calibration data with the float model finds, for every Linear layer
-whose input is quantized, its input's per-channel minimum and maximum and which layers
+and ungrouped 1×1 convolution whose input is quantized, its input's per-channel minimum and maximum and which layers
 read the same tensor (one group: attention's q, k, v projections); with a grid of `α`
 it also keeps a sample of input rows. Each group's factors `s` are then set on its
 quantizers (`LayerQuantizer.set_smoothing`), before the activation statistics are taken,
@@ -24,18 +24,30 @@ import torch
 from bridge.capture.activations import listen
 from bridge.capture.context import Context
 from bridge.capture.tensors import to_jax
+from bridge.inplace.fakequant import pointwise
 from jaxq.smoothing import ChannelRange, search_alpha, smoothing_factors, weight_column_absmax
 
 SEARCH_ROWS = 512  # input rows per group for the α search
 
 
 def smoothable(quantizers: dict) -> dict:
-    """The layers SmoothQuant applies to: Linear-shaped weights, quantized input, tapped by a hook."""
+    """The layers SmoothQuant applies to: Linear layers and ungrouped 1×1 convolutions
+    (`pointwise`), quantized input, tapped by a hook."""
     return {
         n: q
         for n, q in quantizers.items()
-        if q.act_scheme is not None and not q.functional and q.original_weight.dim() == 2
+        if q.act_scheme is not None
+        and not q.functional
+        and pointwise(q.original_weight, getattr(q.module, "groups", 1))
     }
+
+
+def channel_rows(x: torch.Tensor, weight_ndim: int) -> torch.Tensor:
+    """`x` as rows of its input channels `[positions, in]`: a Linear's input as it is, a
+    convolution's `[N, in, *spatial]` with the channel axis moved last."""
+    if weight_ndim > 2:
+        x = x.movedim(x.dim() - (weight_ndim - 1), -1)
+    return x.reshape(-1, x.shape[-1])
 
 
 class ChannelStats:
@@ -66,7 +78,7 @@ class ChannelStats:
                 self.parent[self._find(name)] = self._find(seen[1])
             else:
                 self._batch_inputs[id(x)] = (x, name)
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            flat = channel_rows(x.detach(), self.layers[name].original_weight.dim()).float()
             lo, hi = flat.amin(0).cpu(), flat.amax(0).cpu()
             self.lo[name] = lo if name not in self.lo else torch.minimum(self.lo[name], lo)
             self.hi[name] = hi if name not in self.hi else torch.maximum(self.hi[name], hi)
@@ -121,7 +133,7 @@ def smooth(ctx: Context) -> dict[str, dict]:
             raise FloatingPointError(
                 f"layer {leader!r}: its input in calib_data contains NaN or Inf; check the data or the preceding layers"
             )
-        weight = torch.cat([layers[n].original_weight.detach().float().cpu() for n in names])
+        weight = torch.cat([_matrix(layers[n].original_weight) for n in names])
         channel_range = ChannelRange(to_jax(lo), to_jax(hi))
         if search:
             rows = torch.cat(stats.rows[leader])[: min(SEARCH_ROWS, ctx.cfg.recon_rows)]
@@ -149,3 +161,8 @@ def smooth(ctx: Context) -> dict[str, dict]:
             "errors": None if errors is None else dict(zip(("none", *alphas), errors.tolist())),
         }
     return report
+
+
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear's or 1×1 convolution's weight as `[out, in]` float32 on the CPU."""
+    return weight.detach().float().cpu().reshape(weight.shape[0], weight.shape[1])

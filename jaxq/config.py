@@ -230,8 +230,8 @@ class QuantConfig:
           `reports["blocks"]` gives each block's parts and memory). None: an eighth of
           the machine's memory, at most 1024 MiB, for rows; half that for a block's
           program (its temporaries come on top of the block's captured samples).
-      smooth_quant: SmoothQuant (`jaxq.smoothing`) for Linear layers with quantized
-          inputs: each input channel is divided by `s_j = max|X_j|^α / max|W_j|^(1−α)`
+      smooth_quant: SmoothQuant (`jaxq.smoothing`) for Linear layers and ungrouped 1×1
+          convolutions with quantized inputs: each input channel is divided by `s_j = max|X_j|^α / max|W_j|^(1−α)`
           before the activation quantizer and its weight column multiplied by it
           (layers reading one tensor share `s`). `α` (e.g. 0.5), or a list of α searched
           per layer group by the quantized output error (no smoothing is a candidate);

@@ -21,7 +21,7 @@ from torch import nn
 import jaxq
 from bridge.export import FORMAT_VERSION, JSON_NAME, SAFETENSORS_NAME, verify_manifest
 from bridge.export.float_state import check_float_state, write_float_state
-from bridge.inplace.fakequant import LayerQuantizer, set_quantization
+from bridge.inplace.fakequant import LayerQuantizer, along_channels, set_quantization
 from bridge.inplace.prepare import attach_quantizers
 from bridge.inplace.fuse import fold, fold_bn_into_conv
 from bridge.inplace.modules import quantizable_layers, weight_name
@@ -119,7 +119,9 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
             record.check(name, weights[name].shape, cfg.weight_scheme_for(name), act_scheme, source)
         except ValueError as e:
             raise ParamFileError(str(e)) from None
-        weight = weights[name] if record.smoothing is None else weights[name].astype(np.float32) * record.smoothing
+        weight = weights[name]
+        if record.smoothing is not None:
+            weight = weight.astype(np.float32) * along_channels(record.smoothing, weight.ndim)
         custom = not is_nearest(
             weight, record.weight_scale, record.weight_offset, cfg.weight_scheme_for(name), record.codes
         )

@@ -14,6 +14,8 @@ The user's module stays where it is, with its class, attributes and `forward`
   live on the module itself;
 - with SmoothQuant factors `s` (`jaxq.smoothing`) the quantizers see `x / s` and
   `W·diag(s)`: `Q(x / s)·Q(W·diag(s))ᵀ ≈ x·Wᵀ`; with quantization off the layer is float.
+  `s` scales the input channels: a Linear's last axis, a pointwise convolution's channel
+  axis (`along_channels`).
 
 `detach()` undoes all of it and leaves the module exactly as it was. Only
 `bridge.inplace.record.apply_records` writes the buffers (one parameter record).
@@ -35,6 +37,20 @@ MARKER = "_jaxq_quantizer"
 _last_smoothed: list = [None]  # (x, its version, s, x / s) of the last smoothed input
 BUFFERS = ("weight_scale", "weight_offset", "input_scale", "input_offset", "bias_correction")
 DELTA = "bias_correction"  # buffer of δ: in the state_dict, so a saved quantized model keeps it
+
+
+def along_channels(s, weight_ndim: int):
+    """SmoothQuant factors `s [in]` shaped to broadcast over a weight's input channels and
+    over the layer's input alike: `[in]` for a Linear (`W [out, in]`, `x [..., in]`),
+    `[in, 1, 1]` for a 2-D convolution (`W [out, in, 1, 1]`, `x [N, in, H, W]`). Torch,
+    NumPy and JAX arrays."""
+    return s.reshape((-1,) + (1,) * (weight_ndim - 2))
+
+
+def pointwise(weight: torch.Tensor, groups: int = 1) -> bool:
+    """A Linear weight, or an ungrouped convolution's with a 1×1 kernel: what SmoothQuant
+    scales (each output is a product of one input position's channels with `W`)."""
+    return weight.dim() == 2 or (weight.dim() >= 3 and groups == 1 and all(k == 1 for k in weight.shape[2:]))
 
 
 class _Owned(nn.Module):
@@ -126,6 +142,7 @@ class LayerQuantizer:
         self._param_order = list(module._parameters)  # restored by detach (state_dict key order)
         weight = getattr(module, param)
         out, device = weight.shape[0], weight.device
+        self._weight_ndim = weight.dim()
         self._class = type(module)
         if parametrize.is_parametrized(module):  # the user's own: torch would add our properties to their class
             module.__class__ = type(self._class.__name__, (self._class,), {})
@@ -229,16 +246,18 @@ class LayerQuantizer:
         parametrize.register_parametrization(m, self.bias_param, _CorrectedBias(self), unsafe=True)
 
     def set_smoothing(self, factors) -> None:
-        """Divide the input by `s` (`[in]`) and multiply the weight's columns by it
-        (`jaxq.smoothing`); None removes it. Linear-shaped (2-D) weights tapped by a hook only."""
+        """Divide the input by `s` (`[in]`) and multiply the weight's input channels by it
+        (`jaxq.smoothing`); None removes it. Linear layers and pointwise convolutions tapped
+        by a hook only (`pointwise`)."""
         if factors is None:
             self.smoothing = None
             return
         w = self.original_weight
-        if w.dim() != 2 or self.functional or self.act_scheme is None:
+        if not pointwise(w, getattr(self.module, "groups", 1)) or self.functional or self.act_scheme is None:
             raise ValueError(
-                f"layer {self.name!r}: SmoothQuant factors need a Linear layer with a quantized input "
-                f"(weight {tuple(w.shape)}, functional={self.functional}, "
+                f"layer {self.name!r}: SmoothQuant factors need a Linear layer or an ungrouped 1×1 "
+                f"convolution with a quantized input (weight {tuple(w.shape)}, "
+                f"groups={getattr(self.module, 'groups', 1)}, functional={self.functional}, "
                 f"input quantized={self.act_scheme is not None})"
             )
         factors = torch.as_tensor(factors).to(device=w.device, dtype=torch.float32).reshape(-1)
@@ -252,11 +271,14 @@ class LayerQuantizer:
 
     def smoothed_weight(self, w: torch.Tensor) -> torch.Tensor:
         """`W·diag(s)` (float32), or `W` without smoothing."""
-        return w if self.smoothing is None else w.float() * self.smoothing
+        return w if self.smoothing is None else w.float() * self._factors(w.dim())
+
+    def _factors(self, weight_ndim: int) -> torch.Tensor:
+        return along_channels(self.smoothing, weight_ndim)
 
     def unsmoothed(self, w: torch.Tensor) -> torch.Tensor:
         """`W·diag(1/s)`: a weight in the quantizer's coordinates back in the layer's."""
-        return w if self.smoothing is None else w / self.smoothing
+        return w if self.smoothing is None else w / self._factors(w.dim())
 
     def quantized_weight(self, w: torch.Tensor) -> torch.Tensor:
         """`Ŵ` of the original weight `w`, in the quantizer's coordinates (`W·diag(s)` with
@@ -269,7 +291,7 @@ class LayerQuantizer:
         ).to(w.dtype)
 
     def smoothed_input(self, x):
-        """`x / s` along the last axis (x itself without smoothing or for non-float values).
+        """`x / s` along the input channels (x itself without smoothing or for non-float values).
 
         Layers of one group read the same `x` with equal `s`: they get the same tensor
         object, so capture shares their observer update as it does without smoothing."""
@@ -278,7 +300,7 @@ class LayerQuantizer:
         last = _last_smoothed[0]
         if last is not None and last[0] is x and last[1] == x._version and torch.equal(last[2], self.smoothing):
             return last[3]
-        out = (x.float() / self.smoothing).to(x.dtype)
+        out = (x.float() / self._factors(self._weight_ndim)).to(x.dtype)
         _last_smoothed[0] = (x, x._version, self.smoothing, out)
         return out
 
@@ -335,7 +357,7 @@ class LayerQuantizer:
             return x
         if self.probe is not None:
             back = self.fake_quant_input(seen.detach()).float()
-            back = back if self.smoothing is None else back * self.smoothing
+            back = back if self.smoothing is None else back * self._factors(self._weight_ndim)
             return x + self.probe * (back.to(x.dtype) - x.detach())
         return self.fake_quant_input(seen) if self.quant_enabled else x
 

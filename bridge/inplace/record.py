@@ -87,10 +87,11 @@ class LayerRecord:
             s = float(np.asarray(self.input_scale).reshape(()))
             _expect(np.isfinite(s) and s > 0, f"{where}: input_scale {s} is not a finite positive number")
         if self.smoothing is not None:
-            inner = weight_shape[1] if len(weight_shape) == 2 else None
+            pointwise = len(weight_shape) == 2 or (len(weight_shape) >= 3 and all(k == 1 for k in weight_shape[2:]))
+            inner = weight_shape[1] if pointwise else None
             _expect(
-                len(weight_shape) == 2 and act_scheme is not None,
-                f"{where}: smooth_scale needs a Linear weight with a quantized input",
+                pointwise and act_scheme is not None,
+                f"{where}: smooth_scale needs a Linear or 1×1 convolution weight with a quantized input",
             )
             _expect(
                 self.smoothing.shape == (inner,)

@@ -26,6 +26,7 @@ import jaxq
 from bridge.jax_model.compat import torchax_env
 from bridge.jax_model.lower import LoweredModel, LoweringError, batch_args, lower, to_jax_tree
 from bridge.inplace.transaction import quantizer_free_copy
+from bridge.inplace.fakequant import along_channels
 from jaxq.observers import ROW
 from jaxq.sharding import check_mesh, replicate, replicated, shard_batch
 
@@ -57,7 +58,8 @@ class InputObserver:
         mesh=None,
         smoothing: dict | None = None,
     ):
-        """`smoothing`: layer → SmoothQuant factors `s`; that layer's quantizer sees `x / s`."""
+        """`smoothing`: layer → SmoothQuant factors `s` shaped by `along_channels`; that
+        layer's quantizer sees `x / s`."""
         self.names, self.observer = list(names), observer
         self._smoothing = {n: np.asarray(s, np.float32) for n, s in (smoothing or {}).items()}
         self.mesh = None if mesh is None else check_mesh(mesh)
@@ -129,7 +131,9 @@ def observe_inputs(
     for index, batch in batches:
         if run is None:
             smoothing = {
-                n: q.smoothing.cpu().numpy() for n, q in quantizers.items() if getattr(q, "smoothing", None) is not None
+                n: along_channels(q.smoothing.cpu().numpy(), q.original_weight.dim())
+                for n, q in quantizers.items()
+                if getattr(q, "smoothing", None) is not None
             }
             run = InputObserver(model, list(quantizers), batch, observer, mesh, smoothing)
             states = run.init()

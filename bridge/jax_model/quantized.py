@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.inplace.fakequant import LayerQuantizer
+from bridge.inplace.fakequant import LayerQuantizer, along_channels
 from bridge.jax_model.lower import LoweredModel, LoweringError, lower, tied_parameters
 from bridge.inplace.record import LayerRecord
 from bridge.inplace.transaction import quantizer_free_copy
@@ -62,7 +62,7 @@ class QuantizedForward:
         default_factory=dict, repr=False
     )  # weight key → float weight (before chosen codes)
     weight_scheme: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → its calibrated QScheme
-    smoothing: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → SmoothQuant factors (numpy)
+    smoothing: dict = dataclasses.field(default_factory=dict, repr=False)  # layer → SmoothQuant `along_channels`
 
     def __post_init__(self):
         self.fn = _make_fn(self.lowered, self.layers, self.smoothing)
@@ -217,7 +217,7 @@ def quantized_forward(
                     f"layer {name!r} has SmoothQuant factors and a weight tied to another "
                     "parameter; the JAX model cannot scale one use of it"
                 )
-            smoothing[name] = q.smoothing.cpu().numpy().astype(np.float32)
+            smoothing[name] = along_channels(q.smoothing.cpu().numpy().astype(np.float32), q.original_weight.dim())
         if rec is not None and rec.custom_codes:
             weight_codes[wkey] = (
                 rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
