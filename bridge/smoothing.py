@@ -38,7 +38,7 @@ def smoothable(quantizers: dict) -> dict:
         for n, q in quantizers.items()
         if q.act_scheme is not None
         and not q.functional
-        and pointwise(q.original_weight, getattr(q.module, "groups", 1))
+        and pointwise(tuple(q.original_weight.shape), getattr(q.module, "groups", 1))
     }
 
 
@@ -78,7 +78,7 @@ class ChannelStats:
                 self.parent[self._find(name)] = self._find(seen[1])
             else:
                 self._batch_inputs[id(x)] = (x, name)
-            flat = channel_rows(x.detach(), self.layers[name].original_weight.dim()).float()
+            flat = channel_rows(x.detach(), self.layers[name].weight_ndim).float()
             lo, hi = flat.amin(0).cpu(), flat.amax(0).cpu()
             self.lo[name] = lo if name not in self.lo else torch.minimum(self.lo[name], lo)
             self.hi[name] = hi if name not in self.hi else torch.maximum(self.hi[name], hi)

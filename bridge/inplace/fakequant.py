@@ -47,10 +47,10 @@ def along_channels(s, weight_ndim: int):
     return s.reshape((-1,) + (1,) * (weight_ndim - 2))
 
 
-def pointwise(weight: torch.Tensor, groups: int = 1) -> bool:
-    """A Linear weight, or an ungrouped convolution's with a 1×1 kernel: what SmoothQuant
-    scales (each output is a product of one input position's channels with `W`)."""
-    return weight.dim() == 2 or (weight.dim() >= 3 and groups == 1 and all(k == 1 for k in weight.shape[2:]))
+def pointwise(weight_shape: tuple[int, ...], groups: int = 1) -> bool:
+    """A Linear weight's shape, or an ungrouped convolution's with a 1×1 kernel: what
+    SmoothQuant scales (each output is a product of one input position's channels with `W`)."""
+    return len(weight_shape) == 2 or (len(weight_shape) >= 3 and groups == 1 and all(k == 1 for k in weight_shape[2:]))
 
 
 class _Owned(nn.Module):
@@ -142,7 +142,7 @@ class LayerQuantizer:
         self._param_order = list(module._parameters)  # restored by detach (state_dict key order)
         weight = getattr(module, param)
         out, device = weight.shape[0], weight.device
-        self._weight_ndim = weight.dim()
+        self.weight_ndim = weight.dim()  # 2: Linear; 3–4: Conv1d/2d (`along_channels`)
         self._class = type(module)
         if parametrize.is_parametrized(module):  # the user's own: torch would add our properties to their class
             module.__class__ = type(self._class.__name__, (self._class,), {})
@@ -253,11 +253,12 @@ class LayerQuantizer:
             self.smoothing = None
             return
         w = self.original_weight
-        if not pointwise(w, getattr(self.module, "groups", 1)) or self.functional or self.act_scheme is None:
+        groups = getattr(self.module, "groups", 1)
+        if not pointwise(tuple(w.shape), groups) or self.functional or self.act_scheme is None:
             raise ValueError(
                 f"layer {self.name!r}: SmoothQuant factors need a Linear layer or an ungrouped 1×1 "
                 f"convolution with a quantized input (weight {tuple(w.shape)}, "
-                f"groups={getattr(self.module, 'groups', 1)}, functional={self.functional}, "
+                f"groups={groups}, functional={self.functional}, "
                 f"input quantized={self.act_scheme is not None})"
             )
         factors = torch.as_tensor(factors).to(device=w.device, dtype=torch.float32).reshape(-1)
@@ -300,7 +301,7 @@ class LayerQuantizer:
         last = _last_smoothed[0]
         if last is not None and last[0] is x and last[1] == x._version and torch.equal(last[2], self.smoothing):
             return last[3]
-        out = (x.float() / self._factors(self._weight_ndim)).to(x.dtype)
+        out = (x.float() / self._factors(self.weight_ndim)).to(x.dtype)
         _last_smoothed[0] = (x, x._version, self.smoothing, out)
         return out
 
@@ -357,7 +358,7 @@ class LayerQuantizer:
             return x
         if self.probe is not None:
             back = self.fake_quant_input(seen.detach()).float()
-            back = back if self.smoothing is None else back * self._factors(self._weight_ndim)
+            back = back if self.smoothing is None else back * self._factors(self.weight_ndim)
             return x + self.probe * (back.to(x.dtype) - x.detach())
         return self.fake_quant_input(seen) if self.quant_enabled else x
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from jaxq import QParams, QScheme, quantize
+from bridge.inplace.fakequant import pointwise
 
 # msModelSlim's five dicts (`get_quant_params`), then jaxq's bias corrections and SmoothQuant factors
 PARAM_KEYS = (
@@ -87,10 +88,10 @@ class LayerRecord:
             s = float(np.asarray(self.input_scale).reshape(()))
             _expect(np.isfinite(s) and s > 0, f"{where}: input_scale {s} is not a finite positive number")
         if self.smoothing is not None:
-            pointwise = len(weight_shape) == 2 or (len(weight_shape) >= 3 and all(k == 1 for k in weight_shape[2:]))
-            inner = weight_shape[1] if pointwise else None
+            smoothable = pointwise(tuple(weight_shape))
+            inner = weight_shape[1] if smoothable else None
             _expect(
-                pointwise and act_scheme is not None,
+                smoothable and act_scheme is not None,
                 f"{where}: smooth_scale needs a Linear or 1×1 convolution weight with a quantized input",
             )
             _expect(

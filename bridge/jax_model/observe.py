@@ -131,7 +131,7 @@ def observe_inputs(
     for index, batch in batches:
         if run is None:
             smoothing = {
-                n: along_channels(q.smoothing.cpu().numpy(), q.original_weight.dim())
+                n: along_channels(q.smoothing.cpu().numpy(), q.weight_ndim)
                 for n, q in quantizers.items()
                 if getattr(q, "smoothing", None) is not None
             }

@@ -217,7 +217,7 @@ def quantized_forward(
                     f"layer {name!r} has SmoothQuant factors and a weight tied to another "
                     "parameter; the JAX model cannot scale one use of it"
                 )
-            smoothing[name] = along_channels(q.smoothing.cpu().numpy().astype(np.float32), q.original_weight.dim())
+            smoothing[name] = along_channels(q.smoothing.cpu().numpy().astype(np.float32), q.weight_ndim)
         if rec is not None and rec.custom_codes:
             weight_codes[wkey] = (
                 rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
