@@ -271,21 +271,28 @@ def buffer_moments(x: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Arr
     padded_row = ROW - n_row
 
     def sums(rows):
-        d = rows - c
-        positive = rows > 0
+        # Each row as [16, 64]: first the 16 values of each of 64 lanes, then the lanes. One
+        # variadic reduce reads the rows once for all five sums (~9× faster than five
+        # separate reductions), and this split makes XLA on CPU vectorise it: 3× faster
+        # than one reduce over the row's 1,024 values (other splits measured no faster).
+        tiles = jnp.reshape(rows, (rows.shape[0], _SPLIT, ROW // _SPLIT))
+        d = tiles - c
+        positive = tiles > 0
         d_pos = jnp.where(positive, d, 0.0)
-        # One variadic reduce: XLA on CPU reads the rows once for all five sums (~9× faster
-        # than five separate reductions).
-        return jax.lax.reduce(
-            (d, d * d, positive.astype(jnp.float32), d_pos, d_pos * d_pos),
-            (jnp.float32(0.0),) * 5,
-            lambda a, b: tuple(u + v for u, v in zip(a, b)),
-            (1,),
-        )
+        lanes = _sum5((d, d * d, positive.astype(jnp.float32), d_pos, d_pos * d_pos), 1)
+        return _sum5(lanes, 1)
 
     s1, s2, count_pos, p1, p2 = row_reduce(x, sums)
     pos_n = count_pos - jnp.where(c > 0, padded_row, 0.0)
     return _row_moments(n_row, s1, s2, c), _row_moments(pos_n, p1, p2, c)
+
+
+_SPLIT = 16  # a row's values as `_SPLIT` runs of `ROW // _SPLIT` lanes for the moment sums
+
+
+def _sum5(parts: tuple, axis: int) -> tuple:
+    """Five sums over `axis` in one variadic reduce."""
+    return jax.lax.reduce(parts, (jnp.float32(0.0),) * 5, lambda a, b: tuple(u + v for u, v in zip(a, b)), (axis,))
 
 
 def _std(moments: jax.Array) -> jax.Array:
