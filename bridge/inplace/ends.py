@@ -47,41 +47,52 @@ class Ends(NamedTuple):
         return "; ".join(reasons)
 
 
-def end_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> Ends:
-    """The first and last of `layers` (module docstring) from one forward of `batch`."""
-    produced, inputs, ungraphed = {}, {}, []
+class EndsRecorder:
+    """Hooks that record, in one forward with autograd on, the autograd nodes of every
+    layer's output and inputs; `ends(out)` walks them (module docstring)."""
 
-    def record(name):
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.names = list(layers)
+        self.produced, self.inputs, self.ungraphed = {}, {}, []
+        self.handles = [m.register_forward_hook(self._record(n)) for n, m in layers.items()]
+        self.handles += [m.register_forward_pre_hook(self._read(n), with_kwargs=True) for n, m in layers.items()]
+
+    def _record(self, name):
         def hook(_m, _a, out):
             nodes = [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None]
-            produced.update(dict.fromkeys(nodes, name))
+            self.produced.update(dict.fromkeys(nodes, name))
             if not nodes:
-                ungraphed.append(name)
+                self.ungraphed.append(name)
 
         return hook
 
-    def read(name):
+    def _read(self, name):
         def hook(_m, args, kwargs):
             nodes = [t.grad_fn for t in tensors_in((args, kwargs)) if t.grad_fn is not None]
-            inputs.setdefault(name, []).extend(nodes)
+            self.inputs.setdefault(name, []).extend(nodes)
 
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in layers.items()]
-    handles += [m.register_forward_pre_hook(read(n), with_kwargs=True) for n, m in layers.items()]
-    out = run_hooked(model, batch, handles, grad=True)
-    names = list(layers)
-    if not produced:
-        return Ends(names[:1], names[-1:], by_data_flow=False)
-    reaching_output = _producers_reached(produced, [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None])
-    read_by_a_layer = _producers_reached(produced, [n for nodes in inputs.values() for n in nodes])
-    last = (reaching_output - read_by_a_layer) or reaching_output
-    if ungraphed:  # part of the forward ran without a graph: module order for the first layer
-        first = set(names[:1])
-    else:
-        memo: dict = {}
-        first = {n for n, nodes in inputs.items() if not any(_after_a_layer(s, produced, memo) for s in nodes)}
-    return Ends([n for n in names if n in first], [n for n in names if n in last] or names[-1:])
+    def ends(self, out) -> Ends:
+        """The first and last layers, given the model's output `out` of the recorded forward."""
+        names, produced = self.names, self.produced
+        if not produced:
+            return Ends(names[:1], names[-1:], by_data_flow=False)
+        reaching_output = _producers_reached(produced, [t.grad_fn for t in tensors_in(out) if t.grad_fn is not None])
+        read_by_a_layer = _producers_reached(produced, [n for nodes in self.inputs.values() for n in nodes])
+        last = (reaching_output - read_by_a_layer) or reaching_output
+        if self.ungraphed:  # part of the forward ran without a graph: module order for the first layer
+            first = set(names[:1])
+        else:
+            memo: dict = {}
+            first = {n for n, nodes in self.inputs.items() if not any(_after_a_layer(s, produced, memo) for s in nodes)}
+        return Ends([n for n in names if n in first], [n for n in names if n in last] or names[-1:])
+
+
+def end_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> Ends:
+    """The first and last of `layers` (module docstring) from one forward of `batch`."""
+    recorder = EndsRecorder(layers)
+    return recorder.ends(run_hooked(model, batch, recorder.handles, grad=True))
 
 
 def _producers_reached(produced: dict, starts: list) -> set[str]:

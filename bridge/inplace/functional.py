@@ -182,22 +182,37 @@ class _UseCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class UseRecorder:
+    """Counts, in one forward, each plain layer's module calls and the functional calls that
+    take its weight: `hooks` (pre-hooks) and `mode` (a `TorchFunctionMode` to enter)."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module]):
+        self.attention = fused_path_layers(model, layers)
+        plain = {n: m for n, m in layers.items() if n not in self.attention}
+        self.calls = dict.fromkeys(plain, 0)
+        self.mode = _UseCounter({id(m.weight): n for n, m in plain.items()})
+        self.handles = [m.register_forward_pre_hook(self._count(n)) for n, m in plain.items()]
+
+    def _count(self, name):
+        def hook(*_):
+            self.calls[name] += 1
+
+        return hook
+
+    def functional(self) -> set[str]:
+        """Attention's projections and the layers whose weight entered more functional calls than the module ran."""
+        return self.attention | {n for n, uses in self.mode.uses.items() if uses > self.calls[n]}
+
+
 def find_functional_layers(model: nn.Module, layers: dict[str, nn.Module], batch: Batch) -> set[str]:
     """Names of `layers` (plain Linear/Conv) whose weight enters more functional calls
     than the module is called on `batch` — read directly (`F.linear(x, fc.weight)`) or
     tied — plus attention's projections (`fused_path_layers`)."""
-    out = fused_path_layers(model, layers)
-    plain = {n: m for n, m in layers.items() if n not in out}
-    weights = {id(m.weight): n for n, m in plain.items()}
-    calls = dict.fromkeys(plain, 0)
-    handles = [
-        m.register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1)) for n, m in plain.items()
-    ]
-    counter = _UseCounter(weights)
+    recorder = UseRecorder(model, layers)
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), recorder.mode:
             run_model(model, batch, 0)
     finally:
-        for h in handles:
+        for h in recorder.handles:
             h.remove()
-    return out | {n for n, uses in counter.uses.items() if uses > calls[n]}
+    return recorder.functional()

@@ -32,39 +32,49 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _CONV = (nn.Conv1d, nn.Conv2d)
 
 
-def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, str]], object]:
-    """`(conv_name, bn_name)` pairs where the BN consumes exactly the conv's output,
-    and the model's output on `batch` (the float reference for the parity check)."""
-    producer: dict[int, tuple[str, weakref.ref]] = {}
-    pairs: list[tuple[str, str]] = []
-    handles = []
+class PairRecorder:
+    """Hooks that record, in one forward, each BN whose input is exactly a conv's output."""
 
-    def conv_hook(name):
+    def __init__(self, model: nn.Module):
+        self.producer: dict[int, tuple[str, weakref.ref]] = {}
+        self.found: list[tuple[str, str]] = []
+        self.handles = []
+        for name, m in model.named_modules():
+            if isinstance(m, _CONV):
+                self.handles.append(m.register_forward_hook(self._conv_hook(name)))
+            elif isinstance(m, _BN):
+                self.handles.append(m.register_forward_pre_hook(self._bn_hook(name)))
+
+    def _conv_hook(self, name):
         def hook(_m, _inp, out):
             if isinstance(out, torch.Tensor):
-                producer[id(out)] = (name, weakref.ref(out))
+                self.producer[id(out)] = (name, weakref.ref(out))
 
         return hook
 
-    def bn_hook(name):
+    def _bn_hook(self, name):
         def hook(_m, inp):
             if not inp or not isinstance(inp[0], torch.Tensor):
                 return
-            entry = producer.get(id(inp[0]))
-            if entry is not None and entry[1]() is inp[0] and (entry[0], name) not in pairs:
-                pairs.append((entry[0], name))
+            entry = self.producer.get(id(inp[0]))
+            if entry is not None and entry[1]() is inp[0] and (entry[0], name) not in self.found:
+                self.found.append((entry[0], name))
 
         return hook
 
-    for name, m in model.named_modules():
-        if isinstance(m, _CONV):
-            handles.append(m.register_forward_hook(conv_hook(name)))
-        elif isinstance(m, _BN):
-            handles.append(m.register_forward_pre_hook(bn_hook(name)))
-    outputs = run_hooked(model, batch, handles)
-    convs = [c for c, _ in pairs]
-    modules = dict(model.named_modules())
-    return [(c, b) for c, b in pairs if convs.count(c) == 1 and _channels_match(modules[c], modules[b])], outputs
+    def pairs(self, model: nn.Module) -> list[tuple[str, str]]:
+        """`(conv_name, bn_name)` pairs to fold: each conv feeds one BN of its channels."""
+        convs = [c for c, _ in self.found]
+        modules = dict(model.named_modules())
+        return [(c, b) for c, b in self.found if convs.count(c) == 1 and _channels_match(modules[c], modules[b])]
+
+
+def find_conv_bn_pairs(model: nn.Module, batch: Batch) -> tuple[list[tuple[str, str]], object]:
+    """`(conv_name, bn_name)` pairs where the BN consumes exactly the conv's output,
+    and the model's output on `batch` (the float reference for the parity check)."""
+    recorder = PairRecorder(model)
+    outputs = run_hooked(model, batch, recorder.handles)
+    return recorder.pairs(model), outputs
 
 
 def _channels_match(conv: nn.Module, bn: nn.Module) -> bool:
@@ -182,6 +192,12 @@ def fuse_conv_bn(model: nn.Module, batch: Batch, tolerance: float = 1e-3) -> lis
     if model.training:
         return []
     pairs, reference = find_conv_bn_pairs(model, batch)
+    return fuse_pairs(model, pairs, reference, batch, tolerance)
+
+
+def fuse_pairs(model: nn.Module, pairs, reference, batch: Batch, tolerance: float = 1e-3) -> list[Fold]:
+    """Fold the found `pairs`, in place, kept only if the model's output on `batch` stays
+    within `tolerance` of `reference` (its float output there); returns the folds made."""
     folds: list[Fold] = []
     try:
         for conv_name, bn_name in pairs:

@@ -10,7 +10,6 @@ import dataclasses
 import warnings
 from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 import jaxq
@@ -18,15 +17,14 @@ from bridge.capture.data import (
     CalibrationDataError,
     as_batch,
     check_input_shape,
-    first_samples,
     reiterable,
     to_device,
     virtual_batch,
 )
-from bridge.inplace.ends import end_layers
 from bridge.inplace.fakequant import LayerQuantizer
-from bridge.inplace.functional import FunctionalTaps, find_functional_layers
-from bridge.inplace.fuse import fuse_conv_bn
+from bridge.inplace.functional import FunctionalTaps
+from bridge.inplace.fuse import fuse_pairs
+from bridge.inplace.probe import PROBE_SAMPLES, probe_batch, probe_structure  # noqa: F401 (re-exported)
 from bridge.inplace.modules import (
     check_layer_bits,
     first_and_last,
@@ -104,26 +102,7 @@ def first_batch(data: Iterable, device):
     return b._replace(args=to_device(b.args, device), kwargs=to_device(b.kwargs, device))
 
 
-PROBE_SAMPLES = 2  # the structure probes run on this many samples of the first batch
-
-
-def probe_batch(model: nn.Module, batch):
-    """The first batch cut to its first `PROBE_SAMPLES` samples (every tensor whose leading
-    size is the batch's), for the forwards that only read the model's structure: output
-    layers, Conv+BN pairs and their parity, functional calls. The whole batch when it is no
-    larger, or when the model rejects the cut one (a batch size written into the model)."""
-    small = first_samples(batch, PROBE_SAMPLES)
-    if small is batch:
-        return batch
-    try:
-        with torch.no_grad():
-            model(*small.args, **small.kwargs)
-    except Exception:  # noqa: BLE001 — the model's own error on the whole batch is raised by the probes
-        return batch
-    return small
-
-
-def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, set, dict, jaxq.QuantConfig, dict]:
+def _quantizable(model: nn.Module) -> dict[str, nn.Module]:
     layers = quantizable_layers(model)
     if not layers:
         raise EmptyModelError(
@@ -132,9 +111,16 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, 
         )
     if "" in layers:
         raise EmptyModelError("the model is itself a single layer; wrap it, e.g. nn.Sequential(model)")
+    return layers
+
+
+def _needs_ends(cfg: jaxq.QuantConfig) -> bool:
+    """Whether the first and last layers matter: kept float by default, or at 8 bits."""
+    return cfg.quantize_first_last == FIRST_LAST_8BIT or (not cfg.disable_names and not cfg.quantize_first_last)
+
+
+def _layers(model: nn.Module, cfg: jaxq.QuantConfig, layers: dict, ends) -> tuple[set, dict, jaxq.QuantConfig, dict]:
     eight_bit = cfg.quantize_first_last == FIRST_LAST_8BIT
-    default_float = not cfg.disable_names and not cfg.quantize_first_last
-    ends = end_layers(model, layers, batch) if (default_float or eight_bit) and batch is not None else None
     disabled = resolve_disabled(list(layers), cfg.disable_names, cfg.quantize_first_last, ends)
     check_layer_bits(list(layers), cfg.layer_bits, "layer_bits")
     check_layer_bits(list(layers), cfg.layer_act_bits, "layer_act_bits")
@@ -146,7 +132,7 @@ def _layers(model: nn.Module, cfg: jaxq.QuantConfig, batch=None) -> tuple[dict, 
             "by default the first and last layer are kept float; use QuantConfig(quantize_first_last=True) "
             "or name fewer layers in disable_names"
         )
-    return layers, disabled, unsupported_layers(model), cfg, _why_float(disabled, cfg, ends)
+    return disabled, unsupported_layers(model), cfg, _why_float(disabled, cfg, ends)
 
 
 def _why_float(disabled: set[str], cfg: jaxq.QuantConfig, ends) -> dict[str, str]:
@@ -165,10 +151,13 @@ def prepare(
     fuse_module_call_back: Callable | None,
     edit: ModelEdit,
 ) -> Prepared:
-    """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`."""
+    """Fuse and attach quantizers to every enabled layer, in place, logged in `edit`. One
+    probe forward (`bridge.inplace.probe`) reads the model's structure, and one more after
+    `fuse_module_call_back` changed it."""
     model.eval().to(device)
-    batch = probe_batch(model, first_batch(data, device))
-    layers, disabled, unsupported, resolved, why_float = _layers(model, cfg, batch)
+    layers = _quantizable(model)
+    found = probe_structure(model, layers, first_batch(data, device), _needs_ends(cfg))
+    disabled, unsupported, resolved, why_float = _layers(model, cfg, layers, found.ends)
     if unsupported:
         warnings.warn(
             "jaxq leaves these layers in float: " + "; ".join(f"{n} ({why})" for n, why in unsupported.items()),
@@ -182,11 +171,13 @@ def prepare(
                 "fuse_module_call_back must fuse the model in place and return it (or None), got "
                 f"{type(fused).__name__}"
             )
-        layers, disabled, unsupported, resolved, why_float = _layers(model, cfg, batch)
+        layers = _quantizable(model)
+        found = probe_structure(model, layers, found.batch, _needs_ends(cfg))
+        disabled, unsupported, resolved, why_float = _layers(model, cfg, layers, found.ends)
     else:
-        edit.folds.extend(fuse_conv_bn(model, batch))
+        edit.folds.extend(fuse_pairs(model, found.pairs, found.output, found.batch))
     enabled = {n: m for n, m in layers.items() if n not in disabled}
-    functional = find_functional_layers(model, enabled, batch)
+    functional = found.functional & set(enabled)
     specs = {n: layer_spec(n, m) for n, m in enabled.items()}
     attach_quantizers(model, enabled, functional, resolved, edit)
     return Prepared(layers, disabled, unsupported, specs, resolved, why_float)

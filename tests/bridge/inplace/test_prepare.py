@@ -27,7 +27,8 @@ def test_probes_read_two_samples_and_calibration_every_sample():
     model = _Recorder().eval()
     data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
     cal = Calibrator(model, jaxq.QuantConfig(quantize_first_last=True), data, progress=False)
-    assert set(model.sizes) == {PROBE_SAMPLES} and len(model.sizes) >= 3  # probes: outputs, fusion, functional
+    # one forward reads the structure (outputs, Conv+BN pairs, functional calls), one checks the fusion
+    assert model.sizes == [PROBE_SAMPLES, PROBE_SAMPLES]
     assert cal.fused  # the Conv+BN pair was found on the cut batch
     model.sizes.clear()
     cal.run()
@@ -57,3 +58,24 @@ def test_a_model_that_rejects_the_cut_batch_is_probed_on_the_whole_one():
     assert probe_batch(model, batch) is batch
     cal = Calibrator(model, jaxq.QuantConfig(quantize_first_last=True), [torch.randn(6, 12)], progress=False).run()
     assert cal.quantized_names == ["fc"]
+
+
+class _TwoInputs(nn.Module):
+    """Default float ends need the data flow: the probe runs with autograd on."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append((x.shape[0], torch.is_grad_enabled()))
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+def test_one_probe_forward_finds_the_ends_and_nothing_is_fused():
+    model = _TwoInputs().eval()
+    cal = Calibrator(model, jaxq.QuantConfig(), [torch.randn(8, 4)], progress=False)
+    assert model.sizes == [(PROBE_SAMPLES, True)]  # no BN: no parity check; autograd on for the data flow
+    assert cal.quantized_names == ["b"]  # a first, head last (by data flow)
+    assert "first layer" in cal.summary() and "last layer" in cal.summary()
