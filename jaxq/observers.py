@@ -259,6 +259,14 @@ def _row_moments(n: jax.Array, s1: jax.Array, s2: jax.Array, shift: jax.Array) -
     return jnp.stack([total, mean, m2])
 
 
+_SPLIT = 16  # a row's values as `_SPLIT` runs of `ROW // _SPLIT` lanes for the moment sums
+
+
+def _sum5(parts: tuple, axis: int) -> tuple:
+    """Five sums over `axis` in one variadic reduce."""
+    return jax.lax.reduce(parts, (jnp.float32(0.0),) * 5, lambda a, b: tuple(u + v for u, v in zip(a, b)), (axis,))
+
+
 def buffer_moments(x: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(n, mean, M2)` of all and of the positive valid entries, in one read of `x`.
 
@@ -285,14 +293,6 @@ def buffer_moments(x: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Arr
     s1, s2, count_pos, p1, p2 = row_reduce(x, sums)
     pos_n = count_pos - jnp.where(c > 0, padded_row, 0.0)
     return _row_moments(n_row, s1, s2, c), _row_moments(pos_n, p1, p2, c)
-
-
-_SPLIT = 16  # a row's values as `_SPLIT` runs of `ROW // _SPLIT` lanes for the moment sums
-
-
-def _sum5(parts: tuple, axis: int) -> tuple:
-    """Five sums over `axis` in one variadic reduce."""
-    return jax.lax.reduce(parts, (jnp.float32(0.0),) * 5, lambda a, b: tuple(u + v for u, v in zip(a, b)), (axis,))
 
 
 def _std(moments: jax.Array) -> jax.Array:
