@@ -10,16 +10,22 @@ default observer, per-channel weights. Times are the whole `Calibrator(...)` + `
     python benchmarks/gptq.py --models minilm --algos rtn gptq
     python benchmarks/gptq.py --models minilm --algos qdrop gptq+qdrop   # GPTQ as QDrop's start
     python benchmarks/gptq.py --models minilm --algos gptq --fields '{"w_sym": false}'
+    python benchmarks/gptq.py --models minilm --algos rtn gptq --subsets 1 2 3   # mean ± std over draws
+
+`--subsets`: calibration draws (`protocols.calibration_subset`; 0, the default, is the
+protocol's own data); with more than one, each cell is the mean ± std over them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 
 import jaxq
 from bridge.evaluation import protocols
-from common import parse_args, timed_calibration
+from common import mean_std, parse_args, timed_calibration
 
 ALGOS = {
     "rtn": {},
@@ -41,21 +47,32 @@ def main(argv=None):
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--algos", nargs="*", default=["rtn", "gptq", "adaround"])
     extra.add_argument("--fields", type=json.loads, default={}, help="more QuantConfig fields, as JSON")
+    extra.add_argument("--subsets", type=int, nargs="*", default=[0], help="calibration draws (0: the protocol's own)")
     known, rest = extra.parse_known_args(argv)
     args = parse_args(__doc__, list(CASES), rest)
+    width = 11 if len(known.subsets) == 1 else 18
     for name in args.models:
         p = protocols.PROTOCOLS[name]()
+        draws = [dataclasses.replace(p, calib_data=protocols.calibration_subset(p, k)) for k in known.subsets]
         keys = KEY[name]
-        print(f"\n{name}")
-        print(f"{'case':<16}{'algorithm':<20}" + "".join(f"{k:>11}" for k in keys) + f"{'run s':>8}{'step s':>8}")
+        print(f"\n{name} (calibration subsets {known.subsets})")
+        print(f"{'case':<16}{'algorithm':<20}" + "".join(f"{k:>{width}}" for k in keys) + f"{'run s':>8}{'step s':>8}")
         for case, fields in CASES[name]:
             for algo in known.algos:
                 cfg = jaxq.QuantConfig(quant_mode=1, keep_acc=ALGOS[algo], **{**fields, **known.fields})
-                cal, seconds, _ = timed_calibration(p, cfg)
-                m = p.evaluate(cal.model)
-                step = next((s.seconds for s in cal.steps if s.step in ("gptq", "adaround", "blocks")), 0.0)
+                metric, seconds, step = {k: [] for k in keys}, [], []
+                for draw in draws:
+                    cal, s, _ = timed_calibration(draw, cfg)
+                    m = p.evaluate(cal.model)
+                    for k in keys:
+                        metric[k].append(m[k])
+                    seconds.append(s)
+                    step.append(next((r.seconds for r in cal.steps if r.step in ("gptq", "adaround", "blocks")), 0.0))
+                cells = "".join(
+                    f"{metric[k][0]:>11.4f}" if len(draws) == 1 else f"{mean_std(metric[k], 4):>18}" for k in keys
+                )
                 print(
-                    f"{case:<16}{algo:<20}" + "".join(f"{m[k]:>11.4f}" for k in keys) + f"{seconds:>8.1f}{step:>8.1f}",
+                    f"{case:<16}{algo:<20}{cells}{statistics.mean(seconds):>8.1f}{statistics.mean(step):>8.1f}",
                     flush=True,
                 )
 

@@ -11,6 +11,10 @@ every number in the docs and tests uses.
   mean KL(FP32 ‖ quant) over 128 crops (seed 2).
 - minilm:  64 passages (one per batch: no padding tokens enter the statistics) → mean
   and minimum cosine between FP32 and quantized sentence embeddings over 256 others.
+
+`calibration_subset(protocol, k)` gives another draw of calibration data for error bars
+(k = 0: the protocol's own): EfficientNet-Lite0 crops of seed k, MiniLM 64 passages drawn
+with seed k from those after the evaluation set, never the evaluated ones.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from bridge.evaluation import metrics, zoo
@@ -123,6 +128,41 @@ def minilm(held_out: int = 256) -> Protocol:
     p = Protocol("minilm", lambda: zoo.minilm()[1], calib, evaluate)
     p.reference = {"mean_cos": 1.0, "min_cos": 1.0}
     return p
+
+
+MINILM_EVALUATED = 64 + 256  # passages[:64] calibrate, passages[64:320] are evaluated
+
+
+def minilm_calibration_passages(subset: int) -> list[str]:
+    """MiniLM's calibration passages of draw `subset`: its own 64 for 0, else 64 drawn with
+    seed `subset` from the passages after the evaluated ones (the documentation repeats some
+    sections word for word: a passage equal to an evaluated one is not drawn)."""
+    passages = zoo.text_passages()
+    if subset == 0:
+        return passages[:64]
+    evaluated = set(passages[64:MINILM_EVALUATED])
+    rest = [t for t in passages[MINILM_EVALUATED:] if t not in evaluated]
+    picked = np.random.default_rng(subset).choice(len(rest), size=64, replace=False)
+    return [rest[i] for i in sorted(picked)]
+
+
+def calibration_subset(protocol: Protocol, subset: int) -> list:
+    """The calibration batches of draw `subset` of `protocol` (module docstring); 0 is its own."""
+    if isinstance(subset, bool) or not isinstance(subset, int) or subset < 0:
+        raise ValueError(f"subset={subset!r}: an int ≥ 0 (0: the protocol's own calibration data)")
+    if subset == 0:
+        return protocol.calib_data
+    if protocol.name == "minilm":
+        tokenizer, _ = zoo.minilm()
+        return zoo.text_batches(tokenizer, minilm_calibration_passages(subset), batch_size=1)
+    if protocol.name in ("efficientnet_lite0", "efficientnet_lite0_unseen"):
+        if protocol.name == "efficientnet_lite0" and subset == 2:
+            raise ValueError("efficientnet_lite0: crop seed 2 is its evaluation set; use another subset")
+        n = sum(int(b.shape[0]) for b in protocol.calib_data)
+        which = zoo.CALIBRATION_PHOTOS if protocol.name.endswith("unseen") else None
+        crops = zoo.image_crops(n, seed=subset, which=which)
+        return [crops[i : i + 8] for i in range(0, n, 8)]
+    raise ValueError(f"protocol {protocol.name!r} has no calibration subsets; use subset 0")
 
 
 PROTOCOLS = {
