@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 from torch import nn
 
-from bridge.capture.data import run_hooked
 from bridge.capture.tensors import tensors_in
 
 
@@ -87,12 +86,6 @@ class EndsRecorder:
             memo: dict = {}
             first = {n for n, nodes in self.inputs.items() if not any(_after_a_layer(s, produced, memo) for s in nodes)}
         return Ends([n for n in names if n in first], [n for n in names if n in last] or names[-1:])
-
-
-def end_layers(model: nn.Module, layers: dict[str, nn.Module], batch) -> Ends:
-    """The first and last of `layers` (module docstring) from one forward of `batch`."""
-    recorder = EndsRecorder(layers)
-    return recorder.ends(run_hooked(model, batch, recorder.handles, grad=True))
 
 
 def _producers_reached(produced: dict, starts: list) -> set[str]:

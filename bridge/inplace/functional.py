@@ -14,7 +14,7 @@ key and value; the output projection's operand is produced inside the function, 
 function runs with an identity output projection (`x·I = x` exactly) and the real one
 is applied to the fake-quantized result here.
 
-`find_functional_layers` runs one forward to find which layers need this.
+`UseRecorder` finds which layers need this, in preparation's probe forward (`bridge.inplace.probe`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bridge.capture.data import Batch, run_model
 
 _LINEAR_CONV = {F.linear, torch._C._nn.linear, F.conv1d, F.conv2d, torch.conv1d, torch.conv2d}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -202,17 +201,3 @@ class UseRecorder:
     def functional(self) -> set[str]:
         """Attention's projections and the layers whose weight entered more functional calls than the module ran."""
         return self.attention | {n for n, uses in self.mode.uses.items() if uses > self.calls[n]}
-
-
-def find_functional_layers(model: nn.Module, layers: dict[str, nn.Module], batch: Batch) -> set[str]:
-    """Names of `layers` (plain Linear/Conv) whose weight enters more functional calls
-    than the module is called on `batch` — read directly (`F.linear(x, fc.weight)`) or
-    tied — plus attention's projections (`fused_path_layers`)."""
-    recorder = UseRecorder(model, layers)
-    try:
-        with torch.no_grad(), recorder.mode:
-            run_model(model, batch, 0)
-    finally:
-        for h in recorder.handles:
-            h.remove()
-    return recorder.functional()
