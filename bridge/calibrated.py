@@ -51,6 +51,7 @@ class Calibrated:
                 "functional": q.functional,
                 "weight_shape": list(q.float_weight.shape),
                 "weight_scheme": self.cfg.weight_scheme_for(name).describe(),
+                "weight_group": q.weight_group,  # input columns per weight scale; None: per channel
                 "act_scheme": self.cfg.act_scheme_for(name).describe() if self.cfg.act_quant else None,
             }
         return out

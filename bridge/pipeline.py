@@ -31,7 +31,7 @@ from bridge.capture.memory import (
     release_freed_memory,
 )
 from bridge.capture.row_capture import LayerGeometryError
-from bridge.inplace.record import LayerRecord, apply_records, is_nearest, smoothing_of
+from bridge.inplace.record import LayerRecord, apply_records, is_nearest, smoothing_of, weight_params
 from bridge.capture.rows import (
     FunctionalLayerError,
     check_mean_rows_possible,
@@ -42,6 +42,7 @@ from bridge.capture.rows import (
     row_floats,
 )
 from bridge.smoothing import smooth
+from jaxq import groupwise
 from bridge.capture.tensors import to_jax
 from jaxq.accuracy import LAYER_STEPS, LayerState
 from jaxq.pipeline import Step, layer_local, plan, rows_read
@@ -174,9 +175,20 @@ def _weights(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
             if step.settings is not None:
                 weights.update(jaxq.accuracy.admm_weights(group, scheme, step.settings.iters, bar.update, weight_range))
             else:
-                weights.update(jaxq.quantize_weights(group, scheme, weight_range))
+                weights.update(_nearest(ctx, group, scheme, weight_range))
     state.weights = {n: weights[n] for n in state.float_weights}
     return StepReport(step.name)
+
+
+def _nearest(ctx: Context, weights: dict, scheme, weight_range: str) -> dict:
+    """Round to nearest per channel, or per group of columns (`QuantConfig.w_group_size`):
+    a grouped weight is quantized as its `group_rows` and comes back in the weight's shape."""
+    groups = {n: ctx.quantizers[n].weight_group for n in weights}
+    rows = {n: w if groups[n] is None else groupwise.group_rows(w, groups[n]) for n, w in weights.items()}
+    done = jaxq.quantize_weights(rows, scheme, weight_range)
+    return {
+        n: done[n] if groups[n] is None else groupwise.from_group_rows(done[n], np.shape(w)) for n, w in weights.items()
+    }
 
 
 def _round_opt(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
@@ -339,10 +351,10 @@ def _final_weights(ctx: Context, state: _State) -> dict:
     out = {}
     for name, q in ctx.quantizers.items():
         rec = state.records[name]
-        out[name] = jaxq.QuantizedWeight(
-            jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme),
-            jnp.asarray(rec.codes),
-        )
+        qp = jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme)
+        if q.weight_group is not None:
+            qp = groupwise.columns(qp, rec.codes.shape[1])
+        out[name] = jaxq.QuantizedWeight(qp, jnp.asarray(rec.codes))
     return out
 
 
@@ -359,7 +371,7 @@ def _records(ctx: Context, state: _State) -> dict[str, LayerRecord]:
 def _record(ctx: Context, name: str, w: jaxq.QuantizedWeight, act: jaxq.QParams | None, correction, nearest: bool):
     q = ctx.quantizers[name]
     codes = np.asarray(w.q).astype(np.int32)
-    scale, offset = np.asarray(w.qparams.scale, np.float32), np.asarray(w.qparams.offset, np.int32)
+    scale, offset = weight_params(q, w.qparams)
     custom = not nearest and not is_nearest(
         np.asarray(q.float_weight.detach().float().cpu()), scale, offset, q.weight_scheme, codes
     )

@@ -178,11 +178,12 @@ def _bias_shift_rows(chunk) -> jax.Array:
 def _channel_rows(mean_row, wg, qw: QuantizedWeight) -> tuple | None:
     """One layer's bias-correction rows, one per output channel: `W`, `q` and the mean input
     row of the channel's group `[out, d]`, and `s`, `o` `[out]`. None where the weight's
-    quantization axis is not its first (output) axis."""
+    quantization axis is not its first (output) axis, or its parameters are elementwise
+    (weight groups, `jaxq.groupwise.columns`)."""
     g, per, d = np.shape(wg)
     out = g * per
     qp = qw.qparams
-    if qp.scheme.axis not in (None, 0) and np.size(qp.scale) != 1:
+    if (qp.scheme.axis not in (None, 0) and np.size(qp.scale) != 1) or np.size(qp.scale) not in (1, out):
         return None
     scale, offset = (np.broadcast_to(np.asarray(v).reshape(-1), (out,)) for v in (qp.scale, qp.offset))
     mean = np.repeat(np.asarray(mean_row).reshape(g, d), per, axis=0)
@@ -282,8 +283,9 @@ def gptq_layers(
         h = np.asarray(_hessian(layer_moment(l.rows, l.act)), np.float32)
         wg = np.asarray(l.wg, np.float32)
         g, o, _ = wg.shape
-        scale = np.reshape(np.asarray(l.weight.scale, np.float32), (g, o))
-        offset = np.reshape(np.asarray(l.weight.offset, np.float32), (g, o))
+        # per channel [g, o, 1], or per column [g, o, d] (`jaxq.groupwise.columns`)
+        scale = np.reshape(np.asarray(l.weight.scale, np.float32), (g, o, -1))
+        offset = np.reshape(np.asarray(l.weight.offset, np.float32), (g, o, -1))
         start = np.reshape(np.asarray(quantized[name].q), wg.shape)
         for k in range(g):
             problems[(name, k)] = Problem(wg[k], h[k], scale[k], offset[k], start[k])

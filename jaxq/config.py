@@ -136,6 +136,10 @@ def _normalise_names(value, field: str = "disable_names") -> tuple[str, ...]:
     return tuple(value)
 
 
+# keep_acc steps that work on per-channel weight scales only (`w_group_size` refuses them)
+GROUPLESS_STEPS = ("admm", "easy_quant", "round_opt", "adaround", "brecq", "qdrop")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """Post-training quantization settings (msModelSlim `QuantConfig`, docs/design.md §4).
@@ -237,6 +241,14 @@ class QuantConfig:
           per layer group by the quantized output error (no smoothing is a candidate);
           `True` searches `SMOOTH_ALPHAS` (0.3…0.8). None: off. The factors are part of the record
           (`smooth_scale`) and every export.
+      w_group_size: input columns per weight scale of 2-D weights (Linear layers, attention
+          projections): `Ŵ[r, c] = (q[r, c] − o[r, c//g])·s[r, c//g]`, scales and offsets
+          `[out, in/g]` (`jaxq.groupwise`), with every layer's input width a multiple of `g`
+          (else the Calibrator names the layer). Convolutions keep one scale per output
+          channel. Round to nearest and `keep_acc["gptq"]` (GPTQ keeps the group scales and
+          chooses codes); the other `keep_acc` steps are per channel and are refused.
+          `export_param` and `load_param` carry the group scales; the W8A8, ONNX and Ascend
+          exports and the JAX model refuse them. None (default): one scale per output channel.
     """
 
     w_bit: int = 8
@@ -278,6 +290,7 @@ class QuantConfig:
     layer_act_bits: Any = None
     smooth_quant: Any = None
     recon_blocks: Any = None
+    w_group_size: int | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -328,6 +341,7 @@ class QuantConfig:
                 "layers or blocks (keep_acc easy_quant, adaround, gptq, brecq, qdrop), which are all off; "
                 "switch one on or set recon_synthetic=0"
             )
+        self._check_group_size()
         if self.smooth_quant and not self.act_quant:
             raise ValueError(
                 f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
@@ -390,6 +404,23 @@ class QuantConfig:
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(
                 f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)"
+            )
+
+    def _check_group_size(self) -> None:
+        g = self.w_group_size
+        if g is None:
+            return
+        if not is_int(g) or g < 2:
+            raise ValueError(
+                f"QuantConfig.w_group_size={g!r} must be an int ≥ 2 (input columns per weight scale) "
+                "or None (one scale per output channel)"
+            )
+        per_channel_only = [n for n in GROUPLESS_STEPS if getattr(self.keep_acc, n) is not None]
+        if per_channel_only:
+            raise ValueError(
+                f"QuantConfig.w_group_size={g} works with round to nearest and keep_acc['gptq']; "
+                f"keep_acc {per_channel_only} choose per-channel scales or codes only — switch them off "
+                "or set w_group_size=None"
             )
 
     # Derived schemes -------------------------------------------------------------

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxq.calibrate import quantize_weight
+from jaxq.calibrate import QuantizedWeight, quantize_weight
 from jaxq.numerics import fake_quant, quantize
 from jaxq.qparams import QParams
 from jaxq.scheme import QScheme
@@ -64,3 +64,24 @@ def rtn(w: jax.Array, scheme: QScheme, group_size: int | None):
     """`(codes int32 [o, d], QParams [o, G])`: round to nearest in each group's min–max range."""
     qp = group_qparams(w.astype(jnp.float32), scheme, group_size)
     return quantize(w, columns(qp, w.shape[1])), qp
+
+
+def group_rows(w, group_size: int):
+    """`w [o, d]` read as one row per group, `[o·d/g, g]`: per-channel code (`jaxq.calibrate`)
+    on these rows is group-wise quantization of `w` (a view for NumPy arrays)."""
+    o, d = w.shape
+    return w.reshape(o * (d // check_group_size(d, group_size)), group_size)
+
+
+def from_group_rows(qw: QuantizedWeight, shape: tuple[int, int]) -> QuantizedWeight:
+    """A `QuantizedWeight` of `group_rows` (scales `[o·G]`, codes `[o·G, g]`) as the weight's
+    own: codes `[o, d]` and elementwise parameters `[o, d]` (`columns`), the form the
+    pipeline's steps read (GPTQ, bias correction)."""
+    o, d = shape
+    qp = QParams(jnp.reshape(qw.qparams.scale, (o, -1)), jnp.reshape(qw.qparams.offset, (o, -1)), qw.qparams.scheme)
+    return QuantizedWeight(columns(qp, d), jnp.reshape(qw.q, shape))
+
+
+def group_params(scale, offset, group_size: int) -> tuple:
+    """Elementwise parameters `[o, d]` (`columns`) back to one per group, `[o, d/g]`."""
+    return scale[:, ::group_size], offset[:, ::group_size]

@@ -15,7 +15,7 @@ from jaxq.host import aligned_copy
 from bridge.capture.context import Context, UncalibratedLayerError
 from bridge.capture.memory import release_freed_memory
 from bridge.inplace.fakequant import quantization
-from bridge.inplace.record import LayerRecord, apply_records, smoothing_of
+from bridge.inplace.record import LayerRecord, apply_records, smoothing_of, weight_params
 
 
 class FunctionalLayerError(ValueError):
@@ -99,8 +99,7 @@ def layer_rows(ctx: Context, float_weights, weights, act, rows_per_layer=None, n
     if ctx.cfg.recon_inputs == "quantized" and needs_rows:
         interim = {
             n: LayerRecord(
-                np.asarray(weights[n].qparams.scale, np.float32),
-                np.asarray(weights[n].qparams.offset, np.int32),
+                *weight_params(q, weights[n].qparams),
                 np.asarray(weights[n].q, np.int32),
                 True,
                 None if act.get(n) is None else np.asarray(act[n].scale, np.float32),

@@ -75,6 +75,7 @@ def export_w8a8(cal: Calibrated, output_path, safetensors_name: str | None, json
     cfg = cal.cfg
     check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
     check_uniform_8bit(cal, "the W8A8 export")
+    check_per_channel(cal, "msModelSlim's W8A8 layout")
     check_unsmoothed(cal, "msModelSlim's W8A8 layout")
     safetensors_name = safetensors_name or "quant_model_weight_w8a8.safetensors"
     json_name = json_name or "quant_model_description_w8a8.json"
@@ -121,6 +122,18 @@ def check_uniform_8bit(cal: Calibrated, what: str) -> None:
             )
 
 
+def check_per_channel(cal: Calibrated, what: str) -> None:
+    """`ExportError` naming the layers with a weight scale per group of input columns
+    (`QuantConfig.w_group_size`) for formats that hold one scale per output channel."""
+    grouped = [n for n, q in cal.quantizers.items() if q.weight_group is not None]
+    if grouped:
+        raise ExportError(
+            f"{what} holds one weight scale per output channel; {len(grouped)} layer(s) have one per group "
+            f"of {cal.cfg.w_group_size} input columns ({grouped[:3]}{'…' if len(grouped) > 3 else ''}); "
+            "use export_param, or calibrate with w_group_size=None"
+        )
+
+
 def check_unsmoothed(cal: Calibrated, what: str) -> None:
     """`ExportError` naming the layers with SmoothQuant factors (formats with no place for them)."""
     smoothed = [n for n, r in cal.records.items() if r.smoothing is not None]
@@ -153,6 +166,7 @@ def export_onnx(
 
     check_onnx_exportable(cal.cfg, opset_version)
     check_uniform_8bit(cal, "ONNX QuantizeLinear")
+    check_per_channel(cal, "the ONNX QDQ export (per-channel DequantizeLinear)")
     if ascend and not cal.cfg.w_sym:
         raise ExportError("the Ascend ONNX form needs symmetric weights (w_sym=True)")
     if ascend:

@@ -114,9 +114,23 @@ def _records(path, description: dict, tensors: dict, cfg: jaxq.QuantConfig, weig
             record = record_from_tensors(name, tensors, custom=False)
         except KeyError as e:
             raise ParamFileError(f"{source}: layer {name!r} has no tensor {e.args[0]!r}") from None
+        group = cfg.w_group_size if weights[name].ndim == 2 else None  # as `prepare.weight_group`
+        out = weights[name].shape[0]
+        if (
+            group is not None
+            and record.weight_scale.size == record.weight_offset.size
+            and record.weight_scale.size % out == 0
+        ):
+            # files hold them flat
+            qshape = (out, -1)
+            record = dataclasses.replace(
+                record,
+                weight_scale=record.weight_scale.reshape(qshape),
+                weight_offset=record.weight_offset.reshape(qshape),
+            )
         try:
             act_scheme = cfg.act_scheme_for(name) if cfg.act_quant else None
-            record.check(name, weights[name].shape, cfg.weight_scheme_for(name), act_scheme, source)
+            record.check(name, weights[name].shape, cfg.weight_scheme_for(name), act_scheme, source, group)
         except ValueError as e:
             raise ParamFileError(str(e)) from None
         weight = weights[name]

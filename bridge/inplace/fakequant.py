@@ -103,6 +103,8 @@ class LayerQuantizer:
       param: the weight parameter's name (`"in_proj_weight"` for attention).
       functional: tap the input at the functional call (`bridge.inplace.functional`) instead of
         with a forward pre-hook.
+      weight_group: input columns per weight scale of a 2-D weight (`QuantConfig.w_group_size`):
+        `weight_scale` / `weight_offset` are then `[out, in/g]` (`jaxq.groupwise`); None: `[out]`.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class LayerQuantizer:
         act_scheme: QScheme | None,
         param: str = "weight",
         functional: bool = False,
+        weight_group: int | None = None,
     ):
         if getattr(module, MARKER, None) is not None:
             raise QuantizerConflictError(
@@ -143,11 +146,18 @@ class LayerQuantizer:
         weight = getattr(module, param)
         out, device = weight.shape[0], weight.device
         self.weight_ndim = weight.dim()  # 2: Linear; 3–4: Conv1d/2d (`along_channels`)
+        if weight_group is not None and (weight.dim() != 2 or weight.shape[1] % weight_group):
+            raise ValueError(
+                f"layer {name!r}: weight groups of {weight_group} columns need a 2-D weight whose width they "
+                f"divide, got {tuple(weight.shape)}"
+            )
+        self.weight_group = weight_group
+        qshape = (out,) if weight_group is None else (out, weight.shape[1] // weight_group)
         self._class = type(module)
         if parametrize.is_parametrized(module):  # the user's own: torch would add our properties to their class
             module.__class__ = type(self._class.__name__, (self._class,), {})
-        module.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32, device=device))
-        module.register_buffer("weight_offset", torch.zeros(out, dtype=torch.int32, device=device))
+        module.register_buffer("weight_scale", torch.ones(qshape, dtype=torch.float32, device=device))
+        module.register_buffer("weight_offset", torch.zeros(qshape, dtype=torch.int32, device=device))
         if act_scheme is not None:
             module.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
             module.register_buffer("input_offset", torch.zeros((), dtype=torch.int32, device=device))
@@ -215,10 +225,10 @@ class LayerQuantizer:
                     m._buffers[DELTA].zero_()
             return
         delta = torch.as_tensor(delta).to(device=self.weight_scale.device, dtype=torch.float32).reshape(-1)
-        if delta.numel() != self.weight_scale.numel():
+        if delta.numel() != self.weight_scale.shape[0]:
             raise ValueError(
                 f"layer {self.name!r}: bias correction of {delta.numel()} values does not match "
-                f"{self.weight_scale.numel()} output channels"
+                f"{self.weight_scale.shape[0]} output channels"
             )
         if not torch.isfinite(delta).all():
             raise FloatingPointError(f"layer {self.name!r}: bias correction is not finite")
@@ -233,7 +243,7 @@ class LayerQuantizer:
         m = self.module
         if _ours(m, self.bias_param) is not None:
             return
-        out = self.weight_scale.numel()
+        out = self.weight_scale.shape[0]
         m.register_buffer(DELTA, torch.zeros(out, dtype=torch.float32, device=self.weight_scale.device))
         if getattr(m, self.bias_param) is None:
             w = self.original_weight
@@ -286,10 +296,21 @@ class LayerQuantizer:
         SmoothQuant): the stored codes if a rounding algorithm chose them, else nearest."""
         scheme = self.weight_scheme
         source = self.smoothed_weight(w.float()) if self.weight_codes is None else self.dequantized_codes()
-        # float32 scales whatever `model.half()` / `.double()` made of the buffers
-        return torch.fake_quantize_per_channel_affine(
-            source.float(), self.weight_scale.float(), self.weight_offset.int(), 0, scheme.qmin, scheme.qmax
-        ).to(w.dtype)
+        # float32 scales whatever `model.half()` / `.double()` made of the buffers; a group is
+        # a channel of the weight read as [out·in/g, g] rows
+        rows = source.float().reshape(self.weight_scale.numel(), -1)
+        return (
+            torch.fake_quantize_per_channel_affine(
+                rows,
+                self.weight_scale.float().reshape(-1),
+                self.weight_offset.int().reshape(-1),
+                0,
+                scheme.qmin,
+                scheme.qmax,
+            )
+            .reshape(source.shape)
+            .to(w.dtype)
+        )
 
     def smoothed_input(self, x):
         """`x / s` along the input channels (x itself without smoothing or for non-float values).
@@ -333,10 +354,9 @@ class LayerQuantizer:
     def dequantized_codes(self) -> torch.Tensor:
         """`(q − o)·s` of the stored codes: fake-quantizing it returns it unchanged, so
         exported graphs keep their weight QuantizeLinear/DequantizeLinear pair."""
-        shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
-        return (self.weight_codes - self.weight_offset.reshape(shape)).float() * self.weight_scale.float().reshape(
-            shape
-        )
+        codes = self.weight_codes.reshape(self.weight_scale.numel(), -1)  # a row per channel or group
+        offset, scale = self.weight_offset.reshape(-1, 1), self.weight_scale.float().reshape(-1, 1)
+        return ((codes - offset).float() * scale).reshape(self.weight_codes.shape)
 
     def fake_quant_weight(self) -> torch.Tensor:
         """`Ŵ` (the float weight when quantization is off)."""

@@ -183,15 +183,38 @@ def prepare(
     return Prepared(layers, disabled, unsupported, specs, resolved, why_float)
 
 
+def weight_group(name: str, module: nn.Module, cfg: jaxq.QuantConfig) -> int | None:
+    """The layer's input columns per weight scale: `cfg.w_group_size` for a 2-D weight
+    (Linear, attention projections), None (per channel) for convolutions and without groups."""
+    g = cfg.w_group_size
+    weight = getattr(module, weight_name(module))
+    if g is None or weight.dim() != 2:
+        return None
+    if weight.shape[1] % g:
+        raise ValueError(
+            f"QuantConfig.w_group_size={g} does not divide the {weight.shape[1]} input columns of layer "
+            f"{name!r}; choose a group size that divides every quantized Linear layer's input width, or keep "
+            "this layer float (disable_names)"
+        )
+    return g
+
+
 def attach_quantizers(
     model: nn.Module, layers: dict[str, nn.Module], functional: set[str], cfg: jaxq.QuantConfig, edit: ModelEdit
 ) -> None:
     """A `LayerQuantizer` on each of `layers` (tapped at the functional call for the names
     in `functional`), and the taps installed on `model` if any needs them; logged in `edit`."""
+    groups = {name: weight_group(name, module, cfg) for name, module in layers.items()}  # checked before any change
     for name, module in layers.items():
         act_scheme = cfg.act_scheme_for(name) if cfg.act_quant else None
         quantizer = LayerQuantizer(
-            module, name, cfg.weight_scheme_for(name), act_scheme, weight_name(module), name in functional
+            module,
+            name,
+            cfg.weight_scheme_for(name),
+            act_scheme,
+            weight_name(module),
+            name in functional,
+            weight_group=groups[name],
         )
         edit.attach(quantizer)
         if cfg.bias_correction and name not in functional:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from jaxq import QParams, QScheme, quantize
+from jaxq.groupwise import columns, group_params
 from bridge.inplace.fakequant import pointwise
 
 # msModelSlim's five dicts (`get_quant_params`), then jaxq's bias corrections and SmoothQuant factors
@@ -45,8 +46,8 @@ class LayerRecord:
     `x / s`), and whether the codes are custom (chosen by SQuant/AdaRound rather than
     rounding the float weight to nearest)."""
 
-    weight_scale: np.ndarray  # float32 [out]
-    weight_offset: np.ndarray  # int32 [out]
+    weight_scale: np.ndarray  # float32 [out], or [out, in/g] with weight groups
+    weight_offset: np.ndarray  # int32, as weight_scale
     codes: np.ndarray  # int32, the weight's shape
     custom_codes: bool
     input_scale: np.ndarray | None = None  # float32 []
@@ -54,17 +55,28 @@ class LayerRecord:
     bias_correction: np.ndarray | None = None  # float32 [out]
     smoothing: np.ndarray | None = None  # float32 [in]
 
-    def check(self, name: str, weight_shape: tuple, scheme: QScheme, act_scheme: QScheme | None, source: str) -> None:
-        """Raise `ValueError` naming `source` and the layer if shapes, ranges or values are wrong."""
+    def check(
+        self,
+        name: str,
+        weight_shape: tuple,
+        scheme: QScheme,
+        act_scheme: QScheme | None,
+        source: str,
+        group: int | None = None,
+    ) -> None:
+        """Raise `ValueError` naming `source` and the layer if shapes, ranges or values are
+        wrong (`group`: the layer's input columns per weight scale, None per channel)."""
         where = f"{source}: layer {name!r}"
         out = weight_shape[0]
+        qshape = (out,) if group is None else (out, weight_shape[1] // group)
         _expect(
-            self.weight_scale.shape == (out,),
-            f"{where}: weight_scale has shape {self.weight_scale.shape}, expected ({out},)",
+            self.weight_scale.shape == qshape,
+            f"{where}: weight_scale has shape {self.weight_scale.shape}, expected {qshape}"
+            + ("" if group is None else f" (groups of {group} input columns)"),
         )
         _expect(
-            self.weight_offset.shape == (out,),
-            f"{where}: weight_offset has shape {self.weight_offset.shape}, expected ({out},)",
+            self.weight_offset.shape == qshape,
+            f"{where}: weight_offset has shape {self.weight_offset.shape}, expected {qshape}",
         )
         _expect(
             tuple(self.codes.shape) == tuple(weight_shape),
@@ -112,9 +124,22 @@ def _expect(ok: bool, message: str) -> None:
 
 
 def is_nearest(float_weight: np.ndarray, scale, offset, scheme: QScheme, codes: np.ndarray) -> bool:
-    """Whether `codes` round `float_weight` to nearest on `(scale, offset)`."""
+    """Whether `codes` round `float_weight` to nearest on `(scale, offset)`: one per
+    output channel `[out]`, or per group of columns `[out, in/g]` (`jaxq.groupwise`)."""
     qp = QParams(jnp.asarray(scale), jnp.asarray(offset), scheme)
+    if np.ndim(scale) == 2:
+        qp = columns(qp, np.shape(float_weight)[1])
     return bool(np.array_equal(np.asarray(quantize(float_weight, qp)), codes.astype(np.int32)))
+
+
+def weight_params(quantizer, qp: QParams) -> tuple[np.ndarray, np.ndarray]:
+    """`(weight_scale float32, weight_offset int32)` of a record from the pipeline's weight
+    `QParams`: per channel as they are; per group of columns (`quantizer.weight_group`) from
+    their elementwise form (`jaxq.groupwise.from_group_rows`) back to `[out, in/g]`."""
+    scale, offset = np.asarray(qp.scale, np.float32), np.asarray(qp.offset, np.int32)
+    if quantizer.weight_group is not None:
+        scale, offset = (np.ascontiguousarray(v) for v in group_params(scale, offset, quantizer.weight_group))
+    return scale, offset
 
 
 def apply_records(quantizers: dict, records: dict[str, LayerRecord]) -> None:

@@ -199,6 +199,13 @@ def quantized_forward(
             "F.linear on a module's weight); the JAX model taps module inputs only — keep them float "
             "(disable_names) to use the JAX model, or use the torch path"
         )
+    grouped = [n for n, q in quantized_layers.items() if q.weight_group is not None]
+    if grouped:
+        raise LoweringError(
+            f"layers {grouped[:3]} have a weight scale per group of input columns (QuantConfig.w_group_size); "
+            "the JAX model simulates one scale per output channel — calibrate with w_group_size=None to use "
+            "it, or use the torch model"
+        )
     clone = quantizer_free_copy(model)  # BN folds kept
     layers, weight_codes, smoothing = [], {}, {}
     tied = tied_parameters(clone)

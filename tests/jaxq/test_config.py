@@ -122,3 +122,13 @@ def test_bad_keep_acc_settings_are_named(keep_acc, words):
     with pytest.raises((TypeError, ValueError)) as e:
         QuantConfig(keep_acc=keep_acc)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_w_group_size_is_checked_and_refuses_per_channel_steps():
+    assert QuantConfig(w_group_size=128, keep_acc={"gptq": True}).w_group_size == 128
+    for bad in (1, 0, 2.5, "128", True):
+        with pytest.raises(ValueError, match=r"w_group_size=.* must be an int ≥ 2"):
+            QuantConfig(w_group_size=bad)
+    for step, value in (("adaround", [True, 10]), ("qdrop", [True, 10]), ("easy_quant", [True, 10])):
+        with pytest.raises(ValueError, match=rf"keep_acc \['{step}'\] choose per-channel"):
+            QuantConfig(w_group_size=64, keep_acc={step: value})

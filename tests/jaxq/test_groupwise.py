@@ -41,3 +41,24 @@ def test_group_size_must_tile_the_row():
     with pytest.raises(ValueError, match="an int ≥ 1"):
         check_group_size(128, 0)
     assert check_group_size(128, None) == 128
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), groups=st.sampled_from([1, 2, 8]), sym=st.booleans())
+def test_group_rows_through_the_per_channel_quantizer_are_rtn(seed, groups, sym):
+    """The calibrator's path (`group_rows` → per-channel `quantize_weights` → `from_group_rows`)
+    gives `rtn`'s codes and scales, and `group_params` gives the scales back per group."""
+    from jaxq.calibrate import quantize_weights
+    from jaxq.groupwise import from_group_rows, group_params, group_rows
+
+    w = np.random.default_rng(seed).normal(size=(5, 64)).astype(np.float32)
+    scheme = QScheme(bits=4, symmetric=sym, axis=0)
+    g = 64 // groups
+    rows = quantize_weights({"w": group_rows(w, g)}, scheme, "minmax")["w"]
+    qw = from_group_rows(rows, w.shape)
+    codes, qp = rtn(w, scheme, g)
+    np.testing.assert_array_equal(np.asarray(qw.q), np.asarray(codes))
+    assert np.shape(qw.qparams.scale) == (5, 64)
+    scale, offset = group_params(np.asarray(qw.qparams.scale), np.asarray(qw.qparams.offset), g)
+    np.testing.assert_array_equal(scale, np.asarray(qp.scale))
+    np.testing.assert_array_equal(offset, np.asarray(qp.offset))
