@@ -46,6 +46,8 @@ def fingerprint_of(cal: Calibrated) -> str:
 
 
 def export_param(cal: Calibrated, path, legacy: bool = False) -> list:
+    if legacy:
+        check_per_channel(cal, "msModelSlim's legacy .npy dicts")
     params = cal.params()
     floats = float_state(cal.model)
     return write_params(

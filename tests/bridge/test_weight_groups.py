@@ -109,6 +109,9 @@ def test_per_channel_formats_and_the_jax_model_refuse_groups(calib, tmp_path):
         cal.export_quant_onnx("digits", tmp_path)
     with pytest.raises(ExportError, match=r"one per group of 16 input columns"):
         cal.export_quant_safetensor(tmp_path)
+    with pytest.raises(ExportError, match=r"legacy .npy dicts holds one weight scale per output channel"):
+        cal.export_param(tmp_path / "legacy", legacy=True)
+    assert not (tmp_path / "legacy").exists()
     with pytest.raises(LoweringError, match=r"w_group_size"):
         cal.jax_model()
 
