@@ -439,7 +439,8 @@ class LayerQuantizer:
     def extra_repr(self) -> str:
         a = "float" if self.act_scheme is None else f"int{self.act_scheme.bits}"
         smooth = ", smoothed" if self.smoothing is not None else ""
-        return f"w=int{self.weight_scheme.bits} per-channel, a={a}{smooth}, enabled={self.quant_enabled}"
+        grid = "per-channel" if self.weight_group is None else f"groups of {self.weight_group}"
+        return f"w=int{self.weight_scheme.bits} {grid}, a={a}{smooth}, enabled={self.quant_enabled}"
 
     def __repr__(self) -> str:
         return f"LayerQuantizer({self.name!r}, {self.extra_repr()})"
