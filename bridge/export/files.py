@@ -3,8 +3,8 @@
 `write_params` writes, into one directory:
 
 - `quant_params.safetensors`: per layer `<name>.weight_scale`, `.weight_offset` (`[out]`,
-  or `[out, in/g]` with `QuantConfig.w_group_size`), `.quant_weight` (int8 for ≤ 8 bits, else int16/int32) and, with activation
-  quantization, `.input_scale`, `.input_offset`;
+  or `[out, in/g]` with `QuantConfig.w_group_size`), `.quant_weight` (int8 for ≤ 8 bits,
+  else int16/int32) and, with activation quantization, `.input_scale`, `.input_offset`;
 - `float_params.safetensors`: every other tensor the model's output depends on
   (`bridge.export.float_state`);
 - `quant_params.json`: the format version, the config, and per layer its kind, weight
