@@ -296,21 +296,17 @@ class LayerQuantizer:
         SmoothQuant): the stored codes if a rounding algorithm chose them, else nearest."""
         scheme = self.weight_scheme
         source = self.smoothed_weight(w.float()) if self.weight_codes is None else self.dequantized_codes()
-        # float32 scales whatever `model.half()` / `.double()` made of the buffers; a group is
-        # a channel of the weight read as [out·in/g, g] rows
-        rows = source.float().reshape(self.weight_scale.numel(), -1)
-        return (
-            torch.fake_quantize_per_channel_affine(
-                rows,
-                self.weight_scale.float().reshape(-1),
-                self.weight_offset.int().reshape(-1),
-                0,
-                scheme.qmin,
-                scheme.qmax,
-            )
-            .reshape(source.shape)
-            .to(w.dtype)
+        # float32 scales whatever `model.half()` / `.double()` made of the buffers
+        scale, offset = self.weight_scale.float(), self.weight_offset.int()
+        if self.weight_group is None:  # the exported graph keeps one per-channel QDQ pair on the weight
+            return torch.fake_quantize_per_channel_affine(
+                source.float(), scale, offset, 0, scheme.qmin, scheme.qmax
+            ).to(w.dtype)
+        rows = source.float().reshape(scale.numel(), -1)  # a group is a channel of the [out·in/g, g] rows
+        out = torch.fake_quantize_per_channel_affine(
+            rows, scale.reshape(-1), offset.reshape(-1), 0, scheme.qmin, scheme.qmax
         )
+        return out.reshape(source.shape).to(w.dtype)
 
     def smoothed_input(self, x):
         """`x / s` along the input channels (x itself without smoothing or for non-float values).
@@ -354,7 +350,11 @@ class LayerQuantizer:
     def dequantized_codes(self) -> torch.Tensor:
         """`(q − o)·s` of the stored codes: fake-quantizing it returns it unchanged, so
         exported graphs keep their weight QuantizeLinear/DequantizeLinear pair."""
-        codes = self.weight_codes.reshape(self.weight_scale.numel(), -1)  # a row per channel or group
+        if self.weight_group is None:
+            shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
+            offset, scale = self.weight_offset.reshape(shape), self.weight_scale.float().reshape(shape)
+            return (self.weight_codes - offset).float() * scale
+        codes = self.weight_codes.reshape(self.weight_scale.numel(), -1)  # a row per group
         offset, scale = self.weight_offset.reshape(-1, 1), self.weight_scale.float().reshape(-1, 1)
         return ((codes - offset).float() * scale).reshape(self.weight_codes.shape)
 
