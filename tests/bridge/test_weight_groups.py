@@ -127,3 +127,10 @@ def test_a_group_size_that_does_not_divide_a_layer_names_it_and_leaves_the_model
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(m, nn.Module) and hasattr(m, "weight_scale") for m in model.modules())
+
+
+def test_a_second_grouped_gptq_run_compiles_nothing(calib):
+    _cal(calib, keep_acc={"gptq": True})
+    with jaxq.compile_count() as c:
+        _cal(calib, keep_acc={"gptq": True})
+    assert c.count == 0
