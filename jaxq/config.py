@@ -137,7 +137,7 @@ def _normalise_names(value, field: str = "disable_names") -> tuple[str, ...]:
 
 
 # keep_acc steps that work on per-channel weight scales only (`w_group_size` refuses them)
-GROUPLESS_STEPS = ("admm", "easy_quant", "round_opt", "adaround", "brecq", "qdrop")
+GROUPLESS_STEPS = ("admm", "easy_quant", "round_opt", "brecq", "qdrop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,8 +245,8 @@ class QuantConfig:
           projections): `Ŵ[r, c] = (q[r, c] − o[r, c//g])·s[r, c//g]`, scales and offsets
           `[out, in/g]` (`jaxq.groupwise`), with every layer's input width a multiple of `g`
           (else the Calibrator names the layer). Convolutions keep one scale per output
-          channel. Round to nearest and `keep_acc["gptq"]` (GPTQ keeps the group scales and
-          chooses codes); the other `keep_acc` steps are per channel and are refused.
+          channel. Round to nearest, `keep_acc["gptq"]` and `keep_acc["adaround"]` (they keep the
+          group scales and choose codes); the other `keep_acc` steps are per channel and are refused.
           `export_param` and `load_param` carry the group scales; the W8A8, ONNX and Ascend
           exports and the JAX model refuse them. None (default): one scale per output channel.
     """
@@ -418,7 +418,7 @@ class QuantConfig:
         per_channel_only = [n for n in GROUPLESS_STEPS if getattr(self.keep_acc, n) is not None]
         if per_channel_only:
             raise ValueError(
-                f"QuantConfig.w_group_size={g} works with round to nearest and keep_acc['gptq']; "
+                f"QuantConfig.w_group_size={g} works with round to nearest and keep_acc 'gptq' and 'adaround'; "
                 f"keep_acc {per_channel_only} choose per-channel scales or codes only — switch them off "
                 "or set w_group_size=None"
             )

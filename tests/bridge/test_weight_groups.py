@@ -134,3 +134,20 @@ def test_a_second_grouped_gptq_run_compiles_nothing(calib):
     with jaxq.compile_count() as c:
         _cal(calib, keep_acc={"gptq": True})
     assert c.count == 0
+
+
+def test_adaround_learns_codes_on_the_group_grid(calib):
+    rtn = _cal(calib)
+    cal = _cal(calib, keep_acc={"adaround": [True, 200]})
+    report = cal.reports["adaround"]
+    assert all(after <= before for before, after in (report[n] for n in LINEAR))
+    assert any(after < 0.9 * before for before, after in (report[n] for n in LINEAR))
+    for name in LINEAR:
+        rec = cal.records[name]
+        np.testing.assert_array_equal(rec.weight_scale, rtn.records[name].weight_scale)
+        assert rec.custom_codes
+        q = cal.quantizers[name]
+        qp = jaxq.QParams(rec.weight_scale, rec.weight_offset, q.weight_scheme)
+        with torch.no_grad():
+            w_hat = getattr(q.module, q.param).float().numpy()
+        np.testing.assert_array_equal(w_hat, np.asarray(dequantize_codes(rec.codes, qp)))
