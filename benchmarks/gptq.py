@@ -3,7 +3,8 @@
 EfficientNet-Lite0 calibrated on 64 crops of five photos and evaluated on crops of the
 three others (`protocols.efficientnet_lite0_unseen`); MiniLM on its protocol, W4A8 and W4
 weight-only. First and last layer float (msModelSlim's default), activations by the
-default observer, per-channel weights. Times are the whole `Calibrator(...)` + `run()`
+default observer, per-channel weights (`--fields '{"w_group_size": 128}'`: weight
+groups). Times are the whole `Calibrator(...)` + `run()`
 (cold compilation cache, as `timed_calibration`) and the step's own seconds.
 
     python benchmarks/gptq.py
@@ -11,6 +12,7 @@ default observer, per-channel weights. Times are the whole `Calibrator(...)` + `
     python benchmarks/gptq.py --models minilm --algos qdrop gptq+qdrop   # GPTQ as QDrop's start
     python benchmarks/gptq.py --models minilm --algos gptq --fields '{"w_sym": false}'
     python benchmarks/gptq.py --models minilm --algos rtn gptq --subsets 1 2 3   # mean ± std over draws
+    python benchmarks/gptq.py --models minilm --algos rtn gptq --fields '{"w_group_size": 32}'
 
 `--subsets`: calibration draws (`protocols.calibration_subset`; 0, the default, is the
 protocol's own data); with more than one, each cell is the mean ± std over them.
