@@ -124,6 +124,11 @@ def check_uniform_8bit(cal: Calibrated, what: str) -> None:
             )
 
 
+def _shown(names: list) -> str:
+    """The first three layer names, and an ellipsis if there are more."""
+    return f"{names[:3]}{'…' if len(names) > 3 else ''}"
+
+
 def check_per_channel(cal: Calibrated, what: str) -> None:
     """`ExportError` naming the layers with a weight scale per group of input columns
     (`QuantConfig.w_group_size`) for formats that hold one scale per output channel."""
@@ -131,7 +136,7 @@ def check_per_channel(cal: Calibrated, what: str) -> None:
     if grouped:
         raise ExportError(
             f"{what} holds one weight scale per output channel; {len(grouped)} layer(s) have one per group "
-            f"of {cal.cfg.w_group_size} input columns ({grouped[:3]}{'…' if len(grouped) > 3 else ''}); "
+            f"of {cal.cfg.w_group_size} input columns ({_shown(grouped)}); "
             "use export_param, or calibrate with w_group_size=None"
         )
 
@@ -142,7 +147,7 @@ def check_unsmoothed(cal: Calibrated, what: str) -> None:
     if smoothed:
         raise ExportError(
             f"{what} has no place for SmoothQuant factors; {len(smoothed)} layer(s) have them "
-            f"({smoothed[:3]}{'…' if len(smoothed) > 3 else ''}); use export_param or the standard ONNX "
+            f"({_shown(smoothed)}); use export_param or the standard ONNX "
             "QDQ export (the division by s is a node before the input's QuantizeLinear), or calibrate "
             "with smooth_quant=None"
         )
