@@ -211,3 +211,41 @@ def test_rows_of_the_quantized_model_keep_the_smoothing(calib, keep_acc):
     for n, s in factors["float"].items():
         np.testing.assert_array_equal(factors["quantized"][n], s)
     assert err["quantized"] < 2 * err["float"] + 1e-3, err
+
+
+def test_smoothing_with_weight_groups_quantizes_w_times_s_per_group_and_reloads(calib, tmp_path):
+    """`y = Q(x / s)·Ŵᵀ + b` with `Ŵ = Q_g(W·diag(s))`, the weight quantized per group of 16
+    columns after smoothing: round to nearest is torch's per-channel kernel over the groups,
+    bit for bit; GPTQ's codes dequantize on the same group grid; export and reload keep both."""
+    for keep_acc in (None, {"gptq": True}):
+        m = OutlierBlock()
+        cfg = CFG.replace(smooth_quant=0.5, w_bit=4, w_sym=False, w_group_size=16, keep_acc=keep_acc)
+        cal = Calibrator(m, cfg, calib, progress=False).run()
+        rec = cal.records["fc1"]
+        assert rec.smoothing is not None and rec.weight_scale.shape == (64, D // 16)
+        seen = {}
+        m.fc1.register_forward_pre_hook(lambda mod, a: seen.update(x=a[0]), prepend=True)
+        m.fc1.register_forward_hook(lambda mod, a, y: seen.update(y=y))
+        with torch.no_grad():
+            m(calib[0])
+            s = torch.from_numpy(rec.smoothing)
+            a, w_scheme = cal.cfg.act_scheme, cal.quantizers["fc1"].weight_scheme
+            xq = torch.fake_quantize_per_tensor_affine(
+                seen["x"] / s, float(rec.input_scale), int(rec.input_offset), a.qmin, a.qmax
+            )
+            group_scale = torch.tensor(rec.weight_scale).reshape(-1)
+            group_offset = torch.tensor(rec.weight_offset).reshape(-1).int()
+            if keep_acc is None:
+                rows = (m.fc1.parametrizations.weight.original * s).reshape(-1, 16)
+                wq = torch.fake_quantize_per_channel_affine(
+                    rows, group_scale, group_offset, 0, w_scheme.qmin, w_scheme.qmax
+                ).reshape(64, D)
+            else:
+                codes = torch.tensor(rec.codes).float().reshape(-1, 16)
+                wq = ((codes - group_offset[:, None]) * group_scale[:, None]).reshape(64, D)
+            expected = torch.nn.functional.linear(xq, wq, m.fc1.bias)
+        torch.testing.assert_close(seen["y"], expected, rtol=0, atol=0)
+        cal.export_param(tmp_path / str(keep_acc is None))
+        assert torch.equal(
+            _out(load_quantized(OutlierBlock(), tmp_path / str(keep_acc is None)), calib), _out(m, calib)
+        )
