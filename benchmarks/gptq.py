@@ -13,6 +13,8 @@ groups). Times are the whole `Calibrator(...)` + `run()`
     python benchmarks/gptq.py --models minilm --algos gptq --fields '{"w_sym": false}'
     python benchmarks/gptq.py --models minilm --algos rtn gptq --subsets 1 2 3   # mean ± std over draws
     python benchmarks/gptq.py --models minilm --algos rtn gptq --fields '{"w_group_size": 32}'
+    python benchmarks/gptq.py --models minilm --algos gptq --cases W4A8 --subsets 0 1 2 3 \
+        --fields '{"w_group_size": 16, "w_sym": false, "smooth_quant": true}'   # the 4-bit recipe
 
 `--subsets`: calibration draws (`protocols.calibration_subset`; 0, the default, is the
 protocol's own data); with more than one, each cell is the mean ± std over them.
@@ -50,6 +52,7 @@ def main(argv=None):
     extra.add_argument("--algos", nargs="*", default=["rtn", "gptq", "adaround"])
     extra.add_argument("--fields", type=json.loads, default={}, help="more QuantConfig fields, as JSON")
     extra.add_argument("--subsets", type=int, nargs="*", default=[0], help="calibration draws (0: the protocol's own)")
+    extra.add_argument("--cases", nargs="*", default=None, help="cases to run (default: all; e.g. W4A8)")
     known, rest = extra.parse_known_args(argv)
     args = parse_args(__doc__, list(CASES), rest)
     width = 11 if len(known.subsets) == 1 else 18
@@ -60,6 +63,8 @@ def main(argv=None):
         print(f"\n{name} (calibration subsets {known.subsets})")
         print(f"{'case':<16}{'algorithm':<20}" + "".join(f"{k:>{width}}" for k in keys) + f"{'run s':>8}{'step s':>8}")
         for case, fields in CASES[name]:
+            if known.cases is not None and case not in known.cases:
+                continue
             for algo in known.algos:
                 cfg = jaxq.QuantConfig(quant_mode=1, keep_acc=ALGOS[algo], **{**fields, **known.fields})
                 metric, seconds, step = {k: [] for k in keys}, [], []
