@@ -39,6 +39,9 @@ ALGOS = {
     "gptq+adaround": {"gptq": True, "adaround": [True, 1000]},
     "qdrop": {"qdrop": [True, 300]},
     "gptq+qdrop": {"gptq": True, "qdrop": [True, 300]},
+    "pd_quant": {"pd_quant": [True, 200]},
+    "gptq+pd_quant": {"gptq": True, "pd_quant": [True, 200]},
+    "adaround+pd_quant": {"adaround": [True, 1000], "pd_quant": [True, 200]},
 }
 CASES = {
     "efficientnet_lite0_unseen": [("W4A8", dict(w_bit=4, a_bit=8))],
@@ -74,7 +77,9 @@ def main(argv=None):
                     for k in keys:
                         metric[k].append(m[k])
                     seconds.append(s)
-                    step.append(next((r.seconds for r in cal.steps if r.step in ("gptq", "adaround", "blocks")), 0.0))
+                    step.append(
+                        sum(r.seconds for r in cal.steps if r.step in ("gptq", "adaround", "blocks", "pd_quant"))
+                    )
                 cells = "".join(
                     f"{metric[k][0]:>11.4f}" if len(draws) == 1 else f"{mean_std(metric[k], 4):>18}" for k in keys
                 )

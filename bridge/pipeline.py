@@ -109,7 +109,7 @@ def run_pipeline(ctx: Context, all_layers: dict | None = None) -> PipelineResult
             later_mean_rows = any("mean_rows" in s.reads for s in steps[i + len(chain) :]) and recon is ctx
             reports += _run_layer_chain(recon, state, chain, later_mean_rows, timings)
         else:
-            step_ctx = recon if chain[0].name == "blocks" else ctx
+            step_ctx = recon if chain[0].name in ("blocks", "pd_quant") else ctx
             reports.append(RUNNERS[chain[0].name](step_ctx, state, chain[0], all_layers))
             reports[-1].seconds = time.perf_counter() - t
         for r in reports[-len(chain) :]:
@@ -134,7 +134,7 @@ def _reconstruction_context(ctx: Context, steps) -> Context:
 
 def _fits(steps) -> bool:
     """Whether a step fits layers or blocks to data (and budgets its memory)."""
-    return any("rows" in s.reads or "block_io" in s.reads for s in steps)
+    return any("rows" in s.reads or "block_io" in s.reads or s.name == "pd_quant" for s in steps)
 
 
 # -- steps ------------------------------------------------------------------------------
@@ -278,6 +278,32 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     return StepReport(step.name, layers=reports)
 
 
+def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
+    """Input step sizes learned on the whole model's output (`bridge.jax_model.pd_quant`);
+    kept only where the held-out output distance falls."""
+    from bridge.jax_model.pd_quant import learn_input_scales
+
+    state.records = _records(ctx, state)
+    apply_records(ctx.quantizers, state.records)
+    set_quant = functools.partial(set_quantization, ctx.quantizers)
+    with quantization(ctx.quantizers, True):
+        state.records, report = learn_input_scales(
+            ctx.model,
+            ctx.quantizers,
+            state.records,
+            ctx.calib_data,
+            ctx.device,
+            step.settings,
+            set_quant,
+            holdout=ctx.cfg.recon_holdout,
+            seed=ctx.cfg.seed,
+            copies=ctx.cfg.recon_augment,
+            synthetic=sum(int(b.shape[0]) for b in ctx.synthetic),
+            budget=block_program_bytes(ctx.cfg.memory_budget),
+        )
+    return StepReport(step.name, layers={"model": report})
+
+
 def _bias_correction(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     """`δ = (W − Ŵ)·E[row]` of the final weights; on by default only, a model whose layers
     cannot be sampled is calibrated without it (`BiasCorrectionSkipped` names the layer)."""
@@ -339,6 +365,7 @@ RUNNERS = {
     "round_opt": _round_opt,
     "blocks": _blocks,
     "bias_correction": _bias_correction,
+    "pd_quant": _pd_quant,
     "fallback": _fallback,
 }
 

@@ -137,7 +137,7 @@ def _normalise_names(value, field: str = "disable_names") -> tuple[str, ...]:
 
 
 # keep_acc steps that work on per-channel weight scales only (`w_group_size` refuses them)
-GROUPLESS_STEPS = ("admm", "easy_quant", "round_opt", "brecq", "qdrop")
+GROUPLESS_STEPS = ("admm", "easy_quant", "round_opt", "brecq", "qdrop", "pd_quant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +338,7 @@ class QuantConfig:
         if self.recon_synthetic and not self.keep_acc.fits:
             raise ValueError(
                 f"QuantConfig.recon_synthetic={self.recon_synthetic} distils images for the steps that fit "
-                "layers or blocks (keep_acc easy_quant, adaround, gptq, brecq, qdrop), which are all off; "
+                "layers or blocks (keep_acc easy_quant, adaround, gptq, brecq, qdrop, pd_quant), which are all off; "
                 "switch one on or set recon_synthetic=0"
             )
         self._check_group_size()
@@ -346,6 +346,10 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.smooth_quant={self.smooth_quant!r} moves range out of quantized activations; "
                 "it needs act_quant=True"
+            )
+        if self.keep_acc.pd_quant is not None and not self.act_quant:
+            raise ValueError(
+                "QuantConfig.keep_acc['pd_quant'] learns the step sizes of quantized inputs; it needs act_quant=True"
             )
         if not is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")

@@ -68,15 +68,26 @@ class Blocks(NamedTuple):
     from_codes: bool = False
 
 
-LIST_FORM = ("admm", "easy_quant", "adaround", "brecq", "qdrop")  # msModelSlim's [enabled, iterations]
-DEFAULT_ITERS = {"admm": 1000, "easy_quant": 1000, "adaround": 1000, "brecq": 300, "qdrop": 300}
+class PdQuant(NamedTuple):
+    """(jaxq extension, needs the `jax` extra) every quantized input's step size learned on
+    the whole model's output distance from float (PD-Quant's prediction difference,
+    `jaxq.pd_quant`): `steps` Adam steps on mini-batches of `batch` calibration samples,
+    learning rate `lr` on the log of each step size's change."""
+
+    steps: int = 200
+    batch: int = 8
+    lr: float = 5e-3
+
+
+LIST_FORM = ("admm", "easy_quant", "adaround", "brecq", "qdrop", "pd_quant")  # msModelSlim's [enabled, iterations]
+DEFAULT_ITERS = {"admm": 1000, "easy_quant": 1000, "adaround": 1000, "brecq": 300, "qdrop": 300, "pd_quant": 200}
 
 
 @dataclasses.dataclass(frozen=True)
 class KeepAcc:
     """Accuracy-keeping algorithms (docs/design.md §4): each a settings record, or `None` (off).
 
-    admm, easy_quant, round_opt: msModelSlim's; adaround, gptq, brecq, qdrop: jaxq's.
+    admm, easy_quant, round_opt: msModelSlim's; adaround, gptq, brecq, qdrop, pd_quant: jaxq's.
     `qdrop` takes precedence over `brecq` (`blocks`).
     """
 
@@ -87,6 +98,7 @@ class KeepAcc:
     gptq: Gptq | None = None
     brecq: Blocks | None = None
     qdrop: Blocks | None = None
+    pd_quant: PdQuant | None = None
 
     @classmethod
     def from_user(cls, value) -> "KeepAcc":
@@ -127,6 +139,7 @@ class KeepAcc:
             ("gptq", Gptq),
             ("brecq", Blocks),
             ("qdrop", Blocks),
+            ("pd_quant", PdQuant),
         ):
             v = getattr(self, key)
             if v is not None and not isinstance(v, kind):
@@ -165,7 +178,9 @@ class KeepAcc:
     @property
     def fits(self) -> bool:
         """Some step fits layers or blocks to the calibration data (reads `recon_*` data)."""
-        return any(a is not None for a in (self.easy_quant, self.adaround, self.gptq, self.brecq, self.qdrop))
+        return any(
+            a is not None for a in (self.easy_quant, self.adaround, self.gptq, self.brecq, self.qdrop, self.pd_quant)
+        )
 
 
 def _from_iters(key: str, iters: int):
@@ -175,6 +190,8 @@ def _from_iters(key: str, iters: int):
         return EasyQuant(iters)
     if key == "adaround":
         return AdaRound(iters)
+    if key == "pd_quant":
+        return PdQuant(iters)
     return Blocks(iters, 0.5 if key == "qdrop" else 1.0)
 
 

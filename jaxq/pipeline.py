@@ -10,6 +10,7 @@
     gptq              column-by-column rounding with error feedback           reads rows
     blocks            BRECQ / QDrop rounding and step sizes per block         reads block inputs/outputs
     bias_correction   δ = (W − Ŵ)·E[row], after the last step that changes Ŵ  reads mean rows
+    pd_quant          input step sizes learned on the model's output (PD-Quant) reads outputs
     fallback          the `amp_num` most sensitive layers back to float       reads outputs
 
 What a step reads tells the runner what to capture, and one pass serves every step that
@@ -66,6 +67,8 @@ def plan(cfg) -> tuple[Step, ...]:
         steps.append(Step("blocks", ("block_io",), ka.blocks._replace(from_codes=from_codes)))
     if cfg.bias_correction:
         steps.append(Step("bias_correction", ("mean_rows",)))
+    if ka.pd_quant is not None:  # the step sizes fitted to the final weights and bias correction
+        steps.append(Step("pd_quant", ("outputs",), ka.pd_quant))
     if cfg.amp_num:
         steps.append(Step("fallback", ("outputs",), cfg.amp_num))
     return tuple(steps)

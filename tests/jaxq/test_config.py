@@ -28,6 +28,7 @@ def test_defaults_match_the_seed_page():
         "adaround": [False, 1000],
         "brecq": [False, 300],
         "qdrop": [False, 300],
+        "pd_quant": [False, 200],
     }
 
 

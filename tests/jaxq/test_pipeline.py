@@ -31,6 +31,10 @@ def names(cfg):
             QuantConfig(keep_acc={"brecq": [True, 3], "qdrop": [True, 4]}, bias_correction=False),
             ["activations", "weights", "blocks"],
         ),
+        (
+            QuantConfig(keep_acc={"adaround": [True, 9], "pd_quant": [True, 5]}, amp_num=1),
+            ["activations", "weights", "adaround", "bias_correction", "pd_quant", "fallback"],
+        ),
     ],
 )
 def test_plan_orders_the_steps(cfg, expected):
@@ -38,6 +42,9 @@ def test_plan_orders_the_steps(cfg, expected):
     print(describe(steps))
     assert [s.name for s in steps] == expected
     assert steps[-1].name in ("weights", "bias_correction", "fallback", "blocks")
+    # the step sizes are fitted to the final weights, bias correction included
+    if "pd_quant" in expected:
+        assert expected.index("pd_quant") > max(expected.index(s) for s in ("weights", "adaround", "bias_correction"))
     if "bias_correction" in expected:  # after every step that changes the weights
         last_weight_step = max(
             i
