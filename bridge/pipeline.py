@@ -286,7 +286,8 @@ def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
     set_quant = functools.partial(set_quantization, ctx.quantizers)
-    with quantization(ctx.quantizers, True):
+    desc = f"jaxq pd_quant ({step.settings.steps} steps in one program)"
+    with quantization(ctx.quantizers, True), ctx.bar(desc, 1, unit="program") as bar:
         state.records, report = learn_input_scales(
             ctx.model,
             ctx.quantizers,
@@ -301,6 +302,13 @@ def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
             synthetic=sum(int(b.shape[0]) for b in ctx.synthetic),
             budget=block_program_bytes(ctx.cfg.memory_budget),
         )
+        bar.update(1)
+        before, after = (
+            (report.held_before, report.held_after)
+            if report.held_samples
+            else (report.fitted_before, report.fitted_after)
+        )
+        bar.set_postfix_str(f"output distance {before:.3g} → {after:.3g}{'' if report.kept else ' (not kept)'}")
     return StepReport(step.name, layers={"model": report})
 
 
