@@ -189,7 +189,7 @@ class QuantConfig:
       recon_rows: input rows (token or pixel positions, `jaxq.rows`) sampled per layer from
           the calibration data for AdaRound and GPTQ; EasyQuant reads at most 1,024 of them.
       recon_augment: augmented copies of each calibration image that the reconstruction
-          steps (EasyQuant, AdaRound, GPTQ, BRECQ/QDrop) fit on beside the images
+          steps (EasyQuant, AdaRound, GPTQ, BRECQ/QDrop, PD-Quant) fit on beside the images
           themselves — random resized crops, flips, colour jitter, mixes of two images,
           drawn from `seed` (`bridge.capture.augment`); 0 (default) fits on the images
           only. Observers, bias correction and the fallback ranking read the images only.
@@ -204,7 +204,8 @@ class QuantConfig:
           and round to nearest as the start), and `reports["blocks"]` shows both errors.
           0 (default): every image is fitted and the final state is kept if it lowers the
           fitted error (holding a quarter out cost EfficientNet-Lite0 W4A8 QDrop agreement
-          on unseen photos; `docs/accuracy.md`).
+          on unseen photos; `docs/accuracy.md`). `keep_acc["pd_quant"]` holds the same share
+          out and keeps its learned step sizes only if they lower the output distance there.
       recon_hard_final: share of BRECQ/QDrop's steps, at the end, that hold every weight's
           rounding hard and learn only the input step sizes against it, so the block that
           is deployed is the one that was fitted and every rounding variable ends hard
