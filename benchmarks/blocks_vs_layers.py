@@ -43,6 +43,7 @@ ALGOS = {
     "gptq": {"gptq": True},
     "qdrop": {"qdrop": [True, 300]},
     "adaround+qdrop": {"adaround": [True, 1000], "qdrop": [True, 300]},
+    "adaround+pd_quant": {"adaround": [True, 1000], "pd_quant": [True, 200]},
 }
 METRICS = {
     "digits": ("top1", "agreement", "kl"),
