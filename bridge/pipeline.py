@@ -303,11 +303,7 @@ def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
             budget=block_program_bytes(ctx.cfg.memory_budget),
         )
         bar.update(1)
-        before, after = (
-            (report.held_before, report.held_after)
-            if report.held_samples
-            else (report.fitted_before, report.fitted_after)
-        )
+        before, after = report.deciding
         bar.set_postfix_str(f"output distance {before:.3g} → {after:.3g}{'' if report.kept else ' (not kept)'}")
     return StepReport(step.name, layers={"model": report})
 

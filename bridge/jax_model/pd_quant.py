@@ -51,6 +51,13 @@ class PdReport:
     micro_batch: int = 0  # samples per gradient pass
     working_mib: float = float("nan")  # the program's temporaries (XLA's memory analysis)
 
+    @property
+    def deciding(self) -> tuple[float, float]:
+        """`(before, after)` on the samples that decide `kept`: the held-out ones, or all."""
+        if self.held_samples:
+            return self.held_before, self.held_after
+        return self.fitted_before, self.fitted_after
+
 
 def _apply(qf, static):
     """`apply(consts, u, (args, kwargs))`: the quantized model's output with every input step
@@ -147,13 +154,7 @@ def learn_input_scales(
     if token_mask is not None and target.ndim == 3 and tuple(target.shape[:2]) == tuple(token_mask.shape):
         mask = jnp.asarray(token_mask.numpy())
     key = jax.random.PRNGKey(seed)
-    images = (n - synthetic) // (1 + copies)
-    held = np.zeros(n, bool)
-    if holdout > 0:
-        split = br.holdout_split(jax.random.fold_in(key, 1), n, images, holdout, synthetic)
-        held_images = np.asarray(split.held)
-        i = np.arange(n)
-        held = (i < n - synthetic) & np.isin(i % images, held_images)
+    held = _held_out(jax.random.fold_in(key, 1), n, holdout, copies, synthetic)
     fitted = jnp.asarray(np.nonzero(~held)[0].astype(np.int32))
     consts = (dict(qf.lowered.params), qf.lowered.buffers, qf.state)
     u0 = {name: jnp.float32(0.0) for name in learnable}
@@ -164,14 +165,13 @@ def learn_input_scales(
     before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
     fit_b, fit_a = float(before[~held].mean()), float(after[~held].mean())
     held_b, held_a = (float(before[held].mean()), float(after[held].mean())) if held.any() else (np.nan, np.nan)
-    kept = bool(held_a < held_b) if held.any() else fit_a < fit_b
     factors = {name: float(np.exp(np.float32(u[name]))) for name in learnable}
     report = PdReport(
         fit_b,
         fit_a,
         held_b,
         held_a,
-        kept,
+        False,
         n,
         int(held.sum()),
         time.perf_counter() - t0,
@@ -180,12 +180,31 @@ def learn_input_scales(
         micro,
         working / 2**20 if working is not None else float("nan"),
     )
+    before, after = report.deciding
+    report.kept = kept = bool(after < before)
     if not kept:
         return dict(records), report
-    new = dict(records)
-    for name in learnable:
-        rec = records[name]
-        scale = np.asarray(np.asarray(rec.input_scale, np.float32) * np.exp(np.float32(u[name])), np.float32)
-        new[name] = dataclasses.replace(rec, input_scale=scale)
+    new = _learned_records(records, u, learnable)
     apply_records({n: quantizers[n] for n in learnable}, {n: new[n] for n in learnable})
     return new, report
+
+
+def _held_out(key, n: int, share: float, copies: int, synthetic: int) -> np.ndarray:
+    """Which of the `n` samples are held out: every copy of the images `holdout_split`
+    holds out (none with `share` 0; synthetic samples never)."""
+    held = np.zeros(n, bool)
+    if share > 0:
+        images = (n - synthetic) // (1 + copies)
+        held_images = np.asarray(br.holdout_split(key, n, images, share, synthetic).held)
+        i = np.arange(n)
+        held = (i < n - synthetic) & np.isin(i % images, held_images)
+    return held
+
+
+def _learned_records(records: dict[str, LayerRecord], u: dict, learnable: list[str]) -> dict[str, LayerRecord]:
+    """`records` with each learnable layer's input step size `s⁰·eᵘ`."""
+    new = dict(records)
+    for name in learnable:
+        scale = np.asarray(records[name].input_scale, np.float32) * np.exp(np.float32(u[name]))
+        new[name] = dataclasses.replace(records[name], input_scale=np.asarray(scale, np.float32))
+    return new
