@@ -1,6 +1,7 @@
 """What `amp_num=5` costs and keeps, by ranking: the whole `Calibrator(...).run()` with
 `amp_num=0`, with `amp_num=5` ranked by `"isolated"` (a forward per layer) and by
-`"fisher"` (its second-order estimate: one forward and two backward passes per batch).
+`"fisher"` (its second-order estimate: one forward and one backward pass per batch, two
+where the output is not logits).
 
     python benchmarks/amp_cost.py                          # EfficientNet-Lite0, MiniLM, three architectures
     python benchmarks/amp_cost.py --models efficientnet_lite0 --w-bit 6

@@ -2,7 +2,7 @@
 
 W4A8 (histogram activations, every layer quantized). Rankings from the first 10
 calibration samples: msModelSlim's raw output MSE, relative MSE, isolated sensitivity
-(a forward per layer), its Fisher estimate (one forward and two backward passes), and a
+(a forward per layer), its Fisher estimate (one forward and one or two backward passes), and a
 random control (mean over 5 random draws). Fallback is simulated by switching
 the chosen layers' quantization off, which computes exactly what falling back does.
 Then the metric-target search: the fewest layers (isolated ranking) to reach KL ≤ 2× the

@@ -166,8 +166,8 @@ class QuantConfig:
           `input_shape` is the number of samples.
       virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
       amp_metric: how `amp_num` ranks layers: `"fisher"` (default: the second-order
-          estimate of `"isolated"` for every layer from one forward and two backward passes
-          per batch), `"isolated"` (model-output distance with only that layer quantized, a
+          estimate of `"isolated"` for every layer from one forward and one backward pass
+          per batch, two for outputs that are not logits), `"isolated"` (model-output distance with only that layer quantized, a
           forward per layer; `benchmarks/README.md` compares the rankings and their cost),
           `"mse"` (msModelSlim's: raw output MSE in the fully quantized model) or
           `"relative_mse"` (MSE / output variance).

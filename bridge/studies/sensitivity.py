@@ -6,7 +6,7 @@
 - `isolated_sensitivity`: only one layer quantized at a time; the distance of the model
   output from float (KL for logits, 1 − cosine otherwise). One forward per layer.
 - `fisher_sensitivity`: the second-order estimate of the isolated distance for every layer
-  at once (`jaxq.sensitivity`): one forward and `draws` backward passes per batch.
+  at once (`jaxq.sensitivity`): one forward and one or two backward passes per batch.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from bridge.capture.tensors import to_jax
 from jaxq.model_metrics import sample_distances
 
 METRICS = ("mse", "relative_mse", "cosine", "isolated", "fisher")
-FISHER_DRAWS = 2  # cotangents per batch; its cost and ranking agreement: benchmarks/README.md (amp_cost.py)
 
 
 def amp_batches(batches, samples: int) -> list[Batch]:
@@ -156,15 +155,16 @@ def isolated_sensitivity(model, layers: dict, batches: list[Batch]) -> dict[str,
     return {name: model_distance(model, layers, batches, fp, lambda n, name=name: n == name) for name in layers}
 
 
-def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = FISHER_DRAWS, seed: int = 0):
+def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int | None = None, seed: int = 0):
     """Per layer: the second-order estimate of `isolated_sensitivity`, all layers at once.
 
     Under `probing`, layer i's quantization error enters scaled by `εᵢⱼ` for batch row j
     (the float model at `ε = 0`), so `tᵢⱼ = ∂⟨c, z⟩/∂εᵢⱼ = c·Δzᵢⱼ`, the first-order output
     change of quantizing layer i alone in row j. With `c` drawn per row as
     `jaxq.sensitivity.kl_cotangent` (2-D logits) or `cosine_cotangent`, `½·E[tᵢⱼ²]`
-    estimates row j's isolated distance (rows are independent). Mean of `draws`
-    cotangents, averaged over every sample of `batches` (as `model_distance`)."""
+    estimates row j's isolated distance (rows are independent). Mean of `draws` cotangents
+    (default `jaxq.sensitivity.cotangent_draws`), averaged over every sample of `batches`
+    (as `model_distance`)."""
     names = list(layers)
     if not names:
         return {}
@@ -183,14 +183,16 @@ def fisher_sensitivity(model, layers: dict, batches: list[Batch], draws: int = F
                 )
             key, sub = jax.random.split(key)
             f = to_jax(z.detach().float().cpu().contiguous())
-            cotangents = np.array(js.output_cotangents(sub, f, draws, z.dim() == 2))
+            logits = z.dim() == 2
+            count = draws or js.cotangent_draws(logits)
+            cotangents = np.array(js.output_cotangents(sub, f, count, logits))
             rows += z.shape[0]
             for k, c in enumerate(cotangents):
                 c = torch.from_numpy(c).to(device=z.device, dtype=z.dtype)
-                (t,) = torch.autograd.grad(z, eps, c, retain_graph=k + 1 < draws, allow_unused=True)
+                (t,) = torch.autograd.grad(z, eps, c, retain_graph=k + 1 < count, allow_unused=True)
                 if t is not None:
                     t = t.detach().double().cpu().numpy()
-                    total += 0.5 * np.square(t).sum(axis=1) / draws
+                    total += 0.5 * np.square(t).sum(axis=1) / count
     return {n: float(total[j] / max(rows, 1)) for j, n in enumerate(names)}
 
 
