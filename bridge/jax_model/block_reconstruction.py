@@ -34,7 +34,7 @@ from torch import nn
 
 from bridge.capture.data import Batch, iter_batches, run_model
 from bridge.capture.memory import release_freed_memory
-from bridge.jax_model.collate import is_token_batch, pad_tokens
+from bridge.jax_model.fitting import capture_io, compile_within, equal_shapes, stack_inputs
 from bridge.jax_model.lower import LoweringError, to_jax_tree
 from bridge.jax_model.quantized import quantized_forward
 from bridge.jax_model.studies import primary
@@ -147,44 +147,6 @@ def _called(model: nn.Module, blocks: list[str], batch) -> tuple[list[str], list
     return seen, [b for b in blocks if b not in seen]
 
 
-def _capture(model: nn.Module, block: str, batches) -> tuple[list, list, list]:
-    """Per batch: the block's (args, kwargs) and output on its first call."""
-    ins, outs = [], []
-
-    def hook(_m, args, kwargs, out):
-        if len(ins) == len(outs) == n_done[0]:
-            ins.append(
-                (
-                    tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                    {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
-                )
-            )
-            outs.append(primary(out).detach().clone())
-
-    n_done = [0]
-    handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for i, b in batches:
-                run_model(model, b, i)
-                n_done[0] += 1
-    finally:
-        handle.remove()
-    return [a for a, _ in ins], [k for _, k in ins], outs
-
-
-def _stack_inputs(args_list, kwargs_list):
-    """Tensor inputs concatenated along the sample axis; everything else from the first batch (static)."""
-    n_args = len(args_list[0])
-    tensors_args = [i for i in range(n_args) if isinstance(args_list[0][i], torch.Tensor)]
-    tensor_kwargs = [k for k, v in kwargs_list[0].items() if isinstance(v, torch.Tensor)]
-    args = tuple(torch.cat([a[i] for a in args_list]) for i in tensors_args)
-    kwargs = {k: torch.cat([kw[k] for kw in kwargs_list]) for k in tensor_kwargs}
-    static_args = {i: args_list[0][i] for i in range(n_args) if i not in tensors_args}
-    static_kwargs = {k: v for k, v in kwargs_list[0].items() if k not in tensor_kwargs}
-    return (args, kwargs), (n_args, tensors_args, static_args, static_kwargs)
-
-
 def _block_apply(qf, layers, static, keep: float):
     """`apply(consts, learned, (args, kwargs), key)`; `consts = (params, buffers, state, soft)`
     are arguments rather than constants of the program, so blocks of equal shapes (and a
@@ -242,13 +204,13 @@ def reconstruct_block(
     names = [block] if block in quantizers else [n for n in quantizers if n.startswith(prefix)]
     rel = {n: (n[len(prefix) :] if prefix else "") for n in names}
     set_quant(True)
-    args_l, kwargs_l, _ = _capture(model, block, batches)
+    args_l, kwargs_l, _ = capture_io(model, block, batches)
     set_quant(False)
-    _, _, target_l = _capture(model, block, batches)
+    _, _, target_l = capture_io(model, block, batches)
     set_quant(True)
     if not args_l:
         raise LoweringError(f"block {block!r} was not called on the calibration data")
-    (t_args, t_kwargs), static = _stack_inputs(args_l, kwargs_l)
+    (t_args, t_kwargs), static = stack_inputs(args_l, kwargs_l)
     module = model.get_submodule(block)
     example = Batch(args_l[0], kwargs_l[0])
     qf = quantized_forward(module, {rel[n]: records[n] for n in names}, example, {rel[n]: quantizers[n] for n in names})
@@ -310,26 +272,20 @@ def reconstruct_block(
 
 def _program_within(apply, args, params: br.ReconParams, budget: int | None):
     """`(compiled step program, params, its temporaries in bytes)`: micro-batches halved
-    from the whole mini-batch until the temporaries fit `budget` (None: no limit), or one
-    sample per pass. The temporaries are mostly the activations one gradient pass keeps for
-    its backward pass (16 samples of an EfficientNet block at 112 px: ~1.4 GB)."""
-    micro = params.micro_batch or params.batch
-    while True:
-        p = params._replace(micro_batch=0 if micro >= params.batch else micro)
-        fn = lambda c, lv, x, y, k, m, s, p=p: br.optimise(functools.partial(apply, c), lv, x, y, k, p, m, s)  # noqa: E731
-        compiled = jax.jit(fn).lower(*args).compile()
-        working = _temporaries(compiled)
-        if budget is None or working is None or working <= budget or micro <= 1:
-            return compiled, p, working
-        micro //= 2
+    from the whole mini-batch until the temporaries fit `budget` (`fitting.compile_within`).
+    The temporaries are mostly the activations one gradient pass keeps for its backward pass
+    (16 samples of an EfficientNet block at 112 px: ~1.4 GB)."""
 
+    def with_micro(micro: int) -> br.ReconParams:
+        return params._replace(micro_batch=0 if micro >= params.batch else micro)
 
-def _temporaries(compiled) -> int | None:
-    """Bytes of XLA temporaries a compiled program allocates; None where not reported."""
-    try:
-        return int(compiled.memory_analysis().temp_size_in_bytes)
-    except (AttributeError, NotImplementedError, TypeError):
-        return None
+    def compile_for(micro: int):
+        p = with_micro(micro)
+        fn = lambda c, lv, x, y, k, m, s: br.optimise(functools.partial(apply, c), lv, x, y, k, p, m, s)  # noqa: E731
+        return jax.jit(fn).lower(*args).compile()
+
+    compiled, micro, working = compile_within(compile_for, params.micro_batch or params.batch, budget)
+    return compiled, with_micro(micro), working
 
 
 def _learned_records(qf, soft, learned, names, rel, quantizers, records) -> dict[str, LayerRecord]:
@@ -357,25 +313,6 @@ def _learned_records(qf, soft, learned, names, rel, quantizers, records) -> dict
     return new
 
 
-def _equal_shapes(batches: list, size: int = 8):
-    """Token batches of different lengths padded to one length (attention mask 0) and
-    regrouped `size` at a time, so every block sees inputs of one shape; their token mask.
-    Other batches as they are."""
-    plain = [b for _, b in batches]
-    if (
-        len(plain) < 2
-        or not all(is_token_batch(b) for b in plain)
-        or len({b.kwargs["attention_mask"].shape[1] for b in plain}) == 1
-    ):
-        return batches, None
-    merged = pad_tokens(plain)
-    n = merged.token_mask.shape[0]
-    out = [
-        (i // size, Batch((), {k: v[i : i + size] for k, v in merged.batch.kwargs.items()})) for i in range(0, n, size)
-    ]
-    return out, merged.token_mask
-
-
 def reconstruct_blocks(
     model: nn.Module,
     quantizers: dict,
@@ -395,7 +332,7 @@ def reconstruct_blocks(
     `copies`, `synthetic`: `calib_data` is the calibration images, then that many augmented
     copies of them (`bridge.capture.augment.augmented_batches`), then `synthetic` distilled
     images. `budget`: bytes the step program's temporaries may take (`reconstruct_block`)."""
-    batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
+    batches, token_mask = equal_shapes(list(iter_batches(calib_data, device)))
     blocks = blocks or find_blocks(model, quantizers)
     blocks, missing = _called(model, blocks, batches[0][1])
     if missing:

@@ -22,7 +22,7 @@ from torch import nn
 
 from bridge.capture.data import Batch, iter_batches
 from bridge.inplace.record import LayerRecord, apply_records
-from bridge.jax_model.block_reconstruction import _capture, _equal_shapes, _stack_inputs, _temporaries
+from bridge.jax_model.fitting import capture_io, compile_within, equal_shapes, stack_inputs
 from bridge.jax_model.lower import LoweringError, to_jax_tree
 from bridge.jax_model.quantized import quantized_forward
 from bridge.jax_model.studies import primary
@@ -103,15 +103,11 @@ def _program(apply, params: PdQuant, micro: int):
 
 def _program_within(apply, args, params: PdQuant, samples: int, budget: int | None):
     """`(compiled program, micro-batch, its temporaries in bytes)`: the mini-batch's gradient
-    taken in halves until the program's temporaries fit `budget` (None: no limit), or one
-    sample per pass (the activations a whole-model backward pass keeps grow with it)."""
-    micro = min(params.batch, samples)
-    while True:
-        compiled = _program(apply, params, micro).lower(*args).compile()
-        working = _temporaries(compiled)
-        if budget is None or working is None or working <= budget or micro <= 1 or micro % 2:
-            return compiled, micro, working
-        micro //= 2
+    taken in halves until the program's temporaries fit `budget` (`fitting.compile_within`;
+    the activations a whole-model backward pass keeps grow with the micro-batch), while the
+    micro-batch divides the mini-batch."""
+    compile_for = lambda micro: _program(apply, params, micro).lower(*args).compile()  # noqa: E731
+    return compile_within(compile_for, min(params.batch, samples), budget, lambda m: m > 1 and m % 2 == 0)
 
 
 def learn_input_scales(
@@ -136,13 +132,13 @@ def learn_input_scales(
     import jaxq
 
     t0 = time.perf_counter()
-    batches, token_mask = _equal_shapes(list(iter_batches(calib_data, device)))
+    batches, token_mask = equal_shapes(list(iter_batches(calib_data, device)))
     set_quant(False)
-    args_l, kwargs_l, target_l = _capture(model, "", batches)
+    args_l, kwargs_l, target_l = capture_io(model, "", batches)
     set_quant(True)
     if not args_l:
         raise LoweringError("the model was not called on the calibration data")
-    (t_args, t_kwargs), static = _stack_inputs(args_l, kwargs_l)
+    (t_args, t_kwargs), static = stack_inputs(args_l, kwargs_l)
     qf = quantized_forward(model, records, Batch(args_l[0], kwargs_l[0]), quantizers)
     learnable = [layer.name for layer in qf.layers if layer.quantize_input and records.get(layer.name) is not None]
     learnable = [n for n in learnable if records[n].input_scale is not None]
