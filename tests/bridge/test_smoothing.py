@@ -10,6 +10,7 @@ from torch import nn
 import jaxq
 from bridge import Calibrator, ExportError, load_quantized
 from bridge.inplace.fakequant import model_quantizers
+from tests.bridge.layer_io import seen_io
 
 D = 32
 
@@ -76,11 +77,8 @@ def test_a_smoothed_layer_computes_fq_of_x_over_s_times_fq_of_w_times_s(calib):
     m = OutlierBlock()
     cal = Calibrator(m, CFG.replace(smooth_quant=0.5), calib, progress=False).run()
     rec = cal.records["fc1"]
-    seen = {}
-    m.fc1.register_forward_pre_hook(lambda mod, a: seen.update(x=a[0]), prepend=True)  # before jaxq's hook
-    m.fc1.register_forward_hook(lambda mod, a, y: seen.update(y=y))
+    seen = seen_io(m.fc1, m, calib[0])
     with torch.no_grad():
-        m(calib[0])
         s = torch.from_numpy(rec.smoothing)
         a = cal.cfg.act_scheme
         xq = torch.fake_quantize_per_tensor_affine(
@@ -223,11 +221,8 @@ def test_smoothing_with_weight_groups_quantizes_w_times_s_per_group_and_reloads(
         cal = Calibrator(m, cfg, calib, progress=False).run()
         rec = cal.records["fc1"]
         assert rec.smoothing is not None and rec.weight_scale.shape == (64, D // 16)
-        seen = {}
-        m.fc1.register_forward_pre_hook(lambda mod, a: seen.update(x=a[0]), prepend=True)
-        m.fc1.register_forward_hook(lambda mod, a, y: seen.update(y=y))
+        seen = seen_io(m.fc1, m, calib[0])
         with torch.no_grad():
-            m(calib[0])
             s = torch.from_numpy(rec.smoothing)
             a, w_scheme = cal.cfg.act_scheme, cal.quantizers["fc1"].weight_scheme
             xq = torch.fake_quantize_per_tensor_affine(

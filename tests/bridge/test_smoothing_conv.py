@@ -11,6 +11,7 @@ from torch import nn
 import jaxq
 from bridge import Calibrator, load_quantized
 from bridge.inplace.fakequant import model_quantizers
+from tests.bridge.layer_io import seen_io
 
 
 class PointwiseNet(nn.Module):
@@ -60,11 +61,8 @@ def test_a_smoothed_pointwise_conv_computes_conv_of_fq_x_over_s_and_fq_w_times_s
     m = PointwiseNet()
     cal = Calibrator(m, CFG.replace(smooth_quant=0.5), calib, progress=False).run()
     rec = cal.records["project"]
-    seen = {}
-    m.project.register_forward_pre_hook(lambda mod, a: seen.update(x=a[0]), prepend=True)
-    m.project.register_forward_hook(lambda mod, a, y: seen.update(y=y))
+    seen = seen_io(m.project, m, calib[0])
     with torch.no_grad():
-        m(calib[0])
         s = torch.from_numpy(rec.smoothing)
         a = cal.cfg.act_scheme
         xq = torch.fake_quantize_per_tensor_affine(
