@@ -124,11 +124,12 @@ class SoftWeight(NamedTuple):
 def soft_weight_init(
     w: jax.Array, scale: jax.Array, offset: jax.Array, qmin, qmax, start: jax.Array | None = None
 ) -> tuple[SoftWeight, jax.Array]:
-    """`(SoftWeight, V₀)` of `w` (`[out, …]`, per-channel `scale`/`offset` `[out]`): `V₀`
+    """`(SoftWeight, V₀)` of `w` (`[out, …]`; `scale`/`offset` per channel `[out]` or per
+    element, `w`'s shape, as weight groups are in `jaxq.model_quant.LayerQState`): `V₀`
     puts `h(V₀)` at the fractional part, so `W̃ = W` inside the grid — or, with `start`
     (codes of `w`'s shape), at those codes moved to the nearer of ⌊W/s⌋ and ⌈W/s⌉."""
     w = jnp.asarray(w, jnp.float32)
-    shape = (-1,) + (1,) * (w.ndim - 1)
+    shape = w.shape if jnp.ndim(scale) == w.ndim else (-1,) + (1,) * (w.ndim - 1)
     scale = jnp.reshape(jnp.asarray(scale, jnp.float32), shape)
     offset = jnp.reshape(jnp.asarray(offset, jnp.float32), shape)
     x = w / scale

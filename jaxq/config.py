@@ -136,8 +136,8 @@ def _normalise_names(value, field: str = "disable_names") -> tuple[str, ...]:
     return tuple(value)
 
 
-# keep_acc steps that work on per-channel weight scales only (`w_group_size` refuses them)
-GROUPLESS_STEPS = ("admm", "easy_quant", "round_opt", "brecq", "qdrop", "pd_quant")
+# keep_acc steps that choose per-channel weight scales or codes (`w_group_size` refuses them)
+GROUPLESS_STEPS = ("admm", "easy_quant", "round_opt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +167,9 @@ class QuantConfig:
       virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
       amp_metric: how `amp_num` ranks layers: `"fisher"` (default: the second-order
           estimate of `"isolated"` for every layer from one forward and one backward pass
-          per batch, two for outputs that are not logits), `"isolated"` (model-output distance with only that layer quantized, a
-          forward per layer; `benchmarks/README.md` compares the rankings and their cost),
+          per batch, two for outputs that are not logits), `"isolated"` (model-output
+          distance with only that layer quantized, a forward per layer;
+          `benchmarks/README.md` compares the rankings and their cost),
           `"mse"` (msModelSlim's: raw output MSE in the fully quantized model) or
           `"relative_mse"` (MSE / output variance).
       w_range: how each output channel's weight range is chosen before rounding
@@ -246,10 +247,12 @@ class QuantConfig:
           projections): `Ŵ[r, c] = (q[r, c] − o[r, c//g])·s[r, c//g]`, scales and offsets
           `[out, in/g]` (`jaxq.groupwise`), with every layer's input width a multiple of `g`
           (else the Calibrator names the layer). Convolutions keep one scale per output
-          channel. Round to nearest, `keep_acc["gptq"]` and `keep_acc["adaround"]` (they keep the
-          group scales and choose codes); the other `keep_acc` steps are per channel and are refused.
+          channel. Round to nearest, `keep_acc` "gptq", "adaround", "brecq", "qdrop" and
+          "pd_quant" (they keep the group scales and choose codes or input step sizes); "admm",
+          "easy_quant" and "round_opt" choose per-channel scales or codes and are refused.
           `export_param` and `load_param` carry the group scales; the W8A8, ONNX and Ascend
-          exports and the JAX model refuse them. None (default): one scale per output channel.
+          exports refuse them; the JAX model simulates them (its mixed-precision front and
+          `QuantizedModel` refuse them). None (default): one scale per output channel.
     """
 
     w_bit: int = 8
@@ -423,7 +426,8 @@ class QuantConfig:
         per_channel_only = [n for n in GROUPLESS_STEPS if getattr(self.keep_acc, n) is not None]
         if per_channel_only:
             raise ValueError(
-                f"QuantConfig.w_group_size={g} works with round to nearest and keep_acc 'gptq' and 'adaround'; "
+                f"QuantConfig.w_group_size={g} works with round to nearest and keep_acc 'gptq', 'adaround', "
+                "'brecq', 'qdrop' and 'pd_quant'; "
                 f"keep_acc {per_channel_only} choose per-channel scales or codes only — switch them off "
                 "or set w_group_size=None"
             )

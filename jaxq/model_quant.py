@@ -42,7 +42,9 @@ def grid(bits, signed=True) -> tuple[jax.Array, jax.Array]:
 
 
 def _along(v: jax.Array, axis: int | None, ndim: int) -> jax.Array:
-    if axis is None or jnp.ndim(v) == 0:
+    """`v` shaped to broadcast along `axis` of an `ndim`-array; as it is when per tensor or
+    already one value per element (weight groups, `jaxq.groupwise.columns`)."""
+    if axis is None or jnp.ndim(v) == 0 or jnp.ndim(v) == ndim:
         return v
     shape = [1] * ndim
     shape[axis % ndim] = -1
@@ -51,7 +53,8 @@ def _along(v: jax.Array, axis: int | None, ndim: int) -> jax.Array:
 
 def fake_quant_ste(x, scale, offset, qmin, qmax, axis: int | None = None) -> jax.Array:
     """`x̂` of `jaxq.numerics.fake_quant` (bit-identical forward) with array grid and
-    straight-through rounding; `scale`/`offset` per tensor or per channel along `axis`."""
+    straight-through rounding; `scale`/`offset` per tensor, per channel along `axis`, or one
+    per element (the shape of `x`)."""
     x32 = jnp.asarray(x, jnp.float32)
     scale = _along(jnp.asarray(scale, jnp.float32), axis, x32.ndim)
     offset = _along(jnp.asarray(offset, jnp.float32), axis, x32.ndim)
@@ -63,10 +66,12 @@ class LayerQState(NamedTuple):
     """One layer's quantizers: per-channel weight (axis 0), per-tensor input, bias correction.
 
     Offsets are integer-valued float32; a weight-only layer has `a_scale = 1` and is
-    switched off on the input side."""
+    switched off on the input side. Weight groups (`QuantConfig.w_group_size`) give
+    `w_scale`/`w_offset` the weight's shape `[out, in]`: each group's value repeated over its
+    columns (`jaxq.groupwise.columns`)."""
 
-    w_scale: jax.Array  # [out]
-    w_offset: jax.Array  # [out]
+    w_scale: jax.Array  # [out], or [out, in] for weight groups
+    w_offset: jax.Array  # [out], or [out, in] for weight groups
     w_qmin: jax.Array
     w_qmax: jax.Array
     a_scale: jax.Array
@@ -89,7 +94,7 @@ def all_on(n: int, inputs=None) -> Switches:
 
 
 def quantized_weight(w, state: LayerQState, on) -> jax.Array:
-    """`Ŵ` where `on`, the float weight elsewhere (per-channel along axis 0)."""
+    """`Ŵ` where `on`, the float weight elsewhere (per channel along axis 0, or per element)."""
     wq = fake_quant_ste(w, state.w_scale, state.w_offset, state.w_qmin, state.w_qmax, axis=0)
     return jnp.where(on > 0, wq, w)
 

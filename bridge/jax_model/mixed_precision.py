@@ -24,7 +24,7 @@ import numpy as np
 
 from bridge.jax_model.collate import as_batches, merge_batches
 from bridge.jax_model.lower import to_jax_tree
-from bridge.jax_model.quantized import QuantizedForward
+from bridge.jax_model.quantized import QuantizedForward, refuse_weight_groups
 from bridge.jax_model.studies import primary
 from jaxq.bit_allocation import allocate, pareto
 from jaxq.model_metrics import sample_distances
@@ -133,6 +133,7 @@ def mixed_precision_front(
     `min(bits)` to `max(bits)` and each width in `bits`) and their measured front over `batches`.
     `w_range`: the weight ranges at each width, as `QuantConfig.w_range` (pass the config's,
     so the front measures what `layer_bits` will calibrate)."""
+    refuse_weight_groups(qf, "the mixed-precision front")
     batches = as_batches(batches)
     bits = tuple(sorted(int(b) for b in bits))
     if len(bits) < 2 or any(b not in (2, 3, 4, 5, 6, 7, 8) for b in bits):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from bridge.jax_model.quantized import QuantizedForward
+from bridge.jax_model.quantized import QuantizedForward, refuse_weight_groups
 from jaxq.model_quant import LayerQState, Switches
 
 
@@ -39,6 +39,7 @@ class QuantizedModel(nnx.Module):
     """`model(*args, **kwargs)`: the calibrated model's quantized forward, in JAX."""
 
     def __init__(self, qf: QuantizedForward):
+        refuse_weight_groups(qf, "QuantizedModel (its weight scales are trained per channel)")
         lw = qf.lowered
         self.weights = nnx.Dict({k: nnx.Param(v) for k, v in lw.params.items()})
         self.buffers = nnx.Dict({k: TorchBuffer(v) for k, v in lw.buffers.items()})

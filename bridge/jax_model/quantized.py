@@ -63,6 +63,7 @@ class QuantizedForward:
     )  # weight key → float weight (before chosen codes)
     weight_scheme: dict = dataclasses.field(default_factory=dict, repr=False)  # layer name → its calibrated QScheme
     smoothing: dict = dataclasses.field(default_factory=dict, repr=False)  # layer → SmoothQuant `along_channels`
+    weight_groups: dict = dataclasses.field(default_factory=dict, repr=False)  # layer → columns per weight scale
 
     def __post_init__(self):
         self.fn = _make_fn(self.lowered, self.layers, self.smoothing)
@@ -154,6 +155,15 @@ def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot, smoot
             m.register_forward_hook(bias_hook(layer))
 
 
+def weight_grid(v, q: LayerQuantizer, shape) -> np.ndarray:
+    """A record's weight scale or offset as it broadcasts over a weight of `shape`: per
+    channel `[out, 1, …]`; per group of columns `[out, in/g]` repeated to `[out, in]`."""
+    v = np.asarray(v, np.float32)
+    if q.weight_group is not None:
+        return np.repeat(v.reshape(shape[0], -1), q.weight_group, axis=1)
+    return v.reshape((-1,) + (1,) * (len(shape) - 1))
+
+
 def layer_state(record: LayerRecord | None, q: LayerQuantizer) -> LayerQState:
     """A layer's `LayerQState` from its record (None: not calibrated → scale 1, switched off by the caller)."""
     ws, a = q.weight_scheme, q.act_scheme
@@ -168,6 +178,9 @@ def layer_state(record: LayerRecord | None, q: LayerQuantizer) -> LayerQState:
         a_scale = record.input_scale if record.input_scale is not None else 1.0
         a_offset = record.input_offset if record.input_offset is not None else 0.0
     a_grid = (a.qmin, a.qmax) if a is not None else (-128, 127)
+    if q.weight_group is not None and record is not None:  # one value per weight element
+        shape = tuple(q.float_weight.shape)
+        w_scale, w_offset = weight_grid(w_scale, q, shape), weight_grid(w_offset, q, shape)
     return LayerQState(
         f32(w_scale),
         f32(w_offset),
@@ -199,13 +212,6 @@ def quantized_forward(
             "F.linear on a module's weight); the JAX model taps module inputs only — keep them float "
             "(disable_names) to use the JAX model, or use the torch path"
         )
-    grouped = [n for n, q in quantized_layers.items() if q.weight_group is not None]
-    if grouped:
-        raise LoweringError(
-            f"layers {grouped[:3]} have a weight scale per group of input columns (QuantConfig.w_group_size); "
-            "the JAX model simulates one scale per output channel — calibrate with w_group_size=None to use "
-            "it, or use the torch model"
-        )
     clone = quantizer_free_copy(model)  # BN folds kept
     layers, weight_codes, smoothing = [], {}, {}
     tied = tied_parameters(clone)
@@ -226,9 +232,8 @@ def quantized_forward(
                 )
             smoothing[name] = along_channels(q.smoothing.cpu().numpy().astype(np.float32), q.weight_ndim)
         if rec is not None and rec.custom_codes:
-            weight_codes[wkey] = (
-                rec.codes.astype(np.float32) - rec.weight_offset.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
-            ) * rec.weight_scale.reshape((-1,) + (1,) * (rec.codes.ndim - 1))
+            scale, offset = (weight_grid(v, q, rec.codes.shape) for v in (rec.weight_scale, rec.weight_offset))
+            weight_codes[wkey] = (rec.codes.astype(np.float32) - offset) * scale
     lowered = lower(clone, example)
     for layer in layers:  # the weight quantizer of a smoothed layer sees W·diag(s)
         if layer.name in smoothing:
@@ -244,4 +249,17 @@ def quantized_forward(
         float_weights=float_weights,
         weight_scheme={n: q.weight_scheme for n, q in quantized_layers.items()},
         smoothing=smoothing,
+        weight_groups={n: q.weight_group for n, q in quantized_layers.items() if q.weight_group is not None},
     )
+
+
+def refuse_weight_groups(qf: QuantizedForward, what: str) -> None:
+    """`LoweringError` where `what` works on one weight scale per output channel and `qf`
+    has layers with a scale per group of columns."""
+    if qf.weight_groups:
+        names = list(qf.weight_groups)
+        raise LoweringError(
+            f"{what} works on one weight scale per output channel; layers {names[:3]} have one per group of "
+            f"{qf.weight_groups[names[0]]} input columns (QuantConfig.w_group_size) — calibrate with "
+            "w_group_size=None for it"
+        )

@@ -3,6 +3,8 @@ GPTQ, bias correction, export and reload, and the formats that refuse them."""
 
 import copy
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,8 @@ import jaxq
 from bridge import Calibrator
 from bridge.export.files import ExportError
 from bridge.export.reload import load_quantized
-from bridge.jax_model.lower import LoweringError
+from bridge.jax_model.lower import LoweringError, to_jax_tree
+from bridge.jax_model.mixed_precision import mixed_precision_front
 from bridge.models.digits import load_digits_cnn
 from jaxq.groupwise import columns, dequantize_codes
 
@@ -112,8 +115,57 @@ def test_per_channel_formats_and_the_jax_model_refuse_groups(calib, tmp_path):
     with pytest.raises(ExportError, match=r"legacy .npy dicts holds one weight scale per output channel"):
         cal.export_param(tmp_path / "legacy", legacy=True)
     assert not (tmp_path / "legacy").exists()
-    with pytest.raises(LoweringError, match=r"w_group_size"):
+    with pytest.raises(LoweringError, match=r"QuantizedModel .* one per group of 16 input columns"):
         cal.jax_model()
+    with pytest.raises(LoweringError, match=r"mixed-precision front .* one per group of 16"):
+        mixed_precision_front(cal.jax_forward(), calib[:1])
+
+
+def _jax_out(cal, x) -> np.ndarray:
+    qf = cal.jax_forward()
+    lw = qf.lowered
+    return np.asarray(jax.jit(qf.fn)(lw.params, lw.buffers, qf.state, qf.default_switches(), to_jax_tree((x,)), {}))
+
+
+def _outputs(cal, x) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        quantized = cal.model(x).numpy()
+        with cal.quantization(False):
+            return quantized, cal.model(x).numpy()
+
+
+def test_the_jax_model_simulates_weight_groups(calib):
+    """The JAX model's `Ŵ` is the group grid's (`LayerQState` per element) — round to nearest
+    and GPTQ's chosen codes: its output is torch's to well within the quantization error."""
+    for keep_acc in (None, {"gptq": True}):
+        cal = _cal(calib, group=16, keep_acc=keep_acc)
+        assert keep_acc is None or any(cal.records[n].custom_codes for n in LINEAR)
+        x = calib[1]
+        quantized, fp = _outputs(cal, x)
+        assert np.abs(_jax_out(cal, x) - quantized).mean() < 0.01 * np.abs(quantized - fp).mean()
+
+
+def test_block_reconstruction_and_pd_quant_learn_on_weight_groups(calib):
+    """QDrop's learned codes and `pd_quant`'s step sizes on layers with group scales: the
+    records keep `[out, in/g]` scales, the codes dequantize on them to the weight torch
+    computes with, and the JAX model still agrees with torch."""
+    rtn = _cal(calib, group=16)
+    cal = _cal(calib, group=16, keep_acc={"qdrop": [True, 30], "pd_quant": [True, 10]})
+    assert cal.reports["blocks"] and cal.reports["pd_quant"]
+    for name in LINEAR:
+        rec, q = cal.records[name], cal.quantizers[name]
+        assert rec.weight_scale.shape == (q.float_weight.shape[0], q.float_weight.shape[1] // 16)
+        qp = jaxq.QParams(jnp.asarray(rec.weight_scale), jnp.asarray(rec.weight_offset), q.weight_scheme)
+        with torch.no_grad():
+            w_hat = getattr(q.module, q.param).float().numpy()
+        np.testing.assert_array_equal(np.asarray(dequantize_codes(jnp.asarray(rec.codes), qp)), w_hat)
+    assert any(cal.records[n].custom_codes for n in cal.records)  # some block kept learned codes
+    x = calib[1]
+    quantized, fp = _outputs(cal, x)
+    assert np.abs(_jax_out(cal, x) - quantized).mean() < 0.01 * np.abs(quantized - fp).mean()
+    before, _ = _outputs(rtn, torch.cat(calib))
+    after, fp = _outputs(cal, torch.cat(calib))
+    assert np.square(after - fp).mean() < np.square(before - fp).mean()
 
 
 def test_a_group_size_that_does_not_divide_a_layer_names_it_and_leaves_the_model(calib):

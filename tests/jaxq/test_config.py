@@ -130,7 +130,8 @@ def test_w_group_size_is_checked_and_refuses_per_channel_steps():
     for bad in (1, 0, 2.5, "128", True):
         with pytest.raises(ValueError, match=r"w_group_size=.* must be an int ≥ 2"):
             QuantConfig(w_group_size=bad)
-    assert QuantConfig(w_group_size=128, keep_acc={"adaround": [True, 10]}).w_group_size == 128
-    for step, value in (("admm", [True, 10]), ("qdrop", [True, 10]), ("easy_quant", [True, 10])):
+    for step in ("adaround", "brecq", "qdrop", "pd_quant"):
+        assert QuantConfig(w_group_size=128, keep_acc={step: [True, 10]}).w_group_size == 128
+    for step, value in (("admm", [True, 10]), ("round_opt", True), ("easy_quant", [True, 10])):
         with pytest.raises(ValueError, match=rf"keep_acc \['{step}'\] choose per-channel"):
             QuantConfig(w_group_size=64, keep_acc={step: value})
