@@ -200,9 +200,10 @@ def bias_corrections(
     Each output channel is its own dot product, so the channels of every small weight (at
     most `PACKED_MAX` values: most of a CNN's many shapes) go through one program per row
     width (`map_rows`, widths padded to a power of two: a dot product costs little per
-    padded entry) instead of one per shape. Larger weights keep one program per shape
-    bucket, which packs nothing on the host (copying them would cost more per run than
-    their program costs once); so do weights quantized along another axis."""
+    padded entry) instead of one per shape. Larger weights, and weights quantized along
+    another axis, keep one program per shape, called once per layer on its arrays in place:
+    stacking them would copy every large weight into fresh memory on each run, which costs
+    more than the calls (and, where the host hands freed pages back, several times more)."""
     inputs = {n: (mean_rows[n], grouped_weights[n], quantized[n]) for n in mean_rows}
     rows, other = {}, {}
     for n, (mean, wg, qw) in inputs.items():
@@ -212,7 +213,7 @@ def bias_corrections(
         else:
             rows[n] = r
     out = {n: v[0] for n, v in map_rows(_bias_shift_rows, rows, power_of_two).items()} if rows else {}
-    out.update(map_buckets(_bias_correction_bucket, other) if other else {})
+    out.update(map_buckets(_bias_correction_bucket, other, max_bytes=1) if other else {})
     return {n: out[n] for n in mean_rows}
 
 

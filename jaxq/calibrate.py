@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxq.host import aligned_stack
+from jaxq.host import aligned_empty, aligned_stack
 from jaxq.executables import cached_jit
 from jaxq.padding import bucket_size, power_of_two
 
@@ -113,21 +113,28 @@ def map_rows(fn, inputs: Mapping[str, tuple], width_of=bucket_size) -> dict[str,
         counts = [np.shape(inputs[n][0])[0] for n in names]
         starts = np.cumsum([0] + counts)
         per_call = min(weight_rows_per_call(width), power_of_two(int(starts[-1]), 8))  # few rows: a small call
-        size = -(-int(starts[-1]) // per_call) * per_call
-        packed = []
-        for i, first in enumerate(inputs[names[0]]):
-            a = np.zeros((size, width) if np.ndim(first) == 2 else (size,), np.asarray(first).dtype)
-            for n, lo in zip(names, starts):
-                x = np.asarray(inputs[n][i])
-                a[(slice(lo, lo + x.shape[0]), *(slice(0, k) for k in x.shape[1:]))] = x
-            packed.append(a)
-        calls = [
-            jax.tree.map(lambda y: np.asarray(y)[0], over_layers(fn, tuple(a[None, i : i + per_call] for a in packed)))
-            for i in range(0, size, per_call)
+        parts: dict[str, list[tuple]] = {n: [] for n in names}
+        # one call's rows at a time, in one reused buffer per input: packing every row of the
+        # width at once, and joining the results, allocated (and page-faulted) as much again
+        chunk = [
+            aligned_empty((per_call, width) if np.ndim(a) == 2 else (per_call,), np.asarray(a).dtype)
+            for a in inputs[names[0]]
         ]
-        leaves = [np.concatenate(parts) for parts in zip(*(jax.tree.leaves(c) for c in calls))]
-        for n, lo, count in zip(names, starts, counts):
-            out[n] = tuple(x[lo : lo + count, : k_of[n]] if x.ndim == 2 else x[lo : lo + count] for x in leaves)
+        for first in range(0, int(starts[-1]), per_call):
+            last = first + per_call
+            layers = [(n, lo, lo + c) for n, lo, c in zip(names, starts, counts) if lo < last and lo + c > first]
+            for i, buf in enumerate(chunk):
+                buf[...] = 0
+                for n, lo, hi in layers:
+                    x = np.asarray(inputs[n][i])[max(first - lo, 0) : min(last, hi) - lo]
+                    at = max(lo - first, 0)
+                    buf[(slice(at, at + x.shape[0]), *(slice(0, k) for k in x.shape[1:]))] = x
+            leaves = [np.asarray(y)[0] for y in jax.tree.leaves(over_layers(fn, tuple(a[None] for a in chunk)))]
+            for n, lo, hi in layers:  # np.asarray waited for the call: the buffers may be refilled
+                rows = slice(max(lo - first, 0), min(last, hi) - first)
+                parts[n].append(tuple(y[rows, : k_of[n]] if y.ndim == 2 else y[rows] for y in leaves))
+        for n in names:
+            out[n] = parts[n][0] if len(parts[n]) == 1 else tuple(np.concatenate(p) for p in zip(*parts[n]))
     return out
 
 

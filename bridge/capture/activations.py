@@ -6,9 +6,11 @@ every layer that ran are then applied at the end of each batch in one jitted cal
 (`jaxq.update_observers`): on CPU a separate XLA call per layer costs more in thread-pool
 overhead than the reduction itself. That program is compiled for the first batch's
 sequence of buffer sizes; a batch with other sizes (text of varying length) is applied
-one call per buffer size (`jaxq.update_observers_of_size`, the update traced once under
+one call per buffer size (`jaxq.update_stacked_observers`, the update traced once under
 `vmap` over the layers' stacked states), so new lengths add small programs instead of
-re-tracing every layer.
+re-tracing every layer. The layers of one buffer size are the same from batch to batch
+(a transformer's projections of one width), so their states stay stacked between
+batches (`_Row`): unstacking and restacking them cost more than the update itself.
 
 Large inputs (more than `IN_PLACE_MIN` float32 values on CPU): the hook updates the
 layer's state at once, reading the activation in place through a zero-copy view —
@@ -41,6 +43,7 @@ from torch import nn
 import jaxq
 from jaxq import observer_choice
 from bridge.capture.tensors import layer_input, to_jax
+from jaxq.calibrate import stack_states
 from jaxq.observers import ROW
 
 MIN_BUCKET = 1024
@@ -129,6 +132,29 @@ class _SharedInput(NamedTuple):
     leader: str
 
 
+class _Row:
+    """A layer's state as row `index` of a group's states stacked along a leading layer
+    axis (`jaxq.stack_states`), as `jaxq.update_stacked_observers` returned them."""
+
+    __slots__ = ("stacked", "index", "size")
+
+    def __init__(self, stacked, index: int, size: int):
+        self.stacked, self.index, self.size = stacked, index, size
+
+    def state(self):
+        return jax.tree.map(lambda a: np.asarray(a)[self.index], self.stacked)
+
+
+def _stacked(rows: list) -> object | None:
+    """The stacked states `rows` are, in order, if they are one whole group; else None."""
+    first = rows[0]
+    if not isinstance(first, _Row) or first.size != len(rows):
+        return None
+    if all(isinstance(r, _Row) and r.stacked is first.stacked and r.index == i for i, r in enumerate(rows)):
+        return first.stacked
+    return None
+
+
 class ActivationCapture:
     """Stream layer inputs into observer states (`layers`: `LayerQuantizer`s or modules).
 
@@ -143,7 +169,7 @@ class ActivationCapture:
         # updates' results and the DLPack views, so the first batch's call compiles the very
         # program later batches use (an uncommitted state is another cache key: two compiles)
         initial = jax.device_put(observer.init(), jax.devices("cpu")[0])
-        self.states = {name: initial for name in layers}
+        self._states: dict[str, object] = {name: initial for name in layers}  # a state or a `_Row`
         self.max_pending = max_pending
         self._layers = layers
         self._handles: list = []
@@ -154,6 +180,21 @@ class ActivationCapture:
         self._followers: dict[str, str] = {}  # layer → pending leader whose state it takes
         self._first_pattern: tuple | None = None  # the first flush's (layer, buffer size) sequence
 
+    @property
+    def states(self) -> dict[str, object]:
+        """Every layer's observer state; layers that share one state object share it here."""
+        resolved: dict[int, object] = {}
+        out = {}
+        for name, s in self._states.items():
+            if id(s) not in resolved:
+                resolved[id(s)] = s.state() if isinstance(s, _Row) else s
+            out[name] = resolved[id(s)]
+        return out
+
+    def _state(self, name: str):
+        s = self._states[name]
+        return s.state() if isinstance(s, _Row) else s
+
     def _hook(self, name: str) -> Callable:
         def hook(_module, args, kwargs=None):
             observe(layer_input(args, kwargs))
@@ -163,7 +204,7 @@ class ActivationCapture:
                 self.flush()
             if self._follows_last(name, x):
                 return
-            self._last = _SharedInput(x, x._version, self.states[name], name)
+            self._last = _SharedInput(x, x._version, self._states[name], name)
             if self._in_place(name, x):
                 self._update_now(name, x)
                 return
@@ -177,12 +218,12 @@ class ActivationCapture:
         """Share the last input's update if `x` is that tensor, unchanged, and `name`'s
         state equals the leader's state before it (then their updates are identical)."""
         last = self._last
-        if last is None or x is not last.x or x._version != last.version or self.states[name] is not last.state_before:
+        if last is None or x is not last.x or x._version != last.version or self._states[name] is not last.state_before:
             return False
         if last.leader in self._pending:
             self._followers[name] = last.leader
         else:
-            self.states[name] = self.states[last.leader]
+            self._states[name] = self._states[last.leader]
         return True
 
     def _in_place(self, name: str, x: torch.Tensor) -> bool:
@@ -198,8 +239,8 @@ class ActivationCapture:
 
     def _update_now(self, name: str, x: torch.Tensor) -> None:
         view = to_jax(x.detach().reshape(-1))
-        state = jaxq.update_observer(self.states[name], view, np.int32(view.shape[0]), self.observer)
-        self.states[name] = jax.block_until_ready(state)  # torch may reuse x's memory after the hook
+        state = jaxq.update_observer(self._state(name), view, np.int32(view.shape[0]), self.observer)
+        self._states[name] = jax.block_until_ready(state)  # torch may reuse x's memory after the hook
 
     def _pending_floats(self) -> int:
         return sum(view.shape[0] for view, _ in self._pending.values())
@@ -211,28 +252,41 @@ class ActivationCapture:
         self._last = None
         self._pool.release()
 
-    def _update(self, names: list[str], update) -> None:
-        views = tuple(self._pending[n][0] for n in names)
-        n_valid = np.array([self._pending[n][1] for n in names], np.int32)
-        self.states.update(zip(names, update(tuple(self.states[n] for n in names), views, n_valid, self.observer)))
+    def _views(self, names: list[str]) -> tuple[tuple, np.ndarray]:
+        return tuple(self._pending[n][0] for n in names), np.array([self._pending[n][1] for n in names], np.int32)
+
+    def _update_pattern(self, names: list[str]) -> list:
+        """The first batch's sequence of buffer sizes: one program for every layer."""
+        new = jaxq.update_observers(tuple(self._state(n) for n in names), *self._views(names), self.observer)
+        self._states.update(zip(names, new))
+        return list(new)
+
+    def _update_size(self, names: list[str]) -> list:
+        """Layers with buffers of one size: one vmapped program over their stacked states,
+        which stay stacked for the next batch that has the same group."""
+        stacked = _stacked([self._states[n] for n in names])
+        if stacked is None:
+            stacked = stack_states([self._state(n) for n in names])
+        new = jaxq.update_stacked_observers(stacked, *self._views(names), self.observer)
+        self._states.update({n: _Row(new, i, len(names)) for i, n in enumerate(names)})
+        return [new]
 
     def flush(self) -> None:
-        """Apply every pending input to its layer's state (one jitted call); forget the
-        last input (no tensor outlives its batch)."""
+        """Apply every pending input to its layer's state (see the module docstring for
+        the programs); forget the last input (no tensor outlives its batch)."""
         if self._pending:
             pattern = tuple((n, view.shape[0]) for n, (view, _) in self._pending.items())
             if self._first_pattern is None:
                 self._first_pattern = pattern
             if pattern == self._first_pattern:  # fixed shapes: one program for every batch
-                self._update(list(self._pending), jaxq.update_observers)
+                results = self._update_pattern(list(self._pending))
             else:  # sizes vary: one small program per buffer size, not one per sequence of sizes
                 by_size: dict[int, list[str]] = {}
                 for name, size in pattern:
                     by_size.setdefault(size, []).append(name)
-                for names in by_size.values():
-                    self._update(names, jaxq.update_observers_of_size)
-            jax.block_until_ready([self.states[n] for n in self._pending])  # the pool reuses the views' memory
-            self.states.update({f: self.states[leader] for f, leader in self._followers.items()})
+                results = [r for names in by_size.values() for r in self._update_size(names)]
+            jax.block_until_ready(results)  # the pool reuses the views' memory
+            self._states.update({f: self._states[leader] for f, leader in self._followers.items()})
         self._discard()
 
     def __enter__(self):

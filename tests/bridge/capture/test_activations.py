@@ -204,14 +204,38 @@ def test_batches_of_other_sizes_update_one_program_per_size_with_the_same_states
     model = _Seq().eval()
     batches = [torch.randn(1, L, 8) * s for L, s in ((10, 1.0), (70, 3.0), (10, 0.5), (200, 2.0), (33, 1.0))]
     calls = []
-    one_size = jaxq.update_observers_of_size
-    monkeypatch.setattr(jaxq, "update_observers_of_size", lambda *a: calls.append(len(a[1])) or one_size(*a))
+    one_size = jaxq.update_stacked_observers
+    monkeypatch.setattr(jaxq, "update_stacked_observers", lambda *a: calls.append(len(a[1])) or one_size(*a))
     capture = ActivationCapture({"a": model.a, "b": model.b}, observer)
     with capture, torch.no_grad():
         for x in batches:
             model(x)
             capture.flush()
     assert calls  # the 70-, 200- and 33-token batches have other buffer sizes than the first
+    ref = _reference_states(model, batches, observer)
+    for name in ("a", "b"):
+        for got, want in zip(jax.tree.leaves(capture.states[name]), jax.tree.leaves(ref[name])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_layers_of_one_buffer_size_stay_stacked_from_batch_to_batch(monkeypatch):
+    """Batches whose layers fall into the same buffer-size groups reuse the stacked states
+    the last update returned (no unstacking and restacking); the states equal one update per
+    layer and batch, and a state read in between (the first batch's sizes again) is unstacked."""
+    torch.manual_seed(0)
+    model = _Seq().eval()
+    observer = jaxq.running_minmax()
+    stacked = []
+    stack = capture_module.stack_states
+    monkeypatch.setattr(capture_module, "stack_states", lambda trees: stacked.append(len(trees)) or stack(trees))
+    lengths = ((10, 1.0), (300, 3.0), (300, 0.5), (290, 2.0), (10, 4.0), (300, 1.0))
+    batches = [torch.randn(1, L, 8) * s for L, s in lengths]
+    capture = ActivationCapture({"a": model.a, "b": model.b}, observer)
+    with capture, torch.no_grad():
+        for x in batches:
+            model(x)
+            capture.flush()
+    assert stacked == [1, 1, 1, 1]  # 300 tokens stacks "a" and "b" once; after the first batch's sizes once more
     ref = _reference_states(model, batches, observer)
     for name in ("a", "b"):
         for got, want in zip(jax.tree.leaves(capture.states[name]), jax.tree.leaves(ref[name])):
