@@ -58,13 +58,13 @@ def window_rows(spec: jaxq.LayerSpec, x: torch.Tensor, index: np.ndarray) -> np.
 
 def batch_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """`(Σ over the batch, number of rows)`: a linear layer's rows summed (`[d]`), a conv's
-    input summed over its samples (`[C, *spatial]`), in float64 after a float32 sum (as exact
-    as the forward that made `x`; a float64 sum of the whole batch costs ~35× more). Sums of
-    equal-shaped batches add up before `window_sum`, which is linear."""
+    input summed over its samples (`[C, *spatial]`), in float32 (as exact as the forward
+    that made `x`; a float64 sum of the whole batch costs ~35× more); batches add up in
+    float64. Sums of equal-shaped batches add up before `window_sum`, which is linear."""
     if spec.kind == "linear":
         flat = x.reshape(-1, x.shape[-1])
-        return flat.sum(0).double(), flat.shape[0]
-    return x.sum(0).double(), x.shape[0] * int(np.prod(output_positions(spec, tuple(x.shape))[1:]))
+        return flat.sum(0), flat.shape[0]
+    return x.sum(0), x.shape[0] * int(np.prod(output_positions(spec, tuple(x.shape))[1:]))
 
 
 def window_sum(spec: jaxq.LayerSpec, total: torch.Tensor) -> np.ndarray:
@@ -87,7 +87,7 @@ def window_sum(spec: jaxq.LayerSpec, total: torch.Tensor) -> np.ndarray:
 def row_sum(spec: jaxq.LayerSpec, x: torch.Tensor) -> tuple[np.ndarray, int]:
     """`(Σ rows [g, d] in float64, number of rows)` over every output position of `x`."""
     total, count = batch_sum(spec, x)
-    return window_sum(spec, total), count
+    return window_sum(spec, total.double()), count
 
 
 def _output_rows(spec: jaxq.LayerSpec, y: torch.Tensor, index: np.ndarray) -> np.ndarray:
@@ -208,11 +208,14 @@ class RowCapture:
             x = quantizer.smoothed_input(x)
         first = not self._sums[name]
         total, count = batch_sum(spec, x)
-        acc = self._sums[name].setdefault(tuple(total.shape), [0.0, 0])
-        acc[0], acc[1] = acc[0] + total, acc[1] + count
+        acc = self._sums[name].get(tuple(total.shape))
+        if acc is None:
+            acc = self._sums[name][tuple(total.shape)] = [total.new_zeros(total.shape, dtype=torch.float64), 0]
+        acc[0].add_(total)  # in place, in float64: no fresh tensor per batch
+        acc[1] += count
         if self.check and first and not self.keep_rows:
             weight = quantizer.float_weight if smoothed else None
-            check_sums(name, spec, module, window_sum(spec, total), count, output, weight)
+            check_sums(name, spec, module, window_sum(spec, total.double()), count, output, weight)
         if not self.keep_rows:
             return
         total = int(np.prod(output_positions(spec, tuple(x.shape))))
