@@ -211,7 +211,7 @@ class RowCapture:
         acc = self._sums[name].get(tuple(total.shape))
         if acc is None:
             acc = self._sums[name][tuple(total.shape)] = [total.new_zeros(total.shape, dtype=torch.float64), 0]
-        acc[0].add_(total)  # in place, in float64: no fresh tensor per batch
+        acc[0].add_(total.double())  # in place: no fresh accumulator per batch (a mixed-dtype add_ is slower)
         acc[1] += count
         if self.check and first and not self.keep_rows:
             weight = quantizer.float_weight if smoothed else None
