@@ -36,6 +36,7 @@ from bridge.inplace.prepare import EmptyModelError, calibration_data, prepare
 from bridge.inplace.record import PARAM_KEYS, LayerRecord, apply_records, refresh_records
 from bridge.studies.sensitivity import FallbackCurve, SensitivityTable
 from bridge.inplace.transaction import ModelEdit, refuse_quantized
+from jaxq.config import DISTILLED
 from jaxq.pipeline import plan
 from jaxq.sharding import check_mesh, layers_over
 
@@ -87,7 +88,7 @@ class Calibrator:
         self.mesh = None if mesh is None else check_mesh(mesh)
         self._default_bias_correction = cfg.bias_correction is None
         cfg = cfg.resolved(
-            representative_data=(calib_data is not None or cfg.virtual_data == "bn_stats")
+            representative_data=(calib_data is not None or cfg.virtual_data in DISTILLED)
             and not _several_processes(mesh)
         )
         self._default_bias_correction &= cfg.bias_correction
@@ -98,7 +99,14 @@ class Calibrator:
             self.calib_data = calibration_data(model, cfg, calib_data, self.device, progress)
             self._synthetic = (  # distilled before BN folding, from the model as it was given
                 synthetic_images(
-                    model, self.calib_data, cfg.recon_synthetic, cfg.virtual_steps, cfg.virtual_lr, cfg.seed, progress
+                    model,
+                    self.calib_data,
+                    cfg.recon_synthetic,
+                    cfg.virtual_steps,
+                    cfg.virtual_lr,
+                    cfg.seed,
+                    progress,
+                    method="genie" if cfg.virtual_data == "genie" else "bn_stats",
                 )
                 if cfg.recon_synthetic
                 else []

@@ -25,7 +25,8 @@ from jaxq.weight_range import WEIGHT_RANGES, resolved_range
 ACT_METHODS = {0: "sigma statistic", 1: "min-max observer", 2: "histogram observer"}
 QUANT_MODES = {0: "data-free", 1: "label-free"}
 MINMAX_COMBINES = ("batch_percentile", "running")
-VIRTUAL_DATA = ("uniform", "bn_stats")
+VIRTUAL_DATA = ("uniform", "bn_stats", "genie")
+DISTILLED = ("bn_stats", "genie")  # virtual data made from the model's BatchNorm statistics
 AMP_METRICS = ("mse", "relative_mse", "isolated", "fisher")
 _DEVICE_RE = re.compile(r"(cpu|npu|cuda)(:\d+)?")
 SEED_RANGE = (0, 2**32 - 1)
@@ -161,10 +162,14 @@ class QuantConfig:
           to the full batch); min and max still come from every value. 0 bins every
           value. The default 2^18 keeps histogram calibration near the float forward time.
       virtual_data: data-free inputs without `calib_data`: `"uniform"` (msModelSlim's one
-          `torch.rand(input_shape)` sample) or `"bn_stats"` (inputs optimised so every
-          BatchNorm sees its running statistics, ZeroQ-style). The batch dimension of
-          `input_shape` is the number of samples.
-      virtual_steps, virtual_lr: Adam steps and learning rate of `"bn_stats"`.
+          `torch.rand(input_shape)` sample), `"bn_stats"` (inputs optimised so every
+          BatchNorm sees its running statistics, ZeroQ-style) or `"genie"` (images drawn
+          from a small generator trained with its latents to that end, Genie-style; one
+          image input `[N, C, H, W]`). The batch dimension of `input_shape` is the number of
+          samples. With `recon_synthetic`, `"genie"` also makes the fitting steps' synthetic
+          images (otherwise they are `"bn_stats"`'s).
+      virtual_steps, virtual_lr: Adam steps of `"bn_stats"` and `"genie"`; learning rate of
+          `"bn_stats"` (Genie's are fixed: latents 0.1, generator 0.01).
       amp_metric: how `amp_num` ranks layers: `"fisher"` (default: the second-order
           estimate of `"isolated"` for every layer from one forward and one backward pass
           per batch, two for outputs that are not logits), `"isolated"` (model-output
@@ -195,7 +200,8 @@ class QuantConfig:
           drawn from `seed` (`bridge.capture.augment`); 0 (default) fits on the images
           only. Observers, bias correction and the fallback ranking read the images only.
       recon_synthetic: images distilled from the model's BatchNorm statistics (as
-          `virtual_data="bn_stats"`, with `virtual_steps` / `virtual_lr`, before BN folding)
+          `virtual_data="bn_stats"`, or Genie's generator with `virtual_data="genie"`, with
+          `virtual_steps` / `virtual_lr`, before BN folding)
           that the fitting steps read beside the calibration images and their augmented
           copies; shaped like the calibration images, never held out, never read by the
           observers or bias correction. 0 (default): none.

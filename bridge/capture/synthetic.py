@@ -10,7 +10,9 @@
 
   where `μ_B, σ_B` are the per-channel mean and standard deviation of the BN input over
   batch and spatial axes. Needs a model with BatchNorm layers, run before fusion.
-- `synthetic_images`: the same distillation shaped like the calibration images, for the
+- `bridge.capture.genie.distill_genie_batches`: Genie's generator-based distillation
+  (`virtual_data="genie"`).
+- `synthetic_images`: either distillation shaped like the calibration images, for the
   fitting steps (`QuantConfig.recon_synthetic`).
 """
 
@@ -30,6 +32,17 @@ class SyntheticDataError(ValueError):
     """Synthetic data cannot be made for this model."""
 
 
+def bn_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers, whose running statistics the distillations match."""
+    return [m for m in model.modules() if isinstance(m, _BN)]
+
+
+def check_distilled(inputs: tuple, message: str) -> None:
+    """Raise `SyntheticDataError(message)` if any distilled input holds NaN or Inf."""
+    if not all(bool(torch.isfinite(x).all()) for x in inputs):
+        raise SyntheticDataError(message)
+
+
 def _bn_loss_hooks(model: nn.Module, losses: list):
     def hook(module, args):
         x = args[0]
@@ -41,7 +54,7 @@ def _bn_loss_hooks(model: nn.Module, losses: list):
             + torch.linalg.vector_norm(std - torch.sqrt(module.running_var + module.eps))
         )
 
-    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, _BN)]
+    return [m.register_forward_pre_hook(hook) for m in bn_layers(model)]
 
 
 def distill_bn_batches(
@@ -55,7 +68,7 @@ def distill_bn_batches(
 ) -> list:
     """One batch of inputs (shapes `input_shape`) whose BN statistics match the model's.
     `field`: the option that asked for them, named in errors."""
-    if not any(isinstance(m, _BN) for m in model.modules()):
+    if not bn_layers(model):
         other = "use virtual_data='uniform' or pass calib_data" if field.startswith("virtual") else "set it to 0"
         raise SyntheticDataError(
             f"QuantConfig.{field} needs BatchNorm layers, and {type(model).__name__} has none; {other}"
@@ -81,21 +94,31 @@ def distill_bn_batches(
         for h in handles:
             h.remove()
     out = tuple(x.detach() for x in inputs)
-    if not all(bool(torch.isfinite(x).all()) for x in out):
-        raise SyntheticDataError(
-            f"QuantConfig.virtual_lr={lr!r}: the distilled virtual data diverged to NaN/Inf in "
-            f"{steps} Adam steps; use a smaller virtual_lr (default 0.2)"
-        )
+    check_distilled(
+        out,
+        f"QuantConfig.virtual_lr={lr!r}: the distilled virtual data diverged to NaN/Inf in "
+        f"{steps} Adam steps; use a smaller virtual_lr (default 0.2)",
+    )
     return [out[0] if len(out) == 1 else out]
 
 
 def synthetic_images(
-    model: nn.Module, calib_data, count: int, steps: int, lr: float, seed: int, progress: bool = True
+    model: nn.Module,
+    calib_data,
+    count: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    method: str = "bn_stats",
 ) -> list[torch.Tensor]:
-    """`count` images distilled from `model`'s BN statistics, shaped like the first
-    calibration batch's images `[N, C, H, W]` and distilled `N` at a time (batch `k` from
-    seed `(seed, k)`), on the CPU. The batches of `calib_data` must be image tensors (or
-    one-element tuples/lists of one)."""
+    """`count` images distilled from `model`'s BN statistics (`method`: `"bn_stats"`,
+    ZeroQ's pixels at learning rate `lr`, or `"genie"`, Genie's generator), shaped like the
+    first calibration batch's images `[N, C, H, W]` and distilled `N` at a time (batch `k`
+    from seed `(seed, k)`), on the CPU. The batches of `calib_data` must be image tensors
+    (or one-element tuples/lists of one)."""
+    from bridge.capture.genie import distill_genie_batches
+
     first = next(iter(calib_data))
     x = first[0] if isinstance(first, (tuple, list)) and len(first) == 1 else first
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -105,12 +128,14 @@ def synthetic_images(
             "[N, C, H, W] as the model's only input; set recon_synthetic=0"
         )
     n, c, h, w = x.shape
+    field = f"recon_synthetic={count}"
     out = []
     for k, start in enumerate(range(0, count, n)):
         batch_seed = int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint32)[0])
-        size = min(n, count - start)
-        (images,) = distill_bn_batches(
-            model, ((size, c, h, w),), steps, lr, batch_seed, progress, f"recon_synthetic={count}"
-        )
+        shape = ((min(n, count - start), c, h, w),)
+        if method == "genie":
+            (images,) = distill_genie_batches(model, shape, steps, batch_seed, progress, field)
+        else:
+            (images,) = distill_bn_batches(model, shape, steps, lr, batch_seed, progress, field)
         out.append(images.to("cpu", x.dtype))
     return out

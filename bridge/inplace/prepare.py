@@ -34,6 +34,7 @@ from bridge.inplace.modules import (
     unsupported_layers,
     weight_name,
 )
+from bridge.capture.genie import distill_genie_batches
 from bridge.capture.synthetic import distill_bn_batches
 from bridge.inplace.transaction import ModelEdit
 from jaxq.config import FIRST_LAST_8BIT
@@ -83,6 +84,8 @@ def calibration_data(model: nn.Module, cfg: jaxq.QuantConfig, calib_data, device
     check_input_shape(model, cfg.input_shape, device)
     if cfg.virtual_data == "bn_stats":
         return distill_bn_batches(model, cfg.input_shape, cfg.virtual_steps, cfg.virtual_lr, cfg.seed, progress)
+    if cfg.virtual_data == "genie":
+        return distill_genie_batches(model, cfg.input_shape, cfg.virtual_steps, cfg.seed, progress)
     warnings.warn(
         "data-free mode feeds torch.rand(input_shape): uniform values in [0, 1). If the model's real inputs are "
         "scaled otherwise (normalised images, audio in [-1, 1]), the activation ranges will be poor: give a few "
