@@ -89,7 +89,7 @@ def calibration_data(model: nn.Module, cfg: jaxq.QuantConfig, calib_data, device
     warnings.warn(
         "data-free mode feeds torch.rand(input_shape): uniform values in [0, 1). If the model's real inputs are "
         "scaled otherwise (normalised images, audio in [-1, 1]), the activation ranges will be poor: give a few "
-        "real batches as calib_data, or QuantConfig(virtual_data='bn_stats') for BatchNorm models",
+        "real batches as calib_data, or QuantConfig(virtual_data='bn_stats') (or 'genie') for BatchNorm models",
         DataFreeRangeWarning,
         stacklevel=4,
     )
