@@ -134,7 +134,7 @@ class _SharedInput(NamedTuple):
 
 class _Row:
     """A layer's state as row `index` of a group's states stacked along a leading layer
-    axis (`jaxq.stack_states`), as `jaxq.update_stacked_observers` returned them."""
+    axis (`jaxq.calibrate.stack_states`), as `jaxq.update_stacked_observers` returned them."""
 
     __slots__ = ("stacked", "index", "size")
 
