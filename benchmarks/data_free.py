@@ -5,7 +5,8 @@
     python benchmarks/data_free.py --fields '{"w_bit": 4, "keep_acc": {"adaround": [true, 1000]}}'
 
 `QuantConfig(input_shape=[N, 3, 224, 224], virtual_data=kind, virtual_steps=steps, seed=s)`
-with the histogram observer, first and last layer quantized, plus `--fields`; evaluated on
+with the histogram observer and the first and last layer quantized unless `--fields` says
+otherwise; evaluated on
 the EfficientNet-Lite0 protocol's held-out crops (agreement with the float model's top-1
 and KL of its softmax). Kinds: `uniform` (msModelSlim's `torch.rand` sample), `bn_stats`
 (ZeroQ's pixels matched to the BatchNorm statistics), `genie` (Genie's generator and
@@ -49,15 +50,8 @@ def main(argv=None):
     for kind in args.kinds:
         agreement, kl, seconds = [], [], []
         for seed in args.seeds:
-            cfg = jaxq.QuantConfig(
-                input_shape=[args.samples, 3, 224, 224],
-                act_method=2,
-                quantize_first_last=True,
-                virtual_data=kind,
-                virtual_steps=args.steps,
-                seed=seed,
-                **fields,
-            )
+            settings = dict(act_method=2, quantize_first_last=True, virtual_steps=args.steps, seed=seed) | fields
+            cfg = jaxq.QuantConfig(input_shape=[args.samples, 3, 224, 224], virtual_data=kind, **settings)
             t = time.perf_counter()
             cal = Calibrator(p.make_model(), cfg, progress=False).run()
             seconds.append(time.perf_counter() - t)
