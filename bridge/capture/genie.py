@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bridge.capture.synthetic import SyntheticDataError, bn_layers, check_distilled
+from bridge.capture.synthetic import SyntheticDataError, bn_loss_hooks, bn_layers, check_distilled
 
 LATENT_DIM = 256
 LATENT_LR = 0.1
@@ -79,20 +79,6 @@ def _swing_hooks(model: nn.Module, rng: np.random.Generator) -> list:
     return [m.register_forward_pre_hook(hook) for m in strided]
 
 
-def _bn_statistics_hooks(model: nn.Module, losses: list) -> list:
-    """Forward pre-hooks adding each BatchNorm input's `(‖μ_B − μ_run‖² + ‖σ_B − σ_run‖²) / C`."""
-
-    def hook(module, args):
-        x = args[0]
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims)
-        std = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
-        target = torch.sqrt(module.running_var + module.eps)
-        losses.append(((mean - module.running_mean).square().sum() + (std - target).square().sum()) / mean.numel())
-
-    return [m.register_forward_pre_hook(hook) for m in bn_layers(model)]
-
-
 def _image_statistics_loss(x: torch.Tensor) -> torch.Tensor:
     """`(‖μ_img‖² + ‖σ_img − 1‖²) / N` over each image's channels."""
     std, mean = torch.std_mean(x, dim=(2, 3))
@@ -132,7 +118,7 @@ def distill_genie_batches(
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=100, min_lr=1e-4)
     decay = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=0.95)
     losses: list = []
-    handles = _bn_statistics_hooks(model, losses) + _swing_hooks(model, np.random.default_rng(seed))
+    handles = bn_loss_hooks(model, losses, squared=True) + _swing_hooks(model, np.random.default_rng(seed))
     try:
         for step in tqdm(range(steps), desc="jaxq genie data", unit="step", disable=not progress):
             losses.clear()

@@ -43,16 +43,20 @@ def check_distilled(inputs: tuple, message: str) -> None:
         raise SyntheticDataError(message)
 
 
-def _bn_loss_hooks(model: nn.Module, losses: list):
+def bn_loss_hooks(model: nn.Module, losses: list, squared: bool = False):
+    """Forward pre-hooks adding each BatchNorm input's `‖μ_B − μ_run‖ + ‖σ_B − σ_run‖`
+    (`squared`: Genie's `(‖μ_B − μ_run‖² + ‖σ_B − σ_run‖²) / C`) to `losses`."""
+
     def hook(module, args):
         x = args[0]
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)
         std = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
-        losses.append(
-            torch.linalg.vector_norm(mean - module.running_mean)
-            + torch.linalg.vector_norm(std - torch.sqrt(module.running_var + module.eps))
-        )
+        gaps = (mean - module.running_mean, std - torch.sqrt(module.running_var + module.eps))
+        if squared:
+            losses.append(sum(g.square().sum() for g in gaps) / mean.numel())
+        else:
+            losses.append(sum(torch.linalg.vector_norm(g) for g in gaps))
 
     return [m.register_forward_pre_hook(hook) for m in bn_layers(model)]
 
@@ -81,7 +85,7 @@ def distill_bn_batches(
     inputs = [torch.randn(shape, generator=g).to(device).requires_grad_(True) for shape in input_shape]
     opt = torch.optim.Adam(inputs, lr=lr)
     losses: list = []
-    handles = _bn_loss_hooks(model, losses)
+    handles = bn_loss_hooks(model, losses)
     try:
         for _ in tqdm(range(steps), desc="jaxq distill data", unit="step", disable=not progress):
             losses.clear()

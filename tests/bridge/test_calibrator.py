@@ -280,10 +280,10 @@ def test_input_shape_the_model_rejects_is_named(digits_model, shape):
 
 
 def _bn_mismatch(model, x):
-    from bridge.capture.synthetic import _bn_loss_hooks
+    from bridge.capture.synthetic import bn_loss_hooks
 
     losses = []
-    handles = _bn_loss_hooks(model, losses)
+    handles = bn_loss_hooks(model, losses)
     with torch.no_grad():
         model(x)
     for h in handles:
