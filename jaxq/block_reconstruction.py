@@ -13,7 +13,7 @@ against the float block plus the annealed rounding regulariser:
 
 `x̃` is the block's input in the quantized model (earlier blocks already reconstructed).
 QDrop: inside the block each input quantizer keeps its quantized value with probability
-`keep` per element and passes the float value otherwise (`keep = 1`: BRECQ).
+`keep` per element (`keep_mask`) and passes the float value otherwise (`keep = 1`: BRECQ).
 
 `optimise(...)` runs all steps in one `lax.scan` (one compilation per block structure);
 the final codes round `h` at ½. With `hard_final > 0` the last share of the steps holds
@@ -55,6 +55,37 @@ class ReconParams(NamedTuple):
     checks: int = 4  # held-out measurements, evenly spaced; the last at the final step
     hard_final: float = 0.0  # share of the steps, at the end, with the rounding held hard (`soft_steps`)
     micro_batch: int = 0  # samples per gradient pass (`micro_batch_size`); 0: the whole mini-batch at once
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finaliser: each input bit flips each output bit with probability ~½."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(key: jax.Array, keep: float, shape: tuple[int, ...]) -> jax.Array:
+    """QDrop's per-element draws: True (keep the quantized value) with probability `keep`.
+
+    A counter-based hash instead of threefry's stream: with `s₁, s₂` two words drawn from
+    `key` and `i` an element's flat position (mod 2³²),
+
+        u = ⌊mix(mix(i·φ + s₁) ⊕ s₂) / 2⁸⌋ · 2⁻²⁴,   kept ⇔ u < keep
+
+    (`mix`: murmur3's finaliser, `φ = 0x9E3779B9`). Dropout needs draws independent of one
+    another and of the key, not a cryptographic stream; this fuses into the quantizer's
+    elementwise loop, where threefry cost more than the block's forward on CPU
+    (`benchmarks/README.md`)."""
+    s1, s2 = jax.random.bits(key, (2,), jnp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % (1 << 32))
+        stride *= shape[axis]
+    h = _mix32(_mix32(index * jnp.uint32(0x9E3779B9) + s1) ^ s2)
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24) < keep
 
 
 def micro_batch_size(batch: int, micro_batch: int) -> int:

@@ -23,6 +23,7 @@ from bridge.inplace.fakequant import LayerQuantizer, along_channels
 from bridge.jax_model.lower import LoweredModel, LoweringError, lower, tied_parameters
 from bridge.inplace.record import LayerRecord
 from bridge.inplace.transaction import quantizer_free_copy
+from jaxq.block_reconstruction import keep_mask
 from jaxq.model_quant import LayerQState, Switches, all_on, corrected_bias, quantized_input, quantized_weight
 
 
@@ -121,7 +122,7 @@ def _install_hooks(module: nn.Module, layers: list[JaxLayer], slot: _Slot, smoot
                 xq = quantized_input(x, s, on)
                 if slot.drop is not None:
                     key, keep = slot.drop
-                    xq = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, layer.index), keep, x.shape), xq, x)
+                    xq = jnp.where(keep_mask(jax.random.fold_in(key, layer.index), keep, x.shape), xq, x)
                 return interop.torch_view(xq)
 
             if args:

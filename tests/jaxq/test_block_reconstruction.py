@@ -244,3 +244,23 @@ def test_the_hard_final_steps_hold_the_rounding_hard_and_learn_only_the_step_siz
     assert float(kept.u["a"]) != float(soft_only.u["a"])  # the step size learned on
     _, unregularised = run(200, 0.2, reg=0.0)
     assert float(unregularised.hard_share) == 1.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(keep=st.floats(0.05, 0.95), seed=st.integers(0, 2**31 - 1))
+def test_keep_mask_keeps_each_element_with_probability_keep_and_is_fixed_by_its_key(keep, seed):
+    key = jax.random.PRNGKey(seed)
+    mask = np.asarray(br.keep_mask(key, keep, (64, 3, 32, 32)))
+    assert mask.dtype == bool and mask.shape == (64, 3, 32, 32)
+    assert abs(mask.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / mask.size)
+    np.testing.assert_array_equal(mask, np.asarray(jax.jit(br.keep_mask, static_argnums=(1, 2))(key, keep, mask.shape)))
+    other = np.asarray(br.keep_mask(jax.random.fold_in(key, 1), keep, mask.shape))
+    assert (other != mask).mean() > 0.5 * 2 * keep * (1 - keep)  # a new key draws anew: ~2p(1-p) differ
+
+
+def test_keep_mask_draws_are_uncorrelated_between_neighbours_and_exact_at_the_ends():
+    flat = np.asarray(br.keep_mask(jax.random.PRNGKey(0), 0.5, (256, 256))).astype(np.float64)
+    for a, b in ((flat[:, :-1], flat[:, 1:]), (flat[:-1], flat[1:])):  # along rows and along columns
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.02
+    assert np.asarray(br.keep_mask(jax.random.PRNGKey(0), 1.0, (1000,))).all()
+    assert not np.asarray(br.keep_mask(jax.random.PRNGKey(0), 0.0, (1000,))).any()
