@@ -4,7 +4,10 @@
   dilation) as a sum of `k·k` shifted, per-channel-scaled slices of the padded input.
   XLA's CPU backend runs grouped convolutions several times slower than torch, which
   made EfficientNet-style models slower in JAX than in torch (`benchmarks/README.md`).
-  Only the summation order differs from a convolution (float rounding, ~1e-6).
+  Only the summation order differs from a convolution (float rounding, ~1e-6). Its
+  backward pass is written out (`_depthwise_bwd`): differentiating the strided slices
+  left `k·k` padded copies of the input for a later fusion to add up, which made one
+  step of block reconstruction several times slower than its forward.
 - Pointwise 2-D convolution (1×1 kernel, no padding, one group) as an `einsum` over
   channels: faster than XLA CPU's convolution, unbatched and under `vmap` with
   per-variant weights.
@@ -13,6 +16,8 @@ Other convolutions keep torchax's lowering.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +39,12 @@ def is_depthwise(x_shape, w_shape, groups, dilation, transposed) -> bool:
     )
 
 
-def depthwise_conv2d(x, w, stride, padding):
-    """`conv2d(x, w, groups=C)` for `w: [C, 1, kh, kw]` as a shifted sum (NCHW)."""
-    (sh, sw), (ph, pw) = _pairs(stride, 2), _pairs(padding, 2)
-    kh, kw = w.shape[2], w.shape[3]
-    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    ho = (xp.shape[2] - kh) // sh + 1
-    wo = (xp.shape[3] - kw) // sw + 1
+def _shifted_sum(xp, w, stride, out_hw):
+    """`Σ_{i,j} xp[:, :, i + s_h·h, j + s_w·w] · w[:, 0, i, j]` over the taps (NCHW, `xp` padded)."""
+    (sh, sw), (ho, wo) = stride, out_hw
     out = None
-    for i in range(kh):
-        for j in range(kw):
+    for i in range(w.shape[2]):
+        for j in range(w.shape[3]):
             window = jax.lax.slice(
                 xp,
                 (0, 0, i, j),
@@ -53,6 +54,70 @@ def depthwise_conv2d(x, w, stride, padding):
             term = window * w[:, 0, i, j][None, :, None, None]
             out = term if out is None else out + term
     return out
+
+
+def _padded(x, padding):
+    (ph, pw) = padding
+    return jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
+def _out_hw(xp_shape, w_shape, stride) -> tuple[int, int]:
+    return tuple((xp_shape[2 + a] - w_shape[2 + a]) // stride[a] + 1 for a in range(2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, w, stride, padding):
+    xp = _padded(x, padding)
+    return _shifted_sum(xp, w, stride, _out_hw(xp.shape, w.shape, stride))
+
+
+def _depthwise_fwd(x, w, stride, padding):
+    return _depthwise(x, w, stride, padding), (x, w)
+
+
+def _depthwise_bwd(stride, padding, residuals, g):
+    """`∂x`: `g` spread back by the stride (zeros between), padded by the kernel, and
+    correlated with the flipped kernel — one fused sum, where differentiating the forward's
+    strided slices gives `k·k` padded copies of the input's size that a later fusion then
+    has to add up; `∂w`: one reduction of `window · g` per tap."""
+    x, w = residuals
+    (sh, sw), (ph, pw) = stride, padding
+    kh, kw = w.shape[2], w.shape[3]
+    xp = _padded(x, padding)
+    ho, wo = g.shape[2], g.shape[3]
+    taps = [
+        jnp.sum(
+            jax.lax.slice(
+                xp,
+                (0, 0, i, j),
+                (xp.shape[0], xp.shape[1], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
+                (1, 1, sh, sw),
+            )
+            * g,
+            axis=(0, 2, 3),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    dw = jnp.stack(taps, axis=1).reshape(w.shape).astype(w.dtype)
+    unused_h = xp.shape[2] - ((ho - 1) * sh + kh)  # rows of the padded input no window reads
+    unused_w = xp.shape[3] - ((wo - 1) * sw + kw)
+    spread = jax.lax.pad(
+        g,
+        jnp.zeros((), g.dtype),
+        ((0, 0, 0), (0, 0, 0), (kh - 1, kh - 1 + unused_h, sh - 1), (kw - 1, kw - 1 + unused_w, sw - 1)),
+    )
+    dxp = _shifted_sum(spread, w[:, :, ::-1, ::-1], (1, 1), xp.shape[2:])
+    return dxp[:, :, ph : ph + x.shape[2], pw : pw + x.shape[3]].astype(x.dtype), dw
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv2d(x, w, stride, padding):
+    """`conv2d(x, w, groups=C)` for `w: [C, 1, kh, kw]` as a shifted sum (NCHW), with its
+    own backward pass (`_depthwise_bwd`)."""
+    return _depthwise(x, w, tuple(_pairs(stride, 2)), tuple(_pairs(padding, 2)))
 
 
 def is_pointwise(x_shape, w_shape, groups, padding, dilation, transposed) -> bool:
