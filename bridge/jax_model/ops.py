@@ -39,19 +39,20 @@ def is_depthwise(x_shape, w_shape, groups, dilation, transposed) -> bool:
     )
 
 
-def _shifted_sum(xp, w, stride, out_hw):
-    """`Σ_{i,j} xp[:, :, i + s_h·h, j + s_w·w] · w[:, 0, i, j]` over the taps (NCHW, `xp` padded)."""
+def _window(xp, i: int, j: int, stride, out_hw):
+    """`xp[:, :, i + s_h·h, j + s_w·w]` over the output positions `h, w` (tap `i, j`)."""
     (sh, sw), (ho, wo) = stride, out_hw
+    return jax.lax.slice(
+        xp, (0, 0, i, j), (xp.shape[0], xp.shape[1], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1), (1, 1, sh, sw)
+    )
+
+
+def _shifted_sum(xp, w, stride, out_hw):
+    """`Σ_{i,j} _window(xp, i, j) · w[:, 0, i, j]` over the taps (NCHW, `xp` padded)."""
     out = None
     for i in range(w.shape[2]):
         for j in range(w.shape[3]):
-            window = jax.lax.slice(
-                xp,
-                (0, 0, i, j),
-                (xp.shape[0], xp.shape[1], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
-                (1, 1, sh, sw),
-            )
-            term = window * w[:, 0, i, j][None, :, None, None]
+            term = _window(xp, i, j, stride, out_hw) * w[:, 0, i, j][None, :, None, None]
             out = term if out is None else out + term
     return out
 
@@ -85,20 +86,7 @@ def _depthwise_bwd(stride, padding, residuals, g):
     kh, kw = w.shape[2], w.shape[3]
     xp = _padded(x, padding)
     ho, wo = g.shape[2], g.shape[3]
-    taps = [
-        jnp.sum(
-            jax.lax.slice(
-                xp,
-                (0, 0, i, j),
-                (xp.shape[0], xp.shape[1], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
-                (1, 1, sh, sw),
-            )
-            * g,
-            axis=(0, 2, 3),
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    taps = [jnp.sum(_window(xp, i, j, stride, (ho, wo)) * g, axis=(0, 2, 3)) for i in range(kh) for j in range(kw)]
     dw = jnp.stack(taps, axis=1).reshape(w.shape).astype(w.dtype)
     unused_h = xp.shape[2] - ((ho - 1) * sh + kh)  # rows of the padded input no window reads
     unused_w = xp.shape[3] - ((wo - 1) * sw + kw)
