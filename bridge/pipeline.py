@@ -266,6 +266,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
                 from_codes=step.settings.from_codes,
                 holdout=ctx.cfg.recon_holdout,
                 hard_final=ctx.cfg.recon_hard_final,
+                lr_rounding=ctx.cfg.recon_lr,
             ),
             set_quant,
             blocks,

@@ -219,6 +219,11 @@ class QuantConfig:
           (`reports["blocks"]` shows the hard share). The rounding regulariser's schedule
           runs over the steps before them. 0 (default): the last step's soft rounding is
           rounded at ½.
+      recon_lr: Adam's learning rate on BRECQ/QDrop's rounding variables `V` (per block;
+          the input step sizes keep theirs). Adam moves each `V` by about this much per step,
+          and `h(V)` is hard only beyond |V| ≈ 2.4, so `recon_lr × steps` decides whether the
+          rounding can end hard. 0.01 (default); 0.1–0.2 make small CNNs' rounding hard in
+          300 steps and halved their output KL, but cost MiniLM accuracy (`docs/accuracy.md`).
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass
@@ -292,6 +297,7 @@ class QuantConfig:
     recon_augment: int = 0
     recon_holdout: float = 0.0
     recon_hard_final: float = 0.0
+    recon_lr: float = 0.01
     recon_synthetic: int = 0
     bias_correction: bool | None = None
     memory_budget: int | None = None
@@ -415,6 +421,15 @@ class QuantConfig:
             self.recon_hard_final,
             "the share of block reconstruction's steps with the rounding held hard",
         )
+        if (
+            isinstance(self.recon_lr, bool)
+            or not isinstance(self.recon_lr, numbers.Real)
+            or not 0 < self.recon_lr <= 10
+        ):
+            raise ValueError(
+                f"QuantConfig.recon_lr={self.recon_lr!r} must be a number in (0, 10] "
+                "(Adam's learning rate on block reconstruction's rounding variables)"
+            )
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(
                 f"QuantConfig.memory_budget={self.memory_budget!r} must be an int ≥ 16 (MiB) or None (auto)"

@@ -176,6 +176,7 @@ USED_ONLY_WHEN = {
     "amp_metric": lambda c: c.amp_num > 0,
     "recon_holdout": lambda c: c.keep_acc.brecq is not None or c.keep_acc.qdrop is not None,
     "recon_hard_final": lambda c: c.keep_acc.brecq is not None or c.keep_acc.qdrop is not None,
+    "recon_lr": lambda c: c.keep_acc.brecq is not None or c.keep_acc.qdrop is not None,
 }
 
 

@@ -218,6 +218,23 @@ def test_the_regulariser_makes_rounding_hard_and_the_report_counts_it():
     assert float(soft.hard_share) < 0.6
 
 
+def test_the_rounding_learning_rate_decides_whether_the_default_steps_end_hard():
+    """Adam moves each `V` by about `lr_rounding` per step and `h(V)` is hard only beyond
+    |V| ≈ 2.4: over the default 300 steps, 0.01 leaves about half of the rounding soft,
+    0.2 hardens most of it and fits the block better (the codes written are the ones fitted)."""
+    apply, learned, x, target = _two_layer_problem()
+
+    def run(lr):
+        p = br.ReconParams(lr_rounding=lr)
+        return jax.jit(lambda lv, x, y, k: br.optimise(apply, lv, x, y, k, p))(
+            learned, x, target, jax.random.PRNGKey(0)
+        )[1]
+
+    slow, fast = run(0.01), run(0.2)
+    assert float(slow.hard_share) < 0.6 < 0.8 < float(fast.hard_share)
+    assert float(fast.fitted_after) < 0.75 * float(slow.fitted_after)
+
+
 def test_the_hard_final_steps_hold_the_rounding_hard_and_learn_only_the_step_sizes():
     """`hard_final`: the first steps are the soft run of that length (the regulariser's
     schedule over them), then every `V` stays at its hard rounding — the codes are that

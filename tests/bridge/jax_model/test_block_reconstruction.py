@@ -239,6 +239,25 @@ def test_recon_hard_final_out_of_range_names_the_field(bad):
         jaxq.QuantConfig(recon_hard_final=bad)
 
 
+def test_recon_lr_is_the_rounding_learning_rate_of_every_block():
+    """A larger `recon_lr` moves every `V` further in the same steps: more of the rounding
+    ends hard (this fails if the field does not reach the blocks' optimiser)."""
+
+    def hard_shares(lr):
+        net, data = _net_and_data()
+        cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_lr=lr)
+        return [float(r.hard_share) for r in Calibrator(net, cfg, data, progress=False).run().reports["blocks"]]
+
+    slow, fast = hard_shares(0.001), hard_shares(0.5)
+    assert slow and all(f > s for f, s in zip(fast, slow)), (slow, fast)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 11, True, "0.1", None])
+def test_recon_lr_out_of_range_names_the_field(bad):
+    with pytest.raises(ValueError, match=r"QuantConfig.recon_lr=.* must be a number in \(0, 10\]"):
+        jaxq.QuantConfig(recon_lr=bad)
+
+
 def test_a_memory_budget_below_a_blocks_program_takes_its_gradient_in_parts():
     """`memory_budget` bounds a block's training program: the default budget runs the
     whole mini-batch at once; 16 MiB, below these blocks' programs at 48 px (~18 MiB),
