@@ -47,7 +47,7 @@ class ReconParams(NamedTuple):
     steps: int = 300
     batch: int = 16
     schedule: RoundingSchedule = RoundingSchedule()
-    lr_rounding: float = 1e-2  # QuantConfig.recon_lr: Adam moves each V by about this per step
+    lr_rounding: float = 0.05  # QuantConfig.recon_lr: Adam moves each V by about this per step
     lr_scale: float = 1e-3  # on u, the log of the step size's change
     keep: float = 1.0  # QDrop's probability of keeping an activation quantized (0.5); 1: BRECQ
     from_codes: bool = False  # start the rounding from the records' codes (e.g. GPTQ's)

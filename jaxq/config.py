@@ -222,8 +222,8 @@ class QuantConfig:
       recon_lr: Adam's learning rate on BRECQ/QDrop's rounding variables `V` (per block;
           the input step sizes keep theirs). Adam moves each `V` by about this much per step,
           and `h(V)` is hard only beyond |V| ≈ 2.4, so `recon_lr × steps` decides whether the
-          rounding can end hard. 0.01 (default); 0.1–0.2 make small CNNs' rounding hard in
-          300 steps and halved their output KL, but cost MiniLM accuracy (`docs/accuracy.md`).
+          rounding can end hard. 0.05 (default; 0.01 before: about half of a CNN block's
+          rounding stayed soft after 300 steps, `docs/accuracy.md`).
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass
@@ -297,7 +297,7 @@ class QuantConfig:
     recon_augment: int = 0
     recon_holdout: float = 0.0
     recon_hard_final: float = 0.0
-    recon_lr: float = 0.01
+    recon_lr: float = 0.05
     recon_synthetic: int = 0
     bias_correction: bool | None = None
     memory_budget: int | None = None

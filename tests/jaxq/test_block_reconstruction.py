@@ -220,7 +220,7 @@ def test_the_regulariser_makes_rounding_hard_and_the_report_counts_it():
 
 def test_the_rounding_learning_rate_decides_whether_the_default_steps_end_hard():
     """Adam moves each `V` by about `lr_rounding` per step and `h(V)` is hard only beyond
-    |V| ≈ 2.4: over the default 300 steps, 0.01 leaves about half of the rounding soft,
+    |V| ≈ 2.4: over the default 300 steps, 0.01 (the default before) leaves about half soft,
     0.2 hardens most of it and fits the block better (the codes written are the ones fitted)."""
     apply, learned, x, target = _two_layer_problem()
 
