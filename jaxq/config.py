@@ -43,9 +43,14 @@ def _check_one_of(field: str, value, allowed) -> None:
         raise ValueError(f"QuantConfig.{field}={value!r} is not allowed; choose one of {allowed}")
 
 
+def _is_real(value) -> bool:
+    """A real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_share(field: str, value, meaning: str) -> None:
     """A share in [0, 0.5] (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 0.5:
+    if not _is_real(value) or not 0 <= value <= 0.5:
         raise ValueError(f"QuantConfig.{field}={value!r} must be a number in [0, 0.5] ({meaning}; 0: none)")
 
 
@@ -389,11 +394,7 @@ class QuantConfig:
         _check_one_of("virtual_data", self.virtual_data, VIRTUAL_DATA)
         if not is_int(self.virtual_steps) or self.virtual_steps < 1:
             raise ValueError(f"QuantConfig.virtual_steps={self.virtual_steps!r} must be an int ≥ 1")
-        if (
-            isinstance(self.virtual_lr, bool)
-            or not isinstance(self.virtual_lr, numbers.Real)
-            or not self.virtual_lr > 0
-        ):
+        if not _is_real(self.virtual_lr) or not self.virtual_lr > 0:
             raise ValueError(f"QuantConfig.virtual_lr={self.virtual_lr!r} must be a number > 0")
         _check_one_of("amp_metric", self.amp_metric, AMP_METRICS)
         if self.w_range is not None:
@@ -421,11 +422,7 @@ class QuantConfig:
             self.recon_hard_final,
             "the share of block reconstruction's steps with the rounding held hard",
         )
-        if (
-            isinstance(self.recon_lr, bool)
-            or not isinstance(self.recon_lr, numbers.Real)
-            or not 0 < self.recon_lr <= 10
-        ):
+        if not _is_real(self.recon_lr) or not 0 < self.recon_lr <= 10:
             raise ValueError(
                 f"QuantConfig.recon_lr={self.recon_lr!r} must be a number in (0, 10] "
                 "(Adam's learning rate on block reconstruction's rounding variables)"

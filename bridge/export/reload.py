@@ -172,11 +172,15 @@ def read_records(
 
 # fields read only by a step that a config may not run: where neither the stored nor the
 # given config runs it, the field does not count (files from before its default changed load)
+def _runs_blocks(c: jaxq.QuantConfig) -> bool:
+    return c.keep_acc.blocks is not None
+
+
 USED_ONLY_WHEN = {
     "amp_metric": lambda c: c.amp_num > 0,
-    "recon_holdout": lambda c: c.keep_acc.brecq is not None or c.keep_acc.qdrop is not None,
-    "recon_hard_final": lambda c: c.keep_acc.brecq is not None or c.keep_acc.qdrop is not None,
-    "recon_lr": lambda c: c.keep_acc.brecq is not None or c.keep_acc.qdrop is not None,
+    "recon_holdout": _runs_blocks,
+    "recon_hard_final": _runs_blocks,
+    "recon_lr": _runs_blocks,
 }
 
 
