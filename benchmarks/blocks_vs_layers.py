@@ -22,6 +22,8 @@ Models, each calibrated on data it is not evaluated on:
   the subset's seed, top-1, and agreement and KL with the float model on the 450 test digits.
 - `digits_resnet`: a small residual CNN trained here on the same digits (seed 0, 30 epochs,
   a few seconds), so block reconstruction has residual blocks to fit; same protocol.
+- `digits_mobilenet`: a MobileNetV2-style CNN trained here the same way (inverted residual
+  blocks with depthwise convolutions), the check on an architecture nothing was tuned on.
 - `minilm`: all-MiniLM-L6-v2; 64 passages (subset 1: the protocol's first 64; others drawn by
   seed from the passages after the evaluation set), mean / min cosine on 256 other passages.
 - `efficientnet_lite0_unseen`: 64 crops of the five calibration photos (crop seed = subset),
@@ -48,6 +50,7 @@ ALGOS = {
 METRICS = {
     "digits": ("top1", "agreement", "kl"),
     "digits_resnet": ("top1", "agreement", "kl"),
+    "digits_mobilenet": ("top1", "agreement", "kl"),
     "minilm": ("mean_cos", "min_cos"),
     "efficientnet_lite0_unseen": ("agreement", "kl", "gap"),
 }
@@ -79,7 +82,50 @@ def _residual_digits_net():
     return DigitsResNet()
 
 
-def train_digits_resnet(epochs: int = 30):
+def _mobilenet_digits_net():
+    """MobileNetV2-style: a 3×3 stem, four inverted residual blocks (1×1 expansion ×4, 3×3
+    depthwise, 1×1 projection; ReLU6, BatchNorm; two of stride 2), a linear head."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k, stride=1, groups=1, act=True):
+        layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        return layers + [nn.ReLU6()] if act else layers
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            hidden = 4 * cin
+            self.residual = stride == 1 and cin == cout
+            self.body = nn.Sequential(
+                *conv_bn(cin, hidden, 1),
+                *conv_bn(hidden, hidden, 3, stride, groups=hidden),
+                *conv_bn(hidden, cout, 1, act=False),
+            )
+
+        def forward(self, x):
+            return x + self.body(x) if self.residual else self.body(x)
+
+    class DigitsMobileNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(*conv_bn(1, 16, 3))
+            self.blocks = nn.Sequential(
+                InvertedResidual(16, 16, 1),
+                InvertedResidual(16, 24, 2),
+                InvertedResidual(24, 24, 1),
+                InvertedResidual(24, 32, 2),
+            )
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+        def forward(self, x):
+            return self.head(self.blocks(self.stem(x)))
+
+    torch.manual_seed(0)
+    return DigitsMobileNet()
+
+
+def train_digits_net(build, epochs: int = 30):
     import torch
     import torch.nn.functional as F
 
@@ -87,7 +133,7 @@ def train_digits_resnet(epochs: int = 30):
 
     torch.manual_seed(0)
     xtr, ytr, _, _ = digits_split()
-    model = _residual_digits_net()
+    model = build()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         model.train()
@@ -128,12 +174,12 @@ def _case(name: str, subset: int):
         from bridge.models.digits import load_digits_cnn
 
         return _digits_case(load_digits_cnn, subset)
-    if name == "digits_resnet":
-        trained = train_digits_resnet()
-        state = {k: v.clone() for k, v in trained.state_dict().items()}
+    if name in ("digits_resnet", "digits_mobilenet"):
+        build = _residual_digits_net if name == "digits_resnet" else _mobilenet_digits_net
+        state = {k: v.clone() for k, v in train_digits_net(build).state_dict().items()}
 
         def make():
-            m = _residual_digits_net()
+            m = build()
             m.load_state_dict(state)
             return m.eval()
 

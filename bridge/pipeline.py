@@ -267,6 +267,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
                 holdout=ctx.cfg.recon_holdout,
                 hard_final=ctx.cfg.recon_hard_final,
                 lr_rounding=ctx.cfg.recon_lr,
+                reg_per_variable=ctx.cfg.recon_reg,
             ),
             set_quant,
             blocks,

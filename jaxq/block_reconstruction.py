@@ -12,6 +12,8 @@ against the float block plus the annealed rounding regulariser:
     L = E_batch[ Σ_features (f_q(x̃) − f(x))² ] + λ Σ (1 − |2h(V) − 1|^β),   β: 20 → 2 after warm-up
 
 `x̃` is the block's input in the quantized model (earlier blocks already reconstructed).
+With `reg_per_variable = λₙ > 0` both terms are normalised per block (`loss_weights`): the
+error over its value under round to nearest, the regulariser per rounding variable.
 QDrop: inside the block each input quantizer keeps its quantized value with probability
 `keep` per element (`keep_mask`) and passes the float value otherwise (`keep = 1`: BRECQ).
 
@@ -55,6 +57,7 @@ class ReconParams(NamedTuple):
     checks: int = 4  # held-out measurements, evenly spaced; the last at the final step
     hard_final: float = 0.0  # share of the steps, at the end, with the rounding held hard (`soft_steps`)
     micro_batch: int = 0  # samples per gradient pass (`micro_batch_size`); 0: the whole mini-batch at once
+    reg_per_variable: float = 0.0  # QuantConfig.recon_reg: λₙ of the normalised loss (`loss_weights`); 0: unnormalised
 
 
 def _mix32(h: jax.Array) -> jax.Array:
@@ -205,6 +208,24 @@ def output_error_sums(
     return jnp.sum(per_position * m), jnp.sum(m)
 
 
+def loss_weights(p: ReconParams, error_before: jax.Array, variables: int) -> tuple[jax.Array, jax.Array]:
+    """`(a, b)` of the loss `a·E[Σ (f_q − f)²] + b·w(t)·Σ reg` (`w(t)`: the schedule's
+    `reg` after warm-up). BRECQ's loss (`reg_per_variable = 0`): `a = 1`, `b = 1`. Normalised
+    per block (`λₙ = reg_per_variable`):
+
+        L = E[Σ (f_q − f)²] / e₀ + λₙ·(w(t)/reg)·Σ reg / N_V
+
+    with `e₀` the block's error under round to nearest and `N_V` its rounding variables:
+    both terms are ~1 at the start whatever the block's activation scale and size, so one
+    λₙ balances every block. Unnormalised, the balance `reg·N_V / e₀` spans 0.02–10 over
+    EfficientNet-Lite0's blocks against 50–25,000 on MiniLM and small CNNs, and most of a
+    large CNN's rounding stays soft (`benchmarks/README.md`)."""
+    if p.reg_per_variable <= 0:
+        return jnp.float32(1.0), jnp.float32(1.0)
+    a = 1.0 / jnp.maximum(error_before, jnp.float32(1e-30))
+    return a, jnp.float32(p.reg_per_variable / (p.schedule.reg * max(variables, 1)))
+
+
 class Learned(NamedTuple):
     v: dict  # weight key → V
     u: dict  # layer → log step-size change
@@ -255,11 +276,11 @@ def optimise(
 
     def regulariser(lv, step):
         reg = sum(rounding_reg(v, beta_schedule(step, soft, p.schedule)) for v in jax.tree.leaves(lv.v))
-        return regulariser_weight(step, soft, p.schedule) * reg
+        return reg_weight * regulariser_weight(step, soft, p.schedule) * reg
 
     def loss(lv, idx, step, k):
         x, y, m = take(idx)
-        return output_error(apply(lv, x, k if p.keep < 1.0 else None), y, m) + regulariser(lv, step)
+        return error_weight * output_error(apply(lv, x, k if p.keep < 1.0 else None), y, m) + regulariser(lv, step)
 
     def gradient(lv, idx, step, k):
         """`∇L` on the mini-batch `idx`; in parts of `micro` samples when it is smaller."""
@@ -273,7 +294,7 @@ def optimise(
             def error_sum(lv):
                 x, y, m = take(parts[j])
                 drops = jax.random.fold_in(k, j) if p.keep < 1.0 else None
-                return output_error_sums(apply(lv, x, drops), y, m)[0] / jnp.maximum(count, 1.0)
+                return error_weight * output_error_sums(apply(lv, x, drops), y, m)[0] / jnp.maximum(count, 1.0)
 
             return jax.tree.map(jnp.add, total, jax.grad(error_sum)(lv)), None
 
@@ -315,6 +336,8 @@ def optimise(
 
     reported = fit[: min(MOST_REPORTED, fit.shape[0])]
     fitted_before = error_on(learned, reported)
+    variables = sum(v.size for v in jax.tree.leaves(learned.v))
+    error_weight, reg_weight = loss_weights(p, jax.lax.stop_gradient(fitted_before), variables)
     if split is None or split.held.shape[0] == 0:
         (kept, _), _ = jax.lax.scan(step_fn, (learned, opt.init(learned)), jnp.arange(p.steps))
         nan = jnp.float32(jnp.nan)

@@ -229,6 +229,13 @@ class QuantConfig:
           and `h(V)` is hard only beyond |V| ≈ 2.4, so `recon_lr × steps` decides whether the
           rounding can end hard. 0.05 (default; 0.01 before: about half of a CNN block's
           rounding stayed soft after 300 steps, `docs/accuracy.md`).
+      recon_reg: λₙ, the rounding regulariser's weight in BRECQ/QDrop's loss normalised per
+          block (`jaxq.block_reconstruction.loss_weights`): the block's output error divided
+          by its error under round to nearest, plus λₙ times the mean regulariser per rounding
+          variable, so one weight balances blocks of any activation scale and size. 0: the
+          papers' unnormalised loss (error summed over features + 0.01·Σ regulariser), whose
+          balance differs by 10⁵ between an EfficientNet's blocks and a transformer's.
+          0 (default).
       recon_inputs: what the quantized layer sees while EasyQuant and AdaRound fit it to the
           float layer's output: `"float"` (the float model's inputs, default) or
           `"quantized"` (the inputs of the round-to-nearest quantized model, one more pass
@@ -303,6 +310,7 @@ class QuantConfig:
     recon_holdout: float = 0.0
     recon_hard_final: float = 0.0
     recon_lr: float = 0.05
+    recon_reg: float = 0.0
     recon_synthetic: int = 0
     bias_correction: bool | None = None
     memory_budget: int | None = None
@@ -426,6 +434,11 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.recon_lr={self.recon_lr!r} must be a number in (0, 10] "
                 "(Adam's learning rate on block reconstruction's rounding variables)"
+            )
+        if not _is_real(self.recon_reg) or not 0 <= self.recon_reg <= 1e6:
+            raise ValueError(
+                f"QuantConfig.recon_reg={self.recon_reg!r} must be a number in [0, 1e6] (the rounding "
+                "regulariser's weight in block reconstruction's normalised loss; 0: the unnormalised loss)"
             )
         if self.memory_budget is not None and (not is_int(self.memory_budget) or self.memory_budget < 16):
             raise ValueError(

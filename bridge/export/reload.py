@@ -181,6 +181,7 @@ USED_ONLY_WHEN = {
     "recon_holdout": _runs_blocks,
     "recon_hard_final": _runs_blocks,
     "recon_lr": _runs_blocks,
+    "recon_reg": _runs_blocks,
 }
 
 

@@ -235,6 +235,37 @@ def test_the_rounding_learning_rate_decides_whether_the_default_steps_end_hard()
     assert float(fast.fitted_after) < 0.75 * float(slow.fitted_after)
 
 
+def test_the_normalised_loss_does_not_depend_on_the_block_output_scale():
+    """`reg_per_variable > 0`: the block's error over its round-to-nearest error, the
+    regulariser per variable — a block whose outputs are 64× larger (errors 4096×, exact in
+    float) learns exactly the same codes. The papers' unnormalised loss does not: there the
+    larger errors swamp the regulariser and less of the rounding ends hard."""
+    apply, learned, x, target = _two_layer_problem()
+    big = lambda lv, inputs, key: 64.0 * apply(lv, inputs, key)  # noqa: E731
+
+    def run(fn, y, reg_per_variable):
+        p = br.ReconParams(reg_per_variable=reg_per_variable)
+        kept, e = jax.jit(lambda lv, x, y, k: br.optimise(fn, lv, x, y, k, p))(learned, x, y, jax.random.PRNGKey(0))
+        return [np.asarray(br.rectified_sigmoid(v)) >= 0.5 for v in kept.v.values()], e
+
+    codes, e = run(apply, target, 100.0)
+    codes_big, e_big = run(big, 64.0 * target, 100.0)
+    assert all(np.array_equal(a, b) for a, b in zip(codes, codes_big))
+    assert float(e_big.hard_share) == float(e.hard_share) > 0.9
+    np.testing.assert_allclose(float(e_big.fitted_after), 4096 * float(e.fitted_after), rtol=1e-6)
+    _, plain = run(apply, target, 0.0)
+    _, plain_big = run(big, 64.0 * target, 0.0)
+    assert float(plain_big.hard_share) < float(plain.hard_share) - 0.1
+
+
+def test_loss_weights_are_one_unnormalised_and_scale_free_normalised():
+    p = br.ReconParams()
+    assert tuple(map(float, br.loss_weights(p, jnp.float32(8.0), 1000))) == (1.0, 1.0)
+    a, b = br.loss_weights(p._replace(reg_per_variable=50.0), jnp.float32(8.0), 1000)
+    np.testing.assert_allclose([float(a), float(b)], [1 / 8, 50.0 / (p.schedule.reg * 1000)], rtol=1e-6)
+    assert np.isfinite(float(br.loss_weights(p._replace(reg_per_variable=1.0), jnp.float32(0.0), 10)[0]))
+
+
 def test_the_hard_final_steps_hold_the_rounding_hard_and_learn_only_the_step_sizes():
     """`hard_final`: the first steps are the soft run of that length (the regulariser's
     schedule over them), then every `V` stays at its hard rounding — the codes are that

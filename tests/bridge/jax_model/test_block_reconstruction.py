@@ -258,6 +258,25 @@ def test_recon_lr_out_of_range_names_the_field(bad):
         jaxq.QuantConfig(recon_lr=bad)
 
 
+def test_recon_reg_reaches_every_block():
+    """A large normalised regulariser weight hardens more of every block's rounding in the
+    same steps than a tiny one (this fails if the field does not reach the blocks)."""
+
+    def hard_shares(reg):
+        net, data = _net_and_data()
+        cfg = jaxq.QuantConfig(w_bit=3, a_bit=8, bias_correction=False, keep_acc={"brecq": [True, 40]}, recon_reg=reg)
+        return [float(r.hard_share) for r in Calibrator(net, cfg, data, progress=False).run().reports["blocks"]]
+
+    weak, strong = hard_shares(1e-3), hard_shares(1e4)
+    assert weak and all(s > w for s, w in zip(strong, weak)), (weak, strong)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 2e6, True, "100", None])
+def test_recon_reg_out_of_range_names_the_field(bad):
+    with pytest.raises(ValueError, match=r"QuantConfig.recon_reg=.* must be a number in \[0, 1e6\]"):
+        jaxq.QuantConfig(recon_reg=bad)
+
+
 def test_a_memory_budget_below_a_blocks_program_takes_its_gradient_in_parts():
     """`memory_budget` bounds a block's training program: the default budget runs the
     whole mini-batch at once; 16 MiB, below these blocks' programs at 48 px (~18 MiB),
