@@ -57,7 +57,7 @@ class ReconParams(NamedTuple):
     checks: int = 4  # held-out measurements, evenly spaced; the last at the final step
     hard_final: float = 0.0  # share of the steps, at the end, with the rounding held hard (`soft_steps`)
     micro_batch: int = 0  # samples per gradient pass (`micro_batch_size`); 0: the whole mini-batch at once
-    reg_per_variable: float = 0.0  # QuantConfig.recon_reg: λₙ of the normalised loss (`loss_weights`); 0: unnormalised
+    reg_per_variable: float = 0.0  # λₙ (`loss_weights`); 0: the papers' loss (QuantConfig.recon_reg: 1000)
 
 
 def _mix32(h: jax.Array) -> jax.Array:
@@ -223,6 +223,8 @@ def loss_weights(p: ReconParams, error_before: jax.Array, variables: int) -> tup
     if p.reg_per_variable <= 0:
         return jnp.float32(1.0), jnp.float32(1.0)
     a = 1.0 / jnp.maximum(error_before, jnp.float32(1e-30))
+    if p.schedule.reg <= 0:  # the regulariser is off
+        return a, jnp.float32(0.0)
     return a, jnp.float32(p.reg_per_variable / (p.schedule.reg * max(variables, 1)))
 
 

@@ -264,6 +264,8 @@ def test_loss_weights_are_one_unnormalised_and_scale_free_normalised():
     a, b = br.loss_weights(p._replace(reg_per_variable=50.0), jnp.float32(8.0), 1000)
     np.testing.assert_allclose([float(a), float(b)], [1 / 8, 50.0 / (p.schedule.reg * 1000)], rtol=1e-6)
     assert np.isfinite(float(br.loss_weights(p._replace(reg_per_variable=1.0), jnp.float32(0.0), 10)[0]))
+    off = p._replace(reg_per_variable=1.0, schedule=br.RoundingSchedule(reg=0.0))
+    assert float(br.loss_weights(off, jnp.float32(8.0), 10)[1]) == 0.0
 
 
 def test_the_hard_final_steps_hold_the_rounding_hard_and_learn_only_the_step_sizes():
