@@ -21,8 +21,7 @@ Models, each calibrated on data it is not evaluated on:
 - `digits`: the shipped digits CNN (`bridge.models.digits`); 256 training digits chosen by
   the subset's seed, top-1, and agreement and KL with the float model on the 450 test digits.
 - `digits_resnet`: a small residual CNN trained here on the same digits (seed 0, 30 epochs,
-  a few seconds); same protocol. Its max-pooling items split the Sequential of residual
-  units, so `find_blocks` reconstructs each convolution alone, not the units.
+  a few seconds); same protocol. Its blocks are the residual units (max pooling between them).
 - `digits_mobilenet`: a MobileNetV2-style CNN trained here the same way (inverted residual
   blocks with depthwise convolutions), the check on an architecture nothing was tuned on.
 - `minilm`: all-MiniLM-L6-v2; 64 passages (subset 1: the protocol's first 64; others drawn by

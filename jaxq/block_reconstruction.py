@@ -217,9 +217,9 @@ def loss_weights(p: ReconParams, error_before: jax.Array, variables: int) -> tup
 
     with `e₀` the block's error under round to nearest and `N_V` its rounding variables:
     both terms are ~1 at the start whatever the block's activation scale and size, so one
-    λₙ balances every block. Unnormalised, the balance `reg·N_V / e₀` spans 0.02–10 over
-    EfficientNet-Lite0's blocks against 50–25,000 on MiniLM and small CNNs, and most of a
-    large CNN's rounding stays soft (`benchmarks/README.md`)."""
+    λₙ balances every block. Unnormalised, the balance `reg·N_V / e₀` differs by orders of
+    magnitude between blocks and models, and blocks with large outputs end with part of
+    their rounding soft (measured in `benchmarks/README.md`)."""
     if p.reg_per_variable <= 0:
         return jnp.float32(1.0), jnp.float32(1.0)
     a = 1.0 / jnp.maximum(error_before, jnp.float32(1e-30))

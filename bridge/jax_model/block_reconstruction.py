@@ -14,8 +14,10 @@ Block by block, in call order:
    error without a split) is not below round to nearest's: then the block keeps its records.
 
 Blocks: the items of the outermost `nn.ModuleList`/`nn.Sequential` whose items each hold
-quantized layers (EfficientNet's MBConv blocks, a BERT encoder's layers); every quantized
-layer outside them is a block of its own. `blocks=[names]` overrides.
+quantized layers (EfficientNet's MBConv blocks, a BERT encoder's layers), or whose items
+that hold quantized layers are two or more modules of one class (residual units with
+pooling between them: the items without quantized layers stay outside every block);
+every quantized layer outside them is a block of its own. `blocks=[names]` overrides.
 """
 
 from __future__ import annotations
@@ -117,9 +119,10 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
 
     def visit(prefix: str, module: nn.Module) -> None:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
-            items = [f"{prefix}.{k}" if prefix else k for k, _ in module.named_children()]
-            if all(holds(i) for i in items):
-                for i in items:
+            items = [(f"{prefix}.{k}" if prefix else k, child) for k, child in module.named_children()]
+            units = [(i, child) for i, child in items if holds(i)]
+            if len(units) == len(items) or _repeated_units(units):
+                for i, _ in units:
                     blocks.append(i)
                     covered.update(holds(i))
                 return
@@ -129,6 +132,12 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
     visit("", model)
     blocks += [n for n in names if n not in covered]
     return blocks
+
+
+def _repeated_units(units: list[tuple[str, nn.Module]]) -> bool:
+    """At least two items hold quantized layers and all of them are modules of one class:
+    residual units with pooling (or other layers without weights to quantize) between them."""
+    return len(units) >= 2 and len({type(child) for _, child in units}) == 1
 
 
 def _called(model: nn.Module, blocks: list[str], batch) -> tuple[list[str], list[str]]:

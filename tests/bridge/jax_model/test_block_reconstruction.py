@@ -52,6 +52,20 @@ def test_blocks_are_the_module_list_items_and_the_other_layers_in_call_order():
     assert call_order(net, blocks, as_batch(data[0], 0)) == ["stem", "blocks.0", "blocks.1", "blocks.2", "head"]
 
 
+def test_residual_units_with_pooling_between_them_are_blocks():
+    units = nn.Sequential(Residual(8), nn.MaxPool2d(2), Residual(8), nn.MaxPool2d(2), Residual(8))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), units, nn.Flatten(), nn.Linear(8, 5))
+    layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert find_blocks(net, layers) == ["1.0", "1.2", "1.4", "0", "3"]
+
+
+def test_a_feature_extractor_beside_its_head_is_not_one_block():
+    features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual(8), Residual(8))
+    net = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert find_blocks(net, layers) == ["0.0", "0.1", "0.2", "3"]
+
+
 @pytest.mark.parametrize("key", ["brecq", pytest.param("qdrop", marks=pytest.mark.slow)])
 def test_block_reconstruction_lowers_block_errors_and_writes_learned_codes(key):
     net, data = _net_and_data()
