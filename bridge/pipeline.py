@@ -244,13 +244,12 @@ def _run_layer_chain(
 def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     """BRECQ / QDrop on the quantized model, through the JAX model
     (`bridge.jax_model.block_reconstruction`); learns without bias correction."""
-    from bridge.jax_model.block_reconstruction import find_blocks, named_blocks, reconstruct_blocks
+    from bridge.jax_model.block_reconstruction import choose_blocks, reconstruct_blocks
     from jaxq.block_reconstruction import ReconParams
 
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
-    named = ctx.cfg.recon_blocks
-    blocks = named_blocks(ctx.model, ctx.quantizers, named) if named else find_blocks(ctx.model, ctx.quantizers)
+    blocks = choose_blocks(ctx.model, ctx.quantizers, ctx.cfg.recon_blocks)
 
     set_quant = functools.partial(set_quantization, ctx.quantizers)
     with quantization(ctx.quantizers, True), ctx.bar("jaxq blocks", len(blocks), unit="block") as bar:

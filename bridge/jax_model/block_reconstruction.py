@@ -27,6 +27,7 @@ import difflib
 import functools
 import math
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,29 @@ class BlockReport:
 
 class BlockNameError(ValueError):
     """A block named in `QuantConfig.recon_blocks` is not a usable block of the model."""
+
+
+class LayerWiseBlocks(UserWarning):
+    """`find_blocks` found no unit of several quantized layers: each layer is its own block."""
+
+
+def choose_blocks(model: nn.Module, layer_names, named=None) -> list[str]:
+    """The user's blocks (`named_blocks`) when named, else `find_blocks`'s, with a
+    `LayerWiseBlocks` warning when none of those holds more than one quantized layer."""
+    names = list(layer_names)
+    if named:
+        return named_blocks(model, names, named)
+    blocks = find_blocks(model, names)
+    if len(names) > 1 and all(len(_holds(names, b)) <= 1 for b in blocks):
+        warnings.warn(
+            f"block reconstruction found no unit of several quantized layers in {type(model).__name__} "
+            "(the items of a ModuleList/Sequential that each hold quantized layers, or two or more of one "
+            "class): each of its quantized layers is a block of its own. Name the units with "
+            "QuantConfig(recon_blocks=[...]) to reconstruct them whole",
+            LayerWiseBlocks,
+            stacklevel=3,
+        )
+    return blocks
 
 
 def named_blocks(model: nn.Module, layer_names, named) -> list[str]:

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import jaxq
 from bridge import Calibrator
 from bridge.capture.data import as_batch
 from bridge.evaluation import protocols
-from bridge.jax_model.block_reconstruction import _called, find_blocks
+from bridge.jax_model.block_reconstruction import LayerWiseBlocks, _called, choose_blocks, find_blocks
 
 
 def call_order(model: nn.Module, blocks: list[str], batch) -> list[str]:
@@ -64,6 +66,18 @@ def test_a_feature_extractor_beside_its_head_is_not_one_block():
     net = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert find_blocks(net, layers) == ["0.0", "0.1", "0.2", "3"]
+
+
+def test_a_model_without_units_warns_that_its_layers_are_blocks_alone():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(5))
+    with pytest.warns(LayerWiseBlocks, match=r"recon_blocks=\[\.\.\.\]"):
+        assert choose_blocks(net, ["0", "2", "4"]) == ["0", "2", "4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_blocks(net, ["0", "2", "4"], ["0", "2"]) == ["0", "2", "4"]  # named: no warning
+        units, _ = _net_and_data()
+        layers = [n for n, m in units.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert "blocks.0" in choose_blocks(units, layers)
 
 
 @pytest.mark.parametrize("key", ["brecq", pytest.param("qdrop", marks=pytest.mark.slow)])
