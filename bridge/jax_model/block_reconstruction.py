@@ -160,8 +160,10 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
 
 def _repeated_units(units: list[tuple[str, nn.Module]]) -> bool:
     """At least two items hold quantized layers and all of them are modules of one class:
-    residual units with pooling (or other layers without weights to quantize) between them."""
-    return len(units) >= 2 and len({type(child) for _, child in units}) == 1
+    residual units with pooling (or other layers without weights to quantize) between them.
+    Not containers: `Sequential(features, Flatten(), classifier)` is not two units."""
+    kinds = {type(child) for _, child in units}
+    return len(units) >= 2 and len(kinds) == 1 and not issubclass(kinds.pop(), (nn.Sequential, nn.ModuleList))
 
 
 def _called(model: nn.Module, blocks: list[str], batch) -> tuple[list[str], list[str]]:

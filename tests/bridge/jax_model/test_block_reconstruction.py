@@ -66,6 +66,10 @@ def test_a_feature_extractor_beside_its_head_is_not_one_block():
     net = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert find_blocks(net, layers) == ["0.0", "0.1", "0.2", "3"]
+    head = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 5))
+    net = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert find_blocks(net, layers) == ["0.0", "0.1", "0.2", "3.0", "3.2"]
 
 
 def test_a_model_without_units_warns_that_its_layers_are_blocks_alone():
