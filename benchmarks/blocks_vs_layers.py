@@ -14,7 +14,7 @@ block), and AdaRound then QDrop from AdaRound's codes, each with their defaults 
 Every (model, algorithm, subset) runs in a fresh process with the compilation cache off;
 `peak MiB` is the largest resident memory sampled every 20 ms over the whole process
 (model, data and evaluation included), `run s` the `Calibrator(...).run()` seconds.
-Rows: mean ± std over the calibration subsets.
+Rows: mean ± std over the calibration subsets, then each subset's values.
 
 Models, each calibrated on data it is not evaluated on:
 
@@ -298,6 +298,9 @@ def main(argv=None):
                 + f"{' '.join(r['blocks_kept'] for r in runs):>13}",
                 flush=True,
             )
+            if len(runs) > 1:  # each subset's values, for pooling with later runs
+                for subset, r in zip(args.subsets, runs):
+                    print(f"{'  subset ' + str(subset):<15}" + "".join(f"{r[k]:>20.4f}" for k in keys), flush=True)
 
 
 if __name__ == "__main__":
