@@ -9,7 +9,7 @@
 
 W4A8 histogram, bias correction on (the default), `quantize_first_last="8bit"` (the
 papers' convention: first and last layer's weights and the last layer's input at 8 bits).
-Algorithms: round to nearest, AdaRound (1000 steps per layer), GPTQ, QDrop (300 steps per
+Algorithms: round to nearest, AdaRound (1000 steps per layer), GPTQ, QDrop and BRECQ (300 steps per
 block), and AdaRound then QDrop from AdaRound's codes, each with their defaults otherwise.
 Every (model, algorithm, subset) runs in a fresh process with the compilation cache off;
 `peak MiB` is the largest resident memory sampled every 20 ms over the whole process
@@ -24,7 +24,8 @@ Models, each calibrated on data it is not evaluated on:
   a few seconds); same protocol. Its blocks are the residual units (max pooling between them).
 - `digits_mobilenet`: a MobileNetV2-style CNN trained here the same way (inverted residual
   blocks with depthwise convolutions), the check on an architecture nothing was tuned on.
-- `minilm`: all-MiniLM-L6-v2; 64 passages (subset 1: the protocol's first 64; others drawn by
+- `minilm`: all-MiniLM-L6-v2; 64 passages (`--calib-size`; subset 1: the protocol's first 64, then the
+  passages after the evaluation set in order; others drawn by
   seed from the passages after the evaluation set), mean / min cosine on 256 other passages.
 - `efficientnet_lite0_unseen`: 64 crops of the five calibration photos (crop seed = subset),
   agreement / KL with the float model on 128 crops of the three other photos; `gap`: the
@@ -44,6 +45,7 @@ ALGOS = {
     "adaround": {"adaround": [True, 1000]},
     "gptq": {"gptq": True},
     "qdrop": {"qdrop": [True, 300]},
+    "brecq": {"brecq": [True, 300]},
     "adaround+qdrop": {"adaround": [True, 1000], "qdrop": [True, 300]},
     "adaround+pd_quant": {"adaround": [True, 1000], "pd_quant": [True, 200]},
 }
@@ -166,8 +168,9 @@ def _digits_case(make, subset: int):
     return make, calib, evaluate
 
 
-def _case(name: str, subset: int):
-    """`(make_model, calibration batches, evaluate)` of model `name` for calibration subset `subset`."""
+def _case(name: str, subset: int, size: int = 64):
+    """`(make_model, calibration batches, evaluate)` of model `name` for calibration subset `subset`
+    (`size`: calibration passages or crops; the digits nets take their 256 digits)."""
     from bridge.evaluation import metrics, zoo
 
     if name == "digits":
@@ -189,11 +192,11 @@ def _case(name: str, subset: int):
 
         tokenizer, _ = zoo.minilm()
         passages = zoo.text_passages()
-        if subset == 1:
-            chosen = passages[:64]
+        pool = passages[320:]
+        if subset == 1:  # the protocol's first 64, then the pool's first passages
+            chosen = passages[: min(size, 64)] + pool[: max(size - 64, 0)]
         else:
-            pool = passages[320:]
-            chosen = [pool[i] for i in np.random.default_rng(subset).choice(len(pool), 64, replace=False)]
+            chosen = [pool[i] for i in np.random.default_rng(subset).choice(len(pool), size, replace=False)]
         calib = zoo.text_batches(tokenizer, chosen, batch_size=1)
         evaluation = zoo.text_batches(tokenizer, passages[64:320], batch_size=16)
         fp = metrics.sentence_embeddings(zoo.minilm()[1], evaluation)
@@ -204,7 +207,7 @@ def _case(name: str, subset: int):
 
         return (lambda: zoo.minilm()[1]), calib, evaluate
     if name == "efficientnet_lite0_unseen":
-        crops = zoo.image_crops(64, seed=subset, which=zoo.CALIBRATION_PHOTOS)
+        crops = zoo.image_crops(size, seed=subset, which=zoo.CALIBRATION_PHOTOS)
         evaluation = zoo.image_crops(128, seed=2, which=zoo.UNSEEN_PHOTOS)
         seen = zoo.image_crops(128, seed=1003, which=zoo.CALIBRATION_PHOTOS)  # new crops, fitted photos
         fp, fp_seen = (metrics.logits(zoo.efficientnet_lite0(), x) for x in (evaluation, seen))
@@ -232,14 +235,16 @@ def child(spec: dict) -> dict:
     from bridge import Calibrator, jit_cache
 
     jit_cache.disable()
-    make, calib, evaluate = _case(spec["model"], spec["subset"])
+    make, calib, evaluate = _case(spec["model"], spec["subset"], spec["calib_size"])
     cfg = jaxq.QuantConfig(
         w_bit=spec["w_bit"],
         a_bit=spec["a_bit"],
         quant_mode=1,
         act_method=2,
         quantize_first_last="8bit",
-        keep_acc={k: [True, spec["block_steps"]] if k == "qdrop" else v for k, v in ALGOS[spec["algo"]].items()},
+        keep_acc={
+            k: [True, spec["block_steps"]] if k in ("qdrop", "brecq") else v for k, v in ALGOS[spec["algo"]].items()
+        },
         **spec["extra"],
     )
     t = time.perf_counter()
@@ -266,7 +271,10 @@ def main(argv=None):
     ap.add_argument("--w-bit", type=int, default=4)
     ap.add_argument("--a-bit", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--block-steps", type=int, default=300, help="QDrop's steps per block")
+    ap.add_argument("--block-steps", type=int, default=300, help="QDrop's and BRECQ's steps per block")
+    ap.add_argument(
+        "--calib-size", type=int, default=64, help="calibration passages (minilm) or crops (efficientnet_lite0_unseen)"
+    )
     ap.add_argument("--config", default="{}", help="more QuantConfig fields as JSON, e.g. '{\"recon_holdout\": 0.25}'")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -277,6 +285,7 @@ def main(argv=None):
         keys = METRICS[name]
         extra = json.loads(args.config)
         setting = f"W{args.w_bit}A{args.a_bit}, first/last 8 bit, bias correction, {extra}; subsets {args.subsets}"
+        setting += f", {args.calib_size} calibration samples"
         print(f"\n{name} {setting}", flush=True)
         header = "".join(f"{k:>20}" for k in keys) + f"{'run s':>8}{'peak MiB':>10}{'blocks kept':>13}"
         print(f"{'algorithm':<15}{header}")
@@ -285,6 +294,7 @@ def main(argv=None):
             for subset in args.subsets:
                 spec = {"model": name, "algo": algo, "subset": subset, "threads": args.threads}
                 spec.update(w_bit=args.w_bit, a_bit=args.a_bit, extra=extra, block_steps=args.block_steps)
+                spec["calib_size"] = args.calib_size
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
                 )
