@@ -217,7 +217,7 @@ def _case(name: str, subset: int, size: int = 64):
             agree_seen, _ = metrics.agreement_and_kl(fp_seen, metrics.logits(model, seen))
             return {"agreement": agree, "kl": kl, "gap": agree_seen - agree}
 
-        return zoo.efficientnet_lite0, [crops[i : i + 8] for i in range(0, 64, 8)], evaluate
+        return zoo.efficientnet_lite0, [crops[i : i + 8] for i in range(0, len(crops), 8)], evaluate
     raise ValueError(f"model {name!r}: expected one of {sorted(METRICS)}")
 
 
