@@ -27,7 +27,7 @@ Models, each calibrated on data it is not evaluated on:
 - `minilm`: all-MiniLM-L6-v2; 64 passages (`--calib-size`; subset 1: the protocol's first 64, then the
   passages after the evaluation set in order; others drawn by
   seed from the passages after the evaluation set), mean / min cosine on 256 other passages.
-- `efficientnet_lite0_unseen`: 64 crops of the five calibration photos (crop seed = subset),
+- `efficientnet_lite0_unseen`: 64 crops (`--calib-size`) of the five calibration photos (crop seed = subset),
   agreement / KL with the float model on 128 crops of the three other photos; `gap`: the
   agreement on 128 new crops of the five calibration photos minus that on the unseen ones.
 """
@@ -49,6 +49,8 @@ ALGOS = {
     "adaround+qdrop": {"adaround": [True, 1000], "qdrop": [True, 300]},
     "adaround+pd_quant": {"adaround": [True, 1000], "pd_quant": [True, 200]},
 }
+BLOCK_KEYS = ("brecq", "qdrop")  # the keep_acc entries `--block-steps` sets
+SIZED = ("minilm", "efficientnet_lite0_unseen")  # the models `--calib-size` applies to
 METRICS = {
     "digits": ("top1", "agreement", "kl"),
     "digits_resnet": ("top1", "agreement", "kl"),
@@ -242,9 +244,7 @@ def child(spec: dict) -> dict:
         quant_mode=1,
         act_method=2,
         quantize_first_last="8bit",
-        keep_acc={
-            k: [True, spec["block_steps"]] if k in ("qdrop", "brecq") else v for k, v in ALGOS[spec["algo"]].items()
-        },
+        keep_acc={k: [True, spec["block_steps"]] if k in BLOCK_KEYS else v for k, v in ALGOS[spec["algo"]].items()},
         **spec["extra"],
     )
     t = time.perf_counter()
@@ -281,6 +281,9 @@ def main(argv=None):
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    unsized = [m for m in args.models if m not in SIZED]
+    if args.calib_size != 64 and unsized:
+        ap.error(f"--calib-size={args.calib_size} applies to {list(SIZED)} only; {unsized} calibrate on 256 digits")
     for name in args.models:
         keys = METRICS[name]
         extra = json.loads(args.config)
@@ -294,7 +297,7 @@ def main(argv=None):
             for subset in args.subsets:
                 spec = {"model": name, "algo": algo, "subset": subset, "threads": args.threads}
                 spec.update(w_bit=args.w_bit, a_bit=args.a_bit, extra=extra, block_steps=args.block_steps)
-                spec["calib_size"] = args.calib_size
+                spec.update(calib_size=args.calib_size)
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
                 )
