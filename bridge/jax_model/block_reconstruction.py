@@ -14,10 +14,11 @@ Block by block, in call order:
    error without a split) is not below round to nearest's: then the block keeps its records.
 
 Blocks: the items of the outermost `nn.ModuleList`/`nn.Sequential` whose items each hold
-quantized layers (EfficientNet's MBConv blocks, a BERT encoder's layers), or whose items
-that hold quantized layers are two or more modules of one class (residual units with
-pooling between them: the items without quantized layers stay outside every block);
-every quantized layer outside them is a block of its own. `blocks=[names]` overrides.
+quantized layers (EfficientNet's MBConv blocks, a BERT encoder's layers); else, of the
+outermost one where two or more items of one class hold quantized layers, those items
+(residual units with pooling between them; a stem conv or a Linear head of another class
+beside them is searched on its own); every quantized layer outside them is a block of its
+own. `blocks=[names]` overrides.
 """
 
 from __future__ import annotations
@@ -145,10 +146,14 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1:
             items = [(f"{prefix}.{k}" if prefix else k, child) for k, child in module.named_children()]
             units = [(i, child) for i, child in items if holds(i)]
-            if len(units) == len(items) or _repeated_units(units):
-                for i, _ in units:
-                    blocks.append(i)
-                    covered.update(holds(i))
+            repeated = {i for i, _ in units} if len(units) == len(items) else _repeated_units(units)
+            if repeated:
+                for i, child in units:
+                    if i in repeated:
+                        blocks.append(i)
+                        covered.update(holds(i))
+                    else:
+                        visit(i, child)
                 return
         for key, child in module.named_children():
             visit(f"{prefix}.{key}" if prefix else key, child)
@@ -158,12 +163,17 @@ def find_blocks(model: nn.Module, layer_names) -> list[str]:
     return blocks
 
 
-def _repeated_units(units: list[tuple[str, nn.Module]]) -> bool:
-    """At least two items hold quantized layers and all of them are modules of one class:
-    residual units with pooling (or other layers without weights to quantize) between them.
-    Not containers: `Sequential(features, Flatten(), classifier)` is not two units."""
-    kinds = {type(child) for _, child in units}
-    return len(units) >= 2 and len(kinds) == 1 and not issubclass(kinds.pop(), (nn.Sequential, nn.ModuleList))
+def _repeated_units(units: list[tuple[str, nn.Module]]) -> set[str]:
+    """The items among `units` (items that hold quantized layers) whose class at least one
+    other item shares: residual units with pooling (or other layers without weights to
+    quantize) between them, and a stem or head of another class beside them. Not
+    containers: `Sequential(features, Flatten(), classifier)` is not two units."""
+    counts: dict[type, int] = {}
+    for _, child in units:
+        counts[type(child)] = counts.get(type(child), 0) + 1
+    return {
+        i for i, child in units if counts[type(child)] >= 2 and not isinstance(child, (nn.Sequential, nn.ModuleList))
+    }
 
 
 def _called(model: nn.Module, blocks: list[str], batch) -> tuple[list[str], list[str]]:

@@ -61,6 +61,22 @@ def test_residual_units_with_pooling_between_them_are_blocks():
     assert find_blocks(net, layers) == ["1.0", "1.2", "1.4", "0", "3"]
 
 
+def test_units_beside_a_stem_and_a_head_of_other_classes_are_blocks():
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        Residual(8),
+        nn.AvgPool2d(2),
+        Residual(8),
+        nn.Flatten(),
+        nn.LazyLinear(5),
+    )
+    layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # units found: no LayerWiseBlocks warning
+        assert choose_blocks(net, layers) == ["2", "4", "0", "6"]
+
+
 def test_a_feature_extractor_beside_its_head_is_not_one_block():
     features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Residual(8), Residual(8))
     net = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
