@@ -272,8 +272,9 @@ class QuantConfig:
           quantized layers; no two may overlap; every quantized layer outside them is a
           block of its own), checked before any work. None (default): found from the
           model — the items of its outermost ModuleList/Sequential that each hold quantized
-          layers, or that are two or more modules of one class (residual units with pooling
-          between them); a `LayerWiseBlocks` warning says when none holds several layers.
+          layers, or else those that are two or more modules of one class (residual units with
+          pooling between them, a stem or head of another class beside them searched on its
+          own); a `LayerWiseBlocks` warning says when none holds several layers.
       w_group_size: input columns per weight scale of 2-D weights (Linear layers, attention
           projections): `Ŵ[r, c] = (q[r, c] − o[r, c//g])·s[r, c//g]`, scales and offsets
           `[out, in/g]` (`jaxq.groupwise`), with every layer's input width a multiple of `g`
