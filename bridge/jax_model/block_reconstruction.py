@@ -36,10 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bridge.capture.data import Batch, iter_batches, run_model
+from bridge.capture.data import iter_batches, run_model
 from bridge.capture.memory import release_freed_memory
-from bridge.jax_model.fitting import capture_io, compile_within, equal_shapes, stack_inputs
-from bridge.jax_model.lower import LoweringError, to_jax_tree
+from bridge.jax_model.fitting import capture_block, compile_within, equal_shapes
 from bridge.jax_model.quantized import quantized_forward
 from bridge.jax_model.studies import primary
 from bridge.inplace.record import LayerRecord, apply_records, is_nearest
@@ -249,15 +248,13 @@ def reconstruct_block(
     names = [block] if block in quantizers else [n for n in quantizers if n.startswith(prefix)]
     rel = {n: (n[len(prefix) :] if prefix else "") for n in names}
     set_quant(True)
-    args_l, kwargs_l, _ = capture_io(model, block, batches)
+    quantized_in = capture_block(model, block, batches, output=False)
     set_quant(False)
-    _, _, target_l = capture_io(model, block, batches)
+    target = capture_block(model, block, batches, inputs=False).output
     set_quant(True)
-    if not args_l:
-        raise LoweringError(f"block {block!r} was not called on the calibration data")
-    (t_args, t_kwargs), static = stack_inputs(args_l, kwargs_l)
+    inputs, static, example = quantized_in.inputs, quantized_in.static, quantized_in.example
+    del quantized_in
     module = model.get_submodule(block)
-    example = Batch(args_l[0], kwargs_l[0])
     qf = quantized_forward(module, {rel[n]: records[n] for n in names}, example, {rel[n]: quantizers[n] for n in names})
     soft, v0 = {}, {}
     full = {r: n for n, r in rel.items()}
@@ -270,9 +267,7 @@ def reconstruct_block(
     learned = br.Learned(v0, {layer.name: jnp.float32(0.0) for layer in qf.layers})
     apply = _block_apply(qf, qf.layers, static, params.keep)
     consts = (dict(qf.lowered.params), qf.lowered.buffers, qf.state, soft)
-    inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
-    target = jnp.asarray(torch.cat(target_l).float().numpy())
-    del args_l, kwargs_l, target_l, example, t_args, t_kwargs  # the JAX copies are what the steps read
+    del example
     release_freed_memory()
     mask = None
     if token_mask is not None and target.ndim == 3 and tuple(target.shape[:2]) == tuple(token_mask.shape):

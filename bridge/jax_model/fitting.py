@@ -4,63 +4,128 @@ token batches padded to one shape, and a training program compiled within a memo
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
+import jax
 import torch
 from torch import nn
 
 from bridge.capture.data import Batch, run_model
 from bridge.jax_model.collate import is_token_batch, pad_tokens
+from bridge.jax_model.lower import LoweringError
 from bridge.jax_model.studies import primary
 
 
 class _Captured(BaseException):
-    """Raised by `capture_io`'s hook once a batch's block inputs and output are kept: the
+    """Raised by `capture_block`'s hook once a batch's block inputs and output are kept: the
     rest of the forward is not needed. A `BaseException`, so that a model's own `except
     Exception` does not swallow it."""
 
 
-def capture_io(model: nn.Module, block: str, batches) -> tuple[list, list, list]:
-    """Per batch: the block's (args, kwargs) and output on its first call; each batch's
-    forward stops there (an early block costs a fraction of a forward)."""
-    ins, outs = [], []
+@dataclasses.dataclass
+class Captured:
+    """A block's inputs and float output over all batches, stacked along the sample axis.
+
+    `inputs`: `(args, kwargs)` of JAX arrays, the tensor arguments only (None: not kept);
+    `static`: `(n_args, tensor positions, other args, other kwargs)`, the first batch's;
+    `example`: the first batch's inputs as torch tensors (for lowering the block);
+    `output`: the block's primary output as float32 (None: not kept)."""
+
+    inputs: tuple | None
+    static: tuple
+    example: Batch
+    output: jax.Array | None
+
+
+class _HostStack:
+    """One tensor's samples from successive batches, written into one host buffer that JAX
+    then reads in place: `jax.device_put` aliases a 64-byte-aligned NumPy array on CPU
+    (torch's CPU allocator aligns to 64 bytes), so a stack is held once, not as per-batch
+    clones plus their concatenation plus JAX's copy (three times, before)."""
+
+    def __init__(self, batches: int, dtype=None):
+        self.batches, self.dtype, self.buf, self.n = batches, dtype, None, 0
+
+    def add(self, t: torch.Tensor, where: str) -> None:
+        t = t.detach()
+        if t.ndim == 0:
+            raise LoweringError(f"{where} is a 0-d tensor; block inputs and outputs need a sample axis")
+        k = t.shape[0]
+        if self.buf is None:  # room for every batch at this batch's size; grown if one is larger
+            self.buf = torch.empty((k * self.batches, *t.shape[1:]), dtype=self.dtype or t.dtype)
+        elif tuple(t.shape[1:]) != tuple(self.buf.shape[1:]):
+            earlier = ", ".join(map(str, self.buf.shape[1:]))
+            raise LoweringError(
+                f"{where} has shape {tuple(t.shape)}, but earlier batches' are [*, {earlier}]: "
+                "the captured samples must stack along the first axis"
+            )
+        if self.n + k > self.buf.shape[0]:
+            grown = torch.empty((max(2 * self.buf.shape[0], self.n + k), *self.buf.shape[1:]), dtype=self.buf.dtype)
+            grown[: self.n].copy_(self.buf[: self.n])
+            self.buf = grown
+        self.buf[self.n : self.n + k].copy_(t)
+        self.n += k
+
+    def to_jax(self) -> jax.Array:
+        """The stacked samples; the buffer is handed to JAX (this stack no longer holds it)."""
+        buf, self.buf = self.buf, None
+        return jax.device_put(buf[: self.n].numpy())
+
+
+def capture_block(model: nn.Module, block: str, batches, inputs: bool = True, output: bool = True) -> Captured:
+    """The block's inputs (`inputs`) and float32 output (`output`) on its first call in
+    each batch, stacked (`Captured`); each batch's forward stops there (an early block costs
+    a fraction of a forward). `block=""`: the whole model."""
+    stacks: dict = {}
+    first: list = []  # the first batch's (args, kwargs) clones, and its static values
+    out_stack = _HostStack(len(batches), torch.float32)
+    where = f"block {block!r}" if block else "the model"
 
     def hook(_m, args, kwargs, out):
-        if len(ins) == len(outs) == n_done[0]:
-            ins.append(
-                (
-                    tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                    {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+        i = batch[0]
+        if inputs or not first:
+            tensors = {p: a for p, a in enumerate(args) if isinstance(a, torch.Tensor)}
+            tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+            if not first:
+                first.append(
+                    (
+                        tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+                    )
                 )
-            )
-            outs.append(primary(out).detach().clone())
-            raise _Captured
+            if inputs:
+                for key, t in tensors.items():
+                    stacks.setdefault(key, _HostStack(len(batches))).add(t, f"{where}'s input {key!r} in batch {i}")
+        if output:
+            out_stack.add(primary(out), f"{where}'s output in batch {i}")
+        raise _Captured
 
-    n_done = [0]
+    batch = [0]
     handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for i, b in batches:
+                batch[0] = i
                 try:
                     run_model(model, b, i)
                 except _Captured:
                     pass
-                n_done[0] += 1
     finally:
         handle.remove()
-    return [a for a, _ in ins], [k for _, k in ins], outs
-
-
-def stack_inputs(args_list, kwargs_list):
-    """Tensor inputs concatenated along the sample axis; everything else from the first batch (static)."""
-    n_args = len(args_list[0])
-    tensors_args = [i for i in range(n_args) if isinstance(args_list[0][i], torch.Tensor)]
-    tensor_kwargs = [k for k, v in kwargs_list[0].items() if isinstance(v, torch.Tensor)]
-    args = tuple(torch.cat([a[i] for a in args_list]) for i in tensors_args)
-    kwargs = {k: torch.cat([kw[k] for kw in kwargs_list]) for k in tensor_kwargs}
-    static_args = {i: args_list[0][i] for i in range(n_args) if i not in tensors_args}
-    static_kwargs = {k: v for k, v in kwargs_list[0].items() if k not in tensor_kwargs}
-    return (args, kwargs), (n_args, tensors_args, static_args, static_kwargs)
+    if not first:
+        raise LoweringError(f"{where} was not called on the calibration data")
+    args, kwargs = first[0]
+    positions = [p for p in range(len(args)) if isinstance(args[p], torch.Tensor)]
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    static = (
+        len(args),
+        positions,
+        {p: a for p, a in enumerate(args) if p not in positions},
+        {k: v for k, v in kwargs.items() if k not in names},
+    )
+    stacked = (tuple(stacks[p].to_jax() for p in positions), {k: stacks[k].to_jax() for k in names}) if inputs else None
+    return Captured(stacked, static, Batch(args, kwargs), out_stack.to_jax() if output else None)
 
 
 def equal_shapes(batches: list, size: int = 8):

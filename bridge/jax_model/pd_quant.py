@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from torch import nn
 
-from bridge.capture.data import Batch, iter_batches
+from bridge.capture.data import iter_batches
 from bridge.inplace.record import LayerRecord, apply_records
-from bridge.jax_model.fitting import capture_io, compile_within, equal_shapes, stack_inputs
-from bridge.jax_model.lower import LoweringError, to_jax_tree
+from bridge.jax_model.fitting import capture_block, compile_within, equal_shapes
 from bridge.jax_model.quantized import quantized_forward
 from bridge.jax_model.studies import primary
 from jaxq import block_reconstruction as br
@@ -134,17 +133,13 @@ def learn_input_scales(
     t0 = time.perf_counter()
     batches, token_mask = equal_shapes(list(iter_batches(calib_data, device)))
     set_quant(False)
-    args_l, kwargs_l, target_l = capture_io(model, "", batches)
+    captured = capture_block(model, "", batches)
     set_quant(True)
-    if not args_l:
-        raise LoweringError("the model was not called on the calibration data")
-    (t_args, t_kwargs), static = stack_inputs(args_l, kwargs_l)
-    qf = quantized_forward(model, records, Batch(args_l[0], kwargs_l[0]), quantizers)
+    inputs, static, target = captured.inputs, captured.static, captured.output
+    qf = quantized_forward(model, records, captured.example, quantizers)
+    del captured
     learnable = [layer.name for layer in qf.layers if layer.quantize_input and records.get(layer.name) is not None]
     learnable = [n for n in learnable if records[n].input_scale is not None]
-    inputs = (to_jax_tree(t_args), to_jax_tree(t_kwargs))
-    target = jnp.asarray(np.concatenate([t.float().numpy() for t in target_l]))
-    del args_l, kwargs_l, target_l, t_args, t_kwargs
     n = int(target.shape[0])
     mask = None
     if token_mask is not None and target.ndim == 3 and tuple(target.shape[:2]) == tuple(token_mask.shape):

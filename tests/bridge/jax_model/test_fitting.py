@@ -1,10 +1,13 @@
 """The captures the fitting steps share (`bridge.jax_model.fitting`)."""
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from bridge.capture.data import Batch
-from bridge.jax_model.fitting import capture_io
+from bridge.jax_model.fitting import _HostStack, capture_block
+from bridge.jax_model.lower import LoweringError
 
 
 class _Counted(nn.Module):
@@ -32,14 +35,34 @@ class _Net(nn.Module):
             return x
 
 
-def test_capture_stops_each_forward_after_the_block_and_keeps_its_inputs_and_output():
+def test_capture_stops_each_forward_after_the_block_and_stacks_its_inputs_and_output():
     torch.manual_seed(0)
     model = _Net()
     batches = [(i, Batch((torch.randn(3, 4),), {})) for i in range(4)]
-    args, kwargs, outs = capture_io(model, "block", batches)
+    got = capture_block(model, "block", batches)
     assert model.after.calls == 0  # nothing after the block ran
-    assert len(args) == len(outs) == 4 and kwargs == [{}] * 4
-    for (_, b), a, y in zip(batches, args, outs):
-        torch.testing.assert_close(a[0], b.args[0], rtol=0, atol=0)
-        torch.testing.assert_close(y, model.block(b.args[0]), rtol=0, atol=0)
+    args, kwargs = got.inputs
+    assert kwargs == {} and got.static == (1, [0], {}, {})
+    x = torch.cat([b.args[0] for _, b in batches])
+    np.testing.assert_array_equal(np.asarray(args[0]), x.numpy())
+    per_batch = torch.cat([model.block(b.args[0]) for _, b in batches]).detach()
+    np.testing.assert_array_equal(np.asarray(got.output), per_batch.numpy())
+    torch.testing.assert_close(got.example.args[0], batches[0][1].args[0], rtol=0, atol=0)
+    assert capture_block(model, "block", batches, inputs=False).inputs is None
+    assert capture_block(model, "block", batches, output=False).output is None
     assert model(batches[0][1].args[0]).shape == (3, 4) and model.after.calls == 1  # the model still runs whole
+
+
+def test_a_stack_is_held_once_grows_for_a_larger_batch_and_names_a_misfit():
+    stack = _HostStack(batches=2)
+    parts = [torch.randn(2, 3), torch.randn(5, 3)]  # the second is larger than the first
+    for t in parts:
+        stack.add(t, "x")
+    buf = stack.buf
+    out = stack.to_jax()
+    np.testing.assert_array_equal(np.asarray(out), torch.cat(parts).numpy())
+    assert out.unsafe_buffer_pointer() == buf.data_ptr()  # JAX reads the stack in place, no copy
+    stack = _HostStack(batches=2)
+    stack.add(torch.randn(2, 3), "x")
+    with pytest.raises(LoweringError, match=r"block 'b'\'s input 0 in batch 1 has shape \(2, 4\)"):
+        stack.add(torch.randn(2, 4), "block 'b''s input 0 in batch 1")
