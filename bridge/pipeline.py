@@ -15,6 +15,7 @@ import functools
 import time
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -250,6 +251,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
     blocks = choose_blocks(ctx.model, ctx.quantizers, ctx.cfg.recon_blocks)
+    _release_programs()
 
     set_quant = functools.partial(set_quantization, ctx.quantizers)
     with quantization(ctx.quantizers, True), ctx.bar("jaxq blocks", len(blocks), unit="block") as bar:
@@ -279,6 +281,14 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     return StepReport(step.name, layers=reports)
 
 
+def _release_programs() -> None:
+    """The earlier steps' compiled programs, which JAX's in-memory caches keep for the
+    process (AdaRound's, when QDrop starts from its codes), freed before a step that
+    captures block inputs and compiles programs of its own."""
+    jax.clear_caches()
+    release_freed_memory()
+
+
 def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     """Input step sizes learned on the whole model's output (`bridge.jax_model.pd_quant`);
     kept only where the held-out output distance falls."""
@@ -286,6 +296,7 @@ def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
 
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
+    _release_programs()
     set_quant = functools.partial(set_quantization, ctx.quantizers)
     desc = f"jaxq pd_quant ({step.settings.steps} steps in one program)"
     with quantization(ctx.quantizers, True), ctx.bar(desc, 1, unit="program") as bar:
