@@ -78,25 +78,24 @@ def capture_block(model: nn.Module, block: str, batches, inputs: bool = True, ou
     each batch, stacked (`Captured`); each batch's forward stops there (an early block costs
     a fraction of a forward). `block=""`: the whole model."""
     stacks: dict = {}
-    first: list = []  # the first batch's (args, kwargs) clones, and its static values
+    first: list = []  # the first batch's (args, kwargs), cloned
     out_stack = _HostStack(len(batches), torch.float32)
     where = f"block {block!r}" if block else "the model"
 
     def hook(_m, args, kwargs, out):
         i = batch[0]
-        if inputs or not first:
-            tensors = {p: a for p, a in enumerate(args) if isinstance(a, torch.Tensor)}
-            tensors.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
-            if not first:
-                first.append(
-                    (
-                        tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
-                    )
+        if not first:
+            first.append(
+                (
+                    tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
+                    {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
                 )
-            if inputs:
-                for key, t in tensors.items():
-                    stacks.setdefault(key, _HostStack(len(batches))).add(t, f"{where}'s input {key!r} in batch {i}")
+            )
+        if inputs:
+            tensors = [(p, a) for p, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            tensors += [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            for key, t in tensors:
+                stacks.setdefault(key, _HostStack(len(batches))).add(t, f"{where}'s input {key!r} in batch {i}")
         if output:
             out_stack.add(primary(out), f"{where}'s output in batch {i}")
         raise _Captured
