@@ -248,6 +248,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     from bridge.jax_model.block_reconstruction import choose_blocks, reconstruct_blocks
     from jaxq.block_reconstruction import ReconParams
 
+    _check_lowerable(ctx, "block reconstruction (keep_acc brecq/qdrop)")
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
     blocks = choose_blocks(ctx.model, ctx.quantizers, ctx.cfg.recon_blocks)
@@ -281,6 +282,21 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     return StepReport(step.name, layers=reports)
 
 
+def _check_lowerable(ctx: Context, what: str) -> None:
+    """The steps on the JAX model tap module inputs: a layer used through a functional
+    call (attention's packed projections) is refused by its full name before any work."""
+    from bridge.jax_model.lower import LoweringError
+
+    functional = [n for n, q in ctx.quantizers.items() if q.functional]
+    if functional:
+        raise LoweringError(
+            f"{what} runs on the JAX model, which taps module inputs only, but layers "
+            f"{functional[:3]}{' and more' if len(functional) > 3 else ''} are used through functional calls "
+            "(attention's packed projections, F.linear on a module's weight): keep them float "
+            f"(QuantConfig.disable_names={functional!r})"
+        )
+
+
 def _release_programs() -> None:
     """The earlier steps' compiled programs, which JAX's in-memory caches keep for the
     process (AdaRound's, when QDrop starts from its codes), freed before a step that
@@ -294,6 +310,7 @@ def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
     kept only where the held-out output distance falls."""
     from bridge.jax_model.pd_quant import learn_input_scales
 
+    _check_lowerable(ctx, "keep_acc['pd_quant']")
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
     _release_programs()

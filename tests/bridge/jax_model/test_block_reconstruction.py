@@ -373,3 +373,28 @@ def test_equal_blocks_share_one_program_and_a_second_run_compiles_nothing(tmp_pa
     first, second = (ast.literal_eval(counts) for _, _, counts in lines)
     assert first[0] >= 1 and first[1:] == [0, 0], first  # blocks 2 and 3 load block 1's program
     assert second == [0, 0, 0], second
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.proj(x)
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("key", ["qdrop", "pd_quant"])
+def test_functional_layers_are_refused_by_their_full_names_and_the_model_restored(key):
+    torch.manual_seed(0)
+    net = _Attention().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = jaxq.QuantConfig(w_bit=4, a_bit=8, bias_correction=False, keep_acc={key: [True, 5]})
+    cal = Calibrator(net, cfg, [torch.randn(4, 5, 8) for _ in range(2)], progress=False)
+    with pytest.raises(Exception, match=r"'attn'.*disable_names=\['attn'"):
+        cal.run()
+    after = net.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
