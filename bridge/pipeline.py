@@ -284,7 +284,8 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
 
 def _check_lowerable(ctx: Context, what: str) -> None:
     """The steps on the JAX model tap module inputs: a layer used through a functional
-    call (attention's packed projections) is refused by its full name before any work."""
+    call (attention's packed projections) is refused by its full name before the step
+    captures anything."""
     from bridge.jax_model.lower import LoweringError
 
     functional = [n for n, q in ctx.quantizers.items() if q.functional]
