@@ -15,7 +15,6 @@ import functools
 import time
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,6 +28,7 @@ from bridge.capture.memory import (
     block_program_bytes,
     budget_bytes,
     plan_row_groups,
+    release_compiled_programs,
     release_freed_memory,
 )
 from bridge.capture.row_capture import LayerGeometryError
@@ -252,7 +252,7 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
     blocks = choose_blocks(ctx.model, ctx.quantizers, ctx.cfg.recon_blocks)
-    _release_programs()
+    release_compiled_programs()
 
     set_quant = functools.partial(set_quantization, ctx.quantizers)
     with quantization(ctx.quantizers, True), ctx.bar("jaxq blocks", len(blocks), unit="block") as bar:
@@ -298,14 +298,6 @@ def _check_lowerable(ctx: Context, what: str) -> None:
         )
 
 
-def _release_programs() -> None:
-    """The earlier steps' compiled programs, which JAX's in-memory caches keep for the
-    process (AdaRound's, when QDrop starts from its codes), freed before a step that
-    captures block inputs and compiles programs of its own."""
-    jax.clear_caches()
-    release_freed_memory()
-
-
 def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     """Input step sizes learned on the whole model's output (`bridge.jax_model.pd_quant`);
     kept only where the held-out output distance falls."""
@@ -314,7 +306,7 @@ def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
     _check_lowerable(ctx, "keep_acc['pd_quant']")
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
-    _release_programs()
+    release_compiled_programs()
     set_quant = functools.partial(set_quantization, ctx.quantizers)
     desc = f"jaxq pd_quant ({step.settings.steps} steps in one program)"
     with quantization(ctx.quantizers, True), ctx.bar(desc, 1, unit="program") as bar:

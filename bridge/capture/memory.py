@@ -104,3 +104,15 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def release_compiled_programs() -> None:
+    """Drop the compiled programs JAX's in-memory caches keep for the process, then give
+    the freed memory back. Steps that compile programs per block (block reconstruction,
+    PD-Quant) call it so that an earlier step's programs (AdaRound's, when QDrop starts
+    from its codes) and earlier blocks' do not pile up; equal blocks still share programs
+    through the persistent compilation cache."""
+    import jax
+
+    jax.clear_caches()
+    release_freed_memory()

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from bridge.capture.data import iter_batches, run_model
-from bridge.capture.memory import release_freed_memory
+from bridge.capture.memory import release_compiled_programs, release_freed_memory
 from bridge.jax_model.fitting import capture_block, compile_within, equal_shapes
 from bridge.jax_model.quantized import quantized_forward
 from bridge.jax_model.studies import primary
@@ -398,11 +398,7 @@ def reconstruct_blocks(
         )
         records.update(new)
         reports.append(report)
-        # Each block traces and compiles its own program, which JAX's in-memory caches would
-        # keep for the process (the resident floor grew with every block; benchmarks/README.md).
-        # Blocks of equal shape still share programs through the persistent compilation cache.
-        jax.clear_caches()
-        release_freed_memory()
+        release_compiled_programs()  # else the resident floor grows with every block (benchmarks/README.md)
         if bar is not None:
             bar.update(1)
             before, after = (
