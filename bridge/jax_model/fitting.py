@@ -27,14 +27,15 @@ class _Captured(BaseException):
 class Captured:
     """A block's inputs and float output over all batches, stacked along the sample axis.
 
-    `inputs`: `(args, kwargs)` of JAX arrays, the tensor arguments only (None: not kept);
+    `inputs`: `(args, kwargs)` of JAX arrays, the tensor arguments only;
     `static`: `(n_args, tensor positions, other args, other kwargs)`, the first batch's;
     `example`: the first batch's inputs as torch tensors (for lowering the block);
-    `output`: the block's primary output as float32 (None: not kept)."""
+    `output`: the block's primary output as float32.
+    Each is None where it was not captured (`inputs=False`: the first three)."""
 
     inputs: tuple | None
-    static: tuple
-    example: Batch
+    static: tuple | None
+    example: Batch | None
     output: jax.Array | None
 
 
@@ -75,32 +76,29 @@ class _HostStack:
 
 def capture_block(model: nn.Module, block: str, batches, inputs: bool = True, output: bool = True) -> Captured:
     """The block's inputs (`inputs`) and float32 output (`output`) on its first call in
-    each batch, stacked (`Captured`); each batch's forward stops there (an early block costs
-    a fraction of a forward). `block=""`: the whole model."""
+    each batch, stacked (`Captured`; its `static` and `example` only with `inputs`); each
+    batch's forward stops there (an early block costs a fraction of a forward).
+    `block=""`: the whole model."""
     stacks: dict = {}
-    first: list = []  # the first batch's (args, kwargs), cloned
+    first: list = []  # the first batch's (args, kwargs), cloned when inputs are captured
     out_stack = _HostStack(len(batches), torch.float32)
     where = f"block {block!r}" if block else "the model"
 
     def hook(_m, args, kwargs, out):
         i = batch[0]
-        if not first:
-            first.append(
-                (
-                    tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args),
-                    {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
-                )
-            )
         if inputs:
+            if not first:
+                first.append((_cloned(args), _cloned(kwargs)))
             tensors = [(p, a) for p, a in enumerate(args) if isinstance(a, torch.Tensor)]
             tensors += [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
             for key, t in tensors:
                 stacks.setdefault(key, _HostStack(len(batches))).add(t, f"{where}'s input {key!r} in batch {i}")
         if output:
             out_stack.add(primary(out), f"{where}'s output in batch {i}")
+        called[0] = True
         raise _Captured
 
-    batch = [0]
+    batch, called = [0], [False]
     handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -112,8 +110,11 @@ def capture_block(model: nn.Module, block: str, batches, inputs: bool = True, ou
                     pass
     finally:
         handle.remove()
-    if not first:
+    if not called[0]:
         raise LoweringError(f"{where} was not called on the calibration data")
+    out = out_stack.to_jax() if output else None
+    if not inputs:
+        return Captured(None, None, None, out)
     args, kwargs = first[0]
     positions = [p for p in range(len(args)) if isinstance(args[p], torch.Tensor)]
     names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
@@ -123,8 +124,15 @@ def capture_block(model: nn.Module, block: str, batches, inputs: bool = True, ou
         {p: a for p, a in enumerate(args) if p not in positions},
         {k: v for k, v in kwargs.items() if k not in names},
     )
-    stacked = (tuple(stacks[p].to_jax() for p in positions), {k: stacks[k].to_jax() for k in names}) if inputs else None
-    return Captured(stacked, static, Batch(args, kwargs), out_stack.to_jax() if output else None)
+    stacked = (tuple(stacks[p].to_jax() for p in positions), {k: stacks[k].to_jax() for k in names})
+    return Captured(stacked, static, Batch(args, kwargs), out)
+
+
+def _cloned(values):
+    """`values` (a tuple or a dict) with each tensor detached and cloned."""
+    if isinstance(values, dict):
+        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+    return tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in values)
 
 
 def equal_shapes(batches: list, size: int = 8):
