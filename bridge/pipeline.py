@@ -96,6 +96,7 @@ class _State:
 def run_pipeline(ctx: Context, all_layers: dict | None = None) -> PipelineResult:
     """Every step of `plan(ctx.cfg)` in order (the model left with quantization off)."""
     steps = plan(ctx.cfg)
+    _check_lowerable(ctx, steps)
     state, reports, timings = _State({}), [], {}
     recon = _reconstruction_context(ctx, steps)
     i = 0
@@ -248,7 +249,6 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     from bridge.jax_model.block_reconstruction import choose_blocks, reconstruct_blocks
     from jaxq.block_reconstruction import ReconParams
 
-    _check_lowerable(ctx, "block reconstruction (keep_acc brecq/qdrop)")
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
     blocks = choose_blocks(ctx.model, ctx.quantizers, ctx.cfg.recon_blocks)
@@ -282,16 +282,21 @@ def _blocks(ctx: Context, state: _State, step: Step, all_layers) -> StepReport:
     return StepReport(step.name, layers=reports)
 
 
-def _check_lowerable(ctx: Context, what: str) -> None:
+_ON_THE_JAX_MODEL = {"blocks": "block reconstruction (keep_acc brecq/qdrop)", "pd_quant": "keep_acc['pd_quant']"}
+
+
+def _check_lowerable(ctx: Context, steps) -> None:
     """The steps on the JAX model tap module inputs: a layer used through a functional
-    call (attention's packed projections) is refused by its full name before the step
-    captures anything."""
+    call (attention's packed projections) is refused by its full name before the first
+    step, so that no calibration is spent on a run that cannot finish."""
     from bridge.jax_model.lower import LoweringError
 
+    what = [_ON_THE_JAX_MODEL[s.name] for s in steps if s.name in _ON_THE_JAX_MODEL]
     functional = [n for n, q in ctx.quantizers.items() if q.functional]
-    if functional:
+    if what and functional:
+        verb = "run" if len(what) > 1 else "runs"
         raise LoweringError(
-            f"{what} runs on the JAX model, which taps module inputs only, but layers "
+            f"{' and '.join(what)} {verb} on the JAX model, which taps module inputs only, but layers "
             f"{functional[:3]}{' and more' if len(functional) > 3 else ''} are used through functional calls "
             "(attention's packed projections, F.linear on a module's weight): keep them float "
             f"(QuantConfig.disable_names={functional!r})"
@@ -303,7 +308,6 @@ def _pd_quant(ctx: Context, state: _State, step: Step, all_layers) -> StepReport
     kept only where the held-out output distance falls."""
     from bridge.jax_model.pd_quant import learn_input_scales
 
-    _check_lowerable(ctx, "keep_acc['pd_quant']")
     state.records = _records(ctx, state)
     apply_records(ctx.quantizers, state.records)
     release_compiled_programs()

@@ -388,7 +388,11 @@ class _Attention(nn.Module):
 
 
 @pytest.mark.parametrize("key", ["qdrop", "pd_quant"])
-def test_functional_layers_are_refused_by_their_full_names_and_the_model_restored(key):
+def test_functional_layers_are_refused_by_their_full_names_and_the_model_restored(key, monkeypatch):
+    def calibrated(*_a, **_k):
+        raise AssertionError("the activation pass ran before the refusal")
+
+    monkeypatch.setattr("bridge.pipeline.activation_qparams", calibrated)
     torch.manual_seed(0)
     net = _Attention().eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
