@@ -84,22 +84,31 @@ def capture_block(model: nn.Module, block: str, batches, inputs: bool = True, ou
     out_stack = _HostStack(len(batches), torch.float32)
     where = f"block {block!r}" if block else "the model"
 
-    def hook(_m, args, kwargs, out):
+    def take_inputs(_m, args, kwargs):
+        # before the block's own pre-hooks (an input rotation): the lowered block runs them again
         i = batch[0]
-        if inputs:
-            if not first:
-                first.append((_cloned(args), _cloned(kwargs)))
-            tensors = [(p, a) for p, a in enumerate(args) if isinstance(a, torch.Tensor)]
-            tensors += [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-            for key, t in tensors:
-                stacks.setdefault(key, _HostStack(len(batches))).add(t, f"{where}'s input {key!r} in batch {i}")
-        if output:
-            out_stack.add(primary(out), f"{where}'s output in batch {i}")
+        if not first:
+            first.append((_cloned(args), _cloned(kwargs)))
+        tensors = [(p, a) for p, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        tensors += [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        for key, t in tensors:
+            stacks.setdefault(key, _HostStack(len(batches))).add(t, f"{where}'s input {key!r} in batch {i}")
+        if not output:
+            called[0] = True
+            raise _Captured
+
+    def take_output(_m, _args, out):
+        out_stack.add(primary(out), f"{where}'s output in batch {batch[0]}")
         called[0] = True
         raise _Captured
 
     batch, called = [0], [False]
-    handle = model.get_submodule(block).register_forward_hook(hook, with_kwargs=True)
+    module = model.get_submodule(block)
+    handles = []
+    if inputs:
+        handles.append(module.register_forward_pre_hook(take_inputs, with_kwargs=True, prepend=True))
+    if output:
+        handles.append(module.register_forward_hook(take_output))
     try:
         with torch.no_grad():
             for i, b in batches:
@@ -109,7 +118,8 @@ def capture_block(model: nn.Module, block: str, batches, inputs: bool = True, ou
                 except _Captured:
                     pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if not called[0]:
         raise LoweringError(f"{where} was not called on the calibration data")
     out = out_stack.to_jax() if output else None

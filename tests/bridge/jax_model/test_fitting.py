@@ -53,6 +53,22 @@ def test_capture_stops_each_forward_after_the_block_and_stacks_its_inputs_and_ou
     assert model(batches[0][1].args[0]).shape == (3, 4) and model.after.calls == 1  # the model still runs whole
 
 
+def test_inputs_are_taken_before_the_blocks_own_pre_hooks_which_the_lowered_block_runs_again():
+    """A block with a pre-hook that changes its input (an input rotation, the quantizer's
+    tap): the capture holds what the block is called with, not what its forward sees."""
+    torch.manual_seed(0)
+    model = _Net()
+    model.block.register_forward_pre_hook(lambda _m, args: (args[0] * 3,))
+    batches = [(i, Batch((torch.randn(3, 4),), {})) for i in range(2)]
+    got = capture_block(model, "block", batches)
+    x = torch.cat([b.args[0] for _, b in batches])
+    np.testing.assert_array_equal(np.asarray(got.inputs[0][0]), x.numpy())
+    per_batch = torch.cat([model.block(b.args[0]) for _, b in batches]).detach()
+    np.testing.assert_array_equal(np.asarray(got.output), per_batch.numpy())
+    only_inputs = capture_block(model, "block", batches, output=False)
+    np.testing.assert_array_equal(np.asarray(only_inputs.inputs[0][0]), x.numpy())
+
+
 def test_a_stack_is_held_once_grows_for_a_larger_batch_and_names_a_misfit():
     stack = _HostStack(batches=2)
     parts = [torch.randn(2, 3), torch.randn(5, 3)]  # the second is larger than the first
