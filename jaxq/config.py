@@ -285,6 +285,16 @@ class QuantConfig:
           `export_param` and `load_param` carry the group scales; the W8A8, ONNX and Ascend
           exports refuse them; the JAX model simulates them (its mixed-precision front and
           `QuantizedModel` refuse them). None (default): one scale per output channel.
+      rotate_inputs: rotate each quantized Linear layer's input by an orthogonal `Q`
+          (`jaxq.rotation.random_hadamard`, drawn from `seed` and the layer's place):
+          its weight becomes `W·Q` and a forward pre-hook multiplies its input by `Q` at
+          run time, so the float function is unchanged (to float32 rounding) while the
+          quantizers see channels whose outliers are spread over a block of `b` channels
+          (QuaRot's online Hadamard, for any model's Linear layers). Costs `b`
+          multiply-adds per input value. `restore()` undoes it; the exports refuse a model
+          whose layers rotate their inputs (no format carries the rotation). Convolutions,
+          layers tapped at a functional call and parametrized weights are not rotated.
+          False (default): off.
     """
 
     w_bit: int = 8
@@ -329,6 +339,7 @@ class QuantConfig:
     smooth_quant: Any = None
     recon_blocks: Any = None
     w_group_size: int | None = None
+    rotate_inputs: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -391,6 +402,8 @@ class QuantConfig:
             )
         if not is_int(self.seed):
             raise TypeError(f"QuantConfig.seed={self.seed!r} must be an int")
+        if not isinstance(self.rotate_inputs, bool):
+            raise TypeError(f"QuantConfig.rotate_inputs={self.rotate_inputs!r} must be True or False")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"QuantConfig.seed={self.seed!r} must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]")
         for name, value in (("sigma", self.sigma), ("virtual_lr", self.virtual_lr)):

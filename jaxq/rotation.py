@@ -33,11 +33,17 @@ def power_of_two_block(width: int) -> int:
     return width & -width
 
 
-def random_hadamard(width: int, seed: int) -> np.ndarray:
-    """An orthogonal `[width, width]` float64 matrix: block-diagonal `H_b·diag(±1)/√b`
-    with `b = power_of_two_block(width)`, signs drawn from `seed`."""
+def random_hadamard_parts(width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(block [b, b], signs [width])` of `random_hadamard(width, seed)`: the matrix is
+    `kron(I, block)·diag(signs)`, so `x·Q` is each `b` values times `block`, then the signs."""
     b = power_of_two_block(width)
     signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=width)
-    block = hadamard(b) / np.sqrt(b)
-    q = np.kron(np.eye(width // b), block)
+    return hadamard(b) / np.sqrt(b), signs
+
+
+def random_hadamard(width: int, seed: int) -> np.ndarray:
+    """An orthogonal `[width, width]` float64 matrix: block-diagonal `H_b/√b`, then
+    `diag(±1)`, with `b = power_of_two_block(width)`, signs drawn from `seed`."""
+    block, signs = random_hadamard_parts(width, seed)
+    q = np.kron(np.eye(width // len(block)), block)
     return q * signs[None, :]

@@ -46,6 +46,7 @@ def fingerprint_of(cal: Calibrated) -> str:
 
 
 def export_param(cal: Calibrated, path, legacy: bool = False) -> list:
+    check_unrotated(cal, "export_param")
     if legacy:
         check_per_channel(cal, "msModelSlim's legacy .npy dicts")
     params = cal.params()
@@ -76,6 +77,7 @@ def export_w8a8(cal: Calibrated, output_path, safetensors_name: str | None, json
 
     cfg = cal.cfg
     check_exportable(cfg.w_sym, cfg.w_bit, cfg.a_bit, cfg.act_quant, cfg.w_signed)
+    check_unrotated(cal, "msModelSlim's W8A8 layout")
     check_uniform_8bit(cal, "the W8A8 export")
     check_per_channel(cal, "msModelSlim's W8A8 layout")
     check_unsmoothed(cal, "msModelSlim's W8A8 layout")
@@ -153,6 +155,21 @@ def check_unsmoothed(cal: Calibrated, what: str) -> None:
         )
 
 
+def check_unrotated(cal: Calibrated, what: str) -> None:
+    """`ExportError` naming the layers whose inputs are rotated at run time
+    (`QuantConfig.rotate_inputs`): their records are of `W·Q` and of `x·Q`, and no format
+    carries `Q`, so a runtime reading them would compute the wrong function."""
+    from bridge.inplace.rotation import rotation_of
+
+    rotated = [n for n, q in cal.quantizers.items() if rotation_of(q.module) is not None]
+    if rotated:
+        raise ExportError(
+            f"{what} has no place for input rotations; {len(rotated)} layer(s) rotate their inputs at run time "
+            f"(QuantConfig.rotate_inputs=True: {_shown(rotated)}), and their weights and input scales are of the "
+            "rotated tensors; use the quantized model in torch, or calibrate with rotate_inputs=False to export"
+        )
+
+
 def check_onnx_exportable(cfg, opset_version) -> None:
     if cfg.w_bit != 8 or (cfg.act_quant and cfg.a_bit != 8):
         raise ExportError(
@@ -172,6 +189,7 @@ def export_onnx(
     from bridge.export.onnx import export_qdq
 
     check_onnx_exportable(cal.cfg, opset_version)
+    check_unrotated(cal, "the ONNX export")
     check_uniform_8bit(cal, "ONNX QuantizeLinear")
     check_per_channel(cal, "the ONNX QDQ export (per-channel DequantizeLinear)")
     if ascend and not cal.cfg.w_sym:

@@ -24,6 +24,7 @@ from bridge.capture.data import (
 from bridge.inplace.fakequant import LayerQuantizer
 from bridge.inplace.functional import FunctionalTaps
 from bridge.inplace.fuse import fuse_pairs
+from bridge.inplace.rotation import rotate_inputs
 from bridge.inplace.probe import PROBE_SAMPLES, probe_batch, probe_structure  # noqa: F401 (re-exported)
 from bridge.inplace.modules import (
     check_layer_bits,
@@ -182,6 +183,8 @@ def prepare(
     enabled = {n: m for n, m in layers.items() if n not in disabled}
     functional = found.functional & set(enabled)
     specs = {n: layer_spec(n, m) for n, m in enabled.items()}
+    if cfg.rotate_inputs:
+        rotate_inputs({n: m for n, m in enabled.items() if n not in functional}, cfg.seed, edit)
     attach_quantizers(model, enabled, functional, resolved, edit)
     return Prepared(layers, disabled, unsupported, specs, resolved, why_float)
 

@@ -51,6 +51,7 @@ class ModelEdit:
         self.quantizers: dict[str, LayerQuantizer] = {}
         self.taps: FunctionalTaps | None = None
         self.replaced: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its value before jaxq wrote it)
+        self.hooks: list = []  # handles of hooks jaxq added besides the quantizers' (input rotations)
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
 
     def revert_buffers(self) -> list[str]:
@@ -77,6 +78,9 @@ class ModelEdit:
             if quantizer_of(q.module) is q:
                 q.detach()
         self.quantizers.clear()
+        for handle in reversed(self.hooks):
+            handle.remove()
+        self.hooks.clear()
         self.revert_buffers()
         with torch.no_grad():
             for tensor, before in reversed(self.replaced):
