@@ -27,15 +27,23 @@ class InputRotation:
         self.width, self.seed = width, seed
         self.block = torch.from_numpy(block)  # float64 [b, b]
         self.signs = torch.from_numpy(signs)  # float64 [width]
+        self._converted: dict = {}
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """`x·Q` over the last axis, in `x`'s dtype."""
         b = self.block.shape[0]
         if type(x) is torch.Tensor:
-            block, signs = self.block.to(x.dtype), self.signs.to(x.dtype)
+            block, signs = self._in(x.dtype, x.device)
         else:  # a tensor subclass (torchax's, while the JAX model is lowered): constants made by its own ops
             block, signs = x.new_tensor(self.block.numpy()), x.new_tensor(self.signs.numpy())
         return (x.unflatten(-1, (self.width // b, b)) @ block).flatten(-2) * signs
+
+    def _in(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(block, signs)` in `dtype` on `device`, converted once rather than on every call."""
+        key = (dtype, device)
+        if key not in self._converted:
+            self._converted[key] = (self.block.to(device, dtype), self.signs.to(device, dtype))
+        return self._converted[key]
 
     def __call__(self, _module, args):
         return (self.rotate(args[0]), *args[1:])
